@@ -1,0 +1,252 @@
+"""`python -m dllama_mpi`: argument parsing, up-front validation, the abort guard, generation.
+
+Rank 0 owns the terminal: generated text on stdout, plan and statistics on stderr. Other
+ranks speak only through a rank-prefixed logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import quant
+
+log = logging.getLogger("dllama_mpi")
+
+
+class UsageError(Exception):
+    """Bad input, detected identically on every rank (or agreed on through rank 0): every
+    rank exits with code 2 and rank 0 prints the message once."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dllama_mpi", description=(
+        "Distributed Llama inference: each MPI rank holds and computes a share of every layer "
+        "proportional to its --memory-budget. Launch with mpirun -n N."))
+    p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert; default: a built-in synthetic model")
+    p.add_argument("--memory-budget", nargs="+", metavar="B",
+                   help="one positive integer per rank; ranks get shares in these ratios (default: equal)")
+    p.add_argument("--prompt", default="", help="text to start from (default: just BOS)")
+    p.add_argument("--steps", type=int, default=64, help="number of new tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: from the clock, printed at the end)")
+    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len)")
+    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
+                   help="activations and what travels between ranks: f32 or q80 (default q80)")
+    p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .comm import Comm
+
+    comm = Comm()
+    _setup_logging(comm.rank)
+    try:
+        return _run(comm, argv)
+    except UsageError as exc:
+        if comm.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit:
+        raise
+    except BaseException as exc:  # one rank failed alone: report it once, end every rank
+        name = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        log.error("rank %d %s:\n%s", comm.rank, name, traceback.format_exc().rstrip())
+        comm.abort(1)
+        return 1
+
+
+def _setup_logging(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+def _parse(comm, argv):
+    parser = build_parser()
+    if comm.rank != 0:  # --help and usage text: once, from rank 0
+        parser.print_help = parser.print_usage = lambda file=None: None
+    args = parser.parse_args(argv)
+    problems = []
+    if args.steps < 0:
+        problems.append(f"--steps must be >= 0, got {args.steps}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_seq_len is not None and args.max_seq_len <= 0:
+        problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if args.nthreads is not None and args.nthreads <= 0:
+        problems.append(f"--nthreads must be positive, got {args.nthreads}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    return args
+
+
+def _open_model(args):
+    """Rank 0: open and validate the model, tokenize the prompt. Returns (setup, model, tokenizer)
+    or raises ModelFileError / ValueError with the message for the user."""
+    from .modelfile import ModelFile
+    from .synthetic import synthetic_model_path
+
+    if args.model is None:
+        print("note: no --model given: running the built-in synthetic model. Its weights are random, "
+              "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",
+              file=sys.stderr)
+    model = ModelFile(args.model if args.model is not None else synthetic_model_path())
+    tokenizer = model.tokenizer()
+    spec = model.spec
+    max_seq_len = args.max_seq_len or spec.seq_len
+    prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+    if len(prompt_tokens) > max_seq_len:
+        raise ValueError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
+                         f"{max_seq_len}; shorten the prompt or raise --max-seq-len (model trained for {spec.seq_len})")
+    stop_ids = sorted({tokenizer.eos_id, tokenizer.bos_id})  # llama2.c models end a text with BOS
+    return (spec, max_seq_len, prompt_tokens, stop_ids), model, tokenizer
+
+
+def _run(comm, argv) -> int:
+    from . import kernels, threads
+    from .engine import Engine
+    from .modelfile import ModelFileError
+    from .plan import make_plan, validate_budgets
+    from .sampler import Sampler
+    from .weights import load
+
+    t_launch = time.perf_counter()
+    args = _parse(comm, argv)
+    try:
+        budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    n_threads = threads.set_threads(args.nthreads or threads.share_of_cores(comm.local_rank, comm.local_size))
+
+    setup, model, tokenizer = None, None, None
+    if comm.rank == 0:
+        try:
+            setup, model, tokenizer = _open_model(args)
+        except (ModelFileError, ValueError) as exc:
+            setup = str(exc)
+    setup = comm.bcast_obj(setup)
+    if isinstance(setup, str):
+        raise UsageError(setup)
+    spec, max_seq_len, prompt_tokens, stop_ids = setup
+
+    plan = make_plan(spec, budgets)
+    if comm.rank == 0:
+        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(map(str, budgets))}, "
+              f"weights {spec.weight_type}, buffers {args.buffer_float_type}, KV cache {max_seq_len} tokens",
+              file=sys.stderr)
+        print(plan.table(max_seq_len), file=sys.stderr)
+
+    # numba compiles once, on rank 0, into its cache; the other ranks then load it
+    if comm.rank == 0:
+        kernels.warm_up()
+    comm.barrier()
+    if comm.rank != 0:
+        kernels.warm_up()
+
+    weights = load(comm, plan, model)
+    if model is not None:
+        model.close()
+    engine = Engine(comm, plan, weights, max_seq_len, args.buffer_float_type)
+    seed = args.seed if args.seed is not None else int(time.time()) % 2**31
+    sampler = Sampler(spec.vocab_size, args.temperature, args.top_p, seed) if comm.rank == 0 else None
+    comm.barrier()
+    t_ready = time.perf_counter()
+
+    result = generate(comm, engine, prompt_tokens, args.steps, sampler, tokenizer,
+                      () if args.ignore_eos else stop_ids)
+    _report(comm, engine, weights, result, n_threads, seed, t_ready - t_launch)
+    return 0
+
+
+def generate(comm, engine, prompt_tokens, steps, sampler, tokenizer, stop_ids):
+    """Feed the prompt, then sample `steps` tokens (fewer at a stop token or the context's end).
+    Rank 0 streams text to stdout. Returns timings and the generated ids (every rank)."""
+    token_buf = np.zeros(1, np.int64)
+    n_prompt = len(prompt_tokens)
+    stream = tokenizer.stream() if tokenizer is not None else None
+    if stream is not None:
+        for prev, tok in zip(prompt_tokens, prompt_tokens[1:]):
+            sys.stdout.write(stream.feed(prev, tok))
+        sys.stdout.flush()
+    generated: list[int] = []
+    token = prompt_tokens[0]
+    t0 = time.perf_counter()
+    t_first = t0
+    limit = min(n_prompt - 1 + steps, engine.max_seq_len) if steps else 0
+    for pos in range(limit):
+        want = pos >= n_prompt - 1
+        logits = engine.forward(token, pos, logits=want)
+        if not want:
+            token = prompt_tokens[pos + 1]
+            continue
+        if comm.rank == 0:
+            token_buf[0] = sampler(logits)
+        comm.bcast(token_buf, 0)
+        nxt = int(token_buf[0])
+        if not generated:
+            t_first = time.perf_counter()
+        generated.append(nxt)
+        if nxt in stop_ids:
+            break
+        if stream is not None:
+            sys.stdout.write(stream.feed(token, nxt))
+            sys.stdout.flush()
+        token = nxt
+    t_end = time.perf_counter()
+    if stream is not None:
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+    hit_context = steps and len(generated) < steps and (not generated or generated[-1] not in stop_ids)
+    if comm.rank == 0 and hit_context:
+        print(f"note: stopped after {len(generated)} new tokens at the end of the context "
+              f"({engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
+    return {
+        "generated": generated, "n_prompt": n_prompt,
+        "prompt_s": t_first - t0, "decode_s": t_end - t_first, "n_decode": max(0, len(generated) - 1),
+    }
+
+
+def _report(comm, engine, weights, result, n_threads, seed, startup_s) -> None:
+    n_forward = max(1, result["n_prompt"] - 1 + len(result["generated"]))
+    mine = {
+        "rank": comm.rank, "threads": n_threads,
+        "compute_ms": 1e3 * (engine.compute_s - comm.collective_s) / n_forward,
+        "collective_ms": 1e3 * comm.collective_s / n_forward,
+        "sent_kb": comm.bytes_sent / n_forward / 1024,
+        "weights_mib": weights.nbytes / 2**20, "kv_mib": engine.kv_cache_bytes / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    rows = comm.gather_obj(mine)
+    if comm.rank != 0:
+        return
+    r = result
+    prompt_rate = r["n_prompt"] / r["prompt_s"] if r["prompt_s"] > 0 else float("nan")
+    decode_rate = r["n_decode"] / r["decode_s"] if r["n_decode"] and r["decode_s"] > 0 else float("nan")
+    err = sys.stderr
+    print(f"\nprompt: {r['n_prompt']} tokens, {prompt_rate:.1f} tokens/s; decode: {len(r['generated'])} tokens, "
+          f"{decode_rate:.1f} tokens/s; startup {startup_s:.1f} s; seed {seed}", file=err)
+    print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
+          f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12}", file=err)
+    for m in rows:
+        print(f"{m['rank']:>4} {m['threads']:>7} {m['compute_ms']:>14.3f} {m['collective_ms']:>17.3f} "
+              f"{m['sent_kb']:>12.2f} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f}",
+              file=err)

@@ -1,0 +1,126 @@
+"""The one module that talks to MPI.
+
+Everything else holds a Comm. Hot-path collectives use mpi4py's buffer (upper-case)
+methods on preallocated arrays, in place; with one rank they are no-ops. Pickling
+(`*_obj`) is for setup and final statistics only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from .plan import Span
+
+
+class Comm:
+    def __init__(self, mpi_comm=None):
+        self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
+        self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
+
+    # --- hot path ---------------------------------------------------------------
+    def gatherer(self, buf: np.ndarray, spans: tuple[Span, ...]) -> "Gatherer":
+        """An in-place Allgatherv over `buf` (1-D), rank r owning buf[spans[r]]."""
+        return Gatherer(self, buf, spans)
+
+    def gather_to_root(self, buf: np.ndarray, spans: tuple[Span, ...]) -> "RootGatherer":
+        """An in-place Gatherv of every rank's buf[spans[r]] into rank 0's buf."""
+        return RootGatherer(self, buf, spans)
+
+    def bcast(self, buf: np.ndarray, root: int) -> None:
+        if self.size == 1:
+            return
+        t = time.perf_counter()
+        self._comm.Bcast(buf, root=root)
+        self.collective_s += time.perf_counter() - t
+        if self.rank == root:
+            self.bytes_sent += buf.nbytes
+
+    # --- setup ------------------------------------------------------------------
+    def scatter_rows(self, rows: np.ndarray | None, spans: tuple[Span, ...], out: np.ndarray) -> None:
+        """Rank 0's rows[spans[r]] -> rank r's `out` (rows of bytes). Spans may overlap
+        (KV heads shared by a split group); they are then packed into one send buffer."""
+        if self.size == 1:
+            out[...] = rows[spans[0][0] : spans[0][1]]
+            return
+        row_bytes = out.shape[1] if out.ndim == 2 else 0
+        sendbuf = None
+        if self.rank == 0:
+            row_bytes = rows.shape[1]
+            contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)) and spans[0][0] == 0
+            packed = rows if contiguous else np.concatenate([rows[a:b] for a, b in spans])
+            counts = [(b - a) * row_bytes for a, b in spans]
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            sendbuf = [packed, counts, displs, MPI.BYTE]
+        self._comm.Scatterv(sendbuf, [out, MPI.BYTE], root=0)
+
+    def bcast_array(self, arr: np.ndarray) -> None:
+        if self.size > 1:
+            self._comm.Bcast(arr, root=0)
+
+    def bcast_obj(self, obj, root: int = 0):
+        return obj if self.size == 1 else self._comm.bcast(obj, root=root)
+
+    def gather_obj(self, obj, root: int = 0):
+        return [obj] if self.size == 1 else self._comm.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self._comm.Barrier()
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job now (used when one rank fails alone)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._comm.Abort(code)
+
+
+class Gatherer:
+    def __init__(self, comm: Comm, buf: np.ndarray, spans: tuple[Span, ...]):
+        self.comm = comm
+        itemsize = buf.dtype.itemsize * int(np.prod(buf.shape[1:], dtype=np.int64))
+        raw = buf.reshape(-1).view(np.uint8)
+        counts = [(b - a) * itemsize for a, b in spans]
+        displs = [a * itemsize for a, _ in spans]
+        self._msg = [raw, counts, displs, MPI.BYTE]
+        self._own_bytes = counts[comm.rank]
+
+    def __call__(self) -> None:
+        comm = self.comm
+        if comm.size == 1:
+            return
+        t = time.perf_counter()
+        comm._comm.Allgatherv(MPI.IN_PLACE, self._msg)
+        comm.collective_s += time.perf_counter() - t
+        comm.bytes_sent += self._own_bytes
+
+
+class RootGatherer:
+    def __init__(self, comm: Comm, buf: np.ndarray, spans: tuple[Span, ...]):
+        self.comm = comm
+        counts = [b - a for a, b in spans]
+        displs = [a for a, _ in spans]
+        a, b = spans[comm.rank]
+        self._own = buf[a:b]
+        self._msg = [buf, counts, displs, MPI.FLOAT] if comm.rank == 0 else None
+
+    def __call__(self) -> None:
+        comm = self.comm
+        if comm.size == 1:
+            return
+        t = time.perf_counter()
+        if comm.rank == 0:
+            comm._comm.Gatherv(MPI.IN_PLACE, self._msg, root=0)
+        else:
+            comm._comm.Gatherv(self._own, None, root=0)
+            comm.bytes_sent += self._own.nbytes
+        comm.collective_s += time.perf_counter() - t

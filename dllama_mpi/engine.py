@@ -1,0 +1,168 @@
+"""Run state and the per-token forward pass of one rank.
+
+Every buffer and the KV cache are allocated once in Engine.__init__; forward() allocates
+nothing. Per layer (x replicated on every rank):
+
+  x -> rmsnorm -> own q/k/v rows -> rope -> attention over own KV cache -> Allgatherv(att)
+    -> own wo rows -> Allgatherv(dim) -> x += ; x -> rmsnorm -> own w1/w3 rows -> silu*mul
+    -> Allgatherv(ffn) -> own w2 rows -> Allgatherv(dim) -> x +=
+then own classifier rows -> Gatherv(logits) to rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import kernels
+from .comm import Comm
+from .plan import Plan
+from .weights import LocalWeights, Matrix
+
+F32 = np.float32
+
+
+class Vector:
+    """A full-length activation, identical on every rank, with its Q80 form when the buffer
+    type is q80 and the length is whole blocks (the input Q40 matrices take)."""
+
+    def __init__(self, n: int, q80: bool):
+        self.f32 = np.zeros(n, F32)  # (n,)
+        self.q80 = q80 and n % kernels.BLOCK == 0
+        nb = n // kernels.BLOCK if self.q80 else 0
+        self.blocks = np.zeros((nb, 34), np.uint8)  # (nb, 34) Q80
+        self.d = np.zeros(nb, F32)  # (nb,) decoded scales
+
+    def quantize(self) -> None:
+        if self.q80:
+            kernels.quantize_q80(self.f32, self.blocks)
+            kernels.q80_scales(self.blocks, self.d)
+
+
+class GatheredVector(Vector):
+    """A vector each rank computes a span of (`local`), then Allgatherv'd: as Q80 blocks
+    when the plan says every split falls on block boundaries, else as f32."""
+
+    def __init__(self, comm: Comm, plan: Plan, name: str, n: int, q80: bool):
+        super().__init__(n, q80)
+        spans = plan.segments(name)
+        a, b = spans[comm.rank]
+        self.local = self.f32[a:b]
+        self.travels_q80 = self.q80 and plan.q80_aligned(name)
+        if self.travels_q80:
+            bs = kernels.BLOCK
+            self._local_blocks = self.blocks[a // bs : b // bs]
+            self._gather = comm.gatherer(self.blocks, tuple((s // bs, e // bs) for s, e in spans))
+        else:
+            self._gather = comm.gatherer(self.f32, spans)
+
+    def gather(self) -> None:
+        if self.travels_q80:
+            kernels.quantize_q80(self.local, self._local_blocks)
+            self._gather()
+            kernels.q80_scales(self.blocks, self.d)
+            kernels.dequantize_q80(self.blocks, self.d, self.f32)
+        else:
+            self._gather()
+            self.quantize()
+
+
+def matvec(m: Matrix, x: Vector, out: np.ndarray) -> None:
+    if m.type == "f32":
+        kernels.matvec_f32(m.w, x.f32, out)
+    elif x.q80:
+        kernels.matvec_q40_q80(m.d, m.qs, x.blocks, x.d, out)
+    else:
+        kernels.matvec_q40_f32(m.d, m.qs, x.f32, out)
+
+
+class Engine:
+    def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str):
+        spec, me = plan.spec, plan.ranks[comm.rank]
+        self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
+        self.max_seq_len = max_seq_len
+        q80 = buffer_type == "q80"
+        hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
+
+        self.x = np.zeros(spec.dim, F32)  # (dim,) residual stream
+        self.xb = Vector(spec.dim, q80)  # (dim,) normed input of a block
+        self.q = np.zeros((nh, hd), F32)  # own query heads
+        self.att = GatheredVector(comm, plan, "att", spec.q_dim, q80)  # (n_heads * hd,)
+        self.att_local = self.att.local.reshape(nh, hd)
+        self.scores = np.zeros((nh, max_seq_len), F32)
+        self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
+        self.dim_out = GatheredVector(comm, plan, "dim", spec.dim, q80)  # (dim,) wo / w2 output
+        a, b = me.ffn_rows
+        self.h1 = np.zeros(b - a, F32)
+        self.h3 = np.zeros(b - a, F32)
+        self.ffn = GatheredVector(comm, plan, "ffn", spec.hidden_dim, q80)  # (hidden,)
+        # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
+        self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
+        self.v_cache = np.zeros_like(self.k_cache)
+        self.cos, self.sin = kernels.rope_table(hd, max_seq_len, spec.rope_theta)
+        self.logits = np.zeros(spec.vocab_size, F32)  # rank 0: all; others: own span
+        vocab_spans = plan.segments("vocab")
+        a, b = vocab_spans[comm.rank]
+        self.logits_local = self.logits[a:b]
+        self._gather_logits = comm.gather_to_root(self.logits, vocab_spans)
+        self.vocab_owner = np.repeat(np.arange(plan.world_size), [e - s for s, e in vocab_spans])
+        self.vocab_start = a
+        self.compute_s = 0.0  # wall time in forward(), collectives included
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
+        """Advance by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
+        t0 = time.perf_counter()
+        spec, w, x = self.spec, self.w, self.x
+        owner = int(self.vocab_owner[token])
+        if owner == self.comm.rank:
+            self._embed(token - self.vocab_start)
+        self.comm.bcast(x, owner)
+        cos, sin = self.cos[pos], self.sin[pos]
+        hd = spec.head_dim
+        for layer, lw in enumerate(w.layers):
+            kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32)
+            self.xb.quantize()
+            k = self.k_cache[layer, pos]
+            v = self.v_cache[layer, pos]
+            matvec(lw["wq"], self.xb, self.q.reshape(-1))
+            matvec(lw["wk"], self.xb, k.reshape(-1))
+            matvec(lw["wv"], self.xb, v.reshape(-1))
+            kernels.rope(self.q.reshape(-1), self.q.shape[0], hd, cos, sin)
+            kernels.rope(k.reshape(-1), k.shape[0], hd, cos, sin)
+            kernels.attention(self.q, self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
+                              pos + 1, self.scores, self.att_local)
+            self.att.gather()
+            matvec(lw["wo"], self.att, self.dim_out.local)
+            self.dim_out.gather()
+            np.add(x, self.dim_out.f32, out=x)
+
+            kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32)
+            self.xb.quantize()
+            matvec(lw["w1"], self.xb, self.h1)
+            matvec(lw["w3"], self.xb, self.h3)
+            kernels.silu_mul(self.h1, self.h3, self.ffn.local)
+            self.ffn.gather()
+            matvec(lw["w2"], self.ffn, self.dim_out.local)
+            self.dim_out.gather()
+            np.add(x, self.dim_out.f32, out=x)
+        result = None
+        if logits:
+            kernels.rmsnorm(x, w.norm, spec.norm_eps, self.xb.f32)
+            self.xb.quantize()
+            matvec(w.classifier, self.xb, self.logits_local)
+            self._gather_logits()
+            result = self.logits if self.comm.rank == 0 else None
+        self.compute_s += time.perf_counter() - t0
+        return result
+
+    def _embed(self, row: int) -> None:
+        e = self.w.embedding
+        if e.type == "f32":
+            self.x[:] = e.w[row]
+        else:
+            kernels.dequantize_q40_row(e.d[row], e.qs[row], self.x)

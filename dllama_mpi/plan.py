@@ -1,0 +1,198 @@
+"""The partition plan: a pure function of (model spec, budgets) -> every rank's slices.
+
+No MPI here. Every slice used anywhere (loader, kernels' buffers, KV cache, tests)
+comes from a Plan; no other module does slice arithmetic.
+
+Splits, each by largest-remainder apportionment of whole granules:
+  q heads  granule 1 head   -> wq rows, attention, the gathered attention vector
+  kv heads follow q heads: a rank computes and caches every KV head any of its query
+           heads reads, so a KV head is duplicated only where its group is split
+  dim      granule 32 rows  -> wo and w2 rows (model-dim outputs)
+  ffn      granule 32 rows  -> w1/w3 rows (hidden outputs, w2's gathered input)
+  vocab    granule 32 rows  -> classifier and embedding rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .quant import BLOCK
+from .spec import ModelSpec
+
+ROW_GRANULE = 32
+Span = tuple[int, int]  # [start, stop)
+
+
+def apportion(n_units: int, budgets: tuple[int, ...]) -> list[int]:
+    """Split n_units whole units proportionally to budgets (Hamilton's largest remainder).
+
+    Exact integer arithmetic; ties in the remainder go to the lower rank."""
+    total = sum(budgets)
+    quotas = [n_units * b // total for b in budgets]
+    remainders = [n_units * b % total for b in budgets]
+    order = sorted(range(len(budgets)), key=lambda r: (-remainders[r], r))
+    for r in order[: n_units - sum(quotas)]:
+        quotas[r] += 1
+    return quotas
+
+
+def _spans(n: int, granule: int, budgets: tuple[int, ...]) -> tuple[Span, ...]:
+    """Contiguous spans over n rows, whole granules each (the last granule may be short)."""
+    units = apportion(-(-n // granule), budgets)
+    spans, start = [], 0
+    for u in units:
+        stop = min(n, start + u * granule)
+        spans.append((start, stop))
+        start = stop
+    return tuple(spans)
+
+
+def validate_budgets(budgets, world_size: int) -> tuple[int, ...]:
+    """Budgets as positive ints, one per rank; ValueError says what was wrong and what to do."""
+    budgets = list(budgets)
+    if len(budgets) != world_size:
+        raise ValueError(
+            f"--memory-budget has {len(budgets)} value(s) {' '.join(map(str, budgets))} but the job has "
+            f"{world_size} rank(s); give exactly one budget per rank (or launch with mpirun -n {len(budgets)})"
+        )
+    parsed = []
+    for i, b in enumerate(budgets):
+        try:
+            value = int(str(b), 10)
+        except ValueError:
+            raise ValueError(f"budget {i} is {b!r}; budgets must be positive integers such as 3 2 2 1") from None
+        if value <= 0:
+            raise ValueError(f"budget {i} is {value}; budgets must be positive integers such as 3 2 2 1")
+        parsed.append(value)
+    return tuple(parsed)
+
+
+@dataclass(frozen=True)
+class RankSlices:
+    rank: int
+    budget: int
+    q_heads: Span
+    kv_heads: Span
+    dim_rows: Span
+    ffn_rows: Span
+    vocab_rows: Span
+
+    @property
+    def n_local_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_local_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    budgets: tuple[int, ...]
+    ranks: tuple[RankSlices, ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    # --- rows of each tensor kind ------------------------------------------------
+    def rows(self, kind: str, rank: int) -> Span:
+        """Rows of matrix `kind` held by `rank` (its output elements)."""
+        s, hd = self.ranks[rank], self.spec.head_dim
+        if kind == "wq":
+            return s.q_heads[0] * hd, s.q_heads[1] * hd
+        if kind in ("wk", "wv"):
+            return s.kv_heads[0] * hd, s.kv_heads[1] * hd
+        if kind in ("wo", "w2"):
+            return s.dim_rows
+        if kind in ("w1", "w3"):
+            return s.ffn_rows
+        if kind in ("tok_embeddings", "output"):
+            return s.vocab_rows
+        raise KeyError(kind)
+
+    # --- vectors gathered across ranks -------------------------------------------
+    def segments(self, vector: str) -> tuple[Span, ...]:
+        """Each rank's span of a gathered vector: 'att' (head outputs), 'dim', 'ffn', 'vocab'."""
+        kind = {"att": "wq", "dim": "wo", "ffn": "w1", "vocab": "output"}[vector]
+        return tuple(self.rows(kind, r) for r in range(self.world_size))
+
+    def q80_aligned(self, vector: str) -> bool:
+        """Whether a gathered vector can travel as Q80 blocks for every split: its granule
+        and length must be whole blocks, or a split would cut a block (and change its scale)."""
+        spec = self.spec
+        granule, length = {
+            "att": (spec.head_dim, spec.q_dim),
+            "dim": (ROW_GRANULE, spec.dim),
+            "ffn": (ROW_GRANULE, spec.hidden_dim),
+        }[vector]
+        return granule % BLOCK == 0 and length % BLOCK == 0
+
+    def owner_of_vocab_row(self, token: int) -> int:
+        for s in self.ranks:
+            if s.vocab_rows[0] <= token < s.vocab_rows[1]:
+                return s.rank
+        raise IndexError(f"token {token} outside vocabulary of {self.spec.vocab_size}")
+
+    def kv_head_of(self, rank: int) -> tuple[int, ...]:
+        """For each local query head of `rank`, the local index of the KV head it reads."""
+        s, g = self.ranks[rank], self.spec.group_size
+        return tuple(h // g - s.kv_heads[0] for h in range(*s.q_heads))
+
+    # --- memory -------------------------------------------------------------------
+    def weight_bytes(self, rank: int) -> int:
+        spec = self.spec
+        per_layer = sum(
+            (self.rows(k, rank)[1] - self.rows(k, rank)[0]) * spec.row_bytes(k)
+            for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+        ) + 2 * 4 * spec.dim
+        vocab = self.rows("output", rank)
+        tables = (vocab[1] - vocab[0]) * spec.row_bytes("tok_embeddings") * (1 if spec.shared_classifier else 2)
+        return spec.n_layers * per_layer + tables + 4 * spec.dim
+
+    def kv_cache_bytes(self, rank: int, max_seq_len: int) -> int:
+        s = self.ranks[rank]
+        return 2 * 4 * self.spec.n_layers * max_seq_len * s.n_local_kv_heads * self.spec.head_dim
+
+    def plan_hash(self) -> str:
+        doc = {"spec": self.spec.to_attrs(), "budgets": self.budgets,
+               "ranks": [vars(s) for s in self.ranks]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def table(self, max_seq_len: int) -> str:
+        """The plan as a text table, one line per rank."""
+        total = sum(self.budgets)
+        head = (f"{'rank':>4} {'budget':>6} {'share':>6} {'heads':>7} {'kv':>5} {'dim rows':>9} "
+                f"{'ffn rows':>9} {'vocab rows':>11} {'weights MiB':>11} {'kv MiB':>8}")
+        lines = [head]
+        for s in self.ranks:
+            lines.append(
+                f"{s.rank:>4} {s.budget:>6} {s.budget / total:>6.1%} {_count(s.q_heads):>7} "
+                f"{_count(s.kv_heads):>5} {_count(s.dim_rows):>9} {_count(s.ffn_rows):>9} "
+                f"{_count(s.vocab_rows):>11} {self.weight_bytes(s.rank) / 2**20:>11.2f} "
+                f"{self.kv_cache_bytes(s.rank, max_seq_len) / 2**20:>8.2f}"
+            )
+        return "\n".join(lines)
+
+
+def _count(span: Span) -> int:
+    return span[1] - span[0]
+
+
+def make_plan(spec: ModelSpec, budgets) -> Plan:
+    """The partition plan for `spec` over len(budgets) ranks."""
+    budgets = validate_budgets(budgets, len(budgets))
+    q = _spans(spec.n_heads, 1, budgets)
+    dim = _spans(spec.dim, ROW_GRANULE, budgets)
+    ffn = _spans(spec.hidden_dim, ROW_GRANULE, budgets)
+    vocab = _spans(spec.vocab_size, ROW_GRANULE, budgets)
+    g = spec.group_size
+    ranks = []
+    for r, b in enumerate(budgets):
+        q0, q1 = q[r]
+        kv = (q0 // g, -(-q1 // g)) if q1 > q0 else (q0 // g, q0 // g)
+        ranks.append(RankSlices(r, b, q[r], kv, dim[r], ffn[r], vocab[r]))
+    return Plan(spec, budgets, tuple(ranks))

@@ -1,0 +1,118 @@
+"""Plain-numpy twins of the kernels, and a dense single-process forward pass.
+
+Slow and obvious on purpose: tests compare the numba kernels and the distributed engine
+against these on odd sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import quant
+from .kernels import rope_table
+from .spec import ModelSpec
+
+
+def matvec_f32(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+
+
+def matvec_q40_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """w_blocks: (rows, nb) Q40; x_blocks: (nb,) Q80."""
+    return matvec_f32(quant.dequantize_q40(w_blocks), quant.dequantize_q80(x_blocks))
+
+
+def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return matvec_f32(quant.dequantize_q40(w_blocks), x)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (weight * (x64 / np.sqrt(np.mean(x64 * x64) + eps))).astype(np.float32)
+
+
+def rope(vec: np.ndarray, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """vec: (n_heads * head_dim,) rotated by one position's cos/sin (head_dim // 2,)."""
+    pairs = vec.reshape(-1, head_dim // 2, 2).astype(np.float64)
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return out.reshape(vec.shape).astype(np.float32)
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_head) -> np.ndarray:
+    """q: (n_heads, head_dim); keys, values: (n_pos, n_kv, head_dim) -> (n_heads, head_dim)."""
+    out = np.empty(q.shape, np.float32)
+    for h, kv in enumerate(kv_of_head):
+        scores = keys[:, kv, :].astype(np.float64) @ q[h] / np.sqrt(q.shape[1])
+        p = np.exp(scores - scores.max())
+        out[h] = (p / p.sum()) @ values[:, kv, :]
+    return out
+
+
+def silu_mul(h1: np.ndarray, h3: np.ndarray) -> np.ndarray:
+    a = h1.astype(np.float64)
+    return (a / (1 + np.exp(-a)) * h3).astype(np.float32)
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) -> int:
+    """Twin of sampler.sample: greedy at temperature 0, else nucleus sampling; the nucleus is
+    every token whose probability reaches that of the smallest member of the top-p set."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    ordered = np.sort(p)[::-1]
+    cut = ordered[min(np.searchsorted(np.cumsum(ordered), top_p), len(p) - 1)] if top_p < 1 else 0.0
+    kept = np.where(p >= cut, p, 0.0)
+    index = np.searchsorted(np.cumsum(kept), coin * kept.sum(), side="right")
+    return int(min(index, len(p) - 1))
+
+
+class DenseModel:
+    """Whole-model forward pass in numpy from dense tensors {name: array} (Q40 dequantized).
+
+    buffer_type 'q80' reproduces the engine's quantization points: the input of every Q40
+    matrix is quantized to Q80, and every gathered vector that can travel as Q80 is
+    rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
+        self.spec, self.buffer_type = spec, buffer_type
+        self.t = {}
+        for name, value in tensors.items():
+            self.t[name] = quant.dequantize_q40(value) if value.dtype == quant.Q40 else value
+        self.q40 = {name for name, value in tensors.items() if value.dtype == quant.Q40}
+        self.cos, self.sin = rope_table(spec.head_dim, spec.seq_len, spec.rope_theta)
+        self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
+        self.values = np.zeros_like(self.keys)
+
+    def _round_q80(self, x: np.ndarray) -> np.ndarray:
+        return quant.dequantize_q80(quant.quantize_q80(x))
+
+    def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name in self.q40 and self.buffer_type == "q80":
+            x = self._round_q80(x)
+        return matvec_f32(self.t[name], x)
+
+    def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
+        aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0
+        return self._round_q80(x) if self.buffer_type == "q80" and aligned else x
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        s = self.spec
+        x = self.t["tok_embeddings"][token].astype(np.float32)
+        kv_of_head = [h // s.group_size for h in range(s.n_heads)]
+        for layer in range(s.n_layers):
+            p = f"layers/{layer}/"
+            xb = rmsnorm(x, self.t[p + "attention_norm"], s.norm_eps)
+            q = rope(self._mv(p + "wq", xb), s.head_dim, self.cos[pos], self.sin[pos])
+            self.keys[layer, pos] = rope(self._mv(p + "wk", xb), s.head_dim, self.cos[pos], self.sin[pos]).reshape(s.n_kv_heads, -1)
+            self.values[layer, pos] = self._mv(p + "wv", xb).reshape(s.n_kv_heads, -1)
+            att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1], self.values[layer, : pos + 1], kv_of_head)
+            att = self._travel(att.reshape(-1), s.head_dim)
+            x = x + self._travel(self._mv(p + "wo", att), 32)
+            xb = rmsnorm(x, self.t[p + "ffn_norm"], s.norm_eps)
+            hidden = self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), 32)
+            x = x + self._travel(self._mv(p + "w2", hidden), 32)
+        xb = rmsnorm(x, self.t["norm"], s.norm_eps)
+        return self._mv("tok_embeddings" if s.shared_classifier else "output", xb)

@@ -1,0 +1,101 @@
+"""The frozen model spec: hyperparameters and tensor layout, nothing loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import quant
+
+FORMAT_NAME = "dllama_mpi"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    seq_len: int  # context the model was trained for; the KV cache may be smaller
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_style: str = "interleaved"  # pairs (x[2i], x[2i+1]) within a head, as llama2.c
+    shared_classifier: bool = True  # classifier rows are the embedding table's
+    weight_type: str = "f32"  # requested type; quant.storage_type decides per tensor
+    architecture: str = "llama"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if not problems and self.head_dim % 2:
+            problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.architecture != "llama":
+            problems.append(f"architecture must be 'llama', got {self.architecture!r}")
+        if self.rope_style != "interleaved":
+            problems.append(f"rope_style must be 'interleaved', got {self.rope_style!r}")
+        if self.weight_type not in quant.WEIGHT_TYPES:
+            problems.append(f"weight_type must be one of {quant.WEIGHT_TYPES}, got {self.weight_type!r}")
+        if problems:
+            raise ValueError("invalid model spec: " + "; ".join(problems))
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def matrix_cols(self) -> dict[str, int]:
+        """Row length (input width) of each per-layer matrix and of the vocabulary tables."""
+        return {
+            "wq": self.dim, "wk": self.dim, "wv": self.dim, "wo": self.q_dim,
+            "w1": self.dim, "w2": self.hidden_dim, "w3": self.dim,
+            "tok_embeddings": self.dim, "output": self.dim,
+        }
+
+    def tensor_type(self, kind: str) -> str:
+        return quant.storage_type(self.weight_type, self.matrix_cols()[kind])
+
+    def row_bytes(self, kind: str) -> int:
+        return quant.row_bytes(self.tensor_type(kind), self.matrix_cols()[kind])
+
+    def to_attrs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "ModelSpec":
+        """Build from HDF5 root attributes (extra attributes are ignored)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in attrs]
+        if missing:
+            raise ValueError(f"model file lacks attributes {missing}; re-convert it with dllama-mpi-convert")
+        values = {}
+        for name, field in fields.items():
+            if name not in attrs:
+                continue
+            value = attrs[name]
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, bytes):
+                value = value.decode()
+            kind = field.type
+            try:
+                values[name] = {"int": int, "float": float, "bool": bool, "str": str}[kind](value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"model attribute {name}={value!r} is not a valid {kind}") from exc
+        return cls(**values)

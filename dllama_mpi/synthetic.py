@@ -1,0 +1,48 @@
+"""The built-in synthetic model: a small Llama shape with seeded random weights.
+
+It lets the first command of the README run on a fresh machine with no model file. Its
+weights are random, so its text is meaningless; the program says so when it uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .modelfile import tensor_layout, write_model
+from .spec import ModelSpec
+from .tokenizer import Tokenizer
+
+SYNTHETIC_VERSION = 1
+SYNTHETIC_SPEC = ModelSpec(
+    dim=256, hidden_dim=704, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+    vocab_size=512, seq_len=512, weight_type="q40",
+)
+
+
+def synthetic_tensors(spec: ModelSpec, seed: int):
+    """(name, f32 array) for every tensor of `spec`, one at a time; norms near 1, matrices
+    scaled by 1/sqrt(fan-in) so activations stay in range over the layers."""
+    rng = np.random.default_rng(seed)
+    for name, (kind, shape) in tensor_layout(spec).items():
+        if kind is None:
+            yield name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            yield name, (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dllama_mpi"
+
+
+def synthetic_model_path() -> Path:
+    """The synthetic model file, written on first use (atomically, so concurrent jobs are safe)."""
+    path = cache_dir() / f"synthetic-v{SYNTHETIC_VERSION}.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_model(path, SYNTHETIC_SPEC, synthetic_tensors(SYNTHETIC_SPEC, seed=SYNTHETIC_VERSION),
+                    Tokenizer.synthetic(SYNTHETIC_SPEC.vocab_size), {"source": "synthetic (random weights)"})
+    return path

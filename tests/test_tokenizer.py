@@ -1,0 +1,353 @@
+"""Tests for the llama2.c score-BPE tokenizer."""
+
+from __future__ import annotations
+
+import functools
+import struct
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dllama_mpi.tokenizer import StreamDecoder, Tokenizer
+
+TOK512 = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K" / "tok512.bin"
+needs_tok512 = pytest.mark.skipif(not TOK512.exists(), reason=f"llama2.c tokenizer not found at {TOK512}")
+
+ROUND_TRIP_TEXTS = [
+    "Once upon a time",
+    "Hello, world!\nSecond line.\n\n  indented\ttab",
+    " leading space",
+    "café naïve résumé",
+    "中文测试",
+    "emoji 😀 and 👍🏽 mixed",
+    "<0x41> <unk> <s>",
+    "\x00\x7f",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok512() -> Tokenizer:
+    if not TOK512.exists():
+        pytest.skip(f"llama2.c tokenizer not found at {TOK512}")
+    return Tokenizer.from_llama2c(TOK512, 512)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> Tokenizer:
+    return Tokenizer.synthetic(512)
+
+
+@pytest.fixture(params=["tok512", "synthetic"])
+def tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
+    return request.getfixturevalue(request.param)
+
+
+def stream_decode(tok: Tokenizer, ids: list[int]) -> str:
+    dec = tok.stream()
+    out = [dec.feed(prev, cur) for prev, cur in zip(ids, ids[1:])]
+    return "".join(out) + dec.flush()
+
+
+def reference_encode(path: Path, text: str) -> list[int]:
+    """Brute-force run.c encode: parse the file itself, rescan every pair after every merge."""
+    data = path.read_bytes()
+    vocab: list[bytes] = []
+    scores: list[float] = []
+    off = 4
+    while off < len(data):
+        score, n = struct.unpack_from("<fi", data, off)
+        vocab.append(data[off + 8 : off + 8 + n])
+        scores.append(score)
+        off += 8 + n
+    lookup = {p: i for i, p in enumerate(vocab) if i >= 259}
+    ids: list[int] = []
+    for ch in " " + text:
+        b = ch.encode("utf-8")
+        ids += [lookup[b]] if b in lookup else [x + 3 for x in b]
+    while True:
+        best, best_i, best_id = -1e10, -1, -1
+        for i in range(len(ids) - 1):
+            merged = lookup.get(vocab[ids[i]] + vocab[ids[i + 1]])
+            if merged is not None and scores[merged] > best:
+                best, best_i, best_id = scores[merged], i, merged
+        if best_i < 0:
+            return [1] + ids
+        ids[best_i : best_i + 2] = [best_id]
+
+
+# --------------------------------------------------------------- tok512.bin
+
+
+@needs_tok512
+def test_tok512_loads(tok512: Tokenizer) -> None:
+    assert tok512.vocab_size == 512
+    assert len(tok512.pieces) == 512 and tok512.scores.shape == (512,)
+    assert tok512.scores.dtype == np.float32
+    assert (tok512.bos_id, tok512.eos_id) == (1, 2)
+    assert tok512.pieces[:3] == [b"<unk>", b"\n<s>\n", b"\n</s>\n"]
+    assert tok512.pieces[3] == b"<0x00>" and tok512.pieces[258] == b"<0xFF>"
+    assert tok512.add_dummy_prefix
+    assert Tokenizer.from_llama2c(TOK512).pieces == tok512.pieces  # read-until-EOF agrees
+
+
+@needs_tok512
+def test_tok512_once_upon_a_time(tok512: Tokenizer) -> None:
+    text = "Once upon a time"
+    ids = tok512.encode(text)
+    assert ids[0] == tok512.bos_id
+    assert all(0 <= i < 512 for i in ids)
+    assert len(ids) - 1 < len(text)  # merges beat one token per character
+    # Each of these words is a single piece (with its leading space) in tok512.
+    assert [tok512.pieces[i] for i in ids[1:]] == [b" Once", b" upon", b" a", b" time"]
+    assert b"".join(tok512.decode(p, c) for p, c in zip(ids, ids[1:])) == text.encode()
+    assert ids == reference_encode(TOK512, text)
+
+
+@needs_tok512
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_tok512_matches_reference(tok512: Tokenizer, text: str) -> None:
+    expected = reference_encode(TOK512, text) if text else [1]
+    assert tok512.encode(text) == expected
+
+
+def test_bos_eos_flags(tokenizer: Tokenizer) -> None:
+    body = tokenizer.encode("hi", bos=False)
+    assert body[0] != tokenizer.bos_id
+    assert tokenizer.encode("hi", bos=True, eos=True) == [tokenizer.bos_id, *body, tokenizer.eos_id]
+    assert tokenizer.encode("", bos=False) == []
+
+
+def test_decode_rules(tokenizer: Tokenizer) -> None:
+    space_a = tokenizer.pieces.index(b" a")
+    assert tokenizer.decode(tokenizer.bos_id, space_a) == b"a"
+    assert tokenizer.decode(space_a, space_a) == b" a"
+    assert tokenizer.decode(space_a, 0x41 + 3) == b"A"
+    assert tokenizer.decode(tokenizer.bos_id, 0x20 + 3) == b" "  # a byte piece has no leading space to strip
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.decode(0, tokenizer.vocab_size)
+
+
+# ------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_round_trip(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    raw = b"".join(tokenizer.decode(p, c) for p, c in zip(ids, ids[1:]))
+    assert raw.decode("utf-8") == text
+    assert stream_decode(tokenizer, ids) == text
+
+
+def test_non_ascii_uses_byte_fallback(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("中", bos=False)
+    assert ids[-3:] == [b + 3 for b in "中".encode()]
+
+
+def test_stream_never_emits_partial_character(tokenizer: Tokenizer) -> None:
+    emoji = "😀"
+    ids = tokenizer.encode("a" + emoji)
+    byte_ids = [b + 3 for b in emoji.encode()]
+    assert ids[-4:] == byte_ids
+    dec = tokenizer.stream()
+    assert isinstance(dec, StreamDecoder)
+    prefix = "".join(dec.feed(p, c) for p, c in zip(ids[:-4], ids[1:-4]))
+    assert prefix == "a"
+    outs = [dec.feed(p, c) for p, c in zip(ids[-5:], ids[-4:])]
+    assert outs == ["", "", "", emoji]
+    assert dec.flush() == ""
+
+
+def test_stream_flush_replaces_dangling_bytes(tokenizer: Tokenizer) -> None:
+    dec = tokenizer.stream()
+    assert dec.feed(0, 0xF0 + 3) == ""
+    assert dec.flush() == "\ufffd"
+
+
+# Hypothesis re-runs the test body per example, so tokenizers are cached at module level
+# rather than taken from (function-scoped) fixtures.
+@functools.cache
+def _cached_tok512() -> Tokenizer:
+    return Tokenizer.from_llama2c(TOK512, 512)
+
+
+@functools.cache
+def _cached_synthetic() -> Tokenizer:
+    return Tokenizer.synthetic(512)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_property_stream_round_trip_tok512(text: str) -> None:
+    if not TOK512.exists():
+        pytest.skip(f"llama2.c tokenizer not found at {TOK512}")
+    tok = _cached_tok512()
+    assert stream_decode(tok, tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text())
+def test_property_stream_round_trip_synthetic(text: str) -> None:
+    tok = _cached_synthetic()
+    assert stream_decode(tok, tok.encode(text)) == text
+
+
+def test_long_prompt_is_fast_enough(tokenizer: Tokenizer) -> None:
+    text = "Once upon a time, there was a little girl named Lily. " * 80
+    ids = tokenizer.encode(text)
+    assert stream_decode(tokenizer, ids) == text
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def test_synthetic_layout() -> None:
+    tok = Tokenizer.synthetic(512)
+    assert tok.vocab_size == 512
+    assert tok.pieces[:3] == [b"<unk>", b"\n<s>\n", b"\n</s>\n"]
+    assert tok.pieces[3:259] == [b"<0x%02X>" % b for b in range(256)]
+    assert len(set(tok.pieces)) == 512
+    for p in (b" a", b" z", b"a", b"z", b" the", b" once", b" upon", b" time"):
+        assert p in tok.pieces
+    assert tok.pieces == Tokenizer.synthetic(512).pieces  # deterministic
+    assert np.array_equal(tok.scores, Tokenizer.synthetic(512).scores)
+    assert [tok.pieces[i] for i in tok.encode("once upon a time", bos=False)] == [b" once", b" upon", b" a", b" time"]
+
+
+@pytest.mark.parametrize("size", [260, 300, 5000])
+def test_synthetic_sizes(size: int) -> None:
+    tok = Tokenizer.synthetic(size)
+    assert tok.vocab_size == size and len(set(tok.pieces)) == size
+    assert stream_decode(tok, tok.encode("xyz 😀")) == "xyz 😀"
+
+
+def test_synthetic_minimal() -> None:
+    # Only reserved pieces: everything, the dummy-prefix space included, falls back
+    # to bytes, and a byte piece after BOS keeps its space (run.c decode rule).
+    tok = Tokenizer.synthetic(259)
+    ids = tok.encode("hi")
+    assert ids == [1, 0x20 + 3, ord("h") + 3, ord("i") + 3]
+    assert stream_decode(tok, ids) == " hi"
+
+
+def test_synthetic_too_small() -> None:
+    with pytest.raises(ValueError, match="259"):
+        Tokenizer.synthetic(258)
+
+
+# --------------------------------------------------------------------- HDF5
+
+
+def test_hdf5_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "tok.h5"
+    with h5py.File(path, "w") as f:
+        tokenizer.write_hdf5(f.create_group("tokenizer"))
+    with h5py.File(path, "r") as f:
+        g = f["tokenizer"]
+        assert g.attrs["type"] == "llama2c-score-bpe"
+        assert g["piece_offsets"].shape == (tokenizer.vocab_size + 1,)
+        loaded = Tokenizer.read_hdf5(g)
+    assert loaded.pieces == tokenizer.pieces
+    assert np.array_equal(loaded.scores, tokenizer.scores)
+    assert (loaded.bos_id, loaded.eos_id, loaded.add_dummy_prefix) == (
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.add_dummy_prefix,
+    )
+    for text in ROUND_TRIP_TEXTS:
+        assert loaded.encode(text) == tokenizer.encode(text)
+
+
+def _corrupt_offsets(g: h5py.Group) -> None:
+    off = g["piece_offsets"][()]
+    off[10], off[11] = off[11], off[10] - 1
+    g["piece_offsets"][...] = off
+
+
+def _offsets_past_end(g: h5py.Group) -> None:
+    off = g["piece_offsets"][()]
+    off[-1] += 5
+    g["piece_offsets"][...] = off
+
+
+def _short_offsets(g: h5py.Group) -> None:
+    off = g["piece_offsets"][()]
+    del g["piece_offsets"]
+    g["piece_offsets"] = off[:-1]
+
+
+def _missing_dataset(g: h5py.Group) -> None:
+    del g["scores"]
+
+
+def _wrong_type(g: h5py.Group) -> None:
+    g.attrs["type"] = "gpt2-bpe"
+
+
+def _missing_attr(g: h5py.Group) -> None:
+    del g.attrs["bos_id"]
+
+
+def _short_scores(g: h5py.Group) -> None:
+    s = g["scores"][()]
+    del g["scores"]
+    g["scores"] = s[:-1]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_corrupt_offsets, "non-decreasing"),
+        (_offsets_past_end, "end at len\\(piece_bytes\\)"),
+        (_short_offsets, "piece_offsets must be integer with shape \\(513,\\)"),
+        (_missing_dataset, "missing dataset 'scores'"),
+        (_wrong_type, "expected attribute type='llama2c-score-bpe', found 'gpt2-bpe'"),
+        (_missing_attr, "missing attribute 'bos_id'"),
+        (_short_scores, "scores must have shape \\(512,\\)"),
+    ],
+)
+def test_hdf5_corrupt_group(synthetic: Tokenizer, tmp_path: Path, corrupt, message: str) -> None:
+    path = tmp_path / "tok.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("tokenizer")
+        synthetic.write_hdf5(g)
+        corrupt(g)
+    with h5py.File(path, "r") as f, pytest.raises(ValueError, match=message):
+        Tokenizer.read_hdf5(f["tokenizer"])
+
+
+# --------------------------------------------------------- llama2.c loading
+
+
+@needs_tok512
+@pytest.mark.parametrize("keep", [2, 4, 10, -1, -3])
+def test_from_llama2c_truncated(tmp_path: Path, keep: int) -> None:
+    data = TOK512.read_bytes()
+    bad = tmp_path / "tok_truncated.bin"
+    bad.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match="expected|truncated"):
+        Tokenizer.from_llama2c(bad, 512)
+
+
+@needs_tok512
+def test_from_llama2c_wrong_vocab_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trailing bytes"):
+        Tokenizer.from_llama2c(TOK512, 500)
+    with pytest.raises(ValueError, match="truncated at token 512"):
+        Tokenizer.from_llama2c(TOK512, 513)
+
+
+def test_from_llama2c_bad_byte_pieces(tmp_path: Path) -> None:
+    path = tmp_path / "tok.bin"
+    with path.open("wb") as f:
+        f.write(struct.pack("<i", 8))
+        for i in range(259):
+            piece = b"x%d" % i
+            f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
+    with pytest.raises(ValueError, match="byte-fallback piece for id 3"):
+        Tokenizer.from_llama2c(path, 259)

@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""Convert a model into a dllama_mpi HDF5 model file (same as the `dllama-mpi-convert` command)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dllama_mpi.convert import main  # noqa: E402
+
+sys.exit(main())
