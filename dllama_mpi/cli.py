@@ -13,16 +13,10 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 from . import quant
+from .session import UsageError
 
 log = logging.getLogger("dllama_mpi")
-
-
-class UsageError(Exception):
-    """Bad input, detected identically on every rank (or agreed on through rank 0): every
-    rank exits with code 2 and rank 0 prints the message once."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,16 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import Comm
 
     comm = Comm()
+    return run_guarded(comm, lambda: _run(comm, argv))
+
+
+def run_guarded(comm, job) -> int:
+    """The abort guard: bad input (UsageError, raised on every rank) -> rank 0 prints it once,
+    every rank returns 2; anything else raised on one rank -> that rank logs its traceback and
+    aborts the whole job, so no rank is left waiting in a collective."""
     _setup_logging(comm.rank)
     try:
-        return _run(comm, argv)
+        return job()
     except UsageError as exc:
         if comm.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except SystemExit:
         raise
-    except BaseException as exc:  # one rank failed alone: report it once, end every rank
+    except BaseException as exc:
         name = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         log.error("rank %d %s:\n%s", comm.rank, name, traceback.format_exc().rstrip())
         comm.abort(1)
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging(rank: int) -> None:
+    if log.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
     log.addHandler(handler)
@@ -99,35 +102,11 @@ def _parse(comm, argv):
     return args
 
 
-def _open_model(args):
-    """Rank 0: open and validate the model, tokenize the prompt. Returns (setup, model, tokenizer)
-    or raises ModelFileError / ValueError with the message for the user."""
-    from .modelfile import ModelFile
-    from .synthetic import synthetic_model_path
-
-    if args.model is None:
-        print("note: no --model given: running the built-in synthetic model. Its weights are random, "
-              "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",
-              file=sys.stderr)
-    model = ModelFile(args.model if args.model is not None else synthetic_model_path())
-    tokenizer = model.tokenizer()
-    spec = model.spec
-    max_seq_len = args.max_seq_len or spec.seq_len
-    prompt_tokens = tokenizer.encode(args.prompt, bos=True)
-    if len(prompt_tokens) > max_seq_len:
-        raise ValueError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
-                         f"{max_seq_len}; shorten the prompt or raise --max-seq-len (model trained for {spec.seq_len})")
-    stop_ids = sorted({tokenizer.eos_id, tokenizer.bos_id})  # llama2.c models end a text with BOS
-    return (spec, max_seq_len, prompt_tokens, stop_ids), model, tokenizer
-
-
 def _run(comm, argv) -> int:
-    from . import kernels, threads
-    from .engine import Engine
-    from .modelfile import ModelFileError
-    from .plan import make_plan, validate_budgets
+    from . import threads
+    from .plan import validate_budgets
     from .sampler import Sampler
-    from .weights import load
+    from .session import generate, open_session
 
     t_launch = time.perf_counter()
     args = _parse(comm, argv)
@@ -136,96 +115,34 @@ def _run(comm, argv) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     n_threads = threads.set_threads(args.nthreads or threads.share_of_cores(comm.local_rank, comm.local_size))
+    if comm.rank == 0 and args.model is None:
+        print("note: no --model given: running the built-in synthetic model. Its weights are random, "
+              "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",
+              file=sys.stderr)
 
-    setup, model, tokenizer = None, None, None
-    if comm.rank == 0:
-        try:
-            setup, model, tokenizer = _open_model(args)
-        except (ModelFileError, ValueError) as exc:
-            setup = str(exc)
-    setup = comm.bcast_obj(setup)
-    if isinstance(setup, str):
-        raise UsageError(setup)
-    spec, max_seq_len, prompt_tokens, stop_ids = setup
-
-    plan = make_plan(spec, budgets)
-    if comm.rank == 0:
+    def announce(plan, max_seq_len):
+        spec = plan.spec
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(map(str, budgets))}, "
               f"weights {spec.weight_type}, buffers {args.buffer_float_type}, KV cache {max_seq_len} tokens",
               file=sys.stderr)
         print(plan.table(max_seq_len), file=sys.stderr)
 
-    # numba compiles once, on rank 0, into its cache; the other ranks then load it
-    if comm.rank == 0:
-        kernels.warm_up()
-    comm.barrier()
-    if comm.rank != 0:
-        kernels.warm_up()
-
-    weights = load(comm, plan, model)
-    if model is not None:
-        model.close()
-    engine = Engine(comm, plan, weights, max_seq_len, args.buffer_float_type)
+    session = open_session(comm, args.model, budgets, prompt=args.prompt, max_seq_len=args.max_seq_len,
+                           buffer_type=args.buffer_float_type, announce=announce)
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
-    sampler = Sampler(spec.vocab_size, args.temperature, args.top_p, seed) if comm.rank == 0 else None
+    sampler = Sampler(session.plan.spec.vocab_size, args.temperature, args.top_p, seed) if comm.rank == 0 else None
     comm.barrier()
-    t_ready = time.perf_counter()
-
-    result = generate(comm, engine, prompt_tokens, args.steps, sampler, tokenizer,
-                      () if args.ignore_eos else stop_ids)
-    _report(comm, engine, weights, result, n_threads, seed, t_ready - t_launch)
+    startup_s = time.perf_counter() - t_launch
+    result = generate(session, args.steps, sampler, stop_ids=() if args.ignore_eos else None, stream=True)
+    if comm.rank == 0 and result["hit_context"]:
+        print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
+              f"({session.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
+    _report(comm, session, result, n_threads, seed, startup_s)
     return 0
 
 
-def generate(comm, engine, prompt_tokens, steps, sampler, tokenizer, stop_ids):
-    """Feed the prompt, then sample `steps` tokens (fewer at a stop token or the context's end).
-    Rank 0 streams text to stdout. Returns timings and the generated ids (every rank)."""
-    token_buf = np.zeros(1, np.int64)
-    n_prompt = len(prompt_tokens)
-    stream = tokenizer.stream() if tokenizer is not None else None
-    if stream is not None:
-        for prev, tok in zip(prompt_tokens, prompt_tokens[1:]):
-            sys.stdout.write(stream.feed(prev, tok))
-        sys.stdout.flush()
-    generated: list[int] = []
-    token = prompt_tokens[0]
-    t0 = time.perf_counter()
-    t_first = t0
-    limit = min(n_prompt - 1 + steps, engine.max_seq_len) if steps else 0
-    for pos in range(limit):
-        want = pos >= n_prompt - 1
-        logits = engine.forward(token, pos, logits=want)
-        if not want:
-            token = prompt_tokens[pos + 1]
-            continue
-        if comm.rank == 0:
-            token_buf[0] = sampler(logits)
-        comm.bcast(token_buf, 0)
-        nxt = int(token_buf[0])
-        if not generated:
-            t_first = time.perf_counter()
-        generated.append(nxt)
-        if nxt in stop_ids:
-            break
-        if stream is not None:
-            sys.stdout.write(stream.feed(token, nxt))
-            sys.stdout.flush()
-        token = nxt
-    t_end = time.perf_counter()
-    if stream is not None:
-        sys.stdout.write(stream.flush() + "\n")
-        sys.stdout.flush()
-    hit_context = steps and len(generated) < steps and (not generated or generated[-1] not in stop_ids)
-    if comm.rank == 0 and hit_context:
-        print(f"note: stopped after {len(generated)} new tokens at the end of the context "
-              f"({engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    return {
-        "generated": generated, "n_prompt": n_prompt,
-        "prompt_s": t_first - t0, "decode_s": t_end - t_first, "n_decode": max(0, len(generated) - 1),
-    }
-
-
-def _report(comm, engine, weights, result, n_threads, seed, startup_s) -> None:
+def _report(comm, session, result, n_threads, seed, startup_s) -> None:
+    engine, weights = session.engine, session.weights
     n_forward = max(1, result["n_prompt"] - 1 + len(result["generated"]))
     mine = {
         "rank": comm.rank, "threads": n_threads,

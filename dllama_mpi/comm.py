@@ -28,11 +28,11 @@ class Comm:
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
 
     # --- hot path ---------------------------------------------------------------
-    def gatherer(self, buf: np.ndarray, spans: tuple[Span, ...]) -> "Gatherer":
+    def gatherer(self, buf: np.ndarray, spans: tuple[Span, ...]) -> Gatherer:
         """An in-place Allgatherv over `buf` (1-D), rank r owning buf[spans[r]]."""
         return Gatherer(self, buf, spans)
 
-    def gather_to_root(self, buf: np.ndarray, spans: tuple[Span, ...]) -> "RootGatherer":
+    def gather_to_root(self, buf: np.ndarray, spans: tuple[Span, ...]) -> RootGatherer:
         """An in-place Gatherv of every rank's buf[spans[r]] into rank 0's buf."""
         return RootGatherer(self, buf, spans)
 
@@ -70,6 +70,9 @@ class Comm:
     def bcast_obj(self, obj, root: int = 0):
         return obj if self.size == 1 else self._comm.bcast(obj, root=root)
 
+    def allgather_obj(self, obj) -> list:
+        return [obj] if self.size == 1 else self._comm.allgather(obj)
+
     def gather_obj(self, obj, root: int = 0):
         return [obj] if self.size == 1 else self._comm.gather(obj, root=root)
 
@@ -82,6 +85,11 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         self._comm.Abort(code)
+
+
+def self_comm() -> Comm:
+    """A one-rank Comm of this process alone (a single-process reference run inside a job)."""
+    return Comm(MPI.COMM_SELF)
 
 
 class Gatherer:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 
-from . import threads  # noqa: F401  (thread policy before numba loads)
-
 import numpy as np
 from numba import njit, prange
 
+from . import threads  # noqa: F401  (the thread policy, before any kernel runs)
+
 BLOCK = 32
 _FAST = {"reassoc", "contract", "nsz"}
-_opts = dict(cache=True, fastmath=_FAST, nogil=True)
+_opts = {"cache": True, "fastmath": _FAST, "nogil": True}
 
 
 @njit(**_opts)

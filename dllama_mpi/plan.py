@@ -3,7 +3,8 @@
 No MPI here. Every slice used anywhere (loader, kernels' buffers, KV cache, tests)
 comes from a Plan; no other module does slice arithmetic.
 
-Splits, each by largest-remainder apportionment of whole granules:
+Splits (query heads by largest-remainder apportionment; rows by rounding each rank's
+cumulative share to a granule, see _spans):
   q heads  granule 1 head   -> wq rows, attention, the gathered attention vector
   kv heads follow q heads: a rank computes and caches every KV head any of its query
            heads reads, so a KV head is duplicated only where its group is split
@@ -15,6 +16,7 @@ Splits, each by largest-remainder apportionment of whole granules:
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass
 
@@ -39,14 +41,26 @@ def apportion(n_units: int, budgets: tuple[int, ...]) -> list[int]:
 
 
 def _spans(n: int, granule: int, budgets: tuple[int, ...]) -> tuple[Span, ...]:
-    """Contiguous spans over n rows, whole granules each (the last granule may be short)."""
-    units = apportion(-(-n // granule), budgets)
-    spans, start = [], 0
-    for u in units:
-        stop = min(n, start + u * granule)
+    """Contiguous spans over n rows in whole granules (only the span holding row n - 1 may
+    end short). Each boundary is the rank's cumulative share of n rounded to the nearest
+    granule, so every span is within one granule of its share even when n is not a whole
+    number of granules (apportioning whole granules alone can leave one rank a short
+    last granule: 1 row where 48 were due)."""
+    total, cumulative, spans, start = sum(budgets), 0, [], 0
+    for b in budgets:
+        cumulative += b
+        nearest = granule * ((2 * n * cumulative + granule * total) // (2 * granule * total))
+        stop = n if cumulative == total else min(n, nearest)
         spans.append((start, stop))
         start = stop
     return tuple(spans)
+
+
+def _head_spans(n_heads: int, budgets: tuple[int, ...]):
+    start = 0
+    for count in apportion(n_heads, budgets):
+        yield start, start + count
+        start += count
 
 
 def validate_budgets(budgets, world_size: int) -> tuple[int, ...]:
@@ -62,9 +76,9 @@ def validate_budgets(budgets, world_size: int) -> tuple[int, ...]:
         try:
             value = int(str(b), 10)
         except ValueError:
-            raise ValueError(f"budget {i} is {b!r}; budgets must be positive integers such as 3 2 2 1") from None
+            raise ValueError(f"the budget for rank {i} is {b!r}; budgets must be positive integers such as 3 2 2 1") from None
         if value <= 0:
-            raise ValueError(f"budget {i} is {value}; budgets must be positive integers such as 3 2 2 1")
+            raise ValueError(f"the budget for rank {i} is {value}; budgets must be positive integers such as 3 2 2 1")
         parsed.append(value)
     return tuple(parsed)
 
@@ -185,7 +199,9 @@ def _count(span: Span) -> int:
 def make_plan(spec: ModelSpec, budgets) -> Plan:
     """The partition plan for `spec` over len(budgets) ranks."""
     budgets = validate_budgets(budgets, len(budgets))
-    q = _spans(spec.n_heads, 1, budgets)
+    common = math.gcd(*budgets)
+    budgets = tuple(b // common for b in budgets)  # only ratios matter: 12 4 is 3 1
+    q = tuple(_head_spans(spec.n_heads, budgets))
     dim = _spans(spec.dim, ROW_GRANULE, budgets)
     ffn = _spans(spec.hidden_dim, ROW_GRANULE, budgets)
     vocab = _spans(spec.vocab_size, ROW_GRANULE, budgets)

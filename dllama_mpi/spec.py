@@ -78,7 +78,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_attrs(cls, attrs) -> "ModelSpec":
+    def from_attrs(cls, attrs) -> ModelSpec:
         """Build from HDF5 root attributes (extra attributes are ignored)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in attrs]

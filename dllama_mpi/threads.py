@@ -1,8 +1,8 @@
-"""Thread pool policy, applied before numba is imported anywhere.
+"""Thread pool policy for numba kernels.
 
 Ranks oversubscribe cores (4 ranks on 2 cores is normal), so an idle worker thread must
-sleep, not spin: OpenMP's passive wait policy, and a pool sized to this rank's share of
-the node's cores.
+sleep, not spin: OpenMP's passive wait policy (read by the OpenMP runtime when numba first
+starts its pool), and a pool sized to this rank's share of the node's cores.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
-os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+
+import numba
+
+# the OpenMP layer honours the passive policy; set here, not by environment, so it holds
+# even when numba was imported before this module
+numba.config.THREADING_LAYER = os.environ.get("NUMBA_THREADING_LAYER", "omp")
 
 
 def node_cores() -> int:
@@ -28,8 +33,6 @@ def share_of_cores(local_rank: int, local_size: int, cores: int | None = None) -
 
 def set_threads(n: int) -> int:
     """Size numba's pool for this process; returns the count in effect."""
-    import numba
-
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n

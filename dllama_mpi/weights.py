@@ -32,7 +32,7 @@ class Matrix:
         return sum(a.nbytes for a in (self.w, self.d, self.qs) if a is not None)
 
     @classmethod
-    def from_stored(cls, stored: np.ndarray, cols: int) -> "Matrix":
+    def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
         if stored.dtype == quant.Q40:
             return cls("q40", stored.shape[0], cols, d=stored["d"].astype(np.float32),
                        qs=np.ascontiguousarray(stored["qs"]))

@@ -1,0 +1,135 @@
+"""A ready-to-run job: validated model, plan, local weights and engine; and generation.
+
+open_session is collective: rank 0 opens and validates the model and tokenizes the prompt,
+every rank learns the outcome from one broadcast, so bad input stops every rank at once,
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .comm import Comm
+from .engine import Engine
+from .modelfile import ModelFile, ModelFileError
+from .plan import Plan, make_plan
+from .tokenizer import Tokenizer
+from .weights import LocalWeights, load
+
+
+class UsageError(Exception):
+    """Bad input, detected identically on every rank (or agreed on through rank 0): every
+    rank exits with code 2 and rank 0 prints the message once."""
+
+
+@dataclass
+class Session:
+    comm: Comm
+    plan: Plan
+    weights: LocalWeights
+    engine: Engine
+    prompt_tokens: list[int]
+    stop_ids: tuple[int, ...]
+    tokenizer: Tokenizer | None  # rank 0 only
+    synthetic: bool
+
+
+def _prepare(model_path, prompt: str, max_seq_len: int | None):
+    """Rank 0: open and validate the model and tokenize the prompt."""
+    from .synthetic import synthetic_model_path
+
+    model = ModelFile(model_path if model_path is not None else synthetic_model_path())
+    tokenizer = model.tokenizer()
+    spec = model.spec
+    max_seq_len = max_seq_len or spec.seq_len
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    if len(prompt_tokens) > max_seq_len:
+        raise ValueError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
+                         f"{max_seq_len}; shorten the prompt or raise --max-seq-len (model trained for {spec.seq_len})")
+    stop_ids = tuple(sorted({tokenizer.eos_id, tokenizer.bos_id}))  # llama2.c models end a text with BOS
+    return (spec, max_seq_len, prompt_tokens, stop_ids), model, tokenizer
+
+
+def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, ...], *,
+                 prompt: str = "", max_seq_len: int | None = None, buffer_type: str = "q80",
+                 announce=None) -> Session:
+    """Collective. `model_path` None means the built-in synthetic model. `announce(plan,
+    max_seq_len)` runs on rank 0 once the plan is known, before loading."""
+    setup, model, tokenizer = None, None, None
+    if comm.rank == 0:
+        try:
+            setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len)
+        except (ModelFileError, ValueError) as exc:
+            setup = str(exc)
+    setup = comm.bcast_obj(setup)
+    if isinstance(setup, str):
+        raise UsageError(setup)
+    spec, max_seq_len, prompt_tokens, stop_ids = setup
+    plan = make_plan(spec, budgets)
+    if comm.rank == 0 and announce is not None:
+        announce(plan, max_seq_len)
+    # numba compiles once, on rank 0, into its cache; the other ranks then load it
+    if comm.rank == 0:
+        kernels.warm_up()
+    comm.barrier()
+    if comm.rank != 0:
+        kernels.warm_up()
+    weights = load(comm, plan, model)
+    if model is not None:
+        model.close()
+    engine = Engine(comm, plan, weights, max_seq_len, buffer_type)
+    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, model_path is None)
+
+
+def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool = False) -> dict:
+    """Feed the prompt, then sample `steps` tokens (fewer at a stop token or the end of the
+    context). `sampler` (rank 0 only) maps logits to a token id. With `stream`, rank 0 writes
+    the text to stdout as it is produced. Returns the generated ids (every rank) and timings."""
+    comm, engine, prompt_tokens = session.comm, session.engine, session.prompt_tokens
+    stop_ids = session.stop_ids if stop_ids is None else tuple(stop_ids)
+    token_buf = np.zeros(1, np.int64)
+    n_prompt = len(prompt_tokens)
+    decoder = session.tokenizer.stream() if stream and session.tokenizer is not None else None
+    if decoder is not None:
+        for prev, tok in zip(prompt_tokens, prompt_tokens[1:]):
+            sys.stdout.write(decoder.feed(prev, tok))
+        sys.stdout.flush()
+    generated: list[int] = []
+    token = prompt_tokens[0]
+    t0 = time.perf_counter()
+    t_first = t0
+    limit = min(n_prompt - 1 + steps, engine.max_seq_len) if steps else 0
+    for pos in range(limit):
+        want = pos >= n_prompt - 1
+        logits = engine.forward(token, pos, logits=want)
+        if not want:
+            token = prompt_tokens[pos + 1]
+            continue
+        if comm.rank == 0:
+            token_buf[0] = sampler(logits)
+        comm.bcast(token_buf, 0)
+        nxt = int(token_buf[0])
+        if not generated:
+            t_first = time.perf_counter()
+        generated.append(nxt)
+        if nxt in stop_ids:
+            break
+        if decoder is not None:
+            sys.stdout.write(decoder.feed(token, nxt))
+            sys.stdout.flush()
+        token = nxt
+    t_end = time.perf_counter()
+    if decoder is not None:
+        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.flush()
+    stopped = bool(generated) and generated[-1] in stop_ids
+    return {
+        "generated": generated, "n_prompt": n_prompt, "hit_context": bool(steps) and len(generated) < steps and not stopped,
+        "prompt_s": t_first - t0, "decode_s": t_end - t_first, "n_decode": max(0, len(generated) - 1),
+    }

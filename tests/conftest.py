@@ -1,0 +1,75 @@
+"""Shared test helpers: the real model data in ../shared/models, converted models, mpiexec."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+STORIES = SHARED_MODELS / "stories260K"
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def need_stories() -> None:
+    if not (STORIES / "stories260K.bin").exists():
+        pytest.skip(f"stories260K not found at {STORIES} (the shared test models are read from ../shared/models)")
+
+
+def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mpiexec -n n argv` under a hard timeout; on timeout the whole process group is
+    killed (no rank survives) and the test fails."""
+    assert MPIEXEC, "mpiexec not found next to the Python interpreter or on PATH"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([MPIEXEC, "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full_env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {' '.join(argv)} still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def convert_stories(out_dir: Path, weights: str) -> Path:
+    from dllama_mpi.convert import convert
+
+    path = out_dir / f"stories260K-{weights}.h5"
+    if not path.exists():
+        convert(STORIES / "stories260K.bin", path, STORIES / "tok512.bin", weights)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_models(tmp_path_factory) -> dict[str, Path]:
+    need_stories()
+    out = tmp_path_factory.mktemp("models")
+    return {w: convert_stories(out, w) for w in ("f32", "q40")}
+
+
+def write_random_model(path: Path, spec, seed: int = 0) -> Path:
+    """A model file with seeded random weights of any shape (speed and splits don't depend on values)."""
+    from dllama_mpi.modelfile import write_model
+    from dllama_mpi.synthetic import synthetic_tensors
+    from dllama_mpi.tokenizer import Tokenizer
+
+    write_model(path, spec, synthetic_tensors(spec, seed), Tokenizer.synthetic(max(spec.vocab_size, 259)))
+    return path
+
+
+def read_dense(path: Path) -> tuple:
+    """(spec, {name: stored array}) of a model file, for the numpy reference."""
+    from dllama_mpi.modelfile import ModelFile, tensor_layout
+
+    model = ModelFile(path)
+    try:
+        return model.spec, {name: model.read(name) for name in tensor_layout(model.spec)}
+    finally:
+        model.close()

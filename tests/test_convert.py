@@ -1,0 +1,85 @@
+"""The converter and the HDF5 model file it writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, STORIES, need_stories
+
+from dllama_mpi import quant
+from dllama_mpi.convert import main as convert_main
+from dllama_mpi.modelfile import ModelFile, ModelFileError
+
+
+def test_file_is_self_describing(stories_models):
+    with h5py.File(stories_models["q40"], "r") as f:
+        attrs = dict(f.attrs)
+        assert attrs["format"] == "dllama_mpi" and attrs["format_version"] == 1
+        assert (attrs["dim"], attrs["hidden_dim"], attrs["n_layers"], attrs["n_heads"], attrs["n_kv_heads"]) == (64, 172, 5, 8, 4)
+        assert attrs["weight_type"] == "q40" and attrs["rope_style"] == "interleaved" and attrs["shared_classifier"]
+        assert f["layers/0/wq"].dtype == quant.Q40 and f["layers/0/wq"].attrs["type"] == "q40"
+        assert f["layers/0/w2"].dtype == np.float32  # 172-wide rows are not whole Q40 blocks
+        assert f["tokenizer"].attrs["vocab_size"] == 512
+    model = ModelFile(stories_models["q40"])
+    assert model.tokenizer().encode("Once upon a time")[0] == 1
+    model.close()
+
+
+def test_q40_weights_are_the_f32_weights_quantized(stories_models):
+    f32, q40 = ModelFile(stories_models["f32"]), ModelFile(stories_models["q40"])
+    dense, blocks = f32.read("layers/3/w1"), q40.read("layers/3/w1")
+    np.testing.assert_array_equal(quant.as_bytes(blocks), quant.as_bytes(quant.quantize_q40(dense)))
+    err = np.abs(quant.dequantize_q40(blocks) - dense).max()
+    assert 0 < err < np.abs(dense).max() / 8
+
+
+def test_refuses_to_overwrite_without_force(stories_models, capsys):
+    need_stories()
+    args = [str(STORIES / "stories260K.bin"), str(stories_models["f32"]), "--tokenizer", str(STORIES / "tok512.bin")]
+    assert convert_main(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+def test_unknown_input_format_is_named(tmp_path, capsys):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 100)
+    assert convert_main([str(junk), str(tmp_path / "out.h5")]) == 2
+    assert "can't tell the format" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_missing_tokenizer_is_explained(tmp_path, capsys):
+    need_stories()
+    assert convert_main([str(STORIES / "stories260K.bin"), str(tmp_path / "out.h5")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary left behind
+
+
+def test_tools_script_and_console_command(tmp_path):
+    need_stories()
+    out = tmp_path / "s.h5"
+    cmd = [sys.executable, str(REPO / "tools" / "convert.py"), str(STORIES / "stories260K.bin"), str(out),
+           "--tokenizer", str(STORIES / "tok512.bin"), "--weights", "q40"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "w2 kept as f32" in result.stderr
+    assert ModelFile(out).spec.weight_type == "q40"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.attrs.__setitem__("format_version", 99), "format version 1, found"),
+    (lambda f: f.__delitem__("layers/2/wk"), "tensor 'layers/2/wk' is missing"),
+    (lambda f: f.attrs.__setitem__("n_heads", 5), "n_heads (5) must be a multiple of n_kv_heads"),
+    (lambda f: f.attrs.__setitem__("dim", 96), "should be"),
+])
+def test_damaged_files_are_refused_with_a_reason(stories_models, tmp_path, damage, message):
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(stories_models["f32"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(ModelFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelFile(path)

@@ -1,0 +1,88 @@
+"""The engine on one rank against the dense numpy reference, and its no-allocation promise."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import read_dense, write_random_model
+
+from dllama_mpi.comm import Comm
+from dllama_mpi.reference import DenseModel
+from dllama_mpi.sampler import Sampler
+from dllama_mpi.session import generate, open_session
+from dllama_mpi.spec import ModelSpec
+
+# head_dim 64 with q_dim (4 * 64) != dim (160): dims that are multiples of 32 but not of 64
+RANDOM_SPEC = ModelSpec(dim=160, hidden_dim=288, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
+                        vocab_size=416, seq_len=64)
+TOKENS = [1, 77, 300, 5, 260, 411, 9, 128, 1, 33, 64, 200, 17]
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("random")
+    return {w: write_random_model(out / f"random-{w}.h5", ModelSpec(**{**RANDOM_SPEC.to_attrs(), "weight_type": w}))
+            for w in ("f32", "q40")}
+
+
+def _engine_logits(path, buffer_type, tokens):
+    session = open_session(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
+    return [session.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)]
+
+
+@pytest.mark.parametrize("weights", ["f32", "q40"])
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_engine_logits_match_the_dense_reference(random_models, weights, buffer_type):
+    spec, tensors = read_dense(random_models[weights])
+    dense = DenseModel(spec, tensors, buffer_type)
+    expected = [dense.forward(t, pos) for pos, t in enumerate(TOKENS)]
+    got = _engine_logits(random_models[weights], buffer_type, TOKENS)
+    for pos, (e, g) in enumerate(zip(expected, got)):
+        scale = np.abs(e).max()
+        assert scale > 0.1  # the test would be meaningless on vanishing logits
+        assert np.abs(g - e).max() <= 1e-4 * scale, f"position {pos}"
+
+
+def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):
+    spec, tensors = read_dense(stories_models["f32"])
+    dense = DenseModel(spec, tensors, "f32")
+    session = open_session(Comm(), stories_models["f32"], (1,), buffer_type="f32", max_seq_len=256)
+    result = generate(session, 200, Sampler(spec.vocab_size, 0.0, 0.9, 0), stop_ids=())
+    ids = [1] + result["generated"]
+    for pos in range(200):
+        logits = dense.forward(ids[pos], pos)
+        top2 = np.sort(logits)[-2:]
+        if top2[1] - top2[0] > 1e-3:  # a clear winner: the engine must pick it
+            assert ids[pos + 1] == int(np.argmax(logits)), f"position {pos}"
+    text = b"".join(session.tokenizer.decode(a, b) for a, b in zip(ids, ids[1:])).decode()
+    assert text.startswith("Once upon a time")
+    words = text.lower().replace(".", " ").replace(",", " ").split()
+    common = {"the", "a", "and", "to", "was", "she", "he", "her", "his", "they", "it", "in", "with", "said",
+              "day", "one", "of", "play", "lily", "tim", "big", "happy", "saw", "had", "there", "time", "upon",
+              "once", "little", "girl", "boy", "named", "loved", "wanted", "mom", "ball", "so", "very", "went"}
+    assert len(words) > 100
+    assert sum(w in common for w in words) > 0.3 * len(words), text
+
+
+def test_forward_allocates_no_array_memory(random_models):
+    session = open_session(Comm(), random_models["q40"], (1,), buffer_type="q80", max_seq_len=32)
+    engine = session.engine
+    engine.forward(1, 0)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for pos in range(1, 9):
+        engine.forward(TOKENS[pos], pos)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    numpy_domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
+    grown = sum(s.size_diff for s in after.filter_traces([numpy_domain]).compare_to(
+        before.filter_traces([numpy_domain]), "filename") if s.size_diff > 0)
+    assert grown == 0, f"{grown} bytes of numpy arrays allocated by forward()"
+
+
+def test_kv_cache_is_sized_by_max_seq_len(random_models):
+    session = open_session(Comm(), random_models["f32"], (1,), max_seq_len=20)
+    assert session.engine.k_cache.shape == (2, 20, 2, 64)
+    assert session.engine.kv_cache_bytes == 2 * 4 * 2 * 20 * 2 * 64

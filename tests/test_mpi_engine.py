@@ -1,0 +1,111 @@
+"""Bit-identity across splits and thread counts, run under mpiexec -n 2/3/4 (pytest-mpi).
+
+Launched by test_under_mpiexec.py; run directly with
+`mpiexec -n 3 python -m pytest --only-mpi tests/test_mpi_engine.py`. Each test compares the
+distributed run with a one-rank run of the same model on rank 0 (a Comm of that process
+alone), and every assertion is collective: all ranks reach the same verdict.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import STORIES, convert_stories, write_random_model
+
+from dllama_mpi.comm import Comm, self_comm
+from dllama_mpi.sampler import Sampler
+from dllama_mpi.session import generate, open_session
+from dllama_mpi.spec import ModelSpec
+from dllama_mpi.threads import set_threads
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+BUDGETS = {
+    2: [(1, 1), (3, 1), (7, 1)],
+    3: [(2, 1, 1), (1, 1, 1), (1, 5, 2)],
+    4: [(3, 2, 2, 1), (5, 1, 1, 1), (1, 1, 1, 1)],
+    5: [(1, 1, 1, 1, 1), (4, 3, 2, 1, 1)],
+}
+RANDOM_SPEC = ModelSpec(dim=192, hidden_dim=320, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=64,
+                        vocab_size=416, seq_len=64, weight_type="q40")
+TOKENS = [1, 77, 300, 5, 260, 411, 9, 128]
+
+
+@pytest.fixture(scope="module")
+def comm():
+    comm = Comm()
+    set_threads(1)
+    return comm
+
+
+@pytest.fixture(scope="module")
+def shared_dir(comm):
+    """A directory every rank sees (one node), made by rank 0."""
+    path = tempfile.mkdtemp(prefix="dllama-mpi-test-") if comm.rank == 0 else None
+    return Path(comm.bcast_obj(path))
+
+
+def agree(comm, ok: bool, message: str) -> None:
+    """Collective assertion: fails on every rank if it fails on any."""
+    verdicts = comm.allgather_obj((bool(ok), message))
+    failed = [f"rank {r}: {m}" for r, (good, m) in enumerate(verdicts) if not good]
+    assert not failed, "; ".join(failed)
+
+
+def budgets_for(comm):
+    return BUDGETS.get(comm.size, [tuple([1] * comm.size)])
+
+
+def greedy_ids(comm, path, budgets, buffer_type, steps=200):
+    session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=256)
+    sampler = Sampler(session.plan.spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
+    return generate(session, steps, sampler, stop_ids=())["generated"]
+
+
+@pytest.mark.parametrize("weights", ["f32", "q40"])
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_stories260k_greedy_ids_identical_for_every_split(comm, shared_dir, weights, buffer_type):
+    if not (STORIES / "stories260K.bin").exists():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    path = convert_stories(shared_dir, weights) if comm.rank == 0 else None
+    path = comm.bcast_obj(path)
+    expected = greedy_ids(self_comm(), path, (1,), buffer_type) if comm.rank == 0 else None
+    for budgets in budgets_for(comm):
+        got = greedy_ids(comm, path, budgets, buffer_type)
+        agree(comm, comm.rank != 0 or got == expected,
+              f"budgets {budgets}: first difference at step "
+              f"{next((i for i, (a, b) in enumerate(zip(got, expected or got)) if a != b), None)}")
+        agree(comm, len(got) == 200, f"budgets {budgets}: {len(got)} tokens")
+
+
+def _logits(comm, path, budgets, buffer_type):
+    session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+    return [None if (out := session.engine.forward(t, pos)) is None else out.copy() for pos, t in enumerate(TOKENS)]
+
+
+def _same_bits(a, b) -> bool:
+    return all(x.view(np.uint32).tolist() == y.view(np.uint32).tolist() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_random_model_logits_bit_identical_for_every_split(comm, shared_dir, buffer_type):
+    path = write_random_model(shared_dir / "random-hd64.h5", RANDOM_SPEC) if comm.rank == 0 else None
+    path = comm.bcast_obj(path)
+    expected = _logits(self_comm(), path, (1,), buffer_type) if comm.rank == 0 else None
+    for budgets in budgets_for(comm):
+        got = _logits(comm, path, budgets, buffer_type)
+        agree(comm, comm.rank != 0 or _same_bits(got, expected), f"budgets {budgets}: logits differ")
+
+
+def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
+    path = write_random_model(shared_dir / "random-threads.h5", RANDOM_SPEC) if comm.rank == 0 else None
+    path = comm.bcast_obj(path)
+    budgets = budgets_for(comm)[-1]
+    set_threads(2)
+    two = _logits(comm, path, budgets, "q80")
+    set_threads(1)
+    one = _logits(comm, path, budgets, "q80")
+    agree(comm, comm.rank != 0 or _same_bits(one, two), "1 and 2 threads give different logits")

@@ -1,0 +1,158 @@
+"""The partition plan: coverage, proportionality, granularity, validation."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dllama_mpi.plan import ROW_GRANULE, apportion, make_plan, validate_budgets
+from dllama_mpi.spec import ModelSpec
+
+STORIES = ModelSpec(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512, seq_len=512)
+TINYLLAMA = ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                      vocab_size=32000, seq_len=2048, weight_type="q40")
+
+
+@st.composite
+def specs(draw):
+    n_kv = draw(st.integers(1, 8))
+    n_heads = n_kv * draw(st.integers(1, 4))
+    return ModelSpec(
+        dim=draw(st.integers(1, 700)), hidden_dim=draw(st.integers(1, 900)), n_layers=draw(st.integers(1, 3)),
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=2 * draw(st.integers(1, 40)),
+        vocab_size=draw(st.integers(1, 3000)), seq_len=16,
+    )
+
+
+@st.composite
+def spec_and_budgets(draw):
+    spec = draw(specs())
+    n = draw(st.integers(1, max(9, spec.n_heads + 2)))
+    budgets = draw(st.lists(st.integers(1, 1000), min_size=n, max_size=n))
+    return spec, budgets
+
+
+def _covers_exactly(spans, n):
+    """Contiguous, ordered, disjoint spans covering [0, n)."""
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    for (a, b), (c, _) in zip(spans, spans[1:]):
+        assert a <= b == c
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec_and_budgets())
+def test_every_row_and_head_is_owned_by_exactly_one_rank(case):
+    spec, budgets = case
+    plan = make_plan(spec, budgets)
+    for vector, n in (("att", spec.q_dim), ("dim", spec.dim), ("ffn", spec.hidden_dim), ("vocab", spec.vocab_size)):
+        _covers_exactly(plan.segments(vector), n)
+    _covers_exactly([s.q_heads for s in plan.ranks], spec.n_heads)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec_and_budgets())
+def test_shares_are_within_one_granule_of_the_budget_share(case):
+    spec, budgets = case
+    plan = make_plan(spec, budgets)
+    for s, budget in zip(plan.ranks, budgets):
+        share = Fraction(budget, sum(budgets))
+        assert abs((s.q_heads[1] - s.q_heads[0]) - share * spec.n_heads) < 1
+        for span, n in ((s.dim_rows, spec.dim), (s.ffn_rows, spec.hidden_dim), (s.vocab_rows, spec.vocab_size)):
+            assert abs((span[1] - span[0]) - share * n) < ROW_GRANULE
+            assert span[0] % ROW_GRANULE == 0 or span[0] == n  # slices start on a granule (or are empty at the end)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec_and_budgets())
+def test_kv_heads_are_those_the_query_heads_read(case):
+    spec, budgets = case
+    plan = make_plan(spec, budgets)
+    g = spec.group_size
+    for s in plan.ranks:
+        needed = {h // g for h in range(*s.q_heads)}
+        assert set(range(*s.kv_heads)) == needed
+        assert [s.kv_heads[0] + i for i in plan.kv_head_of(s.rank)] == [h // g for h in range(*s.q_heads)]
+    # a KV head is held twice only where its group of query heads is split
+    holders = {}
+    for s in plan.ranks:
+        for kv in range(*s.kv_heads):
+            holders.setdefault(kv, []).append(s.rank)
+    for kv, ranks in holders.items():
+        owners = {plan.ranks[r].rank for r in ranks}
+        heads = [h for h in range(kv * g, (kv + 1) * g)]
+        assert len(owners) == len({r for r in range(len(budgets)) for h in heads if plan.ranks[r].q_heads[0] <= h < plan.ranks[r].q_heads[1]})
+
+
+@given(st.integers(0, 10_000), st.lists(st.integers(1, 100), min_size=1, max_size=12))
+def test_apportion_sums_and_is_scale_free(n, budgets):
+    units = apportion(n, tuple(budgets))
+    assert sum(units) == n
+    assert units == apportion(n, tuple(4 * b for b in budgets))  # 12 4 == 3 1
+
+
+def test_ratios_are_what_matter():
+    assert make_plan(STORIES, [12, 4]) == make_plan(STORIES, [3, 1])
+    assert make_plan(STORIES, [12, 4]).plan_hash() == make_plan(STORIES, [3, 1]).plan_hash()
+
+
+def test_more_ranks_than_heads_get_no_attention_but_other_rows():
+    plan = make_plan(STORIES, [1] * 10)
+    no_heads = [s for s in plan.ranks if s.n_local_heads == 0]
+    assert len(no_heads) == 2
+    assert all(s.n_local_kv_heads == 0 for s in no_heads)
+    assert sum(s.vocab_rows[1] - s.vocab_rows[0] for s in no_heads) > 0
+
+
+def test_tinyllama_3221_example():
+    plan = make_plan(TINYLLAMA, [3, 2, 2, 1])
+    assert [s.n_local_heads for s in plan.ranks] == [12, 8, 8, 4]
+    assert [s.kv_heads for s in plan.ranks] == [(0, 2), (1, 3), (2, 4), (3, 4)]
+    assert [s.ffn_rows[1] - s.ffn_rows[0] for s in plan.ranks] == [2112, 1408, 1408, 704]
+    assert [s.dim_rows[1] - s.dim_rows[0] for s in plan.ranks] == [768, 512, 512, 256]
+    # KV head 1 serves query heads 8..15, split between ranks 0 and 1: it is cached on both
+    assert plan.kv_cache_bytes(0, 100) == 2 * 4 * 22 * 100 * 2 * 64
+
+
+def test_plan_table_lists_every_rank_with_memory():
+    table = make_plan(TINYLLAMA, [3, 2, 2, 1]).table(2048)
+    lines = table.splitlines()
+    assert len(lines) == 5 and "weights MiB" in lines[0] and "kv MiB" in lines[0]
+    assert lines[1].split()[:5] == ["0", "3", "37.5%", "12", "2"]
+
+
+def test_weight_bytes_add_up_to_the_model():
+    spec = TINYLLAMA
+    plan = make_plan(spec, [3, 2, 2, 1])
+    one = make_plan(spec, [1])
+    kv_duplicated = sum(plan.ranks[r].n_local_kv_heads for r in range(4)) - spec.n_kv_heads
+    dup_bytes = 2 * spec.n_layers * kv_duplicated * spec.head_dim * spec.row_bytes("wk")
+    replicated = (4 - 1) * (2 * spec.n_layers + 1) * 4 * spec.dim
+    assert sum(plan.weight_bytes(r) for r in range(4)) == one.weight_bytes(0) + dup_bytes + replicated
+
+
+def test_plan_hash_tells_plans_apart():
+    assert make_plan(STORIES, [3, 1]).plan_hash() != make_plan(STORIES, [1, 1]).plan_hash()
+    assert make_plan(STORIES, [1, 1]).plan_hash() != make_plan(STORIES, [1, 1, 1]).plan_hash()
+    assert make_plan(STORIES, [1]).plan_hash() != make_plan(TINYLLAMA, [1]).plan_hash()
+
+
+@pytest.mark.parametrize("budgets, world, message", [
+    (["1", "2"], 3, "has 2 value(s) 1 2 but the job has 3 rank(s)"),
+    (["1", "x"], 2, "rank 1 is 'x'"),
+    (["1", "0"], 2, "rank 1 is 0"),
+    (["-3", "1"], 2, "rank 0 is -3"),
+    (["1.5", "1"], 2, "rank 0 is '1.5'"),
+])
+def test_bad_budgets_say_what_and_how_to_fix(budgets, world, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_budgets(budgets, world)
+
+
+def test_q80_alignment_follows_head_dim_and_lengths():
+    assert not make_plan(STORIES, [1]).q80_aligned("att")  # head_dim 8
+    assert make_plan(STORIES, [1]).q80_aligned("dim")
+    assert not make_plan(STORIES, [1]).q80_aligned("ffn")  # 172
+    assert make_plan(TINYLLAMA, [1]).q80_aligned("att")

@@ -1,0 +1,237 @@
+"""Tests for the block formats and numpy codecs in dllama_mpi.quant (llama.cpp's Q4_0 / Q8_0)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dllama_mpi import quant
+
+
+def _varied(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) f32 normal values whose magnitude varies per 32-block over ~6 decades."""
+    x = rng.standard_normal((rows, cols))
+    scale = 10.0 ** rng.uniform(-3, 3, size=(rows, cols // quant.BLOCK, 1))
+    return (x.reshape(rows, -1, quant.BLOCK) * scale).reshape(rows, cols).astype(np.float32)
+
+
+# ---------------------------------------------------------------- dtypes and storage decisions
+
+
+def test_block_dtypes_have_llama_cpp_sizes():
+    assert quant.BLOCK == 32
+    assert quant.Q40.itemsize == 18
+    assert quant.Q80.itemsize == 34
+    assert quant.Q40.fields["d"][0] == np.dtype("<f2") and quant.Q40.fields["d"][1] == 0
+    assert quant.Q80.fields["d"][0] == np.dtype("<f2") and quant.Q80.fields["d"][1] == 0
+    assert quant.Q40.fields["qs"][1] == 2 and quant.Q80.fields["qs"][1] == 2
+
+
+@pytest.mark.parametrize(
+    "weight_type, cols, expected",
+    [
+        ("q40", 32, "q40"),
+        ("q40", 288, "q40"),
+        ("q40", 32 * 13, "q40"),
+        ("q40", 172, "f32"),  # stories260K's w2: not whole blocks
+        ("q40", 31, "f32"),
+        ("q40", 33, "f32"),
+        ("f32", 288, "f32"),
+        ("f32", 172, "f32"),
+    ],
+)
+def test_storage_type_uses_q40_only_for_whole_blocks(weight_type, cols, expected):
+    assert quant.storage_type(weight_type, cols) == expected
+
+
+def test_storage_type_rejects_unknown_weight_type():
+    with pytest.raises(ValueError):
+        quant.storage_type("q80", 64)
+
+
+@pytest.mark.parametrize(
+    "tensor_type, cols, expected",
+    [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18)],
+)
+def test_row_bytes(tensor_type, cols, expected):
+    assert quant.row_bytes(tensor_type, cols) == expected
+
+
+def test_row_bytes_rejects_unknown_type():
+    with pytest.raises(ValueError):
+        quant.row_bytes("q80", 64)
+
+
+# ---------------------------------------------------------------- Q40
+
+
+def test_q40_hand_built_block_follows_llama_cpp_nibble_order():
+    # element j is the low nibble of byte j, element j + 16 the high nibble; value (q - 8) * d
+    q = (np.arange(32) * 7 + 3) % 16  # (32,) distinct-ish nibbles, not symmetric
+    block = np.zeros((1, 1), dtype=quant.Q40)
+    block["d"] = np.float16(0.375)
+    block["qs"][0, 0] = (q[:16] | (q[16:] << 4)).astype(np.uint8)
+    got = quant.dequantize_q40(block)  # (1, 32)
+    np.testing.assert_array_equal(got[0], (q - 8).astype(np.float32) * np.float32(0.375))
+
+
+def test_q40_raw_byte_layout():
+    # bytes 0-1: little-endian fp16 scale; bytes 2..17: packed nibbles
+    block = np.zeros((1, 1), dtype=quant.Q40)
+    block["d"] = np.float16(-1.5)
+    block["qs"][0, 0] = np.arange(16, dtype=np.uint8) * 17
+    raw = quant.as_bytes(block)  # (1, 1, 18)
+    assert raw.shape == (1, 1, 18)
+    assert raw[0, 0, :2].tobytes() == np.float16(-1.5).tobytes()
+    np.testing.assert_array_equal(raw[0, 0, 2:], np.arange(16) * 17)
+
+
+def test_q40_quantize_packs_low_then_high_nibble():
+    # x = (q - 8) * d exactly representable, with the -8 end pinned by the largest magnitude
+    rng = np.random.default_rng(1)
+    q = rng.integers(1, 16, size=32)
+    q[5] = 0  # -8 * d: the signed value of largest magnitude
+    d = np.float32(0.25)
+    x = ((q - 8) * d).astype(np.float32)[None, :]  # (1, 32)
+    blocks = quant.quantize_q40(x)  # (1, 1)
+    assert blocks["d"][0, 0] == np.float16(0.25)
+    np.testing.assert_array_equal(blocks["qs"][0, 0], (q[:16] | (q[16:] << 4)).astype(np.uint8))
+    np.testing.assert_array_equal(quant.dequantize_q40(blocks), x)
+
+
+def test_q40_scale_is_signed_largest_magnitude_over_minus_8():
+    x = np.zeros((2, 32), np.float32)
+    x[0, 3], x[0, 9] = 4.0, -2.0  # largest magnitude positive -> negative d
+    x[1, 3], x[1, 9] = -4.0, 2.0  # largest magnitude negative -> positive d
+    blocks = quant.quantize_q40(x)
+    assert blocks["d"][0, 0] == np.float16(-0.5)
+    assert blocks["d"][1, 0] == np.float16(0.5)
+    np.testing.assert_array_equal(quant.dequantize_q40(blocks), x)
+
+
+def test_q40_zero_block_gives_zero_scale_and_zeros():
+    x = np.zeros((3, 64), np.float32)
+    x[1, 32:] = np.linspace(-1, 2, 32)  # one non-zero block among zero blocks
+    blocks = quant.quantize_q40(x)  # (3, 2)
+    zero = np.ones((3, 2), bool)
+    zero[1, 1] = False
+    assert np.all(blocks["d"][zero] == 0)
+    out = quant.dequantize_q40(blocks)
+    np.testing.assert_array_equal(out[:, :32], 0)
+    np.testing.assert_array_equal(out[0], 0)
+    np.testing.assert_array_equal(out[2], 0)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (17, 32 * 13), (1, 32), (7, 32 * 3)])
+def test_q40_round_trip_error_within_half_scale(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    x = _varied(rng, rows, cols)  # (rows, cols)
+    blocks = quant.quantize_q40(x)  # (rows, cols // 32)
+    assert blocks.shape == (rows, cols // 32)
+    y = quant.dequantize_q40(blocks)
+    assert y.shape == x.shape and y.dtype == np.float32
+    d = blocks["d"].astype(np.float32)[..., None]  # (rows, nb, 1), signed
+    err = np.abs(y - x).reshape(rows, -1, 32)
+    r = x.reshape(rows, -1, 32) / d  # position on the grid, in [-8, 8]
+    # rounding: |d| / 2; fp16 scale: up to 8 * 2**-11 * |d| (doubled for slack)
+    bound = np.abs(d) * (0.5 + 8 * 2.0**-10)
+    inside = r <= 7.5
+    assert np.all(err[inside] <= np.broadcast_to(bound, err.shape)[inside])
+    # llama.cpp clamps q at 15: values in (7.5, 8] * d land on 7 * d, off by up to |d|
+    assert np.all(err <= 2 * bound)
+    assert np.all(np.abs(r) <= 8 * (1 + 2.0**-10))
+    # and the error is not trivially zero: the data is not on the grid
+    assert err.max() > 0
+
+
+def test_q40_element_of_largest_magnitude_maps_to_minus_8():
+    rng = np.random.default_rng(7)
+    x = _varied(rng, 5, 32 * 4)
+    blocks = quant.quantize_q40(x)
+    qs = blocks["qs"]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # (5, 4, 32)
+    idx = np.abs(x.reshape(5, 4, 32)).argmax(axis=-1)
+    np.testing.assert_array_equal(np.take_along_axis(q, idx[..., None], axis=-1), 0)
+    assert q.max() <= 15
+
+
+# ---------------------------------------------------------------- Q80
+
+
+def test_q80_hand_built_block_dequantizes_as_q_times_d():
+    q = np.arange(-16, 16, dtype=np.int8) * 3 + 1  # (32,) not symmetric
+    block = np.zeros(1, dtype=quant.Q80)
+    block["d"] = np.float16(0.125)
+    block["qs"][0] = q
+    np.testing.assert_array_equal(quant.dequantize_q80(block), q.astype(np.float32) * np.float32(0.125))
+    raw = quant.as_bytes(block)  # (1, 34)
+    assert raw.shape == (1, 34)
+    assert raw[0, :2].tobytes() == np.float16(0.125).tobytes()
+    np.testing.assert_array_equal(raw[0, 2:].view(np.int8), q)
+
+
+def test_q80_scale_is_amax_over_127_and_extreme_maps_to_127():
+    x = np.linspace(-1.0, 0.5, 32, dtype=np.float32)  # amax 1.0 at element 0 (negative)
+    blocks = quant.quantize_q80(x)  # (1,)
+    assert blocks["d"][0] == np.float16(np.float32(1.0) / np.float32(127))
+    assert blocks["qs"][0, 0] == -127
+    assert np.abs(blocks["qs"]).max() == 127
+
+
+def test_q80_rounds_half_away_from_zero():
+    # d = 127 / 127 = 1 exactly; x * 1 hits exact .5 ties
+    x = np.zeros(32, np.float32)
+    x[0] = 127.0
+    x[1:9] = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -3.5]
+    blocks = quant.quantize_q80(x)
+    assert blocks["d"][0] == np.float16(1.0)
+    np.testing.assert_array_equal(blocks["qs"][0, :9], [127, 1, -1, 2, -2, 3, -3, 127, -4])
+
+
+def test_q80_zero_block_gives_zero_scale_and_zeros():
+    x = np.zeros(96, np.float32)
+    x[32:64] = np.linspace(-3, 1, 32)
+    blocks = quant.quantize_q80(x)  # (3,)
+    assert blocks["d"][0] == 0 and blocks["d"][2] == 0
+    np.testing.assert_array_equal(blocks["qs"][[0, 2]], 0)
+    out = quant.dequantize_q80(blocks)
+    np.testing.assert_array_equal(out[:32], 0)
+    np.testing.assert_array_equal(out[64:], 0)
+
+
+@pytest.mark.parametrize("n", [32, 32 * 7, 32 * 13])
+def test_q80_round_trip_error_within_half_scale(n):
+    rng = np.random.default_rng(n)
+    x = _varied(rng, 1, n)[0]  # (n,)
+    blocks = quant.quantize_q80(x)  # (n // 32,)
+    assert blocks.shape == (n // 32,)
+    y = quant.dequantize_q80(blocks)
+    assert y.shape == x.shape and y.dtype == np.float32
+    d = blocks["d"].astype(np.float32)[:, None]  # (nb, 1)
+    assert np.all(d > 0)
+    err = np.abs(y - x).reshape(-1, 32)
+    # rounding: d / 2; fp16 scale rounding: up to 127 * d * 2**-11
+    bound = d * (0.5 + 127 * 2.0**-11) * (1 + 1e-6)
+    assert np.all(err <= bound)
+    assert err.max() > 0
+
+
+def test_q80_batched_shape_matches_rows():
+    rng = np.random.default_rng(3)
+    x = _varied(rng, 7, 32 * 3)  # (7, 96)
+    blocks = quant.quantize_q80(x)  # (7, 3)
+    assert blocks.shape == (7, 3)
+    for r in range(7):
+        assert quant.as_bytes(quant.quantize_q80(x[r])).tobytes() == quant.as_bytes(blocks[r]).tobytes()
+    np.testing.assert_array_equal(quant.dequantize_q80(blocks), np.stack([quant.dequantize_q80(blocks[r]) for r in range(7)]))
+
+
+def test_as_bytes_shape_and_round_trip():
+    rng = np.random.default_rng(4)
+    blocks = quant.quantize_q40(_varied(rng, 3, 64))  # (3, 2)
+    raw = quant.as_bytes(blocks)  # (3, 2, 18)
+    assert raw.shape == (3, 2, 18) and raw.dtype == np.uint8
+    back = raw.reshape(-1).view(quant.Q40).reshape(3, 2)
+    np.testing.assert_array_equal(back["d"], blocks["d"])
+    np.testing.assert_array_equal(back["qs"], blocks["qs"])
