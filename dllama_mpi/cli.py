@@ -146,8 +146,8 @@ def _report(comm, session, result, n_threads, seed, startup_s) -> None:
     n_forward = max(1, result["n_prompt"] - 1 + len(result["generated"]))
     mine = {
         "rank": comm.rank, "threads": n_threads,
-        "compute_ms": 1e3 * (engine.compute_s - comm.collective_s) / n_forward,
-        "collective_ms": 1e3 * comm.collective_s / n_forward,
+        "compute_ms": 1e3 * (engine.forward_s - engine.collective_s) / n_forward,
+        "collective_ms": 1e3 * engine.collective_s / n_forward,
         "sent_kb": comm.bytes_sent / n_forward / 1024,
         "weights_mib": weights.nbytes / 2**20, "kv_mib": engine.kv_cache_bytes / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -108,7 +108,8 @@ class Engine:
         self._gather_logits = comm.gather_to_root(self.logits, vocab_spans)
         self.vocab_owner = np.repeat(np.arange(plan.world_size), [e - s for s, e in vocab_spans])
         self.vocab_start = a
-        self.compute_s = 0.0  # wall time in forward(), collectives included
+        self.forward_s = 0.0  # wall time in forward()
+        self.collective_s = 0.0  # ... of which inside collectives (waiting for other ranks included)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -116,7 +117,7 @@ class Engine:
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.comm.collective_s
         spec, w, x = self.spec, self.w, self.x
         owner = int(self.vocab_owner[token])
         if owner == self.comm.rank:
@@ -157,7 +158,8 @@ class Engine:
             matvec(w.classifier, self.xb, self.logits_local)
             self._gather_logits()
             result = self.logits if self.comm.rank == 0 else None
-        self.compute_s += time.perf_counter() - t0
+        self.forward_s += time.perf_counter() - t0
+        self.collective_s += self.comm.collective_s - c0
         return result
 
     def _embed(self, row: int) -> None:
