@@ -16,8 +16,8 @@ cumulative share to a granule, see _spans):
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 from dataclasses import dataclass
 
 from .quant import BLOCK

@@ -65,8 +65,9 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) ->
     ordered = np.sort(p)[::-1]
     cut = ordered[min(np.searchsorted(np.cumsum(ordered), top_p), len(p) - 1)] if top_p < 1 else 0.0
     kept = np.where(p >= cut, p, 0.0)
-    index = np.searchsorted(np.cumsum(kept), coin * kept.sum(), side="right")
-    return int(min(index, len(p) - 1))
+    cdf = np.cumsum(kept)
+    index = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
+    return index if index < len(p) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
 
 
 class DenseModel:

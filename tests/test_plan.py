@@ -73,17 +73,10 @@ def test_kv_heads_are_those_the_query_heads_read(case):
     g = spec.group_size
     for s in plan.ranks:
         needed = {h // g for h in range(*s.q_heads)}
+        # exactly the KV heads its query heads read: a KV head is held by several ranks
+        # only where its group of query heads is split between them
         assert set(range(*s.kv_heads)) == needed
         assert [s.kv_heads[0] + i for i in plan.kv_head_of(s.rank)] == [h // g for h in range(*s.q_heads)]
-    # a KV head is held twice only where its group of query heads is split
-    holders = {}
-    for s in plan.ranks:
-        for kv in range(*s.kv_heads):
-            holders.setdefault(kv, []).append(s.rank)
-    for kv, ranks in holders.items():
-        owners = {plan.ranks[r].rank for r in ranks}
-        heads = [h for h in range(kv * g, (kv + 1) * g)]
-        assert len(owners) == len({r for r in range(len(budgets)) for h in heads if plan.ranks[r].q_heads[0] <= h < plan.ranks[r].q_heads[1]})
 
 
 @given(st.integers(0, 10_000), st.lists(st.integers(1, 100), min_size=1, max_size=12))
