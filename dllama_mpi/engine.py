@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import kernels
+from . import kernels, threads
 from .comm import Comm
 from .plan import Plan
 from .weights import LocalWeights, Matrix
@@ -68,7 +68,8 @@ class GatheredVector(Vector):
             self.quantize()
 
 
-def matvec(m: Matrix, x: Vector, out: np.ndarray) -> None:
+def matvec(m: Matrix, x: Vector, out: np.ndarray, pool: threads.Pool) -> None:
+    pool.size_for(m.rows * m.cols)
     if m.type == "f32":
         kernels.matvec_f32(m.w, x.f32, out)
     elif x.q80:
@@ -81,6 +82,7 @@ class Engine:
     def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str):
         spec, me = plan.spec, plan.ranks[comm.rank]
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
+        self.pool = threads.Pool()  # the rank's thread count as set at launch
         self.max_seq_len = max_seq_len
         q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
@@ -130,32 +132,33 @@ class Engine:
             self.xb.quantize()
             k = self.k_cache[layer, pos]
             v = self.v_cache[layer, pos]
-            matvec(lw["wq"], self.xb, self.q.reshape(-1))
-            matvec(lw["wk"], self.xb, k.reshape(-1))
-            matvec(lw["wv"], self.xb, v.reshape(-1))
+            matvec(lw["wq"], self.xb, self.q.reshape(-1), self.pool)
+            matvec(lw["wk"], self.xb, k.reshape(-1), self.pool)
+            matvec(lw["wv"], self.xb, v.reshape(-1), self.pool)
             kernels.rope(self.q.reshape(-1), self.q.shape[0], hd, cos, sin)
             kernels.rope(k.reshape(-1), k.shape[0], hd, cos, sin)
+            self.pool.size_for(self.q.size * (pos + 1) * 2)
             kernels.attention(self.q, self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
                               pos + 1, self.scores, self.att_local)
             self.att.gather()
-            matvec(lw["wo"], self.att, self.dim_out.local)
+            matvec(lw["wo"], self.att, self.dim_out.local, self.pool)
             self.dim_out.gather()
             np.add(x, self.dim_out.f32, out=x)
 
             kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32)
             self.xb.quantize()
-            matvec(lw["w1"], self.xb, self.h1)
-            matvec(lw["w3"], self.xb, self.h3)
+            matvec(lw["w1"], self.xb, self.h1, self.pool)
+            matvec(lw["w3"], self.xb, self.h3, self.pool)
             kernels.silu_mul(self.h1, self.h3, self.ffn.local)
             self.ffn.gather()
-            matvec(lw["w2"], self.ffn, self.dim_out.local)
+            matvec(lw["w2"], self.ffn, self.dim_out.local, self.pool)
             self.dim_out.gather()
             np.add(x, self.dim_out.f32, out=x)
         result = None
         if logits:
             kernels.rmsnorm(x, w.norm, spec.norm_eps, self.xb.f32)
             self.xb.quantize()
-            matvec(w.classifier, self.xb, self.logits_local)
+            matvec(w.classifier, self.xb, self.logits_local, self.pool)
             self._gather_logits()
             result = self.logits if self.comm.rank == 0 else None
         self.forward_s += time.perf_counter() - t0

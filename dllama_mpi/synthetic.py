@@ -13,9 +13,9 @@ import numpy as np
 
 from .modelfile import tensor_layout, write_model
 from .spec import ModelSpec
-from .tokenizer import Tokenizer
+from .tokenizer import NUM_RESERVED, Tokenizer
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 SYNTHETIC_SPEC = ModelSpec(
     dim=256, hidden_dim=704, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
     vocab_size=512, seq_len=512, weight_type="q40",
@@ -24,13 +24,18 @@ SYNTHETIC_SPEC = ModelSpec(
 
 def synthetic_tensors(spec: ModelSpec, seed: int):
     """(name, f32 array) for every tensor of `spec`, one at a time; norms near 1, matrices
-    scaled by 1/sqrt(fan-in) so activations stay in range over the layers."""
+    scaled by 1/sqrt(fan-in) so activations stay in range over the layers. The (shared)
+    classifier rows of the reserved tokens (specials and byte pieces) are shrunk, so the
+    random text is made of word pieces rather than stray bytes."""
     rng = np.random.default_rng(seed)
     for name, (kind, shape) in tensor_layout(spec).items():
         if kind is None:
             yield name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            yield name, (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+            continue
+        w = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        if kind in ("tok_embeddings", "output"):
+            w[:NUM_RESERVED] *= 0.05
+        yield name, w
 
 
 def cache_dir() -> Path:
