@@ -19,7 +19,7 @@ from dllama_mpi.comm import Comm, self_comm
 from dllama_mpi.sampler import Sampler
 from dllama_mpi.session import generate, open_session
 from dllama_mpi.spec import ModelSpec
-from dllama_mpi.threads import set_threads
+from dllama_mpi.threads import PARALLEL_MIN_WORK, set_threads
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -101,9 +101,12 @@ def test_random_model_logits_bit_identical_for_every_split(comm, shared_dir, buf
 
 
 def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
-    path = write_random_model(shared_dir / "random-threads.h5", RANDOM_SPEC) if comm.rank == 0 else None
+    # big enough that every rank's w1/w3 and classifier rows run multi-threaded
+    spec = ModelSpec(**{**RANDOM_SPEC.to_attrs(), "dim": 256, "hidden_dim": 4096, "vocab_size": 4096})
+    budgets = (1,) * comm.size
+    agree(comm, 4096 // comm.size * 256 >= PARALLEL_MIN_WORK, "the test model is too small to use threads")
+    path = write_random_model(shared_dir / "random-threads.h5", spec) if comm.rank == 0 else None
     path = comm.bcast_obj(path)
-    budgets = budgets_for(comm)[-1]
     set_threads(2)
     two = _logits(comm, path, budgets, "q80")
     set_threads(1)
