@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--seed", type=int, help="sampling seed (default: from the clock, printed at the end)")
-    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len)")
+    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
     p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
                    help="activations and what travels between ranks: f32 or q80 (default q80)")
     p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")

@@ -69,13 +69,21 @@ class GatheredVector(Vector):
 
 
 def matvec(m: Matrix, x: Vector, out: np.ndarray, pool: threads.Pool) -> None:
+    """out = m @ x on this rank's rows; quantized weights take x's Q80 form when it has one."""
     pool.size_for(m.rows * m.cols)
     if m.type == "f32":
         kernels.matvec_f32(m.w, x.f32, out)
+    elif m.type == "f16":
+        kernels.matvec_f16(m.w, kernels.F16_TABLE, x.f32, out)
+    elif m.type == "q40":
+        if x.q80:
+            kernels.matvec_q40_q80(m.d, m.qs, x.blocks, x.d, out)
+        else:
+            kernels.matvec_q40_f32(m.d, m.qs, x.f32, out)
     elif x.q80:
-        kernels.matvec_q40_q80(m.d, m.qs, x.blocks, x.d, out)
+        kernels.matvec_q80_q80(m.d, m.qs, x.blocks, x.d, out)
     else:
-        kernels.matvec_q40_f32(m.d, m.qs, x.f32, out)
+        kernels.matvec_q80_f32(m.d, m.qs, x.f32, out)
 
 
 class Engine:
@@ -102,7 +110,7 @@ class Engine:
         # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
         self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
         self.v_cache = np.zeros_like(self.k_cache)
-        self.cos, self.sin = kernels.rope_table(hd, max_seq_len, spec.rope_theta)
+        self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)
         self.logits = np.zeros(spec.vocab_size, F32)  # rank 0: all; others: own span
         vocab_spans = plan.segments("vocab")
         a, b = vocab_spans[comm.rank]
@@ -132,11 +140,19 @@ class Engine:
             self.xb.quantize()
             k = self.k_cache[layer, pos]
             v = self.v_cache[layer, pos]
-            matvec(lw["wq"], self.xb, self.q.reshape(-1), self.pool)
-            matvec(lw["wk"], self.xb, k.reshape(-1), self.pool)
-            matvec(lw["wv"], self.xb, v.reshape(-1), self.pool)
-            kernels.rope(self.q.reshape(-1), self.q.shape[0], hd, cos, sin)
-            kernels.rope(k.reshape(-1), k.shape[0], hd, cos, sin)
+            q, k, v = self.q.reshape(-1), k.reshape(-1), v.reshape(-1)
+            matvec(lw["wq"], self.xb, q, self.pool)
+            matvec(lw["wk"], self.xb, k, self.pool)
+            matvec(lw["wv"], self.xb, v, self.pool)
+            if spec.qkv_bias:
+                np.add(q, lw["bq"], out=q)
+                np.add(k, lw["bk"], out=k)
+                np.add(v, lw["bv"], out=v)
+            if spec.qk_norm:
+                kernels.rmsnorm_heads(q, self.q.shape[0], hd, lw["q_norm"], spec.norm_eps)
+                kernels.rmsnorm_heads(k, k.shape[0] // hd, hd, lw["k_norm"], spec.norm_eps)
+            kernels.rope(q, self.q.shape[0], hd, cos, sin)
+            kernels.rope(k, k.shape[0] // hd, hd, cos, sin)
             self.pool.size_for(self.q.size * (pos + 1) * 2)
             kernels.attention(self.q, self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
                               pos + 1, self.scores, self.att_local)
@@ -166,8 +182,4 @@ class Engine:
         return result
 
     def _embed(self, row: int) -> None:
-        e = self.w.embedding
-        if e.type == "f32":
-            self.x[:] = e.w[row]
-        else:
-            kernels.dequantize_q40_row(e.d[row], e.qs[row], self.x)
+        self.w.embedding.row_to(row, self.x)

@@ -138,6 +138,77 @@ def dequantize_q40_row(d, qs, out):
             out[b * BLOCK + 16 + j] = np.float32((packed >> 4) - 8) * d[b]
 
 
+# numba has no float16 on the CPU: f16 weights stay 2 bytes as their bits, looked up here
+F16_TABLE = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(parallel=True, **_opts)
+def matvec_f16(w, table, x, out):
+    """out[r] = w[r, :] . x   (w: (rows, n) u16 fp16 bits, table: F16_TABLE)."""
+    n = x.shape[0]
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for c in range(n):
+            acc += table[w[r, c]] * x[c]
+        out[r] = acc
+
+
+@njit(**_opts)
+def f16_row(bits, table, out):
+    for i in range(bits.shape[0]):
+        out[i] = table[bits[i]]
+
+
+@njit(parallel=True, **_opts)
+def matvec_q80_q80(wd, wqs, xblocks, xd, out):
+    """Q80 weights x Q80 input: wd: (rows, nb) f32, wqs: (rows, nb, 32) i8."""
+    xq = xblocks.view(np.int8)
+    nb = wd.shape[1]
+    for r in prange(wd.shape[0]):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            isum = np.int32(0)
+            for j in range(BLOCK):
+                isum += np.int32(wqs[r, b, j]) * np.int32(xq[b, 2 + j])
+            acc += np.float32(isum) * (wd[r, b] * xd[b])
+        out[r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matvec_q80_f32(wd, wqs, x, out):
+    """Q80 weights x f32 input."""
+    nb = wd.shape[1]
+    for r in prange(wd.shape[0]):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            bsum = np.float32(0.0)
+            for j in range(BLOCK):
+                bsum += np.float32(wqs[r, b, j]) * x[b * BLOCK + j]
+            acc += bsum * wd[r, b]
+        out[r] = acc
+
+
+@njit(**_opts)
+def dequantize_q80_row(d, qs, out):
+    """One Q80 weight row (d: (nb,) f32, qs: (nb, 32) i8) -> out: (nb * 32,) f32."""
+    for b in range(d.shape[0]):
+        for j in range(BLOCK):
+            out[b * BLOCK + j] = np.float32(qs[b, j]) * d[b]
+
+
+@njit(**_opts)
+def rmsnorm_heads(vec, n_heads, head_dim, weight, eps):
+    """In place, RMSNorm of each head of vec (n_heads * head_dim,) with weight (head_dim,)."""
+    for h in range(n_heads):
+        base = h * head_dim
+        ss = np.float32(0.0)
+        for i in range(head_dim):
+            ss += vec[base + i] * vec[base + i]
+        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(head_dim) + np.float32(eps)))
+        for i in range(head_dim):
+            vec[base + i] = weight[i] * (scale * vec[base + i])
+
+
 @njit(**_opts)
 def rmsnorm(x, weight, eps, out):
     ss = np.float32(0.0)
@@ -245,10 +316,9 @@ def sample(logits, temperature, top_p, coin, probs, scratch):
     return last
 
 
-def rope_table(head_dim: int, n_pos: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, (n_pos, head_dim // 2) f32, for pair i at position p: angle p * theta**(-2i/head_dim).
+def rope_table(freqs: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, (n_pos, head_dim // 2) f32, of angle p * freqs[i] (spec.rope_freqs()).
     Computed in float64 once, so every rank and the reference share the same table."""
-    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     angles = np.outer(np.arange(n_pos, dtype=np.float64), freqs)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -268,6 +338,14 @@ def warm_up() -> None:
     matvec_q40_q80(wd, wqs, blocks, d, out[:3])
     matvec_q40_f32(wd, wqs, x, out[:3])
     dequantize_q40_row(wd[0], wqs[0], out)
+    w16 = np.zeros((3, 64), np.uint16)
+    matvec_f16(w16, F16_TABLE, x, out[:3])
+    f16_row(w16[0], F16_TABLE, out)
+    q8 = np.zeros((3, 2, 32), np.int8)
+    matvec_q80_q80(wd, q8, blocks, d, out[:3])
+    matvec_q80_f32(wd, q8, x, out[:3])
+    dequantize_q80_row(wd[0], q8[0], out)
+    rmsnorm_heads(out, 2, 32, x[:32], 1e-5)
     rmsnorm(x, x, 1e-5, out)
     rope(out, 2, 32, x[:16], x[:16])
     cache = np.zeros((4, 1, 32), f32)

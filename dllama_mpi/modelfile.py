@@ -1,88 +1,202 @@
-"""The HDF5 model file: schema, writer and validating reader (schema in docs/model-format.md)."""
+"""The HDF5 model file: schema, writer and validating readers (schema in docs/model-format.md).
+
+A model is one file, or a directory of per-rank shard files split by a partition plan
+(`shard-R-of-N.h5`), each holding only its rank's rows, so that each rank reads its own
+file (and a node needs only its own shard on local disk).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from . import quant
+from .plan import Plan
 from .spec import FORMAT_NAME, FORMAT_VERSION, ModelSpec
-from .tokenizer import Tokenizer
 
 
 class ModelFileError(ValueError):
     """A model file that can't be used, with what was expected, what was found, what to do."""
 
 
-def tensor_layout(spec: ModelSpec) -> dict[str, tuple[str | None, tuple[int, ...]]]:
-    """name -> (matrix kind, dense shape); kind None marks a replicated f32 vector (a norm)."""
-    layout: dict[str, tuple[str | None, tuple[int, ...]]] = {
-        "tok_embeddings": ("tok_embeddings", (spec.vocab_size, spec.dim)),
-    }
-    shapes = {
+class TensorInfo(NamedTuple):
+    split: str | None  # the plan's row kind (plan.rows), or None: replicated on every rank
+    shape: tuple[int, ...]  # dense shape
+    matrix: bool  # a weight matrix (stored in the spec's weight type) or an f32 vector
+
+
+def tensor_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
+    """Every tensor of a model with `spec`, by name."""
+    layout = {"tok_embeddings": TensorInfo("tok_embeddings", (spec.vocab_size, spec.dim), True)}
+    matrices = {
         "wq": (spec.q_dim, spec.dim), "wk": (spec.kv_dim, spec.dim), "wv": (spec.kv_dim, spec.dim),
         "wo": (spec.dim, spec.q_dim), "w1": (spec.hidden_dim, spec.dim),
         "w2": (spec.dim, spec.hidden_dim), "w3": (spec.hidden_dim, spec.dim),
     }
     for layer in range(spec.n_layers):
         p = f"layers/{layer}/"
-        layout[p + "attention_norm"] = (None, (spec.dim,))
-        for kind, shape in shapes.items():
-            layout[p + kind] = (kind, shape)
-        layout[p + "ffn_norm"] = (None, (spec.dim,))
-    layout["norm"] = (None, (spec.dim,))
+        layout[p + "attention_norm"] = TensorInfo(None, (spec.dim,), False)
+        for kind, shape in matrices.items():
+            layout[p + kind] = TensorInfo(kind, shape, True)
+        if spec.qkv_bias:
+            for bias, kind in (("bq", "wq"), ("bk", "wk"), ("bv", "wv")):
+                layout[p + bias] = TensorInfo(kind, (matrices[kind][0],), False)
+        if spec.qk_norm:
+            layout[p + "q_norm"] = TensorInfo(None, (spec.head_dim,), False)
+            layout[p + "k_norm"] = TensorInfo(None, (spec.head_dim,), False)
+        layout[p + "ffn_norm"] = TensorInfo(None, (spec.dim,), False)
+    layout["norm"] = TensorInfo(None, (spec.dim,), False)
     if not spec.shared_classifier:
-        layout["output"] = ("output", (spec.vocab_size, spec.dim))
+        layout["output"] = TensorInfo("output", (spec.vocab_size, spec.dim), True)
     return layout
 
 
-def stored_form(spec: ModelSpec, kind: str | None, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, ...]]:
-    """dtype and shape of a tensor as stored: Q40 matrices hold (rows, cols // 32) blocks."""
-    if kind is not None and spec.tensor_type(kind) == "q40":
-        return quant.Q40, (shape[0], shape[1] // quant.BLOCK)
-    return np.dtype(np.float32), shape
+def stored_type(spec: ModelSpec, info: TensorInfo) -> str:
+    return spec.tensor_type(info.split) if info.matrix else "f32"
+
+
+def stored_shape(spec: ModelSpec, info: TensorInfo, rows: int | None = None) -> tuple[int, ...]:
+    """Shape as stored (quantized rows hold blocks of 32), optionally of `rows` rows only."""
+    rows = info.shape[0] if rows is None else rows
+    if len(info.shape) == 1:
+        return (rows,)
+    return rows, quant.stored_cols(stored_type(spec, info), info.shape[1])
+
+
+def model_bytes(spec: ModelSpec) -> int:
+    return sum(int(np.prod(stored_shape(spec, i))) * quant.stored_dtype(stored_type(spec, i)).itemsize
+               for i in tensor_layout(spec).values())
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank}-of-{world_size}.h5"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+CHUNK_VALUES = 1 << 22  # values converted at a time: a big tensor never exists as f32 whole
+
+
+def _to_stored(name: str, source, spec: ModelSpec, info: TensorInfo) -> np.ndarray:
+    """A source tensor in its stored type, converted a block of rows at a time. `source` is an
+    array, or any object with .shape, .dtype and row slicing (a lazily read tensor), holding
+    floats of the dense shape or Q40/Q80 blocks."""
+    kind = stored_type(spec, info)
+    blocks = source.dtype in (quant.Q40, quant.Q80)
+    found = (source.shape[0], source.shape[1] * quant.BLOCK) if blocks else tuple(source.shape)
+    if found != info.shape:
+        raise ModelFileError(f"tensor {name}: expected shape {info.shape}, got {found}")
+    rows = info.shape[0]
+    out = np.empty(stored_shape(spec, info), quant.stored_dtype(kind))
+    step = max(1, CHUNK_VALUES // max(1, int(np.prod(info.shape[1:], dtype=np.int64))))
+    for a in range(0, rows, step):
+        chunk = np.asarray(source[a : a + step])
+        if not blocks and chunk.dtype not in (np.float32, np.float16):
+            chunk = chunk.astype(np.float32)
+        out[a : a + step] = quant.convert(chunk, kind)
+    return out
 
 
 def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
-                tokenizer: Tokenizer, extra_attrs: dict | None = None) -> None:
-    """Write a model file atomically: to a temporary name beside `path`, renamed on success.
+                tokenizer, extra_attrs: dict | None = None, plan: Plan | None = None,
+                progress: bool = False) -> None:
+    """Write a model atomically: to a temporary name beside `path`, renamed on success, so an
+    interrupted conversion leaves nothing at `path`.
 
-    `tensors` yields (name, dense f32 array) in any order, one at a time, so a converter
-    holds one tensor in memory; each is quantized here per spec.tensor_type."""
+    `tensors` yields (name, array) one at a time (floats or Q40/Q80 blocks, see
+    _to_stored), so a converter holds about one tensor in memory. With a `plan`, `path` is a
+    directory of per-rank shards, each with the rows the plan gives its rank."""
     path = Path(path)
     layout = tensor_layout(spec)
+    n_files = 1 if plan is None else plan.world_size
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **spec.to_attrs(), **(extra_attrs or {})}
+    attrs["model_id"] = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            for key, value in {**spec.to_attrs(), **(extra_attrs or {})}.items():
-                f.attrs[key] = value
+        if plan is not None:
+            tmp.mkdir()
+        files = [h5py.File(tmp if plan is None else tmp / shard_name(r, n_files), "w") for r in range(n_files)]
+        try:
+            for r, f in enumerate(files):
+                f.attrs.update(attrs)
+                if plan is not None:
+                    f.attrs.update({"shard_rank": r, "shard_count": n_files, "plan_budgets": list(plan.budgets),
+                                    "plan_hash": plan.plan_hash()})
+            bar = _progress(model_bytes(spec), progress)
             seen = set()
-            for name, dense in tensors:
-                kind, shape = layout[name]
-                if dense.shape != shape:
-                    raise ModelFileError(f"tensor {name}: expected shape {shape}, got {dense.shape}")
-                dtype, _ = stored_form(spec, kind, shape)
-                data = quant.quantize_q40(dense) if dtype == quant.Q40 else dense.astype(np.float32)
-                ds = f.create_dataset(name, data=data)
-                ds.attrs["type"] = "q40" if dtype == quant.Q40 else "f32"
+            for name, array in tensors:
+                info = layout.get(name)
+                if info is None:
+                    raise ModelFileError(f"unexpected tensor {name!r} for this spec")
+                stored = _to_stored(name, array, spec, info)
+                for r, f in enumerate(files):
+                    part = stored
+                    if plan is not None and info.split is not None:
+                        a, b = plan.rows(info.split, r)
+                        part = stored[a:b]
+                    # fletcher32: a flipped byte in a weight is caught when it is read
+                    ds = f.create_dataset(name, data=part, fletcher32=part.size > 0, chunks=part.size > 0 or None)
+                    ds.attrs["type"] = quant.type_of(stored)
                 seen.add(name)
+                if bar is not None:
+                    bar.set_postfix_str(name)
+                    bar.update(stored.nbytes)
+                del array, stored
+            if bar is not None:
+                bar.close()
             missing = sorted(set(layout) - seen)
             if missing:
-                raise ModelFileError(f"converter produced no tensor(s) {missing[:4]}")
-            tokenizer.write_hdf5(f.create_group("tokenizer"))
+                raise ModelFileError(f"the source produced no tensor(s) {missing[:4]}")
+            for f in files:
+                tokenizer.write_hdf5(f.create_group("tokenizer"))
+        finally:
+            for f in files:
+                f.close()
+        if plan is not None and path.is_dir():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of earlier writes of `path` whose writer is gone (killed: a process can't
+    clean up after SIGKILL), so they don't pile up."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    # disable=None: shown on a terminal only, not in logs
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", disable=None)
 
 
 class ModelFile:
-    """An opened, validated model file. Only rank 0 opens one."""
+    """An opened, validated model file (whole, or one rank's shard)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -106,30 +220,76 @@ class ModelFile:
             self.spec = ModelSpec.from_attrs(attrs)
         except ValueError as exc:
             raise ModelFileError(f"{self.path}: {exc}") from exc
-        self._check_tensors()
+        self.model_id = _str(attrs.get("model_id"))
+        self.shard = None  # (rank, count, budgets, plan_hash) for a shard
+        if "shard_rank" in attrs:
+            self.shard = (int(attrs["shard_rank"]), int(attrs["shard_count"]),
+                          tuple(int(b) for b in attrs["plan_budgets"]), _str(attrs["plan_hash"]))
+        else:
+            self.check_tensors()
 
-    def _check_tensors(self) -> None:
-        for name, (kind, shape) in tensor_layout(self.spec).items():
-            dtype, stored_shape = stored_form(self.spec, kind, shape)
+    def check_tensors(self, plan: Plan | None = None, rank: int = 0) -> None:
+        """Every tensor present with the stored dtype and shape the spec implies (for a
+        shard: the rows of `rank` in `plan`)."""
+        for name, info in tensor_layout(self.spec).items():
+            rows = None
+            if self.shard is not None and info.split is not None:
+                a, b = plan.rows(info.split, rank)
+                rows = b - a
+            dtype = quant.stored_dtype(stored_type(self.spec, info))
+            shape = stored_shape(self.spec, info, rows)
             ds = self._file.get(name)
             if not isinstance(ds, h5py.Dataset):
                 raise ModelFileError(f"{self.path}: tensor {name!r} is missing; the file is incomplete, convert it again")
-            if ds.shape != stored_shape or ds.dtype != dtype:
-                raise ModelFileError(f"{self.path}: tensor {name!r} should be {dtype} {stored_shape} for this spec, "
+            if ds.shape != shape or ds.dtype != dtype:
+                raise ModelFileError(f"{self.path}: tensor {name!r} should be {dtype} {shape} for this spec, "
                                      f"found {ds.dtype} {ds.shape}; the file is inconsistent, convert it again")
 
     def read(self, name: str) -> np.ndarray:
-        """One whole tensor as stored (f32 array or Q40 blocks)."""
-        return self._file[name][()]
+        """One whole tensor as stored (a shard: this rank's rows of it)."""
+        try:
+            return self._file[name][()]
+        except OSError as exc:  # fletcher32 mismatch, truncated data
+            raise ModelFileError(f"{self.path}: tensor {name!r} can't be read ({exc}); the file is damaged, "
+                                 "convert it again") from exc
 
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+
         group = self._file.get("tokenizer")
         if not isinstance(group, h5py.Group):
             raise ModelFileError(f"{self.path}: no tokenizer group; convert the model again with its tokenizer")
-        return Tokenizer.read_hdf5(group)
+        return load_tokenizer(group)
+
+    def attrs(self) -> dict:
+        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in self._file.attrs.items()}
+
+    def datasets(self) -> list[tuple[str, h5py.Dataset]]:
+        found = []
+        self._file.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        return found
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_model(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> ModelFile:
+    """The file `rank` reads: the model file itself, or its shard in a shard directory."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob("shard-*-of-*.h5"))
+        if not shards:
+            raise ModelFileError(f"{path} is a directory without shard files (shard-R-of-N.h5); "
+                                 "give a model file or a directory written by dllama-mpi-convert --memory-budget")
+        count = int(shards[0].stem.rsplit("-", 1)[1])
+        target = path / shard_name(rank, count)
+        if rank >= count:
+            raise ModelFileError(f"{path} holds shards for {count} ranks; this job has {world_size}: relaunch with "
+                                 f"mpirun -n {count} and the shards' budgets, or use the unsplit model file")
+        if not target.exists():
+            raise ModelFileError(f"shard {target.name} is missing from {path}; copy it there or convert the shards again")
+        return ModelFile(target)
+    return ModelFile(path)
 
 
 def _str(value) -> str | None:

@@ -17,26 +17,72 @@ BLOCK = 32
 Q40 = np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))])  # 18 bytes / 32 values
 Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
-WEIGHT_TYPES = ("f32", "q40")
+WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 BUFFER_TYPES = ("f32", "q80")
 
 
 def storage_type(weight_type: str, cols: int) -> str:
-    """The type a weight matrix is stored in: q40 needs whole blocks along each row,
+    """The type a weight matrix is stored in: q40 and q80 need whole blocks along each row,
     so a matrix whose row length is not a multiple of 32 (stories260K's w2, 172 wide)
     stays f32. The one place this decision is made."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
-    return "q40" if weight_type == "q40" and cols % BLOCK == 0 else "f32"
+    if weight_type in ("q40", "q80") and cols % BLOCK:
+        return "f32"
+    return weight_type
 
 
 def row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one stored row of `cols` values."""
-    if tensor_type == "f32":
-        return 4 * cols
+    return stored_dtype(tensor_type).itemsize * stored_cols(tensor_type, cols)
+
+
+def stored_dtype(tensor_type: str) -> np.dtype:
+    """The element dtype of a stored row: a value (f32, f16) or a block (q40, q80)."""
+    try:
+        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80}[tensor_type]
+    except KeyError:
+        raise ValueError(f"unknown tensor type {tensor_type!r}") from None
+
+
+def stored_cols(tensor_type: str, cols: int) -> int:
+    """Elements per stored row: values, or blocks of 32 for the quantized types."""
+    return cols // BLOCK if tensor_type in ("q40", "q80") else cols
+
+
+def type_of(array: np.ndarray) -> str:
+    """The tensor type of a stored array (inverse of stored_dtype)."""
+    for name in ("f32", "f16", "q40", "q80"):
+        if array.dtype == stored_dtype(name):
+            return name
+    raise ValueError(f"no tensor type stores dtype {array.dtype}")
+
+
+def encode(dense: np.ndarray, tensor_type: str) -> np.ndarray:
+    """(rows, cols) float -> stored form of `tensor_type`."""
     if tensor_type == "q40":
-        return (cols // BLOCK) * Q40.itemsize
-    raise ValueError(f"unknown tensor type {tensor_type!r}")
+        return quantize_q40(dense)
+    if tensor_type == "q80":
+        return quantize_q80(np.asarray(dense, np.float32))
+    return np.asarray(dense, dtype=stored_dtype(tensor_type))
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored form of any type -> float32 values."""
+    kind = type_of(stored)
+    if kind == "q40":
+        return dequantize_q40(stored)
+    if kind == "q80":
+        return dequantize_q80(stored)
+    return stored.astype(np.float32)
+
+
+def convert(stored: np.ndarray, tensor_type: str) -> np.ndarray:
+    """Re-express a stored tensor in `tensor_type`; blocks already of that type are kept
+    bit-exact (a GGUF Q4_0 tensor becomes Q40 unchanged)."""
+    if type_of(stored) == tensor_type:
+        return stored
+    return encode(decode(stored), tensor_type)
 
 
 def quantize_q40(x: np.ndarray) -> np.ndarray:

@@ -26,6 +26,24 @@ def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return matvec_f32(quant.dequantize_q40(w_blocks), x)
 
 
+def matvec_f16(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """w: (rows, n) float16."""
+    return matvec_f32(w.astype(np.float32), x)
+
+
+def matvec_q80_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """w_blocks: (rows, nb) Q80; x_blocks: (nb,) Q80."""
+    return matvec_f32(quant.dequantize_q80(w_blocks), quant.dequantize_q80(x_blocks))
+
+
+def matvec_q80_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return matvec_f32(quant.dequantize_q80(w_blocks), x)
+
+
+def rmsnorm_heads(vec: np.ndarray, head_dim: int, weight: np.ndarray, eps: float) -> np.ndarray:
+    return np.concatenate([rmsnorm(h, weight, eps) for h in vec.reshape(-1, head_dim)])
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x64 = x.astype(np.float64)
     return (weight * (x64 / np.sqrt(np.mean(x64 * x64) + eps))).astype(np.float32)
@@ -71,19 +89,17 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) ->
 
 
 class DenseModel:
-    """Whole-model forward pass in numpy from dense tensors {name: array} (Q40 dequantized).
+    """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 
-    buffer_type 'q80' reproduces the engine's quantization points: the input of every Q40
-    matrix is quantized to Q80, and every gathered vector that can travel as Q80 is
-    rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
+    buffer_type 'q80' reproduces the engine's quantization points: the input of every
+    quantized (Q40/Q80) matrix is quantized to Q80, and every gathered vector that can travel
+    as Q80 is rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
         self.spec, self.buffer_type = spec, buffer_type
-        self.t = {}
-        for name, value in tensors.items():
-            self.t[name] = quant.dequantize_q40(value) if value.dtype == quant.Q40 else value
-        self.q40 = {name for name, value in tensors.items() if value.dtype == quant.Q40}
-        self.cos, self.sin = rope_table(spec.head_dim, spec.seq_len, spec.rope_theta)
+        self.t = {name: quant.decode(value) for name, value in tensors.items()}
+        self.quantized = {name for name, value in tensors.items() if quant.type_of(value) in ("q40", "q80")}
+        self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
         self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
 
@@ -91,13 +107,22 @@ class DenseModel:
         return quant.dequantize_q80(quant.quantize_q80(x))
 
     def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
-        if name in self.q40 and self.buffer_type == "q80":
+        if name in self.quantized and self.buffer_type == "q80":
             x = self._round_q80(x)
         return matvec_f32(self.t[name], x)
 
     def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
         aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0
         return self._round_q80(x) if self.buffer_type == "q80" and aligned else x
+
+    def _qk(self, p: str, which: str, xb: np.ndarray, pos: int) -> np.ndarray:
+        s = self.spec
+        out = self._mv(p + "w" + which, xb)
+        if s.qkv_bias:
+            out = out + self.t[p + "b" + which]
+        if s.qk_norm:
+            out = rmsnorm_heads(out, s.head_dim, self.t[p + which + "_norm"], s.norm_eps)
+        return rope(out, s.head_dim, self.cos[pos], self.sin[pos])
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         s = self.spec
@@ -106,10 +131,12 @@ class DenseModel:
         for layer in range(s.n_layers):
             p = f"layers/{layer}/"
             xb = rmsnorm(x, self.t[p + "attention_norm"], s.norm_eps)
-            q = rope(self._mv(p + "wq", xb), s.head_dim, self.cos[pos], self.sin[pos])
-            self.keys[layer, pos] = rope(self._mv(p + "wk", xb), s.head_dim, self.cos[pos], self.sin[pos]).reshape(s.n_kv_heads, -1)
-            self.values[layer, pos] = self._mv(p + "wv", xb).reshape(s.n_kv_heads, -1)
-            att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1], self.values[layer, : pos + 1], kv_of_head)
+            q = self._qk(p, "q", xb, pos)
+            self.keys[layer, pos] = self._qk(p, "k", xb, pos).reshape(s.n_kv_heads, -1)
+            v = self._mv(p + "wv", xb) + (self.t[p + "bv"] if s.qkv_bias else 0)
+            self.values[layer, pos] = v.reshape(s.n_kv_heads, -1)
+            att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1],
+                            self.values[layer, : pos + 1], kv_of_head)
             att = self._travel(att.reshape(-1), s.head_dim)
             x = x + self._travel(self._mv(p + "wo", att), 32)
             xb = rmsnorm(x, self.t[p + "ffn_norm"], s.norm_eps)

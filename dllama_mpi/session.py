@@ -17,10 +17,13 @@ import numpy as np
 from . import kernels
 from .comm import Comm
 from .engine import Engine
-from .modelfile import ModelFile, ModelFileError
+from .modelfile import ModelFile, ModelFileError, open_model
 from .plan import Plan, make_plan
 from .tokenizer import Tokenizer
 from .weights import LocalWeights, load
+
+
+DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length unless --max-seq-len says otherwise (<= the model's)
 
 
 class UsageError(Exception):
@@ -40,38 +43,69 @@ class Session:
     synthetic: bool
 
 
-def _prepare(model_path, prompt: str, max_seq_len: int | None):
-    """Rank 0: open and validate the model and tokenize the prompt."""
+def _prepare(model_path, prompt: str, max_seq_len: int | None, world_size: int):
+    """Rank 0: open and validate the model (or its shard 0) and tokenize the prompt."""
     from .synthetic import synthetic_model_path
 
-    model = ModelFile(model_path if model_path is not None else synthetic_model_path())
+    model = open_model(model_path if model_path is not None else synthetic_model_path(), 0, world_size)
     tokenizer = model.tokenizer()
     spec = model.spec
-    max_seq_len = max_seq_len or spec.seq_len
+    max_seq_len = max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
     prompt_tokens = tokenizer.encode(prompt, bos=True)
     if len(prompt_tokens) > max_seq_len:
         raise ValueError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
                          f"{max_seq_len}; shorten the prompt or raise --max-seq-len (model trained for {spec.seq_len})")
-    stop_ids = tuple(sorted({tokenizer.eos_id, tokenizer.bos_id}))  # llama2.c models end a text with BOS
-    return (spec, max_seq_len, prompt_tokens, stop_ids), model, tokenizer
+    if not prompt_tokens:
+        raise ValueError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
+    stop_ids = tuple(sorted(set(tokenizer.eos_ids)))
+    return (spec, max_seq_len, prompt_tokens, stop_ids, model.model_id, model.shard), model, tokenizer
+
+
+def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, model: ModelFile | None) -> ModelFile:
+    """Collective: the shards were split by this launch's plan, and every rank's own shard is
+    of the same model and complete. Returns this rank's shard, open."""
+    rank_, count, budgets, plan_hash = shard
+    if count != comm.size or plan_hash != plan.plan_hash():
+        raise UsageError(
+            f"the shards in {model_path} were split for {count} rank(s) with budgets {' '.join(map(str, budgets))} "
+            f"(plan {plan_hash}); this launch has {comm.size} rank(s) with budgets "
+            f"{' '.join(map(str, plan.budgets))} (plan {plan.plan_hash()}). Relaunch with "
+            f"mpirun -n {count} ... --memory-budget {' '.join(map(str, budgets))}, or run the unsplit model file")
+    problem = None
+    try:
+        if model is None:
+            model = open_model(model_path, comm.rank, comm.size)
+        if model.model_id != model_id or model.shard is None or model.shard[0] != comm.rank:
+            raise ModelFileError(f"{model.path} is not shard {comm.rank} of the model in shard 0 "
+                                 f"(model {model.model_id} vs {model_id}); convert the shards again")
+        model.check_tensors(plan, comm.rank)
+    except ModelFileError as exc:
+        problem = str(exc)
+    problems = [p for p in comm.allgather_obj(problem) if p]
+    if problems:
+        raise UsageError("; ".join(problems))
+    return model
 
 
 def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, ...], *,
                  prompt: str = "", max_seq_len: int | None = None, buffer_type: str = "q80",
                  announce=None) -> Session:
-    """Collective. `model_path` None means the built-in synthetic model. `announce(plan,
-    max_seq_len)` runs on rank 0 once the plan is known, before loading."""
+    """Collective. `model_path` None means the built-in synthetic model; a directory means
+    per-rank shards. `announce(plan, max_seq_len)` runs on rank 0 once the plan is known,
+    before loading."""
     setup, model, tokenizer = None, None, None
     if comm.rank == 0:
         try:
-            setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len)
+            setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len, comm.size)
         except (ModelFileError, ValueError) as exc:
             setup = str(exc)
     setup = comm.bcast_obj(setup)
     if isinstance(setup, str):
         raise UsageError(setup)
-    spec, max_seq_len, prompt_tokens, stop_ids = setup
+    spec, max_seq_len, prompt_tokens, stop_ids, model_id, shard = setup
     plan = make_plan(spec, budgets)
+    if shard is not None:
+        model = _check_shards(comm, model_path, plan, shard, model_id, model)
     if comm.rank == 0 and announce is not None:
         announce(plan, max_seq_len)
     # numba compiles once, on rank 0, into its cache; the other ranks then load it

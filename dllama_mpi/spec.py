@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import quant
 
 FORMAT_NAME = "dllama_mpi"
 FORMAT_VERSION = 1
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -24,9 +28,16 @@ class ModelSpec:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_style: str = "interleaved"  # pairs (x[2i], x[2i+1]) within a head, as llama2.c
+    rope_scaling: str = "none"  # or "llama3" (Llama 3.1+ frequency scaling, parameters below)
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     shared_classifier: bool = True  # classifier rows are the embedding table's
+    qkv_bias: bool = False  # q/k/v projections have biases (qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (qwen3)
     weight_type: str = "f32"  # requested type; quant.storage_type decides per tensor
-    architecture: str = "llama"
+    architecture: str = "llama"  # llama, mistral, qwen2, qwen3: one data path, the flags above
 
     def __post_init__(self) -> None:
         problems = []
@@ -38,8 +49,10 @@ class ModelSpec:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
             problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.architecture != "llama":
-            problems.append(f"architecture must be 'llama', got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            problems.append(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.rope_scaling not in ("none", "llama3"):
+            problems.append(f"rope_scaling must be 'none' or 'llama3', got {self.rope_scaling!r}")
         if self.rope_style != "interleaved":
             problems.append(f"rope_style must be 'interleaved', got {self.rope_style!r}")
         if self.weight_type not in quant.WEIGHT_TYPES:
@@ -73,6 +86,20 @@ class ModelSpec:
 
     def row_bytes(self, kind: str) -> int:
         return quant.row_bytes(self.tensor_type(kind), self.matrix_cols()[kind])
+
+    def rope_freqs(self) -> np.ndarray:
+        """Angle per position of each rotated pair, (head_dim // 2,) float64: theta**(-2i/head_dim),
+        with Llama 3's scaling when rope_scaling is 'llama3' (as transformers computes it)."""
+        inv_freq = self.rope_theta ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        if self.rope_scaling != "llama3":
+            return inv_freq
+        factor, low, high = self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor
+        old_len = self.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
     def to_attrs(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,12 +28,15 @@ def synthetic_tensors(spec: ModelSpec, seed: int):
     classifier rows of the reserved tokens (specials and byte pieces) are shrunk, so the
     random text is made of word pieces rather than stray bytes."""
     rng = np.random.default_rng(seed)
-    for name, (kind, shape) in tensor_layout(spec).items():
-        if kind is None:
-            yield name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    for name, info in tensor_layout(spec).items():
+        if not info.matrix:
+            if name.rsplit("/", 1)[-1] in ("bq", "bk", "bv"):
+                yield name, (0.1 * rng.standard_normal(info.shape)).astype(np.float32)
+            else:  # a norm weight
+                yield name, (1 + 0.1 * rng.standard_normal(info.shape)).astype(np.float32)
             continue
-        w = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
-        if kind in ("tok_embeddings", "output"):
+        w = (rng.standard_normal(info.shape) / np.sqrt(info.shape[1])).astype(np.float32)
+        if info.split in ("tok_embeddings", "output"):
             w[:NUM_RESERVED] *= 0.05
         yield name, w
 

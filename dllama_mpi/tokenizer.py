@@ -30,12 +30,34 @@ converted-model file format)::
       piece_bytes       uint8   (total bytes,)      all pieces concatenated
       piece_offsets     int64   (vocab_size + 1,)   piece i = piece_bytes[off[i]:off[i+1]]
       scores            float32 (vocab_size,)
+
+Other tokenizer kinds live in the same module and share the duck interface
+``encode(text, bos=True, eos=False)``, ``decode(prev, tok) -> bytes``,
+``stream()``, ``bos_id``, ``eos_id``, ``eos_ids``, ``vocab_size``,
+``chat_template`` and ``write_hdf5(group)``:
+
+* :class:`SpmTokenizer` -- sentencepiece vocabularies from GGUF
+  (``tokenizer.ggml.model == "llama"``), encoded like llama.cpp's
+  ``llm_tokenizer_spm``.  HDF5 type ``"llama-spm"``: the layout above plus
+  ``token_types`` (int32, GGUF token types) and the attrs ``eos_ids``,
+  ``unk_id``, ``add_bos``, ``add_space_prefix``, ``chat_template``.
+* :class:`HFTokenizer` -- anything the HF ``tokenizers`` library runs: byte-level
+  BPE from GGUF (``tokenizer.ggml.model == "gpt2"``, Llama 3 / Qwen2) and
+  ``tokenizer.json`` model directories.  HDF5 type ``"hf-tokenizers"``: attrs
+  ``bos_id`` (-1: none), ``eos_id``, ``eos_ids``, ``add_bos``, ``chat_template``
+  ("" if none), ``vocab_size``; dataset ``tokenizer_json`` (uint8, UTF-8 JSON).
+
+:func:`load_tokenizer` reads any of these groups; :func:`from_gguf` and
+:func:`from_hf_dir` build them from a model source.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
+import heapq
 import itertools
+import json
 import re
 import string
 import struct
@@ -66,6 +88,9 @@ _SYNTHETIC_WORDS = (
 class Tokenizer:
     """Score-BPE tokenizer over a vocabulary of byte-string pieces."""
 
+    chat_template: str | None = None
+    add_bos: bool = True
+
     def __init__(
         self,
         pieces: Sequence[bytes],
@@ -94,6 +119,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.pieces)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS, and BOS, which llama2.c models emit between
+        stories (llama2.c's own sampler loop stops there)."""
+        return (self.eos_id, self.bos_id)
 
     def _validate(self) -> None:
         n = self.vocab_size
@@ -191,9 +222,9 @@ class Tokenizer:
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> Tokenizer:
         where = f"tokenizer group {group.name!r}"
-        kind = group.attrs.get("type")
-        if isinstance(kind, bytes):
-            kind = kind.decode("utf-8", "replace")
+        kind = _attr_str(group, "type")
+        if cls is Tokenizer and kind in _LOADERS and kind != HDF5_TYPE:
+            return load_tokenizer(group)  # model files name their tokenizer kind
         if kind != HDF5_TYPE:
             raise ValueError(f"{where}: expected attribute type={HDF5_TYPE!r}, found {kind!r}")
         for name in _HDF5_ATTRS:
@@ -321,3 +352,673 @@ def _synthetic_pieces(seen: set[bytes]) -> Iterator[bytes]:
     yield from fresh(" " + w[:k] for w in _SYNTHETIC_WORDS for k in range(1, len(w) + 1))
     for n in itertools.count(2):
         yield from fresh("".join(t) for t in itertools.product(letters, repeat=n))
+
+
+# ===================================================================== shared helpers
+
+SPM_HDF5_TYPE = "llama-spm"
+HF_HDF5_TYPE = "hf-tokenizers"
+
+# GGUF token types (llama.cpp ``llama_token_type``).
+TOKEN_UNDEFINED, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(7)
+
+_SPACE = "\u2581"  # sentencepiece's escaped space
+_UNK_OUTPUT = "\u2585".encode()  # llama.cpp prints unknown tokens as U+2585
+
+# Texts of tokens that end a turn, as llama.cpp recognises them (llama-vocab.cpp "EOG" tokens).
+_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<|endoftext|>",
+    "<end_of_turn>", "<EOT>", "_<EOT>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|return|>", "<|call|>",
+})
+
+
+def _attr_str(group: h5py.Group, name: str) -> str | None:
+    value = group.attrs.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    return value
+
+
+def _require_attrs(group: h5py.Group, names: Iterable[str], where: str) -> None:
+    for name in names:
+        if name not in group.attrs:
+            raise ValueError(f"{where}: missing attribute {name!r}")
+
+
+def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
+    out: list[int] = []
+    for i in ids:
+        if i is not None and int(i) >= 0 and int(i) not in out:
+            out.append(int(i))
+    return tuple(out)
+
+
+def _eog_ids(texts: Sequence[str], types: Sequence[int] | None, first: Iterable[int | None]) -> tuple[int, ...]:
+    """``first`` (eos, eot, ...) then every control/user-defined token whose text ends a turn."""
+    extra = []
+    for i, t in enumerate(texts):
+        if t in _EOG_TEXTS and (types is None or types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)):
+            extra.append(i)
+    return _unique([*first, *extra])
+
+
+def _write_pieces(group: h5py.Group, pieces: Sequence[bytes], scores: np.ndarray) -> None:
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in pieces])
+    group.create_dataset("piece_bytes", data=np.frombuffer(b"".join(pieces), dtype=np.uint8))
+    group.create_dataset("piece_offsets", data=offsets)
+    group.create_dataset("scores", data=np.asarray(scores, dtype=np.float32))
+
+
+def _read_pieces(group: h5py.Group, n: int, where: str) -> tuple[list[bytes], np.ndarray]:
+    for name in _HDF5_DATASETS:
+        if not isinstance(group.get(name), h5py.Dataset):
+            raise ValueError(f"{where}: missing dataset {name!r} (expected {', '.join(_HDF5_DATASETS)})")
+    blob = np.asarray(group["piece_bytes"][()])
+    offsets = np.asarray(group["piece_offsets"][()])
+    scores = np.asarray(group["scores"][()])
+    if blob.ndim != 1 or blob.dtype != np.uint8:
+        raise ValueError(f"{where}: piece_bytes must be 1-D uint8, found {blob.dtype} with shape {blob.shape}")
+    if offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(
+            f"{where}: piece_offsets must be integer with shape ({n + 1},), found {offsets.dtype} with shape {offsets.shape}"
+        )
+    if scores.shape != (n,):
+        raise ValueError(f"{where}: scores must have shape ({n},), found {scores.shape}")
+    if offsets[0] != 0 or offsets[-1] != blob.size or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{where}: piece_offsets must be non-decreasing from 0 to len(piece_bytes)={blob.size}")
+    raw = blob.tobytes()
+    return [raw[offsets[i] : offsets[i + 1]] for i in range(n)], scores.astype(np.float32)
+
+
+# ============================================================ sentencepiece (GGUF "llama")
+
+
+class SpmTokenizer(Tokenizer):
+    """Sentencepiece vocabulary (GGUF ``tokenizer.ggml.model == "llama"``), encoded like llama.cpp.
+
+    Pieces are UTF-8 with ``"▁"`` for spaces.  Encoding (``llm_tokenizer_spm``):
+    optional dummy prefix " ", spaces escaped to "▁", one symbol per codepoint,
+    then repeatedly merge the adjacent pair whose concatenation is a token with
+    the highest score (leftmost on ties); symbols that are not tokens become byte
+    tokens (``<0xXX>``, located by text wherever they sit in the vocabulary).
+    User-defined tokens are always matched as whole tokens; control tokens only
+    with ``encode(..., special=True)``.
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[bytes | str],
+        scores: np.ndarray | Sequence[float],
+        token_types: np.ndarray | Sequence[int] | None = None,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        eos_ids: Sequence[int] | None = None,
+        unk_id: int = 0,
+        add_bos: bool = True,
+        add_space_prefix: bool = True,
+        chat_template: str | None = None,
+    ) -> None:
+        self.pieces = [p.encode("utf-8", "surrogateescape") if isinstance(p, str) else bytes(p) for p in pieces]
+        n = len(self.pieces)
+        self.scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        self.texts: list[str] = [p.decode("utf-8", "surrogateescape") for p in self.pieces]
+        if token_types is None:
+            token_types = [TOKEN_BYTE if _BYTE_PIECE.fullmatch(p) else TOKEN_NORMAL for p in self.pieces]
+        self.token_types = np.asarray(token_types, dtype=np.int32).reshape(-1)
+        self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
+        self.add_bos = bool(add_bos)
+        self.add_space_prefix = self.add_dummy_prefix = bool(add_space_prefix)
+        self.chat_template = chat_template or None
+        if self.scores.shape != (n,):
+            raise ValueError(f"expected {n} scores (one per piece), got shape {self.scores.shape}")
+        if self.token_types.shape != (n,):
+            raise ValueError(f"expected {n} token types (one per piece), got shape {self.token_types.shape}")
+        for name, value in (("bos_id", self.bos_id), ("eos_id", self.eos_id), ("unk_id", self.unk_id)):
+            if not 0 <= value < n:
+                raise ValueError(f"{name}={value} is outside the vocabulary [0, {n})")
+        self._eos_ids = _unique([self.eos_id, *(eos_ids or ())])
+        # llama.cpp's token_to_id: every token, the last one wins on duplicate texts.
+        self._text_to_id: dict[str, int] = {t: i for i, t in enumerate(self.texts)}
+        self._score_list: list[float] = self.scores.tolist()
+        self._byte_ids = [self._find_byte_token(b) for b in range(256)]
+        types = self.token_types.tolist()
+        self._user_defined = [t for t, k in zip(self.texts, types) if k == TOKEN_USER_DEFINED and t]
+        self._specials = [t for t, k in zip(self.texts, types) if k in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED) and t]
+        self._split_plain = self._splitter(self._user_defined)
+        self._split_special = self._splitter(self._specials)
+        self._decoded = [self._token_output(i, k) for i, k in enumerate(types)]
+        # llama.cpp detokenize strips one leading space of the first piece (the dummy prefix).
+        self._decoded_after_bos = [
+            d[1:] if self.add_space_prefix and d[:1] == b" " else d for d in self._decoded
+        ]
+
+    def _find_byte_token(self, b: int) -> int:
+        tid = self._text_to_id.get(f"<0x{b:02X}>")
+        if tid is None:
+            tid = self._text_to_id.get(chr(b)) if b < 0x80 else None
+        return self.unk_id if tid is None else tid
+
+    def _token_output(self, i: int, kind: int) -> bytes:
+        if kind in (TOKEN_NORMAL, TOKEN_USER_DEFINED):
+            return self.texts[i].replace(_SPACE, " ").encode("utf-8", "surrogateescape")
+        if kind == TOKEN_BYTE:
+            m = _BYTE_PIECE.fullmatch(self.pieces[i])
+            return bytes([int(m.group(1), 16)]) if m else self.pieces[i]
+        if kind == TOKEN_UNKNOWN:
+            return _UNK_OUTPUT
+        return b""  # control, unused, undefined: not printed
+
+    @staticmethod
+    def _splitter(texts: list[str]) -> re.Pattern[str] | None:
+        if not texts:
+            return None
+        alts = sorted(set(texts), key=lambda t: (-len(t), t))
+        return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+
+    def _validate(self) -> None:  # the llama2.c id layout does not apply
+        pass
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_gguf(cls, reader) -> SpmTokenizer:
+        model = _gguf_str(reader, "tokenizer.ggml.model")
+        if model != "llama":
+            raise ValueError(f"GGUF vocabulary type {model!r} is not sentencepiece ('llama')")
+        texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+        n = len(texts)
+        scores = _gguf_array(reader, "tokenizer.ggml.scores")
+        scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
+        types = _gguf_array(reader, "tokenizer.ggml.token_type")
+        types = np.full(n, TOKEN_NORMAL, np.int32) if types is None else np.asarray(types, np.int32)
+        bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", 1)
+        eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", 2)
+        first = [eos, _gguf_int(reader, "tokenizer.ggml.eot_token_id", None),
+                 _gguf_int(reader, "tokenizer.ggml.eom_token_id", None)]
+        return cls(
+            texts, scores, types,
+            bos_id=bos, eos_id=eos,
+            eos_ids=_eog_ids(texts, types.tolist(), first),
+            unk_id=_gguf_int(reader, "tokenizer.ggml.unknown_token_id", 0),
+            add_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", True),
+            add_space_prefix=_gguf_bool(reader, "tokenizer.ggml.add_space_prefix", True),
+            chat_template=_gguf_str(reader, "tokenizer.chat_template"),
+        )
+
+    # -------------------------------------------------------------------- HDF5
+
+    def write_hdf5(self, group: h5py.Group) -> None:
+        group.attrs["type"] = SPM_HDF5_TYPE
+        group.attrs["bos_id"] = self.bos_id
+        group.attrs["eos_id"] = self.eos_id
+        group.attrs["eos_ids"] = np.asarray(self.eos_ids, dtype=np.int64)
+        group.attrs["unk_id"] = self.unk_id
+        group.attrs["add_bos"] = self.add_bos
+        group.attrs["add_space_prefix"] = self.add_space_prefix
+        group.attrs["vocab_size"] = self.vocab_size
+        group.attrs["chat_template"] = self.chat_template or ""
+        _write_pieces(group, self.pieces, self.scores)
+        group.create_dataset("token_types", data=self.token_types.astype(np.int32))
+
+    @classmethod
+    def read_hdf5(cls, group: h5py.Group) -> SpmTokenizer:
+        where = f"tokenizer group {group.name!r}"
+        kind = _attr_str(group, "type")
+        if kind != SPM_HDF5_TYPE:
+            raise ValueError(f"{where}: expected attribute type={SPM_HDF5_TYPE!r}, found {kind!r}")
+        _require_attrs(group, ("bos_id", "eos_id", "eos_ids", "unk_id", "add_bos", "add_space_prefix", "vocab_size"), where)
+        n = int(group.attrs["vocab_size"])
+        pieces, scores = _read_pieces(group, n, where)
+        if not isinstance(group.get("token_types"), h5py.Dataset) or group["token_types"].shape != (n,):
+            raise ValueError(f"{where}: expected dataset 'token_types' with shape ({n},)")
+        return cls(
+            pieces, scores, np.asarray(group["token_types"][()]),
+            bos_id=int(group.attrs["bos_id"]), eos_id=int(group.attrs["eos_id"]),
+            eos_ids=[int(i) for i in np.atleast_1d(group.attrs["eos_ids"])],
+            unk_id=int(group.attrs["unk_id"]),
+            add_bos=bool(group.attrs["add_bos"]), add_space_prefix=bool(group.attrs["add_space_prefix"]),
+            chat_template=_attr_str(group, "chat_template") or None,
+        )
+
+    # ------------------------------------------------------------ encode/decode
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = False) -> list[int]:
+        """``bos=True`` adds BOS when the vocabulary asks for it (``add_bos``)."""
+        ids: list[int] = []
+        if bos and self.add_bos:
+            ids.append(self.bos_id)
+        splitter = self._split_special if special else self._split_plain
+        parts = splitter.split(text) if splitter is not None else [text]
+        prev_special = True  # llama.cpp: prefix with a space at the start and after a special token
+        for k, part in enumerate(parts):
+            if k % 2:  # captured special-token text
+                ids.append(self._text_to_id[part])
+                prev_special = True
+                continue
+            if not part:
+                continue
+            if self.add_space_prefix and prev_special:
+                part = " " + part
+            self._encode_fragment(part.replace(" ", _SPACE), ids)
+            prev_special = False
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _encode_fragment(self, text: str, out: list[int]) -> None:
+        """llama.cpp ``llm_tokenizer_spm_session::tokenize`` on one escaped fragment."""
+        texts = list(text)
+        n = len(texts)
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        lookup, scores = self._text_to_id, self._score_list
+        heap: list[tuple[float, int, int, str]] = []
+
+        def add(left: int, right: int) -> None:
+            if left < 0 or right < 0:
+                return
+            merged = texts[left] + texts[right]
+            tid = lookup.get(merged)
+            if tid is not None:
+                heapq.heappush(heap, (-scores[tid], left, right, merged))
+
+        for i in range(1, n):
+            add(i - 1, i)
+        while heap:
+            _, left, right, merged = heapq.heappop(heap)
+            if not texts[left] or not texts[right] or texts[left] + texts[right] != merged:
+                continue  # stale: one side merged since
+            texts[left], texts[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            add(prev[left], left)
+            add(left, nxt[left])
+        i = 0
+        while i != -1:
+            tid = lookup.get(texts[i])
+            if tid is not None:
+                out.append(tid)
+            else:
+                out.extend(self._byte_ids[b] for b in texts[i].encode("utf-8", "surrogatepass"))
+            i = nxt[i]
+
+    def decode(self, prev_token: int, token: int) -> bytes:
+        """Bytes of ``token``; after BOS the dummy-prefix space is stripped (llama.cpp detokenize)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return self._decoded_after_bos[token] if prev_token == self.bos_id else self._decoded[token]
+
+
+# ============================================================= HF tokenizers (BPE etc.)
+
+# Pre-tokenizer regexes as in the models' HF tokenizer.json (llama.cpp llama-vocab.cpp quotes them).
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# tokenizer.ggml.pre -> (regex, ignore_merges, NFC normalizer, default add_bos)
+_BPE_PRE_TYPES: dict[str, tuple[str, bool, bool, bool]] = {
+    "llama-bpe": (_LLAMA3_REGEX, True, False, True),
+    "llama3": (_LLAMA3_REGEX, True, False, True),
+    "llama-v3": (_LLAMA3_REGEX, True, False, True),
+    "smaug-bpe": (_LLAMA3_REGEX, False, False, False),
+    "dbrx": (_LLAMA3_REGEX, False, False, False),
+    "qwen2": (_QWEN2_REGEX, False, True, False),
+    "stablelm2": (_QWEN2_REGEX, False, False, False),
+    "gpt-2": (_GPT2_REGEX, False, False, False),
+    "gpt2": (_GPT2_REGEX, False, False, False),
+}
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode`` (what the ByteLevel pre-tokenizer maps bytes to)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class HFTokenizer:
+    """A HF ``tokenizers.Tokenizer`` (exact HF behaviour) with model-level BOS/EOS/chat-template settings."""
+
+    def __init__(
+        self,
+        tokenizer,
+        bos_id: int | None = None,
+        eos_ids: Sequence[int] = (),
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        eos_id: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.bos_id = None if bos_id is None or int(bos_id) < 0 else int(bos_id)
+        self._eos_ids = _unique([eos_id, *eos_ids])
+        self.eos_id = self._eos_ids[0] if self._eos_ids else None
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.chat_template = chat_template or None
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        for name, value in (("bos_id", self.bos_id), *(("eos id", e) for e in self._eos_ids)):
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        self._decoded: list[bytes] | None = None
+        self._decoded_after_bos: list[bytes] | None = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_gguf(cls, reader) -> HFTokenizer:
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        model = _gguf_str(reader, "tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"GGUF vocabulary type {model!r} is not byte-level BPE ('gpt2')")
+        pre = _gguf_str(reader, "tokenizer.ggml.pre") or "default"
+        if pre not in _BPE_PRE_TYPES:
+            raise ValueError(
+                f"GGUF byte-level BPE pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(_BPE_PRE_TYPES))})"
+            )
+        regex, ignore_merges, nfc, default_add_bos = _BPE_PRE_TYPES[pre]
+        texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+        types_arr = _gguf_array(reader, "tokenizer.ggml.token_type")
+        types = [TOKEN_NORMAL] * len(texts) if types_arr is None else [int(t) for t in types_arr]
+        merges_raw = _gguf_strings(reader, "tokenizer.ggml.merges") or []
+        merges = []
+        for m in merges_raw:
+            left, sep, right = m.partition(" ")
+            if not sep:
+                raise ValueError(f"GGUF merge {m!r} is not 'left right'")
+            merges.append((left, right))
+        vocab = {t: i for i, t in enumerate(texts)}
+        tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges,
+                                      byte_fallback=False, fuse_unk=False))
+        if nfc:
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        special = [AddedToken(t, special=True, normalized=False) for t, k in zip(texts, types)
+                   if k == TOKEN_CONTROL]
+        user = [AddedToken(t, special=False, normalized=False) for t, k in zip(texts, types)
+                if k == TOKEN_USER_DEFINED]
+        if special:
+            tok.add_special_tokens(special)
+        if user:
+            tok.add_tokens(user)
+        bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", None)
+        eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", None)
+        first = [eos, _gguf_int(reader, "tokenizer.ggml.eot_token_id", None),
+                 _gguf_int(reader, "tokenizer.ggml.eom_token_id", None)]
+        return cls(
+            tok,
+            bos_id=bos,
+            eos_ids=_eog_ids(texts, types, first),
+            add_bos=_gguf_bool(reader, "tokenizer.ggml.add_bos_token", default_add_bos),
+            chat_template=_gguf_str(reader, "tokenizer.chat_template"),
+            eos_id=eos,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | PathLike[str]) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise ValueError(f"{path}: no tokenizer.json (only HF 'fast' tokenizers are supported)")
+        tok = _HFTokenizer.from_file(str(tj))
+        cfg = _read_json(path / "tokenizer_config.json")
+        model_cfg = _read_json(path / "config.json")
+        gen_cfg = _read_json(path / "generation_config.json")
+
+        def token_id(value) -> list[int]:
+            if value is None:
+                return []
+            if isinstance(value, list):
+                return [i for v in value for i in token_id(v)]
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, bool):
+                return []
+            if isinstance(value, int):
+                return [value]
+            if isinstance(value, str):
+                tid = tok.token_to_id(value)
+                return [] if tid is None else [tid]
+            return []
+
+        bos_candidates = token_id(cfg.get("bos_token")) + token_id(gen_cfg.get("bos_token_id")) + \
+            token_id(model_cfg.get("bos_token_id"))
+        bos_id = bos_candidates[0] if bos_candidates else None
+        eos_primary = token_id(cfg.get("eos_token"))
+        eos_ids = eos_primary + token_id(gen_cfg.get("eos_token_id")) + token_id(model_cfg.get("eos_token_id"))
+        if "add_bos_token" in cfg and isinstance(cfg["add_bos_token"], bool):
+            add_bos = cfg["add_bos_token"]
+        else:  # what the tokenizer.json post-processor does on its own
+            add_bos = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if not template and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if not template and (path / "chat_template.json").is_file():
+            template = _read_json(path / "chat_template.json").get("chat_template")
+        return cls(tok, bos_id=bos_id, eos_ids=eos_ids, add_bos=add_bos,
+                   chat_template=template if isinstance(template, str) else None,
+                   eos_id=eos_primary[0] if eos_primary else None)
+
+    # -------------------------------------------------------------------- HDF5
+
+    def write_hdf5(self, group: h5py.Group) -> None:
+        group.attrs["type"] = HF_HDF5_TYPE
+        group.attrs["bos_id"] = -1 if self.bos_id is None else self.bos_id
+        group.attrs["eos_id"] = -1 if self.eos_id is None else self.eos_id
+        group.attrs["eos_ids"] = np.asarray(self.eos_ids, dtype=np.int64)
+        group.attrs["add_bos"] = self.add_bos
+        group.attrs["chat_template"] = self.chat_template or ""
+        group.attrs["vocab_size"] = self.vocab_size
+        blob = self.tokenizer.to_str().encode("utf-8")
+        group.create_dataset("tokenizer_json", data=np.frombuffer(blob, dtype=np.uint8))
+
+    @classmethod
+    def read_hdf5(cls, group: h5py.Group) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        where = f"tokenizer group {group.name!r}"
+        kind = _attr_str(group, "type")
+        if kind != HF_HDF5_TYPE:
+            raise ValueError(f"{where}: expected attribute type={HF_HDF5_TYPE!r}, found {kind!r}")
+        _require_attrs(group, ("bos_id", "eos_ids", "add_bos"), where)
+        ds = group.get("tokenizer_json")
+        if not isinstance(ds, h5py.Dataset):
+            raise ValueError(f"{where}: missing dataset 'tokenizer_json'")
+        tok = _HFTokenizer.from_str(np.asarray(ds[()], dtype=np.uint8).tobytes().decode("utf-8"))
+        eos_id = int(group.attrs["eos_id"]) if "eos_id" in group.attrs else None
+        return cls(
+            tok,
+            bos_id=int(group.attrs["bos_id"]),
+            eos_ids=[int(i) for i in np.atleast_1d(group.attrs["eos_ids"])],
+            add_bos=bool(group.attrs["add_bos"]),
+            chat_template=_attr_str(group, "chat_template") or None,
+            eos_id=eos_id,
+        )
+
+    # ------------------------------------------------------------ encode/decode
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """HF ``encode(text, add_special_tokens=False)``; ``bos=True`` adds BOS when the model asks for it."""
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        if bos and self.add_bos:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def _build_decode_tables(self) -> None:
+        spec = json.loads(self.tokenizer.to_str())
+        kind, strip_first = _decoder_kind(spec.get("decoder"))
+        added = self.tokenizer.get_added_tokens_decoder()
+        byte_dec = _byte_decoder()
+        id_to_piece: dict[int, str] = {i: p for p, i in self.tokenizer.get_vocab(with_added_tokens=False).items()}
+        table: list[bytes] = []
+        for i in range(self.vocab_size):
+            at = added.get(i)
+            if at is not None:
+                table.append(b"" if at.special else at.content.encode("utf-8"))
+                continue
+            piece = id_to_piece.get(i)
+            if piece is None:
+                table.append(b"")
+            elif kind == "bytelevel":
+                if all(c in byte_dec for c in piece):
+                    table.append(bytes(byte_dec[c] for c in piece))
+                else:
+                    table.append(piece.encode("utf-8"))
+            elif kind == "spm":
+                m = _BYTE_PIECE.fullmatch(piece.encode("utf-8"))
+                table.append(bytes([int(m.group(1), 16)]) if m else piece.replace(_SPACE, " ").encode("utf-8"))
+            else:
+                table.append(self.tokenizer.decode([i], skip_special_tokens=True).encode("utf-8"))
+        self._decoded = table
+        self._decoded_after_bos = [d[1:] if strip_first and d[:1] == b" " else d for d in table]
+
+    def decode(self, prev_token: int, token: int) -> bytes:
+        """Raw bytes of ``token`` (byte-level pieces map back to bytes; special tokens print nothing)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        if self._decoded is None:
+            self._build_decode_tables()
+        if prev_token == self.bos_id and prev_token is not None:
+            return self._decoded_after_bos[token]
+        return self._decoded[token]
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+def _decoder_kind(dec: dict | None) -> tuple[str, bool]:
+    """("bytelevel" | "spm" | "other", strip a leading space after BOS) for a tokenizer.json decoder."""
+    if not dec:
+        return "other", False
+    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    types = {p.get("type") for p in parts if isinstance(p, dict)}
+    if "ByteLevel" in types:
+        return "bytelevel", False
+    if "Metaspace" in types:
+        meta = next(p for p in parts if p.get("type") == "Metaspace")
+        return "spm", meta.get("prepend_scheme", "always") != "never" and meta.get("add_prefix_space", True)
+    if "ByteFallback" in types or any(p.get("type") == "Replace" and p.get("content") == " " for p in parts):
+        return "spm", any(p.get("type") == "Strip" and p.get("start", 0) > 0 for p in parts)
+    return "other", False
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+# ===================================================================== GGUF access
+
+
+def _gguf_field(reader, key: str):
+    return reader.fields.get(key)
+
+
+def _gguf_str(reader, key: str) -> str | None:
+    f = _gguf_field(reader, key)
+    if f is None:
+        return None
+    return bytes(f.parts[f.data[0]]).decode("utf-8")
+
+
+def _gguf_int(reader, key: str, default: int | None) -> int | None:
+    f = _gguf_field(reader, key)
+    return default if f is None else int(f.parts[f.data[0]][0])
+
+
+def _gguf_bool(reader, key: str, default: bool) -> bool:
+    f = _gguf_field(reader, key)
+    return default if f is None else bool(f.parts[f.data[0]][0])
+
+
+def _gguf_strings(reader, key: str) -> list[str] | None:
+    f = _gguf_field(reader, key)
+    if f is None:
+        return None
+    return [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
+
+
+def _gguf_array(reader, key: str) -> np.ndarray | None:
+    f = _gguf_field(reader, key)
+    if f is None:
+        return None
+    return np.array([f.parts[i][0] for i in f.data]) if f.data else np.zeros(0)
+
+
+# ===================================================================== entry points
+
+
+def from_gguf(reader) -> SpmTokenizer | HFTokenizer:
+    """Tokenizer of a GGUF file (``reader``: a ``gguf.GGUFReader`` already opened on it)."""
+    model = _gguf_str(reader, "tokenizer.ggml.model")
+    if model == "llama":
+        return SpmTokenizer.from_gguf(reader)
+    if model == "gpt2":
+        return HFTokenizer.from_gguf(reader)
+    if model is None:
+        raise ValueError("GGUF file has no tokenizer (key 'tokenizer.ggml.model' is missing)")
+    raise ValueError(
+        f"GGUF vocabulary type tokenizer.ggml.model={model!r} is not supported "
+        "(supported: 'llama' sentencepiece, 'gpt2' byte-level BPE)"
+    )
+
+
+def from_hf_dir(path: str | PathLike[str]) -> HFTokenizer:
+    """Tokenizer of a HF model directory (tokenizer.json + tokenizer_config/config/generation_config)."""
+    return HFTokenizer.from_hf_dir(path)
+
+
+_LOADERS = {
+    HDF5_TYPE: Tokenizer.read_hdf5,
+    SPM_HDF5_TYPE: SpmTokenizer.read_hdf5,
+    HF_HDF5_TYPE: HFTokenizer.read_hdf5,
+}
+
+
+def load_tokenizer(group: h5py.Group) -> Tokenizer | SpmTokenizer | HFTokenizer:
+    """Read any tokenizer group written by ``write_hdf5``, dispatching on its ``type`` attribute."""
+    kind = _attr_str(group, "type")
+    loader = _LOADERS.get(kind)
+    if loader is None:
+        raise ValueError(
+            f"tokenizer group {group.name!r}: unknown type={kind!r} (known: {', '.join(sorted(_LOADERS))})"
+        )
+    return loader(group)

@@ -83,3 +83,37 @@ def test_damaged_files_are_refused_with_a_reason(stories_models, tmp_path, damag
         damage(f)
     with pytest.raises(ModelFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelFile(path)
+
+
+def _random_llama2c(path, dim=512, hidden=1536, layers=12, vocab=512, seq_len=256, seed=0):
+    """A llama2.c checkpoint with random weights (shared classifier)."""
+    import struct
+
+    head_dim, n_heads = 64, dim // 64
+    count = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * dim * hidden) + dim + seq_len * head_dim
+    with open(path, "wb") as f:
+        f.write(struct.pack("<7i", dim, hidden, layers, n_heads, n_heads, vocab, seq_len))
+        np.random.default_rng(seed).standard_normal(count, dtype=np.float32).tofile(f)
+    return path
+
+
+def test_killed_conversion_leaves_no_output(tmp_path):
+    import os
+    import signal
+    import time
+
+    need_stories()
+    src = _random_llama2c(tmp_path / "big.bin")
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-m", "dllama_mpi.convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.h5.tmp*")) and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the writer has started
+    assert proc.poll() is None, "the conversion finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+    # the next conversion of the same target clears the dead writer's temporary
+    assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin")]) == 0
+    assert out.exists() and not list(tmp_path.glob(".out.h5.tmp*"))

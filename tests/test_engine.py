@@ -20,11 +20,26 @@ RANDOM_SPEC = ModelSpec(dim=160, hidden_dim=288, n_layers=2, n_heads=4, n_kv_hea
 TOKENS = [1, 77, 300, 5, 260, 411, 9, 128, 1, 33, 64, 200, 17]
 
 
+VARIANTS = {  # the architecture features, each on top of RANDOM_SPEC
+    "llama": {},
+    "qwen2-bias": {"architecture": "qwen2", "qkv_bias": True},
+    "qwen3-qknorm": {"architecture": "qwen3", "qk_norm": True, "shared_classifier": False},
+    "llama3-rope": {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_original_max_position": 16},
+}
+
+
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory):
     out = tmp_path_factory.mktemp("random")
     return {w: write_random_model(out / f"random-{w}.h5", ModelSpec(**{**RANDOM_SPEC.to_attrs(), "weight_type": w}))
-            for w in ("f32", "q40")}
+            for w in ("f32", "f16", "q40", "q80")}
+
+
+@pytest.fixture(scope="module")
+def variant_models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("variants")
+    return {v: write_random_model(out / f"{v}.h5", ModelSpec(**{**RANDOM_SPEC.to_attrs(), **extra, "weight_type": "q40"}))
+            for v, extra in VARIANTS.items()}
 
 
 def _engine_logits(path, buffer_type, tokens):
@@ -32,17 +47,27 @@ def _engine_logits(path, buffer_type, tokens):
     return [session.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)]
 
 
-@pytest.mark.parametrize("weights", ["f32", "q40"])
-@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
-def test_engine_logits_match_the_dense_reference(random_models, weights, buffer_type):
-    spec, tensors = read_dense(random_models[weights])
+def _check_against_dense(path, buffer_type):
+    spec, tensors = read_dense(path)
     dense = DenseModel(spec, tensors, buffer_type)
     expected = [dense.forward(t, pos) for pos, t in enumerate(TOKENS)]
-    got = _engine_logits(random_models[weights], buffer_type, TOKENS)
+    got = _engine_logits(path, buffer_type, TOKENS)
     for pos, (e, g) in enumerate(zip(expected, got)):
         scale = np.abs(e).max()
         assert scale > 0.1  # the test would be meaningless on vanishing logits
         assert np.abs(g - e).max() <= 1e-4 * scale, f"position {pos}"
+
+
+@pytest.mark.parametrize("weights", ["f32", "f16", "q40", "q80"])
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_engine_logits_match_the_dense_reference(random_models, weights, buffer_type):
+    _check_against_dense(random_models[weights], buffer_type)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_architecture_features_match_the_dense_reference(variant_models, variant, buffer_type):
+    _check_against_dense(variant_models[variant], buffer_type)
 
 
 def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):

@@ -353,7 +353,8 @@ def test_rmsnorm_eps_matters_for_small_inputs():
 
 def test_rope_table_angles():
     head_dim, theta = 10, 10000.0
-    cos, sin = kernels.rope_table(head_dim, 18, theta)  # (18, 5) each
+    freqs = theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (5,)
+    cos, sin = kernels.rope_table(freqs, 18)  # (18, 5) each
     assert cos.shape == sin.shape == (18, 5) and cos.dtype == np.float32
     p, i = np.meshgrid(np.arange(18), np.arange(5), indexing="ij")
     angles = p * theta ** (-2.0 * i / head_dim)
@@ -368,7 +369,7 @@ def test_rope_table_angles():
 def test_rope_matches_reference(head_dim, pos):
     n_heads = 3
     rng = np.random.default_rng(head_dim * 100 + pos)
-    cos, sin = kernels.rope_table(head_dim, 18, 10000.0)  # (18, head_dim // 2)
+    cos, sin = kernels.rope_table(10000.0 ** (-np.arange(0, head_dim, 2) / head_dim), 18)  # (18, head_dim // 2)
     vec = _varied(rng, n_heads * head_dim)  # (n_heads * head_dim,)
     expected = reference.rope(vec.copy(), head_dim, cos[pos], sin[pos])
     kernels.rope(vec, n_heads, head_dim, cos[pos], sin[pos])
@@ -619,3 +620,52 @@ def test_attention_head_slice_bit_identical_to_full():
     local_v = np.ascontiguousarray(v[:, 1:2])
     part = _run_attention(np.ascontiguousarray(q[3:]), local_k, local_v, [0, 0, 0], 17)
     np.testing.assert_array_equal(part.view(np.uint32), full[3:].view(np.uint32))
+
+
+# --- f16 and q80 weights, per-head norm -----------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(13, 7), (17, 64), (7, 224), (1, 13)])
+def test_matvec_f16_matches_reference(rows, cols):
+    rng = np.random.default_rng(rows * 31 + cols)
+    w = _matrix(rng, rows, cols).astype(np.float16)  # (rows, cols)
+    x = _varied(rng, cols)
+    out = np.zeros(rows, np.float32)
+    kernels.matvec_f16(w.view(np.uint16), kernels.F16_TABLE, x, out)
+    _assert_close(out, reference.matvec_f16(w, x))
+
+
+def test_f16_table_and_row_decode_every_value():
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # (65536,) every fp16 pattern
+    finite = np.isfinite(bits.view(np.float16))
+    expected = bits.view(np.float16).astype(np.float32)
+    out = np.zeros(bits.size, np.float32)
+    kernels.f16_row(bits, kernels.F16_TABLE, out)
+    np.testing.assert_array_equal(out[finite], expected[finite])
+
+
+@pytest.mark.parametrize("rows, cols", [(13, 224), (17, 32), (7, 416), (1, 96)])
+def test_matvec_q80_weights_match_reference(rows, cols):
+    rng = np.random.default_rng(rows * 7 + cols)
+    w_blocks = quant.quantize_q80(_matrix(rng, rows, cols))  # (rows, cols // 32) Q80
+    d, qs = w_blocks["d"].astype(np.float32), np.ascontiguousarray(w_blocks["qs"])
+    x = _varied(rng, cols)
+    xb, xd = _kernel_q80(x)
+    out = np.zeros(rows, np.float32)
+    kernels.matvec_q80_q80(d, qs, xb, xd, out)
+    _assert_close(out, reference.matvec_q80_q80(w_blocks, quant.quantize_q80(x)))
+    kernels.matvec_q80_f32(d, qs, x, out)
+    _assert_close(out, reference.matvec_q80_f32(w_blocks, x))
+    row = np.zeros(cols, np.float32)
+    kernels.dequantize_q80_row(d[rows // 2], qs[rows // 2], row)
+    np.testing.assert_array_equal(row, quant.dequantize_q80(w_blocks[rows // 2]))
+
+
+@pytest.mark.parametrize("n_heads, head_dim", [(3, 10), (1, 64), (5, 6)])
+def test_rmsnorm_heads_matches_reference(n_heads, head_dim):
+    rng = np.random.default_rng(n_heads * 100 + head_dim)
+    vec = _varied(rng, n_heads * head_dim)  # (n_heads * head_dim,)
+    weight = (1 + 0.3 * rng.standard_normal(head_dim)).astype(np.float32)  # (head_dim,)
+    expected = reference.rmsnorm_heads(vec, head_dim, weight, 1e-6)
+    kernels.rmsnorm_heads(vec, n_heads, head_dim, weight, 1e-6)
+    _assert_close(vec, expected)

@@ -46,12 +46,13 @@ def test_storage_type_uses_q40_only_for_whole_blocks(weight_type, cols, expected
 
 def test_storage_type_rejects_unknown_weight_type():
     with pytest.raises(ValueError):
-        quant.storage_type("q80", 64)
+        quant.storage_type("q3k", 64)
 
 
 @pytest.mark.parametrize(
     "tensor_type, cols, expected",
-    [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18)],
+    [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18),
+     ("f16", 172, 344), ("q80", 64, 68)],
 )
 def test_row_bytes(tensor_type, cols, expected):
     assert quant.row_bytes(tensor_type, cols) == expected
@@ -59,7 +60,7 @@ def test_row_bytes(tensor_type, cols, expected):
 
 def test_row_bytes_rejects_unknown_type():
     with pytest.raises(ValueError):
-        quant.row_bytes("q80", 64)
+        quant.row_bytes("q3k", 64)
 
 
 # ---------------------------------------------------------------- Q40

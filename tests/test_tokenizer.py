@@ -351,3 +351,240 @@ def test_from_llama2c_bad_byte_pieces(tmp_path: Path) -> None:
             f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
     with pytest.raises(ValueError, match="byte-fallback piece for id 3"):
         Tokenizer.from_llama2c(path, 259)
+
+
+# ======================================================= other tokenizer kinds
+
+import json  # noqa: E402
+
+from dllama_mpi.tokenizer import (  # noqa: E402
+    HFTokenizer,
+    SpmTokenizer,
+    from_gguf,
+    from_hf_dir,
+    load_tokenizer,
+)
+
+tokenizers = pytest.importorskip("tokenizers")
+
+HF_SENTENCES = [
+    "Once upon a time there was a little girl named Lily.",
+    "She loved to play outside in the sun with her dog.",
+    "Café, naïve, résumé — 中文 and emoji 😀 are fine too.",
+    "The quick brown fox jumps over the lazy dog. 12345",
+]
+CHAT_TEMPLATE = "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+
+
+def _write_h5(tok, path: Path):
+    with h5py.File(path, "w") as f:
+        tok.write_hdf5(f.create_group("tokenizer"))
+    with h5py.File(path, "r") as f:
+        return load_tokenizer(f["tokenizer"])
+
+
+def test_score_bpe_interface_and_load_tokenizer(synthetic: Tokenizer, tmp_path: Path) -> None:
+    assert synthetic.eos_ids == (synthetic.eos_id,)
+    assert synthetic.chat_template is None
+    loaded = _write_h5(synthetic, tmp_path / "t.h5")
+    assert type(loaded) is Tokenizer and loaded.pieces == synthetic.pieces
+    assert loaded.encode("once upon a time") == synthetic.encode("once upon a time")
+
+
+def test_load_tokenizer_unknown_type(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        g = f.create_group("tokenizer")
+        g.attrs["type"] = "wordpiece"
+        with pytest.raises(ValueError, match="unknown type='wordpiece'"):
+            load_tokenizer(g)
+
+
+# ------------------------------------------------------------ sentencepiece
+
+
+def _tiny_spm() -> SpmTokenizer:
+    """Byte tokens after the normal pieces (not at ids 3..258), a user-defined token, an unknown token."""
+    pieces = ["<unk>", "<s>", "</s>", "▁", "h", "e", "l", "o", "▁h", "ll", "llo", "▁he", "▁hello", "w", "▁w", "<tool>"]
+    scores = [0, 0, 0, -1, -5, -5, -5, -5, -2, -3, -2.5, -1.8, -1.5, -5, -2, 0]
+    types = [2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    scores += [0.0] * 256
+    types += [6] * 256
+    return SpmTokenizer(pieces, scores, types, bos_id=1, eos_id=2, chat_template=CHAT_TEMPLATE)
+
+
+def _spm_ids(tok: SpmTokenizer, *texts: str) -> list[int]:
+    return [tok.texts.index(t) for t in texts]
+
+
+def test_spm_merges_and_bytes() -> None:
+    tok = _tiny_spm()
+    assert tok.encode("hello", bos=False) == _spm_ids(tok, "▁hello")
+    assert tok.encode("hello", bos=True, eos=True) == [1, *_spm_ids(tok, "▁hello"), 2]
+    # "é" is not a piece: its UTF-8 bytes map to the <0xXX> tokens wherever they sit.
+    assert tok.encode("hé", bos=False) == [*_spm_ids(tok, "▁h"), *_spm_ids(tok, "<0xC3>", "<0xA9>")]
+    # User-defined tokens match as a whole; like llama.cpp, the text after one gets the dummy prefix again.
+    assert tok.encode("w<tool>w", bos=False) == _spm_ids(tok, "▁w", "<tool>", "▁w")
+    assert stream_decode(tok, tok.encode("w<tool>w")) == "w<tool> w"
+    assert tok.encode("<s>", bos=False) != [1] and tok.encode("<s>", bos=False, special=True) == [1]
+
+
+def test_spm_decode_and_stream() -> None:
+    tok = _tiny_spm()
+    for text in ("hello", " hello  w", "hé 😀", "w<tool>", ""):
+        ids = tok.encode(text)
+        assert stream_decode(tok, ids) == text
+    space_h = tok.texts.index("▁h")
+    assert tok.decode(tok.bos_id, space_h) == b"h" and tok.decode(space_h, space_h) == b" h"
+    assert tok.decode(0, 0) == "\u2585".encode() and tok.decode(0, 1) == b""
+
+
+def test_spm_hdf5_round_trip(tmp_path: Path) -> None:
+    tok = _tiny_spm()
+    loaded = _write_h5(tok, tmp_path / "t.h5")
+    assert isinstance(loaded, SpmTokenizer)
+    assert loaded.pieces == tok.pieces and np.array_equal(loaded.token_types, tok.token_types)
+    assert (loaded.chat_template, loaded.eos_ids, loaded.add_bos) == (CHAT_TEMPLATE, (2,), True)
+    for text in ("hello", "hé w<tool>", "<s>"):
+        assert loaded.encode(text) == tok.encode(text)
+
+
+def _write_gguf(path: Path, model: str, tokens: list[str], types: list[int] | None = None,
+                scores: list[float] | None = None, merges: list[str] | None = None, pre: str | None = None) -> None:
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if types is not None:
+        w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_from_gguf_spm(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    ref = _tiny_spm()
+    path = tmp_path / "spm.gguf"
+    _write_gguf(path, "llama", ref.texts, ref.token_types.tolist(), ref.scores.tolist())
+    tok = from_gguf(gguf.GGUFReader(path))
+    assert isinstance(tok, SpmTokenizer) and tok.chat_template == CHAT_TEMPLATE
+    assert tok.encode("hé w<tool>") == ref.encode("hé w<tool>")
+
+
+def test_from_gguf_rejects_other_vocab_types(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "bert.gguf"
+    _write_gguf(path, "bert", ["[PAD]", "[CLS]", "[SEP]"])
+    with pytest.raises(ValueError, match="tokenizer.ggml.model='bert' is not supported"):
+        from_gguf(gguf.GGUFReader(path))
+    path = tmp_path / "odd-pre.gguf"
+    _write_gguf(path, "gpt2", ["a", "b", "c"], merges=["a b"], pre="no-such-pre")
+    with pytest.raises(ValueError, match="pre-tokenizer 'no-such-pre' is not supported"):
+        from_gguf(gguf.GGUFReader(path))
+
+
+# ----------------------------------------------------------- HF directories
+
+
+def _train_byte_level_bpe():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|begin|>", "<|eos|>", "<|end|>", "<|user|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(HF_SENTENCES * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin|> $A", special_tokens=[("<|begin|>", tok.token_to_id("<|begin|>"))]
+    )
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("hf_model")
+    raw = _train_byte_level_bpe()
+    raw.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin|>", "eos_token": "<|eos|>", "chat_template": CHAT_TEMPLATE,
+    }))
+    (d / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    return d
+
+
+def test_hf_dir_loads(hf_dir: Path) -> None:
+    from tokenizers import Tokenizer as HFTok
+
+    raw = HFTok.from_file(str(hf_dir / "tokenizer.json"))
+    tok = from_hf_dir(hf_dir)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.bos_id == raw.token_to_id("<|begin|>") == 0
+    assert tok.eos_id == 1 and tok.eos_ids == (1, 2)  # <|eos|>, then generation_config's list
+    assert tok.add_bos  # from the TemplateProcessing post-processor
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert tok.vocab_size == raw.get_vocab_size()
+    for text in [*HF_SENTENCES, "unseen wörds ÆØÅ 🦙", "<|user|>hi<|end|>", ""]:
+        expected = raw.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, bos=False) == expected
+        assert tok.encode(text) == [0, *expected]
+        assert tok.encode(text, bos=True, eos=True) == [0, *expected, 1]
+        assert stream_decode(tok, tok.encode(text)) == raw.decode(expected, skip_special_tokens=True)
+
+
+def test_hf_dir_add_bos_flag_and_missing_json(hf_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "nobos"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "eos_token": "<|end|>"}))
+    tok = from_hf_dir(d)
+    assert not tok.add_bos and tok.eos_ids == (2,) and tok.chat_template is None
+    assert tok.encode("hi") == tok.encode("hi", bos=False)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        from_hf_dir(tmp_path / "nowhere")
+
+
+def test_hf_stream_holds_back_partial_characters(hf_dir: Path) -> None:
+    tok = from_hf_dir(hf_dir)
+    text = "🦙"  # unseen: split into byte-level tokens that end mid-character
+    ids = tok.encode(text, bos=False)
+    assert len(ids) >= 2
+    dec = tok.stream()
+    assert [dec.feed(0, i) for i in ids] == [""] * (len(ids) - 1) + [text] and dec.flush() == ""
+    assert b"".join(tok.decode(0, i) for i in ids) == text.encode()
+    assert tok.decode(5, tok.eos_id) == b""
+
+
+def test_hf_hdf5_round_trip(hf_dir: Path, tmp_path: Path) -> None:
+    tok = from_hf_dir(hf_dir)
+    path = tmp_path / "t.h5"
+    loaded = _write_h5(tok, path)
+    with h5py.File(path, "r") as f:
+        g = f["tokenizer"]
+        assert g.attrs["type"] == "hf-tokenizers"
+        assert g["tokenizer_json"].dtype == np.uint8
+        assert list(g.attrs["eos_ids"]) == [1, 2] and g.attrs["chat_template"] == CHAT_TEMPLATE
+        assert isinstance(Tokenizer.read_hdf5(g), HFTokenizer)
+    assert isinstance(loaded, HFTokenizer)
+    assert (loaded.bos_id, loaded.eos_id, loaded.eos_ids, loaded.add_bos, loaded.chat_template) == (
+        tok.bos_id, tok.eos_id, tok.eos_ids, tok.add_bos, tok.chat_template
+    )
+    for text in HF_SENTENCES:
+        assert loaded.encode(text) == tok.encode(text)
+        assert stream_decode(loaded, loaded.encode(text)) == text

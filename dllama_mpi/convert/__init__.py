@@ -1,7 +1,7 @@
 """Model conversion into the project's HDF5 model file (`dllama-mpi-convert`).
 
-Each source format is a reader module with `sniff(path) -> bool` and
-`read(path, tokenizer_path) -> Source`; new formats slot into READERS.
+Each source format is a reader module with FORMAT_NAME, `sniff(path) -> bool` and
+`read(path, tokenizer_path) -> Source`; a new format slots into _readers().
 """
 
 from __future__ import annotations
@@ -9,76 +9,146 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__, quant
-from ..modelfile import write_model
-from ..spec import ModelSpec
-from ..tokenizer import Tokenizer
 
 
 @dataclass
 class Source:
-    """What a reader hands the writer: the spec (weight_type filled in by the writer),
-    tensors as (name, dense f32 array) produced one at a time, and the tokenizer."""
+    """What a reader hands the writer.
+
+    spec_fields: every ModelSpec field but weight_type (the writer's --weights).
+    tensors: called once; yields (name, array) one tensor at a time, names as in
+        modelfile.tensor_layout, q/k rows in the engine's interleaved RoPE layout (see
+        convert.rope). An array is float values of the dense shape (f32/f16; bf16 widened
+        to f32 by the reader), or quant.Q40 / quant.Q80 blocks of shape (rows, cols // 32),
+        which the writer keeps bit-exact when the output type matches.
+    tokenizer: anything with write_hdf5(group) (see dllama_mpi.tokenizer).
+    files: the source files read, recorded with their sha256.
+    notes: lines the converter prints (e.g. which tensors were re-quantized)."""
 
     spec_fields: dict
     tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
-    tokenizer: Tokenizer
+    tokenizer: object
     description: str
-
-
-def _readers():
-    from . import llama2c
-
-    return [llama2c]
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class ConvertError(ValueError):
     pass
 
 
+def _readers():
+    from . import dllama, gguf_model, hf, llama2c
+
+    return [hf, gguf_model, dllama, llama2c]
+
+
+def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
+    for reader in _readers():
+        if reader.sniff(input_path):
+            return reader.read(input_path, tokenizer_path)
+    names = "; ".join(r.FORMAT_NAME for r in _readers())
+    raise ConvertError(f"can't tell the format of {input_path}: it is none of: {names}")
+
+
 def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str | Path | None,
-            weights: str, force: bool = False) -> ModelSpec:
+            weights: str, force: bool = False, budgets: list[int] | None = None, progress: bool = False):
+    """Convert one model; with `budgets`, output_path becomes a directory of per-rank shards.
+    Returns the ModelSpec written."""
+    from ..modelfile import sha256_of, write_model
+    from ..plan import make_plan, validate_budgets
+    from ..spec import ModelSpec
+
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise ConvertError(f"input {input_path} does not exist")
     if output_path.exists() and not force:
         raise ConvertError(f"output {output_path} exists; pass --force to overwrite it")
-    for reader in _readers():
-        if reader.sniff(input_path):
-            source = reader.read(input_path, tokenizer_path)
-            break
-    else:
-        names = ", ".join(r.FORMAT_NAME for r in _readers())
-        raise ConvertError(f"can't tell the format of {input_path}: it is none of: {names}")
+    source = read_source(input_path, tokenizer_path)
     spec = ModelSpec(**source.spec_fields, weight_type=weights)
-    kept_f32 = sorted({k for k in spec.matrix_cols() if spec.tensor_type(k) == "f32"}) if weights != "f32" else []
-    write_model(output_path, spec, source.tensors(), source.tokenizer, {
-        "source": source.description, "source_file": input_path.name, "converter_version": __version__,
-    })
+    plan = make_plan(spec, validate_budgets(budgets, len(budgets))) if budgets else None
+    files = sorted({Path(f) for f in source.files} or {input_path})
+    attrs = {
+        "source": source.description, "converter_version": __version__, "quantization": weights,
+        "source_files": [f.name for f in files], "source_sha256": [sha256_of(f) for f in files],
+    }
+    write_model(output_path, spec, source.tensors(), source.tokenizer, attrs, plan=plan, progress=progress)
+    for note in source.notes:
+        print(f"note: {note}", file=sys.stderr)
+    kept_f32 = sorted(k for k in spec.matrix_cols() if spec.tensor_type(k) == "f32") if weights in ("q40", "q80") else []
     if kept_f32:
         print(f"note: {', '.join(kept_f32)} kept as f32: their rows are not whole {quant.BLOCK}-value blocks",
               file=sys.stderr)
     return spec
 
 
+def info(path: str | Path) -> str:
+    """What `--info` prints: attributes, tensors with types and sizes, and a shard set's plan."""
+    from ..modelfile import ModelFile
+    from ..plan import make_plan
+
+    path = Path(path)
+    files = sorted(path.glob("shard-*-of-*.h5")) if path.is_dir() else [path]
+    if not files:
+        raise ConvertError(f"{path} holds no shard files")
+    lines = []
+    first = ModelFile(files[0])
+    try:
+        lines.append(f"{path}: {'shards' if first.shard else 'model file'}")
+        for key, value in sorted(first.attrs().items()):
+            if key not in ("shard_rank",):
+                lines.append(f"  {key} = {value}")
+        if first.shard is not None:
+            plan = make_plan(first.spec, first.shard[2])
+            lines.append(f"plan {first.shard[3]} over {first.shard[1]} ranks:")
+            lines.append(plan.table(first.spec.seq_len))
+        lines.append(f"{'tensor':<28} {'type':>5} {'shape':>18} {'MiB':>9}")
+        total = 0
+        for name, ds in first.datasets():
+            if name.startswith("tokenizer"):
+                continue
+            total += ds.id.get_storage_size()
+            lines.append(f"{name:<28} {ds.attrs.get('type', 'f32'):>5} {str(ds.shape):>18} "
+                         f"{ds.id.get_storage_size() / 2**20:>9.2f}")
+        lines.append(f"{'total' if not first.shard else 'total (shard 0)'}: {total / 2**20:.2f} MiB")
+    finally:
+        first.close()
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dllama-mpi-convert", description="Convert a model into a dllama_mpi HDF5 model file.")
-    p.add_argument("input", help="source model (llama2.c .bin checkpoint)")
-    p.add_argument("output", help="HDF5 model file to write")
-    p.add_argument("--tokenizer", help="tokenizer file (llama2.c tokenizer.bin); default: tokenizer.bin beside the input")
+    p = argparse.ArgumentParser(
+        prog="dllama-mpi-convert",
+        description="Convert a model (Hugging Face directory, GGUF, distributed-llama .m, llama2.c .bin) "
+                    "into a dllama_mpi HDF5 model file, optionally pre-split into per-rank shards.")
+    p.add_argument("input", help="source model (the format is detected), or with --info a model file/shard directory")
+    p.add_argument("output", nargs="?", help="HDF5 model file to write (a directory of shards with --memory-budget)")
+    p.add_argument("--tokenizer", help="tokenizer file when the model has none inside (llama2.c tokenizer.bin, "
+                                       "distributed-llama .t); default: tokenizer.bin beside a llama2.c input")
     p.add_argument("--weights", choices=quant.WEIGHT_TYPES, default="q40", help="weight type (default q40)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--memory-budget", nargs="+", metavar="B",
+                   help="write per-rank shards split by this plan (one budget per rank, as at run time)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--info", action="store_true", help="print a model file's (or shard directory's) contents and exit")
     args = p.parse_args(argv)
     try:
-        spec = convert(args.input, args.output, args.tokenizer, args.weights, args.force)
+        if args.info:
+            print(info(args.input))
+            return 0
+        if args.output is None:
+            p.error("OUTPUT is required unless --info is given")
+        spec = convert(args.input, args.output, args.tokenizer, args.weights, args.force, args.memory_budget,
+                       progress=True)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {spec.n_layers} layers, dim {spec.dim}, vocab {spec.vocab_size}, "
-          f"weights {spec.weight_type}", file=sys.stderr)
+    split = f", split for budgets {' '.join(args.memory_budget)}" if args.memory_budget else ""
+    print(f"wrote {args.output}: {spec.architecture}, {spec.n_layers} layers, dim {spec.dim}, vocab {spec.vocab_size}, "
+          f"weights {spec.weight_type}{split}", file=sys.stderr)
     return 0

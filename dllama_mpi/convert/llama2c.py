@@ -84,4 +84,4 @@ def read(path: Path, tokenizer_path: str | Path | None):
             else:
                 yield name, np.array(array)
 
-    return Source(spec_fields, tensors, tokenizer, f"llama2.c checkpoint {path.name}")
+    return Source(spec_fields, tensors, tokenizer, f"llama2.c checkpoint {path.name}", [path, tokenizer_path])

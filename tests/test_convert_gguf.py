@@ -1,0 +1,256 @@
+"""GGUF reader (dllama_mpi.convert.gguf_model) on small GGUF files written with gguf.GGUFWriter
+the way llama.cpp's convert_hf_to_gguf lays them out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from dllama_mpi import quant  # noqa: E402
+from dllama_mpi.convert import gguf_model  # noqa: E402
+from dllama_mpi.convert.rope import halves_to_interleaved  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, CTX = 96, 160, 2, 3, 1, 300, 128
+HEAD_DIM = DIM // HEADS
+LAYER_NAMES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+               "w2": "ffn_down", "w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute (halves -> interleaved pairs per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_weights(rng, arch: str, tied: bool = False) -> dict[str, np.ndarray]:
+    """Hugging Face layout (q/k halves), our names."""
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w = {"tok_embeddings": r(VOCAB, DIM), "norm": r(DIM)}
+    if not tied:
+        w["output"] = r(VOCAB, DIM)
+    for i in range(LAYERS):
+        p = f"layers/{i}/"
+        w.update({p + "wq": r(HEADS * HEAD_DIM, DIM), p + "wk": r(KV_HEADS * HEAD_DIM, DIM),
+                  p + "wv": r(KV_HEADS * HEAD_DIM, DIM), p + "wo": r(DIM, HEADS * HEAD_DIM),
+                  p + "w1": r(HIDDEN, DIM), p + "w2": r(DIM, HIDDEN), p + "w3": r(HIDDEN, DIM),
+                  p + "attention_norm": r(DIM), p + "ffn_norm": r(DIM)})
+        if arch == "qwen2":
+            w.update({p + "bq": r(HEADS * HEAD_DIM), p + "bk": r(KV_HEADS * HEAD_DIM), p + "bv": r(KV_HEADS * HEAD_DIM)})
+    return w
+
+
+def gguf_name(ours: str) -> str:
+    if ours == "tok_embeddings":
+        return "token_embd.weight"
+    if ours == "norm":
+        return "output_norm.weight"
+    if ours == "output":
+        return "output.weight"
+    _, i, kind = ours.split("/")
+    if kind in ("bq", "bk", "bv"):
+        return f"blk.{i}.attn_{kind[1]}.bias"
+    return f"blk.{i}.{LAYER_NAMES[kind]}.weight"
+
+
+def stored_layout(hf: dict, arch: str) -> dict:
+    """What convert_hf_to_gguf stores: llama q/k permuted to interleaved, qwen2 untouched."""
+    out = dict(hf)
+    if arch == "llama":
+        for name in hf:
+            if name.endswith("/wq"):
+                out[name] = hf_permute(hf[name], HEADS)
+            elif name.endswith("/wk"):
+                out[name] = hf_permute(hf[name], KV_HEADS)
+    return out
+
+
+def ours_expected(hf: dict) -> dict:
+    """The engine's layout: q/k rows (and biases) interleaved."""
+    out = dict(hf)
+    for name in hf:
+        if name.rsplit("/", 1)[-1] in ("wq", "wk", "bq", "bk"):
+            out[name] = halves_to_interleaved(hf[name], HEAD_DIM)
+    return out
+
+
+def spm_vocab():
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    words = ["▁the", "▁once", "▁upon", "▁a", "▁time", "the", "on", "ce"]
+    tokens += words + [f"▁w{i}" for i in range(VOCAB - len(tokens) - len(words))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (VOCAB - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(VOCAB - 259)]
+    return tokens, scores, types
+
+
+def write_gguf(path, arch: str, tensors: dict, types: dict | None = None, rope_freqs: np.ndarray | None = None,
+               theta: float = 10000.0, extra=None) -> dict:
+    """tensors: our name -> f32 array as stored; types: our name -> GGML type (default F32).
+    Returns our name -> the raw stored array (quantized bytes or floats)."""
+    types = types or {}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(CTX)
+    w.add_embedding_length(DIM)
+    w.add_feed_forward_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(theta)
+    w.add_rope_dimension_count(HEAD_DIM)
+    if extra:
+        extra(w)
+    tokens, scores, ttypes = spm_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(ttypes)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    raw = {}
+    for name, array in tensors.items():
+        kind = types.get(name, Q.F32)
+        if kind == Q.F32:
+            data = np.ascontiguousarray(array, dtype=np.float32)
+            w.add_tensor(gguf_name(name), data)
+        else:
+            data = gguf.quants.quantize(array, kind)
+            w.add_tensor(gguf_name(name), data, raw_dtype=kind)
+        raw[name] = data
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return raw
+
+
+def base_fields(arch, tied=False):
+    f = dict(dim=DIM, hidden_dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+             vocab_size=VOCAB, seq_len=CTX, norm_eps=pytest.approx(1e-6), rope_theta=10000.0,
+             shared_classifier=tied, architecture=arch)
+    if arch == "qwen2":
+        f["qkv_bias"] = True
+    return f
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_f32_layouts(tmp_path, arch, tied):
+    hf = hf_weights(np.random.default_rng(0), arch, tied)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, arch, stored_layout(hf, arch))
+    assert gguf_model.sniff(path)
+    src = gguf_model.read(path, None)
+    assert src.spec_fields == base_fields(arch, tied)
+    got = dict(src.tensors())
+    expected = ours_expected(hf)
+    assert set(got) == set(expected)
+    for name, array in got.items():
+        assert array.dtype == np.float32, name
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+    assert src.notes == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q4_0_and_q8_0_pass_through_bit_exact(tmp_path, arch):
+    hf = hf_weights(np.random.default_rng(1), arch)
+    stored = stored_layout(hf, arch)
+    types = {n: Q.Q4_0 for n in stored if n.rsplit("/", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    types["output"] = Q.Q8_0
+    types["tok_embeddings"] = Q.Q4_0
+    path = tmp_path / "q.gguf"
+    raw = write_gguf(path, arch, stored, types)
+    got = dict(gguf_model.read(path, None).tensors())
+    for name, kind in types.items():
+        array = got[name]
+        assert array.dtype == (quant.Q40 if kind == Q.Q4_0 else quant.Q80), name
+        rows, cols = stored[name].shape
+        assert array.shape == (rows, cols // 32)
+        expected_bytes = raw[name]
+        if arch == "qwen2" and name.rsplit("/", 1)[-1] in ("wq", "wk"):
+            expected_bytes = halves_to_interleaved(expected_bytes, HEAD_DIM)  # whole rows of blocks move
+        assert array.tobytes() == np.ascontiguousarray(expected_bytes).tobytes(), name
+        # and the values are the source's, in our layout
+        decoded = quant.decode(array)
+        np.testing.assert_allclose(decoded, ours_expected(hf)[name], atol=np.abs(hf[name]).max() / 6)
+
+
+def test_other_types_are_dequantized_with_a_note(tmp_path):
+    hf = hf_weights(np.random.default_rng(2), "llama")
+    stored = stored_layout(hf, "llama")
+    types = {"layers/0/w2": Q.Q5_0, "layers/1/w1": Q.Q5_0, "layers/0/wo": Q.BF16, "layers/1/w3": Q.F16}
+    path = tmp_path / "k.gguf"
+    write_gguf(path, "llama", stored, types)
+    src = gguf_model.read(path, None)
+    assert sorted(src.notes) == ["re-quantized: layers/0/w2 from Q5_0", "re-quantized: layers/1/w1 from Q5_0"]
+    got = dict(src.tensors())
+    for name in ("layers/0/w2", "layers/1/w1"):
+        assert got[name].dtype == np.float32
+        np.testing.assert_allclose(got[name], stored[name], atol=np.abs(stored[name]).max() / 12)
+    assert got["layers/0/wo"].dtype == np.float32
+    np.testing.assert_allclose(got["layers/0/wo"], stored["layers/0/wo"], rtol=1e-2)
+    assert got["layers/1/w3"].dtype == np.float16
+    np.testing.assert_array_equal(got["layers/1/w3"], stored["layers/1/w3"].astype(np.float16))
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    hf = hf_weights(np.random.default_rng(3), "llama")
+    factors = gguf_model.llama3_rope_factors(HEAD_DIM, 500000.0, 32.0, 1.0, 4.0, 8192)
+    assert 1 < len(set(factors.tolist()))
+    path = tmp_path / "l3.gguf"
+    write_gguf(path, "llama", stored_layout(hf, "llama"), rope_freqs=factors, theta=500000.0)
+    src = gguf_model.read(path, None)
+    f = src.spec_fields
+    assert (f["rope_scaling"], f["rope_scaling_factor"], f["rope_low_freq_factor"], f["rope_high_freq_factor"],
+            f["rope_original_max_position"]) == ("llama3", 32.0, 1.0, 4.0, 8192)
+    assert "rope_freqs" not in dict(src.tensors())
+
+
+def test_unsupported_inputs(tmp_path):
+    hf = hf_weights(np.random.default_rng(4), "llama")
+    path = tmp_path / "y.gguf"
+    write_gguf(path, "llama", stored_layout(hf, "llama"),
+               extra=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)))
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        gguf_model.read(path, None)
+    other = tmp_path / "x.bin"
+    other.write_bytes(b"\x00" * 64)
+    assert not gguf_model.sniff(other)
+    assert not gguf_model.sniff(tmp_path / "missing")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes()[:200])
+    assert gguf_model.sniff(bad)
+    with pytest.raises(ValueError):
+        gguf_model.read(bad, None)
+
+
+def test_end_to_end_q40_bit_exact(tmp_path):
+    import h5py
+
+    from dllama_mpi.convert import convert
+    from dllama_mpi.modelfile import write_model
+    from dllama_mpi.spec import ModelSpec
+
+    for arch in ("llama", "qwen2"):
+        hf = hf_weights(np.random.default_rng(5), arch)
+        stored = stored_layout(hf, arch)
+        types = {n: Q.Q4_0 for n in stored if n.rsplit("/", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+        types["output"] = Q.Q4_0
+        path = tmp_path / f"{arch}.gguf"
+        raw = write_gguf(path, arch, stored, types)
+        out = tmp_path / f"{arch}.h5"
+        try:
+            convert(path, out, None, "q40")
+        except ValueError as exc:
+            if "can't tell the format" not in str(exc):
+                raise
+            src = gguf_model.read(path, None)  # reader not registered yet
+            write_model(out, ModelSpec(**src.spec_fields, weight_type="q40"), src.tensors(), src.tokenizer)
+        with h5py.File(out, "r") as f:
+            for name in ("layers/0/w1", "layers/1/w2", "layers/1/wv", "output"):
+                assert f[name][()].tobytes() == raw[name].tobytes(), (arch, name)
+            wq = halves_to_interleaved(raw["layers/0/wq"], HEAD_DIM) if arch == "qwen2" else raw["layers/0/wq"]
+            assert f["layers/0/wq"][()].tobytes() == np.ascontiguousarray(wq).tobytes(), arch

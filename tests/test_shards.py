@@ -1,0 +1,102 @@
+"""Pre-split per-rank shards: same logits as the unsplit file, and clear refusals."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, STORIES, need_stories, run_mpiexec
+
+from dllama_mpi.convert import convert, info
+from dllama_mpi.plan import make_plan
+from dllama_mpi.spec import ModelSpec
+
+TOKENS = [1, 403, 407, 261, 378, 29, 300, 12]
+PLANS = [["3", "1"], ["2", "1", "1"], ["3", "2", "2", "1"]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    need_stories()
+    d = tmp_path_factory.mktemp("shards")
+    src, tok = STORIES / "stories260K.bin", STORIES / "tok512.bin"
+    out = {"whole": d / "whole.h5"}
+    convert(src, out["whole"], tok, "q40")
+    for budgets in PLANS:
+        out[" ".join(budgets)] = d / f"shards-{'-'.join(budgets)}"
+        convert(src, out[" ".join(budgets)], tok, "q40", budgets=budgets)
+    return out
+
+
+def _dump(path, budgets, out):
+    return run_mpiexec(len(budgets), [sys.executable, str(REPO / "tests" / "engine_dump.py"), str(path), str(out),
+                                      "--budgets", *budgets, "--tokens", *map(str, TOKENS), "--buffer", "q80"],
+                       timeout=180)
+
+
+@pytest.mark.parametrize("budgets", PLANS, ids=lambda b: "-".join(b))
+def test_shards_give_the_same_logits_as_the_whole_file(models, budgets, tmp_path):
+    whole, shards = _dump(models["whole"], budgets, tmp_path / "a.npz"), _dump(models[" ".join(budgets)], budgets,
+                                                                              tmp_path / "b.npz")
+    assert whole.returncode == 0 and shards.returncode == 0, whole.stderr + shards.stderr
+    a, b = np.load(tmp_path / "a.npz")["logits"], np.load(tmp_path / "b.npz")["logits"]
+    assert a.shape == (len(TOKENS), 512)
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_each_shard_holds_only_its_rows(models):
+    directory = models["3 2 2 1"]
+    with h5py.File(directory / "shard-0-of-4.h5", "r") as f:
+        plan = make_plan(ModelSpec.from_attrs(f.attrs), [3, 2, 2, 1])
+    for r in range(4):
+        with h5py.File(directory / f"shard-{r}-of-4.h5", "r") as f:
+            a, b = plan.rows("wq", r)
+            assert f["layers/0/wq"].shape[0] == b - a
+            a, b = plan.rows("w1", r)
+            assert f["layers/4/w1"].shape[0] == b - a
+            assert f.attrs["plan_hash"] == plan.plan_hash() and f.attrs["shard_rank"] == r
+
+
+def _cli(n, *args):
+    return run_mpiexec(n, [sys.executable, "-m", "dllama_mpi", *args, "--steps", "4"], timeout=60)
+
+
+def test_other_budgets_are_refused_naming_both_plans_and_the_ways_out(models):
+    result = _cli(2, "--model", str(models["3 1"]), "--memory-budget", "1", "1")
+    assert result.returncode == 2
+    err = result.stderr
+    assert "budgets 3 1" in err and "budgets 1 1" in err and "--memory-budget 3 1" in err and "unsplit" in err
+    assert err.count("error:") == 1
+
+
+def test_other_world_size_is_refused(models):
+    result = _cli(2, "--model", str(models["3 2 2 1"]), "--memory-budget", "3", "2")
+    assert result.returncode == 2 and "split for 4 rank(s)" in result.stderr
+
+
+def test_missing_shard_is_named(models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(models["2 1 1"], broken)
+    (broken / "shard-2-of-3.h5").unlink()
+    result = _cli(3, "--model", str(broken), "--memory-budget", "2", "1", "1")
+    assert result.returncode == 2 and "shard-2-of-3.h5 is missing" in result.stderr
+
+
+def test_shard_of_another_model_is_refused(models, tmp_path):
+    other = tmp_path / "other"
+    convert(STORIES / "stories260K.bin", other, STORIES / "tok512.bin", "f32", budgets=["2", "1", "1"])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(models["2 1 1"], mixed)
+    shutil.copy(other / "shard-1-of-3.h5", mixed / "shard-1-of-3.h5")
+    result = _cli(3, "--model", str(mixed), "--memory-budget", "2", "1", "1")
+    assert result.returncode == 2 and "is not shard 1 of the model" in result.stderr
+
+
+def test_info_prints_attributes_tensors_and_plan(models):
+    text = info(models["3 2 2 1"])
+    assert "shards" in text.splitlines()[0] and "plan_budgets" in text
+    assert "weights MiB" in text and "layers/0/wq" in text and "q40" in text
+    assert "source_sha256" in info(models["whole"])
