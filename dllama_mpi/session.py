@@ -22,7 +22,6 @@ from .plan import Plan, make_plan
 from .tokenizer import Tokenizer
 from .weights import LocalWeights, load
 
-
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length unless --max-seq-len says otherwise (<= the model's)
 
 

@@ -254,3 +254,59 @@ def test_end_to_end_q40_bit_exact(tmp_path):
                 assert f[name][()].tobytes() == raw[name].tobytes(), (arch, name)
             wq = halves_to_interleaved(raw["layers/0/wq"], HEAD_DIM) if arch == "qwen2" else raw["layers/0/wq"]
             assert f["layers/0/wq"][()].tobytes() == np.ascontiguousarray(wq).tobytes(), arch
+
+
+HF_NAMES = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+            "wo": "self_attn.o_proj.weight", "w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj.weight",
+            "w3": "mlp.up_proj.weight", "attention_norm": "input_layernorm.weight",
+            "ffn_norm": "post_attention_layernorm.weight", "bq": "self_attn.q_proj.bias",
+            "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+
+
+def write_hf_dir(directory, arch: str, hf: dict) -> None:
+    """The same weights as a Hugging Face directory (config, safetensors, a small tokenizer)."""
+    import json
+
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    directory.mkdir()
+    names = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+    tensors = {}
+    for ours, array in hf.items():
+        if ours in names:
+            tensors[names[ours]] = array
+        else:
+            _, i, kind = ours.split("/")
+            tensors[f"model.layers.{i}.{HF_NAMES[kind]}"] = array
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": arch, "hidden_size": DIM, "intermediate_size": HIDDEN, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
+        "max_position_embeddings": CTX, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": "output" not in hf}))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a tiny tokenizer"], trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"]))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_and_hf_paths_give_the_same_logits(tmp_path, arch):
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.convert import convert
+    from dllama_mpi.session import open_session
+
+    rng = np.random.default_rng(11)
+    hf = {k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
+          for k, v in hf_weights(rng, arch).items()}
+    write_hf_dir(tmp_path / "hf", arch, hf)
+    write_gguf(tmp_path / "m.gguf", arch, stored_layout(hf, arch))
+    logits = {}
+    for name, src in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        convert(src, tmp_path / f"{name}.h5", None, "f32")
+        session = open_session(Comm(), tmp_path / f"{name}.h5", (1,), prompt="a", buffer_type="f32", max_seq_len=8)
+        logits[name] = np.stack([session.engine.forward(t, pos).copy() for pos, t in enumerate([1, 5, 260, 77])])
+    assert np.abs(logits["hf"]).max() > 0.1
+    np.testing.assert_array_equal(logits["gguf"], logits["hf"])

@@ -384,7 +384,7 @@ def _write_h5(tok, path: Path):
 
 
 def test_score_bpe_interface_and_load_tokenizer(synthetic: Tokenizer, tmp_path: Path) -> None:
-    assert synthetic.eos_ids == (synthetic.eos_id,)
+    assert synthetic.eos_ids == (synthetic.eos_id, synthetic.bos_id)  # llama2.c models end a story with BOS
     assert synthetic.chat_template is None
     loaded = _write_h5(synthetic, tmp_path / "t.h5")
     assert type(loaded) is Tokenizer and loaded.pieces == synthetic.pieces

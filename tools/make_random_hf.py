@@ -62,7 +62,7 @@ def write(shape: str, out: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     with open(out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shp in shapes.items():
+        for shp in shapes.values():
             rows = shp[0]
             step = max(1, (1 << 24) // int(np.prod(shp[1:], dtype=np.int64)))
             for a in range(0, rows, step):  # in slices: memory stays small
