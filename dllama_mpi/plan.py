@@ -159,12 +159,14 @@ class Plan:
     # --- memory -------------------------------------------------------------------
     def weight_bytes(self, rank: int) -> int:
         spec = self.spec
-        per_layer = sum(
-            (self.rows(k, rank)[1] - self.rows(k, rank)[0]) * spec.row_bytes(k)
-            for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-        ) + 2 * 4 * spec.dim
+        rows = {k: self.rows(k, rank)[1] - self.rows(k, rank)[0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+        per_layer = sum(n * spec.resident_row_bytes(k) for k, n in rows.items()) + 2 * 4 * spec.dim
+        if spec.qkv_bias:
+            per_layer += 4 * (rows["wq"] + rows["wk"] + rows["wv"])
+        if spec.qk_norm:
+            per_layer += 2 * 4 * spec.head_dim
         vocab = self.rows("output", rank)
-        tables = (vocab[1] - vocab[0]) * spec.row_bytes("tok_embeddings") * (1 if spec.shared_classifier else 2)
+        tables = (vocab[1] - vocab[0]) * spec.resident_row_bytes("tok_embeddings") * (1 if spec.shared_classifier else 2)
         return spec.n_layers * per_layer + tables + 4 * spec.dim
 
     def kv_cache_bytes(self, rank: int, max_seq_len: int) -> int:

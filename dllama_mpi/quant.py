@@ -37,6 +37,13 @@ def row_bytes(tensor_type: str, cols: int) -> int:
     return stored_dtype(tensor_type).itemsize * stored_cols(tensor_type, cols)
 
 
+def resident_row_bytes(tensor_type: str, cols: int) -> int:
+    """Bytes of one row as the kernels hold it in memory: a quantized block's fp16 scale is
+    widened to f32 (numba has no float16), so 20 bytes per Q40 block, 36 per Q80 block."""
+    extra = 2 * stored_cols(tensor_type, cols) if tensor_type in ("q40", "q80") else 0
+    return row_bytes(tensor_type, cols) + extra
+
+
 def stored_dtype(tensor_type: str) -> np.dtype:
     """The element dtype of a stored row: a value (f32, f16) or a block (q40, q80)."""
     try:

@@ -84,8 +84,9 @@ class ModelSpec:
     def tensor_type(self, kind: str) -> str:
         return quant.storage_type(self.weight_type, self.matrix_cols()[kind])
 
-    def row_bytes(self, kind: str) -> int:
-        return quant.row_bytes(self.tensor_type(kind), self.matrix_cols()[kind])
+    def resident_row_bytes(self, kind: str) -> int:
+        """Memory of one local row of matrix `kind` (what a rank's budget pays for)."""
+        return quant.resident_row_bytes(self.tensor_type(kind), self.matrix_cols()[kind])
 
     def rope_freqs(self) -> np.ndarray:
         """Angle per position of each rotated pair, (head_dim // 2,) float64: theta**(-2i/head_dim),

@@ -121,7 +121,7 @@ def test_weight_bytes_add_up_to_the_model():
     plan = make_plan(spec, [3, 2, 2, 1])
     one = make_plan(spec, [1])
     kv_duplicated = sum(plan.ranks[r].n_local_kv_heads for r in range(4)) - spec.n_kv_heads
-    dup_bytes = 2 * spec.n_layers * kv_duplicated * spec.head_dim * spec.row_bytes("wk")
+    dup_bytes = 2 * spec.n_layers * kv_duplicated * spec.head_dim * spec.resident_row_bytes("wk")
     replicated = (4 - 1) * (2 * spec.n_layers + 1) * 4 * spec.dim
     assert sum(plan.weight_bytes(r) for r in range(4)) == one.weight_bytes(0) + dup_bytes + replicated
 
@@ -149,3 +149,16 @@ def test_q80_alignment_follows_head_dim_and_lengths():
     assert make_plan(STORIES, [1]).q80_aligned("dim")
     assert not make_plan(STORIES, [1]).q80_aligned("ffn")  # 172
     assert make_plan(TINYLLAMA, [1]).q80_aligned("att")
+
+
+def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
+    from conftest import write_random_model
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.session import open_session
+
+    spec = ModelSpec(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32, vocab_size=320,
+                     seq_len=16, weight_type="q40", qkv_bias=True, qk_norm=True, shared_classifier=False)
+    path = write_random_model(tmp_path / "m.h5", spec)
+    session = open_session(Comm(), path, (1,), max_seq_len=8)
+    assert session.weights.nbytes == session.plan.weight_bytes(0)
