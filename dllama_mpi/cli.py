@@ -14,6 +14,7 @@ import time
 import traceback
 
 from . import quant
+from .modelfile import ModelFileError
 from .session import UsageError
 
 log = logging.getLogger("dllama_mpi")
@@ -64,6 +65,10 @@ def run_guarded(comm, job) -> int:
         return 2
     except SystemExit:
         raise
+    except ModelFileError as exc:  # found by one rank while loading (e.g. a checksum): no traceback
+        log.error("rank %d: %s", comm.rank, exc)
+        comm.abort(2)
+        return 2
     except BaseException as exc:
         name = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         log.error("rank %d %s:\n%s", comm.rank, name, traceback.format_exc().rstrip())

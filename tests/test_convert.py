@@ -117,3 +117,16 @@ def test_killed_conversion_leaves_no_output(tmp_path):
     # the next conversion of the same target clears the dead writer's temporary
     assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin")]) == 0
     assert out.exists() and not list(tmp_path.glob(".out.h5.tmp*"))
+
+
+def test_flipped_byte_in_a_weight_is_caught(stories_models, tmp_path):
+    path = tmp_path / "flipped.h5"
+    path.write_bytes(stories_models["q40"].read_bytes())
+    with h5py.File(path, "r") as f:
+        offset = f["layers/1/w1"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+    model = ModelFile(path)  # attributes and shapes are intact
+    with pytest.raises(ModelFileError, match="layers/1/w1.*damaged"):
+        model.read("layers/1/w1")

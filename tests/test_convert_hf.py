@@ -61,7 +61,8 @@ def _build(model_type: str, directory: Path):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(directory, safe_serialization=True)
+    # llama: several safetensors files with model.safetensors.index.json
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB" if model_type == "llama" else "1GB")
     _tokenizer_files(directory)
     return model
 
@@ -98,6 +99,13 @@ def test_engine_matches_transformers(converted, n, budgets, tmp_path):
     scale = np.abs(expected).max()
     assert np.abs(got["logits"] - expected).max() <= 1e-4 * scale, model_type
     assert got["greedy"].tolist() == expected_greedy, model_type
+
+
+def test_sharded_checkpoint_was_exercised(converted):
+    model_type, path, _, _ = converted
+    hf_dir = path.parent / "hf"
+    if model_type == "llama":
+        assert (hf_dir / "model.safetensors.index.json").exists() and len(list(hf_dir.glob("*.safetensors"))) > 1
 
 
 def test_spec_records_the_architecture(converted):
