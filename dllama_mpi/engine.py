@@ -1,12 +1,14 @@
-"""Run state and the per-token forward pass of one rank.
+"""Run state and the forward pass of one rank, on blocks of T tokens (a prompt is fed in
+blocks of up to `max_batch` tokens; decoding is T = 1).
 
-Every buffer and the KV cache are allocated once in Engine.__init__; forward() allocates
+Every buffer and the KV cache are allocated once in Engine.__init__; decoding allocates
 nothing. Per layer (x replicated on every rank):
 
-  x -> rmsnorm -> own q/k/v rows -> rope -> attention over own KV cache -> Allgatherv(att)
-    -> own wo rows -> Allgatherv(dim) -> x += ; x -> rmsnorm -> own w1/w3 rows -> silu*mul
-    -> Allgatherv(ffn) -> own w2 rows -> Allgatherv(dim) -> x +=
-then own classifier rows -> Gatherv(logits) to rank 0.
+  x -> rmsnorm -> own q/k/v rows -> rope -> causal attention over own KV cache
+    -> Allgatherv(att) -> own wo rows -> Allgatherv(dim) -> x += ;
+  x -> rmsnorm -> own w1/w3 rows -> silu*mul -> Allgatherv(ffn) -> own w2 rows
+    -> Allgatherv(dim) -> x +=
+then own classifier rows for the block's last token -> Gatherv(logits) to rank 0.
 """
 
 from __future__ import annotations
@@ -21,103 +23,122 @@ from .plan import Plan
 from .weights import LocalWeights, Matrix
 
 F32 = np.float32
+BLOCK = kernels.BLOCK
 
 
-class Vector:
-    """A full-length activation, identical on every rank, with its Q80 form when the buffer
-    type is q80 and the length is whole blocks (the input Q40 matrices take)."""
+class Activations:
+    """A full-width activation of up to t_max tokens, identical on every rank, with the
+    forms the matmuls take (see kernels): Q80 unpacked when the buffer type is q80, else f32
+    transposed, whenever the width is whole blocks."""
 
-    def __init__(self, n: int, q80: bool):
-        self.f32 = np.zeros(n, F32)  # (n,)
-        self.q80 = q80 and n % kernels.BLOCK == 0
-        nb = n // kernels.BLOCK if self.q80 else 0
-        self.blocks = np.zeros((nb, 34), np.uint8)  # (nb, 34) Q80
-        self.d = np.zeros(nb, F32)  # (nb,) decoded scales
+    def __init__(self, n: int, t_max: int, q80: bool):
+        self.n = n
+        self.f32 = np.zeros((t_max, n), F32)  # (T, n)
+        nb = n // BLOCK if n % BLOCK == 0 else 0
+        self.q80 = q80 and nb > 0
+        self.blocks = np.zeros((t_max, nb if self.q80 else 0, 34), np.uint8)  # Q80 as it travels
+        self.xq = np.zeros((t_max, BLOCK, nb if self.q80 else 0), np.int8)
+        self.xsum = np.zeros((t_max, nb if self.q80 else 0), np.int32)
+        self.xd = np.zeros((t_max, nb if self.q80 else 0), F32)
+        self.xt = np.zeros((t_max, BLOCK, nb if not self.q80 else 0), F32)
 
-    def quantize(self) -> None:
+    def prepare(self, n_tok: int) -> None:
+        """Derive the matmul forms of f32[:n_tok] (after the values are final)."""
         if self.q80:
-            kernels.quantize_q80(self.f32, self.blocks)
-            kernels.q80_scales(self.blocks, self.d)
+            kernels.quantize_q80(self.f32[:n_tok], self.blocks[:n_tok])
+            kernels.q80_unpack(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
+        elif self.xt.shape[2]:
+            kernels.f32_unpack(self.f32[:n_tok], self.xt[:n_tok])
 
 
-class GatheredVector(Vector):
-    """A vector each rank computes a span of (`local`), then Allgatherv'd: as Q80 blocks
-    when the plan says every split falls on block boundaries, else as f32."""
+class GatheredActivations(Activations):
+    """An activation each rank computes a column span of (`local`), then Allgatherv'd: as Q80
+    blocks when the plan says every split falls on block boundaries, else as f32. In transit
+    each rank's part for all T tokens is contiguous (rank-major); it is unpacked into
+    (T, n) on arrival."""
 
-    def __init__(self, comm: Comm, plan: Plan, name: str, n: int, q80: bool):
-        super().__init__(n, q80)
-        spans = plan.segments(name)
-        a, b = spans[comm.rank]
-        self.local = self.f32[a:b]
+    def __init__(self, comm: Comm, plan: Plan, name: str, n: int, t_max: int, q80: bool):
+        super().__init__(n, t_max, q80)
+        self.comm, self.spans = comm, plan.segments(name)
+        a, b = self.spans[comm.rank]
+        self.local = np.zeros((t_max, b - a), F32)  # (T, own columns): the rank's output
         self.travels_q80 = self.q80 and plan.q80_aligned(name)
+        unit = BLOCK if self.travels_q80 else 1
+        self._units = [((s // unit), (e // unit)) for s, e in self.spans]  # blocks or values
+        width = 34 if self.travels_q80 else 1
+        self._transit = np.zeros(t_max * (n // unit) * width, np.uint8 if self.travels_q80 else F32)
+        self._plans: dict[int, tuple] = {}
+        self._plan_for(1)  # decoding's, made now: the per-token path allocates nothing
+
+    def _plan_for(self, n_tok: int):
+        """Views of each rank's part in transit and the Allgatherv for blocks of n_tok tokens."""
+        if n_tok not in self._plans:
+            width = 34 if self.travels_q80 else 1
+            parts = []
+            for s, e in self._units:
+                part = self._transit[n_tok * s * width : n_tok * e * width]
+                parts.append(part.reshape(n_tok, e - s, 34) if self.travels_q80 else part.reshape(n_tok, e - s))
+            spans = tuple((n_tok * s * width, n_tok * e * width) for s, e in self._units)
+            self._plans[n_tok] = (parts, self.comm.gatherer(self._transit[: n_tok * self._units[-1][1] * width], spans))
+        return self._plans[n_tok]
+
+    def gather(self, n_tok: int) -> None:
+        parts, allgather = self._plan_for(n_tok)
+        mine = parts[self.comm.rank]
         if self.travels_q80:
-            bs = kernels.BLOCK
-            self._local_blocks = self.blocks[a // bs : b // bs]
-            self._gather = comm.gatherer(self.blocks, tuple((s // bs, e // bs) for s, e in spans))
+            kernels.quantize_q80(self.local[:n_tok], mine)
         else:
-            self._gather = comm.gatherer(self.f32, spans)
-
-    def gather(self) -> None:
+            mine[...] = self.local[:n_tok]
+        allgather()
+        for (s, e), part in zip(self._units, parts):
+            if self.travels_q80:
+                self.blocks[:n_tok, s:e] = part
+            else:
+                self.f32[:n_tok, s:e] = part
         if self.travels_q80:
-            kernels.quantize_q80(self.local, self._local_blocks)
-            self._gather()
-            kernels.q80_scales(self.blocks, self.d)
-            kernels.dequantize_q80(self.blocks, self.d, self.f32)
+            kernels.q80_unpack(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
+            kernels.q80_values(self.xq[:n_tok], self.xd[:n_tok], self.f32[:n_tok])
         else:
-            self._gather()
-            self.quantize()
-
-
-def matvec(m: Matrix, x: Vector, out: np.ndarray, pool: threads.Pool) -> None:
-    """out = m @ x on this rank's rows; quantized weights take x's Q80 form when it has one."""
-    pool.size_for(m.rows * m.cols)
-    if m.type == "f32":
-        kernels.matvec_f32(m.w, x.f32, out)
-    elif m.type == "f16":
-        kernels.matvec_f16(m.w, kernels.F16_TABLE, x.f32, out)
-    elif m.type == "q40":
-        if x.q80:
-            kernels.matvec_q40_q80(m.d, m.qs, x.blocks, x.d, out)
-        else:
-            kernels.matvec_q40_f32(m.d, m.qs, x.f32, out)
-    elif x.q80:
-        kernels.matvec_q80_q80(m.d, m.qs, x.blocks, x.d, out)
-    else:
-        kernels.matvec_q80_f32(m.d, m.qs, x.f32, out)
+            self.prepare(n_tok)
 
 
 class Engine:
-    def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str):
+    def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str,
+                 max_batch: int = 64):
         spec, me = plan.spec, plan.ranks[comm.rank]
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
         self.pool = threads.Pool()  # the rank's thread count as set at launch
         self.max_seq_len = max_seq_len
+        self.max_batch = t_max = max(1, min(max_batch, max_seq_len))
         q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
 
-        self.x = np.zeros(spec.dim, F32)  # (dim,) residual stream
-        self.xb = Vector(spec.dim, q80)  # (dim,) normed input of a block
-        self.q = np.zeros((nh, hd), F32)  # own query heads
-        self.att = GatheredVector(comm, plan, "att", spec.q_dim, q80)  # (n_heads * hd,)
-        self.att_local = self.att.local.reshape(nh, hd)
+        self.x = np.zeros((t_max, spec.dim), F32)  # (T, dim) residual stream
+        self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a block
+        self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
+        self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, q80)  # (T, n_heads * hd)
         self.scores = np.zeros((nh, max_seq_len), F32)
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
-        self.dim_out = GatheredVector(comm, plan, "dim", spec.dim, q80)  # (dim,) wo / w2 output
+        self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, q80)  # wo / w2 output
         a, b = me.ffn_rows
-        self.h1 = np.zeros(b - a, F32)
-        self.h3 = np.zeros(b - a, F32)
-        self.ffn = GatheredVector(comm, plan, "ffn", spec.hidden_dim, q80)  # (hidden,)
+        self.h1 = np.zeros((t_max, b - a), F32)
+        self.h3 = np.zeros((t_max, b - a), F32)
+        self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, q80)  # (T, hidden)
         # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
         self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
         self.v_cache = np.zeros_like(self.k_cache)
         self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)
-        self.logits = np.zeros(spec.vocab_size, F32)  # rank 0: all; others: own span
+        widest = max(spec.dim, spec.q_dim, spec.hidden_dim) // BLOCK + 1
+        self.scratch_i32 = np.zeros((kernels.CHUNKS, t_max, widest), np.int32)
+        self.scratch_f32 = np.zeros((kernels.CHUNKS, widest), F32)
+        self.logits = np.zeros((1, spec.vocab_size), F32)  # rank 0: all; others: own span
         vocab_spans = plan.segments("vocab")
         a, b = vocab_spans[comm.rank]
-        self.logits_local = self.logits[a:b]
-        self._gather_logits = comm.gather_to_root(self.logits, vocab_spans)
+        self.logits_local = self.logits[:, a:b]
+        self._gather_logits = comm.gather_to_root(self.logits[0], vocab_spans)
         self.vocab_owner = np.repeat(np.arange(plan.world_size), [e - s for s, e in vocab_spans])
         self.vocab_start = a
+        self._one_token = np.zeros(1, np.int64)
         self.forward_s = 0.0  # wall time in forward()
         self.collective_s = 0.0  # ... of which inside collectives (waiting for other ranks included)
 
@@ -125,61 +146,83 @@ class Engine:
     def kv_cache_bytes(self) -> int:
         return self.k_cache.nbytes + self.v_cache.nbytes
 
+    def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
+        """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one."""
+        self.pool.size_for(m.rows * m.cols * n_tok)
+        if m.type == "f32":
+            kernels.matmul_f32(m.w, x.f32[:n_tok], out)
+        elif m.type == "f16":
+            kernels.matmul_f16(m.w, kernels.F16_TABLE, x.f32[:n_tok], out)
+        elif m.type == "q40":
+            if x.q80:
+                kernels.matmul_q40_q80(m.d, m.qs, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], self.scratch_i32, out)
+            else:
+                kernels.matmul_q40_f32(m.d, m.qs, x.xt[:n_tok], self.scratch_f32, out)
+        elif x.q80:
+            kernels.matmul_q80_q80(m.d, m.qs, x.xq[:n_tok], x.xd[:n_tok], self.scratch_i32, out)
+        else:
+            kernels.matmul_q80_f32(m.d, m.qs, x.xt[:n_tok], self.scratch_f32, out)
+
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
+        self._one_token[0] = token
+        return self.forward_block(self._one_token, pos, logits)
+
+    def forward_block(self, tokens, pos0: int, logits: bool = True) -> np.ndarray | None:
+        """Advance by len(tokens) <= max_batch tokens at positions pos0...; rank 0 returns the
+        logits (vocab,) of the last one when asked (the array is reused by the next call)."""
         t0, c0 = time.perf_counter(), self.comm.collective_s
-        spec, w, x = self.spec, self.w, self.x
-        owner = int(self.vocab_owner[token])
-        if owner == self.comm.rank:
-            self._embed(token - self.vocab_start)
-        self.comm.bcast(x, owner)
-        cos, sin = self.cos[pos], self.sin[pos]
+        spec, w, n = self.spec, self.w, len(tokens)
+        x = self.x[:n]
+        for t in range(n):
+            owner = int(self.vocab_owner[tokens[t]])
+            if owner == self.comm.rank:
+                w.embedding.row_to(int(tokens[t]) - self.vocab_start, self.x[t])
+            self.comm.bcast(self.x[t], owner)
+        cos, sin = self.cos[pos0 : pos0 + n], self.sin[pos0 : pos0 + n]
         hd = spec.head_dim
         for layer, lw in enumerate(w.layers):
-            kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32)
-            self.xb.quantize()
-            k = self.k_cache[layer, pos]
-            v = self.v_cache[layer, pos]
-            q, k, v = self.q.reshape(-1), k.reshape(-1), v.reshape(-1)
-            matvec(lw["wq"], self.xb, q, self.pool)
-            matvec(lw["wk"], self.xb, k, self.pool)
-            matvec(lw["wv"], self.xb, v, self.pool)
+            kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32[:n])
+            self.xb.prepare(n)
+            q = self.q[:n]
+            k = self.k_cache[layer, pos0 : pos0 + n].reshape(n, -1)  # written in place: (T, own kv * hd)
+            v = self.v_cache[layer, pos0 : pos0 + n].reshape(n, -1)
+            self.matmul(lw["wq"], self.xb, n, q)
+            self.matmul(lw["wk"], self.xb, n, k)
+            self.matmul(lw["wv"], self.xb, n, v)
             if spec.qkv_bias:
                 np.add(q, lw["bq"], out=q)
                 np.add(k, lw["bk"], out=k)
                 np.add(v, lw["bv"], out=v)
             if spec.qk_norm:
-                kernels.rmsnorm_heads(q, self.q.shape[0], hd, lw["q_norm"], spec.norm_eps)
-                kernels.rmsnorm_heads(k, k.shape[0] // hd, hd, lw["k_norm"], spec.norm_eps)
-            kernels.rope(q, self.q.shape[0], hd, cos, sin)
-            kernels.rope(k, k.shape[0] // hd, hd, cos, sin)
-            self.pool.size_for(self.q.size * (pos + 1) * 2)
-            kernels.attention(self.q, self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
-                              pos + 1, self.scores, self.att_local)
-            self.att.gather()
-            matvec(lw["wo"], self.att, self.dim_out.local, self.pool)
-            self.dim_out.gather()
-            np.add(x, self.dim_out.f32, out=x)
+                kernels.rmsnorm_heads(q, hd, lw["q_norm"], spec.norm_eps)
+                kernels.rmsnorm_heads(k, hd, lw["k_norm"], spec.norm_eps)
+            kernels.rope(q, hd, cos, sin)
+            kernels.rope(k, hd, cos, sin)
+            self.pool.size_for(q.size * (pos0 + n) * 2)
+            kernels.attention(q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
+                              pos0, self.scores, self.att.local[:n].reshape(n, -1, hd))
+            self.att.gather(n)
+            self.matmul(lw["wo"], self.att, n, self.dim_out.local[:n])
+            self.dim_out.gather(n)
+            np.add(x, self.dim_out.f32[:n], out=x)
 
-            kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32)
-            self.xb.quantize()
-            matvec(lw["w1"], self.xb, self.h1, self.pool)
-            matvec(lw["w3"], self.xb, self.h3, self.pool)
-            kernels.silu_mul(self.h1, self.h3, self.ffn.local)
-            self.ffn.gather()
-            matvec(lw["w2"], self.ffn, self.dim_out.local, self.pool)
-            self.dim_out.gather()
-            np.add(x, self.dim_out.f32, out=x)
+            kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32[:n])
+            self.xb.prepare(n)
+            self.matmul(lw["w1"], self.xb, n, self.h1[:n])
+            self.matmul(lw["w3"], self.xb, n, self.h3[:n])
+            kernels.silu_mul(self.h1[:n], self.h3[:n], self.ffn.local[:n])
+            self.ffn.gather(n)
+            self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
+            self.dim_out.gather(n)
+            np.add(x, self.dim_out.f32[:n], out=x)
         result = None
         if logits:
-            kernels.rmsnorm(x, w.norm, spec.norm_eps, self.xb.f32)
-            self.xb.quantize()
-            matvec(w.classifier, self.xb, self.logits_local, self.pool)
+            kernels.rmsnorm(x[n - 1 :], w.norm, spec.norm_eps, self.xb.f32[:1])
+            self.xb.prepare(1)
+            self.matmul(w.classifier, self.xb, 1, self.logits_local)
             self._gather_logits()
-            result = self.logits if self.comm.rank == 0 else None
+            result = self.logits[0] if self.comm.rank == 0 else None
         self.forward_s += time.perf_counter() - t0
         self.collective_s += self.comm.collective_s - c0
         return result
-
-    def _embed(self, row: int) -> None:
-        self.w.embedding.row_to(row, self.x)

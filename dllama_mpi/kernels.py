@@ -1,12 +1,19 @@
-"""numba kernels for one rank's share of a layer. Each has a plain-numpy twin in reference.py.
+"""numba kernels for one rank's share of a layer, on blocks of T tokens (T = 1 when
+decoding). Each has a plain-numpy twin in reference.py.
 
 Determinism: every output element is produced by one sequential loop whose order depends
-only on the input length, never on the thread count or the rank's slice, so a split never
-changes a result bit. prange only distributes whole output rows/heads.
+only on the input length, never on the thread count, the rank's slice or T, so a split
+never changes a result bit. prange only distributes whole output rows/heads.
 
-Q80 vectors are (nb, 34) uint8 blocks (quant.Q80 viewed as bytes): two bytes of fp16
-scale, then 32 int8. Q40 weights are held as f32 scales (rows, nb) and packed nibbles
-(rows, nb, 16) uint8, converted from quant.Q40 at load.
+Layouts (converted from the file's blocks at load, see weights.Matrix):
+  Q40 weights: d (rows, nb) f32 scales, qs (rows, 16, nb) u8: byte j of every block of a
+      row is contiguous, so the inner loops run over blocks and vectorize (int16 products,
+      int32 sums); low nibble = element j, high nibble = element j + 16.
+  Q80 weights: d (rows, nb) f32, qs (rows, 32, nb) i8, transposed the same way.
+  Q80 activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32
+      int8); the kernels take them unpacked: xq (T, 32, nb) i8, xsum (T, nb) i32 (the sum
+      of a block's values, which folds Q40's -8 offset out of the inner loop), xd (T, nb) f32.
+  f32 activations for quantized weights: xt (T, 32, nb) f32, transposed the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from . import threads  # noqa: F401  (the thread policy, before any kernel runs)
 BLOCK = 32
 _FAST = {"reassoc", "contract", "nsz"}
 _opts = {"cache": True, "fastmath": _FAST, "nogil": True}
+CHUNKS = 64  # row chunks per matmul, each with its own scratch row of block sums
 
 
 @njit(**_opts)
@@ -49,226 +57,294 @@ def f32_to_f16_bits(x):
     return np.uint16(min(bits, 0x7C00))
 
 
+# --- activations ------------------------------------------------------------------------
+
+
 @njit(**_opts)
 def quantize_q80(x, out):
-    """x: (n,) f32 -> out: (n // 32, 34) uint8 Q80 blocks."""
-    for b in range(x.shape[0] // BLOCK):
-        amax = np.float32(0.0)
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[b * BLOCK + j]))
-        d = np.float32(amax / np.float32(127.0))
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-        bits = f32_to_f16_bits(d)
-        out[b, 0] = bits & 0xFF
-        out[b, 1] = bits >> 8
-        for j in range(BLOCK):
-            v = np.float64(np.float32(x[b * BLOCK + j] * inv))
-            q = math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
-            out[b, 2 + j] = np.uint8(np.int64(q) & 0xFF)
+    """x: (T, n) f32 -> out: (T, n // 32, 34) u8 Q80 blocks (llama.cpp's quantize_row_q8_0)."""
+    for t in range(x.shape[0]):
+        for b in range(x.shape[1] // BLOCK):
+            amax = np.float32(0.0)
+            for j in range(BLOCK):
+                amax = max(amax, abs(x[t, b * BLOCK + j]))
+            d = np.float32(amax / np.float32(127.0))
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            bits = f32_to_f16_bits(d)
+            out[t, b, 0] = bits & 0xFF
+            out[t, b, 1] = bits >> 8
+            for j in range(BLOCK):
+                v = np.float64(np.float32(x[t, b * BLOCK + j] * inv))
+                q = math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+                out[t, b, 2 + j] = np.uint8(np.int64(q) & 0xFF)
 
 
 @njit(**_opts)
-def q80_scales(blocks, d):
-    """Decode each block's fp16 scale into d: (nb,) f32."""
-    for b in range(blocks.shape[0]):
-        d[b] = f16_bits_to_f32(np.uint16(blocks[b, 0]) | (np.uint16(blocks[b, 1]) << 8))
-
-
-@njit(**_opts)
-def dequantize_q80(blocks, d, out):
-    """Q80 blocks with decoded scales d -> out: (nb * 32,) f32."""
+def q80_unpack(blocks, xq, xsum, xd):
+    """Q80 blocks (T, nb, 34) -> the matmul inputs xq (T, 32, nb), xsum (T, nb), xd (T, nb)."""
     q = blocks.view(np.int8)
-    for b in range(blocks.shape[0]):
-        for j in range(BLOCK):
-            out[b * BLOCK + j] = np.float32(q[b, 2 + j]) * d[b]
-
-
-@njit(parallel=True, **_opts)
-def matvec_f32(w, x, out):
-    """out[r] = w[r, :] . x   (w: (rows, n) f32)."""
-    n = x.shape[0]
-    for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for c in range(n):
-            acc += w[r, c] * x[c]
-        out[r] = acc
-
-
-@njit(parallel=True, **_opts)
-def matvec_q40_q80(wd, wqs, xblocks, xd, out):
-    """out[r] = sum_b wd[r, b] * xd[b] * sum_j (q_w - 8) * q_x
-    wd: (rows, nb) f32, wqs: (rows, nb, 16) u8, xblocks: (nb, 34) u8 Q80, xd: (nb,) f32."""
-    xq = xblocks.view(np.int8)
-    nb = wd.shape[1]
-    for r in prange(wd.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            isum = np.int32(0)
-            for j in range(BLOCK // 2):
-                packed = np.int32(wqs[r, b, j])
-                isum += ((packed & 0xF) - 8) * np.int32(xq[b, 2 + j])
-                isum += ((packed >> 4) - 8) * np.int32(xq[b, 2 + 16 + j])
-            acc += np.float32(isum) * (wd[r, b] * xd[b])
-        out[r] = acc
-
-
-@njit(parallel=True, **_opts)
-def matvec_q40_f32(wd, wqs, x, out):
-    """out[r] = sum_b wd[r, b] * sum_j (q_w - 8) * x_j   (Q40 weights, f32 input)."""
-    nb = wd.shape[1]
-    for r in prange(wd.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            bsum = np.float32(0.0)
-            for j in range(BLOCK // 2):
-                packed = np.int32(wqs[r, b, j])
-                bsum += np.float32((packed & 0xF) - 8) * x[b * BLOCK + j]
-                bsum += np.float32((packed >> 4) - 8) * x[b * BLOCK + 16 + j]
-            acc += bsum * wd[r, b]
-        out[r] = acc
+    for t in range(blocks.shape[0]):
+        for b in range(blocks.shape[1]):
+            xd[t, b] = f16_bits_to_f32(np.uint16(blocks[t, b, 0]) | (np.uint16(blocks[t, b, 1]) << 8))
+            total = np.int32(0)
+            for j in range(BLOCK):
+                v = q[t, b, 2 + j]
+                xq[t, j, b] = v
+                total += np.int32(v)
+            xsum[t, b] = total
 
 
 @njit(**_opts)
-def dequantize_q40_row(d, qs, out):
-    """One Q40 row (d: (nb,) f32, qs: (nb, 16) u8) -> out: (nb * 32,) f32."""
-    for b in range(d.shape[0]):
-        for j in range(BLOCK // 2):
-            packed = np.int32(qs[b, j])
-            out[b * BLOCK + j] = np.float32((packed & 0xF) - 8) * d[b]
-            out[b * BLOCK + 16 + j] = np.float32((packed >> 4) - 8) * d[b]
+def q80_values(xq, xd, x):
+    """Unpacked Q80 (xq (T, 32, nb), xd (T, nb)) -> its values x (T, nb * 32) f32."""
+    for t in range(xq.shape[0]):
+        for b in range(xq.shape[2]):
+            for j in range(BLOCK):
+                x[t, b * BLOCK + j] = np.float32(xq[t, j, b]) * xd[t, b]
+
+
+@njit(**_opts)
+def f32_unpack(x, xt):
+    """x (T, nb * 32) -> xt (T, 32, nb): the f32 input of quantized weights."""
+    for t in range(x.shape[0]):
+        for b in range(xt.shape[2]):
+            for j in range(BLOCK):
+                xt[t, j, b] = x[t, b * BLOCK + j]
+
+
+# --- matrix products: out (T, rows) = x (T, cols) @ w.T, on this rank's rows -------------
+
+
+@njit(parallel=True, **_opts)
+def matmul_f32(w, x, out):
+    """w: (rows, n) f32."""
+    n = x.shape[1]
+    for r in prange(w.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for c in range(n):
+                acc += w[r, c] * x[t, c]
+            out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_f16(w, table, x, out):
+    """w: (rows, n) u16 fp16 bits, decoded through table (F16_TABLE)."""
+    n = x.shape[1]
+    for r in prange(w.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for c in range(n):
+                acc += table[w[r, c]] * x[t, c]
+            out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
+    """Q40 weights x Q80 activations: per block, integer sums of q_w * q_x (exact), then
+    sum_b isum * d_w * d_x in block order. scratch: (CHUNKS, >= T, >= nb) i32."""
+    rows, nb = wd.shape
+    n_tok = xq.shape[0]
+    chunks = min(rows, CHUNKS)
+    for c in prange(chunks):
+        isum = scratch[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for t in range(n_tok):
+                for b in range(nb):
+                    isum[t, b] = -8 * xsum[t, b]
+            for j in range(BLOCK // 2):
+                for t in range(n_tok):
+                    for b in range(nb):
+                        q = np.int16(wqs[r, j, b])
+                        isum[t, b] += np.int16((q & 15) * np.int16(xq[t, j, b])) + np.int16(
+                            (q >> 4) * np.int16(xq[t, j + 16, b]))
+            for t in range(n_tok):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += np.float32(isum[t, b]) * (wd[r, b] * xd[t, b])
+                out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_q40_f32(wd, wqs, xt, scratch, out):
+    """Q40 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
+    rows, nb = wd.shape
+    n_tok = xt.shape[0]
+    chunks = min(rows, CHUNKS)
+    for c in prange(chunks):
+        bsum = scratch[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for t in range(n_tok):
+                for b in range(nb):
+                    bsum[b] = 0.0
+                for j in range(BLOCK // 2):
+                    for b in range(nb):
+                        q = np.int32(wqs[r, j, b])
+                        bsum[b] += np.float32((q & 15) - 8) * xt[t, j, b] + np.float32((q >> 4) - 8) * xt[t, j + 16, b]
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += bsum[b] * wd[r, b]
+                out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_q80_q80(wd, wqs, xq, xd, scratch, out):
+    """Q80 weights (qs (rows, 32, nb) i8) x Q80 activations. scratch: (CHUNKS, >= T, >= nb) i32."""
+    rows, nb = wd.shape
+    n_tok = xq.shape[0]
+    chunks = min(rows, CHUNKS)
+    for c in prange(chunks):
+        isum = scratch[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for t in range(n_tok):
+                for b in range(nb):
+                    isum[t, b] = 0
+            for j in range(BLOCK):
+                for t in range(n_tok):
+                    for b in range(nb):
+                        isum[t, b] += np.int16(wqs[r, j, b]) * np.int16(xq[t, j, b])
+            for t in range(n_tok):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += np.float32(isum[t, b]) * (wd[r, b] * xd[t, b])
+                out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_q80_f32(wd, wqs, xt, scratch, out):
+    """Q80 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
+    rows, nb = wd.shape
+    n_tok = xt.shape[0]
+    chunks = min(rows, CHUNKS)
+    for c in prange(chunks):
+        bsum = scratch[c]
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            for t in range(n_tok):
+                for b in range(nb):
+                    bsum[b] = 0.0
+                for j in range(BLOCK):
+                    for b in range(nb):
+                        bsum[b] += np.float32(wqs[r, j, b]) * xt[t, j, b]
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += bsum[b] * wd[r, b]
+                out[t, r] = acc
 
 
 # numba has no float16 on the CPU: f16 weights stay 2 bytes as their bits, looked up here
 F16_TABLE = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(parallel=True, **_opts)
-def matvec_f16(w, table, x, out):
-    """out[r] = w[r, :] . x   (w: (rows, n) u16 fp16 bits, table: F16_TABLE)."""
-    n = x.shape[0]
-    for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for c in range(n):
-            acc += table[w[r, c]] * x[c]
-        out[r] = acc
-
-
 @njit(**_opts)
 def f16_row(bits, table, out):
+    """fp16 bits (cols,) -> out (cols,) f32."""
     for i in range(bits.shape[0]):
         out[i] = table[bits[i]]
 
 
-@njit(parallel=True, **_opts)
-def matvec_q80_q80(wd, wqs, xblocks, xd, out):
-    """Q80 weights x Q80 input: wd: (rows, nb) f32, wqs: (rows, nb, 32) i8."""
-    xq = xblocks.view(np.int8)
-    nb = wd.shape[1]
-    for r in prange(wd.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            isum = np.int32(0)
-            for j in range(BLOCK):
-                isum += np.int32(wqs[r, b, j]) * np.int32(xq[b, 2 + j])
-            acc += np.float32(isum) * (wd[r, b] * xd[b])
-        out[r] = acc
-
-
-@njit(parallel=True, **_opts)
-def matvec_q80_f32(wd, wqs, x, out):
-    """Q80 weights x f32 input."""
-    nb = wd.shape[1]
-    for r in prange(wd.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            bsum = np.float32(0.0)
-            for j in range(BLOCK):
-                bsum += np.float32(wqs[r, b, j]) * x[b * BLOCK + j]
-            acc += bsum * wd[r, b]
-        out[r] = acc
+@njit(**_opts)
+def dequantize_q40_row(d, qs, out):
+    """One Q40 weight row in the kernel layout (d: (nb,), qs: (16, nb)) -> out (nb * 32,)."""
+    for b in range(d.shape[0]):
+        for j in range(BLOCK // 2):
+            q = np.int32(qs[j, b])
+            out[b * BLOCK + j] = np.float32((q & 15) - 8) * d[b]
+            out[b * BLOCK + 16 + j] = np.float32((q >> 4) - 8) * d[b]
 
 
 @njit(**_opts)
 def dequantize_q80_row(d, qs, out):
-    """One Q80 weight row (d: (nb,) f32, qs: (nb, 32) i8) -> out: (nb * 32,) f32."""
+    """One Q80 weight row in the kernel layout (d: (nb,), qs: (32, nb)) -> out (nb * 32,)."""
     for b in range(d.shape[0]):
         for j in range(BLOCK):
-            out[b * BLOCK + j] = np.float32(qs[b, j]) * d[b]
+            out[b * BLOCK + j] = np.float32(qs[j, b]) * d[b]
 
 
-@njit(**_opts)
-def rmsnorm_heads(vec, n_heads, head_dim, weight, eps):
-    """In place, RMSNorm of each head of vec (n_heads * head_dim,) with weight (head_dim,)."""
-    for h in range(n_heads):
-        base = h * head_dim
-        ss = np.float32(0.0)
-        for i in range(head_dim):
-            ss += vec[base + i] * vec[base + i]
-        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(head_dim) + np.float32(eps)))
-        for i in range(head_dim):
-            vec[base + i] = weight[i] * (scale * vec[base + i])
+# --- element-wise and per-head -----------------------------------------------------------
 
 
 @njit(**_opts)
 def rmsnorm(x, weight, eps, out):
-    ss = np.float32(0.0)
-    for i in range(x.shape[0]):
-        ss += x[i] * x[i]
-    scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(x.shape[0]) + np.float32(eps)))
-    for i in range(x.shape[0]):
-        out[i] = weight[i] * (scale * x[i])
+    """Each row of x (T, n) -> out (T, n)."""
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[t, i] * x[t, i]
+        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
+        for i in range(n):
+            out[t, i] = weight[i] * (scale * x[t, i])
 
 
 @njit(**_opts)
-def rope(vec, n_heads, head_dim, cos, sin):
-    """Rotate interleaved pairs (vec[2i], vec[2i+1]) of each head by the position's angles.
-    vec: (n_heads * head_dim,) f32; cos, sin: (head_dim // 2,) for this position."""
-    for h in range(n_heads):
-        base = h * head_dim
-        for i in range(head_dim // 2):
-            a = vec[base + 2 * i]
-            b = vec[base + 2 * i + 1]
-            vec[base + 2 * i] = a * cos[i] - b * sin[i]
-            vec[base + 2 * i + 1] = a * sin[i] + b * cos[i]
+def rmsnorm_heads(vec, head_dim, weight, eps):
+    """In place, RMSNorm of each head: vec (T, n_heads * head_dim), weight (head_dim,)."""
+    for t in range(vec.shape[0]):
+        for h in range(vec.shape[1] // head_dim):
+            base = h * head_dim
+            ss = np.float32(0.0)
+            for i in range(head_dim):
+                ss += vec[t, base + i] * vec[t, base + i]
+            scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(head_dim) + np.float32(eps)))
+            for i in range(head_dim):
+                vec[t, base + i] = weight[i] * (scale * vec[t, base + i])
+
+
+@njit(**_opts)
+def rope(vec, head_dim, cos, sin):
+    """In place, rotate interleaved pairs (vec[t, 2i], vec[t, 2i+1]) of each head of token t by
+    that token's angles. vec: (T, n_heads * head_dim); cos, sin: (T, head_dim // 2)."""
+    for t in range(vec.shape[0]):
+        for h in range(vec.shape[1] // head_dim):
+            base = h * head_dim
+            for i in range(head_dim // 2):
+                a = vec[t, base + 2 * i]
+                b = vec[t, base + 2 * i + 1]
+                vec[t, base + 2 * i] = a * cos[t, i] - b * sin[t, i]
+                vec[t, base + 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
 
 
 @njit(parallel=True, **_opts)
-def attention(q, k_cache, v_cache, kv_of_head, n_pos, scores, out):
-    """Causal attention of each local query head over positions [0, n_pos).
-    q: (n_local_heads, head_dim); k_cache, v_cache: (max_seq, n_local_kv, head_dim);
-    kv_of_head: (n_local_heads,) local KV index; scores: (n_local_heads, max_seq) scratch;
-    out: (n_local_heads, head_dim)."""
-    head_dim = q.shape[1]
+def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
+    """Causal attention: token t (at position pos0 + t) of each local query head over
+    positions [0, pos0 + t]. q: (T, n_local_heads, head_dim); k_cache, v_cache: (max_seq,
+    n_local_kv, head_dim), already holding the block's keys and values; kv_of_head:
+    (n_local_heads,) local KV index; scores: (n_local_heads, max_seq) scratch;
+    out: (T, n_local_heads, head_dim)."""
+    head_dim = q.shape[2]
     inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
-    for h in prange(q.shape[0]):
+    for h in prange(q.shape[1]):
         kv = kv_of_head[h]
-        top = np.float32(-np.inf)
-        for t in range(n_pos):
-            s = np.float32(0.0)
+        for t in range(q.shape[0]):
+            n_pos = pos0 + t + 1
+            top = np.float32(-np.inf)
+            for p in range(n_pos):
+                s = np.float32(0.0)
+                for i in range(head_dim):
+                    s += q[t, h, i] * k_cache[p, kv, i]
+                s *= inv_sqrt
+                scores[h, p] = s
+                top = max(top, s)
+            total = np.float32(0.0)
+            for p in range(n_pos):
+                e = np.float32(math.exp(scores[h, p] - top))
+                scores[h, p] = e
+                total += e
             for i in range(head_dim):
-                s += q[h, i] * k_cache[t, kv, i]
-            s *= inv_sqrt
-            scores[h, t] = s
-            top = max(top, s)
-        total = np.float32(0.0)
-        for t in range(n_pos):
-            e = np.float32(math.exp(scores[h, t] - top))
-            scores[h, t] = e
-            total += e
-        for i in range(head_dim):
-            out[h, i] = 0.0
-        for t in range(n_pos):
-            p = scores[h, t] / total
-            for i in range(head_dim):
-                out[h, i] += p * v_cache[t, kv, i]
+                out[t, h, i] = 0.0
+            for p in range(n_pos):
+                w = scores[h, p] / total
+                for i in range(head_dim):
+                    out[t, h, i] += w * v_cache[p, kv, i]
 
 
 @njit(**_opts)
 def silu_mul(h1, h3, out):
-    """out = silu(h1) * h3."""
-    for i in range(h1.shape[0]):
-        a = h1[i]
-        out[i] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h3[i]
+    """out = silu(h1) * h3, all (T, n)."""
+    for t in range(h1.shape[0]):
+        for i in range(h1.shape[1]):
+            a = h1[t, i]
+            out[t, i] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h3[t, i]
 
 
 @njit(cache=True, nogil=True)
@@ -326,30 +402,31 @@ def rope_table(freqs: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the types the engine uses."""
     f32 = np.float32
-    x = np.linspace(-1, 1, 64).astype(f32)
-    blocks = np.zeros((2, 34), np.uint8)
-    d = np.zeros(2, f32)
-    out = np.zeros(64, f32)
+    x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
+    blocks = np.zeros((1, 2, 34), np.uint8)
+    xq, xsum, xd = np.zeros((1, 32, 2), np.int8), np.zeros((1, 2), np.int32), np.zeros((1, 2), f32)
+    xt, out = np.zeros((1, 32, 2), f32), np.zeros((1, 64), f32)
     quantize_q80(x, blocks)
-    q80_scales(blocks, d)
-    dequantize_q80(blocks, d, out)
-    matvec_f32(np.ones((3, 64), f32), x, out[:3])
-    wd, wqs = np.ones((3, 2), f32), np.zeros((3, 2, 16), np.uint8)
-    matvec_q40_q80(wd, wqs, blocks, d, out[:3])
-    matvec_q40_f32(wd, wqs, x, out[:3])
-    dequantize_q40_row(wd[0], wqs[0], out)
-    w16 = np.zeros((3, 64), np.uint16)
-    matvec_f16(w16, F16_TABLE, x, out[:3])
-    f16_row(w16[0], F16_TABLE, out)
-    q8 = np.zeros((3, 2, 32), np.int8)
-    matvec_q80_q80(wd, q8, blocks, d, out[:3])
-    matvec_q80_f32(wd, q8, x, out[:3])
-    dequantize_q80_row(wd[0], q8[0], out)
-    rmsnorm_heads(out, 2, 32, x[:32], 1e-5)
-    rmsnorm(x, x, 1e-5, out)
-    rope(out, 2, 32, x[:16], x[:16])
+    q80_unpack(blocks, xq, xsum, xd)
+    q80_values(xq, xd, out)
+    f32_unpack(x, xt)
+    si, sf = np.zeros((CHUNKS, 1, 2), np.int32), np.zeros((CHUNKS, 2), f32)
+    wd = np.ones((3, 2), f32)
+    q4, q8, w16 = np.zeros((3, 16, 2), np.uint8), np.zeros((3, 32, 2), np.int8), np.zeros((3, 64), np.uint16)
+    matmul_f32(np.ones((3, 64), f32), x, out[:, :3])
+    matmul_f16(w16, F16_TABLE, x, out[:, :3])
+    matmul_q40_q80(wd, q4, xq, xsum, xd, si, out[:, :3])
+    matmul_q40_f32(wd, q4, xt, sf, out[:, :3])
+    matmul_q80_q80(wd, q8, xq, xd, si, out[:, :3])
+    matmul_q80_f32(wd, q8, xt, sf, out[:, :3])
+    f16_row(w16[0], F16_TABLE, out[0])
+    dequantize_q40_row(wd[0], q4[0], out[0])
+    dequantize_q80_row(wd[0], q8[0], out[0])
+    rmsnorm(x, x[0], 1e-5, out)
+    rmsnorm_heads(out, 32, x[0, :32], 1e-5)
+    rope(out, 32, x[:, :16], x[:, :16])
     cache = np.zeros((4, 1, 32), f32)
-    attention(x.reshape(2, 32), cache, cache, np.zeros(2, np.int64), 2, np.zeros((2, 4), f32), out.reshape(2, 32))
+    attention(out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), 1, np.zeros((2, 4), f32),
+              out.reshape(1, 2, 32))
     silu_mul(x, x, out)
-    sample(x, 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))
-
+    sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))

@@ -121,9 +121,10 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, 
 
 
 def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool = False) -> dict:
-    """Feed the prompt, then sample `steps` tokens (fewer at a stop token or the end of the
-    context). `sampler` (rank 0 only) maps logits to a token id. With `stream`, rank 0 writes
-    the text to stdout as it is produced. Returns the generated ids (every rank) and timings."""
+    """Feed the prompt in blocks (batched prefill), then sample `steps` tokens one at a time
+    (fewer at a stop token or the end of the context). `sampler` (rank 0 only) maps logits
+    to a token id. With `stream`, rank 0 writes the text to stdout as it is produced.
+    Returns the generated ids (every rank) and timings."""
     comm, engine, prompt_tokens = session.comm, session.engine, session.prompt_tokens
     stop_ids = session.stop_ids if stop_ids is None else tuple(stop_ids)
     token_buf = np.zeros(1, np.int64)
@@ -134,29 +135,30 @@ def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool 
             sys.stdout.write(decoder.feed(prev, tok))
         sys.stdout.flush()
     generated: list[int] = []
-    token = prompt_tokens[0]
     t0 = time.perf_counter()
-    t_first = t0
-    limit = min(n_prompt - 1 + steps, engine.max_seq_len) if steps else 0
-    for pos in range(limit):
-        want = pos >= n_prompt - 1
-        logits = engine.forward(token, pos, logits=want)
-        if not want:
-            token = prompt_tokens[pos + 1]
-            continue
+    logits = None
+    if steps:
+        for start in range(0, n_prompt, engine.max_batch):
+            block = np.asarray(prompt_tokens[start : start + engine.max_batch], np.int64)
+            logits = engine.forward_block(block, start, logits=start + len(block) == n_prompt)
+    t_first = time.perf_counter()
+    token, pos = prompt_tokens[-1], n_prompt
+    while steps:
         if comm.rank == 0:
             token_buf[0] = sampler(logits)
         comm.bcast(token_buf, 0)
         nxt = int(token_buf[0])
-        if not generated:
-            t_first = time.perf_counter()
         generated.append(nxt)
         if nxt in stop_ids:
             break
         if decoder is not None:
             sys.stdout.write(decoder.feed(token, nxt))
             sys.stdout.flush()
+        if len(generated) == steps or pos == engine.max_seq_len:
+            break
         token = nxt
+        logits = engine.forward(token, pos)
+        pos += 1
     t_end = time.perf_counter()
     if decoder is not None:
         sys.stdout.write(decoder.flush() + "\n")

@@ -25,8 +25,8 @@ class Matrix:
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, cols // 32) f32 scales
-    qs: np.ndarray | None = None  # q40: (rows, nb, 16) u8 nibbles; q80: (rows, nb, 32) i8
+    d: np.ndarray | None = None  # q40/q80: (rows, nb) f32 scales
+    qs: np.ndarray | None = None  # q40: (rows, 16, nb) u8 nibbles; q80: (rows, 32, nb) i8 (see kernels)
 
     @property
     def nbytes(self) -> int:
@@ -35,9 +35,9 @@ class Matrix:
     @classmethod
     def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
         kind = quant.type_of(stored)
-        if kind in ("q40", "q80"):
+        if kind in ("q40", "q80"):  # byte j of every block of a row contiguous
             return cls(kind, stored.shape[0], cols, d=stored["d"].astype(np.float32),
-                       qs=np.ascontiguousarray(stored["qs"]))
+                       qs=np.ascontiguousarray(stored["qs"].transpose(0, 2, 1)))
         if kind == "f16":
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
         return cls(kind, stored.shape[0], cols, w=stored)

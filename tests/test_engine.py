@@ -111,3 +111,18 @@ def test_kv_cache_is_sized_by_max_seq_len(random_models):
     session = open_session(Comm(), random_models["f32"], (1,), max_seq_len=20)
     assert session.engine.k_cache.shape == (2, 20, 2, 64)
     assert session.engine.kv_cache_bytes == 2 * 4 * 2 * 20 * 2 * 64
+
+
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
+    """A block of tokens through forward_block gives the last token's logits bit for bit as
+    feeding the tokens one at a time (and fills the same KV cache)."""
+    one = open_session(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
+    block = open_session(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
+    for pos, t in enumerate(TOKENS):
+        expected = one.engine.forward(t, pos)
+    got = block.engine.forward_block(np.array(TOKENS[:5]), 0, logits=False)
+    got = block.engine.forward_block(np.array(TOKENS[5:]), 5)
+    assert got is not None and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    n = len(TOKENS)
+    assert np.array_equal(block.engine.k_cache[:, :n], one.engine.k_cache[:, :n])
