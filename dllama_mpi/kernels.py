@@ -142,26 +142,25 @@ def matmul_f16(w, table, x, out):
 @njit(parallel=True, **_opts)
 def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
     """Q40 weights x Q80 activations: per block, integer sums of q_w * q_x (exact), then
-    sum_b isum * d_w * d_x in block order. scratch: (CHUNKS, >= T, >= nb) i32."""
+    sum_b isum * d_w * d_x in block order. scratch: (CHUNKS, >= T, >= nb) i32.
+    The inner loops run over the blocks of 1-D row views, which LLVM vectorizes."""
     rows, nb = wd.shape
-    n_tok = xq.shape[0]
     chunks = min(rows, CHUNKS)
     for c in prange(chunks):
-        isum = scratch[c]
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            for t in range(n_tok):
+            d = wd[r]
+            for t in range(xq.shape[0]):
+                isum, xs, x_d = scratch[c, t], xsum[t], xd[t]
                 for b in range(nb):
-                    isum[t, b] = -8 * xsum[t, b]
-            for j in range(BLOCK // 2):
-                for t in range(n_tok):
+                    isum[b] = -8 * xs[b]  # the Q40 offset: sum (q - 8) x = sum q x - 8 sum x
+                for j in range(BLOCK // 2):
+                    w, lo, hi = wqs[r, j], xq[t, j], xq[t, j + 16]
                     for b in range(nb):
-                        q = np.int16(wqs[r, j, b])
-                        isum[t, b] += np.int16((q & 15) * np.int16(xq[t, j, b])) + np.int16(
-                            (q >> 4) * np.int16(xq[t, j + 16, b]))
-            for t in range(n_tok):
+                        q = np.int16(w[b])
+                        isum[b] += np.int16((q & 15) * np.int16(lo[b])) + np.int16((q >> 4) * np.int16(hi[b]))
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    acc += np.float32(isum[t, b]) * (wd[r, b] * xd[t, b])
+                    acc += np.float32(isum[b]) * (d[b] * x_d[b])
                 out[t, r] = acc
 
 
@@ -169,21 +168,22 @@ def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
 def matmul_q40_f32(wd, wqs, xt, scratch, out):
     """Q40 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
     rows, nb = wd.shape
-    n_tok = xt.shape[0]
     chunks = min(rows, CHUNKS)
     for c in prange(chunks):
         bsum = scratch[c]
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            for t in range(n_tok):
+            d = wd[r]
+            for t in range(xt.shape[0]):
                 for b in range(nb):
                     bsum[b] = 0.0
                 for j in range(BLOCK // 2):
+                    w, lo, hi = wqs[r, j], xt[t, j], xt[t, j + 16]
                     for b in range(nb):
-                        q = np.int32(wqs[r, j, b])
-                        bsum[b] += np.float32((q & 15) - 8) * xt[t, j, b] + np.float32((q >> 4) - 8) * xt[t, j + 16, b]
+                        q = np.int32(w[b])
+                        bsum[b] += np.float32((q & 15) - 8) * lo[b] + np.float32((q >> 4) - 8) * hi[b]
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    acc += bsum[b] * wd[r, b]
+                    acc += bsum[b] * d[b]
                 out[t, r] = acc
 
 
@@ -191,22 +191,21 @@ def matmul_q40_f32(wd, wqs, xt, scratch, out):
 def matmul_q80_q80(wd, wqs, xq, xd, scratch, out):
     """Q80 weights (qs (rows, 32, nb) i8) x Q80 activations. scratch: (CHUNKS, >= T, >= nb) i32."""
     rows, nb = wd.shape
-    n_tok = xq.shape[0]
     chunks = min(rows, CHUNKS)
     for c in prange(chunks):
-        isum = scratch[c]
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            for t in range(n_tok):
+            d = wd[r]
+            for t in range(xq.shape[0]):
+                isum, x_d = scratch[c, t], xd[t]
                 for b in range(nb):
-                    isum[t, b] = 0
-            for j in range(BLOCK):
-                for t in range(n_tok):
+                    isum[b] = 0
+                for j in range(BLOCK):
+                    w, x = wqs[r, j], xq[t, j]
                     for b in range(nb):
-                        isum[t, b] += np.int16(wqs[r, j, b]) * np.int16(xq[t, j, b])
-            for t in range(n_tok):
+                        isum[b] += np.int16(w[b]) * np.int16(x[b])
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    acc += np.float32(isum[t, b]) * (wd[r, b] * xd[t, b])
+                    acc += np.float32(isum[b]) * (d[b] * x_d[b])
                 out[t, r] = acc
 
 
@@ -214,21 +213,31 @@ def matmul_q80_q80(wd, wqs, xq, xd, scratch, out):
 def matmul_q80_f32(wd, wqs, xt, scratch, out):
     """Q80 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
     rows, nb = wd.shape
-    n_tok = xt.shape[0]
     chunks = min(rows, CHUNKS)
     for c in prange(chunks):
         bsum = scratch[c]
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            for t in range(n_tok):
+            d = wd[r]
+            for t in range(xt.shape[0]):
                 for b in range(nb):
                     bsum[b] = 0.0
                 for j in range(BLOCK):
+                    w, x = wqs[r, j], xt[t, j]
                     for b in range(nb):
-                        bsum[b] += np.float32(wqs[r, j, b]) * xt[t, j, b]
+                        bsum[b] += np.float32(w[b]) * x[b]
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    acc += bsum[b] * wd[r, b]
+                    acc += bsum[b] * d[b]
                 out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def read_sum(buf):
+    """Sum of buf (f64): the memory read-bandwidth probe of the benchmark."""
+    total = 0.0
+    for i in prange(buf.shape[0]):
+        total += buf[i]
+    return total
 
 
 # numba has no float16 on the CPU: f16 weights stay 2 bytes as their bits, looked up here

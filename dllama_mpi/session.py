@@ -40,6 +40,7 @@ class Session:
     stop_ids: tuple[int, ...]
     tokenizer: Tokenizer | None  # rank 0 only
     synthetic: bool
+    load_s: float  # wall time of loading the weights (all ranks)
 
 
 def _prepare(model_path, prompt: str, max_seq_len: int | None, world_size: int):
@@ -113,11 +114,14 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, 
     comm.barrier()
     if comm.rank != 0:
         kernels.warm_up()
+    t_load = time.perf_counter()
     weights = load(comm, plan, model)
     if model is not None:
         model.close()
+    comm.barrier()
+    load_s = time.perf_counter() - t_load
     engine = Engine(comm, plan, weights, max_seq_len, buffer_type)
-    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, model_path is None)
+    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, model_path is None, load_s)
 
 
 def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool = False) -> dict:

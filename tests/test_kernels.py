@@ -1,7 +1,10 @@
 """The numba kernels against their plain-numpy twins (reference.py, quant.py), on odd sizes.
 
-Sizes are deliberately lopsided (13/17/7/1 rows, 7 or 13 blocks, head_dim 6/10/64, positions
-1/5/17) so that a swapped axis or an off-by-one cannot pass by symmetry.
+Sizes are deliberately lopsided (13/17/7/1 rows, 7 or 13 blocks, head_dim 6/10/64, 1/3/5
+tokens at positions 0..16) so that a swapped axis or an off-by-one cannot pass by symmetry.
+Kernels work on blocks of T tokens; the twins take one token (a 1-D vector), so every
+comparison is token by token. Quantized weights are put in the kernels' transposed layout
+by weights.Matrix.from_stored, the loader's own conversion.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dllama_mpi import kernels, quant, reference, threads
+from dllama_mpi.weights import Matrix
 
 F16_MAX = 65504.0
+MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32")
 
 
 # ---------------------------------------------------------------- helpers
@@ -28,37 +33,92 @@ def _varied(rng: np.random.Generator, n: int, lo: float = -2, hi: float = 2) -> 
     return (x * scale).astype(np.float32)
 
 
+def _tokens(rng: np.random.Generator, n_tok: int, n: int, lo: float = -2, hi: float = 2) -> np.ndarray:
+    """(n_tok, n) f32: one _varied row per token."""
+    return np.stack([_varied(rng, n, lo, hi) for _ in range(n_tok)])
+
+
 def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     """(rows, cols) f32, rows of different magnitudes."""
     scale = 10.0 ** rng.uniform(-1, 1, size=(rows, 1))
     return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
 
 
-def _q40(rng: np.random.Generator, rows: int, cols: int):
-    """Q40 weights in both forms: structured (rows, nb) blocks, and the kernels'
-    f32 scales (rows, nb) + nibbles (rows, nb, 16)."""
-    blocks = quant.quantize_q40(_matrix(rng, rows, cols))
-    wd = np.ascontiguousarray(blocks["d"].astype(np.float32))
-    wqs = np.ascontiguousarray(blocks["qs"])
-    return blocks, wd, wqs
+def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
+    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q80 blocks."""
+    w = _matrix(rng, rows, cols)
+    wtype = kind.split("_")[0]
+    if wtype == "q40":
+        return quant.quantize_q40(w)
+    if wtype == "q80":
+        return quant.quantize_q80(w)
+    return w.astype(np.float16) if wtype == "f16" else w
 
 
 def _kernel_q80(x: np.ndarray):
-    """x: (n,) f32 -> kernel Q80 bytes (nb, 34) and decoded scales (nb,)."""
-    nb = x.shape[0] // 32
-    blocks = np.zeros((nb, 34), np.uint8)
-    d = np.zeros(nb, np.float32)
+    """x: (T, n) f32 -> kernel Q80 bytes (T, nb, 34) and the unpacked matmul inputs
+    xq (T, 32, nb) i8, xsum (T, nb) i32, xd (T, nb) f32."""
+    n_tok, nb = x.shape[0], x.shape[1] // 32
+    blocks = np.full((n_tok, nb, 34), 0xAB, np.uint8)
+    xq = np.full((n_tok, 32, nb), 99, np.int8)
+    xsum = np.full((n_tok, nb), -12345, np.int32)
+    xd = np.full((n_tok, nb), np.nan, np.float32)
     kernels.quantize_q80(x, blocks)
-    kernels.q80_scales(blocks, d)
-    return blocks, d
+    kernels.q80_unpack(blocks, xq, xsum, xd)
+    return blocks, xq, xsum, xd
+
+
+def _kernel_xt(x: np.ndarray) -> np.ndarray:
+    """x: (T, nb * 32) -> xt (T, 32, nb), the f32 input of quantized weights."""
+    xt = np.full((x.shape[0], 32, x.shape[1] // 32), np.nan, np.float32)
+    kernels.f32_unpack(x, xt)
+    return xt
+
+
+def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = None) -> np.ndarray:
+    """Kernel product of rows [a, b) of m with the tokens x (T, cols) -> (T, b - a).
+    Scratch is oversized and full of garbage: kernels must not depend on its contents."""
+    b = m.rows if b is None else b
+    n_tok, nb = x.shape[0], x.shape[1] // 32
+    out = np.full((n_tok, b - a), np.nan, np.float32)
+    scratch_i32 = np.full((kernels.CHUNKS, n_tok + 2, nb + 3), 77777, np.int32)
+    scratch_f32 = np.full((kernels.CHUNKS, nb + 3), 1e30, np.float32)
+    if kind == "f32":
+        kernels.matmul_f32(m.w[a:b], x, out)
+    elif kind == "f16":
+        kernels.matmul_f16(m.w[a:b], kernels.F16_TABLE, x, out)
+    elif kind == "q40_q80":
+        _, xq, xsum, xd = _kernel_q80(x)
+        kernels.matmul_q40_q80(m.d[a:b], m.qs[a:b], xq, xsum, xd, scratch_i32, out)
+    elif kind == "q40_f32":
+        kernels.matmul_q40_f32(m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32, out)
+    elif kind == "q80_q80":
+        _, xq, _, xd = _kernel_q80(x)
+        kernels.matmul_q80_q80(m.d[a:b], m.qs[a:b], xq, xd, scratch_i32, out)
+    else:
+        assert kind == "q80_f32"
+        kernels.matmul_q80_f32(m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32, out)
+    return out
+
+
+def _reference_matvec(kind: str, stored: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The numpy twin of `kind` on one token x (cols,) -> (rows,)."""
+    if kind.endswith("_q80"):
+        return getattr(reference, f"matvec_{kind}")(stored, quant.quantize_q80(x))
+    return getattr(reference, f"matvec_{kind}")(stored, x)
 
 
 def _assert_close(got: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
-    """Close relative to the scale of the whole output."""
+    """Close relative to the scale of the whole output (call per token)."""
     assert got.shape == expected.shape
     assert got.dtype == np.float32
     atol = rel * float(np.abs(expected).max()) if expected.size else 0.0
     np.testing.assert_allclose(got, expected, rtol=rel, atol=atol)
+
+
+def _assert_bits(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape and got.dtype == expected.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.fixture
@@ -75,12 +135,16 @@ needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reaso
 
 
 def test_f16_bits_to_f32_matches_numpy_for_every_bit_pattern():
+    # every pattern as the scale of one Q80 block, decoded by q80_unpack
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # (65536,)
-    blocks = np.zeros((bits.size, 34), np.uint8)
-    blocks[:, 0] = bits & 0xFF
-    blocks[:, 1] = bits >> 8
-    d = np.zeros(bits.size, np.float32)
-    kernels.q80_scales(blocks, d)
+    blocks = np.zeros((1, bits.size, 34), np.uint8)  # (T=1, nb=65536, 34)
+    blocks[0, :, 0] = bits & 0xFF
+    blocks[0, :, 1] = bits >> 8
+    xq = np.zeros((1, 32, bits.size), np.int8)
+    xsum = np.zeros((1, bits.size), np.int32)
+    xd = np.zeros((1, bits.size), np.float32)
+    kernels.q80_unpack(blocks, xq, xsum, xd)
+    d = xd[0]
     expected = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(d), nan)
@@ -165,22 +229,33 @@ def test_f32_to_f16_bits_matches_numpy_on_subnormals(x):
     assert int(kernels.f32_to_f16_bits(v)) == _f16_bits(v)
 
 
-# ---------------------------------------------------------------- Q80 quantization
+def test_f16_table_and_row_decode_every_value():
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # (65536,) every fp16 pattern
+    finite = np.isfinite(bits.view(np.float16))
+    expected = bits.view(np.float16).astype(np.float32)
+    out = np.zeros(bits.size, np.float32)
+    kernels.f16_row(bits, kernels.F16_TABLE, out)
+    np.testing.assert_array_equal(out[finite], expected[finite])
+
+
+# ---------------------------------------------------------------- Q80 quantization and unpacking
 
 
 def _q80_bytes_match(x: np.ndarray) -> None:
-    blocks, d = _kernel_q80(x)
-    expected = quant.quantize_q80(x)  # (nb,) Q80
-    raw = quant.as_bytes(expected)  # (nb, 34)
-    bad = np.flatnonzero((blocks != raw).any(axis=1))
-    assert bad.size == 0, f"blocks differ: {bad[:5]}"
-    np.testing.assert_array_equal(d.view(np.uint32), expected["d"].astype(np.float32).view(np.uint32))
+    """x: (T, n) -> kernel blocks byte-identical to quant's, and the unpacked scales equal."""
+    blocks, _, _, xd = _kernel_q80(x)  # (T, nb, 34), (T, nb)
+    expected = quant.quantize_q80(x)  # (T, nb) Q80
+    raw = quant.as_bytes(expected)  # (T, nb, 34)
+    assert blocks.shape == raw.shape
+    bad = np.argwhere((blocks != raw).any(axis=2))
+    assert bad.size == 0, f"(token, block) differ: {bad[:5].tolist()}"
+    _assert_bits(xd, expected["d"].astype(np.float32))
 
 
-@pytest.mark.parametrize("n, seed", [(32, 0), (32 * 7, 1), (32 * 13, 2), (32 * 101, 3)])
-def test_quantize_q80_byte_identical_on_random_vectors(n, seed):
+@pytest.mark.parametrize("n_tok, n, seed", [(1, 32, 0), (3, 32 * 7, 1), (1, 32 * 13, 2), (5, 32 * 13, 4), (2, 32 * 101, 3)])
+def test_quantize_q80_byte_identical_on_random_vectors(n_tok, n, seed):
     rng = np.random.default_rng(seed)
-    _q80_bytes_match(_varied(rng, n, -7, 4.5))  # block scales from ~1e-7 to ~3e4
+    _q80_bytes_match(_tokens(rng, n_tok, n, -7, 4.5))  # block scales from ~1e-7 to ~3e4
 
 
 def test_quantize_q80_byte_identical_with_rounding_ties():
@@ -188,11 +263,11 @@ def test_quantize_q80_byte_identical_with_rounding_ties():
     # x = (m + 0.5) * 2**k lands exactly on a .5 tie (half away from zero)
     rng = np.random.default_rng(11)
     blocks = []
-    for k in (-20, -3, 0, 2, 7):
+    for k in (-20, -3, 0, 2, 7, 1):
         m = rng.integers(-127, 127, size=32).astype(np.float64) + 0.5
         m[rng.integers(32)] = 127.0 if k % 2 else -127.0
         blocks.append(m * 2.0**k)
-    x = np.concatenate(blocks).astype(np.float32)  # (160,)
+    x = np.concatenate(blocks).astype(np.float32).reshape(2, 96)  # 2 tokens of 3 blocks
     q = quant.quantize_q80(x)
     assert np.all(np.abs(q["qs"].astype(int)) <= 127)
     _q80_bytes_match(x)
@@ -210,145 +285,220 @@ def test_quantize_q80_byte_identical_with_tiny_huge_and_zero_blocks():
         rng.standard_normal(32),
     ]
     x = np.concatenate(parts).astype(np.float32)  # (224,)
+    x = np.stack([x, x[::-1].copy()])  # (2, 224): the zero block is block 1 and block 5
     _q80_bytes_match(x)
-    blocks, d = _kernel_q80(x)
-    assert d[1] == 0 and np.all(blocks[1] == 0)
+    blocks, xq, xsum, xd = _kernel_q80(x)
+    for t, b in ((0, 1), (1, 5)):
+        assert xd[t, b] == 0 and np.all(blocks[t, b] == 0) and np.all(xq[t, :, b] == 0) and xsum[t, b] == 0
 
 
 def test_quantize_q80_overflowing_scale_matches_numpy():
     # amax / 127 above the fp16 range: both sides store an infinite scale
-    x = np.linspace(-1e7, 2e7, 64).astype(np.float32)
-    blocks, d = _kernel_q80(x)
+    x = np.linspace(-1e7, 2e7, 64).astype(np.float32).reshape(1, 64)
+    blocks, _, _, xd = _kernel_q80(x)
     with np.errstate(over="ignore"):
         expected = quant.as_bytes(quant.quantize_q80(x))
     np.testing.assert_array_equal(blocks, expected)
-    assert np.all(np.isinf(d))
+    assert np.all(np.isinf(xd))
 
 
 def test_quantize_q80_ignores_a_trailing_partial_block():
-    # kernels quantize n // 32 blocks; a prefix of whole blocks is what gets written
+    # kernels quantize n // 32 blocks per token; a prefix of whole blocks is what gets written
     rng = np.random.default_rng(13)
-    x = _varied(rng, 32 * 3 + 5)
-    blocks = np.full((3, 34), 0xAB, np.uint8)
+    x = _tokens(rng, 2, 32 * 3 + 5)  # (2, 101)
+    blocks = np.full((2, 3, 34), 0xAB, np.uint8)
     kernels.quantize_q80(x, blocks)
-    np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80(x[:96])))
+    np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80(np.ascontiguousarray(x[:, :96]))))
 
 
-# ---------------------------------------------------------------- dequantization
+@pytest.mark.parametrize("n_tok, n", [(1, 32), (3, 32 * 7), (2, 32 * 13)])
+def test_q80_unpack_layout_and_block_sums(n_tok, n):
+    rng = np.random.default_rng(n_tok * 1000 + n)
+    x = _tokens(rng, n_tok, n)
+    _, xq, xsum, xd = _kernel_q80(x)
+    expected = quant.quantize_q80(x)  # (T, nb) Q80
+    qs = expected["qs"]  # (T, nb, 32) i8
+    np.testing.assert_array_equal(xq, qs.transpose(0, 2, 1))  # xq[t, j, b] = element j of block b
+    np.testing.assert_array_equal(xsum, qs.astype(np.int64).sum(axis=2))
+    _assert_bits(xd, expected["d"].astype(np.float32))
 
 
-@pytest.mark.parametrize("n", [32, 32 * 7, 32 * 13])
-def test_dequantize_q80_matches_numpy(n):
-    rng = np.random.default_rng(n)
-    x = _varied(rng, n)
-    blocks, d = _kernel_q80(x)
-    out = np.full(n, np.nan, np.float32)
-    kernels.dequantize_q80(blocks, d, out)
-    np.testing.assert_array_equal(out, quant.dequantize_q80(quant.quantize_q80(x)))
+def test_q80_unpack_sums_extreme_codes():
+    # hand-made blocks (T=2, nb=3) including -128, which quantization never writes
+    codes = np.zeros((2, 3, 32), np.int8)
+    codes[0, 0] = 127
+    codes[0, 1] = -128
+    codes[0, 2] = np.arange(32) - 16
+    codes[1, 0, ::2], codes[1, 0, 1::2] = -128, 127
+    codes[1, 2, 7] = -1
+    q = np.zeros((2, 3), quant.Q80)
+    q["d"], q["qs"] = np.float16(0.5), codes
+    blocks = np.ascontiguousarray(quant.as_bytes(q))  # (2, 3, 34)
+    xq, xsum, xd = np.zeros((2, 32, 3), np.int8), np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32)
+    kernels.q80_unpack(blocks, xq, xsum, xd)
+    np.testing.assert_array_equal(xsum, [[127 * 32, -128 * 32, -16], [-16, 0, -1]])
+    np.testing.assert_array_equal(xq, codes.transpose(0, 2, 1))
+    np.testing.assert_array_equal(xd, 0.5)
+
+
+@pytest.mark.parametrize("n_tok, n", [(1, 32), (3, 32 * 7), (5, 32 * 13)])
+def test_q80_values_match_numpy_dequantize(n_tok, n):
+    rng = np.random.default_rng(n + n_tok)
+    x = _tokens(rng, n_tok, n)
+    _, xq, _, xd = _kernel_q80(x)
+    out = np.full((n_tok, n), np.nan, np.float32)
+    kernels.q80_values(xq, xd, out)
+    _assert_bits(out, quant.dequantize_q80(quant.quantize_q80(x)))
+
+
+@pytest.mark.parametrize("n_tok, nb", [(1, 1), (3, 7), (2, 13)])
+def test_f32_unpack_transposes_blocks(n_tok, nb):
+    x = np.arange(n_tok * nb * 32, dtype=np.float32).reshape(n_tok, nb * 32)  # (T, nb * 32)
+    xt = _kernel_xt(x)  # (T, 32, nb)
+    np.testing.assert_array_equal(xt, x.reshape(n_tok, nb, 32).transpose(0, 2, 1))
+
+
+# ---------------------------------------------------------------- weight rows (embedding lookups)
 
 
 @pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (7, 32 * 13), (1, 32)])
 def test_dequantize_q40_row_matches_numpy(rows, cols):
     rng = np.random.default_rng(rows + cols)
-    blocks, wd, wqs = _q40(rng, rows, cols)
-    expected = quant.dequantize_q40(blocks)  # (rows, cols)
+    stored = _stored(rng, "q40", rows, cols)  # (rows, nb) Q40
+    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 16, nb)
+    expected = quant.dequantize_q40(stored)  # (rows, cols)
     for r in range(rows):
         out = np.full(cols, np.nan, np.float32)
-        kernels.dequantize_q40_row(wd[r], wqs[r], out)
-        np.testing.assert_array_equal(out, expected[r])
+        kernels.dequantize_q40_row(m.d[r], m.qs[r], out)
+        _assert_bits(out, expected[r])
 
 
-# ---------------------------------------------------------------- matvec
-
-
-@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (17, 32 * 13), (7, 172), (1, 37), (17, 1)])
-def test_matvec_f32_matches_reference(rows, cols):
+@pytest.mark.parametrize("rows, cols", [(13, 224), (17, 32), (7, 416), (1, 96)])
+def test_dequantize_q80_row_matches_numpy(rows, cols):
     rng = np.random.default_rng(rows * 7 + cols)
-    w = _matrix(rng, rows, cols)  # (rows, cols)
-    x = _varied(rng, cols)  # (cols,)
-    out = np.full(rows, np.nan, np.float32)
-    kernels.matvec_f32(w, x, out)
-    _assert_close(out, reference.matvec_f32(w, x))
+    stored = _stored(rng, "q80", rows, cols)  # (rows, nb) Q80
+    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 32, nb)
+    expected = quant.dequantize_q80(stored)  # (rows, cols)
+    for r in range(rows):
+        out = np.full(cols, np.nan, np.float32)
+        kernels.dequantize_q80_row(m.d[r], m.qs[r], out)
+        _assert_bits(out, expected[r])
 
 
-@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13)])
-def test_matvec_q40_q80_matches_reference(rows, cols):
-    rng = np.random.default_rng(rows * 11 + cols)
-    blocks, wd, wqs = _q40(rng, rows, cols)  # (rows, nb)
-    x = _varied(rng, cols)
-    xblocks, xd = _kernel_q80(x)  # (nb, 34), (nb,)
-    out = np.full(rows, np.nan, np.float32)
-    kernels.matvec_q40_q80(wd, wqs, xblocks, xd, out)
-    _assert_close(out, reference.matvec_q40_q80(blocks, quant.quantize_q80(x)))
+# ---------------------------------------------------------------- matmul
+
+# (rows, cols) per weight type: f32 and f16 take any width, quantized ones whole blocks
+SHAPES = {
+    "f32": [(13, 32 * 7), (17, 32 * 13), (7, 172), (1, 37), (17, 1)],
+    "f16": [(13, 7), (17, 64), (7, 224), (1, 13)],
+    "q40": [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13)],
+    "q80": [(13, 224), (17, 32), (7, 416), (1, 96)],
+}
+MATMUL_CASES = [(kind, rows, cols) for kind in MATMULS for rows, cols in SHAPES[kind.split("_")[0]]]
 
 
-@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13)])
-def test_matvec_q40_f32_matches_reference(rows, cols):
-    rng = np.random.default_rng(rows * 13 + cols)
-    blocks, wd, wqs = _q40(rng, rows, cols)
-    x = _varied(rng, cols)
-    out = np.full(rows, np.nan, np.float32)
-    kernels.matvec_q40_f32(wd, wqs, x, out)
-    _assert_close(out, reference.matvec_q40_f32(blocks, x))
+@pytest.mark.parametrize("n_tok", [1, 3, 5])
+@pytest.mark.parametrize("kind, rows, cols", MATMUL_CASES)
+def test_matmul_matches_reference_and_single_tokens(kind, rows, cols, n_tok):
+    rng = np.random.default_rng(rows * 7 + cols + 1000 * MATMULS.index(kind) + 100000 * n_tok)
+    stored = _stored(rng, kind, rows, cols)
+    m = Matrix.from_stored(stored, cols)
+    x = _tokens(rng, n_tok, cols)  # (T, cols)
+    out = _matmul(kind, m, x)  # (T, rows)
+    for t in range(n_tok):
+        _assert_close(out[t], _reference_matvec(kind, stored, x[t]))
+        # batching never changes a value: token t alone gives the same bits
+        _assert_bits(out[t], _matmul(kind, m, x[t : t + 1])[0])
 
 
-def test_matvec_q40_q80_single_block_by_hand():
+def test_matmul_q40_q80_single_block_by_hand():
     # one row, one block: the kernel pairs weight nibble j with x element j, nibble j+16 with j+16
     qw = (np.arange(32) * 5 + 2) % 16  # (32,) weight codes
     qx = (np.arange(32) * 9 % 255 - 127).astype(np.int8)  # (32,) int8 input codes
     qx[0] = 127
-    wd = np.array([[0.5]], np.float32)
-    wqs = (qw[:16] | (qw[16:] << 4)).astype(np.uint8).reshape(1, 1, 16)
-    xq = np.zeros(1, quant.Q80)
-    xq["d"], xq["qs"] = np.float16(0.25), qx
-    xblocks = quant.as_bytes(xq)  # (1, 34)
-    xd = np.array([0.25], np.float32)
-    out = np.zeros(1, np.float32)
-    kernels.matvec_q40_q80(wd, wqs, xblocks, xd, out)
-    assert out[0] == np.float32(np.dot(qw - 8, qx.astype(np.int64)) * 0.5 * 0.25)
+    w = np.zeros((1, 1), quant.Q40)
+    w["d"], w["qs"] = np.float16(0.5), (qw[:16] | (qw[16:] << 4)).astype(np.uint8)
+    m = Matrix.from_stored(w, 32)  # d (1, 1), qs (1, 16, 1)
+    xb = np.zeros((1, 1), quant.Q80)
+    xb["d"], xb["qs"] = np.float16(0.25), qx
+    xblocks = np.ascontiguousarray(quant.as_bytes(xb))  # (1, 1, 34)
+    xq, xsum, xd = np.zeros((1, 32, 1), np.int8), np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32)
+    kernels.q80_unpack(xblocks, xq, xsum, xd)
+    out = np.zeros((1, 1), np.float32)
+    kernels.matmul_q40_q80(m.d, m.qs, xq, xsum, xd, np.zeros((kernels.CHUNKS, 1, 1), np.int32), out)
+    exact = np.dot(qw - 8, qx.astype(np.int64)) * 0.5 * 0.25
+    assert out[0, 0] == np.float32(exact)
+    # the same codes as f32 activations
+    xt = _kernel_xt((qx.astype(np.float32) * np.float32(0.25)).reshape(1, 32))
+    kernels.matmul_q40_f32(m.d, m.qs, xt, np.zeros((kernels.CHUNKS, 1), np.float32), out)
+    assert out[0, 0] == np.float32(exact)
 
 
-@pytest.mark.parametrize("kind", ["f32", "q40_q80", "q40_f32"])
-def test_matvec_zero_rows(kind):
+def test_matmul_q80_q80_extreme_codes_by_hand():
+    # int8 products at the extremes (+-127 * -128) summed over 32 elements and 3 blocks
+    w = np.zeros((2, 3), quant.Q80)
+    w["d"] = np.float16(1.0)
+    w["qs"][0] = 127
+    w["qs"][1] = -128
+    w["qs"][1, 2, ::2] = 127
+    m = Matrix.from_stored(w, 96)  # d (2, 3), qs (2, 32, 3)
+    xb = np.zeros((1, 3), quant.Q80)
+    xb["d"], xb["qs"] = np.float16(2.0), -128
+    xq, xsum, xd = np.zeros((1, 32, 3), np.int8), np.zeros((1, 3), np.int32), np.zeros((1, 3), np.float32)
+    kernels.q80_unpack(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
+    out = np.zeros((1, 2), np.float32)
+    kernels.matmul_q80_q80(m.d, m.qs, xq, xd, np.zeros((kernels.CHUNKS, 1, 3), np.int32), out)
+    wv = quant.dequantize_q80(w).astype(np.float64)  # (2, 96)
+    np.testing.assert_array_equal(out[0], (wv @ np.full(96, -256.0)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", MATMULS)
+def test_matmul_zero_rows(kind):
     # a rank whose share of a matrix is empty: (0, cols)
     rng = np.random.default_rng(0)
     cols = 32 * 7
-    x = _varied(rng, cols)
-    out = np.zeros(0, np.float32)
-    if kind == "f32":
-        kernels.matvec_f32(np.zeros((0, cols), np.float32), x, out)
-    else:
-        wd, wqs = np.zeros((0, 7), np.float32), np.zeros((0, 7, 16), np.uint8)
-        if kind == "q40_q80":
-            xblocks, xd = _kernel_q80(x)
-            kernels.matvec_q40_q80(wd, wqs, xblocks, xd, out)
-        else:
-            kernels.matvec_q40_f32(wd, wqs, x, out)
-    assert out.shape == (0,)
-    assert reference.matvec_f32(np.zeros((0, cols), np.float32), x).shape == (0,)
+    stored = _stored(rng, kind, 1, cols)[:0]  # (0, cols) or (0, nb): quant can't quantize 0 rows (-1 reshape)
+    m = Matrix.from_stored(stored, cols)
+    out = _matmul(kind, m, _tokens(rng, 3, cols))
+    assert out.shape == (3, 0)
+    assert reference.matvec_f32(np.zeros((0, cols), np.float32), np.zeros(cols, np.float32)).shape == (0,)
 
 
 # ---------------------------------------------------------------- rmsnorm, rope, silu
 
 
+@pytest.mark.parametrize("n_tok", [1, 3])
 @pytest.mark.parametrize("n", [1, 6, 37, 32 * 7, 32 * 13])
-def test_rmsnorm_matches_reference(n):
-    rng = np.random.default_rng(n)
-    x = _varied(rng, n)
-    weight = (1 + 0.5 * rng.standard_normal(n)).astype(np.float32)
-    out = np.full(n, np.nan, np.float32)
+def test_rmsnorm_matches_reference(n, n_tok):
+    rng = np.random.default_rng(n + 1000 * n_tok)
+    x = _tokens(rng, n_tok, n)  # (T, n)
+    weight = (1 + 0.5 * rng.standard_normal(n)).astype(np.float32)  # (n,)
+    out = np.full((n_tok, n), np.nan, np.float32)
     kernels.rmsnorm(x, weight, 1e-5, out)
-    _assert_close(out, reference.rmsnorm(x, weight, 1e-5))
+    for t in range(n_tok):
+        _assert_close(out[t], reference.rmsnorm(x[t], weight, 1e-5))
 
 
 def test_rmsnorm_eps_matters_for_small_inputs():
-    # (7,) tiny values: eps dominates the mean square
-    x = np.array([1e-4, -2e-4, 3e-4, 0, 5e-4, -1e-4, 2e-4], np.float32)
+    # (1, 7) tiny values: eps dominates the mean square
+    x = np.array([[1e-4, -2e-4, 3e-4, 0, 5e-4, -1e-4, 2e-4]], np.float32)
     weight = np.linspace(0.5, 2, 7).astype(np.float32)
-    out = np.zeros(7, np.float32)
+    out = np.zeros((1, 7), np.float32)
     kernels.rmsnorm(x, weight, 1e-2, out)
-    _assert_close(out, reference.rmsnorm(x, weight, 1e-2))
-    _assert_close(out, (weight * x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-2)).astype(np.float32))
+    _assert_close(out[0], reference.rmsnorm(x[0], weight, 1e-2))
+    _assert_close(out[0], (weight * x[0] / np.sqrt(np.mean(x[0].astype(np.float64) ** 2) + 1e-2)).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_tok", [1, 3])
+@pytest.mark.parametrize("n_heads, head_dim", [(3, 10), (1, 64), (5, 6)])
+def test_rmsnorm_heads_matches_reference(n_heads, head_dim, n_tok):
+    rng = np.random.default_rng(n_heads * 100 + head_dim + 1000 * n_tok)
+    vec = _tokens(rng, n_tok, n_heads * head_dim)  # (T, n_heads * head_dim)
+    weight = (1 + 0.3 * rng.standard_normal(head_dim)).astype(np.float32)  # (head_dim,)
+    expected = [reference.rmsnorm_heads(v, head_dim, weight, 1e-6) for v in vec]
+    kernels.rmsnorm_heads(vec, head_dim, weight, 1e-6)
+    for t in range(n_tok):
+        _assert_close(vec[t], expected[t])
 
 
 def test_rope_table_angles():
@@ -365,51 +515,60 @@ def test_rope_table_angles():
 
 
 @pytest.mark.parametrize("head_dim", [6, 10, 64])
-@pytest.mark.parametrize("pos", [1, 5, 17])
-def test_rope_matches_reference(head_dim, pos):
+@pytest.mark.parametrize("pos0, n_tok", [(1, 1), (5, 1), (17, 1), (0, 3), (3, 5), (15, 3)])
+def test_rope_matches_reference(head_dim, pos0, n_tok):
+    # tokens at positions pos0 .. pos0 + T - 1, each rotated by its own row of the table
     n_heads = 3
-    rng = np.random.default_rng(head_dim * 100 + pos)
-    cos, sin = kernels.rope_table(10000.0 ** (-np.arange(0, head_dim, 2) / head_dim), 18)  # (18, head_dim // 2)
-    vec = _varied(rng, n_heads * head_dim)  # (n_heads * head_dim,)
-    expected = reference.rope(vec.copy(), head_dim, cos[pos], sin[pos])
-    kernels.rope(vec, n_heads, head_dim, cos[pos], sin[pos])
-    _assert_close(vec, expected)
+    rng = np.random.default_rng(head_dim * 100 + pos0 * 10 + n_tok)
+    freqs = 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = kernels.rope_table(freqs, pos0 + n_tok)  # (pos0 + T, head_dim // 2)
+    vec = _tokens(rng, n_tok, n_heads * head_dim)  # (T, n_heads * head_dim)
+    expected = [reference.rope(vec[t].copy(), head_dim, cos[pos0 + t], sin[pos0 + t]) for t in range(n_tok)]
+    kernels.rope(vec, head_dim, np.ascontiguousarray(cos[pos0:]), np.ascontiguousarray(sin[pos0:]))
+    for t in range(n_tok):
+        _assert_close(vec[t], expected[t])
 
 
 def test_rope_rotates_interleaved_pairs_by_hand():
-    # 2 heads of head_dim 4: pairs (0,1), (2,3) | (4,5), (6,7); pair i uses angle i of the table
-    cos = np.array([0.0, np.float32(np.cos(0.3))], np.float32)
-    sin = np.array([1.0, np.float32(np.sin(0.3))], np.float32)
-    vec = np.array([1, 2, 3, 4, 5, 6, 7, 8], np.float32)
-    c, s = cos[1], sin[1]
+    # 2 heads of head_dim 4: pairs (0,1), (2,3) | (4,5), (6,7); pair i uses angle i of the
+    # token's row: token 0 by (pi/2, 0.3), token 1 by (0, 0) (unchanged)
+    cos = np.array([[0.0, np.float32(np.cos(0.3))], [1.0, 1.0]], np.float32)  # (T=2, 2)
+    sin = np.array([[1.0, np.float32(np.sin(0.3))], [0.0, 0.0]], np.float32)
+    vec = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]], np.float32)  # (2, 8)
+    c, s = cos[0, 1], sin[0, 1]
     expected = np.array(
-        [-2, 1, 3 * c - 4 * s, 3 * s + 4 * c, -6, 5, 7 * c - 8 * s, 7 * s + 8 * c], np.float32
+        [[-2, 1, 3 * c - 4 * s, 3 * s + 4 * c, -6, 5, 7 * c - 8 * s, 7 * s + 8 * c], [1, 2, 3, 4, 5, 6, 7, 8]],
+        np.float32,
     )
-    kernels.rope(vec, 2, 4, cos, sin)
+    kernels.rope(vec, 4, cos, sin)
     np.testing.assert_allclose(vec, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("n_tok", [1, 3])
 @pytest.mark.parametrize("n", [1, 37, 32 * 13])
-def test_silu_mul_matches_reference(n):
-    rng = np.random.default_rng(n + 5)
-    h1 = (rng.standard_normal(n) * 4).astype(np.float32)
-    h1[:: max(1, n // 5)] = np.float32(-30.0)  # deep in the tail
+def test_silu_mul_matches_reference(n, n_tok):
+    rng = np.random.default_rng(n + 5 + 1000 * n_tok)
+    h1 = (rng.standard_normal((n_tok, n)) * 4).astype(np.float32)  # (T, n)
+    h1[:, :: max(1, n // 5)] = np.float32(-30.0)  # deep in the tail
     if n > 2:
-        h1[1] = 30.0
-    h3 = _varied(rng, n)
-    out = np.full(n, np.nan, np.float32)
+        h1[:, 1] = 30.0
+    h3 = _tokens(rng, n_tok, n)
+    out = np.full((n_tok, n), np.nan, np.float32)
     kernels.silu_mul(h1, h3, out)
-    _assert_close(out, reference.silu_mul(h1, h3))
+    for t in range(n_tok):
+        _assert_close(out[t], reference.silu_mul(h1[t], h3[t]))
 
 
 # ---------------------------------------------------------------- attention
 
 
-def _attention_case(rng, n_heads, n_kv, head_dim, n_pos, extra=4):
-    """q: (n_heads, head_dim); caches: (n_pos + extra, n_kv, head_dim) whose rows past
-    n_pos hold huge garbage that must not be read."""
+def _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok, extra=4):
+    """T tokens at positions pos0 .. pos0 + T - 1: q (T, n_heads, head_dim); caches
+    (pos0 + T + extra, n_kv, head_dim) holding the block's keys and values, whose rows past
+    the last position hold huge garbage that must not be read."""
+    n_pos = pos0 + n_tok
     max_seq = n_pos + extra
-    q = (rng.standard_normal((n_heads, head_dim)) * 1.5).astype(np.float32)
+    q = (rng.standard_normal((n_tok, n_heads, head_dim)) * 1.5).astype(np.float32)
     k = (rng.standard_normal((max_seq, n_kv, head_dim)) * 1.5).astype(np.float32)
     v = (rng.standard_normal((max_seq, n_kv, head_dim)) * 10.0 ** rng.uniform(-1, 1, (1, n_kv, head_dim))).astype(np.float32)
     k[n_pos:] = 1e4
@@ -417,41 +576,74 @@ def _attention_case(rng, n_heads, n_kv, head_dim, n_pos, extra=4):
     return q, k, v
 
 
-def _run_attention(q, k, v, kv_of_head, n_pos):
-    scores = np.full((q.shape[0], k.shape[0] + 3), np.nan, np.float32)  # wider than n_pos
+def _run_attention(q, k, v, kv_of_head, pos0):
+    """q (T, n_heads, head_dim) -> out (T, n_heads, head_dim)."""
+    scores = np.full((q.shape[1], k.shape[0] + 3), np.nan, np.float32)  # wider than any n_pos
     out = np.full(q.shape, np.nan, np.float32)
-    kernels.attention(q, k, v, np.asarray(kv_of_head, np.int64), n_pos, scores, out)
+    kernels.attention(q, k, v, np.asarray(kv_of_head, np.int64), pos0, scores, out)
     return out
+
+
+def _reference_attention(q, k, v, kv_of_head, pos0):
+    """Token t over positions [0, pos0 + t] -> (T, n_heads, head_dim)."""
+    return np.stack([reference.attention(q[t], k[: pos0 + t + 1], v[: pos0 + t + 1], kv_of_head) for t in range(q.shape[0])])
 
 
 @pytest.mark.parametrize("group", [2, 3])
 @pytest.mark.parametrize("head_dim", [6, 10, 64])
-@pytest.mark.parametrize("n_pos", [1, 5, 17])
-def test_attention_gqa_matches_reference(group, head_dim, n_pos):
+@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (4, 1), (16, 1), (0, 3), (2, 5), (14, 3)])
+def test_attention_gqa_matches_reference(group, head_dim, pos0, n_tok):
     n_kv = 2
     n_heads = n_kv * group
-    rng = np.random.default_rng(group * 1000 + head_dim * 10 + n_pos)
-    q, k, v = _attention_case(rng, n_heads, n_kv, head_dim, n_pos)
+    rng = np.random.default_rng(group * 1000 + head_dim * 10 + pos0 + 100000 * n_tok)
+    q, k, v = _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok)
     kv_of_head = [h // group for h in range(n_heads)]
-    got = _run_attention(q, k, v, kv_of_head, n_pos)
-    _assert_close(got, reference.attention(q, k[:n_pos], v[:n_pos], kv_of_head))
+    got = _run_attention(q, k, v, kv_of_head, pos0)
+    expected = _reference_attention(q, k, v, kv_of_head, pos0)
+    for t in range(n_tok):
+        _assert_close(got[t], expected[t])
+
+
+@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (0, 4), (3, 5), (13, 4)])
+def test_attention_block_bit_identical_to_tokens_alone(pos0, n_tok):
+    # a block of T tokens gives each token exactly what it gets alone at its position
+    rng = np.random.default_rng(40 + pos0 + n_tok)
+    q, k, v = _attention_case(rng, 6, 2, 10, pos0, n_tok)
+    kv_of_head = [0, 1, 0, 1, 1, 0]
+    block = _run_attention(q, k, v, kv_of_head, pos0)
+    for t in range(n_tok):
+        _assert_bits(block[t], _run_attention(q[t : t + 1], k, v, kv_of_head, pos0 + t)[0])
+
+
+def test_attention_is_causal_within_the_block():
+    # the first tokens of a block never see the later ones: changing the last token's key and
+    # value leaves every earlier token's output unchanged, bit for bit
+    rng = np.random.default_rng(41)
+    q, k, v = _attention_case(rng, 4, 2, 10, 3, 4)  # positions 3..6
+    before = _run_attention(q, k, v, [0, 0, 1, 1], 3)
+    k[6], v[6] = 50.0, 1e3
+    after = _run_attention(q, k, v, [0, 0, 1, 1], 3)
+    _assert_bits(after[:3], before[:3])
+    assert not np.array_equal(after[3], before[3])
 
 
 def test_attention_single_position_returns_its_value():
     rng = np.random.default_rng(21)
-    q, k, v = _attention_case(rng, 6, 2, 10, 1)
+    q, k, v = _attention_case(rng, 6, 2, 10, 0, 1)
     kv_of_head = [0, 0, 0, 1, 1, 1]
-    got = _run_attention(q, k, v, kv_of_head, 1)
-    np.testing.assert_allclose(got, v[0][kv_of_head], rtol=1e-6)
+    got = _run_attention(q, k, v, kv_of_head, 0)  # (1, 6, 10)
+    np.testing.assert_allclose(got[0], v[0][kv_of_head], rtol=1e-6)
 
 
 def test_attention_uses_the_given_kv_mapping_not_h_div_group():
-    # (5, 10) queries over 3 KV heads with an irregular mapping
+    # (T=2, 5, 10) queries at positions 16, 17 over 3 KV heads with an irregular mapping
     rng = np.random.default_rng(22)
-    q, k, v = _attention_case(rng, 5, 3, 10, 17)
+    q, k, v = _attention_case(rng, 5, 3, 10, 16, 2)
     kv_of_head = [2, 0, 2, 1, 0]
-    got = _run_attention(q, k, v, kv_of_head, 17)
-    _assert_close(got, reference.attention(q, k[:17], v[:17], kv_of_head))
+    got = _run_attention(q, k, v, kv_of_head, 16)
+    expected = _reference_attention(q, k, v, kv_of_head, 16)
+    for t in range(2):
+        _assert_close(got[t], expected[t])
 
 
 # ---------------------------------------------------------------- sampling
@@ -543,7 +735,6 @@ def test_sample_nucleus_keeps_ties_of_the_smallest_member():
     assert got == {1}
 
 
-
 def test_sample_coin_just_below_one_stays_in_nucleus():
     # (200,) logits, temperature 1, top_p 0.9, coin = the largest double below 1 (random.random()
     # can return it). The nucleus' cdf in index order ends at sum(kept) computed sequentially;
@@ -562,110 +753,69 @@ def test_sample_coin_just_below_one_stays_in_nucleus():
 # ---------------------------------------------------------------- determinism
 
 
-def _all_matvecs(rng, rows, cols):
-    w = _matrix(rng, rows, cols)
-    _, wd, wqs = _q40(rng, rows, cols)
-    x = _varied(rng, cols)
-    xblocks, xd = _kernel_q80(x)
+def _all_matmuls(rng, rows, cols, n_tok=3):
+    """Every matmul kind on one (rows, cols) shape and T tokens; run(a, b) -> the six
+    (T, b - a) products of rows [a, b)."""
+    mats = {kind: Matrix.from_stored(_stored(rng, kind, rows, cols), cols) for kind in MATMULS}
+    x = _tokens(rng, n_tok, cols)  # (T, cols)
 
     def run(a=0, b=rows):
-        outs = [np.zeros(b - a, np.float32) for _ in range(3)]
-        kernels.matvec_f32(w[a:b], x, outs[0])
-        kernels.matvec_q40_q80(wd[a:b], wqs[a:b], xblocks, xd, outs[1])
-        kernels.matvec_q40_f32(wd[a:b], wqs[a:b], x, outs[2])
-        return outs
+        return [_matmul(kind, mats[kind], x, a, b) for kind in MATMULS]
 
     return run
 
 
 @needs_two_threads
-def test_matvec_bit_identical_for_one_and_two_threads(restore_threads):
-    run = _all_matvecs(np.random.default_rng(31), 17, 32 * 13)
+def test_matmul_bit_identical_for_one_and_two_threads(restore_threads):
+    run = _all_matmuls(np.random.default_rng(31), 17, 32 * 13)
     assert threads.set_threads(1) == 1
     one = run()
     assert threads.set_threads(2) == 2
     two = run()
     for a, b in zip(one, two):
-        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+        _assert_bits(a, b)
 
 
 @needs_two_threads
 def test_attention_bit_identical_for_one_and_two_threads(restore_threads):
     rng = np.random.default_rng(32)
-    q, k, v = _attention_case(rng, 6, 2, 64, 17)
+    q, k, v = _attention_case(rng, 6, 2, 64, 14, 3)
     kv_of_head = [0, 0, 0, 1, 1, 1]
     threads.set_threads(1)
-    one = _run_attention(q, k, v, kv_of_head, 17)
+    one = _run_attention(q, k, v, kv_of_head, 14)
     threads.set_threads(2)
-    two = _run_attention(q, k, v, kv_of_head, 17)
-    np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
+    two = _run_attention(q, k, v, kv_of_head, 14)
+    _assert_bits(one, two)
 
 
 @pytest.mark.parametrize("a, b", [(0, 5), (5, 13), (3, 4), (12, 13), (0, 13), (7, 7)])
-def test_matvec_row_slice_bit_identical_to_full_product(a, b):
-    # (13, 224) matrices: a rank computing rows [a, b) gets exactly those rows of the full result
-    run = _all_matvecs(np.random.default_rng(33), 13, 32 * 7)
+def test_matmul_row_slice_bit_identical_to_full_product(a, b):
+    # (13, 224) matrices, 3 tokens: a rank computing rows [a, b) gets exactly those columns
+    # of the full (T, 13) result
+    run = _all_matmuls(np.random.default_rng(33), 13, 32 * 7)
     full = run()
     part = run(a, b)
     for f, s in zip(full, part):
-        np.testing.assert_array_equal(s.view(np.uint32), f[a:b].view(np.uint32))
+        _assert_bits(s, np.ascontiguousarray(f[:, a:b]))
+
+
+def test_matmul_row_slice_with_more_rows_than_chunks():
+    # 150 rows (> CHUNKS, so chunks hold several rows each) and 5 tokens: an uneven split
+    # still gives every row exactly its value in the full product
+    assert 150 > kernels.CHUNKS
+    run = _all_matmuls(np.random.default_rng(35), 150, 32 * 3, n_tok=5)
+    full = run()
+    for a, b in [(0, 71), (71, 150), (64, 65)]:
+        for f, s in zip(full, run(a, b)):
+            _assert_bits(s, np.ascontiguousarray(f[:, a:b]))
 
 
 def test_attention_head_slice_bit_identical_to_full():
     # 6 heads over 2 KV heads (group 3); a rank holding KV head 1 and query heads 3..5
     rng = np.random.default_rng(34)
-    q, k, v = _attention_case(rng, 6, 2, 10, 17)
-    full = _run_attention(q, k, v, [0, 0, 0, 1, 1, 1], 17)
+    q, k, v = _attention_case(rng, 6, 2, 10, 14, 3)
+    full = _run_attention(q, k, v, [0, 0, 0, 1, 1, 1], 14)
     local_k = np.ascontiguousarray(k[:, 1:2])
     local_v = np.ascontiguousarray(v[:, 1:2])
-    part = _run_attention(np.ascontiguousarray(q[3:]), local_k, local_v, [0, 0, 0], 17)
-    np.testing.assert_array_equal(part.view(np.uint32), full[3:].view(np.uint32))
-
-
-# --- f16 and q80 weights, per-head norm -----------------------------------------------------
-
-
-@pytest.mark.parametrize("rows, cols", [(13, 7), (17, 64), (7, 224), (1, 13)])
-def test_matvec_f16_matches_reference(rows, cols):
-    rng = np.random.default_rng(rows * 31 + cols)
-    w = _matrix(rng, rows, cols).astype(np.float16)  # (rows, cols)
-    x = _varied(rng, cols)
-    out = np.zeros(rows, np.float32)
-    kernels.matvec_f16(w.view(np.uint16), kernels.F16_TABLE, x, out)
-    _assert_close(out, reference.matvec_f16(w, x))
-
-
-def test_f16_table_and_row_decode_every_value():
-    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # (65536,) every fp16 pattern
-    finite = np.isfinite(bits.view(np.float16))
-    expected = bits.view(np.float16).astype(np.float32)
-    out = np.zeros(bits.size, np.float32)
-    kernels.f16_row(bits, kernels.F16_TABLE, out)
-    np.testing.assert_array_equal(out[finite], expected[finite])
-
-
-@pytest.mark.parametrize("rows, cols", [(13, 224), (17, 32), (7, 416), (1, 96)])
-def test_matvec_q80_weights_match_reference(rows, cols):
-    rng = np.random.default_rng(rows * 7 + cols)
-    w_blocks = quant.quantize_q80(_matrix(rng, rows, cols))  # (rows, cols // 32) Q80
-    d, qs = w_blocks["d"].astype(np.float32), np.ascontiguousarray(w_blocks["qs"])
-    x = _varied(rng, cols)
-    xb, xd = _kernel_q80(x)
-    out = np.zeros(rows, np.float32)
-    kernels.matvec_q80_q80(d, qs, xb, xd, out)
-    _assert_close(out, reference.matvec_q80_q80(w_blocks, quant.quantize_q80(x)))
-    kernels.matvec_q80_f32(d, qs, x, out)
-    _assert_close(out, reference.matvec_q80_f32(w_blocks, x))
-    row = np.zeros(cols, np.float32)
-    kernels.dequantize_q80_row(d[rows // 2], qs[rows // 2], row)
-    np.testing.assert_array_equal(row, quant.dequantize_q80(w_blocks[rows // 2]))
-
-
-@pytest.mark.parametrize("n_heads, head_dim", [(3, 10), (1, 64), (5, 6)])
-def test_rmsnorm_heads_matches_reference(n_heads, head_dim):
-    rng = np.random.default_rng(n_heads * 100 + head_dim)
-    vec = _varied(rng, n_heads * head_dim)  # (n_heads * head_dim,)
-    weight = (1 + 0.3 * rng.standard_normal(head_dim)).astype(np.float32)  # (head_dim,)
-    expected = reference.rmsnorm_heads(vec, head_dim, weight, 1e-6)
-    kernels.rmsnorm_heads(vec, n_heads, head_dim, weight, 1e-6)
-    _assert_close(vec, expected)
+    part = _run_attention(np.ascontiguousarray(q[:, 3:]), local_k, local_v, [0, 0, 0], 14)
+    _assert_bits(part, np.ascontiguousarray(full[:, 3:]))

@@ -1,0 +1,213 @@
+"""`python -m dllama_mpi.bench`: decode and prefill speed of real model shapes, under any
+`mpirun -n N ... --memory-budget ...`.
+
+The models have random Q40 weights (speed does not depend on values), generated once and
+cached on disk. Besides tokens/s it measures, in the same run, the node's memory read
+bandwidth, and reports the decode roofline fraction = tokens/s x weight bytes read per
+token / bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+T_LAUNCH = time.perf_counter()
+
+import numpy as np  # noqa: E402
+
+from .spec import ModelSpec  # noqa: E402
+
+SHAPES = {
+    "tiny": ModelSpec(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
+                      seq_len=1024, weight_type="q40"),
+    "tinyllama-1.1b": ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                                vocab_size=32000, seq_len=2048, weight_type="q40", shared_classifier=False),
+    "llama-3.2-1b": ModelSpec(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                              vocab_size=128256, seq_len=4096, rope_theta=500000.0, weight_type="q40"),
+    "llama-3-8b": ModelSpec(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            vocab_size=128256, seq_len=4096, rope_theta=500000.0, weight_type="q40",
+                            shared_classifier=False),
+}
+BENCH_MODEL_VERSION = 1
+
+
+def bench_model_path(shape: str):
+    """The cached random model of `shape`, written on first use by one process."""
+    from .modelfile import tensor_layout, write_model
+    from .synthetic import cache_dir
+    from .tokenizer import Tokenizer
+
+    spec = SHAPES[shape]
+    path = cache_dir() / f"bench-{shape}-q40-v{BENCH_MODEL_VERSION}.h5"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def tensors():
+        from . import quant
+
+        for name, info in tensor_layout(spec).items():
+            if not info.matrix:
+                yield name, (1 + 0.1 * rng.standard_normal(info.shape)).astype(np.float32)
+                continue
+            blocks = np.empty((info.shape[0], info.shape[1] // quant.BLOCK), quant.Q40)
+            raw = quant.as_bytes(blocks)
+            raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # random nibbles
+            blocks["d"] = (rng.random(blocks.shape, dtype=np.float32) * 0.02 / np.sqrt(info.shape[1])).astype(np.float16)
+            yield name, blocks
+
+    write_model(path, spec, tensors(), Tokenizer.synthetic(max(spec.vocab_size, 259)),
+                {"source": f"random weights, {shape} shape (benchmark)"})
+    return path
+
+
+def _read_bandwidth(comm) -> float:
+    """Node memory read bandwidth in GB/s: every rank streams its share of 512 MiB at once
+    (after a barrier) with its own threads; total bytes over the slowest rank's time."""
+    from . import kernels
+
+    total = 512 << 20
+    buf = np.ones(total // comm.local_size // 8, np.float64)
+    kernels.read_sum(buf)  # compile and fault the pages in
+    best = 0.0
+    for _ in range(3):
+        comm.barrier()
+        t0 = time.perf_counter()
+        kernels.read_sum(buf)
+        dt = time.perf_counter() - t0
+        slowest = max(comm.allgather_obj(dt))
+        best = max(best, buf.nbytes * comm.local_size / slowest / 1e9)
+    return best
+
+
+def run(comm, args) -> dict | None:
+    from . import threads
+    from .plan import validate_budgets
+    from .sampler import Sampler
+    from .session import generate, open_session
+
+    budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
+    n_threads = threads.set_threads(args.nthreads or threads.share_of_cores(comm.local_rank, comm.local_size))
+    path = bench_model_path(args.shape) if comm.rank == 0 else None
+    path = comm.bcast_obj(str(path) if path else None)
+    rng = np.random.default_rng(1)
+    results = {}
+    for buffer_type in args.buffer_float_type:
+        session = open_session(comm, path, budgets, prompt="a", buffer_type=buffer_type,
+                               max_seq_len=max(args.prompt_lengths + [8]) + args.decode_steps + 1)
+        load_s = session.load_s
+        engine, spec = session.engine, session.plan.spec
+        sampler = Sampler(spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
+        prefill = {}
+        ttft = None
+        for length in args.prompt_lengths:
+            rates = []
+            for _ in range(args.repeat):
+                session.prompt_tokens = rng.integers(3, spec.vocab_size, length).tolist()
+                comm.barrier()
+                r = generate(session, 1, sampler, stop_ids=())
+                rates.append(length / r["prompt_s"])
+                if ttft is None:
+                    ttft = time.perf_counter() - T_LAUNCH
+            prefill[str(length)] = float(np.median(rates))
+        decode, per_rank = [], []
+        for _ in range(args.repeat):
+            session.prompt_tokens = rng.integers(3, spec.vocab_size, 8).tolist()
+            comm.barrier()
+            c0, f0, s0 = engine.collective_s, engine.forward_s, comm.bytes_sent
+            r = generate(session, args.decode_steps + 1, sampler, stop_ids=())
+            n_forward = 8 + args.decode_steps
+            decode.append(r["n_decode"] / r["decode_s"])
+            per_rank.append(((engine.forward_s - f0) / n_forward, (engine.collective_s - c0) / n_forward,
+                             (comm.bytes_sent - s0) / n_forward))
+        fwd, coll, sent = np.median(np.array(per_rank), axis=0)
+        mine = {
+            "compute": float(fwd - coll), "collective": float(coll), "sent": float(sent),
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "planned_mb": (session.plan.weight_bytes(comm.rank) + engine.kv_cache_bytes) / 2**20,
+            "weight_bytes": session.weights.nbytes - (session.weights.embedding.nbytes
+                                                      if not spec.shared_classifier else 0),
+            "threads": n_threads,
+        }
+        bandwidth = _read_bandwidth(comm)  # after the RSS reading: its buffer is not the model's
+        rows = comm.gather_obj(mine)
+        if comm.rank == 0:
+            weight_bytes = sum(m["weight_bytes"] for m in rows)  # read once per decoded token
+            tps = float(np.median(decode))
+            results[buffer_type] = {
+                "shape": args.shape, "world_size": comm.size, "budgets": list(budgets), "buffer_float_type": buffer_type,
+                "threads_per_rank": [m["threads"] for m in rows],
+                "decode_tokens_per_s": tps, "prefill_tokens_per_s": prefill,
+                "prefill_to_decode_ratio": {k: v / tps for k, v in prefill.items()},
+                "time_to_first_token_s": ttft, "load_s": load_s,
+                "load_gb_s": weight_bytes / load_s / 1e9,
+                "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
+                "roofline_fraction": tps * weight_bytes / (bandwidth * 1e9),
+                "bytes_sent_per_token": [m["sent"] for m in rows],
+                "compute_s_per_token": [m["compute"] for m in rows],
+                "collective_s_per_token": [m["collective"] for m in rows],
+                "wait_s_per_token": [m["collective"] - min(r["collective"] for r in rows) for m in rows],
+                "peak_rss_mb": [m["rss_mb"] for m in rows], "planned_mb": [m["planned_mb"] for m in rows],
+                "repeats": args.repeat, "decode_steps": args.decode_steps,
+            }
+        del session, engine
+    return results if comm.rank == 0 else None
+
+
+def table(result: dict) -> str:
+    r = result
+    lines = [
+        f"{r['shape']}: {r['world_size']} rank(s), budgets {' '.join(map(str, r['budgets']))}, "
+        f"buffers {r['buffer_float_type']}, threads {r['threads_per_rank']}",
+        f"  decode {r['decode_tokens_per_s']:.2f} tokens/s; roofline fraction {r['roofline_fraction']:.2f} "
+        f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token over {r['bandwidth_gb_s']:.1f} GB/s measured)",
+        "  prefill " + ", ".join(f"{k} tokens: {v:.2f} tokens/s ({r['prefill_to_decode_ratio'][k]:.2f}x decode)"
+                                 for k, v in r["prefill_tokens_per_s"].items()),
+        f"  time to first token {r['time_to_first_token_s']:.1f} s from launch; load {r['load_s']:.1f} s "
+        f"({r['load_gb_s']:.2f} GB/s)",
+        f"  {'rank':>4} {'compute ms/tok':>14} {'collective ms/tok':>17} {'waiting ms/tok':>14} "
+        f"{'sent KiB/tok':>12} {'peak RSS MiB':>12} {'planned MiB':>11}",
+    ]
+    for i in range(r["world_size"]):
+        lines.append(
+            f"  {i:>4} {1e3 * r['compute_s_per_token'][i]:>14.2f} {1e3 * r['collective_s_per_token'][i]:>17.2f} "
+            f"{1e3 * r['wait_s_per_token'][i]:>14.2f} {r['bytes_sent_per_token'][i] / 1024:>12.1f} "
+            f"{r['peak_rss_mb'][i]:>12.0f} {r['planned_mb'][i]:>11.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from .cli import run_guarded
+    from .comm import Comm
+
+    p = argparse.ArgumentParser(prog="python -m dllama_mpi.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
+    p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal)")
+    p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"])
+    p.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 512])
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
+    p.add_argument("--nthreads", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object (per buffer type) instead of tables")
+    args = p.parse_args(argv)
+    comm = Comm()
+
+    def job():
+        results = run(comm, args)
+        if comm.rank == 0:
+            for result in results.values():
+                print(json.dumps(result) if args.json else table(result), flush=True)
+        return 0
+
+    return run_guarded(comm, job)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
