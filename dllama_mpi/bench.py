@@ -93,7 +93,7 @@ def run(comm, args) -> dict | None:
     from .session import generate, open_session
 
     budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
-    n_threads = threads.set_threads(args.nthreads or threads.share_of_cores(comm.local_rank, comm.local_size))
+    n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
     path = bench_model_path(args.shape) if comm.rank == 0 else None
     path = comm.bcast_obj(str(path) if path else None)
     rng = np.random.default_rng(1)

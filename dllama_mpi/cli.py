@@ -119,7 +119,7 @@ def _run(comm, argv) -> int:
         budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    n_threads = threads.set_threads(args.nthreads or threads.share_of_cores(comm.local_rank, comm.local_size))
+    n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
     if comm.rank == 0 and args.model is None:
         print("note: no --model given: running the built-in synthetic model. Its weights are random, "
               "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",

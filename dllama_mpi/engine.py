@@ -173,6 +173,9 @@ class Engine:
         logits (vocab,) of the last one when asked (the array is reused by the next call)."""
         t0, c0 = time.perf_counter(), self.comm.collective_s
         spec, w, n = self.spec, self.w, len(tokens)
+        if not 0 < n <= self.max_batch or pos0 + n > self.max_seq_len:
+            raise ValueError(f"a block of {n} tokens at position {pos0} does not fit (at most {self.max_batch} "
+                             f"tokens, context {self.max_seq_len})")
         x = self.x[:n]
         for t in range(n):
             owner = int(self.vocab_owner[tokens[t]])

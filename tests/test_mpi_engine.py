@@ -37,7 +37,7 @@ TOKENS = [1, 77, 300, 5, 260, 411, 9, 128]
 @pytest.fixture(scope="module")
 def comm():
     comm = Comm()
-    set_threads(1)
+    set_threads(1, comm.local_size)
     return comm
 
 
@@ -107,8 +107,8 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
     agree(comm, 4096 // comm.size * 256 >= PARALLEL_MIN_WORK, "the test model is too small to use threads")
     path = write_random_model(shared_dir / "random-threads.h5", spec) if comm.rank == 0 else None
     path = comm.bcast_obj(path)
-    set_threads(2)
+    set_threads(2, comm.local_size)
     two = _logits(comm, path, budgets, "q80")
-    set_threads(1)
+    set_threads(1, comm.local_size)
     one = _logits(comm, path, budgets, "q80")
     agree(comm, comm.rank != 0 or _same_bits(one, two), "1 and 2 threads give different logits")
