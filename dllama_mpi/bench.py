@@ -68,22 +68,20 @@ def bench_model_path(shape: str):
 
 
 def _read_bandwidth(comm) -> float:
-    """Node memory read bandwidth in GB/s: every rank streams its share of 512 MiB at once
-    (after a barrier) with its own threads; total bytes over the slowest rank's time."""
+    """Node memory read bandwidth in GB/s: every rank streams its share of 1 GiB with its own
+    threads, all at once between two barriers; total bytes over the time between them."""
     from . import kernels
 
-    total = 512 << 20
-    buf = np.ones(total // comm.local_size // 8, np.float64)
-    kernels.read_sum(buf)  # compile and fault the pages in
+    buf = np.ones((1 << 30) // comm.local_size // 8, np.float64)
+    kernels.read_sum(buf)  # compile, and fault the pages in
     best = 0.0
     for _ in range(3):
         comm.barrier()
         t0 = time.perf_counter()
         kernels.read_sum(buf)
-        dt = time.perf_counter() - t0
-        slowest = max(comm.allgather_obj(dt))
-        best = max(best, buf.nbytes * comm.local_size / slowest / 1e9)
-    return best
+        comm.barrier()
+        best = max(best, buf.nbytes * comm.local_size / (time.perf_counter() - t0) / 1e9)
+    return comm.bcast_obj(best)  # rank 0's reading, the same on every rank
 
 
 def run(comm, args) -> dict | None:
