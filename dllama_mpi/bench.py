@@ -19,6 +19,7 @@ import time
 T_LAUNCH = time.perf_counter()
 
 import numpy as np  # noqa: E402
+from numba import get_num_threads as numba_threads  # noqa: E402
 
 from .spec import ModelSpec  # noqa: E402
 
@@ -68,20 +69,26 @@ def bench_model_path(shape: str):
 
 
 def _read_bandwidth(comm) -> float:
-    """Node memory read bandwidth in GB/s: every rank streams its share of 1 GiB with its own
-    threads, all at once between two barriers; total bytes over the time between them."""
-    from . import kernels
+    """The node's memory read bandwidth in GB/s: rank 0 streams 1 GiB with as many threads
+    as the node has cores while the other ranks sleep (so the reading is the same whatever
+    the rank count); best of 3."""
+    from . import kernels, threads
 
-    buf = np.ones((1 << 30) // comm.local_size // 8, np.float64)
-    kernels.read_sum(buf)  # compile, and fault the pages in
     best = 0.0
-    for _ in range(3):
-        comm.barrier()
-        t0 = time.perf_counter()
-        kernels.read_sum(buf)
-        comm.barrier()
-        best = max(best, buf.nbytes * comm.local_size / (time.perf_counter() - t0) / 1e9)
-    return comm.bcast_obj(best)  # rank 0's reading, the same on every rank
+    comm.sleeping_barrier()
+    if comm.rank == 0:
+        previous = numba_threads()
+        threads.set_threads(threads.node_cores())
+        buf = np.ones((1 << 30) // 8, np.float64)
+        kernels.read_sum(buf)  # compile, and fault the pages in
+        for _ in range(3):
+            t0 = time.perf_counter()
+            kernels.read_sum(buf)
+            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        del buf
+        threads.set_threads(previous)
+    comm.sleeping_barrier()
+    return comm.bcast_obj(best)
 
 
 def run(comm, args) -> dict | None:

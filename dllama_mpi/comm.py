@@ -80,6 +80,15 @@ class Comm:
         if self.size > 1:
             self._comm.Barrier()
 
+    def sleeping_barrier(self, interval_s: float = 0.001) -> None:
+        """A barrier that waits by sleeping, not polling: the waiting ranks leave the cores to
+        whoever is still working (e.g. a measurement on rank 0)."""
+        if self.size == 1:
+            return
+        request = self._comm.Ibarrier()
+        while not request.Test():
+            time.sleep(interval_s)
+
     def abort(self, code: int) -> None:
         """End every rank of the job now (used when one rank fails alone)."""
         sys.stdout.flush()
