@@ -39,7 +39,6 @@ class Session:
     prompt_tokens: list[int]
     stop_ids: tuple[int, ...]
     tokenizer: Tokenizer | None  # rank 0 only
-    synthetic: bool
     load_s: float  # wall time of loading the weights (all ranks)
 
 
@@ -64,7 +63,7 @@ def _prepare(model_path, prompt: str, max_seq_len: int | None, world_size: int):
 def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, model: ModelFile | None) -> ModelFile:
     """Collective: the shards were split by this launch's plan, and every rank's own shard is
     of the same model and complete. Returns this rank's shard, open."""
-    rank_, count, budgets, plan_hash = shard
+    _, count, budgets, plan_hash = shard
     if count != comm.size or plan_hash != plan.plan_hash():
         raise UsageError(
             f"the shards in {model_path} were split for {count} rank(s) with budgets {' '.join(map(str, budgets))} "
@@ -121,7 +120,7 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, 
     comm.barrier()
     load_s = time.perf_counter() - t_load
     engine = Engine(comm, plan, weights, max_seq_len, buffer_type)
-    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, model_path is None, load_s)
+    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, load_s)
 
 
 def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool = False) -> dict:
