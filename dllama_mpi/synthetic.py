@@ -54,3 +54,21 @@ def synthetic_model_path() -> Path:
         write_model(path, SYNTHETIC_SPEC, synthetic_tensors(SYNTHETIC_SPEC, seed=SYNTHETIC_VERSION),
                     Tokenizer.synthetic(SYNTHETIC_SPEC.vocab_size), {"source": "synthetic (random weights)"})
     return path
+
+
+def write_hf_tokenizer(directory: Path, vocab_size: int, texts: list[str]) -> None:
+    """A small byte-level BPE trained on `texts`, saved as a Hugging Face tokenizer
+    (tokenizer.json + tokenizer_config.json with <s>/</s>): for random-weight checkpoints."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                  "add_bos_token": True}))

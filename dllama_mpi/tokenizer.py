@@ -327,6 +327,8 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, prev_token: int, token: int) -> str:
+        if not 0 <= token < self._tokenizer.vocab_size:
+            return ""  # a model's padding rows beyond the tokenizer (vocab_size rounded up) have no text
         return self._utf8.decode(self._tokenizer.decode(prev_token, token))
 
     def flush(self) -> str:

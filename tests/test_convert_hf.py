@@ -3,7 +3,6 @@ by the engine on 1 and 3 ranks against transformers' own forward pass."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ torch = pytest.importorskip("torch", reason="the HF tests need torch (pip instal
 transformers = pytest.importorskip("transformers", reason="the HF tests need transformers (pip install '.[test]')")
 
 from dllama_mpi.convert import convert  # noqa: E402
+from dllama_mpi.synthetic import write_hf_tokenizer  # noqa: E402
 
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 180, 260, 11, 5, 77, 123, 64, 31, 2, 8, 200, 150, 9]  # 20 tokens
 STEPS = 32
@@ -37,20 +37,6 @@ MODELS = {
 }
 
 
-def _tokenizer_files(directory: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Once upon a time there was a tiny model.", "It ran on three ranks."] * 20, trainer)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                  "add_bos_token": True}))
-
-
 def _build(model_type: str, directory: Path):
     params = dict(MODELS[model_type])
     cls, cfg = getattr(transformers, params.pop("cls")), getattr(transformers, params.pop("cfg"))
@@ -63,7 +49,7 @@ def _build(model_type: str, directory: Path):
                 p.add_(0.2 * torch.randn_like(p))
     # llama: several safetensors files with model.safetensors.index.json
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB" if model_type == "llama" else "1GB")
-    _tokenizer_files(directory)
+    write_hf_tokenizer(directory, 300, ["Once upon a time there was a tiny model.", "It ran on three ranks."] * 20)
     return model
 
 

@@ -588,3 +588,10 @@ def test_hf_hdf5_round_trip(hf_dir: Path, tmp_path: Path) -> None:
     for text in HF_SENTENCES:
         assert loaded.encode(text) == tok.encode(text)
         assert stream_decode(loaded, loaded.encode(text)) == text
+
+
+def test_stream_gives_no_text_for_ids_beyond_the_tokenizer(tok512) -> None:
+    # models often pad vocab_size past their tokenizer; such ids must not end generation
+    stream = tok512.stream()
+    assert stream.feed(1, 600) == ""
+    assert stream.feed(600, 403) == " Once"  # (the leading space is stripped only right after BOS)

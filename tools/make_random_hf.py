@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Write a Hugging Face-style Llama checkpoint with random weights (bf16 safetensors,
-config.json, a small byte-level tokenizer) of a real model's shape, one tensor at a time.
+config.json, a small byte-level tokenizer) of one of the benchmark's shapes, one tensor at
+a time.
 
     python tools/make_random_hf.py llama-3.2-1b /tmp/llama-1b-random
 
@@ -17,14 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-}
+from dllama_mpi.bench import SHAPES
+from dllama_mpi.synthetic import write_hf_tokenizer
+
+
+def hf_config(spec) -> dict:
+    """A Hugging Face llama config.json for one of the benchmark's shapes."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": spec.dim,
+            "intermediate_size": spec.hidden_dim, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads,
+            "vocab_size": spec.vocab_size, "rope_theta": spec.rope_theta, "rms_norm_eps": spec.norm_eps,
+            "max_position_embeddings": spec.seq_len, "tie_word_embeddings": spec.shared_classifier,
+            "bos_token_id": 1, "eos_token_id": 2}
 
 
 def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -47,8 +52,7 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write(shape: str, out: Path, seed: int = 0) -> None:
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
+    config = hf_config(SHAPES[shape])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     shapes = tensor_shapes(config)
@@ -70,20 +74,7 @@ def write(shape: str, out: Path, seed: int = 0) -> None:
                 if len(shp) == 1:
                     part += 1
                 (part.view(np.uint32) >> 16).astype(np.uint16).tofile(f)
-    _tokenizer(out)
-
-
-def _tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["random weights, meaningless text"] * 10, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    write_hf_tokenizer(out, 512, ["random weights, meaningless text"] * 10)
 
 
 if __name__ == "__main__":
