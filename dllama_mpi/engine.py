@@ -148,20 +148,22 @@ class Engine:
 
     def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
         """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one."""
-        self.pool.size_for(m.rows * m.cols * n_tok)
         if m.type == "f32":
-            kernels.matmul_f32(m.w, x.f32[:n_tok], out)
+            kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
         elif m.type == "f16":
-            kernels.matmul_f16(m.w, kernels.F16_TABLE, x.f32[:n_tok], out)
+            kernel, args = kernels.f16_rows, (m.w, kernels.F16_TABLE, x.f32[:n_tok])
+        elif m.type == "q40" and x.q80:
+            kernel, args = kernels.q40_q80_rows, (m.d, m.qs, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], self.scratch_i32)
         elif m.type == "q40":
-            if x.q80:
-                kernels.matmul_q40_q80(m.d, m.qs, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], self.scratch_i32, out)
-            else:
-                kernels.matmul_q40_f32(m.d, m.qs, x.xt[:n_tok], self.scratch_f32, out)
+            kernel, args = kernels.q40_f32_rows, (m.d, m.qs, x.xt[:n_tok], self.scratch_f32)
         elif x.q80:
-            kernels.matmul_q80_q80(m.d, m.qs, x.xq[:n_tok], x.xd[:n_tok], self.scratch_i32, out)
+            kernel, args = kernels.q80_q80_rows, (m.d, m.qs, x.xq[:n_tok], x.xd[:n_tok], self.scratch_i32)
         else:
-            kernels.matmul_q80_f32(m.d, m.qs, x.xt[:n_tok], self.scratch_f32, out)
+            kernel, args = kernels.q80_f32_rows, (m.d, m.qs, x.xt[:n_tok], self.scratch_f32)
+        if self.pool.parallel(m.rows * m.cols * n_tok):
+            kernels.PARALLEL[kernel](*args, out)
+        else:
+            kernel(0, m.rows, 0, *args, out)
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
@@ -202,9 +204,12 @@ class Engine:
                 kernels.rmsnorm_heads(k, hd, lw["k_norm"], spec.norm_eps)
             kernels.rope(q, hd, cos, sin)
             kernels.rope(k, hd, cos, sin)
-            self.pool.size_for(q.size * (pos0 + n) * 2)
-            kernels.attention(q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head,
-                              pos0, self.scores, self.att.local[:n].reshape(n, -1, hd))
+            att = (q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head, pos0,
+                   self.scores, self.att.local[:n].reshape(n, -1, hd))
+            if self.pool.parallel(q.size * (pos0 + n) * 2):
+                kernels.attention(*att)
+            else:
+                kernels.attention_heads(0, q.shape[1] // hd, *att)
             self.att.gather(n)
             self.matmul(lw["wo"], self.att, n, self.dim_out.local[:n])
             self.dim_out.gather(n)

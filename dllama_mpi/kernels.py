@@ -113,125 +113,168 @@ def f32_unpack(x, xt):
 
 
 # --- matrix products: out (T, rows) = x (T, cols) @ w.T, on this rank's rows -------------
+# Each product is a serial `*_rows(r0, r1, c, ...)` kernel for rows [r0, r1) using scratch
+# row c, called directly for small matrices (no parallel-region launch) and, through the
+# `matmul_*` driver, on row chunks in parallel: the same code computes every row either way.
 
 
-@njit(parallel=True, **_opts)
-def matmul_f32(w, x, out):
+@njit(**_opts)
+def f32_rows(r0, r1, c, w, x, out):
     """w: (rows, n) f32."""
     n = x.shape[1]
-    for r in prange(w.shape[0]):
+    for r in range(r0, r1):
         for t in range(x.shape[0]):
             acc = np.float32(0.0)
-            for c in range(n):
-                acc += w[r, c] * x[t, c]
+            for i in range(n):
+                acc += w[r, i] * x[t, i]
             out[t, r] = acc
 
 
-@njit(parallel=True, **_opts)
-def matmul_f16(w, table, x, out):
+@njit(**_opts)
+def f16_rows(r0, r1, c, w, table, x, out):
     """w: (rows, n) u16 fp16 bits, decoded through table (F16_TABLE)."""
     n = x.shape[1]
-    for r in prange(w.shape[0]):
+    for r in range(r0, r1):
         for t in range(x.shape[0]):
             acc = np.float32(0.0)
-            for c in range(n):
-                acc += table[w[r, c]] * x[t, c]
+            for i in range(n):
+                acc += table[w[r, i]] * x[t, i]
             out[t, r] = acc
 
 
-@njit(parallel=True, **_opts)
-def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
+@njit(**_opts)
+def q40_q80_rows(r0, r1, c, wd, wqs, xq, xsum, xd, scratch, out):
     """Q40 weights x Q80 activations: per block, integer sums of q_w * q_x (exact), then
     sum_b isum * d_w * d_x in block order. scratch: (CHUNKS, >= T, >= nb) i32.
     The inner loops run over blocks (vectorized); 8 nibble pairs are summed in int16
     (|sum| <= 8 * 2 * 15 * 128 < 2**15) before one int32 add."""
-    rows, nb = wd.shape
-    chunks = min(rows, CHUNKS)
+    nb = wd.shape[1]
+    for r in range(r0, r1):
+        d, w = wd[r], wqs[r]
+        for t in range(xq.shape[0]):
+            isum, xs, x_d, x = scratch[c, t], xsum[t], xd[t], xq[t]
+            for b in range(nb):
+                isum[b] = -8 * xs[b]  # the Q40 offset: sum (q - 8) x = sum q x - 8 sum x
+            for j0 in range(0, BLOCK // 2, 8):
+                for b in range(nb):
+                    s = np.int16(0)
+                    for k in range(8):
+                        q = np.int16(w[j0 + k, b])
+                        s += np.int16((q & 15) * np.int16(x[j0 + k, b])) + np.int16((q >> 4) * np.int16(x[j0 + k + 16, b]))
+                    isum[b] += s
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += np.float32(isum[b]) * (d[b] * x_d[b])
+            out[t, r] = acc
+
+
+@njit(**_opts)
+def q40_f32_rows(r0, r1, c, wd, wqs, xt, scratch, out):
+    """Q40 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
+    nb = wd.shape[1]
+    bsum = scratch[c]
+    for r in range(r0, r1):
+        d = wd[r]
+        for t in range(xt.shape[0]):
+            for b in range(nb):
+                bsum[b] = 0.0
+            for j in range(BLOCK // 2):
+                w, lo, hi = wqs[r, j], xt[t, j], xt[t, j + 16]
+                for b in range(nb):
+                    q = np.int32(w[b])
+                    bsum[b] += np.float32((q & 15) - 8) * lo[b] + np.float32((q >> 4) - 8) * hi[b]
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += bsum[b] * d[b]
+            out[t, r] = acc
+
+
+@njit(**_opts)
+def q80_q80_rows(r0, r1, c, wd, wqs, xq, xd, scratch, out):
+    """Q80 weights (qs (rows, 32, nb) i8) x Q80 activations. scratch: (CHUNKS, >= T, >= nb) i32."""
+    nb = wd.shape[1]
+    for r in range(r0, r1):
+        d = wd[r]
+        for t in range(xq.shape[0]):
+            isum, x_d = scratch[c, t], xd[t]
+            for b in range(nb):
+                isum[b] = 0
+            for j in range(BLOCK):
+                w, x = wqs[r, j], xq[t, j]
+                for b in range(nb):
+                    isum[b] += np.int16(w[b]) * np.int16(x[b])
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += np.float32(isum[b]) * (d[b] * x_d[b])
+            out[t, r] = acc
+
+
+@njit(**_opts)
+def q80_f32_rows(r0, r1, c, wd, wqs, xt, scratch, out):
+    """Q80 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
+    nb = wd.shape[1]
+    bsum = scratch[c]
+    for r in range(r0, r1):
+        d = wd[r]
+        for t in range(xt.shape[0]):
+            for b in range(nb):
+                bsum[b] = 0.0
+            for j in range(BLOCK):
+                w, x = wqs[r, j], xt[t, j]
+                for b in range(nb):
+                    bsum[b] += np.float32(w[b]) * x[b]
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += bsum[b] * d[b]
+            out[t, r] = acc
+
+
+@njit(parallel=True, **_opts)
+def matmul_f32(w, x, out):
+    chunks = min(w.shape[0], CHUNKS)
     for c in prange(chunks):
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            d, w = wd[r], wqs[r]
-            for t in range(xq.shape[0]):
-                isum, xs, x_d, x = scratch[c, t], xsum[t], xd[t], xq[t]
-                for b in range(nb):
-                    isum[b] = -8 * xs[b]  # the Q40 offset: sum (q - 8) x = sum q x - 8 sum x
-                for j0 in range(0, BLOCK // 2, 8):
-                    for b in range(nb):
-                        s = np.int16(0)
-                        for k in range(8):
-                            q = np.int16(w[j0 + k, b])
-                            s += np.int16((q & 15) * np.int16(x[j0 + k, b])) + np.int16((q >> 4) * np.int16(x[j0 + k + 16, b]))
-                        isum[b] += s
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += np.float32(isum[b]) * (d[b] * x_d[b])
-                out[t, r] = acc
+        f32_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, x, out)
+
+
+@njit(parallel=True, **_opts)
+def matmul_f16(w, table, x, out):
+    chunks = min(w.shape[0], CHUNKS)
+    for c in prange(chunks):
+        f16_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, table, x, out)
+
+
+@njit(parallel=True, **_opts)
+def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
+    chunks = min(wd.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q40_q80_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xq, xsum, xd, scratch, out)
 
 
 @njit(parallel=True, **_opts)
 def matmul_q40_f32(wd, wqs, xt, scratch, out):
-    """Q40 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
-    rows, nb = wd.shape
-    chunks = min(rows, CHUNKS)
+    chunks = min(wd.shape[0], CHUNKS)
     for c in prange(chunks):
-        bsum = scratch[c]
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            d = wd[r]
-            for t in range(xt.shape[0]):
-                for b in range(nb):
-                    bsum[b] = 0.0
-                for j in range(BLOCK // 2):
-                    w, lo, hi = wqs[r, j], xt[t, j], xt[t, j + 16]
-                    for b in range(nb):
-                        q = np.int32(w[b])
-                        bsum[b] += np.float32((q & 15) - 8) * lo[b] + np.float32((q >> 4) - 8) * hi[b]
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += bsum[b] * d[b]
-                out[t, r] = acc
+        q40_f32_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xt, scratch, out)
 
 
 @njit(parallel=True, **_opts)
 def matmul_q80_q80(wd, wqs, xq, xd, scratch, out):
-    """Q80 weights (qs (rows, 32, nb) i8) x Q80 activations. scratch: (CHUNKS, >= T, >= nb) i32."""
-    rows, nb = wd.shape
-    chunks = min(rows, CHUNKS)
+    chunks = min(wd.shape[0], CHUNKS)
     for c in prange(chunks):
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            d = wd[r]
-            for t in range(xq.shape[0]):
-                isum, x_d = scratch[c, t], xd[t]
-                for b in range(nb):
-                    isum[b] = 0
-                for j in range(BLOCK):
-                    w, x = wqs[r, j], xq[t, j]
-                    for b in range(nb):
-                        isum[b] += np.int16(w[b]) * np.int16(x[b])
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += np.float32(isum[b]) * (d[b] * x_d[b])
-                out[t, r] = acc
+        q80_q80_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xq, xd, scratch, out)
 
 
 @njit(parallel=True, **_opts)
 def matmul_q80_f32(wd, wqs, xt, scratch, out):
-    """Q80 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
-    rows, nb = wd.shape
-    chunks = min(rows, CHUNKS)
+    chunks = min(wd.shape[0], CHUNKS)
     for c in prange(chunks):
-        bsum = scratch[c]
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            d = wd[r]
-            for t in range(xt.shape[0]):
-                for b in range(nb):
-                    bsum[b] = 0.0
-                for j in range(BLOCK):
-                    w, x = wqs[r, j], xt[t, j]
-                    for b in range(nb):
-                        bsum[b] += np.float32(w[b]) * x[b]
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    acc += bsum[b] * d[b]
-                out[t, r] = acc
+        q80_f32_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xt, scratch, out)
+
+
+PARALLEL = {  # each rows kernel's parallel driver
+    f32_rows: matmul_f32, f16_rows: matmul_f16, q40_q80_rows: matmul_q40_q80, q40_f32_rows: matmul_q40_f32,
+    q80_q80_rows: matmul_q80_q80, q80_f32_rows: matmul_q80_f32,
+}
 
 
 @njit(parallel=True, **_opts)
@@ -316,16 +359,16 @@ def rope(vec, head_dim, cos, sin):
                 vec[t, base + 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
 
 
-@njit(parallel=True, **_opts)
-def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
-    """Causal attention: token t (at position pos0 + t) of each local query head over
+@njit(**_opts)
+def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
+    """Causal attention of local query heads [h0, h1): token t (at position pos0 + t) over
     positions [0, pos0 + t]. q: (T, n_local_heads, head_dim); k_cache, v_cache: (max_seq,
     n_local_kv, head_dim), already holding the block's keys and values; kv_of_head:
     (n_local_heads,) local KV index; scores: (n_local_heads, max_seq) scratch;
     out: (T, n_local_heads, head_dim)."""
     head_dim = q.shape[2]
     inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
-    for h in prange(q.shape[1]):
+    for h in range(h0, h1):
         kv = kv_of_head[h]
         for t in range(q.shape[0]):
             n_pos = pos0 + t + 1
@@ -348,6 +391,13 @@ def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
                 w = scores[h, p] / total
                 for i in range(head_dim):
                     out[t, h, i] += w * v_cache[p, kv, i]
+
+
+@njit(parallel=True, **_opts)
+def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
+    """attention_heads over every local head, one head per task."""
+    for h in prange(q.shape[1]):
+        attention_heads(h, h + 1, q, k_cache, v_cache, kv_of_head, pos0, scores, out)
 
 
 @njit(**_opts)
@@ -425,12 +475,14 @@ def warm_up() -> None:
     si, sf = np.zeros((CHUNKS, 1, 2), np.int32), np.zeros((CHUNKS, 2), f32)
     wd = np.ones((3, 2), f32)
     q4, q8, w16 = np.zeros((3, 16, 2), np.uint8), np.zeros((3, 32, 2), np.int8), np.zeros((3, 64), np.uint16)
-    matmul_f32(np.ones((3, 64), f32), x, out[:, :3])
-    matmul_f16(w16, F16_TABLE, x, out[:, :3])
-    matmul_q40_q80(wd, q4, xq, xsum, xd, si, out[:, :3])
-    matmul_q40_f32(wd, q4, xt, sf, out[:, :3])
-    matmul_q80_q80(wd, q8, xq, xd, si, out[:, :3])
-    matmul_q80_f32(wd, q8, xt, sf, out[:, :3])
+    w32 = np.ones((3, 64), f32)
+    for parallel, serial, args in (
+        (matmul_f32, f32_rows, (w32, x)), (matmul_f16, f16_rows, (w16, F16_TABLE, x)),
+        (matmul_q40_q80, q40_q80_rows, (wd, q4, xq, xsum, xd, si)), (matmul_q40_f32, q40_f32_rows, (wd, q4, xt, sf)),
+        (matmul_q80_q80, q80_q80_rows, (wd, q8, xq, xd, si)), (matmul_q80_f32, q80_f32_rows, (wd, q8, xt, sf)),
+    ):
+        parallel(*args, out[:, :3])
+        serial(0, 3, 0, *args, out[:, :3])
     f16_row(w16[0], F16_TABLE, out[0])
     dequantize_q40_row(wd[0], q4[0], out[0])
     dequantize_q80_row(wd[0], q8[0], out[0])
@@ -438,7 +490,8 @@ def warm_up() -> None:
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])
     cache = np.zeros((4, 1, 32), f32)
-    attention(out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), 1, np.zeros((2, 4), f32),
-              out.reshape(1, 2, 32))
+    att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), 1, np.zeros((2, 4), f32), out.reshape(1, 2, 32))
+    attention(*att)
+    attention_heads(0, 2, *att)
     silu_mul(x, x, out)
     sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))

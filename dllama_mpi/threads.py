@@ -47,24 +47,20 @@ def set_threads(n: int, ranks_on_node: int = 1) -> int:
 
 
 # Waking a sleeping worker costs tens of microseconds (about 45 us per parallel region
-# measured on 2 cores), the time of roughly 2**17 Q40 multiply-adds; a kernel with less than
-# twice that work runs on the calling thread alone. Which thread computes a row never changes
-# its value, only the time.
+# measured on 2 cores), the time of roughly 2**17 Q40 multiply-adds; a product with less than
+# twice that work runs serially on the calling thread (no parallel region at all). Which
+# thread computes a row never changes its value, only the time.
 PARALLEL_MIN_WORK = 2**18
 
 
 class Pool:
-    """The rank's thread budget, applied per kernel call by the size of its work."""
+    """Whether a kernel call goes to the rank's thread pool, by the size of its work."""
 
     def __init__(self, n_threads: int | None = None):
-        self._current = numba.get_num_threads()
-        self.n_threads = self._current if n_threads is None else n_threads
+        self.n_threads = numba.get_num_threads() if n_threads is None else n_threads
 
-    def size_for(self, work: int) -> None:
-        n = self.n_threads if work >= PARALLEL_MIN_WORK else 1
-        if n != self._current:
-            numba.set_num_threads(n)
-            self._current = n
+    def parallel(self, work: int) -> bool:
+        return self.n_threads > 1 and work >= PARALLEL_MIN_WORK
 
 
 def for_rank(local_rank: int, local_size: int, requested: int | None = None) -> int:

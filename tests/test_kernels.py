@@ -75,8 +75,9 @@ def _kernel_xt(x: np.ndarray) -> np.ndarray:
     return xt
 
 
-def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = None) -> np.ndarray:
-    """Kernel product of rows [a, b) of m with the tokens x (T, cols) -> (T, b - a).
+def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = None, serial: bool = False) -> np.ndarray:
+    """Kernel product of rows [a, b) of m with the tokens x (T, cols) -> (T, b - a), through
+    the parallel driver or (serial) the rows kernel called directly.
     Scratch is oversized and full of garbage: kernels must not depend on its contents."""
     b = m.rows if b is None else b
     n_tok, nb = x.shape[0], x.shape[1] // 32
@@ -84,20 +85,24 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
     scratch_i32 = np.full((kernels.CHUNKS, n_tok + 2, nb + 3), 77777, np.int32)
     scratch_f32 = np.full((kernels.CHUNKS, nb + 3), 1e30, np.float32)
     if kind == "f32":
-        kernels.matmul_f32(m.w[a:b], x, out)
+        rows, args = kernels.f32_rows, (m.w[a:b], x)
     elif kind == "f16":
-        kernels.matmul_f16(m.w[a:b], kernels.F16_TABLE, x, out)
+        rows, args = kernels.f16_rows, (m.w[a:b], kernels.F16_TABLE, x)
     elif kind == "q40_q80":
         _, xq, xsum, xd = _kernel_q80(x)
-        kernels.matmul_q40_q80(m.d[a:b], m.qs[a:b], xq, xsum, xd, scratch_i32, out)
+        rows, args = kernels.q40_q80_rows, (m.d[a:b], m.qs[a:b], xq, xsum, xd, scratch_i32)
     elif kind == "q40_f32":
-        kernels.matmul_q40_f32(m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32, out)
+        rows, args = kernels.q40_f32_rows, (m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32)
     elif kind == "q80_q80":
         _, xq, _, xd = _kernel_q80(x)
-        kernels.matmul_q80_q80(m.d[a:b], m.qs[a:b], xq, xd, scratch_i32, out)
+        rows, args = kernels.q80_q80_rows, (m.d[a:b], m.qs[a:b], xq, xd, scratch_i32)
     else:
         assert kind == "q80_f32"
-        kernels.matmul_q80_f32(m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32, out)
+        rows, args = kernels.q80_f32_rows, (m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32)
+    if serial:
+        rows(0, b - a, 0, *args, out)
+    else:
+        kernels.PARALLEL[rows](*args, out)
     return out
 
 
@@ -819,3 +824,27 @@ def test_attention_head_slice_bit_identical_to_full():
     local_v = np.ascontiguousarray(v[:, 1:2])
     part = _run_attention(np.ascontiguousarray(q[:, 3:]), local_k, local_v, [0, 0, 0], 14)
     _assert_bits(part, np.ascontiguousarray(full[:, 3:]))
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32"])
+@pytest.mark.parametrize("rows, n_tok", [(150, 1), (7, 3), (1, 1)])
+def test_serial_rows_kernel_bit_identical_to_parallel_driver(restore_threads, kind, rows, n_tok):
+    """Small products run the rows kernel on the calling thread, big ones its parallel driver:
+    a split may send the same rows through either, so they must agree bit for bit."""
+    rng = np.random.default_rng(rows * 13 + n_tok)
+    cols = 96
+    m = Matrix.from_stored(_stored(rng, kind.split("_")[0], rows, cols), cols)
+    x = _tokens(rng, n_tok, cols)  # (T, cols)
+    threads.set_threads(2)
+    _assert_bits(_matmul(kind, m, x, serial=True), _matmul(kind, m, x))
+
+
+def test_serial_attention_bit_identical_to_parallel(restore_threads):
+    rng = np.random.default_rng(5)
+    q, k, v = _attention_case(rng, 6, 2, 64, 9, 3)
+    kv_of_head = np.array([0, 0, 0, 1, 1, 1], np.int64)
+    threads.set_threads(2)
+    parallel = _run_attention(q, k, v, kv_of_head, 9)
+    serial = np.full(q.shape, np.nan, np.float32)
+    kernels.attention_heads(0, 6, q, k, v, kv_of_head, 9, np.zeros((6, k.shape[0]), np.float32), serial)
+    _assert_bits(serial, parallel)
