@@ -70,8 +70,8 @@ def bench_model_path(shape: str):
 
 def _read_bandwidth(comm) -> float:
     """The node's memory read bandwidth in GB/s: rank 0 streams 1 GiB with as many threads
-    as the node has cores while the other ranks sleep (so the reading is the same whatever
-    the rank count); best of 3."""
+    as the node has cores while the other ranks sleep (they don't compete for the cores);
+    best of 3."""
     from . import kernels, threads
 
     best = 0.0
