@@ -121,7 +121,7 @@ def dequantize_q40(blocks: np.ndarray) -> np.ndarray:
 def quantize_q80(x: np.ndarray) -> np.ndarray:
     """(..., n) float32 -> (..., n // 32) Q80, as llama.cpp's quantize_row_q8_0_ref
     (scale from the f32 amax, values rounded half away from zero)."""
-    xb = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], -1, BLOCK)
+    xb = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)  # also 0 rows
     d = (np.abs(xb).max(axis=-1) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)

@@ -531,9 +531,7 @@ class SpmTokenizer(Tokenizer):
 
     @classmethod
     def from_gguf(cls, reader) -> SpmTokenizer:
-        model = _gguf_str(reader, "tokenizer.ggml.model")
-        if model != "llama":
-            raise ValueError(f"GGUF vocabulary type {model!r} is not sentencepiece ('llama')")
+        _require_gguf_vocab(reader, "llama", "sentencepiece")
         texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
         n = len(texts)
         scores = _gguf_array(reader, "tokenizer.ggml.scores")
@@ -735,9 +733,7 @@ class HFTokenizer:
         from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as _HFTokenizer
 
-        model = _gguf_str(reader, "tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(f"GGUF vocabulary type {model!r} is not byte-level BPE ('gpt2')")
+        _require_gguf_vocab(reader, "gpt2", "byte-level BPE")
         pre = _gguf_str(reader, "tokenizer.ggml.pre") or "default"
         if pre not in _BPE_PRE_TYPES:
             raise ValueError(
@@ -986,6 +982,12 @@ def _gguf_array(reader, key: str) -> np.ndarray | None:
 
 
 # ===================================================================== entry points
+
+
+def _require_gguf_vocab(reader, expected: str, description: str) -> None:
+    model = _gguf_str(reader, "tokenizer.ggml.model")
+    if model != expected:
+        raise ValueError(f"GGUF vocabulary type {model!r} is not {description} ({expected!r})")
 
 
 def from_gguf(reader) -> SpmTokenizer | HFTokenizer:

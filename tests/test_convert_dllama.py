@@ -192,17 +192,22 @@ def test_malformed_tokenizers(tmp_path, tokenizer_file):
         dllama.read_tokenizer(bad)
 
 
-def test_end_to_end_q40_bit_exact(tmp_path, tokenizer_file):
-    import h5py
-
+def _converted_q40(tmp_path, tokenizer_file, seed):
+    """Random weights written as a Q40 .m, converted: (weights, HDF5 path)."""
     from dllama_mpi.convert import convert
 
-    rng = np.random.default_rng(5)
-    w = _weights(rng)
+    w = _weights(np.random.default_rng(seed))
     path = tmp_path / "model.m"
     dw.write_model(path, PARAMS, w, "q40")
     out = tmp_path / "model.h5"
     convert(path, out, tokenizer_file, "q40")
+    return w, out
+
+
+def test_end_to_end_q40_bit_exact(tmp_path, tokenizer_file):
+    import h5py
+
+    w, out = _converted_q40(tmp_path, tokenizer_file, 5)
     with h5py.File(out, "r") as f:
         for name, src_array in [("layers/1/w2", w["w2"][1]), ("output", w["output"]), ("layers/0/wq", w["wq"][0])]:
             assert f[name][()].tobytes() == dw.tensor_bytes(src_array, "q40"), name
@@ -212,16 +217,10 @@ def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
     """Engine logits of a converted .m equal a dense numpy forward pass over the blocks the
     distributed-llama writer produced (independent of our reader)."""
     from dllama_mpi.comm import Comm
-    from dllama_mpi.convert import convert
     from dllama_mpi.reference import DenseModel
     from dllama_mpi.session import open_session
 
-    rng = np.random.default_rng(6)
-    w = _weights(rng)
-    path = tmp_path / "model.m"
-    dw.write_model(path, PARAMS, w, "q40")
-    out = tmp_path / "model.h5"
-    convert(path, out, tokenizer_file, "q40")
+    w, out = _converted_q40(tmp_path, tokenizer_file, 6)
     expected_tensors = {}
     for name, array in _flat(w).items():
         if array.ndim == 2 and name != "tok_embeddings":  # the writer's Q40 blocks

@@ -366,27 +366,17 @@ def test_f32_unpack_transposes_blocks(n_tok, nb):
 # ---------------------------------------------------------------- weight rows (embedding lookups)
 
 
-@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (7, 32 * 13), (1, 32)])
-def test_dequantize_q40_row_matches_numpy(rows, cols):
-    rng = np.random.default_rng(rows + cols)
-    stored = _stored(rng, "q40", rows, cols)  # (rows, nb) Q40
-    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 16, nb)
-    expected = quant.dequantize_q40(stored)  # (rows, cols)
-    for r in range(rows):
-        out = np.full(cols, np.nan, np.float32)
-        kernels.dequantize_q40_row(m.d[r], m.qs[r], out)
-        _assert_bits(out, expected[r])
-
-
-@pytest.mark.parametrize("rows, cols", [(13, 224), (17, 32), (7, 416), (1, 96)])
-def test_dequantize_q80_row_matches_numpy(rows, cols):
+@pytest.mark.parametrize("kind", ["q40", "q80"])
+@pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (7, 32 * 13), (17, 32), (1, 96)])
+def test_dequantize_row_matches_numpy(kind, rows, cols):
     rng = np.random.default_rng(rows * 7 + cols)
-    stored = _stored(rng, "q80", rows, cols)  # (rows, nb) Q80
-    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 32, nb)
-    expected = quant.dequantize_q80(stored)  # (rows, cols)
+    stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80
+    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 16 or 32, nb)
+    expected = quant.decode(stored)  # (rows, cols)
+    dequantize_row = kernels.dequantize_q40_row if kind == "q40" else kernels.dequantize_q80_row
     for r in range(rows):
         out = np.full(cols, np.nan, np.float32)
-        kernels.dequantize_q80_row(m.d[r], m.qs[r], out)
+        dequantize_row(m.d[r], m.qs[r], out)
         _assert_bits(out, expected[r])
 
 
