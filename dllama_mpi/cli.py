@@ -42,10 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations and what travels between ranks: f32 or q80 (default q80)")
     p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--dry-run", action="store_true",
+                   help="as one process without mpirun: print the plan for --memory-budget (one value per rank "
+                        "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
+                        "reads only the model's attributes")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dry-run" in argv:  # decided before MPI starts: a dry run is one process without it
+        return _dry_run_guarded(argv)
     from .comm import Comm
 
     comm = Comm()
@@ -88,7 +95,7 @@ def _setup_logging(rank: int) -> None:
 
 def _parse(comm, argv):
     parser = build_parser()
-    if comm.rank != 0:  # --help and usage text: once, from rank 0
+    if comm is not None and comm.rank != 0:  # --help and usage text: once, from rank 0
         parser.print_help = parser.print_usage = lambda file=None: None
     args = parser.parse_args(argv)
     problems = []
@@ -172,3 +179,60 @@ def _report(comm, session, result, n_threads, seed, startup_s) -> None:
         print(f"{m['rank']:>4} {m['threads']:>7} {m['compute_ms']:>14.3f} {m['collective_ms']:>17.3f} "
               f"{m['sent_kb']:>12.2f} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f}",
               file=err)
+
+
+def _dry_run_guarded(argv) -> int:
+    _setup_logging(0)
+    try:
+        return _dry_run(argv)
+    except (UsageError, ModelFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dry_run(argv) -> int:
+    """The plan, traffic and memory of a launch, from the model's attributes alone."""
+    import os
+
+    from .modelfile import open_model
+    from .plan import make_plan, validate_budgets
+    from .session import DEFAULT_MAX_SEQ_LEN, shard_mismatch
+    from .synthetic import SYNTHETIC_SPEC
+
+    args = _parse(None, argv)
+    if int(os.environ.get("PMI_SIZE", "1")) > 1:
+        raise UsageError("--dry-run runs as one process: start it without mpirun (the budgets give the world size)")
+    budgets_given = args.memory_budget or ["1"]
+    try:
+        budgets = validate_budgets(budgets_given, len(budgets_given))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.model is None:
+        spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
+    else:
+        model = open_model(args.model)
+        spec, shard, name = model.spec, model.shard, str(args.model)
+        model.close()
+    plan = make_plan(spec, budgets)
+    if shard is not None and (problem := shard_mismatch(args.model, shard, plan)):
+        raise UsageError(problem)
+    max_seq_len = args.max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
+    print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "
+          f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
+          f"weights {spec.weight_type}")
+    print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
+          f"KV cache {max_seq_len} tokens")
+    print(plan.table(max_seq_len))
+    by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
+    print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
+          f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
+    print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
+          + f" {'weights + KV MiB':>16}")
+    for s in plan.ranks:
+        memory = (plan.weight_bytes(s.rank) + plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
+        print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
+              + f" {memory:>16.1f}")
+    for t, tr in by_type.items():
+        print(f"{t} buffers: {tr.wire / 1024:.1f} KiB cross between ranks per token in all; at 1 Gbit/s that is "
+              f"{8e3 * tr.wire / 1e9:.2f} ms of transfer if it all shared one link")
+    return 0

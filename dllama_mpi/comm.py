@@ -21,9 +21,12 @@ class Comm:
         self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
-        node.Free()
+        # ranks on this node, by host name rather than shared-memory reach: with MPICH's
+        # shared memory off (MPIR_CVAR_NOLOCAL, tools/netsim.py) every rank would otherwise
+        # think it had the node's cores to itself
+        hosts = self.allgather_obj(MPI.Get_processor_name())
+        on_node = [r for r, host in enumerate(hosts) if host == hosts[self.rank]]
+        self.local_rank, self.local_size = on_node.index(self.rank), len(on_node)
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
 

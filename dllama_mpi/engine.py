@@ -57,12 +57,12 @@ class GatheredActivations(Activations):
     each rank's part for all T tokens is contiguous (rank-major); it is unpacked into
     (T, n) on arrival."""
 
-    def __init__(self, comm: Comm, plan: Plan, name: str, n: int, t_max: int, q80: bool):
-        super().__init__(n, t_max, q80)
+    def __init__(self, comm: Comm, plan: Plan, name: str, n: int, t_max: int, buffer_type: str):
+        super().__init__(n, t_max, buffer_type == "q80")
         self.comm, self.spans = comm, plan.segments(name)
         a, b = self.spans[comm.rank]
         self.local = np.zeros((t_max, b - a), F32)  # (T, own columns): the rank's output
-        self.travels_q80 = self.q80 and plan.q80_aligned(name)
+        self.travels_q80 = plan.travels_q80(name, buffer_type)
         unit = BLOCK if self.travels_q80 else 1
         self._units = [((s // unit), (e // unit)) for s, e in self.spans]  # blocks or values
         width = 34 if self.travels_q80 else 1
@@ -116,14 +116,14 @@ class Engine:
         self.x = np.zeros((t_max, spec.dim), F32)  # (T, dim) residual stream
         self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a block
         self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
-        self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, q80)  # (T, n_heads * hd)
+        self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, buffer_type)  # (T, n_heads * hd)
         self.scores = np.zeros((nh, max_seq_len), F32)
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
-        self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, q80)  # wo / w2 output
+        self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, buffer_type)  # wo / w2 output
         a, b = me.ffn_rows
         self.h1 = np.zeros((t_max, b - a), F32)
         self.h3 = np.zeros((t_max, b - a), F32)
-        self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, q80)  # (T, hidden)
+        self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
         # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
         self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
         self.v_cache = np.zeros_like(self.k_cache)

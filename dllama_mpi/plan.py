@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .quant import BLOCK
+from .quant import BLOCK, Q80
 from .spec import ModelSpec
 
 ROW_GRANULE = 32
@@ -103,6 +103,27 @@ class RankSlices:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """Per decoded token, for a plan and buffer type (prefill sends the same per token, in
+    fewer, larger messages).
+
+    collectives: 4 Allgatherv per layer (att, dim, ffn, dim), the embedding row's Bcast and
+        the logits' Gatherv.
+    payload[r]: bytes rank r hands to those collectives: its parts of the gathered vectors,
+        its logits (ranks > 0), and on average its vocabulary share of the embedding row.
+        The engine counts the same quantity (Comm.bytes_sent).
+    gathered: bytes of the Allgatherv'd vectors in full (every rank ends up with all of it).
+    wire: bytes that must cross between ranks in all, whatever the algorithm: each
+        gathered byte and the embedding row reach the n - 1 ranks without them, each
+        rank's logits reach rank 0. MPI headers and TCP/IP framing come on top."""
+
+    collectives: int
+    payload: tuple[float, ...]
+    gathered: int
+    wire: int
+
+
+@dataclass(frozen=True)
 class Plan:
     spec: ModelSpec
     budgets: tuple[int, ...]
@@ -144,6 +165,31 @@ class Plan:
             "ffn": (ROW_GRANULE, spec.hidden_dim),
         }[vector]
         return granule % BLOCK == 0 and length % BLOCK == 0
+
+    def travels_q80(self, vector: str, buffer_type: str) -> bool:
+        """Whether a gathered vector travels as Q80 blocks (else as f32)."""
+        return buffer_type == "q80" and self.q80_aligned(vector)
+
+    def transit_bytes(self, vector: str, buffer_type: str, rank: int) -> int:
+        """Bytes of `rank`'s part of a gathered vector, one token, as it travels."""
+        a, b = self.segments(vector)[rank]
+        return (b - a) // BLOCK * Q80.itemsize if self.travels_q80(vector, buffer_type) else 4 * (b - a)
+
+    def traffic(self, buffer_type: str) -> Traffic:
+        """What crosses between ranks per decoded token (see Traffic)."""
+        n, spec = self.world_size, self.spec
+        per_layer = [sum(self.transit_bytes(v, buffer_type, r) for v in ("att", "dim", "ffn", "dim")) for r in range(n)]
+        logits = [0] + [4 * _count(s.vocab_rows) for s in self.ranks[1:]]  # Gatherv to rank 0, as f32
+        embedding = 4 * spec.dim  # the token's row, broadcast by the rank holding it
+        embedding_share = [embedding * _count(s.vocab_rows) / spec.vocab_size for s in self.ranks]
+        payload = tuple(spec.n_layers * per_layer[r] + logits[r] + embedding_share[r] for r in range(n))
+        gathered = spec.n_layers * sum(per_layer)
+        return Traffic(
+            collectives=0 if n == 1 else 4 * spec.n_layers + 2,
+            payload=payload if n > 1 else (0.0,),
+            gathered=gathered if n > 1 else 0,
+            wire=(n - 1) * (gathered + embedding) + sum(logits),
+        )
 
     def owner_of_vocab_row(self, token: int) -> int:
         for s in self.ranks:

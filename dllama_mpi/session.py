@@ -60,16 +60,22 @@ def _prepare(model_path, prompt: str, max_seq_len: int | None, world_size: int):
     return (spec, max_seq_len, prompt_tokens, stop_ids, model.model_id, model.shard), model, tokenizer
 
 
+def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
+    """Why shards split by another plan can't serve `plan`, or None."""
+    _, count, budgets, plan_hash = shard
+    if count == plan.world_size and plan_hash == plan.plan_hash():
+        return None
+    return (f"the shards in {model_path} were split for {count} rank(s) with budgets {' '.join(map(str, budgets))} "
+            f"(plan {plan_hash}); this launch has {plan.world_size} rank(s) with budgets "
+            f"{' '.join(map(str, plan.budgets))} (plan {plan.plan_hash()}). Relaunch with "
+            f"mpirun -n {count} ... --memory-budget {' '.join(map(str, budgets))}, or run the unsplit model file")
+
+
 def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, model: ModelFile | None) -> ModelFile:
     """Collective: the shards were split by this launch's plan, and every rank's own shard is
     of the same model and complete. Returns this rank's shard, open."""
-    _, count, budgets, plan_hash = shard
-    if count != comm.size or plan_hash != plan.plan_hash():
-        raise UsageError(
-            f"the shards in {model_path} were split for {count} rank(s) with budgets {' '.join(map(str, budgets))} "
-            f"(plan {plan_hash}); this launch has {comm.size} rank(s) with budgets "
-            f"{' '.join(map(str, plan.budgets))} (plan {plan.plan_hash()}). Relaunch with "
-            f"mpirun -n {count} ... --memory-budget {' '.join(map(str, budgets))}, or run the unsplit model file")
+    if problem := shard_mismatch(model_path, shard, plan):
+        raise UsageError(problem)
     problem = None
     try:
         if model is None:

@@ -84,3 +84,57 @@ def test_an_exception_on_one_rank_ends_the_job_promptly():
     assert time.monotonic() - start < 20
     assert "[rank 1] ERROR: rank 1 failed" in result.stderr and "injected fault" in result.stderr
     assert result.stderr.count("Traceback") == 1, result.stderr
+
+
+def _dry_run(*args):
+    import subprocess
+
+    return subprocess.run([PY, "-m", "dllama_mpi", "--dry-run", *args], capture_output=True, text=True, timeout=120)
+
+
+def _table(stdout):
+    return [line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+
+
+@pytest.mark.parametrize("budgets", [["1"], ["3", "1"], ["3", "2", "2", "1"], ["1", "1", "1", "1", "1", "1", "1"]])
+def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_models, budgets):
+    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.plan import make_plan
+
+    result = _dry_run("--model", str(stories_models["q40"]), "--memory-budget", *budgets, "--max-seq-len", "200")
+    assert result.returncode == 0, result.stderr
+    plan = make_plan(open_model(stories_models["q40"]).spec, [int(b) for b in budgets])
+    rows = _table(result.stdout)
+    assert len(rows) == 2 * len(budgets)  # the plan table, then traffic and memory per rank
+    plan_rows, traffic_rows = rows[: len(budgets)], rows[len(budgets) :]
+    assert [int(r[1]) for r in plan_rows] == list(plan.budgets)
+    assert [int(r[7]) for r in plan_rows] == [s.vocab_rows[1] - s.vocab_rows[0] for s in plan.ranks]
+    for r, row in enumerate(traffic_rows):
+        assert float(row[1]) == pytest.approx(plan.traffic("f32").payload[r] / 1024, abs=0.05)
+        assert float(row[2]) == pytest.approx(plan.traffic("q80").payload[r] / 1024, abs=0.05)
+        memory = (plan.weight_bytes(r) + plan.kv_cache_bytes(r, 200)) / 2**20
+        assert float(row[3]) == pytest.approx(memory, abs=0.05)
+    assert f"plan {plan.plan_hash()}" in result.stdout
+    assert f"{plan.traffic('q80').wire / 1024:.1f} KiB cross between ranks" in result.stdout
+
+
+def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):
+    result = _dry_run("--memory-budget", "3", "2", "2", "1")  # the built-in model, never written
+    assert result.returncode == 0 and "4 rank(s)" in result.stdout, result.stderr
+    bad = _dry_run("--memory-budget", "3", "x")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: the budget for rank 1 is 'x'")
+    missing = _dry_run("--model", str(tmp_path / "nothing.h5"), "--memory-budget", "1", "1")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_dry_run_checks_shards_against_the_budgets(tmp_path):
+    from conftest import STORIES, need_stories
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+    shards = tmp_path / "shards"
+    convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["3", "1"])
+    assert _dry_run("--model", str(shards), "--memory-budget", "3", "1").returncode == 0
+    wrong = _dry_run("--model", str(shards), "--memory-budget", "1", "1")
+    assert wrong.returncode == 2 and "split for 2 rank(s) with budgets 3 1" in wrong.stderr

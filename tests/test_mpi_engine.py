@@ -112,3 +112,22 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
     set_threads(1, comm.local_size)
     one = _logits(comm, path, budgets, "q80")
     agree(comm, comm.rank != 0 or _same_bits(one, two), "1 and 2 threads give different logits")
+
+
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_type):
+    path = write_random_model(shared_dir / "random-traffic.h5", RANDOM_SPEC) if comm.rank == 0 else None
+    path = comm.bcast_obj(path)
+    for budgets in budgets_for(comm):
+        session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+        plan, spec = session.plan, session.plan.spec
+        traffic = plan.traffic(buffer_type)
+        vocab_rows = plan.ranks[comm.rank].vocab_rows
+        embedding_share = 4 * spec.dim * (vocab_rows[1] - vocab_rows[0]) / spec.vocab_size
+        for pos, token in enumerate(TOKENS[:4]):
+            before = comm.bytes_sent
+            session.engine.forward(token, pos)
+            owns_row = plan.owner_of_vocab_row(token) == comm.rank
+            expected = traffic.payload[comm.rank] - embedding_share + (4 * spec.dim if owns_row else 0)
+            agree(comm, abs(comm.bytes_sent - before - expected) < 1e-6,
+                  f"budgets {budgets}, token {token}: sent {comm.bytes_sent - before} bytes, the plan says {expected}")

@@ -151,6 +151,43 @@ def test_q80_alignment_follows_head_dim_and_lengths():
     assert make_plan(TINYLLAMA, [1]).q80_aligned("att")
 
 
+def test_traffic_of_tinyllama_on_two_ranks_by_hand():
+    plan = make_plan(TINYLLAMA, [1, 1])
+    # per layer the full att, dim, ffn, dim vectors: (2048 + 2048 + 5632 + 2048) values
+    q80 = plan.traffic("q80")
+    assert q80.gathered == 22 * (2048 + 2048 + 5632 + 2048) // 32 * 34
+    assert q80.wire == q80.gathered + 4 * 2048 + 4 * 16000  # + the embedding row, + rank 1's logits
+    assert q80.collectives == 4 * 22 + 2
+    f32 = plan.traffic("f32")
+    assert f32.gathered == 22 * (2048 + 2048 + 5632 + 2048) * 4
+    assert f32.payload[0] == pytest.approx(f32.gathered / 2 + 4 * 2048 / 2)  # half of it, half the embeddings
+    assert f32.payload[1] == pytest.approx(f32.gathered / 2 + 4 * 2048 / 2 + 4 * 16000)
+
+
+def test_traffic_falls_back_to_f32_where_q80_would_cut_blocks():
+    att_q80 = make_plan(STORIES, [1, 1]).traffic("q80")
+    att_f32 = make_plan(STORIES, [1, 1]).traffic("f32")
+    # stories260K: att (head_dim 8) and ffn (172) travel as f32 even with q80 buffers, dim as Q80
+    saved_on_dim = 2 * STORIES.n_layers * (4 * STORIES.dim - STORIES.dim // 32 * 34)
+    assert att_f32.gathered - att_q80.gathered == saved_on_dim
+
+
+@given(spec_and_budgets())
+@settings(max_examples=50, deadline=None)
+def test_wire_bytes_are_what_each_rank_lacks(case):
+    spec, budgets = case
+    plan = make_plan(spec, budgets)
+    for buffer_type in ("f32", "q80"):
+        t = plan.traffic(buffer_type)
+        n = len(budgets)
+        if n == 1:
+            assert t.wire == t.gathered == t.collectives == 0
+            continue
+        logits = sum(4 * (s.vocab_rows[1] - s.vocab_rows[0]) for s in plan.ranks[1:])
+        assert sum(t.payload) == pytest.approx(t.gathered + logits + 4 * spec.dim)
+        assert t.wire == (n - 1) * (t.gathered + 4 * spec.dim) + logits
+
+
 def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
     from conftest import write_random_model
 
