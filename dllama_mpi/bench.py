@@ -93,11 +93,11 @@ def _read_bandwidth(comm) -> float:
 
 def run(comm, args) -> dict | None:
     from . import threads
-    from .plan import validate_budgets
+    from .cli import parse_budgets
     from .sampler import Sampler
     from .session import generate, open_session
 
-    budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
+    budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
     path = bench_model_path(args.shape) if comm.rank == 0 else None
     path = comm.bcast_obj(str(path) if path else None)

@@ -83,6 +83,16 @@ def run_guarded(comm, job) -> int:
         return 1
 
 
+def parse_budgets(given, world_size: int) -> tuple[int, ...]:
+    """--memory-budget as positive ints, one per rank (equal shares when not given)."""
+    from .plan import validate_budgets
+
+    try:
+        return validate_budgets(given or [1] * world_size, world_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _setup_logging(rank: int) -> None:
     if log.handlers:
         return
@@ -116,16 +126,12 @@ def _parse(comm, argv):
 
 def _run(comm, argv) -> int:
     from . import threads
-    from .plan import validate_budgets
     from .sampler import Sampler
     from .session import generate, open_session
 
     t_launch = time.perf_counter()
     args = _parse(comm, argv)
-    try:
-        budgets = validate_budgets(args.memory_budget or [1] * comm.size, comm.size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
     if comm.rank == 0 and args.model is None:
         print("note: no --model given: running the built-in synthetic model. Its weights are random, "
@@ -195,18 +201,14 @@ def _dry_run(argv) -> int:
     import os
 
     from .modelfile import open_model
-    from .plan import make_plan, validate_budgets
+    from .plan import make_plan
     from .session import DEFAULT_MAX_SEQ_LEN, shard_mismatch
     from .synthetic import SYNTHETIC_SPEC
 
     args = _parse(None, argv)
     if int(os.environ.get("PMI_SIZE", "1")) > 1:
         raise UsageError("--dry-run runs as one process: start it without mpirun (the budgets give the world size)")
-    budgets_given = args.memory_budget or ["1"]
-    try:
-        budgets = validate_budgets(budgets_given, len(budgets_given))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    budgets = parse_budgets(args.memory_budget, len(args.memory_budget or [1]))
     if args.model is None:
         spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
     else:

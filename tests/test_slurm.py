@@ -1,0 +1,122 @@
+"""The job scripts in jobs/, submitted with `sbatch --wait` to a real Slurm.
+
+.ci/run starts a single-node Slurm (../shared/tools/local-slurm.sh) and sets
+DLLAMA_REQUIRE_SLURM=1, so there a missing Slurm fails these tests; elsewhere they are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import REPO, STORIES, need_stories, run_mpiexec
+
+PROMPT = "Once upon a time"
+GENERATE = ["--temperature", "0", "--steps", "60", "--prompt", PROMPT]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    problem = None
+    if not shutil.which("sbatch"):
+        problem = "sbatch is not installed"
+    else:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0 or "idle" not in probe.stdout and "mixed" not in probe.stdout:
+            problem = f"no Slurm node is up (sinfo: {probe.stdout.strip() or probe.stderr.strip()})"
+    if problem:
+        if os.environ.get("DLLAMA_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DLLAMA_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}; `../shared/tools/local-slurm.sh start` starts one")
+
+
+def sbatch(job: str, workdir, env: dict, *options: str, timeout: float = 400) -> tuple[int, str, str]:
+    """Submit jobs/<job> with sbatch --wait; (exit code, job stdout, job stderr). On timeout the
+    job is cancelled and the test fails."""
+    name = f"dllama-test-{uuid.uuid4().hex[:8]}"
+    out, err = workdir / f"{name}.out", workdir / f"{name}.err"
+    full_env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, **env}
+    cmd = ["sbatch", "--wait", f"--job-name={name}", "--time=00:10:00", "-D", str(workdir), "-o", str(out), "-e", str(err),
+           *options, str(REPO / "jobs" / job)]
+    try:
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", f"--name={name}"], timeout=30)
+        pytest.fail(f"{job} still running after {timeout} s")
+    return proc.returncode, out.read_text() if out.exists() else "", err.read_text() if err.exists() else proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mpirun_text(stories_models):
+    """The text of a plain mpirun launch (4 ranks), to compare every job's with."""
+    result = run_mpiexec(4, [sys.executable, "-m", "dllama_mpi", "--model", str(stories_models["q40"]),
+                             "--memory-budget", "3", "2", "2", "1", *GENERATE], timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT)
+    return result.stdout
+
+
+@pytest.mark.parametrize("launcher, budgets", [("srun", "3 2 2 1"), ("mpirun", "memory")])
+def test_generate_job_gives_the_same_text_as_plain_mpirun(slurm, stories_models, mpirun_text, tmp_path, launcher, budgets):
+    rc, out, err = sbatch("generate.sbatch", tmp_path, {
+        "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_BUDGETS": budgets, "DLLAMA_LAUNCHER": launcher,
+        "DLLAMA_PROMPT": PROMPT, "DLLAMA_STEPS": "60", "DLLAMA_ARGS": "--temperature 0"}, "--ntasks=4")
+    assert rc == 0, err
+    assert out == mpirun_text
+    assert "4 rank(s)" in err and "Traceback" not in err
+    if budgets == "memory":  # one node: four equal shares of its available memory, in MiB
+        shares = err.split("--memory-budget ", 1)[1].split(";")[0].split()
+        assert len(shares) == 4 and len(set(shares)) == 1 and int(shares[0]) > 100
+
+
+def test_convert_job_writes_shards_the_generate_job_reads(slurm, mpirun_text, tmp_path):
+    need_stories()
+    shards = tmp_path / "shards"
+    rc, _, err = sbatch("convert.sbatch", tmp_path, {
+        "DLLAMA_SOURCE": str(STORIES / "stories260K.bin"), "DLLAMA_OUTPUT": str(shards), "DLLAMA_SPLIT_BUDGETS": "3 2 2 1",
+        "DLLAMA_ARGS": f"--tokenizer {STORIES / 'tok512.bin'}"})
+    assert rc == 0, err
+    assert sorted(p.name for p in shards.iterdir()) == [f"shard-{r}-of-4.h5" for r in range(4)]
+    budgets_file = tmp_path / "budgets.txt"
+    budgets_file.write_text("# rank 0: the workstation\n3\n2 2  # two laptops\n1\n")
+    rc, out, err = sbatch("generate.sbatch", tmp_path, {
+        "DLLAMA_MODEL": str(shards), "DLLAMA_BUDGETS_FILE": str(budgets_file), "DLLAMA_PROMPT": PROMPT,
+        "DLLAMA_STEPS": "60", "DLLAMA_ARGS": "--temperature 0"}, "--ntasks=4")
+    assert rc == 0, err
+    assert out == mpirun_text
+
+
+def test_bench_job_writes_json_for_every_point_of_the_sweep(slurm, tmp_path):
+    result_file = tmp_path / "bench.json"
+    rc, _, err = sbatch("bench.sbatch", tmp_path, {
+        "DLLAMA_SWEEP": "1 1-1 3-2-2-1", "DLLAMA_SHAPE": "tiny", "DLLAMA_BENCH_OUT": str(result_file),
+        "DLLAMA_ARGS": "--repeat 1 --decode-steps 4 --prompt-lengths 8 --buffer-float-type f32 q80"}, "--ntasks=4")
+    assert rc == 0, err
+    rows = json.loads(result_file.read_text())
+    assert [(r["world_size"], r["budgets"], r["buffer_float_type"]) for r in rows] == [
+        (1, [1], "f32"), (1, [1], "q80"), (2, [1, 1], "f32"), (2, [1, 1], "q80"),
+        (4, [3, 2, 2, 1], "f32"), (4, [3, 2, 2, 1], "q80")]
+    assert all(r["decode_tokens_per_s"] > 0 and len(r["peak_rss_mb"]) == r["world_size"] for r in rows)
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ("3 2 1", "error: --memory-budget has 3 value(s) 3 2 1 but the job has 4 rank(s)"),
+    ("3 2 0 1", "error: the budget for rank 2 is 0"),
+])
+def test_a_job_with_an_impossible_budget_fails_with_one_clear_message(slurm, stories_models, tmp_path, budgets, message):
+    rc, out, err = sbatch("generate.sbatch", tmp_path, {
+        "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_BUDGETS": budgets}, "--ntasks=4")
+    assert rc != 0
+    assert err.count(message) == 1, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_a_job_without_a_model_says_what_to_set(slurm, tmp_path):
+    rc, _, err = sbatch("generate.sbatch", tmp_path, {"DLLAMA_MODEL": ""}, "--ntasks=1")
+    assert rc == 2 and "error: set DLLAMA_MODEL" in err
