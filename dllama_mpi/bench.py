@@ -122,6 +122,7 @@ def run(comm, args) -> dict | None:
                     ttft = time.perf_counter() - T_LAUNCH
             prefill[str(length)] = float(np.median(rates))
         decode, per_rank = [], []
+        loopback_0 = _loopback_bytes() if comm.rank == 0 else None
         for _ in range(args.repeat):
             session.prompt_tokens = rng.integers(3, spec.vocab_size, 8).tolist()
             comm.barrier()
@@ -131,6 +132,7 @@ def run(comm, args) -> dict | None:
             decode.append(r["n_decode"] / r["decode_s"])
             per_rank.append(((engine.forward_s - f0) / n_forward, (engine.collective_s - c0) / n_forward,
                              (comm.bytes_sent - s0) / n_forward))
+        loopback_1 = _loopback_bytes() if comm.rank == 0 else None
         fwd, coll, sent = np.median(np.array(per_rank), axis=0)
         mine = {
             "compute": float(fwd - coll), "collective": float(coll), "sent": float(sent),
@@ -155,6 +157,8 @@ def run(comm, args) -> dict | None:
                 "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
                 "roofline_fraction": tps * weight_bytes / (bandwidth * 1e9),
                 "bytes_sent_per_token": [m["sent"] for m in rows],
+                "loopback_bytes_per_token": None if loopback_0 is None or loopback_1 is None
+                else (loopback_1 - loopback_0) / (args.repeat * (8 + args.decode_steps)),
                 "compute_s_per_token": [m["compute"] for m in rows],
                 "collective_s_per_token": [m["collective"] for m in rows],
                 "wait_s_per_token": [m["collective"] - min(r["collective"] for r in rows) for m in rows],
@@ -163,6 +167,22 @@ def run(comm, args) -> dict | None:
             }
         del session, engine
     return results if comm.rank == 0 else None
+
+
+def _loopback_bytes() -> int | None:
+    """Bytes sent through this network namespace's loopback interface so far. Under
+    tools/netsim.py all ranks talk TCP over a private loopback, so the difference over the
+    decode runs is what crossed between ranks, headers included; otherwise it is other
+    traffic of the host and means nothing."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, counters = line.partition(":")
+                if name.strip() == "lo":
+                    return int(counters.split()[8])  # transmit bytes
+    except OSError:
+        pass
+    return None
 
 
 def table(result: dict) -> str:
