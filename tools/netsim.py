@@ -13,14 +13,17 @@ filter (tc tbf) of the given rate on it, and forces MPICH off shared memory onto
 then crosses that one loopback queue: one shared link, both directions together. Delay
 can't be added here (no netem in this kernel), hence the model.
 
-The model, per decoded token:
-    t = compute + collectives * steps(N) * (alpha + latency) + wire_bytes * (gamma + phi / rate)
-compute: the slowest rank's compute time from the bench; collectives and wire_bytes: the
-plan's Traffic (4 Allgatherv per layer + 2, bytes that must cross); steps(N) = ceil(log2 N)
-message rounds per collective; alpha: per-round cost of the TCP path; gamma: per-byte cost
-of the stack; phi: bytes on the link per byte of payload (headers). alpha, gamma, phi are
-fitted by least squares on relative error over the sweep's points; `latency` (one way)
-is the projection's added term.
+The model, per decoded token, at N ranks:
+    t = compute + collectives * rounds(N) * (alpha_N + latency) + wire * gamma + phi * header * wire * 8 / rate
+compute: the slowest rank's compute time in that run (the bench's compute_s_per_token);
+collectives and wire: the plan's Traffic (4 Allgatherv per layer + 2; the bytes that must
+cross); rounds(N) = ceil(log2 N) message rounds per collective; alpha_N: per-round cost on
+this machine at N ranks (4 ranks on 2 cores pay for the oversubscription here); gamma:
+per-byte cost of the TCP stack; header: link bytes per payload byte, measured (loopback
+bytes / wire bytes, median over the sweep); phi: the part of the link time that is not
+hidden behind other ranks' compute (a rank that finishes early sends while the others still
+compute). alpha_N, gamma and phi are fitted by least squares on relative error; `latency`
+(one way) is the projection's added term.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +54,14 @@ def rate_bits(rate: str) -> float:
     return float(m[1]) * {"k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
 
 
+def rate_arg(text: str) -> str:
+    try:
+        rate_bits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def unavailable() -> str | None:
     """Why a network namespace with tc can't be made here, or None."""
     for tool in ("unshare", "ip", "tc"):
@@ -67,7 +79,7 @@ def run(rate: str, command: list[str]) -> int:
     bits = rate_bits(rate)
     setup = ["ip link set lo mtu 1500 up"]
     if bits != math.inf:
-        burst = max(32 * 1024, int(bits / 8 / 250))  # 4 ms of traffic: below that, timer ticks cap the rate
+        burst = 2 * 1600  # two Ethernet frames: messages pay the rate from their first byte, as on a real link
         setup.append(f"tc qdisc add dev lo root tbf rate {int(bits)}bit burst {burst} latency 400ms")
     script = " && ".join(setup) + ' && exec "$@"'
     env = {**os.environ, **TCP_ENV}
@@ -104,43 +116,52 @@ def traffic_of(point: dict):
     return make_plan(SHAPES[point["shape"]], point["budgets"]).traffic(point["buffer_float_type"])
 
 
-def model_terms(point: dict) -> tuple[float, float, list[float]]:
-    """(measured seconds per token, compute seconds, [coefficients of alpha, gamma, phi])."""
+def header_ratio(points: list[dict]) -> float:
+    """Bytes on the loopback per byte the plan says must cross (TCP/IP, MPI headers, acks)."""
+    ratios = [p["loopback_bytes_per_token"] / traffic_of(p).wire for p in points if p.get("loopback_bytes_per_token")]
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def model_terms(point: dict, header: float) -> tuple[float, float, dict]:
+    """(measured seconds per token, compute seconds, {term: coefficient of its parameter})."""
     n = point["world_size"]
     traffic = traffic_of(point)
-    rounds = traffic.collectives * math.ceil(math.log2(n))
     bits = rate_bits(point["rate"])
-    per_link = 0.0 if bits == math.inf else 8 * traffic.wire / bits
-    return 1 / point["decode_tokens_per_s"], max(point["compute_s_per_token"]), [rounds, traffic.wire, per_link]
+    return 1 / point["decode_tokens_per_s"], max(point["compute_s_per_token"]), {
+        f"alpha_{n}": traffic.collectives * math.ceil(math.log2(n)),
+        "gamma": traffic.wire,
+        "phi": 0.0 if bits == math.inf else 8 * header * traffic.wire / bits,
+    }
 
 
-def fit(points: list[dict]) -> tuple[float, float, float]:
-    """alpha (s per round), gamma (s per byte), phi (link bytes per payload byte): least
-    squares on relative error of the communication part."""
+def fit(points: list[dict]) -> dict:
+    """{alpha_N (s per message round), gamma (s per byte), phi, header}: least squares on
+    the relative error of the communication part."""
     import numpy as np
 
+    header = header_ratio(points)
+    names = sorted({f"alpha_{p['world_size']}" for p in points}) + ["gamma", "phi"]
     rows, rhs = [], []
     for p in points:
-        t, compute, coef = model_terms(p)
-        rows.append([c / t for c in coef])
+        t, compute, coef = model_terms(p, header)
+        rows.append([coef.get(name, 0.0) / t for name in names])
         rhs.append((t - compute) / t)
     solution, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
-    return tuple(float(v) for v in solution)
+    return {**dict(zip(names, (float(v) for v in solution))), "header": header}
 
 
-def predict(point: dict, params, latency_s: float = 0.0, rate: str | None = None) -> float:
-    """Seconds per token for `point` (optionally at another one-way latency and rate)."""
-    alpha, gamma, phi = params
-    point = {**point, "rate": rate or point["rate"]}
-    _, compute, (rounds, wire, per_link) = model_terms(point)
-    return compute + rounds * (alpha + latency_s) + wire * gamma + per_link * phi
+def predict(point: dict, params: dict, latency_s: float = 0.0) -> float:
+    """Seconds per token for `point`, optionally with a one-way latency added to every round."""
+    _, compute, coef = model_terms(point, params["header"])
+    alpha = f"alpha_{point['world_size']}"
+    return compute + coef[alpha] * (params[alpha] + latency_s) + sum(coef[k] * params[k] for k in ("gamma", "phi"))
 
 
 def report(points: list[dict]) -> str:
     params = fit(points)
-    alpha, gamma, phi = params
-    lines = [f"fitted: alpha {alpha * 1e6:.1f} us per message round, gamma {gamma * 1e9:.2f} ns per byte, "
-             f"phi {phi:.3f} link bytes per payload byte",
+    alphas = ", ".join(f"{k[6:]} ranks {v * 1e6:.0f} us" for k, v in params.items() if k.startswith("alpha_"))
+    lines = [f"fitted: alpha (per message round) {alphas}; gamma {params['gamma'] * 1e9:.2f} ns per byte; "
+             f"phi {params['phi']:.2f}; header {params['header']:.3f} link bytes per payload byte (measured)",
              "", "| ranks | buffers | link | measured tok/s | model tok/s | error | wire KiB/token: plan / loopback |",
              "|---|---|---|---|---|---|---|"]
     worst = 0.0
@@ -155,7 +176,7 @@ def report(points: list[dict]) -> str:
               "projected decode tok/s on a 1 Gbit/s link at one-way latency:", "",
               "| ranks | buffers | " + " | ".join(f"{ms} ms" for ms in PROJECTED_LATENCIES_MS) + " |",
               "|---|---|" + "---|" * len(PROJECTED_LATENCIES_MS)]
-    for p in points:
+    for p in sorted(points, key=lambda p: (p["world_size"], p["buffer_float_type"])):
         if p["rate"] == "1gbit":
             cells = [f"{1 / predict(p, params, ms / 1e3):.2f}" for ms in PROJECTED_LATENCIES_MS]
             lines.append(f"| {p['world_size']} | {p['buffer_float_type']} | " + " | ".join(cells) + " |")
@@ -166,12 +187,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tools/netsim.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
     r = sub.add_parser("run", help="run a command with its ranks on a rate-limited TCP link")
-    r.add_argument("--rate", default="1gbit", help="e.g. 100mbit, 1gbit, unlimited (default 1gbit)")
+    r.add_argument("--rate", type=rate_arg, default="1gbit", help="e.g. 100mbit, 1gbit, unlimited (default 1gbit)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     s = sub.add_parser("sweep", help="the bench at 2 and 4 ranks x 100mbit, 1gbit, unlimited")
     s.add_argument("--shape", default="tinyllama-1.1b")
     s.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
-    s.add_argument("--rates", nargs="+", default=list(RATES))
+    s.add_argument("--rates", nargs="+", type=rate_arg, default=list(RATES))
     s.add_argument("--out", type=Path, required=True, help="JSON file (a sweep resumes from it)")
     s.add_argument("--bench-args", default="--repeat 3 --decode-steps 16 --prompt-lengths 8",
                    help="more options for the bench (default: %(default)s)")
@@ -189,8 +210,6 @@ def main(argv=None) -> int:
         if not command:
             p.error("run: give the command after --")
         return run(args.rate, command)
-    for rate in args.rates:
-        rate_bits(rate)
     sweep(args.shape, args.ranks, args.rates, args.bench_args.split(), args.out)
     return 0
 
