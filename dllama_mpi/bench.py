@@ -148,7 +148,7 @@ def run(comm, args) -> dict | None:
             weight_bytes = sum(m["weight_bytes"] for m in rows)  # read once per decoded token
             tps = float(np.median(decode))
             results[buffer_type] = {
-                "shape": args.shape, "world_size": comm.size, "budgets": list(budgets), "buffer_float_type": buffer_type,
+                "shape": args.shape, "world_size": comm.size, "budgets": list(budgets.ratios), "buffer_float_type": buffer_type,
                 "threads_per_rank": [m["threads"] for m in rows],
                 "decode_tokens_per_s": tps, "prefill_tokens_per_s": prefill,
                 "prefill_to_decode_ratio": {k: v / tps for k, v in prefill.items()},

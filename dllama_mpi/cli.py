@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert; default: a built-in synthetic model")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="one positive integer per rank; ranks get shares in these ratios (default: equal)")
-    p.add_argument("--prompt", default="", help="text to start from (default: just BOS)")
+    p.add_argument("--prompt", help="text to start from (default: just BOS)")
     p.add_argument("--steps", type=int, default=64, help="number of new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -76,19 +76,22 @@ def run_guarded(comm, job) -> int:
         log.error("rank %d: %s", comm.rank, exc)
         comm.abort(2)
         return 2
-    except BaseException as exc:
-        name = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        log.error("rank %d %s:\n%s", comm.rank, name, traceback.format_exc().rstrip())
+    except KeyboardInterrupt:  # Ctrl-C, forwarded to every rank: the first to see it ends the job
+        log.error("rank %d interrupted: stopping every rank", comm.rank)
+        comm.abort(130)
+        return 130
+    except BaseException:
+        log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
         comm.abort(1)
         return 1
 
 
-def parse_budgets(given, world_size: int) -> tuple[int, ...]:
-    """--memory-budget as positive ints, one per rank (equal shares when not given)."""
-    from .plan import validate_budgets
+def parse_budgets(given, world_size: int):
+    """--memory-budget as Budgets, one per rank (equal shares when not given)."""
+    from .budgets import parse_budgets as parse
 
     try:
-        return validate_budgets(given or [1] * world_size, world_size)
+        return parse(given or [1] * world_size, world_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -119,6 +122,15 @@ def _parse(comm, argv):
         problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if args.nthreads is not None and args.nthreads <= 0:
         problems.append(f"--nthreads must be positive, got {args.nthreads}")
+    if args.prompt == "":
+        problems.append("the prompt is empty; give some text, or leave out --prompt to start from BOS alone")
+    elif args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes that are not UTF-8 arrive as lone surrogates
+            byte = ord(args.prompt[exc.start]) - 0xDC00
+            problems.append(f"the prompt is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start}); "
+                            "give it in UTF-8 (e.g. iconv -t UTF-8)")
     if problems:
         raise UsageError("; ".join(problems))
     return args
@@ -140,12 +152,14 @@ def _run(comm, argv) -> int:
 
     def announce(plan, max_seq_len):
         spec = plan.spec
-        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(map(str, budgets))}, "
+        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
               f"weights {spec.weight_type}, buffers {args.buffer_float_type}, KV cache {max_seq_len} tokens",
               file=sys.stderr)
         print(plan.table(max_seq_len), file=sys.stderr)
+        print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
+              file=sys.stderr)
 
-    session = open_session(comm, args.model, budgets, prompt=args.prompt, max_seq_len=args.max_seq_len,
+    session = open_session(comm, args.model, budgets, prompt=args.prompt or "", max_seq_len=args.max_seq_len,
                            buffer_type=args.buffer_float_type, announce=announce)
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
     sampler = Sampler(session.plan.spec.vocab_size, args.temperature, args.top_p, seed) if comm.rank == 0 else None
@@ -155,11 +169,11 @@ def _run(comm, argv) -> int:
     if comm.rank == 0 and result["hit_context"]:
         print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
               f"({session.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    _report(comm, session, result, n_threads, seed, startup_s)
+    _report(comm, session, result, n_threads, seed, startup_s, budgets)
     return 0
 
 
-def _report(comm, session, result, n_threads, seed, startup_s) -> None:
+def _report(comm, session, result, n_threads, seed, startup_s, budgets) -> None:
     engine, weights = session.engine, session.weights
     n_forward = max(1, result["n_prompt"] - 1 + len(result["generated"]))
     mine = {
@@ -169,6 +183,7 @@ def _report(comm, session, result, n_threads, seed, startup_s) -> None:
         "sent_kb": comm.bytes_sent / n_forward / 1024,
         "weights_mib": weights.nbytes / 2**20, "kv_mib": engine.kv_cache_bytes / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cap": f"{budgets.caps[comm.rank] / 2**20:.0f}" if budgets.caps else "-",
     }
     rows = comm.gather_obj(mine)
     if comm.rank != 0:
@@ -180,10 +195,11 @@ def _report(comm, session, result, n_threads, seed, startup_s) -> None:
     print(f"\nprompt: {r['n_prompt']} tokens, {prompt_rate:.1f} tokens/s; decode: {len(r['generated'])} tokens, "
           f"{decode_rate:.1f} tokens/s; startup {startup_s:.1f} s; seed {seed}", file=err)
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
-          f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12}", file=err)
+          f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
     for m in rows:
         print(f"{m['rank']:>4} {m['threads']:>7} {m['compute_ms']:>14.3f} {m['collective_ms']:>17.3f} "
-              f"{m['sent_kb']:>12.2f} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f}",
+              f"{m['sent_kb']:>12.2f} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
+              f"{m['cap']:>8}",
               file=err)
 
 
@@ -200,7 +216,8 @@ def _dry_run(argv) -> int:
     """The plan, traffic and memory of a launch, from the model's attributes alone."""
     import os
 
-    from .modelfile import open_model
+    from .budgets import RUNTIME_BYTES, fit_problems, format_bytes, rank_need
+    from .modelfile import largest_tensor_bytes, open_model
     from .plan import make_plan
     from .session import DEFAULT_MAX_SEQ_LEN, shard_mismatch
     from .synthetic import SYNTHETIC_SPEC
@@ -215,7 +232,7 @@ def _dry_run(argv) -> int:
         model = open_model(args.model)
         spec, shard, name = model.spec, model.shard, str(args.model)
         model.close()
-    plan = make_plan(spec, budgets)
+    plan = make_plan(spec, budgets.ratios)
     if shard is not None and (problem := shard_mismatch(args.model, shard, plan)):
         raise UsageError(problem)
     max_seq_len = args.max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
@@ -228,13 +245,22 @@ def _dry_run(argv) -> int:
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
           f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
+    load_buffer = 0 if shard is not None else largest_tensor_bytes(spec)
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
-          + f" {'weights + KV MiB':>16}")
+          + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
     for s in plan.ranks:
         memory = (plan.weight_bytes(s.rank) + plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
+        need = sum(rank_need(plan, s.rank, max_seq_len, load_buffer).values()) / 2**20
+        cap = format_bytes(budgets.caps[s.rank]) if budgets.caps else "-"
         print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
-              + f" {memory:>16.1f}")
+              + f" {memory:>16.1f} {need:>9.1f} {cap:>8}")
     for t, tr in by_type.items():
         print(f"{t} buffers: {tr.wire / 1024:.1f} KiB cross between ranks per token in all; at 1 Gbit/s that is "
               f"{8e3 * tr.wire / 1e9:.2f} ms of transfer if it all shared one link")
+    print(f"need = weights + KV + runtime {format_bytes(RUNTIME_BYTES)}"
+          + (f" + rank 0's load buffer {format_bytes(load_buffer)} (the largest tensor)" if load_buffer else ""))
+    problems = fit_problems(plan, budgets, max_seq_len, load_buffer, [f"node of rank {r}" for r in range(plan.world_size)],
+                            [None] * plan.world_size)
+    if problems:
+        raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))
     return 0

@@ -7,6 +7,7 @@ methods on preallocated arrays, in place; with one rank they are no-ops. Picklin
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -24,7 +25,9 @@ class Comm:
         # ranks on this node, by host name rather than shared-memory reach: with MPICH's
         # shared memory off (MPIR_CVAR_NOLOCAL, tools/netsim.py) every rank would otherwise
         # think it had the node's cores to itself
-        hosts = self.allgather_obj(MPI.Get_processor_name())
+        where = self.allgather_obj((MPI.Get_processor_name(), os.getpid()))
+        self.hosts = hosts = [host for host, _ in where]  # each rank's node
+        self.pids = [pid for _, pid in where]  # to name a rank from a launcher's "PID ... RUNNING AT ..."
         on_node = [r for r, host in enumerate(hosts) if host == hosts[self.rank]]
         self.local_rank, self.local_size = on_node.index(self.rank), len(on_node)
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included

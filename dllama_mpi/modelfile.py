@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -76,6 +77,12 @@ def model_bytes(spec: ModelSpec) -> int:
                for i in tensor_layout(spec).values())
 
 
+def largest_tensor_bytes(spec: ModelSpec) -> int:
+    """The largest tensor as stored: what rank 0 holds at once while scattering a whole file."""
+    return max(quant.stored_dtype(stored_type(spec, info)).itemsize * math.prod(stored_shape(spec, info))
+               for info in tensor_layout(spec).values())
+
+
 def shard_name(rank: int, world_size: int) -> str:
     return f"shard-{rank}-of-{world_size}.h5"
 
@@ -127,6 +134,10 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **spec.to_attrs(), **(extra_attrs or {})}
     attrs["model_id"] = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    need, free = model_bytes(spec), shutil.disk_usage(path.parent).free
+    if need > free:
+        raise ModelFileError(f"{path.parent} has {free / 2**20:.1f} MiB free but the model takes about "
+                             f"{need / 2**20:.1f} MiB; free some space or write it elsewhere")
     try:
         if plan is not None:
             tmp.mkdir()
@@ -152,6 +163,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
                     # fletcher32: a flipped byte in a weight is caught when it is read
                     ds = f.create_dataset(name, data=part, fletcher32=part.size > 0, chunks=part.size > 0 or None)
                     ds.attrs["type"] = quant.type_of(stored)
+                    f.flush()  # a full disk shows here, as an exception, not later inside close()
                 seen.add(name)
                 if bar is not None:
                     bar.set_postfix_str(name)
@@ -164,6 +176,14 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
                 raise ModelFileError(f"the source produced no tensor(s) {missing[:4]}")
             for f in files:
                 tokenizer.write_hdf5(f.create_group("tokenizer"))
+                f.flush()
+        except Exception as exc:
+            if "No space left on device" not in str(exc):
+                raise
+            for f in files:  # empty the temporaries: closing them then has nothing left to write
+                os.truncate(f.filename, 0)
+            raise ModelFileError(f"out of disk space writing {path} (about {need / 2**20:.1f} MiB needed, "
+                                 f"{free / 2**20:.1f} MiB were free at the start); nothing was written") from None
         finally:
             for f in files:
                 f.close()
@@ -210,11 +230,18 @@ class ModelFile:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
             raise ModelFileError(f"{self.path} can't be opened as HDF5 ({exc}); it may be truncated: convert it again") from exc
+        try:
+            self._validate()
+        except BaseException:
+            self._file.close()  # refused: the file is not left open
+            raise
+
+    def _validate(self) -> None:
         attrs = self._file.attrs
         found = (_str(attrs.get("format")), attrs.get("format_version"))
-        if found[0] != FORMAT_NAME or found[1] != FORMAT_VERSION:
+        if found[0] != FORMAT_NAME or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION):
             raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version "
-                                 f"{FORMAT_VERSION}, found format={found[0]!r} version={found[1]!r}; "
+                                 f"{FORMAT_VERSION}, found format={found[0]!r} version={_plain(found[1])!r}; "
                                  "re-convert it with this version's dllama-mpi-convert")
         try:
             self.spec = ModelSpec.from_attrs(attrs)
@@ -290,6 +317,11 @@ def open_model(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> M
             raise ModelFileError(f"shard {target.name} is missing from {path}; copy it there or convert the shards again")
         return ModelFile(target)
     return ModelFile(path)
+
+
+def _plain(value):
+    """An attribute as Python shows it (numpy scalars as their values) for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _str(value) -> str | None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
+from .budgets import Budgets, available_memory, fit_problems
 from .comm import Comm
 from .engine import Engine
-from .modelfile import ModelFile, ModelFileError, open_model
+from .modelfile import ModelFile, ModelFileError, largest_tensor_bytes, open_model
 from .plan import Plan, make_plan
 from .tokenizer import Tokenizer
 from .weights import LocalWeights, load
@@ -92,12 +93,23 @@ def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, mode
     return model
 
 
-def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, ...], *,
+def _check_fit(comm: Comm, plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: int) -> None:
+    """Collective: every rank's need within its cap and its node's available memory."""
+    available = comm.allgather_obj(available_memory())
+    problems = fit_problems(plan, budgets, max_seq_len, load_buffer, comm.hosts, available)
+    if problems:
+        raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))
+
+
+def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple[int, ...], *,
                  prompt: str = "", max_seq_len: int | None = None, buffer_type: str = "q80",
                  announce=None) -> Session:
     """Collective. `model_path` None means the built-in synthetic model; a directory means
-    per-rank shards. `announce(plan, max_seq_len)` runs on rank 0 once the plan is known,
-    before loading."""
+    per-rank shards. Plain tuples are ratios without caps. Before anything is loaded, every
+    rank's need is checked against its cap and its node's available memory.
+    `announce(plan, max_seq_len)` runs on rank 0 once the plan is known, before loading."""
+    if not isinstance(budgets, Budgets):
+        budgets = Budgets(tuple(budgets), None)
     setup, model, tokenizer = None, None, None
     if comm.rank == 0:
         try:
@@ -108,9 +120,10 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: tuple[int, 
     if isinstance(setup, str):
         raise UsageError(setup)
     spec, max_seq_len, prompt_tokens, stop_ids, model_id, shard = setup
-    plan = make_plan(spec, budgets)
+    plan = make_plan(spec, budgets.ratios)
     if shard is not None:
         model = _check_shards(comm, model_path, plan, shard, model_id, model)
+    _check_fit(comm, plan, budgets, max_seq_len, load_buffer=0 if shard is not None else largest_tensor_bytes(spec))
     if comm.rank == 0 and announce is not None:
         announce(plan, max_seq_len)
     # numba compiles once, on rank 0, into its cache; the other ranks then load it

@@ -15,6 +15,10 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+MAX_LAYERS = 4096  # the largest models have ~128: anything near this is a damaged header, not a model
+MAX_SIZE = 2**31 - 1  # dims, vocabulary and context fit int32 in every format we read
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     dim: int
@@ -45,6 +49,9 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > (MAX_LAYERS if name == "n_layers" else MAX_SIZE):
+                problems.append(f"{name} is {value}, more than any model has (at most "
+                                f"{MAX_LAYERS if name == 'n_layers' else MAX_SIZE}): a damaged header?")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
@@ -117,13 +124,27 @@ class ModelSpec:
             if name not in attrs:
                 continue
             value = attrs[name]
-            if hasattr(value, "item"):
-                value = value.item()
-            if isinstance(value, bytes):
-                value = value.decode()
-            kind = field.type
             try:
-                values[name] = {"int": int, "float": float, "bool": bool, "str": str}[kind](value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"model attribute {name}={value!r} is not a valid {kind}") from exc
+                if hasattr(value, "item"):
+                    value = value.item()  # a numpy scalar; an array of more than one value raises
+                if isinstance(value, bytes):
+                    value = value.decode()
+                values[name] = _attribute(value, field.type)
+            except (TypeError, ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+                raise ValueError(f"model attribute {name}={value!r} is not a valid {field.type}") from None
         return cls(**values)
+
+
+def _attribute(value, kind: str):
+    """An HDF5 attribute as the spec field's type, refusing what would change its meaning
+    (2.5 as an int, 7 as a bool, a number as a string)."""
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "bool" and (isinstance(value, bool) or value in (0, 1)):
+        return bool(value)
+    if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "float":
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    raise TypeError(kind)

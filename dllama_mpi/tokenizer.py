@@ -533,6 +533,8 @@ class SpmTokenizer(Tokenizer):
     def from_gguf(cls, reader) -> SpmTokenizer:
         _require_gguf_vocab(reader, "llama", "sentencepiece")
         texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+        if texts is None:
+            raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
         n = len(texts)
         scores = _gguf_array(reader, "tokenizer.ggml.scores")
         scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
@@ -741,6 +743,8 @@ class HFTokenizer:
             )
         regex, ignore_merges, nfc, default_add_bos = _BPE_PRE_TYPES[pre]
         texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+        if texts is None:
+            raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
         types_arr = _gguf_array(reader, "tokenizer.ggml.token_type")
         types = [TOKEN_NORMAL] * len(texts) if types_arr is None else [int(t) for t in types_arr]
         merges_raw = _gguf_strings(reader, "tokenizer.ggml.merges") or []

@@ -8,8 +8,9 @@
 #   DLLAMA_NUMBA_CACHE   numba's compiled-kernel cache (default: node-local
 #                        ${TMPDIR:-/tmp}/dllama-numba-$USER): each node compiles once, on its
 #                        first job, instead of every rank writing to a shared filesystem
-#   DLLAMA_BUDGETS       one budget per task, e.g. "3 2 2 1"; or "memory": each node's
-#                        MemAvailable in MiB, split evenly over the tasks Slurm put on it
+#   DLLAMA_BUDGETS       one budget per task, ratios ("3 2 2 1") or sizes ("6GiB 2GiB 2GiB
+#                        1GiB": ratio and hard cap); or "memory": each node's MemAvailable,
+#                        split evenly over the tasks Slurm put on it, as sizes in MiB
 #   DLLAMA_BUDGETS_FILE  a file of budgets, one per task (whitespace or lines; '#' comments);
 #                        used when DLLAMA_BUDGETS is unset. Neither: equal shares.
 #   DLLAMA_LAUNCHER      srun (default: srun --mpi=pmi2) or mpirun (MPICH's mpirun inside the
@@ -50,7 +51,7 @@ tasks_per_node() {
   echo "${out[@]}"
 }
 
-# one budget per task from each node's available memory (MiB), the node's share split
+# one budget per task from each node's available memory (sizes in MiB), the node's share split
 # evenly over its tasks; tasks are numbered node by node (Slurm's default block distribution)
 budgets_from_memory() {
   local counts mem budgets=() n i
@@ -59,7 +60,7 @@ budgets_from_memory() {
     awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo | sort -n | cut -d: -f2)
   ((${#mem[@]} == ${#counts[@]})) || die "read the memory of ${#mem[@]} node(s), expected ${#counts[@]}"
   for ((n = 0; n < ${#counts[@]}; n++)); do
-    for ((i = 0; i < counts[n]; i++)); do budgets+=($((mem[n] / counts[n]))); done
+    for ((i = 0; i < counts[n]; i++)); do budgets+=("$((mem[n] / counts[n]))MiB"); done
   done
   echo "${budgets[@]}"
 }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,20 +25,61 @@ def need_stories() -> None:
         pytest.skip(f"stories260K not found at {STORIES} (the shared test models are read from ../shared/models)")
 
 
-def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `mpiexec -n n argv` under a hard timeout; on timeout the whole process group is
-    killed (no rank survives) and the test fails."""
+def processes_marked(mark: str) -> dict[int, str]:
+    """{pid: PMI_RANK or '-'} of the live processes whose environment holds `mark`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"DLLAMA_TEST_MARK={mark}".encode() in environ:
+                rank = [v[9:].decode() for v in environ if v.startswith(b"PMI_RANK=")]
+                found[int(entry)] = rank[0] if rank else "-"
+    return found
+
+
+def assert_no_survivors(mark: str, what: str) -> None:
+    """Every process of a finished job (they inherit its DLLAMA_TEST_MARK) is gone; any left
+    after 5 s are killed and the test fails."""
+    deadline = time.monotonic() + 5
+    while (alive := processes_marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, f"{what}: processes still running after it ended: {alive}"
+
+
+def start_mpiexec(n: int, argv: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`mpiexec -n n argv` started in a session of its own, its processes marked."""
     assert MPIEXEC, "mpiexec not found next to the Python interpreter or on PATH"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    mark = uuid.uuid4().hex
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}
     proc = subprocess.Popen([MPIEXEC, "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=full_env, start_new_session=True)
+    return proc, mark
+
+
+def finish(proc: subprocess.Popen, mark: str, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a job under a hard timeout (on timeout its process group is killed and the
+    test fails), then check that none of its processes survived."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {' '.join(argv)} still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+        assert_no_survivors(mark, "a timed-out job")
+        pytest.fail(f"{' '.join(proc.args)} still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    assert_no_survivors(mark, " ".join(proc.args))
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mpiexec -n n argv` under a hard timeout; no process of it may outlive it."""
+    proc, mark = start_mpiexec(n, argv, env)
+    return finish(proc, mark, timeout)
 
 
 def convert_stories(out_dir: Path, weights: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 from conftest import run_mpiexec
@@ -47,43 +46,17 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--memory-budget", "1", "2", "3"], "has 3 value(s) 1 2 3 but the job has 2 rank(s)"),
-    (["--memory-budget", "1", "x"], "the budget for rank 1 is 'x'"),
-    (["--memory-budget", "1", "0"], "the budget for rank 1 is 0"),
-    (["--memory-budget", "1", "-1"], "the budget for rank 1 is -1"),
-    (["--model", "/nonexistent/model.h5"], "does not exist"),
-    (["--model", __file__], "is not an HDF5 file"),
     (["--steps", "-1"], "--steps must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
-def test_bad_input_stops_every_rank_with_one_message(args, message):
-    start = time.monotonic()
+def test_bad_options_stop_every_rank_with_one_message(args, message):
+    # budgets, model files, prompts and faults: tests/test_failures.py
     result = _cli(2, *args, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert result.stderr.count("error:") == 1, result.stderr  # once, from rank 0
     assert "Traceback" not in result.stderr
-    assert time.monotonic() - start < 30
-
-
-def test_an_exception_on_one_rank_ends_the_job_promptly():
-    script = (
-        "from dllama_mpi.comm import Comm\n"
-        "from dllama_mpi.cli import run_guarded\n"
-        "comm = Comm()\n"
-        "def job():\n"
-        "    if comm.rank == 1:\n"
-        "        raise RuntimeError('injected fault')\n"
-        "    comm.barrier()\n"  # the other ranks wait in a collective that never completes
-        "    return 0\n"
-        "raise SystemExit(run_guarded(comm, job))\n"
-    )
-    start = time.monotonic()
-    result = run_mpiexec(3, [PY, "-c", script], timeout=60)
-    assert result.returncode != 0
-    assert time.monotonic() - start < 20
-    assert "[rank 1] ERROR: rank 1 failed" in result.stderr and "injected fault" in result.stderr
-    assert result.stderr.count("Traceback") == 1, result.stderr
 
 
 def _dry_run(*args):

@@ -70,9 +70,10 @@ def test_generate_job_gives_the_same_text_as_plain_mpirun(slurm, stories_models,
     assert rc == 0, err
     assert out == mpirun_text
     assert "4 rank(s)" in err and "Traceback" not in err
-    if budgets == "memory":  # one node: four equal shares of its available memory, in MiB
+    if budgets == "memory":  # one node: four equal shares of its available memory, as sizes (caps)
         shares = err.split("--memory-budget ", 1)[1].split(";")[0].split()
-        assert len(shares) == 4 and len(set(shares)) == 1 and int(shares[0]) > 100
+        assert len(shares) == 4 and len(set(shares)) == 1 and shares[0].endswith("MiB") and int(shares[0][:-3]) > 100
+        assert all(row.split()[-1] == shares[0][:-3] for row in err.splitlines()[-4:])  # peak RSS next to the cap
 
 
 def test_convert_job_writes_shards_the_generate_job_reads(slurm, mpirun_text, tmp_path):

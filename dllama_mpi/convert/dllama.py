@@ -205,6 +205,8 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
         vocab_size, bos_id, max_len = h["vocab_size"], h["bos_id"], h.get("max_token_length", 0)
         offset += max(h.get("chat_template", 0), 0)
         n_eos = h.get("n_eos_tokens", 0)
+        if n_eos < 0:
+            raise ValueError(f"{path}: distributed-llama tokenizer header says {n_eos} eos tokens")
         need(offset, 4 * n_eos, "eos ids")
         eos_ids += list(struct.unpack_from(f"<{n_eos}i", data, offset))
         offset += 4 * n_eos
@@ -213,6 +215,9 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
                          "(distributed-llama .t tokenizer)")
     if vocab_size <= 0 or max_len < 1:
         raise ValueError(f"{path}: bad tokenizer header (vocab size {vocab_size}, max token length {max_len})")
+    if vocab_size > (len(data) - offset) // 8:  # each token takes at least its 8-byte (score, length)
+        raise ValueError(f"{path}: the header says {vocab_size} tokens but the file has room for at most "
+                         f"{max(0, len(data) - offset) // 8}; it is truncated or damaged")
     pieces, scores = [], np.empty(vocab_size, dtype=np.float32)
     for i in range(vocab_size):
         need(offset, 8, f"token {i}")
@@ -238,9 +243,12 @@ def read(path: Path, tokenizer_path):
 
     path = Path(path)
     header_size, info = _header(path)
+    actual, f = path.stat().st_size, info["fields"]
+    if f["n_layers"] * 8 * f["dim"] > actual:  # each layer holds at least its two f32 norms
+        raise ValueError(f"{path}: the header describes {f['n_layers']} layers of dim {f['dim']}, more than this "
+                         f"{actual}-byte file holds; it is truncated or not a distributed-llama model")
     layout = _layout(info)
     expected = header_size + sum(_nbytes(kind, shape) for _, kind, shape in layout)
-    actual = path.stat().st_size
     if actual != expected:
         raise ValueError(f"{path}: file is {actual} bytes, the header describes {expected}; it is truncated "
                          "or not a distributed-llama model of this layout")

@@ -167,25 +167,26 @@ def _spec_fields(reader, path: Path) -> dict:
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
     get = lambda key, default=None, required=True: _field(reader, f"{arch}.{key}", default, required and default is None)  # noqa: E731
-    dim = int(get("embedding_length"))
+    dim = _number(get("embedding_length"), "embedding_length", int)
     n_heads = _scalar(get("attention.head_count"), "attention.head_count")
     n_kv = _scalar(get("attention.head_count_kv", n_heads), "attention.head_count_kv")
-    head_dim = int(get("attention.key_length", dim // n_heads))
-    value_length = int(get("attention.value_length", head_dim))
+    head_dim = _number(get("attention.key_length", dim // n_heads), "attention.key_length", int)
+    value_length = _number(get("attention.value_length", head_dim), "attention.value_length", int)
     if value_length != head_dim:
         raise ValueError(f"{path}: key_length {head_dim} != value_length {value_length} is not supported")
-    rope_dims = int(get("rope.dimension_count", head_dim))
+    rope_dims = _number(get("rope.dimension_count", head_dim), "rope.dimension_count", int)
     if rope_dims != head_dim:
         raise ValueError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-    if int(get("expert_count", 0)):
+    if _number(get("expert_count", 0), "expert_count", int):
         raise ValueError(f"{path}: mixture-of-experts GGUF models are not supported")
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = _number(get("rope.freq_base", 10000.0), "rope.freq_base", float)
     fields = dict(
-        dim=dim, hidden_dim=int(get("feed_forward_length")), n_layers=int(get("block_count")),
+        dim=dim, hidden_dim=_number(get("feed_forward_length"), "feed_forward_length", int),
+        n_layers=_number(get("block_count"), "block_count", int),
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # shape is ne: (dim, vocab)
-        seq_len=int(get("context_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        seq_len=_number(get("context_length"), "context_length", int),
+        norm_eps=_number(get("attention.layer_norm_rms_epsilon", 1e-5), "attention.layer_norm_rms_epsilon", float),
         rope_theta=theta, shared_classifier="output.weight" not in tensors, architecture=arch,
     )
     if arch == "qwen2":
@@ -197,11 +198,17 @@ def _spec_fields(reader, path: Path) -> dict:
 
 
 def _scalar(value, key: str) -> int:
-    if isinstance(value, list):  # per-layer head counts
+    if isinstance(value, list) and value:  # per-layer head counts
         if len(set(value)) != 1:
             raise ValueError(f"GGUF {key} varies per layer ({value}); not supported")
         value = value[0]
-    return int(value)
+    return _number(value, key, int)
+
+
+def _number(value, key: str, kind):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"GGUF metadata {key!r} is {value!r}, expected a number")
+    return kind(value)
 
 
 def _convert(t, name: str, arch: str, head_dim: int, notes: list[str] | None) -> np.ndarray:
@@ -232,19 +239,21 @@ def read(path: Path, tokenizer_path=None):
     from . import Source
 
     path = Path(path)
+    from ..tokenizer import from_gguf
+
     reader = _open(path)
-    fields = _spec_fields(reader, path)
+    try:
+        fields = _spec_fields(reader, path)
+        tokenizer = from_gguf(reader)
+    except (TypeError, IndexError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
+        # the gguf package hands metadata over untyped: a value of another kind than the key's shows here
+        raise ValueError(f"{path}: malformed GGUF metadata ({type(exc).__name__}: {exc})") from None
     arch, head_dim = fields["architecture"], fields["head_dim"]
     names = {}
     for t in reader.tensors:
         ours = _map_name(t.name)
         if ours is not None:
             names[t.name] = ours
-    try:
-        from ..tokenizer import from_gguf
-    except ImportError as exc:
-        raise ValueError("this build's dllama_mpi.tokenizer has no from_gguf(); GGUF tokenizers can't be read yet") from exc
-    tokenizer = from_gguf(reader)
     notes: list[str] = []
     import gguf
 

@@ -1,0 +1,64 @@
+"""Budgets as written (ratios or sizes) and the memory check before loading (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dllama_mpi.budgets import RUNTIME_BYTES, Budgets, fit_problems, parse_budgets, rank_need
+from dllama_mpi.plan import make_plan
+from dllama_mpi.spec import ModelSpec
+
+TINYLLAMA = ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                      vocab_size=32000, seq_len=2048, weight_type="q40")
+MiB, GiB = 2**20, 2**30
+
+
+def test_sizes_are_ratios_and_caps_in_any_unit():
+    b = parse_budgets(["6GiB", "2GiB", "2048MiB", "1.5GiB"], 4)
+    assert b.caps == (6 * GiB, 2 * GiB, 2 * GiB, int(1.5 * GiB))
+    assert make_plan(TINYLLAMA, b.ratios) == make_plan(TINYLLAMA, [12, 4, 4, 3])  # 6 : 2 : 2 : 1.5
+    assert parse_budgets(["3000MB", "1GB"], 2).caps == (3 * 10**9, 10**9)
+    assert parse_budgets(["3", "1"], 2) == Budgets((3, 1), None)
+
+
+@pytest.mark.parametrize("values, message", [
+    (["1GiB", "3"], "mixes sizes with plain ratios (3)"),
+    (["1GiB", "2TB"], "the budget for rank 1 is '2TB': unknown unit"),
+    (["0MiB", "1GiB"], "the budget for rank 0 is 0MiB"),
+    (["2000000000GiB", "1GiB"], "a size must be more than 0 and at most"),
+    (["1GiB"], "has 1 value(s)"),
+])
+def test_bad_sizes_say_what_and_how(values, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_budgets(values, 2)
+
+
+def test_need_is_weights_kv_runtime_and_rank_0s_load_buffer():
+    plan = make_plan(TINYLLAMA, [3, 1])
+    need0, need1 = rank_need(plan, 0, 2048, 10 * MiB), rank_need(plan, 1, 2048, 10 * MiB)
+    assert need0 == {"weights": plan.weight_bytes(0), "kv": plan.kv_cache_bytes(0, 2048), "runtime": RUNTIME_BYTES,
+                     "load": 10 * MiB}
+    assert "load" not in need1
+
+
+def test_a_rank_over_its_cap_is_named_with_a_fitting_context_and_fitting_budgets():
+    plan = make_plan(TINYLLAMA, [1, 1])
+    budgets = Budgets((GiB, GiB), (GiB, GiB))
+    assert fit_problems(plan, budgets, 2048, 0, ["a", "b"], [None, None]) == []
+    problems = fit_problems(plan, budgets, 200_000, 0, ["a", "b"], [None, None])
+    assert len(problems) == 3 and problems[0].startswith("rank 0 needs") and problems[1].startswith("rank 1 needs")
+    seq = int(problems[0].split("--max-seq-len ")[1])
+    assert not fit_problems(plan, budgets, seq, 0, ["a", "b"], [None, None])  # the suggested context fits
+    assert fit_problems(plan, budgets, seq + 1, 0, ["a", "b"], [None, None])
+    suggested = [int(s[:-3]) * MiB for s in problems[2].split("--memory-budget ")[1].split()]
+    assert not fit_problems(plan, Budgets(tuple(suggested), tuple(suggested)), 200_000, 0, ["a", "b"], [None, None])
+
+
+def test_ranks_sharing_a_node_share_its_memory():
+    plan = make_plan(TINYLLAMA, [1, 1, 1])
+    need = [sum(rank_need(plan, r, 2048, 0).values()) for r in range(3)]
+    ratios = Budgets((1, 1, 1), None)
+    room = need[0] + need[1] - 1  # ranks 0 and 1 on node "a": one byte short
+    problems = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room, room, need[2]])
+    assert len(problems) == 1 and problems[0].startswith("ranks 0, 1 on a need")
+    assert not fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room + 1, room + 1, need[2]])

@@ -1,0 +1,263 @@
+"""What happens when...: every way a job can go wrong ends it promptly, with one clear message
+and a non-zero exit, and leaves no process behind (run_mpiexec checks that for every job).
+README's table "What happens when..." lists these tests by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+from conftest import STORIES, finish, need_stories, run_mpiexec, start_mpiexec, write_random_model
+
+from dllama_mpi.spec import ModelSpec
+
+PY = sys.executable
+
+
+def _cli(n, *args, timeout=60):
+    start = time.monotonic()
+    result = run_mpiexec(n, [PY, "-m", "dllama_mpi", *args], timeout=timeout)
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+def _refused(result, message, code=2):
+    """Exit code, the message once (from rank 0), no traceback, before any token."""
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert result.elapsed < 30
+
+
+# ------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("budgets, message", [
+    (["1", "2", "3"], "has 3 value(s) 1 2 3 but the job has 2 rank(s)"),
+    (["1", "0"], "the budget for rank 1 is 0"),
+    (["1", "-1"], "the budget for rank 1 is -1"),
+    (["1", "x"], "the budget for rank 1 is 'x'"),
+    (["1", "9" * 30], f"the budget for rank 1 is {'9' * 30}, larger than any machine"),
+    (["6GiB", "2"], "mixes sizes with plain ratios (2)"),
+    (["6GiB", "0GiB"], "the budget for rank 1 is 0GiB; a size must be more than 0"),
+    (["6GiB", "1EB"], "the budget for rank 1 is '1EB': unknown unit"),
+], ids=["count", "zero", "negative", "non-numeric", "overflowing", "mixed-units", "zero-size", "unknown-unit"])
+def test_when_budgets_are_wrong(budgets, message):
+    _refused(_cli(2, "--memory-budget", *budgets), message)
+
+
+def test_when_a_rank_does_not_fit_its_budget(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--memory-budget", "3GiB", "100MiB")
+    _refused(result, "rank 1 needs")
+    assert "but its budget caps it at 100.0MiB" in result.stderr and "rank 0 needs" not in result.stderr
+    assert "budgets that keep this split and fit: --memory-budget" in result.stderr
+
+
+def test_when_the_kv_cache_does_not_fit_the_budget_a_context_that_fits_is_suggested(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--memory-budget", "500MiB", "500MiB",
+                  "--max-seq-len", "20000000")
+    _refused(result, "KV cache for 20000000 tokens")
+    suggested = int(result.stderr.split("or --max-seq-len ")[1].split()[0].rstrip(","))
+    assert 0 < suggested < 20000000
+    fits = _cli(2, "--model", str(stories_models["q40"]), "--memory-budget", "500MiB", "500MiB",
+                "--max-seq-len", str(suggested), "--steps", "4")
+    assert fits.returncode == 0, fits.stderr
+    assert "cap MiB" in fits.stderr and all(row.split()[-1] == "500" for row in fits.stderr.splitlines()[-2:])
+
+
+def test_when_the_node_has_too_little_memory_for_plain_budgets(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--memory-budget", "1", "1", "--max-seq-len", "1000000000")
+    _refused(result, "but the node has")
+    assert "ranks 0, 1 on" in result.stderr and "--max-seq-len" in result.stderr
+
+
+# ------------------------------------------------------------------ model files
+def _damaged(tmp_path, source, damage):
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(source.read_bytes())
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "flipped":
+        with h5py.File(path, "r") as f:
+            offset = f["layers/1/w1"].id.get_chunk_info(0).byte_offset
+        data = bytearray(path.read_bytes())
+        data[offset + 100] ^= 0x10
+        path.write_bytes(bytes(data))
+    else:
+        with h5py.File(path, "r+") as f:
+            damage(f)
+    return path
+
+
+@pytest.mark.parametrize("damage, message, code", [
+    ("missing", "does not exist", 2),
+    ("not-hdf5", "is not an HDF5 file", 2),
+    ("truncated", "truncated", 2),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "expected a dllama_mpi model file of format version 1", 2),
+    (lambda f: f.attrs.__setitem__("n_heads", 5), "n_heads (5) must be a multiple of n_kv_heads", 2),
+    (lambda f: f.attrs.__setitem__("dim", 96), "the file is inconsistent", 2),
+    ("flipped", "tensor 'layers/1/w1' can't be read", 2),
+], ids=["missing", "not-hdf5", "truncated", "wrong-version", "inconsistent-attributes", "wrong-shapes", "flipped-byte"])
+def test_when_the_model_file_is_bad(stories_models, tmp_path, damage, message, code):
+    if damage == "missing":
+        path = tmp_path / "nothing.h5"
+    elif damage == "not-hdf5":
+        path = STORIES / "tok512.bin"
+    else:
+        path = _damaged(tmp_path, stories_models["q40"], damage)
+    result = _cli(3, "--model", str(path), "--memory-budget", "2", "1", "1")
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.elapsed < 30
+    if damage == "flipped":  # found by rank 0 while loading: named once, then the job is aborted
+        assert result.stderr.count("can't be read") == 1
+
+
+# shards (wrong plan, missing rank, another model's): tests/test_shards.py
+#   test_other_budgets_are_refused_naming_both_plans_and_the_ways_out, test_other_world_size_is_refused,
+#   test_missing_shard_is_named, test_shard_of_another_model_is_refused
+
+
+# ------------------------------------------------------------------ prompts
+def test_when_the_prompt_is_longer_than_the_context(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once upon a time " * 40, "--max-seq-len", "32")
+    _refused(result, "the prompt is 162 tokens but the context (--max-seq-len) holds 32")
+
+
+def test_when_the_prompt_is_empty(stories_models):
+    _refused(_cli(2, "--model", str(stories_models["q40"]), "--prompt", ""), "the prompt is empty")
+
+
+def test_when_the_prompt_is_not_utf8(stories_models):
+    bad = os.fsdecode(b"Once upon \xff time")
+    _refused(_cli(2, "--model", str(stories_models["q40"]), "--prompt", bad),
+             "the prompt is not valid UTF-8 (byte 0xff at character 10)")
+
+
+def test_when_steps_go_beyond_the_context_generation_stops_there_with_a_note(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once upon a time", "--max-seq-len", "40",
+                  "--steps", "1000", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    assert "note: stopped after 36 new tokens at the end of the context (40 tokens)" in result.stderr
+
+
+# ------------------------------------------------------------------ faults
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """Big enough that generating 3000 tokens takes far longer than the tests wait."""
+    spec = ModelSpec(dim=512, hidden_dim=1408, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, vocab_size=512,
+                     seq_len=4096, weight_type="q40")
+    return write_random_model(tmp_path_factory.mktemp("slow") / "slow.h5", spec)
+
+
+def _generating(slow_model):
+    """A 3-rank job that has started to print tokens: (process, mark, {rank: pid})."""
+    from conftest import processes_marked
+
+    proc, mark = start_mpiexec(3, [PY, "-m", "dllama_mpi", "--model", str(slow_model), "--steps", "3000", "--ignore-eos"])
+    assert proc.stdout.read(1), "the job printed nothing"
+    ranks = {int(r): pid for pid, r in processes_marked(mark).items() if r != "-"}
+    assert sorted(ranks) == [0, 1, 2]
+    return proc, mark, ranks
+
+
+def test_when_an_exception_is_raised_on_one_rank():
+    script = (
+        "from dllama_mpi.comm import Comm\n"
+        "from dllama_mpi.cli import run_guarded\n"
+        "comm = Comm()\n"
+        "def job():\n"
+        "    if comm.rank == 1:\n"
+        "        raise RuntimeError('injected fault')\n"
+        "    comm.barrier()\n"  # the other ranks wait in a collective that never completes
+        "    return 0\n"
+        "raise SystemExit(run_guarded(comm, job))\n"
+    )
+    start = time.monotonic()
+    result = run_mpiexec(3, [PY, "-c", script], timeout=60)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 10
+    assert "[rank 1] ERROR: rank 1 failed" in result.stderr and "injected fault" in result.stderr
+    assert result.stderr.count("Traceback") == 1, result.stderr
+
+
+def test_when_a_rank_is_killed_mid_generation(slow_model):
+    proc, mark, ranks = _generating(slow_model)
+    killed_at = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    result = finish(proc, mark, timeout=30)
+    assert result.returncode != 0
+    assert time.monotonic() - killed_at < 10
+    # the launcher names the process; the start-up line maps it to its rank
+    assert f"PID {ranks[1]} RUNNING AT" in result.stdout + result.stderr
+    assert f"rank 1 = {os.uname().nodename}:{ranks[1]}" in result.stderr or f":{ranks[1]}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 15)], ids=["SIGINT", "SIGTERM"])
+def test_when_the_launcher_is_interrupted(slow_model, sig, code):
+    proc, mark, _ = _generating(slow_model)
+    sent_at = time.monotonic()
+    os.kill(proc.pid, sig)
+    result = finish(proc, mark, timeout=30)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert time.monotonic() - sent_at < 10
+    assert "Traceback" not in result.stderr
+    if sig == signal.SIGINT:
+        assert "interrupted: stopping every rank" in result.stderr
+        assert result.stderr.count("interrupted: stopping every rank") <= 3  # at most once per rank, one line each
+    else:
+        assert "Terminated (signal 15)" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ converter
+def _convert(*args, timeout=120):
+    return subprocess.run([PY, "-m", "dllama_mpi.convert", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_when_the_converter_output_exists(tmp_path):
+    need_stories()
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"precious")
+    result = _convert(STORIES / "stories260K.bin", out, "--tokenizer", STORIES / "tok512.bin")
+    assert result.returncode == 2 and "exists; pass --force to overwrite it" in result.stderr
+    assert out.read_bytes() == b"precious"
+
+
+def _in_small_filesystem(tmp_path, size: str, *convert_args):
+    """The converter writing into a tmpfs of `size` (a mount namespace of its own)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = (f"mount -t tmpfs -o size={size} tmpfs {mount} && {PY} -m dllama_mpi.convert {convert_args[0]} "
+               f"{mount}/out.h5 " + " ".join(map(str, convert_args[1:])) + f"; rc=$?; ls -A {mount}; exit $rc")
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", command], capture_output=True,
+                               text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+
+
+@pytest.mark.parametrize("size, message", [
+    ("300k", "MiB free but the model takes about 1.0 MiB"),  # known before writing
+    ("1100k", "out of disk space writing"),  # found while writing
+], ids=["before", "while-writing"])
+def test_when_the_disk_is_full(tmp_path, size, message):
+    need_stories()
+    result = _in_small_filesystem(tmp_path, size, STORIES / "stories260K.bin", "--tokenizer", STORIES / "tok512.bin",
+                                  "--weights", "f32")
+    if "mount" in result.stderr and "ermission" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"can't mount a small filesystem here: {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.count("error:") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.strip() == ""  # `ls -A` of the filesystem: no output file, no temporary
+
+
+# the converter killed with SIGKILL: tests/test_convert.py::test_killed_conversion_leaves_no_output

@@ -1,0 +1,185 @@
+"""Fuzzing every header and attribute parser: random and mutated inputs give the project's own
+clear error (a ValueError with a message; ConvertError and ModelFileError are ValueErrors),
+never another exception, a hang (hypothesis deadline) or a huge allocation (tracemalloc)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import dllama_writer as dw
+import h5py
+import numpy as np
+import pytest
+from conftest import STORIES, need_stories
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dllama_mpi.convert import dllama, read_source
+from dllama_mpi.modelfile import ModelFile
+from dllama_mpi.spec import ModelSpec
+from dllama_mpi.tokenizer import Tokenizer
+
+PEAK_BYTES = 64 * 2**20  # far above what these small inputs need, far below what a bad size field asks for
+FUZZ = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+
+
+def refused_or_read(parse) -> str:
+    """Run parse(); 'read' or 'refused' (our ValueError). Anything else fails the test."""
+    tracemalloc.start()
+    try:
+        parse()
+        return "read"
+    except ValueError as exc:
+        assert not isinstance(exc, UnicodeError), f"unhandled decoding error: {exc!r}"
+        assert str(exc), "an error without a message"
+        return "refused"
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < PEAK_BYTES, f"allocated {peak / 2**20:.0f} MiB for a small malformed input"
+
+
+def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    out = bytearray(data)
+    for pos, value in edits:
+        out[pos % len(out)] = value
+    return bytes(out[:cut] if cut is not None else out)
+
+
+edits = st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), max_size=8)
+int32 = st.integers(-(2**31), 2**31 - 1)
+
+
+@pytest.fixture(scope="module")
+def work():
+    with tempfile.TemporaryDirectory(prefix="dllama-fuzz-") as d:
+        yield Path(d)
+
+
+# ------------------------------------------------------------------ llama2.c checkpoint + tokenizer.bin
+@FUZZ
+@given(header=st.lists(int32, min_size=7, max_size=7) | st.lists(st.integers(-4, 600), min_size=7, max_size=7))
+def test_llama2c_checkpoint_header(work, header):
+    need_stories()
+    path = work / "model.bin"
+    body = (STORIES / "stories260K.bin").read_bytes()[28:]
+    path.write_bytes(struct.pack("<7i", *header) + body)
+
+    def parse():
+        source = read_source(path, STORIES / "tok512.bin")
+        ModelSpec(**source.spec_fields, weight_type="f32")
+
+    refused_or_read(parse)
+
+
+@FUZZ
+@given(edits=edits, cut=st.none() | st.integers(0, 6000), vocab=st.none() | st.integers(-5, 2**31))
+def test_llama2c_tokenizer(work, edits, cut, vocab):
+    need_stories()
+    path = work / "tok.bin"
+    path.write_bytes(mutate((STORIES / "tok512.bin").read_bytes()[:6000], edits, cut))
+    refused_or_read(lambda: Tokenizer.from_llama2c(path, vocab))
+
+
+# ------------------------------------------------------------------ distributed-llama .m and .t
+@FUZZ
+@given(values=st.dictionaries(st.sampled_from(sorted(dw.MODEL_KEYS)), int32 | st.integers(0, 400), max_size=6),
+       tail=st.binary(max_size=256))
+def test_dllama_model_header(work, values, tail):
+    tok = work / "model.t"
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)] + [b"x%d" % i for i in range(41)]
+    dw.write_tokenizer(tok, tokens, np.zeros(len(tokens)), bos_id=1, eos_ids=[2])
+    params = {"version": 0, "dim": 64, "hidden_dim": 96, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+              "vocab_size": 300, "max_seq_len": 32, "hidden_act": 1, "arch_type": dw.LLAMA,
+              "weights_float_type": dw.FLOAT_TYPES["f32"], **values}
+    path = work / "model.m"
+    path.write_bytes(dw.header_bytes(params) + tail)
+
+    def parse():
+        source = read_source(path, tok)
+        ModelSpec(**source.spec_fields, weight_type="f32")
+
+    refused_or_read(parse)
+
+
+@FUZZ
+@given(edits=edits, cut=st.none() | st.integers(0, 4000), header=st.dictionaries(st.integers(0, 12), int32, max_size=4))
+def test_dllama_tokenizer(work, edits, cut, header):
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)] + [b"x%d" % i for i in range(41)]
+    path = work / "tok.t"
+    dw.write_tokenizer(path, tokens, np.zeros(len(tokens)), bos_id=1, eos_ids=[2], chat_template=b"{{ m }}")
+    data = path.read_bytes()
+    if header:  # replace the header by random key/value pairs
+        size = struct.unpack_from("<i", data, 4)[0]
+        pairs = b"".join(struct.pack("<ii", k, v) for k, v in header.items())
+        data = struct.pack("<ii", dllama.TOKENIZER_MAGIC, 8 + len(pairs)) + pairs + data[size:]
+    path.write_bytes(mutate(data, edits, cut))
+    refused_or_read(lambda: dllama.read_tokenizer(path))
+
+
+# ------------------------------------------------------------------ HDF5 attributes
+ATTR_NAMES = sorted({"format", "format_version", "model_id", *ModelSpec.__dataclass_fields__})
+attr_values = (int32 | st.integers(-(2**70), 2**70).map(float) | st.floats(allow_nan=True)
+               | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8)  # as HDF5 stores
+               | st.binary(max_size=8) | st.booleans() | st.lists(st.integers(-5, 5), max_size=3))
+
+
+@pytest.fixture(scope="module")
+def stories_h5(work):
+    from conftest import convert_stories
+
+    need_stories()
+    return convert_stories(work, "q40")
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(ATTR_NAMES), attr_values | st.none(), min_size=1, max_size=3))
+def test_hdf5_attributes(work, stories_h5, changes):
+    path = work / "attrs.h5"
+    shutil.copy(stories_h5, path)
+    with h5py.File(path, "r+") as f:
+        for name, value in changes.items():
+            if value is None:
+                if name in f.attrs:
+                    del f.attrs[name]
+            else:
+                if isinstance(value, list):
+                    value = np.array(value)
+                elif isinstance(value, bytes):  # opaque bytes (NULs and all)
+                    value = np.void(value) if value else np.void(b"\x00")
+                f.attrs[name] = value
+
+    def parse():
+        model = ModelFile(path)
+        model.close()
+
+    refused_or_read(parse)
+
+
+# ------------------------------------------------------------------ GGUF metadata (as the gguf package hands it over)
+@pytest.fixture(scope="module")
+def gguf_file(work):
+    pytest.importorskip("gguf")
+    from test_convert_gguf import hf_weights, ours_expected, write_gguf
+
+    path = work / "base.gguf"
+    write_gguf(path, "llama", ours_expected(hf_weights(np.random.default_rng(0), "llama")))
+    return path
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 12000), st.integers(0, 255)), min_size=1, max_size=6))
+def test_gguf_metadata(work, gguf_file, edits):
+    path = work / "fuzz.gguf"
+    path.write_bytes(mutate(gguf_file.read_bytes(), edits, None))
+
+    def parse():
+        source = read_source(path, None)
+        ModelSpec(**source.spec_fields, weight_type="f32")
+        source.tokenizer.encode("once upon a time", bos=True)
+
+    refused_or_read(parse)
