@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -121,3 +123,33 @@ def test_a_job_with_an_impossible_budget_fails_with_one_clear_message(slurm, sto
 def test_a_job_without_a_model_says_what_to_set(slurm, tmp_path):
     rc, _, err = sbatch("generate.sbatch", tmp_path, {"DLLAMA_MODEL": ""}, "--ntasks=1")
     assert rc == 2 and "error: set DLLAMA_MODEL" in err
+
+
+def test_a_rank_killed_mid_generation_is_named_by_srun(slurm, tmp_path):
+    from conftest import assert_no_survivors, processes_marked, write_random_model
+
+    from dllama_mpi.spec import ModelSpec
+
+    spec = ModelSpec(dim=512, hidden_dim=1408, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, vocab_size=512,
+                     seq_len=4096, weight_type="q40")
+    model = write_random_model(tmp_path / "slow.h5", spec)
+    mark = uuid.uuid4().hex
+    out = tmp_path / "killed.out"
+    env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_TEST_MARK": mark,
+           "DLLAMA_MODEL": str(model), "DLLAMA_STEPS": "3000", "DLLAMA_ARGS": "--ignore-eos"}
+    job = subprocess.Popen(["sbatch", "--wait", "--ntasks=3", "--time=00:05:00", "-D", str(tmp_path), "-o", str(out),
+                            str(REPO / "jobs" / "generate.sbatch")], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 2000):
+        time.sleep(0.2)  # until tokens are being written
+    ranks = {int(r): pid for pid, r in processes_marked(mark).items() if r != "-"}
+    assert len(ranks) == 3, f"ranks not found: {ranks}"
+    os.kill(ranks[1], signal.SIGKILL)
+    try:
+        job.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--full", job.stdout.readline().split()[-1]], timeout=30)
+        pytest.fail("the job did not end after a rank was killed")
+    assert job.returncode != 0
+    assert "task 1: Killed" in out.read_text()
+    assert_no_survivors(mark, "the killed job")
