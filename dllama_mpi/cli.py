@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "proportional to its --memory-budget. Launch with mpirun -n N."))
     p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert; default: a built-in synthetic model")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
-                   help="one positive integer per rank; ranks get shares in these ratios (default: equal)")
+                   help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
+                        "a hard cap); each rank's need is checked against its cap and its node's memory (default: equal)")
     p.add_argument("--prompt", help="text to start from (default: just BOS)")
     p.add_argument("--steps", type=int, default=64, help="number of new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
