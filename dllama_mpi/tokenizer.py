@@ -532,9 +532,7 @@ class SpmTokenizer(Tokenizer):
     @classmethod
     def from_gguf(cls, reader) -> SpmTokenizer:
         _require_gguf_vocab(reader, "llama", "sentencepiece")
-        texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
-        if texts is None:
-            raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
+        texts = _gguf_vocabulary(reader)
         n = len(texts)
         scores = _gguf_array(reader, "tokenizer.ggml.scores")
         scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
@@ -742,9 +740,7 @@ class HFTokenizer:
                 f"GGUF byte-level BPE pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(_BPE_PRE_TYPES))})"
             )
         regex, ignore_merges, nfc, default_add_bos = _BPE_PRE_TYPES[pre]
-        texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
-        if texts is None:
-            raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
+        texts = _gguf_vocabulary(reader)
         types_arr = _gguf_array(reader, "tokenizer.ggml.token_type")
         types = [TOKEN_NORMAL] * len(texts) if types_arr is None else [int(t) for t in types_arr]
         merges_raw = _gguf_strings(reader, "tokenizer.ggml.merges") or []
@@ -976,6 +972,13 @@ def _gguf_strings(reader, key: str) -> list[str] | None:
     if f is None:
         return None
     return [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
+
+
+def _gguf_vocabulary(reader) -> list[str]:
+    texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+    if texts is None:
+        raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
+    return texts
 
 
 def _gguf_array(reader, key: str) -> np.ndarray | None:
