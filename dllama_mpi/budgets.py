@@ -12,12 +12,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .plan import Plan, validate_budgets
+from .errors import InputError
+from .plan import Plan
 
 UNITS = {"mb": 10**6, "gb": 10**9, "mib": 2**20, "gib": 2**30}
 MAX_BUDGET = 2**60  # a ratio or a size in bytes (1 EiB): anything larger is a typo
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(mb|gb|mib|gib)", re.IGNORECASE)
-_UNIT = re.compile(r"\d+(?:\.\d+)?\s*[a-z]+", re.IGNORECASE)  # a number with some unit
+_RATIO = re.compile(r"[0-9]+")
+_NEGATIVE = re.compile(r"-[0-9]+")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(mb|gb|mib|gib)", re.IGNORECASE | re.ASCII)
+_UNIT = re.compile(r"[0-9]+(?:\.[0-9]+)?\s*[a-z]+", re.IGNORECASE | re.ASCII)  # a number with some unit
 
 # Memory a rank holds beyond its weights and KV cache: Python, numpy, h5py, MPI, numba and
 # LLVM (the kernels compiled or loaded from the cache), run-state buffers. Measured peak RSS
@@ -36,34 +39,46 @@ class Budgets:
 
 
 def parse_budgets(values, world_size: int) -> Budgets:
-    """Budgets from the command line; ValueError says what was wrong and what to do."""
-    values = [str(v) for v in values]
-    for rank, v in enumerate(values):
-        if _UNIT.fullmatch(v.strip()) and not _SIZE.fullmatch(v.strip()):
-            raise ValueError(f"the budget for rank {rank} is {v!r}: unknown unit; sizes take MB, GB, MiB or GiB "
+    """--memory-budget as written, one value per rank (the converter's too); InputError says
+    what was wrong and what to do."""
+    values = [str(v).strip() for v in values]
+    if len(values) != world_size:
+        raise InputError(f"--memory-budget has {len(values)} value(s) {' '.join(values)} but the job has {world_size} "
+                         f"rank(s); give exactly one budget per rank (or launch with mpirun -n {len(values)})")
+    sizes = [_SIZE.fullmatch(v) for v in values]
+    for rank, (v, size) in enumerate(zip(values, sizes)):
+        if not size and _UNIT.fullmatch(v):
+            raise InputError(f"the budget for rank {rank} is {v!r}: unknown unit; sizes take MB, GB, MiB or GiB "
                              "(e.g. 6GiB), ratios none (e.g. 3)")
-    sizes = [_SIZE.fullmatch(v.strip()) for v in values]
     if any(sizes) and not all(sizes):
         plain = [v for v, m in zip(values, sizes) if not m]
-        raise ValueError(f"--memory-budget mixes sizes with plain ratios ({' '.join(plain)}); give every rank a "
+        raise InputError(f"--memory-budget mixes sizes with plain ratios ({' '.join(plain)}); give every rank a "
                          "size (e.g. 6GiB 2GiB 2GiB 1GiB) or every rank a ratio (e.g. 3 2 2 1)")
-    if not all(sizes):
-        ratios = validate_budgets(values, world_size)
-        for rank, r in enumerate(ratios):
-            if r > MAX_BUDGET:
-                raise ValueError(f"the budget for rank {rank} is {r}, larger than any machine; budgets are ratios "
-                                 "such as 3 2 2 1, or sizes such as 6GiB")
-        return Budgets(ratios, None)
-    if len(values) != world_size:
-        validate_budgets(values, world_size)  # raises: the count, with the usual message
-    caps = []
-    for rank, m in enumerate(sizes):
-        size = round(float(m[1]) * UNITS[m[2].lower()])
-        if not 0 < size <= MAX_BUDGET:
-            raise ValueError(f"the budget for rank {rank} is {values[rank]}; a size must be more than 0 and at most "
-                             f"{format_bytes(MAX_BUDGET)}")
-        caps.append(size)
-    return Budgets(tuple(caps), tuple(caps))
+    if all(sizes):
+        caps = tuple(_size_bytes(rank, v, m) for rank, (v, m) in enumerate(zip(values, sizes)))
+        return Budgets(caps, caps)
+    return Budgets(tuple(_ratio(rank, v) for rank, v in enumerate(values)), None)
+
+
+def _ratio(rank: int, text: str) -> int:
+    if not _RATIO.fullmatch(text):  # digits only: int() would also take '1_000', '+3' or other scripts' digits
+        shown = text if _NEGATIVE.fullmatch(text) else repr(text)
+        raise InputError(f"the budget for rank {rank} is {shown}; budgets must be positive integers such as 3 2 2 1")
+    ratio = int(text)
+    if ratio == 0:
+        raise InputError(f"the budget for rank {rank} is 0; budgets must be positive integers such as 3 2 2 1")
+    if ratio > MAX_BUDGET:
+        raise InputError(f"the budget for rank {rank} is {ratio}, larger than any machine; budgets are ratios "
+                         "such as 3 2 2 1, or sizes such as 6GiB")
+    return ratio
+
+
+def _size_bytes(rank: int, text: str, match: re.Match) -> int:
+    size = round(float(match[1]) * UNITS[match[2].lower()])
+    if not 0 < size <= MAX_BUDGET:
+        raise InputError(f"the budget for rank {rank} is {text}; a size must be more than 0 and at most "
+                         f"{format_bytes(MAX_BUDGET)}")
+    return size
 
 
 def format_bytes(n: float) -> str:
@@ -91,17 +106,25 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
     kv_per_token = [plan.kv_cache_bytes(r, 1) for r in range(plan.world_size)]
     problems = []
 
-    def longest_context(rank: int, room: int) -> int:
-        fixed = totals[rank] - needs[rank]["kv"]
-        return max(0, (room - fixed) // kv_per_token[rank]) if kv_per_token[rank] else max_seq_len
+    def longest_context(fixed: int, kv_per_token: int, room: int) -> int:
+        return max(0, (room - fixed) // kv_per_token) if kv_per_token else max_seq_len
+
+    def context_hint(seq: int, text: str) -> str:
+        """`text` naming a --max-seq-len that fits, if a shorter context helps at all; never
+        beyond what the model was trained for."""
+        if not 0 < seq < max_seq_len:
+            return ""
+        if seq >= plan.spec.seq_len:
+            return text.format(f"--max-seq-len {plan.spec.seq_len}, the length the model was trained for")
+        return text.format(f"--max-seq-len {seq}")
 
     if budgets.caps:
         for r, (total, cap) in enumerate(zip(totals, budgets.caps)):
             if total > cap:
-                seq = longest_context(r, cap)
-                hint = f", or --max-seq-len {seq}" if 0 < seq < max_seq_len else ""
+                seq = longest_context(total - needs[r]["kv"], kv_per_token[r], cap)
                 problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len)}) but its budget "
-                                f"caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}{hint}")
+                                f"caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}"
+                                + context_hint(seq, ", or {}"))
         scale = max(t / c for t, c in zip(totals, budgets.caps))
         if scale > 1:  # the same ratios give the same plan, so scaling every cap keeps the needs
             fitting = " ".join(f"{-(-int(c * scale) // 2**20)}MiB" for c in budgets.caps)
@@ -110,15 +133,20 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         ranks = [r for r, h in enumerate(hosts) if h == host]
         room = available[ranks[0]]
         need = sum(totals[r] for r in ranks)
-        if room is not None and need > room:
-            names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
-            parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len)}" for r in ranks)
-            kv = sum(kv_per_token[r] for r in ranks)
-            seq = max(0, (room - (need - sum(needs[r]["kv"] for r in ranks))) // kv) if kv else 0
-            hint = f", a shorter context (--max-seq-len {seq})" if 0 < seq < max_seq_len else ""
-            problems.append(f"{names} on {host} need {format_bytes(need)} ({parts}) but the node has "
-                            f"{format_bytes(room)} available; give the ranks there smaller budgets{hint}, "
-                            f"or run more ranks on other nodes")
+        if room is None or need <= room:
+            continue
+        names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len)}" for r in ranks)
+        kv = sum(kv_per_token[r] for r in ranks)
+        seq = longest_context(need - sum(needs[r]["kv"] for r in ranks), kv, room) if kv else 0
+        # the split decides how much lands here: a smaller share helps only if other nodes take the rest
+        share = ("give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)"
+                 if len(ranks) < len(hosts) else "")
+        smaller_type = "convert the model to q40 weights" if plan.spec.weight_type != "q40" else ""
+        ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), smaller_type,
+                            "run some of the ranks on other nodes") if w]
+        problems.append(f"{names} on {host} need {format_bytes(need)} ({parts}) but the node has "
+                        f"{format_bytes(room)} available; " + ", ".join(ways[:-1]) + ", or " * (len(ways) > 1) + ways[-1])
     return problems
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import resource
 import sys
 import time
 import traceback
 
 from . import quant
-from .modelfile import ModelFileError
-from .session import UsageError
+from .errors import InputError, UsageError
 
 log = logging.getLogger("dllama_mpi")
 
@@ -25,18 +26,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}\n{self.format_usage().strip()}")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a number (nan and inf would pass float())."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number such as 0.8, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m dllama_mpi", description=(
         "Distributed Llama inference: each MPI rank holds and computes a share of every layer "
         "proportional to its --memory-budget. Launch with mpirun -n N."))
-    p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert; default: a built-in synthetic model")
+    p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert, or a directory of per-rank shards "
+                                   "(dllama-mpi-convert --memory-budget); default: a built-in synthetic model")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
                         "a hard cap); each rank's need is checked against its cap and its node's memory (default: equal)")
     p.add_argument("--prompt", help="text to start from (default: just BOS)")
     p.add_argument("--steps", type=int, default=64, help="number of new tokens (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--seed", type=int, help="sampling seed (default: from the clock, printed at the end)")
     p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
     p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
@@ -61,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_guarded(comm, job) -> int:
-    """The abort guard: bad input (UsageError, raised on every rank) -> rank 0 prints it once,
-    every rank returns 2; anything else raised on one rank -> that rank logs its traceback and
-    aborts the whole job, so no rank is left waiting in a collective."""
+    """The abort guard: bad input found on every rank (UsageError) -> rank 0 prints it once,
+    every rank returns 2 through the normal exit. Bad input found by one rank alone
+    (InputError) -> that rank logs it and aborts the job, code 2; anything else raised on one
+    rank -> that rank logs its traceback and aborts the whole job, code 1, so no rank is left
+    waiting in a collective."""
     _setup_logging(comm.rank)
     try:
         return job()
@@ -73,18 +88,31 @@ def run_guarded(comm, job) -> int:
         return 2
     except SystemExit:
         raise
-    except ModelFileError as exc:  # found by one rank while loading (e.g. a checksum): no traceback
+    except InputError as exc:
         log.error("rank %d: %s", comm.rank, exc)
-        comm.abort(2)
+        _abort(comm, 2)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, forwarded to every rank: the first to see it ends the job
         log.error("rank %d interrupted: stopping every rank", comm.rank)
-        comm.abort(130)
+        _abort(comm, 130)
         return 130
     except BaseException:
         log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
-        comm.abort(1)
+        _abort(comm, 1)
         return 1
+
+
+# How long a rank that aborts the job waits after writing its message: MPI_Abort makes the
+# launcher kill every process, and a message still in the pipe to the launcher was lost that
+# way on a loaded machine. Only the abort paths (a bug, a one-rank failure, Ctrl-C) pay it.
+ABORT_GRACE_S = 0.5
+
+
+def _abort(comm, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+    comm.abort(code)
 
 
 def parse_budgets(given, world_size: int):
@@ -93,7 +121,7 @@ def parse_budgets(given, world_size: int):
 
     try:
         return parse(given or [1] * world_size, world_size)
-    except ValueError as exc:
+    except InputError as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -146,17 +174,24 @@ def _run(comm, argv) -> int:
     args = _parse(comm, argv)
     budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
+    if args.nthreads is not None:  # numba runs at most as many threads as the node has cores
+        counts = comm.gather_obj(n_threads)
+        if comm.rank == 0 and min(counts) < args.nthreads:
+            print(f"note: --nthreads {args.nthreads} is more than this node's cores allow; threads per rank: "
+                  f"{' '.join(map(str, counts))}", file=sys.stderr)
     if comm.rank == 0 and args.model is None:
         print("note: no --model given: running the built-in synthetic model. Its weights are random, "
               "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",
               file=sys.stderr)
 
-    def announce(plan, max_seq_len):
-        spec = plan.spec
+    def announce(launch):
+        plan = launch.plan
+        for note in launch.notes:
+            print(f"note: {note}", file=sys.stderr)
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
-              f"weights {spec.weight_type}, buffers {args.buffer_float_type}, KV cache {max_seq_len} tokens",
+              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {launch.max_seq_len} tokens",
               file=sys.stderr)
-        print(plan.table(max_seq_len), file=sys.stderr)
+        print(plan.table(launch.max_seq_len), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
               file=sys.stderr)
 
@@ -175,13 +210,15 @@ def _run(comm, argv) -> int:
 
 
 def _report(comm, session, result, n_threads, seed, startup_s, budgets) -> None:
-    engine, weights = session.engine, session.weights
-    n_forward = max(1, result["n_prompt"] - 1 + len(result["generated"]))
+    engine, weights, n_forward = session.engine, session.weights, result["n_forward"]
+
+    def per_token(value: float) -> float | None:
+        return value / n_forward if n_forward else None
+
     mine = {
         "rank": comm.rank, "threads": n_threads,
-        "compute_ms": 1e3 * (engine.forward_s - engine.collective_s) / n_forward,
-        "collective_ms": 1e3 * engine.collective_s / n_forward,
-        "sent_kb": comm.bytes_sent / n_forward / 1024,
+        "compute_ms": per_token(1e3 * (engine.forward_s - engine.collective_s)),
+        "collective_ms": per_token(1e3 * engine.collective_s), "sent_kb": per_token(comm.bytes_sent / 1024),
         "weights_mib": weights.nbytes / 2**20, "kv_mib": engine.kv_cache_bytes / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cap": f"{budgets.caps[comm.rank] / 2**20:.0f}" if budgets.caps else "-",
@@ -190,37 +227,42 @@ def _report(comm, session, result, n_threads, seed, startup_s, budgets) -> None:
     if comm.rank != 0:
         return
     r = result
-    prompt_rate = r["n_prompt"] / r["prompt_s"] if r["prompt_s"] > 0 else float("nan")
-    decode_rate = r["n_decode"] / r["decode_s"] if r["n_decode"] and r["decode_s"] > 0 else float("nan")
+
+    def rate(n: int, seconds: float | None) -> str:  # none for zero tokens: it would be noise or nan
+        return f", {n / seconds:.1f} tokens/s" if n and seconds else ""
+
     err = sys.stderr
-    print(f"\nprompt: {r['n_prompt']} tokens, {prompt_rate:.1f} tokens/s; decode: {len(r['generated'])} tokens, "
-          f"{decode_rate:.1f} tokens/s; startup {startup_s:.1f} s; seed {seed}", file=err)
+    print(f"\nprompt: {r['n_prompt']} tokens{rate(r['n_prompt'], r['prompt_s'])}; decode: {len(r['generated'])} tokens"
+          f"{rate(r['n_decode'], r['decode_s'])}; startup {startup_s:.1f} s; seed {seed}", file=err)
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
           f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
+
+    def cell(value: float | None, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
     for m in rows:
-        print(f"{m['rank']:>4} {m['threads']:>7} {m['compute_ms']:>14.3f} {m['collective_ms']:>17.3f} "
-              f"{m['sent_kb']:>12.2f} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
-              f"{m['cap']:>8}",
-              file=err)
+        print(f"{m['rank']:>4} {m['threads']:>7} {cell(m['compute_ms'], 14, 3)} {cell(m['collective_ms'], 17, 3)} "
+              f"{cell(m['sent_kb'], 12, 2)} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
+              f"{m['cap']:>8}", file=err)
 
 
 def _dry_run_guarded(argv) -> int:
     _setup_logging(0)
     try:
         return _dry_run(argv)
-    except (UsageError, ModelFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except InputError as exc:
+        # launched by mpirun after all: every rank got here, one prints
+        if int(os.environ.get("PMI_RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def _dry_run(argv) -> int:
-    """The plan, traffic and memory of a launch, from the model's attributes alone."""
-    import os
-
-    from .budgets import RUNTIME_BYTES, fit_problems, format_bytes, rank_need
-    from .modelfile import largest_tensor_bytes, open_model
-    from .plan import make_plan
-    from .session import DEFAULT_MAX_SEQ_LEN, shard_mismatch
+    """The plan, traffic and memory of a launch, from the model's attributes alone; the same
+    start-up rules as a launch (launch.plan_launch, launch.check_fit)."""
+    from .budgets import RUNTIME_BYTES, format_bytes, rank_need
+    from .launch import check_fit, plan_launch
+    from .modelfile import open_model
     from .synthetic import SYNTHETIC_SPEC
 
     args = _parse(None, argv)
@@ -233,10 +275,10 @@ def _dry_run(argv) -> int:
         model = open_model(args.model)
         spec, shard, name = model.spec, model.shard, str(args.model)
         model.close()
-    plan = make_plan(spec, budgets.ratios)
-    if shard is not None and (problem := shard_mismatch(args.model, shard, plan)):
-        raise UsageError(problem)
-    max_seq_len = args.max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
+    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len)
+    plan, max_seq_len = launch.plan, launch.max_seq_len
+    for note in launch.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
           f"weights {spec.weight_type}")
@@ -246,12 +288,11 @@ def _dry_run(argv) -> int:
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
           f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
-    load_buffer = 0 if shard is not None else largest_tensor_bytes(spec)
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
           + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
     for s in plan.ranks:
         memory = (plan.weight_bytes(s.rank) + plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
-        need = sum(rank_need(plan, s.rank, max_seq_len, load_buffer).values()) / 2**20
+        need = sum(rank_need(plan, s.rank, max_seq_len, launch.load_buffer).values()) / 2**20
         cap = format_bytes(budgets.caps[s.rank]) if budgets.caps else "-"
         print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
               + f" {memory:>16.1f} {need:>9.1f} {cap:>8}")
@@ -259,9 +300,7 @@ def _dry_run(argv) -> int:
         print(f"{t} buffers: {tr.wire / 1024:.1f} KiB cross between ranks per token in all; at 1 Gbit/s that is "
               f"{8e3 * tr.wire / 1e9:.2f} ms of transfer if it all shared one link")
     print(f"need = weights + KV + runtime {format_bytes(RUNTIME_BYTES)}"
-          + (f" + rank 0's load buffer {format_bytes(load_buffer)} (the largest tensor)" if load_buffer else ""))
-    problems = fit_problems(plan, budgets, max_seq_len, load_buffer, [f"node of rank {r}" for r in range(plan.world_size)],
-                            [None] * plan.world_size)
-    if problems:
-        raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))
+          + (f" + rank 0's load buffer {format_bytes(launch.load_buffer)} (the largest tensor)" if launch.load_buffer else ""))
+    # the nodes are not known here: each rank on a node of its own, of unknown memory
+    check_fit(launch, budgets, [f"node of rank {r}" for r in range(plan.world_size)], [None] * plan.world_size)
     return 0

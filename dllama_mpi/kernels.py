@@ -461,6 +461,11 @@ def rope_table(freqs: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def cache_dir() -> str:
+    """Where numba keeps the compiled kernels."""
+    return matmul_f32._cache.cache_path
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the types the engine uses."""
     f32 = np.float32

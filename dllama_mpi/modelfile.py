@@ -7,11 +7,14 @@ file (and a node needs only its own shard on local disk).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -20,12 +23,14 @@ import h5py
 import numpy as np
 
 from . import quant
+from .errors import InputError
 from .plan import Plan
 from .spec import FORMAT_NAME, FORMAT_VERSION, ModelSpec
 
 
-class ModelFileError(ValueError):
-    """A model file that can't be used, with what was expected, what was found, what to do."""
+class ModelFileError(InputError):
+    """A model file that can't be used (or written), with what was expected, what was found,
+    what to do."""
 
 
 class TensorInfo(NamedTuple):
@@ -83,8 +88,87 @@ def largest_tensor_bytes(spec: ModelSpec) -> int:
                for info in tensor_layout(spec).values())
 
 
+SHARD_NAME = re.compile(r"shard-([0-9]+)-of-([0-9]+)\.h5")
+
+
 def shard_name(rank: int, world_size: int) -> str:
     return f"shard-{rank}-of-{world_size}.h5"
+
+
+def shard_files(directory: Path) -> tuple[int, dict[int, Path]]:
+    """(count, {rank: path}) of the shard files in `directory` (names exactly shard-R-of-N.h5;
+    others, such as a file manager's 'shard-0-of-2 (copy).h5', are not shards). The files
+    must all be of one split: ModelFileError names them otherwise."""
+    found = {p: (int(m[1]), int(m[2])) for p in sorted(directory.iterdir()) if (m := SHARD_NAME.fullmatch(p.name))}
+    by_count: dict[int, list[str]] = {}
+    for p, (_, count) in found.items():
+        by_count.setdefault(count, []).append(p.name)
+    if len(by_count) > 1:
+        sets = "; ".join(f"for {count} rank(s): {', '.join(names)}" for count, names in sorted(by_count.items()))
+        raise ModelFileError(f"{directory} holds shard files of {len(by_count)} different splits ({sets}); keep one "
+                             "split's files there (move the others away) or convert the shards again")
+    stray = [p.name for p, (rank, count) in found.items() if rank >= count]
+    if stray:
+        raise ModelFileError(f"{directory}: {', '.join(stray)} names a rank beyond its shard count; "
+                             "convert the shards again")
+    count = next(iter(by_count), 0)
+    return count, {rank: p for p, (rank, _) in found.items()}
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether `path` is a plain file holding a dllama_mpi model (what this converter writes)."""
+    if path.is_symlink() or not path.is_file() or not h5py.is_hdf5(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return _str(f.attrs.get("format")) == FORMAT_NAME
+    except OSError:  # HDF5 that can't be opened (truncated): not a model file either
+        return False
+
+
+def check_output(path: Path, shards: bool, force: bool) -> None:
+    """Whether a model file (or, with `shards`, a shard directory) may be written at `path`:
+    its directory exists, and whatever stands there is replaced only with `force` and only
+    if this converter wrote it (a model file; a directory holding nothing but shard files).
+    An empty directory takes shards without --force. ModelFileError says what stands in the
+    way."""
+    parent = path.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        what = "is not a directory" if missing.exists() else "does not exist"
+        raise ModelFileError(f"can't write {path}: {missing} {what}; create the directory first (mkdir -p {parent}) "
+                             "or write elsewhere")
+    if not path.exists() and not path.is_symlink():
+        return
+    if shards and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if not force:
+        raise ModelFileError(f"output {path} exists; pass --force to overwrite it")
+    ours = "--force replaces only what the converter wrote"
+    if path.is_symlink():
+        raise ModelFileError(f"{path} is a symbolic link; {ours}: remove the link or choose another name")
+    if not shards:
+        if path.is_dir():
+            raise ModelFileError(f"{path} is a directory; give the model file's path, e.g. {path / 'model.h5'} "
+                                 "(or add --memory-budget to write per-rank shards into a directory)")
+        if not is_model_file(path):
+            raise ModelFileError(f"{path} is not a dllama_mpi model file; {ours}: remove it yourself or choose "
+                                 "another name")
+        return
+    if not path.is_dir():
+        raise ModelFileError(f"{path} is a file; shards are written into a directory: choose a directory name")
+    if foreign := _foreign_entries(path):
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ModelFileError(f"{path} holds entries the converter did not write ({', '.join(foreign[:5])}{more}); "
+                             f"{ours} (a directory of shard files alone): choose another directory or move them away")
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Entries of `directory` that are not model files named as shards."""
+    return [p.name + ("/" if p.is_dir() else "") for p in sorted(directory.iterdir())
+            if not (SHARD_NAME.fullmatch(p.name) and is_model_file(p))]
 
 
 def sha256_of(path: Path) -> str:
@@ -128,6 +212,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     _to_stored), so a converter holds about one tensor in memory. With a `plan`, `path` is a
     directory of per-rank shards, each with the rows the plan gives its rank."""
     path = Path(path)
+    check_output(path, shards=plan is not None, force=True)
     layout = tensor_layout(spec)
     n_files = 1 if plan is None else plan.world_size
     _remove_stale_temporaries(path)
@@ -177,8 +262,8 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
             for f in files:
                 tokenizer.write_hdf5(f.create_group("tokenizer"))
                 f.flush()
-        except Exception as exc:
-            if "No space left on device" not in str(exc):
+        except Exception:  # noqa: BLE001 - h5py reports a failed write as RuntimeError or OSError, mostly without errno
+            if not _disk_full(tmp if tmp.is_dir() else tmp.parent):
                 raise
             for f in files:  # empty the temporaries: closing them then has nothing left to write
                 os.truncate(f.filename, 0)
@@ -187,9 +272,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
         finally:
             for f in files:
                 f.close()
-        if plan is not None and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _install(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
@@ -197,13 +280,39 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
             tmp.unlink(missing_ok=True)
 
 
+def _disk_full(directory: Path, probe_bytes: int = 1 << 20) -> bool:
+    """Whether `directory`'s filesystem is out of space: reserving `probe_bytes` there fails
+    with ENOSPC (h5py's exceptions don't carry the errno of the write that failed)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            os.posix_fallocate(probe.fileno(), 0, probe_bytes)
+    except OSError as exc:
+        return exc.errno == errno.ENOSPC
+    return False
+
+
+def _install(tmp: Path, path: Path) -> None:
+    """Move a finished write into place. An existing shard directory loses its shard files
+    one by one, then is removed with rmdir: nothing else in it is ever deleted."""
+    if tmp.is_dir() and path.is_dir():
+        check_output(path, shards=True, force=True)  # again: the directory may have changed while converting
+        for entry in path.iterdir():
+            entry.unlink()
+        path.rmdir()
+    os.replace(tmp, path)
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporaries of earlier writes of `path` whose writer is gone (killed: a process can't
     clean up after SIGKILL), so they don't pile up."""
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or tmp.is_symlink():
+            continue
+        if tmp.is_file():
+            tmp.unlink()
+        elif all(SHARD_NAME.fullmatch(p.name) and p.is_file() for p in tmp.iterdir()):  # shards alone: ours
+            shutil.rmtree(tmp)
 
 
 def _progress(total: int, enabled: bool):
@@ -245,15 +354,24 @@ class ModelFile:
                                  "re-convert it with this version's dllama-mpi-convert")
         try:
             self.spec = ModelSpec.from_attrs(attrs)
-        except ValueError as exc:
+        except InputError as exc:  # the spec's own message, with the file named
             raise ModelFileError(f"{self.path}: {exc}") from exc
         self.model_id = _str(attrs.get("model_id"))
         self.shard = None  # (rank, count, budgets, plan_hash) for a shard
         if "shard_rank" in attrs:
-            self.shard = (int(attrs["shard_rank"]), int(attrs["shard_count"]),
-                          tuple(int(b) for b in attrs["plan_budgets"]), _str(attrs["plan_hash"]))
+            self.shard = self._shard_attrs(attrs)
         else:
             self.check_tensors()
+
+    def _shard_attrs(self, attrs) -> tuple[int, int, tuple[int, ...], str]:
+        rank, count, budgets, plan_hash = (attrs.get(k) for k in ("shard_rank", "shard_count", "plan_budgets", "plan_hash"))
+        whole = (int, np.integer)
+        if (isinstance(rank, whole) and isinstance(count, whole) and 0 <= rank < count <= 2**16
+                and isinstance(budgets, np.ndarray) and budgets.shape == (count,) and budgets.dtype.kind in "iu"
+                and (budgets > 0).all() and isinstance(_str(plan_hash), str)):
+            return int(rank), int(count), tuple(int(b) for b in budgets), _str(plan_hash)
+        raise ModelFileError(f"{self.path}: malformed shard attributes (shard_rank={_plain(rank)!r}, "
+                             f"shard_count={_plain(count)!r}, plan_budgets={budgets!r}); convert the shards again")
 
     def check_tensors(self, plan: Plan | None = None, rank: int = 0) -> None:
         """Every tensor present with the stored dtype and shape the spec implies (for a
@@ -304,18 +422,17 @@ def open_model(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> M
     """The file `rank` reads: the model file itself, or its shard in a shard directory."""
     path = Path(path)
     if path.is_dir():
-        shards = sorted(path.glob("shard-*-of-*.h5"))
-        if not shards:
+        count, shards = shard_files(path)
+        if not count:
             raise ModelFileError(f"{path} is a directory without shard files (shard-R-of-N.h5); "
                                  "give a model file or a directory written by dllama-mpi-convert --memory-budget")
-        count = int(shards[0].stem.rsplit("-", 1)[1])
-        target = path / shard_name(rank, count)
         if rank >= count:
             raise ModelFileError(f"{path} holds shards for {count} ranks; this job has {world_size}: relaunch with "
                                  f"mpirun -n {count} and the shards' budgets, or use the unsplit model file")
-        if not target.exists():
-            raise ModelFileError(f"shard {target.name} is missing from {path}; copy it there or convert the shards again")
-        return ModelFile(target)
+        if rank not in shards:
+            raise ModelFileError(f"shard {shard_name(rank, count)} is missing from {path}; copy it there or convert "
+                                 "the shards again")
+        return ModelFile(shards[rank])
     return ModelFile(path)
 
 

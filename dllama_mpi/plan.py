@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
 from .quant import BLOCK, Q80
@@ -61,26 +62,6 @@ def _head_spans(n_heads: int, budgets: tuple[int, ...]):
     for count in apportion(n_heads, budgets):
         yield start, start + count
         start += count
-
-
-def validate_budgets(budgets, world_size: int) -> tuple[int, ...]:
-    """Budgets as positive ints, one per rank; ValueError says what was wrong and what to do."""
-    budgets = list(budgets)
-    if len(budgets) != world_size:
-        raise ValueError(
-            f"--memory-budget has {len(budgets)} value(s) {' '.join(map(str, budgets))} but the job has "
-            f"{world_size} rank(s); give exactly one budget per rank (or launch with mpirun -n {len(budgets)})"
-        )
-    parsed = []
-    for i, b in enumerate(budgets):
-        try:
-            value = int(str(b), 10)
-        except ValueError:
-            raise ValueError(f"the budget for rank {i} is {b!r}; budgets must be positive integers such as 3 2 2 1") from None
-        if value <= 0:
-            raise ValueError(f"the budget for rank {i} is {value}; budgets must be positive integers such as 3 2 2 1")
-        parsed.append(value)
-    return tuple(parsed)
 
 
 @dataclass(frozen=True)
@@ -245,8 +226,11 @@ def _count(span: Span) -> int:
 
 
 def make_plan(spec: ModelSpec, budgets) -> Plan:
-    """The partition plan for `spec` over len(budgets) ranks."""
-    budgets = validate_budgets(budgets, len(budgets))
+    """The partition plan for `spec` over len(budgets) ranks; budgets are positive integer
+    ratios (what the user typed is parsed in budgets.py)."""
+    if not budgets or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in budgets):
+        raise ValueError(f"a plan needs positive integer ratios, got {budgets!r}")
+    budgets = tuple(int(b) for b in budgets)
     common = math.gcd(*budgets)
     budgets = tuple(b // common for b in budgets)  # only ratios matter: 12 4 is 3 1
     q = tuple(_head_spans(spec.n_heads, budgets))

@@ -7,7 +7,9 @@ before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
-from .budgets import Budgets, available_memory, fit_problems
+from .budgets import Budgets, available_memory
 from .comm import Comm
 from .engine import Engine
-from .modelfile import ModelFile, ModelFileError, largest_tensor_bytes, open_model
-from .plan import Plan, make_plan
+from .errors import InputError, UsageError
+from .launch import check_fit, plan_launch
+from .modelfile import ModelFile, ModelFileError, open_model
+from .plan import Plan
 from .tokenizer import Tokenizer
 from .weights import LocalWeights, load
-
-DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length unless --max-seq-len says otherwise (<= the model's)
-
-
-class UsageError(Exception):
-    """Bad input, detected identically on every rank (or agreed on through rank 0): every
-    rank exits with code 2 and rank 0 prints the message once."""
 
 
 @dataclass
@@ -37,53 +34,50 @@ class Session:
     plan: Plan
     weights: LocalWeights
     engine: Engine
+    prompt: str  # as the user typed it
     prompt_tokens: list[int]
     stop_ids: tuple[int, ...]
     tokenizer: Tokenizer | None  # rank 0 only
     load_s: float  # wall time of loading the weights (all ranks)
 
 
-def _prepare(model_path, prompt: str, max_seq_len: int | None, world_size: int):
-    """Rank 0: open and validate the model (or its shard 0) and tokenize the prompt."""
+def _prepare(model_path, prompt: str, max_seq_len: int | None, budgets: Budgets):
+    """Rank 0: open and validate the model (or its shard 0), decide the launch and tokenize
+    the prompt."""
     from .synthetic import synthetic_model_path
 
+    world_size = len(budgets.ratios)
     model = open_model(model_path if model_path is not None else synthetic_model_path(), 0, world_size)
+    launch = plan_launch(model.spec, model.shard, model_path, budgets, max_seq_len)
     tokenizer = model.tokenizer()
-    spec = model.spec
-    max_seq_len = max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
     prompt_tokens = tokenizer.encode(prompt, bos=True)
-    if len(prompt_tokens) > max_seq_len:
-        raise ValueError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
-                         f"{max_seq_len}; shorten the prompt or raise --max-seq-len (model trained for {spec.seq_len})")
+    if len(prompt_tokens) > launch.max_seq_len:
+        raise InputError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "
+                         f"{launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
+                         f"(model trained for {model.spec.seq_len})")
     if not prompt_tokens:
-        raise ValueError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
+        raise InputError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
     stop_ids = tuple(sorted(set(tokenizer.eos_ids)))
-    return (spec, max_seq_len, prompt_tokens, stop_ids, model.model_id, model.shard), model, tokenizer
+    return (launch, prompt_tokens, stop_ids, model.model_id, model.shard), model, tokenizer
 
 
-def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
-    """Why shards split by another plan can't serve `plan`, or None."""
-    _, count, budgets, plan_hash = shard
-    if count == plan.world_size and plan_hash == plan.plan_hash():
-        return None
-    return (f"the shards in {model_path} were split for {count} rank(s) with budgets {' '.join(map(str, budgets))} "
-            f"(plan {plan_hash}); this launch has {plan.world_size} rank(s) with budgets "
-            f"{' '.join(map(str, plan.budgets))} (plan {plan.plan_hash()}). Relaunch with "
-            f"mpirun -n {count} ... --memory-budget {' '.join(map(str, budgets))}, or run the unsplit model file")
-
-
-def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, model: ModelFile | None) -> ModelFile:
-    """Collective: the shards were split by this launch's plan, and every rank's own shard is
-    of the same model and complete. Returns this rank's shard, open."""
-    if problem := shard_mismatch(model_path, shard, plan):
-        raise UsageError(problem)
+def _check_shards(comm: Comm, model_path, plan: Plan, model_id: str, model: ModelFile | None) -> ModelFile:
+    """Collective: every rank's own shard is of the same model as shard 0 and complete (that
+    the shards were split by this launch's plan, plan_launch checked). Returns this rank's
+    shard, open."""
     problem = None
     try:
         if model is None:
             model = open_model(model_path, comm.rank, comm.size)
-        if model.model_id != model_id or model.shard is None or model.shard[0] != comm.rank:
-            raise ModelFileError(f"{model.path} is not shard {comm.rank} of the model in shard 0 "
-                                 f"(model {model.model_id} vs {model_id}); convert the shards again")
+        if model.shard is None:
+            raise ModelFileError(f"{model.path} is a whole model file, not shard {comm.rank} of the shards beside it; "
+                                 "convert the shards again")
+        if model.model_id != model_id:
+            raise ModelFileError(f"{model.path} is a shard of another model (model {model.model_id}; shard 0 is of "
+                                 f"model {model_id}); convert the shards again into one directory")
+        if model.shard[0] != comm.rank:
+            raise ModelFileError(f"{model.path} holds the rows of shard {model.shard[0]}, not of shard {comm.rank} "
+                                 "(renamed?); convert the shards again")
         model.check_tensors(plan, comm.rank)
     except ModelFileError as exc:
         problem = str(exc)
@@ -93,42 +87,35 @@ def _check_shards(comm: Comm, model_path, plan: Plan, shard, model_id: str, mode
     return model
 
 
-def _check_fit(comm: Comm, plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: int) -> None:
-    """Collective: every rank's need within its cap and its node's available memory."""
-    available = comm.allgather_obj(available_memory())
-    problems = fit_problems(plan, budgets, max_seq_len, load_buffer, comm.hosts, available)
-    if problems:
-        raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))
-
-
 def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple[int, ...], *,
                  prompt: str = "", max_seq_len: int | None = None, buffer_type: str = "q80",
                  announce=None) -> Session:
     """Collective. `model_path` None means the built-in synthetic model; a directory means
     per-rank shards. Plain tuples are ratios without caps. Before anything is loaded, every
     rank's need is checked against its cap and its node's available memory.
-    `announce(plan, max_seq_len)` runs on rank 0 once the plan is known, before loading."""
+    `announce(launch)` runs on rank 0 once the launch is decided, before loading."""
     if not isinstance(budgets, Budgets):
         budgets = Budgets(tuple(budgets), None)
     setup, model, tokenizer = None, None, None
     if comm.rank == 0:
         try:
-            setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len, comm.size)
-        except (ModelFileError, ValueError) as exc:
+            setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len, budgets)
+        except InputError as exc:
             setup = str(exc)
     setup = comm.bcast_obj(setup)
     if isinstance(setup, str):
         raise UsageError(setup)
-    spec, max_seq_len, prompt_tokens, stop_ids, model_id, shard = setup
-    plan = make_plan(spec, budgets.ratios)
+    launch, prompt_tokens, stop_ids, model_id, shard = setup
+    plan = launch.plan
     if shard is not None:
-        model = _check_shards(comm, model_path, plan, shard, model_id, model)
-    _check_fit(comm, plan, budgets, max_seq_len, load_buffer=0 if shard is not None else largest_tensor_bytes(spec))
+        model = _check_shards(comm, model_path, plan, model_id, model)
+    check_fit(launch, budgets, comm.hosts, comm.allgather_obj(available_memory()))
     if comm.rank == 0 and announce is not None:
-        announce(plan, max_seq_len)
+        announce(launch)
     # numba compiles once, on rank 0, into its cache; the other ranks then load it
     if comm.rank == 0:
-        kernels.warm_up()
+        with _said_if_slow(f"compiling kernels (once; cached in {kernels.cache_dir()})"):
+            kernels.warm_up()
     comm.barrier()
     if comm.rank != 0:
         kernels.warm_up()
@@ -138,8 +125,29 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | t
         model.close()
     comm.barrier()
     load_s = time.perf_counter() - t_load
-    engine = Engine(comm, plan, weights, max_seq_len, buffer_type)
-    return Session(comm, plan, weights, engine, prompt_tokens, stop_ids, tokenizer, load_s)
+    engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type)
+    return Session(comm, plan, weights, engine, prompt, prompt_tokens, stop_ids, tokenizer, load_s)
+
+
+@contextlib.contextmanager
+def _said_if_slow(doing: str, after_s: float = 2.0):
+    """Tell the terminal what a wait is for when it lasts (loading cached kernels takes well
+    under `after_s`; compiling them takes about a minute on 2 cores)."""
+    t0, said = time.perf_counter(), threading.Event()
+
+    def say():
+        print(f"{doing} ...", file=sys.stderr, flush=True)
+        said.set()
+
+    timer = threading.Timer(after_s, say)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a notice being printed finishes first
+        if said.is_set():
+            print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
 def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool = False) -> dict:
@@ -152,9 +160,8 @@ def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool 
     token_buf = np.zeros(1, np.int64)
     n_prompt = len(prompt_tokens)
     decoder = session.tokenizer.stream() if stream and session.tokenizer is not None else None
-    if decoder is not None:
-        for prev, tok in zip(prompt_tokens, prompt_tokens[1:]):
-            sys.stdout.write(decoder.feed(prev, tok))
+    if decoder is not None:  # the prompt as typed, whatever the tokenizer added to it (BOS) or not
+        sys.stdout.write(session.prompt)
         sys.stdout.flush()
     generated: list[int] = []
     t0 = time.perf_counter()
@@ -186,7 +193,9 @@ def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool 
         sys.stdout.write(decoder.flush() + "\n")
         sys.stdout.flush()
     stopped = bool(generated) and generated[-1] in stop_ids
+    n_decode = max(0, len(generated) - 1)  # forward passes after the prompt's (the last token is not fed back)
     return {
         "generated": generated, "n_prompt": n_prompt, "hit_context": bool(steps) and len(generated) < steps and not stopped,
-        "prompt_s": t_first - t0, "decode_s": t_end - t_first, "n_decode": max(0, len(generated) - 1),
+        "prompt_s": t_first - t0 if steps else None, "decode_s": t_end - t_first, "n_decode": n_decode,
+        "n_forward": (n_prompt + n_decode) if steps else 0,
     }

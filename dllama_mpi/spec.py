@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import quant
+from .errors import InputError
 
 FORMAT_NAME = "dllama_mpi"
 FORMAT_VERSION = 1
@@ -56,6 +58,10 @@ class ModelSpec:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
             problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a positive finite number, got {value!r}")
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.rope_scaling not in ("none", "llama3"):
@@ -65,7 +71,7 @@ class ModelSpec:
         if self.weight_type not in quant.WEIGHT_TYPES:
             problems.append(f"weight_type must be one of {quant.WEIGHT_TYPES}, got {self.weight_type!r}")
         if problems:
-            raise ValueError("invalid model spec: " + "; ".join(problems))
+            raise InputError("invalid model spec: " + "; ".join(problems))
 
     @property
     def q_dim(self) -> int:
@@ -118,33 +124,36 @@ class ModelSpec:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in attrs]
         if missing:
-            raise ValueError(f"model file lacks attributes {missing}; re-convert it with dllama-mpi-convert")
+            raise InputError(f"model file lacks attributes {missing}; re-convert it with dllama-mpi-convert")
         values = {}
         for name, field in fields.items():
-            if name not in attrs:
-                continue
-            value = attrs[name]
-            try:
-                if hasattr(value, "item"):
-                    value = value.item()  # a numpy scalar; an array of more than one value raises
-                if isinstance(value, bytes):
-                    value = value.decode()
-                values[name] = _attribute(value, field.type)
-            except (TypeError, ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
-                raise ValueError(f"model attribute {name}={value!r} is not a valid {field.type}") from None
+            if name in attrs:
+                values[name] = _attribute(name, attrs[name], field.type)
         return cls(**values)
 
 
-def _attribute(value, kind: str):
+def _attribute(name: str, value, kind: str):
     """An HDF5 attribute as the spec field's type, refusing what would change its meaning
-    (2.5 as an int, 7 as a bool, a number as a string)."""
+    (2.5 as an int, 7 as a bool, a number as a string, an array as a number)."""
+    found = value
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(())
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            value = None
     if kind == "str" and isinstance(value, str):
         return value
-    if kind == "bool" and (isinstance(value, bool) or value in (0, 1)):
+    if kind == "bool" and isinstance(value, (bool, int)) and value in (0, 1):
         return bool(value)
-    if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if kind == "float":
-            return float(value)
-        if float(value).is_integer():
-            return int(value)
-    raise TypeError(kind)
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:
+        return float(value)  # finite: the comparison is False for NaN and infinities
+    shown = repr(found)
+    raise InputError(f"model attribute {name}={shown[:60] + '...' if len(shown) > 60 else shown} is not a valid {kind}")

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import kernels, quant
 from .comm import Comm
-from .modelfile import ModelFile, stored_shape, stored_type, tensor_layout
+from .errors import UsageError
+from .modelfile import ModelFile, ModelFileError, stored_shape, stored_type, tensor_layout
 from .plan import Plan
 
 
@@ -72,35 +73,56 @@ class LocalWeights:
 
 
 def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
-    """Every rank's share of the model. `model` is the whole file, open on rank 0 only
-    (others pass None), or this rank's own shard, open on every rank."""
+    """Collective: every rank's share of the model. `model` is the whole file, open on rank 0
+    only (others pass None), or this rank's own shard, open on every rank. A tensor that
+    can't be read (a damaged file) is a UsageError on every rank, so the job ends through
+    its normal exit with the message, not by an abort that may lose it."""
     spec = plan.spec
-    from_shard = model is not None and model.shard is not None
-    tensors: dict[str, np.ndarray | Matrix] = {}
-    for name, info in tensor_layout(spec).items():
-        dtype = quant.stored_dtype(stored_type(spec, info))
-        if info.split is None:  # replicated vector
-            value = model.read(name) if (from_shard or comm.rank == 0) else np.empty(info.shape, np.float32)
-            if not from_shard:
-                comm.bcast_array(value)
-            tensors[name] = value
-            continue
-        spans = tuple(plan.rows(info.split, r) for r in range(plan.world_size))
-        a, b = spans[comm.rank]
-        if from_shard:
-            local = model.read(name)
-        else:
-            full_shape = stored_shape(spec, info)
-            row_bytes = dtype.itemsize * int(np.prod(full_shape[1:], dtype=np.int64))
-            data = model.read(name) if comm.rank == 0 else None
-            rows = data.view(np.uint8).reshape(full_shape[0], row_bytes) if comm.rank == 0 else None
-            raw = np.empty((b - a, row_bytes), np.uint8)
-            comm.scatter_rows(rows, spans, raw)
-            del data, rows
-            local = raw.view(dtype).reshape(stored_shape(spec, info, b - a))
-        tensors[name] = Matrix.from_stored(local, info.shape[1]) if info.matrix else local
-    names = [n.split("/")[-1] for n in tensor_layout(spec) if n.startswith("layers/0/")]
+    layout = tensor_layout(spec)
+    if model is not None and model.shard is not None:
+        tensors, problem = {}, None
+        try:
+            for name, info in layout.items():
+                tensors[name] = _local(model.read(name), info)
+        except ModelFileError as exc:
+            problem = str(exc)
+        if problems := [p for p in comm.allgather_obj(problem) if p]:
+            raise UsageError("; ".join(problems))
+    else:
+        tensors = {name: _local(_scattered(comm, plan, model, name, info), info) for name, info in layout.items()}
+    names = [n.split("/")[-1] for n in layout if n.startswith("layers/0/")]
     layers = tuple({k: tensors[f"layers/{i}/{k}"] for k in names} for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
     return LocalWeights(layers, tensors["norm"], embedding, classifier)
+
+
+def _local(stored: np.ndarray, info) -> np.ndarray | Matrix:
+    return Matrix.from_stored(stored, info.shape[1]) if info.matrix else stored
+
+
+def _scattered(comm: Comm, plan: Plan, model: ModelFile | None, name: str, info) -> np.ndarray:
+    """This rank's stored rows of tensor `name` (all of a replicated one), read by rank 0
+    from the whole file; every rank learns first whether rank 0 could read it."""
+    spec = plan.spec
+    data, problem = None, None
+    if comm.rank == 0:
+        try:
+            data = model.read(name)
+        except ModelFileError as exc:
+            problem = str(exc)
+    if problem := comm.bcast_obj(problem):
+        raise UsageError(problem)
+    if info.split is None:  # replicated vector
+        value = data if comm.rank == 0 else np.empty(info.shape, np.float32)
+        comm.bcast_array(value)
+        return value
+    dtype = quant.stored_dtype(stored_type(spec, info))
+    spans = tuple(plan.rows(info.split, r) for r in range(plan.world_size))
+    a, b = spans[comm.rank]
+    full_shape = stored_shape(spec, info)
+    row_bytes = dtype.itemsize * int(np.prod(full_shape[1:], dtype=np.int64))
+    rows = data.view(np.uint8).reshape(full_shape[0], row_bytes) if comm.rank == 0 else None
+    raw = np.empty((b - a, row_bytes), np.uint8)
+    comm.scatter_rows(rows, spans, raw)
+    return raw.view(dtype).reshape(stored_shape(spec, info, b - a))

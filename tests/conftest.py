@@ -77,9 +77,23 @@ def finish(proc: subprocess.Popen, mark: str, timeout: float) -> subprocess.Comp
 
 
 def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `mpiexec -n n argv` under a hard timeout; no process of it may outlive it."""
+    """Run `mpiexec -n n argv` under a hard timeout; no process of it may outlive it. The
+    result has `elapsed` seconds too."""
+    start = time.monotonic()
     proc, mark = start_mpiexec(n, argv, env)
-    return finish(proc, mark, timeout)
+    result = finish(proc, mark, timeout)
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+def assert_refused(result, message: str, code: int = 2) -> None:
+    """The exit code, the message once (rank 0's `error:` line), no traceback, no text, quickly."""
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+    assert getattr(result, "elapsed", 0) < 30
 
 
 def convert_stories(out_dir: Path, weights: str) -> Path:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dllama_mpi.budgets import RUNTIME_BYTES, Budgets, fit_problems, parse_budgets, rank_need
+from dllama_mpi.errors import InputError
 from dllama_mpi.plan import make_plan
 from dllama_mpi.spec import ModelSpec
 
@@ -26,10 +29,19 @@ def test_sizes_are_ratios_and_caps_in_any_unit():
     (["1GiB", "2TB"], "the budget for rank 1 is '2TB': unknown unit"),
     (["0MiB", "1GiB"], "the budget for rank 0 is 0MiB"),
     (["2000000000GiB", "1GiB"], "a size must be more than 0 and at most"),
-    (["1GiB"], "has 1 value(s)"),
+    (["1GiB"], "has 1 value(s) 1GiB but the job has 2 rank(s)"),
+    (["1", "2", "3"], "has 3 value(s) 1 2 3 but the job has 2 rank(s)"),
+    (["1", "x"], "the budget for rank 1 is 'x'; budgets must be positive integers"),
+    (["1", "0"], "the budget for rank 1 is 0; budgets must be positive integers"),
+    (["-3", "1"], "the budget for rank 0 is -3; budgets must be positive integers"),
+    (["1.5", "1"], "the budget for rank 0 is '1.5'"),
+    (["1_000", "1"], "the budget for rank 0 is '1_000'"),  # int() would take it
+    (["+3", "1"], "the budget for rank 0 is '+3'"),
+    (["\u0663", "1"], "the budget for rank 0 is '\u0663'"),  # an Arabic-Indic 3: int() would take it too
+    (["1", "9" * 30], f"the budget for rank 1 is {'9' * 30}, larger than any machine"),
 ])
-def test_bad_sizes_say_what_and_how(values, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_budgets_say_what_and_how(values, message):
+    with pytest.raises(InputError, match=re.escape(message)):
         parse_budgets(values, 2)
 
 

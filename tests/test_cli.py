@@ -49,6 +49,9 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number such as 0.8, got 'nan'"),
+    (["--top-p", "inf"], "argument --top-p: expected a finite number such as 0.8, got 'inf'"),
+    (["--temperature", "warm"], "argument --temperature: expected a finite number such as 0.8, got 'warm'"),
 ])
 def test_bad_options_stop_every_rank_with_one_message(args, message):
     # budgets, model files, prompts and faults: tests/test_failures.py
@@ -111,3 +114,68 @@ def test_dry_run_checks_shards_against_the_budgets(tmp_path):
     assert _dry_run("--model", str(shards), "--memory-budget", "3", "1").returncode == 0
     wrong = _dry_run("--model", str(shards), "--memory-budget", "1", "1")
     assert wrong.returncode == 2 and "split for 2 rank(s) with budgets 3 1" in wrong.stderr
+
+
+def test_the_prompt_is_echoed_exactly_on_a_model_without_bos(tmp_path):
+    """A BOS-less tokenizer (Qwen-style): the first prompt token is text, not BOS."""
+    import numpy as np
+    from test_convert_gguf import hf_weights, write_hf_dir
+
+    from dllama_mpi.convert import convert
+
+    hf_dir = tmp_path / "hf"
+    write_hf_dir(hf_dir, "qwen2", hf_weights(np.random.default_rng(0), "qwen2"))
+    model = tmp_path / "m.h5"
+    convert(hf_dir, model, None, "f32")
+    from dllama_mpi.modelfile import open_model
+
+    tokenizer = open_model(model).tokenizer()
+    prompt = "The capital of France is"
+    assert tokenizer.encode(prompt, bos=True)[0] != tokenizer.bos_id  # the case under test: no BOS added
+    for n in (1, 2):
+        result = _cli(n, "--model", str(model), "--prompt", prompt, "--steps", "3", "--ignore-eos")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(prompt), result.stdout
+
+
+def test_the_prompt_is_echoed_exactly_with_bos(stories_models):
+    prompt = "Once upon a time, in a land"
+    result = _cli(1, "--model", str(stories_models["q40"]), "--prompt", prompt, "--steps", "0")
+    assert result.returncode == 0 and result.stdout == prompt + "\n", result.stdout
+
+
+def test_zero_steps_print_no_rate(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once", "--steps", "0")
+    assert result.returncode == 0, result.stderr
+    summary = next(line for line in result.stderr.splitlines() if line.startswith("prompt:"))
+    assert summary.startswith("prompt: 2 tokens; decode: 0 tokens; startup") and "tokens/s" not in summary
+    assert "nan" not in result.stderr
+
+
+def test_what_is_adjusted_or_doubtful_is_said(stories_models):
+    result = _cli(2, "--model", str(stories_models["q40"]), "--nthreads", "999", "--max-seq-len", "1024", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert f"note: --nthreads 999 is more than this node's cores allow; threads per rank: {cores} {cores}" in result.stderr
+    assert ("note: --max-seq-len 1024 is beyond the 512 tokens the model was trained for; what it writes past that "
+            "length is undefined") in result.stderr
+    assert result.stderr.count("note: --max-seq-len") == 1
+
+
+def test_a_long_wait_says_what_it_is_for(capsys):
+    import time
+
+    from dllama_mpi.session import _said_if_slow
+
+    with _said_if_slow("compiling kernels (once; cached in X)", after_s=0.2):
+        time.sleep(0.5)
+    with _said_if_slow("never said", after_s=5):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("compiling kernels (once; cached in X) ...\ndone in ") and "never said" not in err
+
+
+def test_dry_run_under_mpirun_says_so_once():
+    result = _cli(2, "--dry-run", "--memory-budget", "1", "1", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("error: --dry-run runs as one process: start it without mpirun") == 1, result.stderr

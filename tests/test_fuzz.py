@@ -1,5 +1,5 @@
 """Fuzzing every header and attribute parser: random and mutated inputs give the project's own
-clear error (a ValueError with a message; ConvertError and ModelFileError are ValueErrors),
+clear error (InputError with a message; ConvertError and ModelFileError are InputErrors),
 never another exception, a hang (hypothesis deadline) or a huge allocation (tracemalloc)."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dllama_mpi.convert import dllama, read_source
+from dllama_mpi.errors import InputError
 from dllama_mpi.modelfile import ModelFile
 from dllama_mpi.spec import ModelSpec
 from dllama_mpi.tokenizer import Tokenizer
@@ -28,13 +29,12 @@ FUZZ = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthChe
 
 
 def refused_or_read(parse) -> str:
-    """Run parse(); 'read' or 'refused' (our ValueError). Anything else fails the test."""
+    """Run parse(); 'read' or 'refused' (our InputError). Anything else fails the test."""
     tracemalloc.start()
     try:
         parse()
         return "read"
-    except ValueError as exc:
-        assert not isinstance(exc, UnicodeError), f"unhandled decoding error: {exc!r}"
+    except InputError as exc:
         assert str(exc), "an error without a message"
         return "refused"
     finally:
@@ -122,7 +122,8 @@ def test_dllama_tokenizer(work, edits, cut, header):
 
 
 # ------------------------------------------------------------------ HDF5 attributes
-ATTR_NAMES = sorted({"format", "format_version", "model_id", *ModelSpec.__dataclass_fields__})
+ATTR_NAMES = sorted({"format", "format_version", "model_id", "shard_rank", "shard_count", "plan_budgets", "plan_hash",
+                     *ModelSpec.__dataclass_fields__})
 attr_values = (int32 | st.integers(-(2**70), 2**70).map(float) | st.floats(allow_nan=True)
                | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8)  # as HDF5 stores
                | st.binary(max_size=8) | st.booleans() | st.lists(st.integers(-5, 5), max_size=3))
@@ -172,14 +173,65 @@ def gguf_file(work):
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 12000), st.integers(0, 255)), min_size=1, max_size=6))
-def test_gguf_metadata(work, gguf_file, edits):
+@given(edits=st.lists(st.tuples(st.integers(0, 12000), st.integers(0, 255)), max_size=6),
+       cut=st.none() | st.integers(0, 20000))
+def test_gguf_metadata(work, gguf_file, edits, cut):
     path = work / "fuzz.gguf"
-    path.write_bytes(mutate(gguf_file.read_bytes(), edits, None))
+    path.write_bytes(mutate(gguf_file.read_bytes(), edits, cut))
 
     def parse():
         source = read_source(path, None)
         ModelSpec(**source.spec_fields, weight_type="f32")
         source.tokenizer.encode("once upon a time", bos=True)
+
+    refused_or_read(parse)
+
+
+# ------------------------------------------------------------------ Hugging Face config.json and safetensors header
+@pytest.fixture(scope="module")
+def hf_dir(work):
+    from test_convert_gguf import hf_weights, write_hf_dir
+
+    path = work / "hf-base"
+    write_hf_dir(path, "llama", hf_weights(np.random.default_rng(0), "llama"))
+    return path
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                           max_leaves=6)
+HF_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "head_dim",
+           "rope_scaling", "rope_parameters", "hidden_act", "tie_word_embeddings", "attention_bias"]
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(HF_KEYS), json_values | st.just("<delete>"), min_size=1, max_size=3),
+       header_edits=edits, cut=st.none() | st.integers(0, 400))
+def test_hf_config_and_safetensors_header(work, hf_dir, changes, header_edits, cut):
+    import json
+
+    path = work / "hf"
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(hf_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value == "<delete>" else config.__setitem__(key, value)
+    (path / "config.json").write_text(json.dumps(config))
+    weights = (path / "model.safetensors").read_bytes()
+    header_end = 8 + struct.unpack_from("<Q", weights)[0]
+    mutated = mutate(weights[:header_end], [(p % header_end, v) for p, v in header_edits], None) if header_edits \
+        else weights[:header_end]
+    (path / "model.safetensors").write_bytes((mutated + weights[header_end:])[: None if cut is None else header_end + cut])
+
+    def parse():
+        source = read_source(path, None)
+        spec = ModelSpec(**source.spec_fields, weight_type="f32")
+        from dllama_mpi.modelfile import tensor_layout
+
+        layout = tensor_layout(spec)
+        for name, array in source.tensors():
+            assert name in layout
+            array[:1]  # a lazily read tensor reads its first row
 
     refused_or_read(parse)

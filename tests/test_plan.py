@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.plan import ROW_GRANULE, apportion, make_plan, validate_budgets
+from dllama_mpi.plan import ROW_GRANULE, apportion, make_plan
 from dllama_mpi.spec import ModelSpec
 
 STORIES = ModelSpec(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512, seq_len=512)
@@ -132,16 +132,10 @@ def test_plan_hash_tells_plans_apart():
     assert make_plan(STORIES, [1]).plan_hash() != make_plan(TINYLLAMA, [1]).plan_hash()
 
 
-@pytest.mark.parametrize("budgets, world, message", [
-    (["1", "2"], 3, "has 2 value(s) 1 2 but the job has 3 rank(s)"),
-    (["1", "x"], 2, "rank 1 is 'x'"),
-    (["1", "0"], 2, "rank 1 is 0"),
-    (["-3", "1"], 2, "rank 0 is -3"),
-    (["1.5", "1"], 2, "rank 0 is '1.5'"),
-])
-def test_bad_budgets_say_what_and_how_to_fix(budgets, world, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate_budgets(budgets, world)
+@pytest.mark.parametrize("budgets", [[], [1, 0], [2, -1], [1.5, 1], ["1", "1"], [True, 1]])
+def test_a_plan_takes_positive_integer_ratios_only(budgets):
+    with pytest.raises(ValueError, match="positive integer ratios"):
+        make_plan(STORIES, budgets)
 
 
 def test_q80_alignment_follows_head_dim_and_lengths():

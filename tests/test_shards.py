@@ -8,7 +8,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, STORIES, need_stories, run_mpiexec
+from conftest import REPO, STORIES, assert_refused, need_stories, run_mpiexec
 
 from dllama_mpi.convert import convert, info
 from dllama_mpi.plan import make_plan
@@ -91,8 +91,44 @@ def test_shard_of_another_model_is_refused(models, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(models["2 1 1"], mixed)
     shutil.copy(other / "shard-1-of-3.h5", mixed / "shard-1-of-3.h5")
-    result = _cli(3, "--model", str(mixed), "--memory-budget", "2", "1", "1")
-    assert result.returncode == 2 and "is not shard 1 of the model" in result.stderr
+    assert_refused(_cli(3, "--model", str(mixed), "--memory-budget", "2", "1", "1"),
+                   "shard-1-of-3.h5 is a shard of another model")
+
+
+def test_a_renamed_shard_is_refused(models, tmp_path):
+    swapped = tmp_path / "swapped"
+    shutil.copytree(models["2 1 1"], swapped)
+    (swapped / "shard-1-of-3.h5").rename(swapped / "x")
+    (swapped / "shard-2-of-3.h5").rename(swapped / "shard-1-of-3.h5")
+    (swapped / "x").rename(swapped / "shard-2-of-3.h5")
+    assert_refused(_cli(3, "--model", str(swapped), "--memory-budget", "2", "1", "1"),
+                   "shard-1-of-3.h5 holds the rows of shard 2, not of shard 1")
+
+
+def test_shard_files_of_two_splits_in_one_directory_are_refused_by_name(models, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(models["3 1"], mixed)
+    shutil.copy(models["whole"], mixed / "shard-0-of-1.h5")  # a stray unsplit file named as a shard
+    for n in (1, 2):
+        assert_refused(_cli(n, "--model", str(mixed), *(["--memory-budget", "3", "1"] if n == 2 else [])),
+                       f"{mixed} holds shard files of 2 different splits (for 1 rank(s): shard-0-of-1.h5; "
+                       "for 2 rank(s): shard-0-of-2.h5, shard-1-of-2.h5)")
+
+
+def test_files_that_only_look_like_shards_are_not_shards(models, tmp_path):
+    copied = tmp_path / "copied"
+    shutil.copytree(models["3 1"], copied)
+    shutil.copy(copied / "shard-0-of-2.h5", copied / "shard-0-of-2 (copy).h5")  # a file manager's copy
+    result = _cli(2, "--model", str(copied), "--memory-budget", "3", "1")
+    assert result.returncode == 0, result.stderr
+
+
+def test_one_shard_file_as_the_model_is_refused_naming_the_directory(models):
+    shard = models["3 1"] / "shard-0-of-2.h5"
+    for n, budgets in ((2, ["3", "1"]), (1, [])):
+        assert_refused(_cli(n, "--model", str(shard), *(["--memory-budget", *budgets] if budgets else [])),
+                       f"{shard} is shard 0 of 2, one rank's part of the model; pass the directory that holds all 2 "
+                       f"shards: --model {models['3 1']}")
 
 
 def test_info_prints_attributes_tensors_and_plan(models):

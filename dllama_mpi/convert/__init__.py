@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, quant
+from ..errors import InputError
 
 
 @dataclass
@@ -39,8 +40,8 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-class ConvertError(ValueError):
-    pass
+class ConvertError(InputError):
+    """A conversion that can't be done as asked (input, output, options)."""
 
 
 def _readers():
@@ -50,6 +51,11 @@ def _readers():
 
 
 def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
+    from . import hf
+
+    if input_path.is_dir() and not hf.sniff(input_path):
+        raise ConvertError(f"{input_path} is a directory without config.json; give a Hugging Face model directory "
+                           "(config.json + *.safetensors) or a model file (.gguf, distributed-llama .m, llama2.c .bin)")
     for reader in _readers():
         if reader.sniff(input_path):
             return reader.read(input_path, tokenizer_path)
@@ -58,21 +64,23 @@ def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
 
 
 def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str | Path | None,
-            weights: str, force: bool = False, budgets: list[int] | None = None, progress: bool = False):
-    """Convert one model; with `budgets`, output_path becomes a directory of per-rank shards.
-    Returns the ModelSpec written."""
-    from ..modelfile import sha256_of, write_model
-    from ..plan import make_plan, validate_budgets
+            weights: str, force: bool = False, budgets: list[str] | None = None, progress: bool = False):
+    """Convert one model; with `budgets` (as --memory-budget takes them: ratios or sizes),
+    output_path becomes a directory of per-rank shards. With `force`, only what the converter
+    wrote is replaced (modelfile.check_output). Returns the ModelSpec written."""
+    from ..budgets import parse_budgets
+    from ..modelfile import check_output, sha256_of, write_model
+    from ..plan import make_plan
     from ..spec import ModelSpec
 
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise ConvertError(f"input {input_path} does not exist")
-    if output_path.exists() and not force:
-        raise ConvertError(f"output {output_path} exists; pass --force to overwrite it")
+    ratios = parse_budgets(budgets, len(budgets)).ratios if budgets else None
+    check_output(output_path, shards=ratios is not None, force=force)
     source = read_source(input_path, tokenizer_path)
     spec = ModelSpec(**source.spec_fields, weight_type=weights)
-    plan = make_plan(spec, validate_budgets(budgets, len(budgets))) if budgets else None
+    plan = make_plan(spec, ratios) if ratios else None
     files = sorted({Path(f) for f in source.files} or {input_path})
     attrs = {
         "source": source.description, "converter_version": __version__, "quantization": weights,
@@ -90,15 +98,12 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
 
 def info(path: str | Path) -> str:
     """What `--info` prints: attributes, tensors with types and sizes, and a shard set's plan."""
-    from ..modelfile import ModelFile
+    from ..modelfile import open_model
     from ..plan import make_plan
 
     path = Path(path)
-    files = sorted(path.glob("shard-*-of-*.h5")) if path.is_dir() else [path]
-    if not files:
-        raise ConvertError(f"{path} holds no shard files")
     lines = []
-    first = ModelFile(files[0])
+    first = open_model(path)
     try:
         lines.append(f"{path}: {'shards' if first.shard else 'model file'}")
         for key, value in sorted(first.attrs().items()):
@@ -133,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                                        "distributed-llama .t); default: tokenizer.bin beside a llama2.c input")
     p.add_argument("--weights", choices=quant.WEIGHT_TYPES, default="q40", help="weight type (default q40)")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
-                   help="write per-rank shards split by this plan (one budget per rank, as at run time)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+                   help="write per-rank shards into the directory OUTPUT, split for these budgets (one per rank, "
+                        "ratios or sizes as at run time: 3 2 2 1 or 6GiB 2GiB 2GiB 1GiB)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUTPUT, only if the converter wrote it (a model file, a directory of shards)")
     p.add_argument("--info", action="store_true", help="print a model file's (or shard directory's) contents and exit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may stand between INPUT and OUTPUT
     try:
         if args.info:
             print(info(args.input))
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("OUTPUT is required unless --info is given")
         spec = convert(args.input, args.output, args.tokenizer, args.weights, args.force, args.memory_budget,
                        progress=True)
-    except ValueError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split = f", split for budgets {' '.join(args.memory_budget)}" if args.memory_budget else ""

@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import quant
+from ..errors import InputError
 from ..tokenizer import Tokenizer
+from . import ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "distributed-llama model (.m)"
@@ -64,29 +66,29 @@ TOKENIZER_KEYS = {0: "version", 1: "vocab_size", 2: "max_token_length", 3: "bos_
 
 
 def _raw_header(path: Path) -> tuple[int, dict[str, int]]:
-    """(header_size, {name: value}); ValueError on anything malformed."""
+    """(header_size, {name: value}); ConvertError on anything malformed."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 4:
-            raise ValueError(f"{path}: too short for a distributed-llama model ({len(head)} bytes)")
+            raise ConvertError(f"{path}: too short for a distributed-llama model ({len(head)} bytes)")
         (magic,) = struct.unpack_from("<i", head)
         if magic in OLD_MAGICS:
-            raise ValueError(f"{path}: old distributed-llama model format (magic {magic:#x}); re-convert it "
+            raise ConvertError(f"{path}: old distributed-llama model format (magic {magic:#x}); re-convert it "
                              "with a current distributed-llama converter")
         if magic != MAGIC:
-            raise ValueError(f"{path}: bad magic {magic & 0xFFFFFFFF:#x}, expected {MAGIC:#x} (distributed-llama .m)")
+            raise ConvertError(f"{path}: bad magic {magic & 0xFFFFFFFF:#x}, expected {MAGIC:#x} (distributed-llama .m)")
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated distributed-llama header (no header size)")
+            raise ConvertError(f"{path}: truncated distributed-llama header (no header size)")
         (size,) = struct.unpack_from("<i", head, 4)
         if size < 8 or (size - 8) % 8 or size > 8 + 8 * 1024:
-            raise ValueError(f"{path}: bad distributed-llama header size {size}")
+            raise ConvertError(f"{path}: bad distributed-llama header size {size}")
         body = f.read(size - 8)
     if len(body) < size - 8:
-        raise ValueError(f"{path}: truncated distributed-llama header ({8 + len(body)} of {size} bytes)")
+        raise ConvertError(f"{path}: truncated distributed-llama header ({8 + len(body)} of {size} bytes)")
     values = {}
     for key, value in struct.iter_unpack("<ii", body):
         if key not in HEADER_KEYS:
-            raise ValueError(f"{path}: unknown distributed-llama header key {key}")
+            raise ConvertError(f"{path}: unknown distributed-llama header key {key}")
         values[HEADER_KEYS[key]] = value
     return size, values
 
@@ -96,20 +98,20 @@ def _header(path: Path) -> tuple[int, dict]:
     missing = [k for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len",
                            "weight_type") if k not in h]
     if missing:
-        raise ValueError(f"{path}: distributed-llama header lacks {missing}")
+        raise ConvertError(f"{path}: distributed-llama header lacks {missing}")
     arch = h.get("arch_type", ARCH_LLAMA)
     if arch == ARCH_QWEN3_MOE or h.get("n_experts", 0) > 0:
-        raise ValueError(f"{path}: mixture-of-experts distributed-llama models are not supported")
+        raise ConvertError(f"{path}: mixture-of-experts distributed-llama models are not supported")
     if arch not in ARCH_NAMES:
-        raise ValueError(f"{path}: unknown distributed-llama architecture {arch:#x}")
+        raise ConvertError(f"{path}: unknown distributed-llama architecture {arch:#x}")
     if h.get("hidden_act", 1) != 1:
-        raise ValueError(f"{path}: hidden activation {h['hidden_act']} (gelu) is not supported; only silu")
+        raise ConvertError(f"{path}: hidden activation {h['hidden_act']} (gelu) is not supported; only silu")
     if h["weight_type"] not in FLOAT_TYPES:
-        raise ValueError(f"{path}: unknown weight float type {h['weight_type']}")
+        raise ConvertError(f"{path}: unknown weight float type {h['weight_type']}")
     if "norm_epsilon" in h and h["norm_epsilon"] not in NORM_EPSILONS:
-        raise ValueError(f"{path}: unsupported norm epsilon code {h['norm_epsilon']}")
+        raise ConvertError(f"{path}: unsupported norm epsilon code {h['norm_epsilon']}")
     if min(h[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")) <= 0:
-        raise ValueError(f"{path}: non-positive sizes in the distributed-llama header: {h}")
+        raise ConvertError(f"{path}: non-positive sizes in the distributed-llama header: {h}")
     head_dim = h.get("head_dim") or h["dim"] // h["n_heads"]
     fields = dict(
         dim=h["dim"], hidden_dim=h["hidden_dim"], n_layers=h["n_layers"], n_heads=h["n_heads"],
@@ -148,7 +150,7 @@ def _layout(info: dict) -> list[tuple[str, str, tuple[int, ...]]]:
 def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
     if kind in ("q40", "q80"):
         if shape[-1] % quant.BLOCK:
-            raise ValueError(f"a {kind} tensor of shape {shape} has rows that are not whole 32-value blocks")
+            raise ConvertError(f"a {kind} tensor of shape {shape} has rows that are not whole 32-value blocks")
         return quant.row_bytes(kind, shape[-1]) * int(np.prod(shape[:-1]))
     return quant.stored_dtype(kind).itemsize * int(np.prod(shape))
 
@@ -169,7 +171,7 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
 
     def need(offset: int, n: int, what: str) -> None:
         if offset + n > len(data):
-            raise ValueError(f"{path}: truncated distributed-llama tokenizer (while reading {what})")
+            raise ConvertError(f"{path}: truncated distributed-llama tokenizer (while reading {what})")
 
     need(0, 4, "magic")
     (magic,) = struct.unpack_from("<i", data, 0)
@@ -183,13 +185,13 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
         need(4, 4, "header size")
         (size,) = struct.unpack_from("<i", data, 4)
         if size < 8 or (size - 8) % 8:
-            raise ValueError(f"{path}: bad distributed-llama tokenizer header size {size}")
+            raise ConvertError(f"{path}: bad distributed-llama tokenizer header size {size}")
         need(8, size - 8, "header")
         h = {}
         offset = size
         for key, value in struct.iter_unpack("<ii", data[8:size]):
             if key not in TOKENIZER_KEYS:
-                raise ValueError(f"{path}: unknown distributed-llama tokenizer header key {key}")
+                raise ConvertError(f"{path}: unknown distributed-llama tokenizer header key {key}")
             name = TOKENIZER_KEYS[key]
             if name in ("eos_id", "chat_eos_id"):
                 eos_ids.append(value)
@@ -198,25 +200,25 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
             else:
                 h[name] = value
         if h.get("version") != 1:
-            raise ValueError(f"{path}: distributed-llama tokenizer version {h.get('version')} is not supported (need 1)")
+            raise ConvertError(f"{path}: distributed-llama tokenizer version {h.get('version')} is not supported (need 1)")
         for k in ("vocab_size", "bos_id"):
             if k not in h:
-                raise ValueError(f"{path}: distributed-llama tokenizer header lacks {k}")
+                raise ConvertError(f"{path}: distributed-llama tokenizer header lacks {k}")
         vocab_size, bos_id, max_len = h["vocab_size"], h["bos_id"], h.get("max_token_length", 0)
         offset += max(h.get("chat_template", 0), 0)
         n_eos = h.get("n_eos_tokens", 0)
         if n_eos < 0:
-            raise ValueError(f"{path}: distributed-llama tokenizer header says {n_eos} eos tokens")
+            raise ConvertError(f"{path}: distributed-llama tokenizer header says {n_eos} eos tokens")
         need(offset, 4 * n_eos, "eos ids")
         eos_ids += list(struct.unpack_from(f"<{n_eos}i", data, offset))
         offset += 4 * n_eos
     else:
-        raise ValueError(f"{path}: bad magic {magic & 0xFFFFFFFF:#x}, expected {TOKENIZER_MAGIC:#x} "
+        raise ConvertError(f"{path}: bad magic {magic & 0xFFFFFFFF:#x}, expected {TOKENIZER_MAGIC:#x} "
                          "(distributed-llama .t tokenizer)")
     if vocab_size <= 0 or max_len < 1:
-        raise ValueError(f"{path}: bad tokenizer header (vocab size {vocab_size}, max token length {max_len})")
+        raise ConvertError(f"{path}: bad tokenizer header (vocab size {vocab_size}, max token length {max_len})")
     if vocab_size > (len(data) - offset) // 8:  # each token takes at least its 8-byte (score, length)
-        raise ValueError(f"{path}: the header says {vocab_size} tokens but the file has room for at most "
+        raise ConvertError(f"{path}: the header says {vocab_size} tokens but the file has room for at most "
                          f"{max(0, len(data) - offset) // 8}; it is truncated or damaged")
     pieces, scores = [], np.empty(vocab_size, dtype=np.float32)
     for i in range(vocab_size):
@@ -228,14 +230,14 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
         scores[i] = score
         offset += length
     if offset != len(data):
-        raise ValueError(f"{path}: {len(data) - offset} unexpected bytes after the last token")
+        raise ConvertError(f"{path}: {len(data) - offset} unexpected bytes after the last token")
     if not eos_ids:
-        raise ValueError(f"{path}: distributed-llama tokenizer names no eos token")
+        raise ConvertError(f"{path}: distributed-llama tokenizer names no eos token")
     try:
         return Tokenizer(pieces, scores, bos_id=bos_id, eos_id=eos_ids[0])
-    except ValueError as exc:
-        raise ValueError(f"{path}: this vocabulary can't be used as a sentencepiece score-BPE tokenizer "
-                         f"(byte-level BPE vocabularies such as Llama 3's are not supported): {exc}") from exc
+    except InputError as exc:
+        raise ConvertError(f"{path}: this vocabulary can't be used as a sentencepiece score-BPE tokenizer "
+                           f"(byte-level BPE vocabularies such as Llama 3's are not supported): {exc}") from exc
 
 
 def read(path: Path, tokenizer_path):
@@ -245,18 +247,18 @@ def read(path: Path, tokenizer_path):
     header_size, info = _header(path)
     actual, f = path.stat().st_size, info["fields"]
     if f["n_layers"] * 8 * f["dim"] > actual:  # each layer holds at least its two f32 norms
-        raise ValueError(f"{path}: the header describes {f['n_layers']} layers of dim {f['dim']}, more than this "
+        raise ConvertError(f"{path}: the header describes {f['n_layers']} layers of dim {f['dim']}, more than this "
                          f"{actual}-byte file holds; it is truncated or not a distributed-llama model")
     layout = _layout(info)
     expected = header_size + sum(_nbytes(kind, shape) for _, kind, shape in layout)
     if actual != expected:
-        raise ValueError(f"{path}: file is {actual} bytes, the header describes {expected}; it is truncated "
+        raise ConvertError(f"{path}: file is {actual} bytes, the header describes {expected}; it is truncated "
                          "or not a distributed-llama model of this layout")
     if not tokenizer_path:
-        raise ValueError("a distributed-llama model needs its tokenizer: pass --tokenizer PATH (the .t file)")
+        raise ConvertError("a distributed-llama model needs its tokenizer: pass --tokenizer PATH (the .t file)")
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.exists():
-        raise ValueError(f"distributed-llama tokenizer {tokenizer_path} not found; pass --tokenizer PATH (the .t file)")
+        raise ConvertError(f"distributed-llama tokenizer {tokenizer_path} not found; pass --tokenizer PATH (the .t file)")
     tokenizer = read_tokenizer(tokenizer_path)
     fields = info["fields"]
     notes = []

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from .. import quant
+from . import ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "GGUF (llama.cpp)"
@@ -57,19 +59,110 @@ def sniff(path: Path) -> bool:
 def _open(path: Path):
     import gguf
 
+    _check_extent(path)
     try:
         return gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the gguf package raises ValueError, struct.error, IndexError...
-        raise ValueError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:
+        raise ConvertError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+# bytes of each GGUF metadata value type (GGUFValueType 0..12; 8 string and 9 array vary)
+_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_extent(path: Path) -> None:
+    """A truncated GGUF named as such, before the gguf package fails on it with an unrelated
+    message: walks the header (metadata, tensor infos) without storing it, and checks that
+    every tensor's data lies inside the file. Other malformations are left to GGUFReader."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 * 2**20))  # metadata and tensor infos; a vocabulary is a few MiB
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(head):
+            if len(head) < size:
+                raise _Unchecked  # a header larger than what was read: GGUFReader will judge it
+            raise ConvertError(f"{path} is truncated: it ends ({size} bytes) inside its header; copy or download "
+                               "it again")
+        pos += n
+        return head[pos - n : pos]
+
+    def number(fmt: str) -> int:
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+    def skip_value(kind: int, depth: int = 0) -> None:
+        if kind == 8:
+            take(number("Q"))
+        elif kind == 9 and depth == 0:
+            item, count = number("I"), number("Q")
+            if item in _VALUE_BYTES:
+                take(count * _VALUE_BYTES[item])
+            else:
+                for _ in range(count):
+                    skip_value(item, 1)
+        elif kind in _VALUE_BYTES:
+            take(_VALUE_BYTES[kind])
+        else:
+            raise _Unchecked  # an unknown value type: GGUFReader's message says so
+
+    try:
+        if take(4) != MAGIC or number("I") not in (2, 3):
+            return
+        n_tensors, n_kv = number("Q"), number("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = take(number("Q"))
+            kind = number("I")
+            if key == b"general.alignment" and kind == 4:
+                alignment = number("I") or 32
+            else:
+                skip_value(kind)
+        end = 0
+        for _ in range(n_tensors):
+            take(number("Q"))
+            dims = [number("Q") for _ in range(number("I"))]
+            kind, offset = number("I"), number("Q")
+            if kind not in {t.value for t in GGMLQuantizationType}:
+                return
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            end = max(end, offset + math.prod(dims) // block * block_bytes)
+    except _Unchecked:
+        return
+    data_start = -(-pos // alignment) * alignment
+    if data_start + end > size:
+        raise ConvertError(f"{path} is truncated: its tensor data runs to byte {data_start + end} but the file has "
+                           f"{size} bytes ({data_start + end - size} missing); copy or download it again")
+
+
+class _Unchecked(Exception):
+    """The header walk can't tell: GGUFReader decides."""
 
 
 def _field(reader, key: str, default=None, required: bool = False):
+    """A metadata value, typed as the file declares it: str for a string, a Python number
+    for a scalar, a list of numbers for a numeric array; ConvertError for anything else."""
+    from gguf import GGUFValueType
+
     field = reader.get_field(key)
     if field is None:
         if required:
-            raise ValueError(f"GGUF metadata lacks {key!r}")
+            raise ConvertError(f"GGUF metadata lacks {key!r}")
         return default
-    return field.contents()
+    kinds, scalar = field.types, (GGUFValueType.ARRAY, GGUFValueType.STRING)
+    if kinds == [GGUFValueType.STRING]:
+        try:
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConvertError(f"GGUF metadata {key!r} is not valid UTF-8") from None
+    if len(kinds) == 1 and kinds[0] not in scalar:
+        return field.parts[field.data[0]][0].item()
+    if len(kinds) == 2 and kinds[0] == GGUFValueType.ARRAY and kinds[1] not in scalar:
+        return [field.parts[i][0].item() for i in field.data]
+    raise ConvertError(f"GGUF metadata {key!r} is of type {'/'.join(k.name for k in kinds)}, not what this key holds")
 
 
 def _map_name(name: str) -> str | None:
@@ -81,7 +174,7 @@ def _map_name(name: str) -> str | None:
     m = _LAYER_RE.fullmatch(name)
     if m and m.group(2) in _LAYER_TENSORS:
         return f"layers/{int(m.group(1))}/{_LAYER_TENSORS[m.group(2)]}"
-    raise ValueError(f"GGUF tensor {name!r} has no counterpart in this engine (unsupported model variant)")
+    raise ConvertError(f"GGUF tensor {name!r} has no counterpart in this engine (unsupported model variant)")
 
 
 def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
@@ -105,7 +198,7 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, 
 def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.shape != (head_dim // 2,):
-        raise ValueError(f"GGUF rope_freqs has {factors.size} values, expected head_dim/2 = {head_dim // 2}")
+        raise ConvertError(f"GGUF rope_freqs has {factors.size} values, expected head_dim/2 = {head_dim // 2}")
     factor = float(factors.max())
     if np.allclose(factors, 1.0, rtol=1e-6):
         return {}
@@ -133,15 +226,15 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> di
         high = low + span
         if low > 0 and high > low and matches(low, high, orig):
             return fields(low, high, orig)
-    raise ValueError("GGUF rope_freqs tensor does not follow llama3 RoPE scaling; this model's RoPE "
+    raise ConvertError("GGUF rope_freqs tensor does not follow llama3 RoPE scaling; this model's RoPE "
                      "scaling is not supported")
 
 
 def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict:
     kind = _field(reader, f"{arch}.rope.scaling.type")
     factor = _field(reader, f"{arch}.rope.scaling.factor", 1.0)
-    if kind not in (None, "none") and not (kind == "linear" and float(factor) == 1.0):
-        raise ValueError(f"GGUF RoPE scaling type {kind!r} (factor {factor}) is not supported; "
+    if kind not in (None, "none") and not (kind == "linear" and _number(factor, "rope.scaling.factor", float) == 1.0):
+        raise ConvertError(f"GGUF RoPE scaling type {kind!r} (factor {factor}) is not supported; "
                          "supported: none, llama3 (rope_freqs)")
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
@@ -162,10 +255,10 @@ def _dense(t) -> np.ndarray:
 def _spec_fields(reader, path: Path) -> dict:
     arch = _field(reader, "general.architecture", required=True)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    if "token_embd.weight" not in tensors or len(tensors["token_embd.weight"].shape) != 2:
+        raise ConvertError(f"{path}: GGUF file has no 2-D token_embd.weight tensor")
     get = lambda key, default=None, required=True: _field(reader, f"{arch}.{key}", default, required and default is None)  # noqa: E731
     dim = _number(get("embedding_length"), "embedding_length", int)
     n_heads = _scalar(get("attention.head_count"), "attention.head_count")
@@ -173,12 +266,12 @@ def _spec_fields(reader, path: Path) -> dict:
     head_dim = _number(get("attention.key_length", dim // n_heads), "attention.key_length", int)
     value_length = _number(get("attention.value_length", head_dim), "attention.value_length", int)
     if value_length != head_dim:
-        raise ValueError(f"{path}: key_length {head_dim} != value_length {value_length} is not supported")
+        raise ConvertError(f"{path}: key_length {head_dim} != value_length {value_length} is not supported")
     rope_dims = _number(get("rope.dimension_count", head_dim), "rope.dimension_count", int)
     if rope_dims != head_dim:
-        raise ValueError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
+        raise ConvertError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
     if _number(get("expert_count", 0), "expert_count", int):
-        raise ValueError(f"{path}: mixture-of-experts GGUF models are not supported")
+        raise ConvertError(f"{path}: mixture-of-experts GGUF models are not supported")
     theta = _number(get("rope.freq_base", 10000.0), "rope.freq_base", float)
     fields = dict(
         dim=dim, hidden_dim=_number(get("feed_forward_length"), "feed_forward_length", int),
@@ -200,14 +293,16 @@ def _spec_fields(reader, path: Path) -> dict:
 def _scalar(value, key: str) -> int:
     if isinstance(value, list) and value:  # per-layer head counts
         if len(set(value)) != 1:
-            raise ValueError(f"GGUF {key} varies per layer ({value}); not supported")
+            raise ConvertError(f"GGUF {key} varies per layer ({value}); not supported")
         value = value[0]
     return _number(value, key, int)
 
 
 def _number(value, key: str, kind):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"GGUF metadata {key!r} is {value!r}, expected a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConvertError(f"GGUF metadata {key!r} is {value!r}, expected a finite number")
+    if kind is int and not float(value).is_integer():
+        raise ConvertError(f"GGUF metadata {key!r} is {value!r}, expected a whole number")
     return kind(value)
 
 
@@ -242,12 +337,8 @@ def read(path: Path, tokenizer_path=None):
     from ..tokenizer import from_gguf
 
     reader = _open(path)
-    try:
-        fields = _spec_fields(reader, path)
-        tokenizer = from_gguf(reader)
-    except (TypeError, IndexError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
-        # the gguf package hands metadata over untyped: a value of another kind than the key's shows here
-        raise ValueError(f"{path}: malformed GGUF metadata ({type(exc).__name__}: {exc})") from None
+    fields = _spec_fields(reader, path)
+    tokenizer = from_gguf(reader)
     arch, head_dim = fields["architecture"], fields["head_dim"]
     names = {}
     for t in reader.tensors:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..tokenizer import Tokenizer
+from . import ConvertError
 
 FORMAT_NAME = "llama2.c checkpoint (.bin)"
 HEADER = struct.Struct("<7i")
@@ -64,7 +65,7 @@ def read(path: Path, tokenizer_path: str | Path | None):
     h = _header(path)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else path.with_name("tokenizer.bin")
     if not tokenizer_path.exists():
-        raise ValueError(f"llama2.c tokenizer {tokenizer_path} not found; pass --tokenizer PATH (e.g. tok512.bin)")
+        raise ConvertError(f"llama2.c tokenizer {tokenizer_path} not found; pass --tokenizer PATH (e.g. tok512.bin)")
     tokenizer = Tokenizer.from_llama2c(tokenizer_path, h["vocab_size"])
     spec_fields = {k: v for k, v in h.items()}
     spec_fields["head_dim"] = h["dim"] // h["n_heads"]
