@@ -102,6 +102,7 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | t
             setup, model, tokenizer = _prepare(model_path, prompt, max_seq_len, budgets)
         except InputError as exc:
             setup = str(exc)
+    comm.sleeping_barrier()  # the others sleep while rank 0 reads and tokenizes (a collective would spin)
     setup = comm.bcast_obj(setup)
     if isinstance(setup, str):
         raise UsageError(setup)
@@ -116,7 +117,7 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | t
     if comm.rank == 0:
         with _said_if_slow(f"compiling kernels (once; cached in {kernels.cache_dir()})"):
             kernels.warm_up()
-    comm.barrier()
+    comm.sleeping_barrier()  # a spinning wait would take cores from the compiler
     if comm.rank != 0:
         kernels.warm_up()
     t_load = time.perf_counter()

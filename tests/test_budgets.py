@@ -54,7 +54,7 @@ def test_need_is_weights_kv_runtime_and_rank_0s_load_buffer():
 
 
 def test_a_rank_over_its_cap_is_named_with_a_fitting_context_and_fitting_budgets():
-    plan = make_plan(TINYLLAMA, [1, 1])
+    plan = make_plan(ModelSpec(**{**TINYLLAMA.to_attrs(), "seq_len": 10**6}), [1, 1])  # a context of 200k is no stretch
     budgets = Budgets((GiB, GiB), (GiB, GiB))
     assert fit_problems(plan, budgets, 2048, 0, ["a", "b"], [None, None]) == []
     problems = fit_problems(plan, budgets, 200_000, 0, ["a", "b"], [None, None])
@@ -74,3 +74,23 @@ def test_ranks_sharing_a_node_share_its_memory():
     problems = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room, room, need[2]])
     assert len(problems) == 1 and problems[0].startswith("ranks 0, 1 on a need")
     assert not fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room + 1, room + 1, need[2]])
+
+
+def test_a_full_node_is_told_only_what_can_help():
+    plan = make_plan(TINYLLAMA, [1, 1, 1])
+    need = [sum(rank_need(plan, r, 2048, 0).values()) for r in range(3)]
+    ratios = Budgets((1, 1, 1), None)
+    alone = fit_problems(plan, ratios, 2048, 0, ["a", "a", "a"], [sum(need) - 1] * 3)
+    assert len(alone) == 1 and "smaller share" not in alone[0] and "q40" not in alone[0]  # one node, q40 already
+    assert alone[0].endswith("use a shorter context (--max-seq-len 2047), or run some of the ranks on other nodes")
+    shared = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [need[0] + need[1] - 1] * 2 + [None])
+    assert "give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)" in shared[0]
+    f32 = make_plan(ModelSpec(**{**TINYLLAMA.to_attrs(), "weight_type": "f32"}), [1])
+    assert "convert the model to q40 weights" in fit_problems(f32, Budgets((1,), None), 2048, 0, ["a"], [GiB])[0]
+
+
+def test_a_context_beyond_the_trained_length_is_never_suggested():
+    plan = make_plan(TINYLLAMA, [1])  # trained for 2048
+    room = sum(rank_need(plan, 0, 4096, 0).values()) - 1  # 4095 tokens would fit
+    problems = fit_problems(plan, Budgets((1,), None), 10**7, 0, ["a"], [room])
+    assert "--max-seq-len 2048, the length the model was trained for" in problems[0]

@@ -130,3 +130,26 @@ def test_flipped_byte_in_a_weight_is_caught(stories_models, tmp_path):
     model = ModelFile(path)  # attributes and shapes are intact
     with pytest.raises(ModelFileError, match="layers/1/w1.*damaged"):
         model.read("layers/1/w1")
+
+
+def test_a_dead_writers_leftover_is_removed_only_if_it_looks_like_the_converters(tmp_path):
+    need_stories()
+    dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
+    ours, theirs = tmp_path / f".out.tmp{dead_pid}", tmp_path / f".out.tmp{dead_pid + 1}"
+    ours.mkdir()
+    (ours / "shard-0-of-2.h5").write_bytes(b"half written")
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("precious")
+    out = tmp_path / "out"
+    assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin"),
+                         "--memory-budget", "1", "1"]) == 0
+    assert not ours.exists() and (theirs / "thesis.tex").read_text() == "precious"
+
+
+def test_an_empty_directory_takes_shards_without_force(tmp_path):
+    need_stories()
+    out = tmp_path / "shards"
+    out.mkdir()
+    assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin"),
+                         "--memory-budget", "1", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-2.h5", "shard-1-of-2.h5"]

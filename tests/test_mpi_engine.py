@@ -55,6 +55,15 @@ def agree(comm, ok: bool, message: str) -> None:
     assert not failed, "; ".join(failed)
 
 
+def on_rank_0(comm, compute):
+    """compute() on rank 0 alone, its result on every rank. The others wait asleep: a rank
+    waiting in an MPICH collective spins a whole core, which on an oversubscribed node
+    halves rank 0's speed (the one-rank references, writing the test models)."""
+    value = compute() if comm.rank == 0 else None
+    comm.sleeping_barrier()
+    return comm.bcast_obj(value)
+
+
 def budgets_for(comm):
     return BUDGETS.get(comm.size, [tuple([1] * comm.size)])
 
@@ -70,9 +79,8 @@ def greedy_ids(comm, path, budgets, buffer_type, steps=200):
 def test_stories260k_greedy_ids_identical_for_every_split(comm, shared_dir, weights, buffer_type):
     if not (STORIES / "stories260K.bin").exists():
         pytest.skip(f"stories260K not found at {STORIES}")
-    path = convert_stories(shared_dir, weights) if comm.rank == 0 else None
-    path = comm.bcast_obj(path)
-    expected = greedy_ids(self_comm(), path, (1,), buffer_type) if comm.rank == 0 else None
+    path = on_rank_0(comm, lambda: convert_stories(shared_dir, weights))
+    expected = on_rank_0(comm, lambda: greedy_ids(self_comm(), path, (1,), buffer_type))
     for budgets in budgets_for(comm):
         got = greedy_ids(comm, path, budgets, buffer_type)
         agree(comm, comm.rank != 0 or got == expected,
@@ -92,9 +100,8 @@ def _same_bits(a, b) -> bool:
 
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
 def test_random_model_logits_bit_identical_for_every_split(comm, shared_dir, buffer_type):
-    path = write_random_model(shared_dir / "random-hd64.h5", RANDOM_SPEC) if comm.rank == 0 else None
-    path = comm.bcast_obj(path)
-    expected = _logits(self_comm(), path, (1,), buffer_type) if comm.rank == 0 else None
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-hd64.h5", RANDOM_SPEC))
+    expected = on_rank_0(comm, lambda: _logits(self_comm(), path, (1,), buffer_type))
     for budgets in budgets_for(comm):
         got = _logits(comm, path, budgets, buffer_type)
         agree(comm, comm.rank != 0 or _same_bits(got, expected), f"budgets {budgets}: logits differ")
@@ -105,8 +112,7 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
     spec = ModelSpec(**{**RANDOM_SPEC.to_attrs(), "dim": 256, "hidden_dim": 4096, "vocab_size": 4096})
     budgets = (1,) * comm.size
     agree(comm, 4096 // comm.size * 256 >= PARALLEL_MIN_WORK, "the test model is too small to use threads")
-    path = write_random_model(shared_dir / "random-threads.h5", spec) if comm.rank == 0 else None
-    path = comm.bcast_obj(path)
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-threads.h5", spec))
     set_threads(2, comm.local_size)
     two = _logits(comm, path, budgets, "q80")
     set_threads(1, comm.local_size)
@@ -116,8 +122,7 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
 
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
 def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_type):
-    path = write_random_model(shared_dir / "random-traffic.h5", RANDOM_SPEC) if comm.rank == 0 else None
-    path = comm.bcast_obj(path)
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-traffic.h5", RANDOM_SPEC))
     for budgets in budgets_for(comm):
         session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
         plan, spec = session.plan, session.plan.spec

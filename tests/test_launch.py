@@ -1,0 +1,49 @@
+"""The start-up rules shared by a launch and --dry-run (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dllama_mpi.budgets import Budgets
+from dllama_mpi.errors import UsageError
+from dllama_mpi.launch import DEFAULT_MAX_SEQ_LEN, check_fit, plan_launch
+from dllama_mpi.modelfile import largest_tensor_bytes
+from dllama_mpi.plan import make_plan
+from dllama_mpi.spec import ModelSpec
+
+SPEC = ModelSpec(dim=256, hidden_dim=768, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
+                 seq_len=8192, weight_type="q40")
+RATIOS = Budgets((3, 1), None)
+
+
+def test_context_defaults_to_the_trained_length_capped_and_a_longer_one_gets_a_note():
+    assert plan_launch(SPEC, None, None, RATIOS, None).max_seq_len == DEFAULT_MAX_SEQ_LEN
+    short = ModelSpec(**{**SPEC.to_attrs(), "seq_len": 512})
+    assert plan_launch(short, None, None, RATIOS, None).max_seq_len == 512
+    assert plan_launch(SPEC, None, None, RATIOS, 8192).notes == ()
+    (note,) = plan_launch(SPEC, None, None, RATIOS, 8193).notes
+    assert note.startswith("--max-seq-len 8193 is beyond the 8192 tokens the model was trained for")
+
+
+def test_an_unsplit_file_costs_rank_0_its_largest_tensor_and_shards_nothing():
+    plan = make_plan(SPEC, (3, 1))
+    assert plan_launch(SPEC, None, "m.h5", RATIOS, None).load_buffer == largest_tensor_bytes(SPEC)
+    shard = (0, 2, (3, 1), plan.plan_hash())
+    assert plan_launch(SPEC, shard, "shards", RATIOS, None).load_buffer == 0
+
+
+def test_shards_of_another_plan_and_a_lone_shard_file_are_refused(tmp_path):
+    plan = make_plan(SPEC, (3, 1))
+    with pytest.raises(UsageError, match=r"split for 2 rank\(s\) with budgets 1 1"):
+        plan_launch(SPEC, (0, 2, (1, 1), "other"), "shards", RATIOS, None)
+    lone = tmp_path / "shard-0-of-2.h5"
+    lone.write_bytes(b"")
+    with pytest.raises(UsageError, match=f"pass the directory that holds all 2 shards: --model {tmp_path}"):
+        plan_launch(SPEC, (0, 2, (3, 1), plan.plan_hash()), lone, RATIOS, None)
+
+
+def test_the_fit_check_raises_with_every_problem():
+    launch = plan_launch(SPEC, None, None, Budgets((2**20, 2**20), (2**20, 2**20)), None)
+    with pytest.raises(UsageError, match=r"(?s)the plan does not fit in memory:\n  rank 0 needs .*\n  rank 1 needs"):
+        check_fit(launch, Budgets((2**20, 2**20), (2**20, 2**20)), ["a", "b"], [None, None])
+    check_fit(plan_launch(SPEC, None, None, RATIOS, None), RATIOS, ["a", "b"], [None, None])  # fits: no error
