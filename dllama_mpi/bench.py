@@ -1,10 +1,14 @@
 """`python -m dllama_mpi.bench`: decode and prefill speed of real model shapes, under any
-`mpirun -n N ... --memory-budget ...`.
+`mpirun -n N ... --memory-budget ...`; or, with --encode, the tokenizers' encoding speed.
 
 The models have random Q40 weights (speed does not depend on values), generated once and
 cached on disk. Besides tokens/s it measures, in the same run, the node's memory read
 bandwidth, and reports the decode roofline fraction = tokens/s x weight bytes read per
 token / bandwidth.
+
+`--encode VOCAB ...` runs as one process without MPI: it encodes a deterministic English-like
+text of --encode-kib KiB with each vocabulary (a model .h5, a llama2.c tokenizer.bin or a
+GGUF file) and reports the median time of --repeat runs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import sys
 import time
@@ -21,6 +26,7 @@ T_LAUNCH = time.perf_counter()
 import numpy as np  # noqa: E402
 from numba import get_num_threads as numba_threads  # noqa: E402
 
+from .errors import InputError  # noqa: E402
 from .spec import ModelSpec  # noqa: E402
 
 SHAPES = {
@@ -207,20 +213,95 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# Sentences of the --encode text: plain English with punctuation, digits and some non-ASCII
+# (accents, typographic quotes, CJK, an emoji) so byte fallback and multi-byte pieces show.
+_ENCODE_SENTENCES = (
+    "Once upon a time, there was a little girl named Lily.",
+    "She loved to play outside in the sun with her dog, Max.",
+    "One day, they found a shiny red ball under the old oak tree.",
+    "\u201cCan we keep it?\u201d asked Tom, and his mother smiled.",
+    "The caf\u00e9 on the corner sold cr\u00e8me br\u00fbl\u00e9e and tiny na\u00efve cakes.",
+    "Zo\u00eb wrote to her friend in Malm\u00f6 about the snow \u2014 it was \u221212 \u00b0C that night.",
+    "The quick brown fox jumps over the lazy dog.",
+    "He drew \u732b and \u72ac in his notebook, then a smiling face \U0001F600.",
+    "In 1969, 600 million people watched the first steps on the Moon.",
+    "The train left at 7:45 a.m. and arrived at 11:30, twenty minutes late.",
+    "They shared the cake, and everyone was happy.",
+    "Why is the sky blue? Because air scatters blue light more than red light.",
+    "The committee's report (pages 12-48) recommended three changes.",
+    "After the storm, the garden was full of leaves, branches and puddles.",
+    "\u00bfD\u00f3nde est\u00e1 la biblioteca?\" she asked in Spanish.",
+    "The little bird sang a song every morning from the top of the tree.",
+)
+
+
+def encode_text(kib: float, seed: int = 0) -> str:
+    """A deterministic English-like text of at most `kib` KiB of UTF-8 (a few bytes less: it
+    ends on a whole character): `seed`-shuffled sentences, now and then a paragraph break."""
+    rng = random.Random(seed)
+    target = int(kib * 1024)
+    parts, size = [], 0
+    while size < target:
+        part = rng.choice(_ENCODE_SENTENCES) + ("\n\n" if rng.random() < 0.1 else " ")
+        parts.append(part)
+        size += len(part.encode())
+    return "".join(parts).encode()[:target].decode("utf-8", "ignore")
+
+
+def load_vocab(path: str):
+    """The tokenizer of a model .h5, a GGUF file (vocab-only ones too) or a llama2.c tokenizer.bin."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer, from_gguf
+
+    source = Path(path)
+    if not source.is_file():
+        raise InputError(f"vocabulary {source} does not exist; give a model .h5, a GGUF file or a llama2.c tokenizer.bin")
+    if source.suffix == ".h5":
+        from .modelfile import ModelFile
+
+        model = ModelFile(source)
+        try:
+            return model.tokenizer()
+        finally:
+            model.close()
+    if source.suffix == ".gguf":
+        from .convert.gguf_model import open_gguf
+
+        return from_gguf(open_gguf(source))
+    return Tokenizer.from_llama2c(source)
+
+
+def run_encode(args) -> list[dict]:
+    """Encoding speed of each --encode vocabulary on the same text."""
+    text = encode_text(args.encode_kib)
+    results = []
+    for path in args.encode:
+        tokenizer = load_vocab(path)
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            ids = tokenizer.encode(text)
+            times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times))
+        results.append({"vocab": path, "tokenizer": type(tokenizer).__name__, "kib": len(text.encode()) / 1024,
+                        "chars": len(text), "tokens": len(ids), "seconds": seconds, "tokens_per_s": len(ids) / seconds,
+                        "repeats": args.repeat})
+    return results
+
+
+def encode_table(r: dict) -> str:
+    return (f"{r['vocab']} ({r['tokenizer']}): {r['kib']:.1f} KiB -> {r['tokens']} tokens in {r['seconds']:.3f} s "
+            f"({r['tokens_per_s']:.0f} tokens/s, median of {r['repeats']})")
+
+
 def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.encode:  # one process: importing .cli or .comm would initialise MPI
+        return _encode_main(args)
     from .cli import run_guarded
     from .comm import Comm
 
-    p = argparse.ArgumentParser(prog="python -m dllama_mpi.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
-    p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal)")
-    p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"])
-    p.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
-    p.add_argument("--nthreads", type=int)
-    p.add_argument("--json", action="store_true", help="print one JSON object (per buffer type) instead of tables")
-    args = p.parse_args(argv)
     comm = Comm()
 
     def job():
@@ -231,6 +312,63 @@ def main(argv=None) -> int:
         return 0
 
     return run_guarded(comm, job)
+
+
+def _encode_main(args) -> int:
+    try:
+        results = run_encode(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(json.dumps(result) if args.json else encode_table(result), flush=True)
+    return 0
+
+
+def _at_least_one(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dllama_mpi.bench",
+        description="Measure decode and prefill speed of a model shape with random weights, under any "
+                    "`mpirun -n N ... --memory-budget ...`; or, with --encode, how fast tokenizers encode a long text "
+                    "(one process, no mpirun).")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b",
+                   help="model shape to measure (default: %(default)s)")
+    p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal shares)")
+    p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"],
+                   help="activation buffer types to measure, one run each (default: q80)")
+    p.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 512], metavar="N",
+                   help="prompt lengths whose prefill speed is measured (default: 128 512)")
+    p.add_argument("--decode-steps", type=int, default=32, metavar="N",
+                   help="tokens decoded per decode measurement (default: %(default)s)")
+    p.add_argument("--repeat", type=_at_least_one, default=3, metavar="N",
+                   help="runs of each measurement; medians are reported (default: %(default)s)")
+    p.add_argument("--nthreads", type=int, metavar="N",
+                   help="threads per rank (default: the rank's share of the node's cores)")
+    p.add_argument("--encode", nargs="+", metavar="VOCAB",
+                   help="measure encoding with these vocabularies instead (model .h5, GGUF or llama2.c tokenizer.bin; "
+                        "default: off)")
+    p.add_argument("--encode-kib", type=_positive, default=100, metavar="KIB",
+                   help="size of the --encode text in KiB (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per buffer type (per vocabulary with --encode) instead of tables "
+                        "(default: tables)")
+    return p
 
 
 if __name__ == "__main__":

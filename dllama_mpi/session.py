@@ -50,6 +50,10 @@ def _prepare(model_path, prompt: str, max_seq_len: int | None, budgets: Budgets)
     model = open_model(model_path if model_path is not None else synthetic_model_path(), 0, world_size)
     launch = plan_launch(model.spec, model.shard, model_path, budgets, max_seq_len)
     tokenizer = model.tokenizer()
+    if (at_least := tokenizer.min_tokens(prompt)) > launch.max_seq_len:  # refused before the encoding work
+        raise InputError(f"the prompt is at least {at_least} tokens ({len(prompt.encode())} bytes) but the context "
+                         f"(--max-seq-len) holds {launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
+                         f"(model trained for {model.spec.seq_len})")
     prompt_tokens = tokenizer.encode(prompt, bos=True)
     if len(prompt_tokens) > launch.max_seq_len:
         raise InputError(f"the prompt is {len(prompt_tokens)} tokens but the context (--max-seq-len) holds "

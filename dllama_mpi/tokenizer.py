@@ -68,6 +68,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import InputError
+
 HDF5_TYPE = "llama2c-score-bpe"
 BYTE_FALLBACK_OFFSET = 3
 NUM_RESERVED = BYTE_FALLBACK_OFFSET + 256  # <unk>, BOS, EOS and the 256 byte pieces
@@ -90,6 +92,7 @@ class Tokenizer:
 
     chat_template: str | None = None
     add_bos: bool = True
+    _longest_piece: int | None = None  # bytes; found on first use (min_tokens)
 
     def __init__(
         self,
@@ -110,7 +113,7 @@ class Tokenizer:
         self._piece_to_id: dict[bytes, int] = {}
         for i in range(NUM_RESERVED, self.vocab_size):
             self._piece_to_id.setdefault(self.pieces[i], i)
-        # Python floats: the merge loop compares them in tight C-level max()/index().
+        # Python floats: the merge heap compares them without numpy scalar overhead.
         self._score_list: list[float] = self.scores.tolist()
         self._decoded = [self._piece_output(p) for p in self.pieces]
         # run.c strips the space first and then checks for a byte piece.
@@ -119,6 +122,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.pieces)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text, bos=False)), known without encoding it: a token
+        covers at most as many bytes of the text as its piece has (SpmTokenizer's pieces
+        spell a space as a 3-byte U+2581), so a prompt far beyond the context is refused
+        without the merge work."""
+        if self._longest_piece is None:
+            self._longest_piece = max(1, max(map(len, self.pieces)))
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self._longest_piece)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -129,19 +141,19 @@ class Tokenizer:
     def _validate(self) -> None:
         n = self.vocab_size
         if n < NUM_RESERVED:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer vocab_size must be >= {NUM_RESERVED} (<unk>, BOS, EOS, 256 byte pieces), got {n}"
             )
         if self.scores.shape != (n,):
-            raise ValueError(f"expected {n} scores (one per piece), got shape {self.scores.shape}")
+            raise InputError(f"expected {n} scores (one per piece), got shape {self.scores.shape}")
         for name, value in (("bos_id", self.bos_id), ("eos_id", self.eos_id)):
             if not 0 <= value < n:
-                raise ValueError(f"{name}={value} is outside the vocabulary [0, {n})")
+                raise InputError(f"{name}={value} is outside the vocabulary [0, {n})")
         for b in range(256):
             expected = b"<0x%02X>" % b
             found = self.pieces[b + BYTE_FALLBACK_OFFSET]
             if found != expected:
-                raise ValueError(
+                raise InputError(
                     f"byte-fallback piece for id {b + BYTE_FALLBACK_OFFSET} must be {expected!r}, found {found!r}"
                 )
 
@@ -157,26 +169,26 @@ class Tokenizer:
         """Read a llama2.c ``tokenizer.bin``; ``vocab_size=None`` reads until EOF."""
         data = Path(path).read_bytes()
         if len(data) < 4:
-            raise ValueError(f"{path}: expected a 4-byte max_token_length header, file has {len(data)} bytes")
+            raise InputError(f"{path}: expected a 4-byte max_token_length header, file has {len(data)} bytes")
         (max_len,) = struct.unpack_from("<i", data, 0)
         if max_len <= 0:
-            raise ValueError(f"{path}: expected a positive max_token_length, found {max_len}")
+            raise InputError(f"{path}: expected a positive max_token_length, found {max_len}")
         pieces: list[bytes] = []
         scores: list[float] = []
         off = 4
         while (vocab_size is None and off < len(data)) or (vocab_size is not None and len(pieces) < vocab_size):
             i = len(pieces)
             if off + 8 > len(data):
-                raise ValueError(
+                raise InputError(
                     f"{path}: truncated at token {i}: expected an 8-byte (score, length) header at offset {off}, "
                     f"only {len(data) - off} bytes left"
                 )
             score, length = struct.unpack_from("<fi", data, off)
             off += 8
             if not 0 <= length <= max_len:
-                raise ValueError(f"{path}: token {i} has length {length}, expected 0..{max_len} (max_token_length)")
+                raise InputError(f"{path}: token {i} has length {length}, expected 0..{max_len} (max_token_length)")
             if off + length > len(data):
-                raise ValueError(
+                raise InputError(
                     f"{path}: truncated at token {i}: expected {length} piece bytes at offset {off}, "
                     f"only {len(data) - off} bytes left"
                 )
@@ -184,7 +196,7 @@ class Tokenizer:
             scores.append(score)
             off += length
         if off != len(data):
-            raise ValueError(
+            raise InputError(
                 f"{path}: expected {vocab_size} tokens ending at byte {off}, but the file has {len(data) - off} "
                 "trailing bytes (wrong vocab_size?)"
             )
@@ -222,49 +234,19 @@ class Tokenizer:
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> Tokenizer:
         where = f"tokenizer group {group.name!r}"
-        kind = _attr_str(group, "type")
+        kind = _attr_str(group, "type", where)
         if cls is Tokenizer and kind in _LOADERS and kind != HDF5_TYPE:
             return load_tokenizer(group)  # model files name their tokenizer kind
         if kind != HDF5_TYPE:
-            raise ValueError(f"{where}: expected attribute type={HDF5_TYPE!r}, found {kind!r}")
-        for name in _HDF5_ATTRS:
-            if name not in group.attrs:
-                raise ValueError(f"{where}: missing attribute {name!r}")
-        for name in _HDF5_DATASETS:
-            if not isinstance(group.get(name), h5py.Dataset):
-                raise ValueError(f"{where}: missing dataset {name!r} (expected {', '.join(_HDF5_DATASETS)})")
-        n = int(group.attrs["vocab_size"])
-        blob = np.asarray(group["piece_bytes"][()])
-        offsets = np.asarray(group["piece_offsets"][()])
-        scores = np.asarray(group["scores"][()])
-        if blob.ndim != 1 or blob.dtype != np.uint8:
-            raise ValueError(f"{where}: piece_bytes must be 1-D uint8, found {blob.dtype} with shape {blob.shape}")
-        if offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
-            raise ValueError(
-                f"{where}: piece_offsets must be integer with shape ({n + 1},), "
-                f"found {offsets.dtype} with shape {offsets.shape}"
-            )
-        if scores.shape != (n,):
-            raise ValueError(f"{where}: scores must have shape ({n},), found {scores.shape}")
-        if offsets[0] != 0 or offsets[-1] != blob.size:
-            raise ValueError(
-                f"{where}: piece_offsets must start at 0 and end at len(piece_bytes)={blob.size}, "
-                f"found {int(offsets[0])}..{int(offsets[-1])}"
-            )
-        if np.any(np.diff(offsets) < 0):
-            bad = int(np.argmax(np.diff(offsets) < 0))
-            raise ValueError(
-                f"{where}: piece_offsets must be non-decreasing, found {int(offsets[bad])} then "
-                f"{int(offsets[bad + 1])} at index {bad}"
-            )
-        raw = blob.tobytes()
-        pieces = [raw[offsets[i] : offsets[i + 1]] for i in range(n)]
+            raise InputError(f"{where}: expected attribute type={HDF5_TYPE!r}, found {kind!r}")
+        _require_attrs(group, _HDF5_ATTRS, where)
+        pieces, scores = _read_pieces(group, _attr_size(group, "vocab_size", where), where)
         return cls(
             pieces,
-            scores.astype(np.float32),
-            bos_id=int(group.attrs["bos_id"]),
-            eos_id=int(group.attrs["eos_id"]),
-            add_dummy_prefix=bool(group.attrs["add_dummy_prefix"]),
+            scores,
+            bos_id=_attr_int(group, "bos_id", where),
+            eos_id=_attr_int(group, "eos_id", where),
+            add_dummy_prefix=_attr_bool(group, "add_dummy_prefix", where),
         )
 
     # ------------------------------------------------------------ encode/decode
@@ -280,35 +262,52 @@ class Tokenizer:
                 ids.extend(b + BYTE_FALLBACK_OFFSET for b in piece)
             else:
                 ids.append(tid)
-        self._merge(ids)
+        ids = self._merge(ids)
         if bos:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
         return ids
 
-    def _pair(self, left: int, right: int) -> tuple[float, int]:
-        """(score, merged id) of an adjacent pair; byte-fallback tokens never merge."""
-        if left < NUM_RESERVED or right < NUM_RESERVED:
-            return -np.inf, -1
-        tid = self._piece_to_id.get(self.pieces[left] + self.pieces[right])
-        return (-np.inf, -1) if tid is None else (self._score_list[tid], tid)
+    def _merge(self, ids: list[int]) -> list[int]:
+        """run.c's merge loop in O(n log n): repeatedly merge the adjacent pair with the highest score,
+        leftmost on ties; byte-fallback tokens never merge.
 
-    def _merge(self, ids: list[int]) -> None:
-        """In-place run.c merge loop; pair scores are cached so each merge rescans only its neighbours."""
-        pairs = [self._pair(a, b) for a, b in zip(ids, ids[1:])]
-        pair_scores = [s for s, _ in pairs]
-        pair_ids = [t for _, t in pairs]
-        while pair_scores:
-            best = max(pair_scores)
-            if best == -np.inf:
-                break
-            i = pair_scores.index(best)  # leftmost maximum, like run.c's strict '>'
-            ids[i] = pair_ids[i]
-            del ids[i + 1], pair_scores[i], pair_ids[i]
-            for j in (i - 1, i):
-                if 0 <= j < len(pair_scores):
-                    pair_scores[j], pair_ids[j] = self._pair(ids[j], ids[j + 1])
+        Candidate pairs wait in a heap keyed (-score, left symbol's position): positions keep the
+        text's order, so the heap's top is the pair run.c's rescan would pick. Merged symbols live
+        at their left position in a linked list; a dropped one reads -1. An entry holds both ids
+        it was made from and is stale once either changed (a symbol only grows, so an id never
+        comes back)."""
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int, int, int]] = []
+        push = self._push_pair
+        for i in range(n - 1):
+            push(heap, ids, i, i + 1)
+        while heap:
+            _, left, right, a, b, merged = heapq.heappop(heap)
+            if ids[left] != a or ids[right] != b:
+                continue  # stale: a side was merged since
+            ids[left], ids[right] = merged, -1
+            after = nxt[left] = nxt[right]
+            if after < n:
+                prv[after] = left
+                push(heap, ids, left, after)
+            if prv[left] >= 0:
+                push(heap, ids, prv[left], left)
+        return [t for t in ids if t >= 0]
+
+    def _push_pair(self, heap: list, ids: list[int], left: int, right: int) -> None:
+        """Queue the pair at (left, right) if its concatenation is a piece with a usable score."""
+        a, b = ids[left], ids[right]
+        if a < NUM_RESERVED or b < NUM_RESERVED:
+            return
+        merged = self._piece_to_id.get(self.pieces[a] + self.pieces[b])
+        if merged is not None:
+            score = self._score_list[merged]
+            if score > -np.inf:  # run.c stops at the best score -inf: such a pair never merges
+                heapq.heappush(heap, (-score, left, right, a, b, merged))
 
     def decode(self, prev_token: int, token: int) -> bytes:
         if not 0 <= token < self.vocab_size:
@@ -374,19 +373,80 @@ _EOG_TEXTS = frozenset({
 })
 
 
-def _attr_str(group: h5py.Group, name: str) -> str | None:
+def _attr_str(group: h5py.Group, name: str, where: str) -> str | None:
+    """A string attribute, None if absent."""
     value = group.attrs.get(name)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value.item()
+    if isinstance(value, bytes):
+        value = _utf8(value, f"{where}: attribute {name!r}")
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"{where}: attribute {name!r} must be a string, found {_describe(value)}")
     return value
+
+
+def _attr_int(group: h5py.Group, name: str, where: str) -> int:
+    value = group.attrs[name]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{where}: attribute {name!r} must be an integer, found {_describe(value)}")
+    return int(value)
+
+
+def _attr_size(group: h5py.Group, name: str, where: str) -> int:
+    value = _attr_int(group, name, where)
+    if value < 0:
+        raise InputError(f"{where}: attribute {name!r} must be >= 0, found {value}")
+    return value
+
+
+def _attr_bool(group: h5py.Group, name: str, where: str) -> bool:
+    value = group.attrs[name]
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{where}: attribute {name!r} must be a boolean, found {_describe(value)}")
+    return bool(value)
+
+
+def _attr_ids(group: h5py.Group, name: str, where: str) -> list[int]:
+    """An integer attribute or 1-D array of them (token ids)."""
+    value = np.asarray(group.attrs[name])
+    if value.ndim > 1 or not np.issubdtype(value.dtype, np.integer):
+        raise InputError(f"{where}: attribute {name!r} must be integer token ids, found {_describe(value)}")
+    return [int(i) for i in np.atleast_1d(value)]
+
+
+def _describe(value) -> str:
+    """A short description of a wrongly typed value for messages (arrays may be large)."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _require_attrs(group: h5py.Group, names: Iterable[str], where: str) -> None:
     for name in names:
         if name not in group.attrs:
-            raise ValueError(f"{where}: missing attribute {name!r}")
+            raise InputError(f"{where}: missing attribute {name!r}")
+
+
+_DTYPE_KINDS = {"integer": "iu", "numbers": "fiu"}  # numpy dtype.kind letters
+
+
+def _dataset(group: h5py.Group, name: str, shape: tuple[int, ...], kind: str, where: str) -> np.ndarray:
+    """The contents of dataset `name`, its shape and dtype (`kind`: "integer" or "numbers") checked
+    before anything is read."""
+    ds = group.get(name)
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"{where}: missing dataset {name!r}")
+    if ds.shape != shape or ds.dtype.kind not in _DTYPE_KINDS[kind]:
+        raise InputError(f"{where}: {name} must be {kind} with shape {shape}, found {ds.dtype} with shape {ds.shape}")
+    return np.asarray(ds[()])
 
 
 def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
@@ -417,21 +477,25 @@ def _write_pieces(group: h5py.Group, pieces: Sequence[bytes], scores: np.ndarray
 def _read_pieces(group: h5py.Group, n: int, where: str) -> tuple[list[bytes], np.ndarray]:
     for name in _HDF5_DATASETS:
         if not isinstance(group.get(name), h5py.Dataset):
-            raise ValueError(f"{where}: missing dataset {name!r} (expected {', '.join(_HDF5_DATASETS)})")
-    blob = np.asarray(group["piece_bytes"][()])
-    offsets = np.asarray(group["piece_offsets"][()])
-    scores = np.asarray(group["scores"][()])
-    if blob.ndim != 1 or blob.dtype != np.uint8:
-        raise ValueError(f"{where}: piece_bytes must be 1-D uint8, found {blob.dtype} with shape {blob.shape}")
-    if offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
-        raise ValueError(
-            f"{where}: piece_offsets must be integer with shape ({n + 1},), found {offsets.dtype} with shape {offsets.shape}"
+            raise InputError(f"{where}: missing dataset {name!r} (expected {', '.join(_HDF5_DATASETS)})")
+    offsets = _dataset(group, "piece_offsets", (n + 1,), "integer", where)
+    scores = _dataset(group, "scores", (n,), "numbers", where)
+    ds = group["piece_bytes"]
+    if ds.ndim != 1 or ds.dtype != np.uint8:
+        raise InputError(f"{where}: piece_bytes must be 1-D uint8, found {ds.dtype} with shape {ds.shape}")
+    size = ds.shape[0]
+    if offsets[0] != 0 or offsets[-1] != size:
+        raise InputError(
+            f"{where}: piece_offsets must start at 0 and end at len(piece_bytes)={size}, "
+            f"found {int(offsets[0])}..{int(offsets[-1])}"
         )
-    if scores.shape != (n,):
-        raise ValueError(f"{where}: scores must have shape ({n},), found {scores.shape}")
-    if offsets[0] != 0 or offsets[-1] != blob.size or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"{where}: piece_offsets must be non-decreasing from 0 to len(piece_bytes)={blob.size}")
-    raw = blob.tobytes()
+    if np.any(np.diff(offsets) < 0):
+        bad = int(np.argmax(np.diff(offsets) < 0))
+        raise InputError(
+            f"{where}: piece_offsets must be non-decreasing, found {int(offsets[bad])} then "
+            f"{int(offsets[bad + 1])} at index {bad}"
+        )
+    raw = np.asarray(ds[()]).tobytes()
     return [raw[offsets[i] : offsets[i + 1]] for i in range(n)], scores.astype(np.float32)
 
 
@@ -475,12 +539,12 @@ class SpmTokenizer(Tokenizer):
         self.add_space_prefix = self.add_dummy_prefix = bool(add_space_prefix)
         self.chat_template = chat_template or None
         if self.scores.shape != (n,):
-            raise ValueError(f"expected {n} scores (one per piece), got shape {self.scores.shape}")
+            raise InputError(f"expected {n} scores (one per piece), got shape {self.scores.shape}")
         if self.token_types.shape != (n,):
-            raise ValueError(f"expected {n} token types (one per piece), got shape {self.token_types.shape}")
+            raise InputError(f"expected {n} token types (one per piece), got shape {self.token_types.shape}")
         for name, value in (("bos_id", self.bos_id), ("eos_id", self.eos_id), ("unk_id", self.unk_id)):
             if not 0 <= value < n:
-                raise ValueError(f"{name}={value} is outside the vocabulary [0, {n})")
+                raise InputError(f"{name}={value} is outside the vocabulary [0, {n})")
         self._eos_ids = _unique([self.eos_id, *(eos_ids or ())])
         # llama.cpp's token_to_id: every token, the last one wins on duplicate texts.
         self._text_to_id: dict[str, int] = {t: i for i, t in enumerate(self.texts)}
@@ -534,9 +598,9 @@ class SpmTokenizer(Tokenizer):
         _require_gguf_vocab(reader, "llama", "sentencepiece")
         texts = _gguf_vocabulary(reader)
         n = len(texts)
-        scores = _gguf_array(reader, "tokenizer.ggml.scores")
+        scores = _gguf_array(reader, "tokenizer.ggml.scores", "number", n)
         scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
-        types = _gguf_array(reader, "tokenizer.ggml.token_type")
+        types = _gguf_array(reader, "tokenizer.ggml.token_type", "integer", n)
         types = np.full(n, TOKEN_NORMAL, np.int32) if types is None else np.asarray(types, np.int32)
         bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", 1)
         eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", 2)
@@ -570,21 +634,19 @@ class SpmTokenizer(Tokenizer):
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> SpmTokenizer:
         where = f"tokenizer group {group.name!r}"
-        kind = _attr_str(group, "type")
+        kind = _attr_str(group, "type", where)
         if kind != SPM_HDF5_TYPE:
-            raise ValueError(f"{where}: expected attribute type={SPM_HDF5_TYPE!r}, found {kind!r}")
+            raise InputError(f"{where}: expected attribute type={SPM_HDF5_TYPE!r}, found {kind!r}")
         _require_attrs(group, ("bos_id", "eos_id", "eos_ids", "unk_id", "add_bos", "add_space_prefix", "vocab_size"), where)
-        n = int(group.attrs["vocab_size"])
+        n = _attr_size(group, "vocab_size", where)
         pieces, scores = _read_pieces(group, n, where)
-        if not isinstance(group.get("token_types"), h5py.Dataset) or group["token_types"].shape != (n,):
-            raise ValueError(f"{where}: expected dataset 'token_types' with shape ({n},)")
         return cls(
-            pieces, scores, np.asarray(group["token_types"][()]),
-            bos_id=int(group.attrs["bos_id"]), eos_id=int(group.attrs["eos_id"]),
-            eos_ids=[int(i) for i in np.atleast_1d(group.attrs["eos_ids"])],
-            unk_id=int(group.attrs["unk_id"]),
-            add_bos=bool(group.attrs["add_bos"]), add_space_prefix=bool(group.attrs["add_space_prefix"]),
-            chat_template=_attr_str(group, "chat_template") or None,
+            pieces, scores, _dataset(group, "token_types", (n,), "integer", where),
+            bos_id=_attr_int(group, "bos_id", where), eos_id=_attr_int(group, "eos_id", where),
+            eos_ids=_attr_ids(group, "eos_ids", where),
+            unk_id=_attr_int(group, "unk_id", where),
+            add_bos=_attr_bool(group, "add_bos", where), add_space_prefix=_attr_bool(group, "add_space_prefix", where),
+            chat_template=_attr_str(group, "chat_template", where) or None,
         )
 
     # ------------------------------------------------------------ encode/decode
@@ -718,7 +780,7 @@ class HFTokenizer:
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         for name, value in (("bos_id", self.bos_id), *(("eos id", e) for e in self._eos_ids)):
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+                raise InputError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
         self._decoded: list[bytes] | None = None
         self._decoded_after_bos: list[bytes] | None = None
 
@@ -736,21 +798,15 @@ class HFTokenizer:
         _require_gguf_vocab(reader, "gpt2", "byte-level BPE")
         pre = _gguf_str(reader, "tokenizer.ggml.pre") or "default"
         if pre not in _BPE_PRE_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"GGUF byte-level BPE pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(_BPE_PRE_TYPES))})"
             )
         regex, ignore_merges, nfc, default_add_bos = _BPE_PRE_TYPES[pre]
-        texts = _gguf_vocabulary(reader)
-        types_arr = _gguf_array(reader, "tokenizer.ggml.token_type")
+        texts = _gguf_vocabulary(reader, exact=True)  # the tokenizers library takes UTF-8 only
+        types_arr = _gguf_array(reader, "tokenizer.ggml.token_type", "integer", len(texts))
         types = [TOKEN_NORMAL] * len(texts) if types_arr is None else [int(t) for t in types_arr]
-        merges_raw = _gguf_strings(reader, "tokenizer.ggml.merges") or []
-        merges = []
-        for m in merges_raw:
-            left, sep, right = m.partition(" ")
-            if not sep:
-                raise ValueError(f"GGUF merge {m!r} is not 'left right'")
-            merges.append((left, right))
         vocab = {t: i for i, t in enumerate(texts)}
+        merges = _bpe_merges(_gguf_strings(reader, "tokenizer.ggml.merges", exact=True) or [], vocab)
         tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges,
                                       byte_fallback=False, fuse_unk=False))
         if nfc:
@@ -783,13 +839,11 @@ class HFTokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | PathLike[str]) -> HFTokenizer:
-        from tokenizers import Tokenizer as _HFTokenizer
-
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
-            raise ValueError(f"{path}: no tokenizer.json (only HF 'fast' tokenizers are supported)")
-        tok = _HFTokenizer.from_file(str(tj))
+            raise InputError(f"{path}: no tokenizer.json (only HF 'fast' tokenizers are supported)")
+        tok = _hf_tokenizer(tj.read_bytes(), str(tj))
         cfg = _read_json(path / "tokenizer_config.json")
         model_cfg = _read_json(path / "config.json")
         gen_cfg = _read_json(path / "generation_config.json")
@@ -846,28 +900,29 @@ class HFTokenizer:
 
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> HFTokenizer:
-        from tokenizers import Tokenizer as _HFTokenizer
-
         where = f"tokenizer group {group.name!r}"
-        kind = _attr_str(group, "type")
+        kind = _attr_str(group, "type", where)
         if kind != HF_HDF5_TYPE:
-            raise ValueError(f"{where}: expected attribute type={HF_HDF5_TYPE!r}, found {kind!r}")
+            raise InputError(f"{where}: expected attribute type={HF_HDF5_TYPE!r}, found {kind!r}")
         _require_attrs(group, ("bos_id", "eos_ids", "add_bos"), where)
         ds = group.get("tokenizer_json")
-        if not isinstance(ds, h5py.Dataset):
-            raise ValueError(f"{where}: missing dataset 'tokenizer_json'")
-        tok = _HFTokenizer.from_str(np.asarray(ds[()], dtype=np.uint8).tobytes().decode("utf-8"))
-        eos_id = int(group.attrs["eos_id"]) if "eos_id" in group.attrs else None
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype != np.uint8:
+            raise InputError(f"{where}: expected a 1-D uint8 dataset 'tokenizer_json' (UTF-8 JSON)")
         return cls(
-            tok,
-            bos_id=int(group.attrs["bos_id"]),
-            eos_ids=[int(i) for i in np.atleast_1d(group.attrs["eos_ids"])],
-            add_bos=bool(group.attrs["add_bos"]),
-            chat_template=_attr_str(group, "chat_template") or None,
-            eos_id=eos_id,
+            _hf_tokenizer(np.asarray(ds[()]).tobytes(), f"{where}: tokenizer_json"),
+            bos_id=_attr_int(group, "bos_id", where),
+            eos_ids=_attr_ids(group, "eos_ids", where),
+            add_bos=_attr_bool(group, "add_bos", where),
+            chat_template=_attr_str(group, "chat_template", where) or None,
+            eos_id=_attr_int(group, "eos_id", where) if "eos_id" in group.attrs else None,
         )
 
     # ------------------------------------------------------------ encode/decode
+
+    def min_tokens(self, text: str) -> int:
+        """No bound without encoding (a normalizer may shrink the text); the tokenizers
+        library encodes 100 KB in well under a second anyway."""
+        return 0
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """HF ``encode(text, add_special_tokens=False)``; ``bos=True`` adds BOS when the model asks for it."""
@@ -920,6 +975,21 @@ class HFTokenizer:
         return StreamDecoder(self)
 
 
+def _bpe_merges(lines: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """GGUF merges ("left right") as pairs, checked like the tokenizers library's BPE builder
+    would (it panics instead): both sides and their concatenation are tokens."""
+    merges = []
+    for m in lines:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise InputError(f"GGUF merge {m!r} is not 'left right'")
+        missing = [t for t in (left, right, left + right) if t not in vocab]
+        if missing:
+            raise InputError(f"GGUF merge {m!r} names {missing[0]!r}, which is not in the vocabulary")
+        merges.append((left, right))
+    return merges
+
+
 def _decoder_kind(dec: dict | None) -> tuple[str, bool]:
     """("bytelevel" | "spm" | "other", strip a leading space after BOS) for a tokenizer.json decoder."""
     if not dec:
@@ -937,54 +1007,105 @@ def _decoder_kind(dec: dict | None) -> tuple[str, bool]:
 
 
 def _read_json(path: Path) -> dict:
+    """A model directory's optional JSON settings file ({} if absent or not an object)."""
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _parse_json(_utf8(path.read_bytes(), str(path)), str(path))
     return data if isinstance(data, dict) else {}
+
+
+def _parse_json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} is not valid JSON ({exc})") from None
+
+
+def _hf_tokenizer(raw: bytes, what: str):
+    """A tokenizers.Tokenizer from tokenizer.json bytes, once they are known to be a JSON object with
+    a model."""
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    text = _utf8(raw, what)
+    spec = _parse_json(text, what)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise InputError(f"{what}: expected a tokenizer.json object with a 'model' object")
+    try:
+        return _HFTokenizer.from_str(text)
+    except Exception as exc:  # noqa: BLE001 - a third-party parser that reports every bad input as a bare Exception
+        raise InputError(f"{what}: the tokenizers library can't load it ({exc})") from None
 
 
 # ===================================================================== GGUF access
 
 
-def _gguf_field(reader, key: str):
-    return reader.fields.get(key)
+# GGUF value types (gguf.GGUFValueType names) a key of each kind may have; llama.cpp refuses others too.
+_GGUF_INTEGERS = frozenset({"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"})
+_GGUF_KINDS = {
+    "string": frozenset({"STRING"}),
+    "integer": _GGUF_INTEGERS,
+    "number": _GGUF_INTEGERS | {"FLOAT32", "FLOAT64"},
+    "boolean": frozenset({"BOOL"}),
+}
+
+
+def _gguf_field(reader, key: str, kind: str, array: bool = False):
+    """The metadata field `key` (None if absent), checked to hold a `kind` value, or an array of
+    them: the gguf package hands over whatever type the file declares."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    types = [t.name for t in f.types]
+    allowed = _GGUF_KINDS[kind]
+    if array:  # an empty array has no element type
+        ok = types[:1] == ["ARRAY"] and (len(types) == 1 or (len(types) == 2 and types[1] in allowed))
+    else:
+        ok = len(types) == 1 and types[0] in allowed
+    if not ok:
+        expected = f"an array of {kind}s" if array else ("an " if kind == "integer" else "a ") + kind
+        raise InputError(f"GGUF metadata {key!r} must be {expected}, found type {'/'.join(types) or 'none'}")
+    return f
 
 
 def _gguf_str(reader, key: str) -> str | None:
-    f = _gguf_field(reader, key)
-    if f is None:
-        return None
-    return bytes(f.parts[f.data[0]]).decode("utf-8")
+    f = _gguf_field(reader, key, "string")
+    return None if f is None else _utf8(bytes(f.parts[f.data[0]]), f"GGUF metadata {key!r}")
 
 
 def _gguf_int(reader, key: str, default: int | None) -> int | None:
-    f = _gguf_field(reader, key)
+    f = _gguf_field(reader, key, "integer")
     return default if f is None else int(f.parts[f.data[0]][0])
 
 
 def _gguf_bool(reader, key: str, default: bool) -> bool:
-    f = _gguf_field(reader, key)
+    f = _gguf_field(reader, key, "boolean")
     return default if f is None else bool(f.parts[f.data[0]][0])
 
 
-def _gguf_strings(reader, key: str) -> list[str] | None:
-    f = _gguf_field(reader, key)
+def _gguf_strings(reader, key: str, exact: bool = False) -> list[str] | None:
+    """A string array; `exact`: refuse invalid UTF-8 (else kept as surrogate escapes, the bytes as they are)."""
+    f = _gguf_field(reader, key, "string", array=True)
     if f is None:
         return None
+    if exact:
+        return [_utf8(bytes(f.parts[i]), f"GGUF metadata {key!r} item {k}") for k, i in enumerate(f.data)]
     return [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
 
 
-def _gguf_vocabulary(reader) -> list[str]:
-    texts = _gguf_strings(reader, "tokenizer.ggml.tokens")
+def _gguf_vocabulary(reader, exact: bool = False) -> list[str]:
+    texts = _gguf_strings(reader, "tokenizer.ggml.tokens", exact)
     if texts is None:
-        raise ValueError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
+        raise InputError("GGUF metadata lacks 'tokenizer.ggml.tokens' (the vocabulary)")
     return texts
 
 
-def _gguf_array(reader, key: str) -> np.ndarray | None:
-    f = _gguf_field(reader, key)
+def _gguf_array(reader, key: str, kind: str, length: int) -> np.ndarray | None:
+    """A numeric array with one value per token (None if absent)."""
+    f = _gguf_field(reader, key, kind, array=True)
     if f is None:
         return None
+    if len(f.data) != length:
+        raise InputError(f"GGUF metadata {key!r} has {len(f.data)} values for {length} tokens")
     return np.array([f.parts[i][0] for i in f.data]) if f.data else np.zeros(0)
 
 
@@ -994,7 +1115,7 @@ def _gguf_array(reader, key: str) -> np.ndarray | None:
 def _require_gguf_vocab(reader, expected: str, description: str) -> None:
     model = _gguf_str(reader, "tokenizer.ggml.model")
     if model != expected:
-        raise ValueError(f"GGUF vocabulary type {model!r} is not {description} ({expected!r})")
+        raise InputError(f"GGUF vocabulary type {model!r} is not {description} ({expected!r})")
 
 
 def from_gguf(reader) -> SpmTokenizer | HFTokenizer:
@@ -1005,8 +1126,8 @@ def from_gguf(reader) -> SpmTokenizer | HFTokenizer:
     if model == "gpt2":
         return HFTokenizer.from_gguf(reader)
     if model is None:
-        raise ValueError("GGUF file has no tokenizer (key 'tokenizer.ggml.model' is missing)")
-    raise ValueError(
+        raise InputError("GGUF file has no tokenizer (key 'tokenizer.ggml.model' is missing)")
+    raise InputError(
         f"GGUF vocabulary type tokenizer.ggml.model={model!r} is not supported "
         "(supported: 'llama' sentencepiece, 'gpt2' byte-level BPE)"
     )
@@ -1026,10 +1147,10 @@ _LOADERS = {
 
 def load_tokenizer(group: h5py.Group) -> Tokenizer | SpmTokenizer | HFTokenizer:
     """Read any tokenizer group written by ``write_hdf5``, dispatching on its ``type`` attribute."""
-    kind = _attr_str(group, "type")
+    kind = _attr_str(group, "type", f"tokenizer group {group.name!r}")
     loader = _LOADERS.get(kind)
     if loader is None:
-        raise ValueError(
+        raise InputError(
             f"tokenizer group {group.name!r}: unknown type={kind!r} (known: {', '.join(sorted(_LOADERS))})"
         )
     return loader(group)

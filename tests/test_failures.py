@@ -145,8 +145,17 @@ def test_under_load_the_reason_always_reaches_the_terminal(stories_models, tmp_p
 
 # ------------------------------------------------------------------ prompts
 def test_when_the_prompt_is_longer_than_the_context(stories_models):
-    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once upon a time " * 40, "--max-seq-len", "32")
-    _refused(result, "the prompt is 162 tokens but the context (--max-seq-len) holds 32")
+    # 680 bytes are at least 98 tokens (no piece is longer than 7 bytes): encoded, then refused
+    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once upon a time " * 40, "--max-seq-len", "100")
+    _refused(result, "the prompt is 162 tokens but the context (--max-seq-len) holds 100")
+
+
+def test_when_the_prompt_is_far_longer_than_the_context_it_is_refused_before_encoding(stories_models):
+    prompt = "Once upon a time, there was a little girl named Lily. " * 1800  # 100 KB
+    result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", prompt)
+    _refused(result, "the prompt is at least ")
+    assert f"tokens ({len(prompt)} bytes) but the context (--max-seq-len) holds 512" in result.stderr
+    assert result.elapsed < 15
 
 
 def test_when_the_prompt_is_empty(stories_models):

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest import SHARED_MODELS
 
 from dllama_mpi.tokenizer import HFTokenizer, SpmTokenizer, Tokenizer, from_gguf, load_tokenizer
 
-VOCAB_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "llamacpp-vocab"
+VOCAB_DIR = SHARED_MODELS / "llamacpp-vocab"
 NAMES = ("llama-spm", "llama-bpe")
 SEP = "\n__ggml_vocab_test__\n"
 
@@ -152,3 +153,12 @@ def test_hdf5_round_trip(name: str, tmp_path: Path) -> None:
         assert loaded.encode(text, bos=False) == expected
         assert loaded.encode(text) == tok.encode(text)
         assert decode_all(loaded, expected) == text
+
+
+@pytest.mark.parametrize(("name", "index"), CASES)
+def test_the_early_token_bound_never_exceeds_the_count(name: str, index: int) -> None:
+    """Tokenizer.min_tokens lets a long prompt be refused before encoding: it must be a true
+    lower bound, or a prompt that fits would be refused."""
+    text, expected = read_cases(name)[index]
+    tok = load(name)
+    assert tok.min_tokens(text) <= len(tok.encode(text, bos=False))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import functools
+import re
 import struct
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import STORIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dllama_mpi.errors import InputError
 from dllama_mpi.tokenizer import StreamDecoder, Tokenizer
 
-TOK512 = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K" / "tok512.bin"
+TOK512 = STORIES / "tok512.bin"
 needs_tok512 = pytest.mark.skipif(not TOK512.exists(), reason=f"llama2.c tokenizer not found at {TOK512}")
 
 ROUND_TRIP_TEXTS = [
@@ -78,6 +81,38 @@ def reference_encode(path: Path, text: str) -> list[int]:
         if best_i < 0:
             return [1] + ids
         ids[best_i : best_i + 2] = [best_id]
+
+
+def quadratic_encode(tok: Tokenizer, text: str) -> list[int]:
+    """The twin of Tokenizer.encode: its O(n^2) merge loop as it was before the heap (after each
+    merge, take the best cached pair score again by a scan; leftmost on ties)."""
+    lookup: dict[bytes, int] = {}
+    for i in range(259, tok.vocab_size):
+        lookup.setdefault(tok.pieces[i], i)
+    scores = tok.scores.tolist()
+
+    def pair(left: int, right: int) -> tuple[float, int]:
+        if left < 259 or right < 259:
+            return -np.inf, -1
+        tid = lookup.get(tok.pieces[left] + tok.pieces[right])
+        return (-np.inf, -1) if tid is None else (scores[tid], tid)
+
+    ids: list[int] = []
+    for ch in " " + text if text and tok.add_dummy_prefix else text:
+        b = ch.encode("utf-8")
+        ids += [lookup[b]] if b in lookup else [x + 3 for x in b]
+    pairs = [pair(a, b) for a, b in zip(ids, ids[1:])]
+    while pairs:
+        best = max(s for s, _ in pairs)
+        if best == -np.inf:
+            break
+        i = [s for s, _ in pairs].index(best)
+        ids[i] = pairs[i][1]
+        del ids[i + 1], pairs[i]
+        for j in (i - 1, i):
+            if 0 <= j < len(pairs):
+                pairs[j] = pair(ids[j], ids[j + 1])
+    return [tok.bos_id, *ids]
 
 
 # --------------------------------------------------------------- tok512.bin
@@ -203,6 +238,67 @@ def test_long_prompt_is_fast_enough(tokenizer: Tokenizer) -> None:
     assert stream_decode(tokenizer, ids) == text
 
 
+# The heap merge against its quadratic twin: the same ids on any text, ties included.
+
+BYTE_PIECES = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)]
+SMALL_ALPHABET = "ab c\u00e9"
+TIE_VOCAB = Tokenizer(  # every merge scores the same: only the leftmost rule decides
+    BYTE_PIECES + [p.encode() for p in (" ", "a", "b", "c", "aa", "ab", "ba", " a", "aaa", "aab", "bab", " aa", "abab")],
+    [0.0] * 259 + [1.0] * 13,
+)
+
+
+def _texts_from_pieces(tok: Tokenizer) -> st.SearchStrategy[str]:
+    """Texts made of a vocabulary's pieces, random characters and runs of one character."""
+    pieces = [p.decode() for p in tok.pieces[259:] if p.isascii()]
+    run = st.tuples(st.sampled_from(SMALL_ALPHABET + "xyz\n"), st.integers(1, 40)).map(lambda cn: cn[0] * cn[1])
+    return st.lists(st.sampled_from(pieces) | st.text(max_size=4) | run, max_size=40).map("".join)
+
+
+@st.composite
+def _random_vocabularies(draw) -> Tokenizer:
+    """Small vocabularies over a few letters with scores from a handful of values (many ties,
+    -inf included), duplicates allowed; every letter is a piece, so merges start anywhere."""
+    pieces = list(SMALL_ALPHABET) + draw(st.lists(st.text("ab ", min_size=2, max_size=4), max_size=30))
+    scores = draw(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0]), min_size=len(pieces), max_size=len(pieces)))
+    return Tokenizer(BYTE_PIECES + [p.encode() for p in pieces], [0.0] * 259 + scores)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_heap_merge_equals_quadratic_twin_tok512(data) -> None:
+    if not TOK512.exists():
+        pytest.skip(f"llama2.c tokenizer not found at {TOK512}")
+    tok = _cached_tok512()
+    text = data.draw(_texts_from_pieces(tok) | st.text())
+    assert tok.encode(text) == quadratic_encode(tok, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(SMALL_ALPHABET, max_size=60) | st.text())
+def test_heap_merge_equals_quadratic_twin_on_ties(text: str) -> None:
+    assert TIE_VOCAB.encode(text) == quadratic_encode(TIE_VOCAB, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tok=_random_vocabularies(), text=st.text(SMALL_ALPHABET, max_size=60))
+def test_heap_merge_equals_quadratic_twin_random_vocabulary(tok: Tokenizer, text: str) -> None:
+    assert tok.encode(text) == quadratic_encode(tok, text)
+
+
+def test_heap_merge_ties_go_leftmost() -> None:
+    # " aaaa": every pair ties, so each step merges the leftmost: " "+a, " a"+a, then a+a (" aaa" is no piece)
+    ids = TIE_VOCAB.encode("aaaa", bos=False)
+    assert [TIE_VOCAB.pieces[i] for i in ids] == [b" aa", b"aa"] == [
+        TIE_VOCAB.pieces[i] for i in quadratic_encode(TIE_VOCAB, "aaaa")[1:]]
+
+
+@needs_tok512
+def test_twin_agrees_with_run_c_reference(tok512: Tokenizer) -> None:
+    for text in ROUND_TRIP_TEXTS[:-1]:
+        assert quadratic_encode(tok512, text) == reference_encode(TOK512, text)
+
+
 # ---------------------------------------------------------------- synthetic
 
 
@@ -299,16 +395,52 @@ def _short_scores(g: h5py.Group) -> None:
     g["scores"] = s[:-1]
 
 
+def _array_type(g: h5py.Group) -> None:
+    g.attrs["type"] = np.array([1, 2])
+
+
+def _non_utf8_type(g: h5py.Group) -> None:
+    g.attrs["type"] = np.bytes_(b"\xffbpe")
+
+
+def _float_vocab_size(g: h5py.Group) -> None:
+    g.attrs["vocab_size"] = 512.0
+
+
+def _negative_vocab_size(g: h5py.Group) -> None:
+    g.attrs["vocab_size"] = -1
+
+
+def _string_bos(g: h5py.Group) -> None:
+    g.attrs["bos_id"] = "1"
+
+
+def _array_dummy_prefix(g: h5py.Group) -> None:
+    g.attrs["add_dummy_prefix"] = np.array([True, False])
+
+
+def _string_scores(g: h5py.Group) -> None:
+    del g["scores"]
+    g["scores"] = np.array([b"x"] * 512)
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
+        (_array_type, "attribute 'type' must be a string, found a int64 array"),
+        (_non_utf8_type, "attribute 'type' is not valid UTF-8"),
+        (_float_vocab_size, "attribute 'vocab_size' must be an integer"),
+        (_negative_vocab_size, "attribute 'vocab_size' must be >= 0"),
+        (_string_bos, "attribute 'bos_id' must be an integer"),
+        (_array_dummy_prefix, "attribute 'add_dummy_prefix' must be a boolean"),
+        (_string_scores, "scores must be numbers with shape \\(512,\\), found \\|S1"),
         (_corrupt_offsets, "non-decreasing"),
         (_offsets_past_end, "end at len\\(piece_bytes\\)"),
         (_short_offsets, "piece_offsets must be integer with shape \\(513,\\)"),
         (_missing_dataset, "missing dataset 'scores'"),
         (_wrong_type, "expected attribute type='llama2c-score-bpe', found 'gpt2-bpe'"),
         (_missing_attr, "missing attribute 'bos_id'"),
-        (_short_scores, "scores must have shape \\(512,\\)"),
+        (_short_scores, "scores must be numbers with shape \\(512,\\)"),
     ],
 )
 def test_hdf5_corrupt_group(synthetic: Tokenizer, tmp_path: Path, corrupt, message: str) -> None:
@@ -317,7 +449,7 @@ def test_hdf5_corrupt_group(synthetic: Tokenizer, tmp_path: Path, corrupt, messa
         g = f.create_group("tokenizer")
         synthetic.write_hdf5(g)
         corrupt(g)
-    with h5py.File(path, "r") as f, pytest.raises(ValueError, match=message):
+    with h5py.File(path, "r") as f, pytest.raises(InputError, match=message):
         Tokenizer.read_hdf5(f["tokenizer"])
 
 
@@ -330,15 +462,15 @@ def test_from_llama2c_truncated(tmp_path: Path, keep: int) -> None:
     data = TOK512.read_bytes()
     bad = tmp_path / "tok_truncated.bin"
     bad.write_bytes(data[:keep])
-    with pytest.raises(ValueError, match="expected|truncated"):
+    with pytest.raises(InputError, match="expected|truncated"):
         Tokenizer.from_llama2c(bad, 512)
 
 
 @needs_tok512
 def test_from_llama2c_wrong_vocab_size(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="trailing bytes"):
+    with pytest.raises(InputError, match="trailing bytes"):
         Tokenizer.from_llama2c(TOK512, 500)
-    with pytest.raises(ValueError, match="truncated at token 512"):
+    with pytest.raises(InputError, match="truncated at token 512"):
         Tokenizer.from_llama2c(TOK512, 513)
 
 
@@ -349,7 +481,7 @@ def test_from_llama2c_bad_byte_pieces(tmp_path: Path) -> None:
         for i in range(259):
             piece = b"x%d" % i
             f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
-    with pytest.raises(ValueError, match="byte-fallback piece for id 3"):
+    with pytest.raises(InputError, match="byte-fallback piece for id 3"):
         Tokenizer.from_llama2c(path, 259)
 
 
@@ -395,7 +527,7 @@ def test_load_tokenizer_unknown_type(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "t.h5", "w") as f:
         g = f.create_group("tokenizer")
         g.attrs["type"] = "wordpiece"
-        with pytest.raises(ValueError, match="unknown type='wordpiece'"):
+        with pytest.raises(InputError, match="unknown type='wordpiece'"):
             load_tokenizer(g)
 
 
@@ -486,12 +618,113 @@ def test_from_gguf_rejects_other_vocab_types(tmp_path: Path) -> None:
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "bert.gguf"
     _write_gguf(path, "bert", ["[PAD]", "[CLS]", "[SEP]"])
-    with pytest.raises(ValueError, match="tokenizer.ggml.model='bert' is not supported"):
+    with pytest.raises(InputError, match="tokenizer.ggml.model='bert' is not supported"):
         from_gguf(gguf.GGUFReader(path))
     path = tmp_path / "odd-pre.gguf"
     _write_gguf(path, "gpt2", ["a", "b", "c"], merges=["a b"], pre="no-such-pre")
-    with pytest.raises(ValueError, match="pre-tokenizer 'no-such-pre' is not supported"):
+    with pytest.raises(InputError, match="pre-tokenizer 'no-such-pre' is not supported"):
         from_gguf(gguf.GGUFReader(path))
+
+
+def _gguf_with(path: Path, base: dict, changes: dict) -> None:
+    """A vocab-only GGUF of `base` {key: (value, type, array element type)} with `changes` (None: key left out)."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, kv in {**base, **changes}.items():
+        if kv is not None:
+            w.add_key_value(key, kv[0], getattr(gguf.GGUFValueType, kv[1]),
+                            None if kv[2] is None else getattr(gguf.GGUFValueType, kv[2]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _spm_metadata() -> dict:
+    ref = _tiny_spm()
+    return {"tokenizer.ggml.model": ("llama", "STRING", None),
+            "tokenizer.ggml.tokens": (ref.texts, "ARRAY", "STRING"),
+            "tokenizer.ggml.scores": (ref.scores.tolist(), "ARRAY", "FLOAT32"),
+            "tokenizer.ggml.token_type": (ref.token_types.tolist(), "ARRAY", "INT32"),
+            "tokenizer.ggml.bos_token_id": (1, "UINT32", None),
+            "tokenizer.ggml.add_bos_token": (True, "BOOL", None)}
+
+
+def _bpe_metadata() -> dict:
+    return {"tokenizer.ggml.model": ("gpt2", "STRING", None),
+            "tokenizer.ggml.pre": ("gpt2", "STRING", None),
+            "tokenizer.ggml.tokens": (["a", "b", "ab", "<eos>"], "ARRAY", "STRING"),
+            "tokenizer.ggml.merges": (["a b"], "ARRAY", "STRING"),
+            "tokenizer.ggml.eos_token_id": (3, "UINT32", None)}
+
+
+GGUF_REFUSALS = [
+    (_spm_metadata, {"tokenizer.ggml.model": (7, "UINT32", None)},
+     "'tokenizer.ggml.model' must be a string, found type UINT32"),
+    (_spm_metadata, {"tokenizer.ggml.model": (b"ll\xffama", "STRING", None)}, "'tokenizer.ggml.model' is not valid UTF-8"),
+    (_spm_metadata, {"tokenizer.ggml.tokens": ([1, 2, 3], "ARRAY", "INT32")},
+     "'tokenizer.ggml.tokens' must be an array of strings, found type ARRAY/INT32"),
+    (_spm_metadata, {"tokenizer.ggml.tokens": ("<s>", "STRING", None)}, "'tokenizer.ggml.tokens' must be an array"),
+    (_spm_metadata, {"tokenizer.ggml.tokens": None}, "lacks 'tokenizer.ggml.tokens'"),
+    (_spm_metadata, {"tokenizer.ggml.scores": ([0.0, 1.0], "ARRAY", "FLOAT32")},
+     "'tokenizer.ggml.scores' has 2 values for 272 tokens"),
+    (_spm_metadata, {"tokenizer.ggml.scores": (["x"] * 272, "ARRAY", "STRING")}, "must be an array of numbers"),
+    (_spm_metadata, {"tokenizer.ggml.token_type": ([1.0] * 272, "ARRAY", "FLOAT32")}, "must be an array of integers"),
+    (_spm_metadata, {"tokenizer.ggml.bos_token_id": ("1", "STRING", None)},
+     "'tokenizer.ggml.bos_token_id' must be an integer, found type STRING"),
+    (_spm_metadata, {"tokenizer.ggml.bos_token_id": (999, "UINT32", None)}, "bos_id=999 is outside the vocabulary"),
+    (_spm_metadata, {"tokenizer.ggml.add_bos_token": (1, "UINT8", None)}, "'tokenizer.ggml.add_bos_token' must be a boolean"),
+    (_bpe_metadata, {"tokenizer.ggml.merges": (["a c"], "ARRAY", "STRING")}, "merge 'a c' names 'c', which is not in"),
+    (_bpe_metadata, {"tokenizer.ggml.merges": (["b a"], "ARRAY", "STRING")}, "merge 'b a' names 'ba', which is not in"),
+    (_bpe_metadata, {"tokenizer.ggml.merges": (["ab"], "ARRAY", "STRING")}, "merge 'ab' is not 'left right'"),
+    (_bpe_metadata, {"tokenizer.ggml.tokens": (["a", b"\xff", "ab"], "ARRAY", "STRING")},
+     "'tokenizer.ggml.tokens' item 1 is not valid UTF-8"),
+    (_bpe_metadata, {"tokenizer.ggml.token_type": ([1, 1], "ARRAY", "INT32")}, "has 2 values for 4 tokens"),
+    (_bpe_metadata, {"tokenizer.ggml.eos_token_id": (4, "UINT32", None)}, "eos id=4 is outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize(("base", "changes", "message"), GGUF_REFUSALS)
+def test_from_gguf_refuses_malformed_metadata(tmp_path: Path, base, changes: dict, message: str) -> None:
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "bad.gguf"
+    _gguf_with(path, base(), changes)
+    with pytest.raises(InputError, match=re.escape(message)):
+        from_gguf(gguf.GGUFReader(path))
+
+
+def test_from_gguf_metadata_bases_load(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    for base in (_spm_metadata, _bpe_metadata):
+        _gguf_with(tmp_path / "ok.gguf", base(), {})
+        tok = from_gguf(gguf.GGUFReader(tmp_path / "ok.gguf"))
+        assert tok.encode("hello" if base is _spm_metadata else "ab", bos=False)
+
+
+def _spm_group_with(tmp_path: Path, **attrs) -> h5py.File:
+    f = h5py.File(tmp_path / "spm.h5", "w")
+    g = f.create_group("tokenizer")
+    _tiny_spm().write_hdf5(g)
+    for name, value in attrs.items():
+        if name == "token_types":
+            del g[name]
+            g[name] = value
+        else:
+            g.attrs[name] = value
+    return f
+
+
+@pytest.mark.parametrize(("attrs", "message"), [
+    ({"eos_ids": np.array([b"2"])}, "attribute 'eos_ids' must be integer token ids"),
+    ({"unk_id": 0.5}, "attribute 'unk_id' must be an integer"),
+    ({"add_space_prefix": "yes"}, "attribute 'add_space_prefix' must be a boolean"),
+    ({"chat_template": 5}, "attribute 'chat_template' must be a string"),
+    ({"token_types": np.zeros(272, np.float32)}, "token_types must be integer with shape (272,)"),
+    ({"vocab_size": 3}, "piece_offsets must be integer with shape (4,)"),
+])
+def test_spm_hdf5_refuses_malformed_group(tmp_path: Path, attrs: dict, message: str) -> None:
+    with _spm_group_with(tmp_path, **attrs) as f, pytest.raises(InputError, match=re.escape(message)):
+        load_tokenizer(f["tokenizer"])
 
 
 # ----------------------------------------------------------- HF directories
@@ -556,7 +789,7 @@ def test_hf_dir_add_bos_flag_and_missing_json(hf_dir: Path, tmp_path: Path) -> N
     tok = from_hf_dir(d)
     assert not tok.add_bos and tok.eos_ids == (2,) and tok.chat_template is None
     assert tok.encode("hi") == tok.encode("hi", bos=False)
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    with pytest.raises(InputError, match="no tokenizer.json"):
         from_hf_dir(tmp_path / "nowhere")
 
 
@@ -590,8 +823,44 @@ def test_hf_hdf5_round_trip(hf_dir: Path, tmp_path: Path) -> None:
         assert stream_decode(loaded, loaded.encode(text)) == text
 
 
+@pytest.mark.parametrize(("blob", "message"), [
+    (b"\xff{}", "tokenizer_json is not valid UTF-8"),
+    (b"{\"model\": ", "tokenizer_json is not valid JSON"),
+    (b"[1, 2]", "expected a tokenizer.json object with a 'model' object"),
+])
+def test_hf_hdf5_refuses_malformed_json(hf_dir: Path, tmp_path: Path, blob: bytes, message: str) -> None:
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        g = f.create_group("tokenizer")
+        from_hf_dir(hf_dir).write_hdf5(g)
+        del g["tokenizer_json"]
+        g["tokenizer_json"] = np.frombuffer(blob, np.uint8)
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_tokenizer(g)
+
+
+def test_hf_dir_refuses_malformed_json(hf_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "badcfg"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text('{"bos_token": ')
+    with pytest.raises(InputError, match="tokenizer_config.json is not valid JSON"):
+        from_hf_dir(d)
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    with pytest.raises(InputError, match="tokenizer.json: expected a tokenizer.json object with a 'model' object"):
+        from_hf_dir(d)
+
+
 def test_stream_gives_no_text_for_ids_beyond_the_tokenizer(tok512) -> None:
     # models often pad vocab_size past their tokenizer; such ids must not end generation
     stream = tok512.stream()
     assert stream.feed(1, 600) == ""
     assert stream.feed(600, 403) == " Once"  # (the leading space is stripped only right after BOS)
+
+
+@needs_tok512
+@settings(max_examples=200, deadline=None)
+@given(text=st.text() | st.text("ab \u00e9\n", max_size=200))
+def test_the_early_token_bound_never_exceeds_the_count(text: str) -> None:
+    tok = _cached_tok512()
+    assert tok.min_tokens(text) <= len(tok.encode(text, bos=False))
+    assert TIE_VOCAB.min_tokens(text) <= len(TIE_VOCAB.encode(text, bos=False))

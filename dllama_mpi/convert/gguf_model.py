@@ -56,7 +56,8 @@ def sniff(path: Path) -> bool:
         return False
 
 
-def _open(path: Path):
+def open_gguf(path: Path):
+    """A GGUFReader on `path`, after the file's extent is checked (a truncated file is named as such)."""
     import gguf
 
     _check_extent(path)
@@ -86,8 +87,8 @@ def _check_extent(path: Path) -> None:
         if pos + n > len(head):
             if len(head) < size:
                 raise _Unchecked  # a header larger than what was read: GGUFReader will judge it
-            raise ConvertError(f"{path} is truncated: it ends ({size} bytes) inside its header; copy or download "
-                               "it again")
+            raise ConvertError(f"{path} is truncated or damaged: its header runs past the end of the file ({size} "
+                               "bytes); copy or download it again")
         pos += n
         return head[pos - n : pos]
 
@@ -336,7 +337,7 @@ def read(path: Path, tokenizer_path=None):
     path = Path(path)
     from ..tokenizer import from_gguf
 
-    reader = _open(path)
+    reader = open_gguf(path)
     fields = _spec_fields(reader, path)
     tokenizer = from_gguf(reader)
     arch, head_dim = fields["architecture"], fields["head_dim"]
@@ -354,7 +355,7 @@ def read(path: Path, tokenizer_path=None):
             notes.append(f"re-quantized: {names[t.name]} from {t.tensor_type.name}")
 
     def tensors():
-        r = _open(path)
+        r = open_gguf(path)
         for t in r.tensors:
             ours = names.get(t.name)
             if ours is not None:
