@@ -262,7 +262,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
             for f in files:
                 tokenizer.write_hdf5(f.create_group("tokenizer"))
                 f.flush()
-        except Exception:  # noqa: BLE001 - h5py reports a failed write as RuntimeError or OSError, mostly without errno
+        except Exception:  # h5py reports a failed write as RuntimeError or OSError, mostly without errno
             if not _disk_full(tmp if tmp.is_dir() else tmp.parent):
                 raise
             for f in files:  # empty the temporaries: closing them then has nothing left to write

@@ -1032,7 +1032,7 @@ def _hf_tokenizer(raw: bytes, what: str):
         raise InputError(f"{what}: expected a tokenizer.json object with a 'model' object")
     try:
         return _HFTokenizer.from_str(text)
-    except Exception as exc:  # noqa: BLE001 - a third-party parser that reports every bad input as a bare Exception
+    except Exception as exc:  # a third-party parser that reports every bad input as a bare Exception
         raise InputError(f"{what}: the tokenizers library can't load it ({exc})") from None
 
 
