@@ -223,7 +223,7 @@ def test_unsupported_inputs(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(path.read_bytes()[:200])
     assert gguf_model.sniff(bad)
-    with pytest.raises(ConvertError, match=r"bad.gguf is truncated or damaged: its header runs past the end of the file \(200 bytes\)"):
+    with pytest.raises(ConvertError, match=r"bad.gguf is truncated or damaged: its header runs past the end of the file \(200"):
         gguf_model.read(bad, None)
 
 

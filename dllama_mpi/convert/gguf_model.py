@@ -63,7 +63,7 @@ def open_gguf(path: Path):
     _check_extent(path)
     try:
         return gguf.GGUFReader(path, "r")
-    except Exception as exc:
+    except Exception as exc:  # a third-party parser: it raises ValueError, struct.error, IndexError...
         raise ConvertError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
