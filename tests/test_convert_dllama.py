@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dllama_mpi import quant
-from dllama_mpi.convert import dllama
+from dllama_mpi.convert import ConvertError, dllama
 from dllama_mpi.convert.rope import halves_to_interleaved
 
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ = 96, 160, 2, 3, 1, 300, 64
@@ -133,33 +133,33 @@ def test_malformed_models(tmp_path, tokenizer_file):
     bad = tmp_path / "bad.m"
     bad.write_bytes(struct.pack("<i", 0x12345678) + data[4:])
     assert not dllama.sniff(bad)
-    with pytest.raises(ValueError, match="bad magic"):
+    with pytest.raises(ConvertError, match="bad magic"):
         dllama.read(bad, tokenizer_file)
 
     bad.write_bytes(struct.pack("<i", 0xABCD00) + data[4:])
-    with pytest.raises(ValueError, match="old distributed-llama"):
+    with pytest.raises(ConvertError, match="old distributed-llama"):
         dllama.read(bad, tokenizer_file)
 
     bad.write_bytes(data[:20])  # header cut
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ConvertError, match="truncated"):
         dllama.read(bad, tokenizer_file)
 
     bad.write_bytes(data[:-5])  # weights cut
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ConvertError, match="truncated"):
         dllama.read(bad, tokenizer_file)
 
     bad.write_bytes(data[:6])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ConvertError, match="truncated"):
         dllama.read(bad, tokenizer_file)
 
     moe = tmp_path / "moe.m"
     moe.write_bytes(dw.header_bytes({**PARAMS, "n_experts": 8, "weights_float_type": 2}))
-    with pytest.raises(ValueError, match="mixture-of-experts"):
+    with pytest.raises(ConvertError, match="mixture-of-experts"):
         dllama.read(moe, tokenizer_file)
 
-    with pytest.raises(ValueError, match="--tokenizer"):
+    with pytest.raises(ConvertError, match="--tokenizer"):
         dllama.read(path, None)
-    with pytest.raises(ValueError, match="--tokenizer"):
+    with pytest.raises(ConvertError, match="--tokenizer"):
         dllama.read(path, tmp_path / "missing.t")
 
 
@@ -178,17 +178,17 @@ def test_malformed_tokenizers(tmp_path, tokenizer_file):
     data = tokenizer_file.read_bytes()
     bad = tmp_path / "bad.t"
     bad.write_bytes(struct.pack("<i", 0x1234) + data[4:])
-    with pytest.raises(ValueError, match="bad magic"):
+    with pytest.raises(ConvertError, match="bad magic"):
         dllama.read_tokenizer(bad)
     bad.write_bytes(data[:-3])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ConvertError, match="truncated"):
         dllama.read_tokenizer(bad)
     bad.write_bytes(data[:10])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ConvertError, match="truncated"):
         dllama.read_tokenizer(bad)
     # a byte-level BPE vocabulary (no <0xXX> pieces) is refused with a clear error
     dw.write_tokenizer(bad, [b"a", b"b", b"<s>"] + [b"x%d" % i for i in range(300)], np.zeros(303), 2, [2])
-    with pytest.raises(ValueError, match="sentencepiece"):
+    with pytest.raises(ConvertError, match="sentencepiece"):
         dllama.read_tokenizer(bad)
 
 

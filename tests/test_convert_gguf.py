@@ -313,3 +313,13 @@ def test_gguf_and_hf_paths_give_the_same_logits(tmp_path, arch):
         logits[name] = np.stack([session.engine.forward(t, pos).copy() for pos, t in enumerate([1, 5, 260, 77])])
     assert np.abs(logits["hf"]).max() > 0.1
     np.testing.assert_array_equal(logits["gguf"], logits["hf"])
+
+
+def test_a_vocabulary_only_gguf_is_not_taken_for_truncated():
+    """llama.cpp's vocab-only files end right after the header (no tensors, no padding)."""
+    from conftest import SHARED_MODELS
+
+    path = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-spm.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    assert len(gguf_model.open_gguf(path).tensors) == 0

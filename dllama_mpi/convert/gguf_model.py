@@ -133,6 +133,8 @@ def _check_extent(path: Path) -> None:
             end = max(end, offset + math.prod(dims) // block * block_bytes)
     except _Unchecked:
         return
+    if not n_tensors:  # a vocabulary-only file: no data section, and no padding before it either
+        return
     data_start = -(-pos // alignment) * alignment
     if data_start + end > size:
         raise ConvertError(f"{path} is truncated: its tensor data runs to byte {data_start + end} but the file has "
