@@ -56,6 +56,8 @@ def test_missing_tokenizer_is_explained(tmp_path, capsys):
     need_stories()
     assert convert_main([str(STORIES / "stories260K.bin"), str(tmp_path / "out.h5")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+    assert convert_main([str(STORIES / "stories260K.bin"), str(tmp_path / "out.h5"), "--tokenizer", str(tmp_path)]) == 2
+    assert f"llama2.c tokenizer {tmp_path} is not a file; pass --tokenizer PATH" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output, no temporary left behind
 
 

@@ -257,8 +257,8 @@ def read(path: Path, tokenizer_path):
     if not tokenizer_path:
         raise ConvertError("a distributed-llama model needs its tokenizer: pass --tokenizer PATH (the .t file)")
     tokenizer_path = Path(tokenizer_path)
-    if not tokenizer_path.exists():
-        raise ConvertError(f"distributed-llama tokenizer {tokenizer_path} not found; pass --tokenizer PATH (the .t file)")
+    if not tokenizer_path.is_file():
+        raise ConvertError(f"distributed-llama tokenizer {tokenizer_path} is not a file; pass --tokenizer PATH (the .t file)")
     tokenizer = read_tokenizer(tokenizer_path)
     fields = info["fields"]
     notes = []

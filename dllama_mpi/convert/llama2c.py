@@ -64,8 +64,8 @@ def read(path: Path, tokenizer_path: str | Path | None):
 
     h = _header(path)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else path.with_name("tokenizer.bin")
-    if not tokenizer_path.exists():
-        raise ConvertError(f"llama2.c tokenizer {tokenizer_path} not found; pass --tokenizer PATH (e.g. tok512.bin)")
+    if not tokenizer_path.is_file():
+        raise ConvertError(f"llama2.c tokenizer {tokenizer_path} is not a file; pass --tokenizer PATH (e.g. tok512.bin)")
     tokenizer = Tokenizer.from_llama2c(tokenizer_path, h["vocab_size"])
     spec_fields = {k: v for k, v in h.items()}
     spec_fields["head_dim"] = h["dim"] // h["n_heads"]
