@@ -4,6 +4,7 @@ never another exception, a hang (hypothesis deadline) or a huge allocation (trac
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tempfile
@@ -25,7 +26,9 @@ from dllama_mpi.spec import ModelSpec
 from dllama_mpi.tokenizer import Tokenizer
 
 PEAK_BYTES = 64 * 2**20  # far above what these small inputs need, far below what a bad size field asks for
-FUZZ = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+# 60 examples per parser in CI; DLLAMA_FUZZ_EXAMPLES=1500 for a longer campaign
+FUZZ = settings(max_examples=int(os.environ.get("DLLAMA_FUZZ_EXAMPLES", "60")), deadline=5000,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 def refused_or_read(parse) -> str:
