@@ -331,13 +331,16 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
-def _positive(text: str) -> float:
+MAX_ENCODE_KIB = 100 * 1024  # the text is built in memory: 100 MiB is far beyond any prompt
+
+
+def _encode_kib(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not 0 < value < float("inf"):  # nan fails too
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if not 0 < value <= MAX_ENCODE_KIB:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be a number of KiB above 0 and at most {MAX_ENCODE_KIB}, got {text!r}")
     return value
 
 
@@ -363,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--encode", nargs="+", metavar="VOCAB",
                    help="measure encoding with these vocabularies instead (model .h5, GGUF or llama2.c tokenizer.bin; "
                         "default: off)")
-    p.add_argument("--encode-kib", type=_positive, default=100, metavar="KIB",
+    p.add_argument("--encode-kib", type=_encode_kib, default=100, metavar="KIB",
                    help="size of the --encode text in KiB (default: %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per buffer type (per vocabulary with --encode) instead of tables "
