@@ -256,7 +256,7 @@ def load_vocab(path: str):
 
     source = Path(path)
     if not source.is_file():
-        raise InputError(f"vocabulary {source} does not exist; give a model .h5, a GGUF file or a llama2.c tokenizer.bin")
+        raise InputError(f"vocabulary {source} is not a file; give a model .h5, a GGUF file or a llama2.c tokenizer.bin")
     if source.suffix == ".h5":
         from .modelfile import ModelFile
 
@@ -346,7 +346,7 @@ def _encode_kib(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dllama_mpi.bench",
+        prog="python -m dllama_mpi.bench", allow_abbrev=False,
         description="Measure decode and prefill speed of a model shape with random weights, under any "
                     "`mpirun -n N ... --memory-budget ...`; or, with --encode, how fast tokenizers encode a long text "
                     "(one process, no mpirun).")
@@ -355,13 +355,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal shares)")
     p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"],
                    help="activation buffer types to measure, one run each (default: q80)")
-    p.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 512], metavar="N",
+    p.add_argument("--prompt-lengths", nargs="+", type=_at_least_one, default=[128, 512], metavar="N",
                    help="prompt lengths whose prefill speed is measured (default: 128 512)")
-    p.add_argument("--decode-steps", type=int, default=32, metavar="N",
+    p.add_argument("--decode-steps", type=_at_least_one, default=32, metavar="N",
                    help="tokens decoded per decode measurement (default: %(default)s)")
     p.add_argument("--repeat", type=_at_least_one, default=3, metavar="N",
                    help="runs of each measurement; medians are reported (default: %(default)s)")
-    p.add_argument("--nthreads", type=int, metavar="N",
+    p.add_argument("--nthreads", type=_at_least_one, metavar="N",
                    help="threads per rank (default: the rank's share of the node's cores)")
     p.add_argument("--encode", nargs="+", metavar="VOCAB",
                    help="measure encoding with these vocabularies instead (model .h5, GGUF or llama2.c tokenizer.bin; "

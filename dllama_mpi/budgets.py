@@ -63,10 +63,10 @@ def parse_budgets(values, world_size: int) -> Budgets:
 def _ratio(rank: int, text: str) -> int:
     if not _RATIO.fullmatch(text):  # digits only: int() would also take '1_000', '+3' or other scripts' digits
         shown = text if _NEGATIVE.fullmatch(text) else repr(text)
-        raise InputError(f"the budget for rank {rank} is {shown}; budgets must be positive integers such as 3 2 2 1")
+        raise InputError(f"the budget for rank {rank} is {shown}; budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)")
     ratio = int(text)
     if ratio == 0:
-        raise InputError(f"the budget for rank {rank} is 0; budgets must be positive integers such as 3 2 2 1")
+        raise InputError(f"the budget for rank {rank} is 0; budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)")
     if ratio > MAX_BUDGET:
         raise InputError(f"the budget for rank {rank} is {ratio}, larger than any machine; budgets are ratios "
                          "such as 3 2 2 1, or sizes such as 6GiB")
@@ -145,7 +145,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         smaller_type = "convert the model to q40 weights" if plan.spec.weight_type != "q40" else ""
         ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), smaller_type,
                             "run some of the ranks on other nodes") if w]
-        problems.append(f"{names} on {host} need {format_bytes(need)} ({parts}) but the node has "
+        problems.append(f"{names} on {host} need{'s' * (len(ranks) == 1)} {format_bytes(need)} ({parts}) but the node has "
                         f"{format_bytes(room)} available; " + ", ".join(ways[:-1]) + ", or " * (len(ways) > 1) + ways[-1])
     return problems
 

@@ -38,7 +38,8 @@ def finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dllama_mpi", description=(
+    # no abbreviations: `--dry` must not start a real run (--dry-run is recognised before parsing)
+    p = _Parser(prog="python -m dllama_mpi", allow_abbrev=False, description=(
         "Distributed Llama inference: each MPI rank holds and computes a share of every layer "
         "proportional to its --memory-budget. Launch with mpirun -n N."))
     p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert, or a directory of per-rank shards "
@@ -47,15 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
                         "a hard cap); each rank's need is checked against its cap and its node's memory (default: equal)")
     p.add_argument("--prompt", help="text to start from (default: just BOS)")
-    p.add_argument("--steps", type=int, default=64, help="number of new tokens (default 64)")
-    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--steps", type=int, default=64,
+                   help="new tokens at most (default 64); fewer at an end-of-generation token or the end of the context")
+    p.add_argument("--temperature", type=finite_float, default=0.0,
+                   help="0 is greedy (default 0); above 0, sampling with --top-p")
     p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--seed", type=int, help="sampling seed (default: from the clock, printed at the end)")
     p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
     p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
                    help="activations and what travels between ranks: f32 or q80 (default q80)")
     p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
     p.add_argument("--dry-run", action="store_true",
                    help="as one process without mpirun: print the plan for --memory-budget (one value per rank "
                         "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
@@ -96,6 +100,10 @@ def run_guarded(comm, job) -> int:
         log.error("rank %d interrupted: stopping every rank", comm.rank)
         _abort(comm, 130)
         return 130
+    except BrokenPipeError:  # rank 0's reader went away (`| head`): end quietly, as Unix tools do
+        _silence_stdout()
+        comm.abort(141)
+        return 141
     except BaseException:
         log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
         _abort(comm, 1)
@@ -149,6 +157,10 @@ def _parse(comm, argv):
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if args.seed is not None and args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.model == "":
+        problems.append("--model is empty; give a model file or a shard directory, or leave --model out")
     if args.nthreads is not None and args.nthreads <= 0:
         problems.append(f"--nthreads must be positive, got {args.nthreads}")
     if args.prompt == "":
@@ -246,10 +258,18 @@ def _report(comm, session, result, n_threads, seed, startup_s, budgets) -> None:
               f"{m['cap']:>8}", file=err)
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe: stdout goes to /dev/null, so flushing at exit can't fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _dry_run_guarded(argv) -> int:
     _setup_logging(0)
     try:
         return _dry_run(argv)
+    except BrokenPipeError:  # `--dry-run | head`
+        _silence_stdout()
+        return 141
     except InputError as exc:
         # launched by mpirun after all: every rank got here, one prints
         if int(os.environ.get("PMI_RANK", "0")) == 0:
@@ -262,7 +282,7 @@ def _dry_run(argv) -> int:
     start-up rules as a launch (launch.plan_launch, launch.check_fit)."""
     from .budgets import RUNTIME_BYTES, format_bytes, rank_need
     from .launch import check_fit, plan_launch
-    from .modelfile import open_model
+    from .modelfile import ModelFileError, open_model
     from .synthetic import SYNTHETIC_SPEC
 
     args = _parse(None, argv)
@@ -273,10 +293,23 @@ def _dry_run(argv) -> int:
         spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
     else:
         model = open_model(args.model)
-        spec, shard, name = model.spec, model.shard, str(args.model)
+        spec, shard, name, model_id = model.spec, model.shard, str(args.model), model.model_id
         model.close()
     launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len)
     plan, max_seq_len = launch.plan, launch.max_seq_len
+    if shard is not None:  # every rank's shard, as the launch's ranks would check theirs
+        problems = []
+        for rank in range(plan.world_size):
+            try:
+                shard_file = open_model(args.model, rank, plan.world_size)
+                try:
+                    shard_file.check_shard(rank, plan, model_id)
+                finally:
+                    shard_file.close()
+            except ModelFileError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UsageError("; ".join(problems))
     for note in launch.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "

@@ -7,8 +7,10 @@ file (and a node needs only its own shard on local disk).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -88,7 +90,7 @@ def largest_tensor_bytes(spec: ModelSpec) -> int:
                for info in tensor_layout(spec).values())
 
 
-SHARD_NAME = re.compile(r"shard-([0-9]+)-of-([0-9]+)\.h5")
+SHARD_NAME = re.compile(r"shard-(0|[1-9][0-9]*)-of-([1-9][0-9]*)\.h5")  # as shard_name writes them: no leading zeros
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -122,7 +124,7 @@ def is_model_file(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return _str(f.attrs.get("format")) == FORMAT_NAME
-    except OSError:  # HDF5 that can't be opened (truncated): not a model file either
+    except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
         return False
 
 
@@ -135,34 +137,41 @@ def check_output(path: Path, shards: bool, force: bool) -> None:
     parent = path.parent
     if not parent.is_dir():
         missing = parent
-        while not missing.parent.exists() and missing.parent != missing:
+        while not missing.parent.is_dir() and missing.parent != missing:
             missing = missing.parent
-        what = "is not a directory" if missing.exists() else "does not exist"
-        raise ModelFileError(f"can't write {path}: {missing} {what}; create the directory first (mkdir -p {parent}) "
-                             "or write elsewhere")
+        if missing.exists():
+            raise ModelFileError(f"can't write {path}: {missing} is a file, not a directory; write elsewhere")
+        raise ModelFileError(f"can't write {path}: {missing} does not exist; create the directory first "
+                             f"(mkdir -p {parent}) or write elsewhere")
     if not path.exists() and not path.is_symlink():
         return
     if shards and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
+    if problem := _not_replaceable(path, shards):
+        raise ModelFileError(problem)
     if not force:
         raise ModelFileError(f"output {path} exists; pass --force to overwrite it")
+
+
+def _not_replaceable(path: Path, shards: bool) -> str | None:
+    """Why what stands at `path` may not be replaced by a model file (or shards), or None."""
     ours = "--force replaces only what the converter wrote"
     if path.is_symlink():
-        raise ModelFileError(f"{path} is a symbolic link; {ours}: remove the link or choose another name")
+        return f"{path} is a symbolic link; {ours}: remove the link or choose another name"
     if not shards:
         if path.is_dir():
-            raise ModelFileError(f"{path} is a directory; give the model file's path, e.g. {path / 'model.h5'} "
-                                 "(or add --memory-budget to write per-rank shards into a directory)")
+            return (f"{path} is a directory; give the model file's path, e.g. {path / 'model.h5'} "
+                    "(or add --memory-budget to write per-rank shards into a directory)")
         if not is_model_file(path):
-            raise ModelFileError(f"{path} is not a dllama_mpi model file; {ours}: remove it yourself or choose "
-                                 "another name")
-        return
+            return f"{path} is not a dllama_mpi model file; {ours}: remove it yourself or choose another name"
+        return None
     if not path.is_dir():
-        raise ModelFileError(f"{path} is a file; shards are written into a directory: choose a directory name")
+        return f"{path} is a file; shards are written into a directory: choose a directory name"
     if foreign := _foreign_entries(path):
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise ModelFileError(f"{path} holds entries the converter did not write ({', '.join(foreign[:5])}{more}); "
-                             f"{ours} (a directory of shard files alone): choose another directory or move them away")
+        return (f"{path} holds entries the converter did not write ({', '.join(foreign[:5])}{more}); {ours} "
+                "(a directory of shard files alone): choose another directory or move them away")
+    return None
 
 
 def _foreign_entries(directory: Path) -> list[str]:
@@ -224,9 +233,10 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
         raise ModelFileError(f"{path.parent} has {free / 2**20:.1f} MiB free but the model takes about "
                              f"{need / 2**20:.1f} MiB; free some space or write it elsewhere")
     try:
-        if plan is not None:
-            tmp.mkdir()
-        files = [h5py.File(tmp if plan is None else tmp / shard_name(r, n_files), "w") for r in range(n_files)]
+        with _writable(path.parent):
+            if plan is not None:
+                tmp.mkdir()
+            files = [h5py.File(tmp if plan is None else tmp / shard_name(r, n_files), "w") for r in range(n_files)]
         try:
             for r, f in enumerate(files):
                 f.attrs.update(attrs)
@@ -291,15 +301,44 @@ def _disk_full(directory: Path, probe_bytes: int = 1 << 20) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _writable(directory: Path):
+    """A write refused by the system (permissions, a read-only filesystem) as the user's
+    ModelFileError: nothing was written."""
+    try:
+        yield
+    except OSError as exc:
+        if not (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
+            raise
+        raise ModelFileError(f"can't write in {directory}: {exc.strerror or exc}; write the model somewhere you "
+                             "may write to") from None
+
+
 def _install(tmp: Path, path: Path) -> None:
-    """Move a finished write into place. An existing shard directory loses its shard files
-    one by one, then is removed with rmdir: nothing else in it is ever deleted."""
-    if tmp.is_dir() and path.is_dir():
-        check_output(path, shards=True, force=True)  # again: the directory may have changed while converting
-        for entry in path.iterdir():
+    """Move a finished write into place. A file replaces a model file atomically. An existing
+    shard directory is first moved aside, the new one takes its name, and only then are the
+    old shard files removed one by one and the old directory with rmdir: a failure at any
+    step leaves one complete set of shards at `path`, and nothing else is ever deleted."""
+    if not (tmp.is_dir() and path.is_dir()):
+        with _writable(path.parent):
+            os.replace(tmp, path)
+        return
+    check_output(path, shards=True, force=True)  # again: the directory may have changed while converting
+    old = path.with_name(f".{path.name}.replaced{os.getpid()}")
+    with _writable(path.parent):
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    try:
+        for entry in old.iterdir():
             entry.unlink()
-        path.rmdir()
-    os.replace(tmp, path)
+        old.rmdir()
+    except OSError as exc:
+        raise ModelFileError(f"wrote {path}; the shards it replaced were moved to {old} but can't be removed "
+                             f"({exc.strerror or exc}): remove {old} yourself") from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -325,14 +364,18 @@ def _progress(total: int, enabled: bool):
 
 
 class ModelFile:
-    """An opened, validated model file (whole, or one rank's shard)."""
+    """An opened, validated model file (whole, or one rank's shard).
+
+    Every read of the HDF5 file goes through _hdf5: the HDF5 library reports damaged
+    metadata as KeyError, OSError, RuntimeError or ValueError alike, so at that boundary
+    any exception means a damaged file; what is read is then checked outside it."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
             raise ModelFileError(f"model file {self.path} does not exist; give the path of an .h5 file "
                                  "made by dllama-mpi-convert, or leave out --model to run the built-in synthetic model")
-        if not h5py.is_hdf5(self.path):
+        if not self.path.is_file() or not h5py.is_hdf5(self.path):
             raise ModelFileError(f"{self.path} is not an HDF5 file; convert the model first: "
                                  f"dllama-mpi-convert INPUT {self.path.with_suffix('.h5').name}")
         try:
@@ -345,8 +388,14 @@ class ModelFile:
             self._file.close()  # refused: the file is not left open
             raise
 
+    def _hdf5(self, what: str, read):
+        try:
+            return read()
+        except Exception as exc:  # the HDF5 library on damaged metadata: see the class docstring
+            raise ModelFileError(f"{self.path} is damaged ({what}: {type(exc).__name__}: {exc}); convert it again") from None
+
     def _validate(self) -> None:
-        attrs = self._file.attrs
+        attrs = self._hdf5("its attributes", lambda: dict(self._file.attrs.items()))
         found = (_str(attrs.get("format")), attrs.get("format_version"))
         if found[0] != FORMAT_NAME or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION):
             raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version "
@@ -373,9 +422,31 @@ class ModelFile:
         raise ModelFileError(f"{self.path}: malformed shard attributes (shard_rank={_plain(rank)!r}, "
                              f"shard_count={_plain(count)!r}, plan_budgets={budgets!r}); convert the shards again")
 
+    def check_shard(self, rank: int, plan: Plan, model_id: str) -> None:
+        """This file is shard `rank` of `plan`'s split of the model `model_id` (shard 0's),
+        with every tensor as the plan gives that rank."""
+        if self.shard is None:
+            raise ModelFileError(f"{self.path} is a whole model file, not shard {rank} of the shards beside it; "
+                                 "convert the shards again")
+        if self.model_id != model_id:
+            raise ModelFileError(f"{self.path} is a shard of another model (model {self.model_id}; shard 0 is of "
+                                 f"model {model_id}); convert the shards again into one directory")
+        if self.shard[0] != rank:
+            raise ModelFileError(f"{self.path} holds the rows of shard {self.shard[0]}, not of shard {rank} "
+                                 "(renamed?); convert the shards again")
+        if self.shard[3] != plan.plan_hash():
+            raise ModelFileError(f"{self.path} is a shard of another split (budgets "
+                                 f"{' '.join(map(str, self.shard[2]))}, plan {self.shard[3]}; shard 0's is plan "
+                                 f"{plan.plan_hash()}); convert the shards again into one directory")
+        self.check_tensors(plan, rank)
+
     def check_tensors(self, plan: Plan | None = None, rank: int = 0) -> None:
         """Every tensor present with the stored dtype and shape the spec implies (for a
         shard: the rows of `rank` in `plan`)."""
+        def shape_and_dtype(name: str):
+            ds = self._file.get(name)
+            return (ds.shape, ds.dtype) if isinstance(ds, h5py.Dataset) else None
+
         for name, info in tensor_layout(self.spec).items():
             rows = None
             if self.shard is not None and info.split is not None:
@@ -383,36 +454,55 @@ class ModelFile:
                 rows = b - a
             dtype = quant.stored_dtype(stored_type(self.spec, info))
             shape = stored_shape(self.spec, info, rows)
-            ds = self._file.get(name)
-            if not isinstance(ds, h5py.Dataset):
+            found = self._hdf5(f"tensor {name!r}", lambda name=name: shape_and_dtype(name))
+            if found is None:
                 raise ModelFileError(f"{self.path}: tensor {name!r} is missing; the file is incomplete, convert it again")
-            if ds.shape != shape or ds.dtype != dtype:
+            if found != (shape, dtype):
                 raise ModelFileError(f"{self.path}: tensor {name!r} should be {dtype} {shape} for this spec, "
-                                     f"found {ds.dtype} {ds.shape}; the file is inconsistent, convert it again")
+                                     f"found {found[1]} {found[0]}; the file is inconsistent, convert it again")
 
     def read(self, name: str) -> np.ndarray:
-        """One whole tensor as stored (a shard: this rank's rows of it)."""
-        try:
-            return self._file[name][()]
-        except OSError as exc:  # fletcher32 mismatch, truncated data
-            raise ModelFileError(f"{self.path}: tensor {name!r} can't be read ({exc}); the file is damaged, "
-                                 "convert it again") from exc
+        """One whole tensor as stored (a shard: this rank's rows of it); a checksum mismatch
+        (fletcher32) or truncated data is a ModelFileError."""
+        return self._hdf5(f"tensor {name!r} can't be read", lambda: self._file[name][()])
 
     def tokenizer(self):
+        """The tokenizer stored with the model: its group is copied into memory at the HDF5
+        boundary, then parsed (a parser's bug still shows as one)."""
         from .tokenizer import load_tokenizer
 
-        group = self._file.get("tokenizer")
-        if not isinstance(group, h5py.Group):
+        def copy_to_memory():
+            group = self._file.get("tokenizer")
+            if not isinstance(group, h5py.Group):
+                return None
+            memory = h5py.File(io.BytesIO(), "w")
+            self._file.copy(group, memory, name="tokenizer")
+            return memory
+
+        memory = self._hdf5("its tokenizer", copy_to_memory)
+        if memory is None:
             raise ModelFileError(f"{self.path}: no tokenizer group; convert the model again with its tokenizer")
-        return load_tokenizer(group)
+        try:
+            return load_tokenizer(memory["tokenizer"])
+        except InputError as exc:
+            raise ModelFileError(f"{self.path}: {exc}; convert the model again") from None
+        finally:
+            memory.close()
 
     def attrs(self) -> dict:
-        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in self._file.attrs.items()}
+        return self._hdf5("its attributes", lambda: {k: (v.tolist() if hasattr(v, "tolist") else v)
+                                                      for k, v in self._file.attrs.items()})
 
-    def datasets(self) -> list[tuple[str, h5py.Dataset]]:
-        found = []
-        self._file.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
-        return found
+    def datasets(self) -> list[tuple[str, int, str, tuple[int, ...]]]:
+        """(name, bytes stored, type attribute, shape) of every dataset."""
+        def visit():
+            found = []
+            self._file.visititems(lambda name, obj: found.append(
+                (name, obj.id.get_storage_size(), obj.attrs.get("type", "f32"), obj.shape))
+                if isinstance(obj, h5py.Dataset) else None)
+            return found
+
+        return self._hdf5("its datasets", visit)
 
     def close(self) -> None:
         self._file.close()

@@ -66,23 +66,14 @@ def _prepare(model_path, prompt: str, max_seq_len: int | None, budgets: Budgets)
 
 
 def _check_shards(comm: Comm, model_path, plan: Plan, model_id: str, model: ModelFile | None) -> ModelFile:
-    """Collective: every rank's own shard is of the same model as shard 0 and complete (that
-    the shards were split by this launch's plan, plan_launch checked). Returns this rank's
-    shard, open."""
+    """Collective: every rank's own shard is of the same model and split as shard 0 and
+    complete (that shard 0's split is this launch's plan, plan_launch checked). Returns this
+    rank's shard, open."""
     problem = None
     try:
         if model is None:
             model = open_model(model_path, comm.rank, comm.size)
-        if model.shard is None:
-            raise ModelFileError(f"{model.path} is a whole model file, not shard {comm.rank} of the shards beside it; "
-                                 "convert the shards again")
-        if model.model_id != model_id:
-            raise ModelFileError(f"{model.path} is a shard of another model (model {model.model_id}; shard 0 is of "
-                                 f"model {model_id}); convert the shards again into one directory")
-        if model.shard[0] != comm.rank:
-            raise ModelFileError(f"{model.path} holds the rows of shard {model.shard[0]}, not of shard {comm.rank} "
-                                 "(renamed?); convert the shards again")
-        model.check_tensors(plan, comm.rank)
+        model.check_shard(comm.rank, plan, model_id)
     except ModelFileError as exc:
         problem = str(exc)
     problems = [p for p in comm.allgather_obj(problem) if p]

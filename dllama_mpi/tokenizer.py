@@ -168,11 +168,12 @@ class Tokenizer:
     def from_llama2c(cls, path: str | PathLike[str], vocab_size: int | None = None) -> Tokenizer:
         """Read a llama2.c ``tokenizer.bin``; ``vocab_size=None`` reads until EOF."""
         data = Path(path).read_bytes()
+        bad = f"{path} is not a llama2.c tokenizer.bin, or is damaged"
         if len(data) < 4:
-            raise InputError(f"{path}: expected a 4-byte max_token_length header, file has {len(data)} bytes")
+            raise InputError(f"{bad}: expected a 4-byte max_token_length header, file has {len(data)} bytes")
         (max_len,) = struct.unpack_from("<i", data, 0)
         if max_len <= 0:
-            raise InputError(f"{path}: expected a positive max_token_length, found {max_len}")
+            raise InputError(f"{bad}: expected a positive max_token_length, found {max_len}")
         pieces: list[bytes] = []
         scores: list[float] = []
         off = 4
@@ -180,16 +181,16 @@ class Tokenizer:
             i = len(pieces)
             if off + 8 > len(data):
                 raise InputError(
-                    f"{path}: truncated at token {i}: expected an 8-byte (score, length) header at offset {off}, "
+                    f"{bad}: truncated at token {i}: expected an 8-byte (score, length) header at offset {off}, "
                     f"only {len(data) - off} bytes left"
                 )
             score, length = struct.unpack_from("<fi", data, off)
             off += 8
             if not 0 <= length <= max_len:
-                raise InputError(f"{path}: token {i} has length {length}, expected 0..{max_len} (max_token_length)")
+                raise InputError(f"{bad}: token {i} has length {length}, expected 0..{max_len} (max_token_length)")
             if off + length > len(data):
                 raise InputError(
-                    f"{path}: truncated at token {i}: expected {length} piece bytes at offset {off}, "
+                    f"{bad}: truncated at token {i}: expected {length} piece bytes at offset {off}, "
                     f"only {len(data) - off} bytes left"
                 )
             pieces.append(data[off : off + length])
@@ -197,7 +198,7 @@ class Tokenizer:
             off += length
         if off != len(data):
             raise InputError(
-                f"{path}: expected {vocab_size} tokens ending at byte {off}, but the file has {len(data) - off} "
+                f"{bad}: expected {vocab_size} tokens ending at byte {off}, but the file has {len(data) - off} "
                 "trailing bytes (wrong vocab_size?)"
             )
         return cls(pieces, np.array(scores, dtype=np.float32))
@@ -220,16 +221,12 @@ class Tokenizer:
     # -------------------------------------------------------------------- HDF5
 
     def write_hdf5(self, group: h5py.Group) -> None:
-        offsets = np.zeros(self.vocab_size + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(p) for p in self.pieces])
         group.attrs["type"] = HDF5_TYPE
         group.attrs["bos_id"] = self.bos_id
         group.attrs["eos_id"] = self.eos_id
         group.attrs["add_dummy_prefix"] = self.add_dummy_prefix
         group.attrs["vocab_size"] = self.vocab_size
-        group.create_dataset("piece_bytes", data=np.frombuffer(b"".join(self.pieces), dtype=np.uint8))
-        group.create_dataset("piece_offsets", data=offsets)
-        group.create_dataset("scores", data=self.scores.astype(np.float32))
+        _write_pieces(group, self.pieces, self.scores)
 
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> Tokenizer:
@@ -469,9 +466,15 @@ def _eog_ids(texts: Sequence[str], types: Sequence[int] | None, first: Iterable[
 def _write_pieces(group: h5py.Group, pieces: Sequence[bytes], scores: np.ndarray) -> None:
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(p) for p in pieces])
-    group.create_dataset("piece_bytes", data=np.frombuffer(b"".join(pieces), dtype=np.uint8))
-    group.create_dataset("piece_offsets", data=offsets)
-    group.create_dataset("scores", data=np.asarray(scores, dtype=np.float32))
+    _write_checked(group, "piece_bytes", np.frombuffer(b"".join(pieces), dtype=np.uint8))
+    _write_checked(group, "piece_offsets", offsets)
+    _write_checked(group, "scores", np.asarray(scores, dtype=np.float32))
+
+
+def _write_checked(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    """A dataset with a fletcher32 checksum, as the weights have: a flipped byte fails the read
+    instead of changing the text (HDF5 checksums only chunked, non-empty data)."""
+    group.create_dataset(name, data=data, fletcher32=data.size > 0, chunks=data.size > 0 or None)
 
 
 def _read_pieces(group: h5py.Group, n: int, where: str) -> tuple[list[bytes], np.ndarray]:
@@ -480,6 +483,8 @@ def _read_pieces(group: h5py.Group, n: int, where: str) -> tuple[list[bytes], np
             raise InputError(f"{where}: missing dataset {name!r} (expected {', '.join(_HDF5_DATASETS)})")
     offsets = _dataset(group, "piece_offsets", (n + 1,), "integer", where)
     scores = _dataset(group, "scores", (n,), "numbers", where)
+    if np.isnan(scores).any():  # -inf is a score (never merge); NaN would make merge order arbitrary
+        raise InputError(f"{where}: scores must be numbers, found NaN at id {int(np.argmax(np.isnan(scores)))}")
     ds = group["piece_bytes"]
     if ds.ndim != 1 or ds.dtype != np.uint8:
         raise InputError(f"{where}: piece_bytes must be 1-D uint8, found {ds.dtype} with shape {ds.shape}")
@@ -629,7 +634,7 @@ class SpmTokenizer(Tokenizer):
         group.attrs["vocab_size"] = self.vocab_size
         group.attrs["chat_template"] = self.chat_template or ""
         _write_pieces(group, self.pieces, self.scores)
-        group.create_dataset("token_types", data=self.token_types.astype(np.int32))
+        _write_checked(group, "token_types", self.token_types.astype(np.int32))
 
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> SpmTokenizer:
@@ -896,7 +901,7 @@ class HFTokenizer:
         group.attrs["chat_template"] = self.chat_template or ""
         group.attrs["vocab_size"] = self.vocab_size
         blob = self.tokenizer.to_str().encode("utf-8")
-        group.create_dataset("tokenizer_json", data=np.frombuffer(blob, dtype=np.uint8))
+        _write_checked(group, "tokenizer_json", np.frombuffer(blob, dtype=np.uint8))
 
     @classmethod
     def read_hdf5(cls, group: h5py.Group) -> HFTokenizer:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import SHARED_MODELS, STORIES, run_mpiexec, write_random_model
 
 KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_per_s", "prefill_tokens_per_s",
@@ -76,3 +77,13 @@ def test_bench_help_is_complete():
     assert p.description.endswith("(one process, no mpirun).")  # a whole description, not a docstring's first line
     for action in p._actions:
         assert action.dest == "help" or "default" in action.help, action.dest
+
+
+@pytest.mark.parametrize("option, value", [("--decode-steps", "0"), ("--prompt-lengths", "-5"), ("--nthreads", "0"),
+                                           ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan")])
+def test_bench_refuses_values_it_cant_measure(option, value, capsys):
+    from dllama_mpi.bench import parser
+
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args([option, value])
+    assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err

@@ -179,3 +179,22 @@ def test_dry_run_under_mpirun_says_so_once():
     result = _cli(2, "--dry-run", "--memory-budget", "1", "1", timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("error: --dry-run runs as one process: start it without mpirun") == 1, result.stderr
+
+
+def test_options_are_never_abbreviated(stories_models):
+    result = _cli(1, "--dry", "--model", str(stories_models["q40"]), timeout=60)  # must not start a real run
+    assert result.returncode == 2 and "unrecognized arguments: --dry" in result.stderr and result.stdout == ""
+
+
+def test_dry_run_checks_every_shard_not_only_shard_0(tmp_path):
+    from conftest import STORIES, need_stories
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+    shards = tmp_path / "shards"
+    convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["2", "1"])
+    convert(STORIES / "stories260K.bin", tmp_path / "other", STORIES / "tok512.bin", "q40", budgets=["1", "1"])
+    (tmp_path / "other" / "shard-1-of-2.h5").replace(shards / "shard-1-of-2.h5")
+    result = _dry_run("--model", str(shards), "--memory-budget", "2", "1")
+    assert result.returncode == 2 and "shard-1-of-2.h5 is a shard of another split (budgets 1 1" in result.stderr

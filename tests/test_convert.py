@@ -130,7 +130,7 @@ def test_flipped_byte_in_a_weight_is_caught(stories_models, tmp_path):
     data[offset + 100] ^= 0x10
     path.write_bytes(bytes(data))
     model = ModelFile(path)  # attributes and shapes are intact
-    with pytest.raises(ModelFileError, match="layers/1/w1.*damaged"):
+    with pytest.raises(ModelFileError, match=r"flipped.h5 is damaged \(tensor 'layers/1/w1' can't be read"):
         model.read("layers/1/w1")
 
 
@@ -155,3 +155,46 @@ def test_an_empty_directory_takes_shards_without_force(tmp_path):
     assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin"),
                          "--memory-budget", "1", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-2.h5", "shard-1-of-2.h5"]
+
+
+def test_replacing_shards_never_loses_both_sets(tmp_path, monkeypatch):
+    """The old shards are moved aside before the new ones take their place; when the old set
+    can't be removed, it stays whole beside the new one and the message says where."""
+    from pathlib import Path
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+    args = (STORIES / "stories260K.bin", tmp_path / "shards", STORIES / "tok512.bin", "q40")
+    convert(*args, budgets=["3", "1"])
+    unlink = Path.unlink
+
+    def refusing_unlink(self, *a, **k):
+        if self.name == "shard-1-of-2.h5" and ".replaced" in self.parent.name:
+            raise PermissionError(1, "Operation not permitted")
+        return unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", refusing_unlink)
+    with pytest.raises(ModelFileError, match="the shards it replaced were moved to .* but can't be removed"):
+        convert(*args, force=True, budgets=["1", "1"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-0-of-2.h5", "shard-1-of-2.h5"]
+    assert h5py.File(tmp_path / "shards" / "shard-0-of-2.h5", "r").attrs["plan_budgets"].tolist() == [1, 1]
+    (moved,) = [p for p in tmp_path.iterdir() if ".replaced" in p.name]
+    assert sorted(p.name for p in moved.iterdir()) == ["shard-1-of-2.h5"]  # shard 0 removed, shard 1 kept
+
+
+def test_an_unwritable_place_is_the_users_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+
+    def refusing_mkdir(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    with pytest.raises(ModelFileError, match=f"can't write in {tmp_path}: Permission denied"):
+        convert(STORIES / "stories260K.bin", tmp_path / "shards", STORIES / "tok512.bin", "q40", budgets=["1", "1"])
+    assert list(tmp_path.iterdir()) == []

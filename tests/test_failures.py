@@ -111,7 +111,7 @@ def test_when_a_shard_is_damaged_the_rank_reading_it_is_named(stories_models, tm
     convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["2", "1", "1"])
     _damaged(tmp_path, shards / "shard-2-of-3.h5", "flipped").replace(shards / "shard-2-of-3.h5")
     _refused(_cli(3, "--model", str(shards), "--memory-budget", "2", "1", "1"),
-             f"{shards / 'shard-2-of-3.h5'}: tensor 'layers/1/w1' can't be read")
+             f"{shards / 'shard-2-of-3.h5'} is damaged (tensor 'layers/1/w1' can't be read")
 
 
 def _loaded_cores():
@@ -260,9 +260,12 @@ def _convert(*args, timeout=120):
 def test_when_the_converter_output_exists(tmp_path):
     need_stories()
     out = tmp_path / "out.h5"
-    out.write_bytes(b"precious")
-    result = _convert(STORIES / "stories260K.bin", out, "--tokenizer", STORIES / "tok512.bin")
-    assert result.returncode == 2 and "exists; pass --force to overwrite it" in result.stderr
+    assert _convert(*STORIES_ARGS, out).returncode == 0
+    before = _tree(tmp_path)
+    _converter_refused(_convert(*STORIES_ARGS, out), f"output {out} exists; pass --force to overwrite it")
+    assert _tree(tmp_path) == before
+    out.write_bytes(b"precious")  # not the converter's: --force would not help, so it is not suggested
+    _converter_refused(_convert(*STORIES_ARGS, out), f"{out} is not a dllama_mpi model file; --force replaces only")
     assert out.read_bytes() == b"precious"
 
 
@@ -356,7 +359,24 @@ def test_when_the_converter_input_or_output_is_wrong(tmp_path):
                        f"first (mkdir -p {missing})")
     _converter_refused(_convert(*STORIES_ARGS, tmp_path / "a.h5", "--memory-budget", "1", "1_0"),
                        "the budget for rank 1 is '1_0'")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-config"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    _converter_refused(_convert(*STORIES_ARGS, a_file / "a.h5"), f"{a_file} is a file, not a directory")
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes((STORIES / "stories260K.bin").read_bytes()[:-1])
+    _converter_refused(_convert(cut, tmp_path / "a.h5", "--tokenizer", STORIES / "tok512.bin"),
+                       "looks like a llama2.c checkpoint of dim 64 and 5 layers, but it is 1056539 bytes where that "
+                       "header describes 1056540: it is truncated")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _converter_refused(_convert(fifo, tmp_path / "a.h5"), f"{fifo} is not a regular file or directory")
+    model = tmp_path / "model.h5"
+    assert _convert(*STORIES_ARGS, model).returncode == 0
+    _converter_refused(_convert(model, tmp_path / "a.h5"), "is an HDF5 file: a dllama_mpi model file needs no conversion")
+    for empty in (["", tmp_path / "a.h5"], [*STORIES_ARGS[:1], ""]):
+        result = _convert(*empty)
+        assert result.returncode == 2 and "is empty; give a path" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bin", "fifo", "model.h5", "no-config", "notes.txt"]
 
 
 def test_when_a_gguf_is_truncated(tmp_path):

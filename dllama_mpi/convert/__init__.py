@@ -51,8 +51,15 @@ def _readers():
 
 
 def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
+    import h5py
+
     from . import hf
 
+    if not (input_path.is_file() or input_path.is_dir()):  # a FIFO or a device would block or never end
+        raise ConvertError(f"{input_path} is not a regular file or directory; give a model file or directory")
+    if input_path.is_file() and h5py.is_hdf5(input_path):
+        raise ConvertError(f"{input_path} is an HDF5 file: a dllama_mpi model file needs no conversion (run it with "
+                           "--model); other HDF5 files are not a source format")
     if input_path.is_dir() and not hf.sniff(input_path):
         raise ConvertError(f"{input_path} is a directory without config.json; give a Hugging Face model directory "
                            "(config.json + *.safetensors) or a model file (.gguf, distributed-llama .m, llama2.c .bin)")
@@ -115,12 +122,11 @@ def info(path: str | Path) -> str:
             lines.append(plan.table(first.spec.seq_len))
         lines.append(f"{'tensor':<28} {'type':>5} {'shape':>18} {'MiB':>9}")
         total = 0
-        for name, ds in first.datasets():
+        for name, size, kind, shape in first.datasets():
             if name.startswith("tokenizer"):
                 continue
-            total += ds.id.get_storage_size()
-            lines.append(f"{name:<28} {ds.attrs.get('type', 'f32'):>5} {str(ds.shape):>18} "
-                         f"{ds.id.get_storage_size() / 2**20:>9.2f}")
+            total += size
+            lines.append(f"{name:<28} {kind:>5} {str(shape):>18} {size / 2**20:>9.2f}")
         lines.append(f"{'total' if not first.shard else 'total (shard 0)'}: {total / 2**20:.2f} MiB")
     finally:
         first.close()
@@ -129,7 +135,7 @@ def info(path: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="dllama-mpi-convert",
+        prog="dllama-mpi-convert", allow_abbrev=False,
         description="Convert a model (Hugging Face directory, GGUF, distributed-llama .m, llama2.c .bin) "
                     "into a dllama_mpi HDF5 model file, optionally pre-split into per-rank shards.")
     p.add_argument("input", help="source model (the format is detected), or with --info a model file/shard directory")
@@ -144,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace an existing OUTPUT, only if the converter wrote it (a model file, a directory of shards)")
     p.add_argument("--info", action="store_true", help="print a model file's (or shard directory's) contents and exit")
     args = p.parse_intermixed_args(argv)  # options may stand between INPUT and OUTPUT
+    for name, value in (("INPUT", args.input), ("OUTPUT", args.output), ("--tokenizer", args.tokenizer)):
+        if value == "":  # Path("") would be the current directory
+            p.error(f"{name} is empty; give a path")
+    if args.info and (args.output is not None or args.memory_budget):
+        p.error("--info takes INPUT alone (a model file or a shard directory)")
     try:
         if args.info:
             print(info(args.input))

@@ -260,6 +260,9 @@ def _spec_fields(reader, path: Path) -> dict:
     if arch not in ARCHITECTURES:
         raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
+    if not tensors:
+        raise ConvertError(f"{path} holds no tensors: a vocabulary-only GGUF (such as llama.cpp's ggml-vocab-*.gguf) "
+                           "has no weights to convert")
     if "token_embd.weight" not in tensors or len(tensors["token_embd.weight"].shape) != 2:
         raise ConvertError(f"{path}: GGUF file has no 2-D token_embd.weight tensor")
     get = lambda key, default=None, required=True: _field(reader, f"{arch}.{key}", default, required and default is None)  # noqa: E731

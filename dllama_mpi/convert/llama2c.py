@@ -55,14 +55,19 @@ def _expected_size(h: dict) -> int:
 
 
 def sniff(path: Path) -> bool:
-    h = _header(path)
-    return h is not None and path.stat().st_size == _expected_size(h)
+    """A plausible header (the size is checked by read, which can then say the file is cut)."""
+    return _header(path) is not None
 
 
 def read(path: Path, tokenizer_path: str | Path | None):
     from . import Source
 
     h = _header(path)
+    size, expected = path.stat().st_size, _expected_size(h)
+    if size != expected:
+        raise ConvertError(f"{path} looks like a llama2.c checkpoint of dim {h['dim']} and {h['n_layers']} layers, but "
+                           f"it is {size} bytes where that header describes {expected}: it is "
+                           f"{'truncated' if size < expected else 'not such a checkpoint'}; copy it again")
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else path.with_name("tokenizer.bin")
     if not tokenizer_path.is_file():
         raise ConvertError(f"llama2.c tokenizer {tokenizer_path} is not a file; pass --tokenizer PATH (e.g. tok512.bin)")
