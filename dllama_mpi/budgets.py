@@ -60,13 +60,16 @@ def parse_budgets(values, world_size: int) -> Budgets:
     return Budgets(tuple(_ratio(rank, v) for rank, v in enumerate(values)), None)
 
 
+_RATIOS_OR_SIZES = "budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)"
+
+
 def _ratio(rank: int, text: str) -> int:
     if not _RATIO.fullmatch(text):  # digits only: int() would also take '1_000', '+3' or other scripts' digits
         shown = text if _NEGATIVE.fullmatch(text) else repr(text)
-        raise InputError(f"the budget for rank {rank} is {shown}; budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)")
+        raise InputError(f"the budget for rank {rank} is {shown}; {_RATIOS_OR_SIZES}")
     ratio = int(text)
     if ratio == 0:
-        raise InputError(f"the budget for rank {rank} is 0; budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)")
+        raise InputError(f"the budget for rank {rank} is 0; {_RATIOS_OR_SIZES}")
     if ratio > MAX_BUDGET:
         raise InputError(f"the budget for rank {rank} is {ratio}, larger than any machine; budgets are ratios "
                          "such as 3 2 2 1, or sizes such as 6GiB")
