@@ -116,7 +116,8 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | t
     if comm.rank != 0:
         kernels.warm_up()
     t_load = time.perf_counter()
-    weights = load(comm, plan, model)
+    with _said_if_slow(f"loading the weights ({plan.weight_bytes(0) / 2**20:.0f} MiB on rank 0)", comm.rank == 0):
+        weights = load(comm, plan, model)
     if model is not None:
         model.close()
     comm.barrier()
@@ -126,9 +127,13 @@ def open_session(comm: Comm, model_path: str | Path | None, budgets: Budgets | t
 
 
 @contextlib.contextmanager
-def _said_if_slow(doing: str, after_s: float = 2.0):
-    """Tell the terminal what a wait is for when it lasts (loading cached kernels takes well
-    under `after_s`; compiling them takes about a minute on 2 cores)."""
+def _said_if_slow(doing: str, speaks: bool = True, after_s: float = 2.0):
+    """On the rank that `speaks` (rank 0 owns the terminal), tell what a wait is for when it
+    lasts (loading cached kernels takes well under `after_s`; compiling them takes about a
+    minute on 2 cores; a long prompt or a big model can take longer)."""
+    if not speaks:
+        yield
+        return
     t0, said = time.perf_counter(), threading.Event()
 
     def say():
@@ -156,17 +161,17 @@ def generate(session: Session, steps: int, sampler, stop_ids=None, stream: bool 
     token_buf = np.zeros(1, np.int64)
     n_prompt = len(prompt_tokens)
     decoder = session.tokenizer.stream() if stream and session.tokenizer is not None else None
-    if decoder is not None:  # the prompt as typed, whatever the tokenizer added to it (BOS) or not
-        sys.stdout.write(session.prompt)
-        sys.stdout.flush()
     generated: list[int] = []
     t0 = time.perf_counter()
     logits = None
-    if steps:
-        for start in range(0, n_prompt, engine.max_batch):
+    with _said_if_slow(f"processing the prompt ({n_prompt} tokens)", decoder is not None):
+        for start in range(0, n_prompt if steps else 0, engine.max_batch):
             block = np.asarray(prompt_tokens[start : start + engine.max_batch], np.int64)
             logits = engine.forward_block(block, start, logits=start + len(block) == n_prompt)
     t_first = time.perf_counter()
+    if decoder is not None:  # the prompt as typed, whatever the tokenizer added to it (BOS) or not
+        sys.stdout.write(session.prompt)
+        sys.stdout.flush()
     token, pos = prompt_tokens[-1], n_prompt
     while steps:
         if comm.rank == 0:

@@ -171,8 +171,11 @@ def test_a_long_wait_says_what_it_is_for(capsys):
         time.sleep(0.5)
     with _said_if_slow("never said", after_s=5):
         pass
+    with _said_if_slow("not this rank's to say", speaks=False, after_s=0.1):
+        time.sleep(0.3)
     err = capsys.readouterr().err
     assert err.startswith("compiling kernels (once; cached in X) ...\ndone in ") and "never said" not in err
+    assert "not this rank's" not in err
 
 
 def test_dry_run_under_mpirun_says_so_once():
