@@ -94,11 +94,11 @@ def run_guarded(comm, job) -> int:
         raise
     except InputError as exc:
         log.error("rank %d: %s", comm.rank, exc)
-        _abort(comm, 2)
+        comm.abort(2)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, forwarded to every rank: the first to see it ends the job
         log.error("rank %d interrupted: stopping every rank", comm.rank)
-        _abort(comm, 130)
+        comm.abort(130)
         return 130
     except BrokenPipeError:  # rank 0's reader went away (`| head`): end quietly, as Unix tools do
         _silence_stdout()
@@ -106,21 +106,8 @@ def run_guarded(comm, job) -> int:
         return 141
     except BaseException:
         log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
-        _abort(comm, 1)
+        comm.abort(1)
         return 1
-
-
-# How long a rank that aborts the job waits after writing its message: MPI_Abort makes the
-# launcher kill every process, and a message still in the pipe to the launcher was lost that
-# way on a loaded machine. Only the abort paths (a bug, a one-rank failure, Ctrl-C) pay it.
-ABORT_GRACE_S = 0.5
-
-
-def _abort(comm, code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    time.sleep(ABORT_GRACE_S)
-    comm.abort(code)
 
 
 def parse_budgets(given, world_size: int):

@@ -16,6 +16,8 @@ from mpi4py import MPI
 
 from .plan import Span
 
+ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths alone pay it
+
 
 class Comm:
     def __init__(self, mpi_comm=None):
@@ -96,9 +98,12 @@ class Comm:
             time.sleep(interval_s)
 
     def abort(self, code: int) -> None:
-        """End every rank of the job now (used when one rank fails alone)."""
+        """End every rank of the job (used when one rank fails alone). MPI_Abort makes the
+        launcher kill every process: a message still in the pipe to the launcher was lost
+        that way on a loaded machine, so the launcher gets ABORT_GRACE_S to forward it."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self._comm.Abort(code)
 
 

@@ -19,6 +19,7 @@ llama.cpp's source, convert_hf_to_gguf.py and llama_model_rope_type):
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -78,15 +79,15 @@ def _check_extent(path: Path) -> None:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = path.stat().st_size
+    if size == 0:
+        return
     with open(path, "rb") as f:
-        head = f.read(min(size, 64 * 2**20))  # metadata and tensor infos; a vocabulary is a few MiB
+        head = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read only as far as the header goes
     pos = 0
 
     def take(n: int) -> bytes:
         nonlocal pos
-        if pos + n > len(head):
-            if len(head) < size:
-                raise _Unchecked  # a header larger than what was read: GGUFReader will judge it
+        if pos + n > size:
             raise ConvertError(f"{path} is truncated or damaged: its header runs past the end of the file ({size} "
                                "bytes); copy or download it again")
         pos += n
