@@ -165,7 +165,7 @@ def _parse(comm, argv):
 
 
 def _run(comm, argv) -> int:
-    from . import threads
+    from . import qmatmul, threads
     from .sampler import Sampler
     from .session import generate, open_session
 
@@ -188,7 +188,8 @@ def _run(comm, argv) -> int:
         for note in launch.notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
-              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {launch.max_seq_len} tokens",
+              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {launch.max_seq_len} tokens, "
+              f"kernels {qmatmul.ISA}",
               file=sys.stderr)
         print(plan.table(launch.max_seq_len), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),

@@ -17,38 +17,44 @@ import time
 
 import numpy as np
 
-from . import kernels, threads
+from . import kernels, qmatmul, threads
 from .comm import Comm
 from .plan import Plan
 from .weights import LocalWeights, Matrix
 
 F32 = np.float32
-BLOCK = kernels.BLOCK
+BLOCK, GROUP = qmatmul.BLOCK, qmatmul.GROUP
 
 
 class Activations:
     """A full-width activation of up to t_max tokens, identical on every rank, with the
-    forms the matmuls take (see kernels): Q80 unpacked when the buffer type is q80, else f32
-    transposed, whenever the width is whole blocks."""
+    form the quantized products take (see qmatmul) whenever the width is whole blocks:
+    packed Q80 when the buffer type is q80, else packed f32."""
 
     def __init__(self, n: int, t_max: int, q80: bool):
         self.n = n
         self.f32 = np.zeros((t_max, n), F32)  # (T, n)
         nb = n // BLOCK if n % BLOCK == 0 else 0
+        g = qmatmul.groups(nb)
         self.q80 = q80 and nb > 0
+        self.packs_f32 = not q80 and nb > 0
         self.blocks = np.zeros((t_max, nb if self.q80 else 0, 34), np.uint8)  # Q80 as it travels
-        self.xq = np.zeros((t_max, BLOCK, nb if self.q80 else 0), np.int8)
-        self.xsum = np.zeros((t_max, nb if self.q80 else 0), np.int32)
-        self.xd = np.zeros((t_max, nb if self.q80 else 0), F32)
-        self.xt = np.zeros((t_max, BLOCK, nb if not self.q80 else 0), F32)
+        # padding blocks stay zero: only this width is ever packed here
+        self.xq = np.zeros((t_max, 512 * g if self.q80 else 0), np.int8)
+        self.xsum = np.zeros((t_max, GROUP * g if self.q80 else 0), np.int32)
+        self.xd = np.zeros((t_max, GROUP * g if self.q80 else 0), F32)
+        self.xt = np.zeros((t_max, 512 * g if self.packs_f32 else 0), F32)
 
     def prepare(self, n_tok: int) -> None:
-        """Derive the matmul forms of f32[:n_tok] (after the values are final)."""
+        """Derive the product form of f32[:n_tok] (after the values are final)."""
         if self.q80:
             kernels.quantize_q80(self.f32[:n_tok], self.blocks[:n_tok])
-            kernels.q80_unpack(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
-        elif self.xt.shape[2]:
-            kernels.f32_unpack(self.f32[:n_tok], self.xt[:n_tok])
+            self.pack(n_tok)
+        elif self.packs_f32:
+            qmatmul.pack_f32(self.f32[:n_tok], self.xt[:n_tok])
+
+    def pack(self, n_tok: int) -> None:
+        qmatmul.pack_q80(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
 
 
 class GatheredActivations(Activations):
@@ -96,8 +102,8 @@ class GatheredActivations(Activations):
             else:
                 self.f32[:n_tok, s:e] = part
         if self.travels_q80:
-            kernels.q80_unpack(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
-            kernels.q80_values(self.xq[:n_tok], self.xd[:n_tok], self.f32[:n_tok])
+            self.pack(n_tok)
+            kernels.q80_values(self.blocks[:n_tok], self.f32[:n_tok])
         else:
             self.prepare(n_tok)
 
@@ -128,9 +134,7 @@ class Engine:
         self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
         self.v_cache = np.zeros_like(self.k_cache)
         self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)
-        widest = max(spec.dim, spec.q_dim, spec.hidden_dim) // BLOCK + 1
-        self.scratch_i32 = np.zeros((kernels.CHUNKS, t_max, widest), np.int32)
-        self.scratch_f32 = np.zeros((kernels.CHUNKS, widest), F32)
+        self.lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), F32))
         self.logits = np.zeros((1, spec.vocab_size), F32)  # rank 0: all; others: own span
         vocab_spans = plan.segments("vocab")
         a, b = vocab_spans[comm.rank]
@@ -152,14 +156,10 @@ class Engine:
             kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
         elif m.type == "f16":
             kernel, args = kernels.f16_rows, (m.w, kernels.F16_TABLE, x.f32[:n_tok])
-        elif m.type == "q40" and x.q80:
-            kernel, args = kernels.q40_q80_rows, (m.d, m.qs, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], self.scratch_i32)
-        elif m.type == "q40":
-            kernel, args = kernels.q40_f32_rows, (m.d, m.qs, x.xt[:n_tok], self.scratch_f32)
         elif x.q80:
-            kernel, args = kernels.q80_q80_rows, (m.d, m.qs, x.xq[:n_tok], x.xd[:n_tok], self.scratch_i32)
+            kernel, args = qmatmul.q_q80_rows, (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *self.lanes)
         else:
-            kernel, args = kernels.q80_f32_rows, (m.d, m.qs, x.xt[:n_tok], self.scratch_f32)
+            kernel, args = qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *self.lanes)
         if self.pool.parallel(m.rows * m.cols * n_tok):
             kernels.PARALLEL[kernel](*args, out)
         else:

@@ -5,15 +5,12 @@ Determinism: every output element is produced by one sequential loop whose order
 only on the input length, never on the thread count, the rank's slice or T, so a split
 never changes a result bit. prange only distributes whole output rows/heads.
 
-Layouts (converted from the file's blocks at load, see weights.Matrix):
-  Q40 weights: d (rows, nb) f32 scales, qs (rows, 16, nb) u8: byte j of every block of a
-      row is contiguous, so the inner loops run over blocks and vectorize (int16 products,
-      int32 sums); low nibble = element j, high nibble = element j + 16.
-  Q80 weights: d (rows, nb) f32, qs (rows, 32, nb) i8, transposed the same way.
-  Q80 activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32
-      int8); the kernels take them unpacked: xq (T, 32, nb) i8, xsum (T, nb) i32 (the sum
-      of a block's values, which folds Q40's -8 offset out of the inner loop), xd (T, nb) f32.
-  f32 activations for quantized weights: xt (T, 32, nb) f32, transposed the same way.
+Float operations run exactly as written (no fastmath): LLVM may not fuse, reorder or
+vectorize a reduction differently in the serial kernel and in its parallel driver, which
+made results depend on the thread count.
+
+The quantized products (Q40/Q80 weights) and their layouts are in qmatmul.py; Q80
+activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32 int8).
 """
 
 from __future__ import annotations
@@ -23,26 +20,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import threads  # noqa: F401  (the thread policy, before any kernel runs)
+from . import qmatmul, threads  # noqa: F401  (threads: the thread policy, before any kernel runs)
+from .qmatmul import f16_bits_to_f32
 
 BLOCK = 32
-_FAST = {"reassoc", "contract", "nsz"}
-_opts = {"cache": True, "fastmath": _FAST, "nogil": True}
-CHUNKS = 64  # row chunks per matmul, each with its own scratch row of block sums
-
-
-@njit(**_opts)
-def f16_bits_to_f32(h):
-    h = np.int32(h)
-    exp = (h >> 10) & 0x1F
-    mant = h & 0x3FF
-    if exp == 0:
-        val = mant * 5.960464477539063e-08  # 2**-24
-    elif exp == 31:
-        val = np.inf if mant == 0 else np.nan
-    else:
-        val = (1024 + mant) * 2.0 ** (exp - 25)
-    return np.float32(-val if h & 0x8000 else val)
+_opts = {"cache": True, "nogil": True}
+CHUNKS = qmatmul.CHUNKS  # row chunks per parallel product
 
 
 @njit(**_opts)
@@ -80,42 +63,21 @@ def quantize_q80(x, out):
 
 
 @njit(**_opts)
-def q80_unpack(blocks, xq, xsum, xd):
-    """Q80 blocks (T, nb, 34) -> the matmul inputs xq (T, 32, nb), xsum (T, nb), xd (T, nb)."""
+def q80_values(blocks, x):
+    """Q80 blocks (T, nb, 34) -> their values x (T, nb * 32) f32."""
     q = blocks.view(np.int8)
     for t in range(blocks.shape[0]):
         for b in range(blocks.shape[1]):
-            xd[t, b] = f16_bits_to_f32(np.uint16(blocks[t, b, 0]) | (np.uint16(blocks[t, b, 1]) << 8))
-            total = np.int32(0)
+            d = f16_bits_to_f32(np.uint16(blocks[t, b, 0]) | (np.uint16(blocks[t, b, 1]) << 8))
             for j in range(BLOCK):
-                v = q[t, b, 2 + j]
-                xq[t, j, b] = v
-                total += np.int32(v)
-            xsum[t, b] = total
-
-
-@njit(**_opts)
-def q80_values(xq, xd, x):
-    """Unpacked Q80 (xq (T, 32, nb), xd (T, nb)) -> its values x (T, nb * 32) f32."""
-    for t in range(xq.shape[0]):
-        for b in range(xq.shape[2]):
-            for j in range(BLOCK):
-                x[t, b * BLOCK + j] = np.float32(xq[t, j, b]) * xd[t, b]
-
-
-@njit(**_opts)
-def f32_unpack(x, xt):
-    """x (T, nb * 32) -> xt (T, 32, nb): the f32 input of quantized weights."""
-    for t in range(x.shape[0]):
-        for b in range(xt.shape[2]):
-            for j in range(BLOCK):
-                xt[t, j, b] = x[t, b * BLOCK + j]
+                x[t, b * BLOCK + j] = np.float32(q[t, b, 2 + j]) * d
 
 
 # --- matrix products: out (T, rows) = x (T, cols) @ w.T, on this rank's rows -------------
-# Each product is a serial `*_rows(r0, r1, c, ...)` kernel for rows [r0, r1) using scratch
-# row c, called directly for small matrices (no parallel-region launch) and, through the
-# `matmul_*` driver, on row chunks in parallel: the same code computes every row either way.
+# Each product is a serial `*_rows(r0, r1, c, ...)` kernel for rows [r0, r1) (c: the chunk,
+# whose scratch the quantized ones use), called directly for small matrices (no
+# parallel-region launch) and, through its `matmul_*` driver, on row chunks in parallel:
+# the same code computes every row either way.
 
 
 @njit(**_opts)
@@ -142,93 +104,6 @@ def f16_rows(r0, r1, c, w, table, x, out):
             out[t, r] = acc
 
 
-@njit(**_opts)
-def q40_q80_rows(r0, r1, c, wd, wqs, xq, xsum, xd, scratch, out):
-    """Q40 weights x Q80 activations: per block, integer sums of q_w * q_x (exact), then
-    sum_b isum * d_w * d_x in block order. scratch: (CHUNKS, >= T, >= nb) i32.
-    The inner loops run over blocks (vectorized); 8 nibble pairs are summed in int16
-    (|sum| <= 8 * 2 * 15 * 128 < 2**15) before one int32 add."""
-    nb = wd.shape[1]
-    for r in range(r0, r1):
-        d, w = wd[r], wqs[r]
-        for t in range(xq.shape[0]):
-            isum, xs, x_d, x = scratch[c, t], xsum[t], xd[t], xq[t]
-            for b in range(nb):
-                isum[b] = -8 * xs[b]  # the Q40 offset: sum (q - 8) x = sum q x - 8 sum x
-            for j0 in range(0, BLOCK // 2, 8):
-                for b in range(nb):
-                    s = np.int16(0)
-                    for k in range(8):
-                        q = np.int16(w[j0 + k, b])
-                        s += np.int16((q & 15) * np.int16(x[j0 + k, b])) + np.int16((q >> 4) * np.int16(x[j0 + k + 16, b]))
-                    isum[b] += s
-            acc = np.float32(0.0)
-            for b in range(nb):
-                acc += np.float32(isum[b]) * (d[b] * x_d[b])
-            out[t, r] = acc
-
-
-@njit(**_opts)
-def q40_f32_rows(r0, r1, c, wd, wqs, xt, scratch, out):
-    """Q40 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
-    nb = wd.shape[1]
-    bsum = scratch[c]
-    for r in range(r0, r1):
-        d = wd[r]
-        for t in range(xt.shape[0]):
-            for b in range(nb):
-                bsum[b] = 0.0
-            for j in range(BLOCK // 2):
-                w, lo, hi = wqs[r, j], xt[t, j], xt[t, j + 16]
-                for b in range(nb):
-                    q = np.int32(w[b])
-                    bsum[b] += np.float32((q & 15) - 8) * lo[b] + np.float32((q >> 4) - 8) * hi[b]
-            acc = np.float32(0.0)
-            for b in range(nb):
-                acc += bsum[b] * d[b]
-            out[t, r] = acc
-
-
-@njit(**_opts)
-def q80_q80_rows(r0, r1, c, wd, wqs, xq, xd, scratch, out):
-    """Q80 weights (qs (rows, 32, nb) i8) x Q80 activations. scratch: (CHUNKS, >= T, >= nb) i32."""
-    nb = wd.shape[1]
-    for r in range(r0, r1):
-        d = wd[r]
-        for t in range(xq.shape[0]):
-            isum, x_d = scratch[c, t], xd[t]
-            for b in range(nb):
-                isum[b] = 0
-            for j in range(BLOCK):
-                w, x = wqs[r, j], xq[t, j]
-                for b in range(nb):
-                    isum[b] += np.int16(w[b]) * np.int16(x[b])
-            acc = np.float32(0.0)
-            for b in range(nb):
-                acc += np.float32(isum[b]) * (d[b] * x_d[b])
-            out[t, r] = acc
-
-
-@njit(**_opts)
-def q80_f32_rows(r0, r1, c, wd, wqs, xt, scratch, out):
-    """Q80 weights x f32 activations (xt: (T, 32, nb)). scratch: (CHUNKS, >= nb) f32."""
-    nb = wd.shape[1]
-    bsum = scratch[c]
-    for r in range(r0, r1):
-        d = wd[r]
-        for t in range(xt.shape[0]):
-            for b in range(nb):
-                bsum[b] = 0.0
-            for j in range(BLOCK):
-                w, x = wqs[r, j], xt[t, j]
-                for b in range(nb):
-                    bsum[b] += np.float32(w[b]) * x[b]
-            acc = np.float32(0.0)
-            for b in range(nb):
-                acc += bsum[b] * d[b]
-            out[t, r] = acc
-
-
 @njit(parallel=True, **_opts)
 def matmul_f32(w, x, out):
     chunks = min(w.shape[0], CHUNKS)
@@ -243,38 +118,7 @@ def matmul_f16(w, table, x, out):
         f16_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, table, x, out)
 
 
-@njit(parallel=True, **_opts)
-def matmul_q40_q80(wd, wqs, xq, xsum, xd, scratch, out):
-    chunks = min(wd.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q40_q80_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xq, xsum, xd, scratch, out)
-
-
-@njit(parallel=True, **_opts)
-def matmul_q40_f32(wd, wqs, xt, scratch, out):
-    chunks = min(wd.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q40_f32_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xt, scratch, out)
-
-
-@njit(parallel=True, **_opts)
-def matmul_q80_q80(wd, wqs, xq, xd, scratch, out):
-    chunks = min(wd.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q80_q80_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xq, xd, scratch, out)
-
-
-@njit(parallel=True, **_opts)
-def matmul_q80_f32(wd, wqs, xt, scratch, out):
-    chunks = min(wd.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q80_f32_rows(c * wd.shape[0] // chunks, (c + 1) * wd.shape[0] // chunks, c, wd, wqs, xt, scratch, out)
-
-
-PARALLEL = {  # each rows kernel's parallel driver
-    f32_rows: matmul_f32, f16_rows: matmul_f16, q40_q80_rows: matmul_q40_q80, q40_f32_rows: matmul_q40_f32,
-    q80_q80_rows: matmul_q80_q80, q80_f32_rows: matmul_q80_f32,
-}
+PARALLEL = {f32_rows: matmul_f32, f16_rows: matmul_f16, **qmatmul.PARALLEL}  # each rows kernel's parallel driver
 
 
 @njit(parallel=True, **_opts)
@@ -295,24 +139,6 @@ def f16_row(bits, table, out):
     """fp16 bits (cols,) -> out (cols,) f32."""
     for i in range(bits.shape[0]):
         out[i] = table[bits[i]]
-
-
-@njit(**_opts)
-def dequantize_q40_row(d, qs, out):
-    """One Q40 weight row in the kernel layout (d: (nb,), qs: (16, nb)) -> out (nb * 32,)."""
-    for b in range(d.shape[0]):
-        for j in range(BLOCK // 2):
-            q = np.int32(qs[j, b])
-            out[b * BLOCK + j] = np.float32((q & 15) - 8) * d[b]
-            out[b * BLOCK + 16 + j] = np.float32((q >> 4) - 8) * d[b]
-
-
-@njit(**_opts)
-def dequantize_q80_row(d, qs, out):
-    """One Q80 weight row in the kernel layout (d: (nb,), qs: (32, nb)) -> out (nb * 32,)."""
-    for b in range(d.shape[0]):
-        for j in range(BLOCK):
-            out[b * BLOCK + j] = np.float32(qs[j, b]) * d[b]
 
 
 # --- element-wise and per-head -----------------------------------------------------------
@@ -470,27 +296,28 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the types the engine uses."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
-    blocks = np.zeros((1, 2, 34), np.uint8)
-    xq, xsum, xd = np.zeros((1, 32, 2), np.int8), np.zeros((1, 2), np.int32), np.zeros((1, 2), f32)
-    xt, out = np.zeros((1, 32, 2), f32), np.zeros((1, 64), f32)
+    blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
+    xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), f32)
+    xt = np.zeros((1, 512), f32)
     quantize_q80(x, blocks)
-    q80_unpack(blocks, xq, xsum, xd)
-    q80_values(xq, xd, out)
-    f32_unpack(x, xt)
-    si, sf = np.zeros((CHUNKS, 1, 2), np.int32), np.zeros((CHUNKS, 2), f32)
-    wd = np.ones((3, 2), f32)
-    q4, q8, w16 = np.zeros((3, 16, 2), np.uint8), np.zeros((3, 32, 2), np.int8), np.zeros((3, 64), np.uint16)
+    qmatmul.pack_q80(blocks, xq, xsum, xd)
+    q80_values(blocks, out)
+    qmatmul.pack_f32(x, xt)
+    lanes = (np.zeros((CHUNKS, 16), np.int32), np.zeros((CHUNKS, 16), f32))
+    wd = np.zeros((3, 16), np.uint16)
+    q4, q8, w16 = np.zeros((3, 256), np.uint8), np.zeros((3, 512), np.int8), np.zeros((3, 64), np.uint16)
     w32 = np.ones((3, 64), f32)
-    for parallel, serial, args in (
-        (matmul_f32, f32_rows, (w32, x)), (matmul_f16, f16_rows, (w16, F16_TABLE, x)),
-        (matmul_q40_q80, q40_q80_rows, (wd, q4, xq, xsum, xd, si)), (matmul_q40_f32, q40_f32_rows, (wd, q4, xt, sf)),
-        (matmul_q80_q80, q80_q80_rows, (wd, q8, xq, xd, si)), (matmul_q80_f32, q80_f32_rows, (wd, q8, xt, sf)),
+    q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
+    for serial, args in (
+        (f32_rows, (w32, x)), (f16_rows, (w16, F16_TABLE, x)),
+        (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
+        (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
     ):
-        parallel(*args, out[:, :3])
+        PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])
     f16_row(w16[0], F16_TABLE, out[0])
-    dequantize_q40_row(wd[0], q4[0], out[0])
-    dequantize_q80_row(wd[0], q8[0], out[0])
+    qmatmul.dequantize_row(q4[0], wd[0], 2, out[0])
+    qmatmul.dequantize_row(q8[0], wd[0], 2, out[0])
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])

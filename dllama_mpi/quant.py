@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 32
+GROUP = 16  # blocks per lane group of the quantized products (qmatmul); rows are padded to it
 Q40 = np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))])  # 18 bytes / 32 values
 Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
@@ -38,10 +39,12 @@ def row_bytes(tensor_type: str, cols: int) -> int:
 
 
 def resident_row_bytes(tensor_type: str, cols: int) -> int:
-    """Bytes of one row as the kernels hold it in memory: a quantized block's fp16 scale is
-    widened to f32 (numba has no float16), so 20 bytes per Q40 block, 36 per Q80 block."""
-    extra = 2 * stored_cols(tensor_type, cols) if tensor_type in ("q40", "q80") else 0
-    return row_bytes(tensor_type, cols) + extra
+    """Bytes of one row as the kernels hold it in memory: a quantized row is padded with
+    zero blocks to a multiple of GROUP blocks (qmatmul's lane groups)."""
+    if tensor_type in ("q40", "q80"):
+        blocks = stored_cols(tensor_type, cols)
+        return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)
+    return row_bytes(tensor_type, cols)
 
 
 def stored_dtype(tensor_type: str) -> np.dtype:

@@ -22,6 +22,51 @@ def matvec_q40_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
     return matvec_f32(quant.dequantize_q40(w_blocks), quant.dequantize_q80(x_blocks))
 
 
+def lane_sum(p: np.ndarray) -> np.ndarray:
+    """The quantized products' float order (see qmatmul): p (..., nb) f32 per-block terms ->
+    (...,): lane l sums blocks l, l + 16, ... in order, then the fixed 16 -> 1 tree."""
+    nb = p.shape[-1]
+    g = -(-nb // quant.GROUP)
+    padded = np.zeros((*p.shape[:-1], g * quant.GROUP), np.float32)
+    padded[..., :nb] = p
+    acc = np.zeros((*p.shape[:-1], quant.GROUP), np.float32)
+    for i in range(g):
+        acc = acc + padded[..., i * quant.GROUP : (i + 1) * quant.GROUP]
+    half = quant.GROUP // 2
+    while half:
+        acc = acc[..., :half] + acc[..., half : 2 * half]
+        half //= 2
+    return acc[..., 0]
+
+
+def _codes(w_blocks: np.ndarray) -> np.ndarray:
+    """(rows, nb) Q40/Q80 -> (rows, nb, 32) int64 codes (Q40 without its offset of 8)."""
+    qs = w_blocks["qs"]
+    if quant.type_of(w_blocks) == "q40":
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - 8
+    return qs.astype(np.int64)
+
+
+def matvec_q_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q40/Q80 x Q80 product, bit for bit: w_blocks (rows, nb);
+    x_blocks (T, nb) Q80 -> (T, rows) f32. Exact integer block sums, then f32 terms
+    isum * (d_w * d_x) in lane order."""
+    isum = np.einsum("rbe,tbe->trb", _codes(w_blocks), x_blocks["qs"].astype(np.int64))
+    scale = w_blocks["d"].astype(np.float32)[None] * x_blocks["d"].astype(np.float32)[:, None, :]
+    return lane_sum(isum.astype(np.float32) * scale)
+
+
+def matvec_q_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q40/Q80 x f32 product, bit for bit: x (T, nb * 32) f32 ->
+    (T, rows): each block's f32 sum of its 32 products in element order, times d_w."""
+    codes = _codes(w_blocks).astype(np.float32)  # (rows, nb, 32)
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)  # (T, 1, nb, 32)
+    bsum = np.zeros((x.shape[0], *codes.shape[:2]), np.float32)
+    for e in range(quant.BLOCK):
+        bsum = bsum + codes[None, :, :, e] * xb[..., e]
+    return lane_sum(bsum * w_blocks["d"].astype(np.float32)[None])
+
+
 def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return matvec_f32(quant.dequantize_q40(w_blocks), x)
 
@@ -98,7 +143,8 @@ class DenseModel:
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
         self.spec, self.buffer_type = spec, buffer_type
         self.t = {name: quant.decode(value) for name, value in tensors.items()}
-        self.quantized = {name for name, value in tensors.items() if quant.type_of(value) in ("q40", "q80")}
+        # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
+        self.quantized = {name: value for name, value in tensors.items() if quant.type_of(value) in ("q40", "q80")}
         self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
         self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
@@ -107,9 +153,11 @@ class DenseModel:
         return quant.dequantize_q80(quant.quantize_q80(x))
 
     def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
-        if name in self.quantized and self.buffer_type == "q80":
-            x = self._round_q80(x)
-        return matvec_f32(self.t[name], x)
+        if name not in self.quantized:
+            return matvec_f32(self.t[name], x)
+        if self.buffer_type == "q80":
+            return matvec_q_q80_exact(self.quantized[name], quant.quantize_q80(x[None]))[0]
+        return matvec_q_f32_exact(self.quantized[name], x[None])[0]
 
     def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
         aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0

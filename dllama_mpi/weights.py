@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, quant
+from . import kernels, qmatmul, quant
 from .comm import Comm
 from .errors import UsageError
 from .modelfile import ModelFile, ModelFileError, stored_shape, stored_type, tensor_layout
@@ -26,8 +26,8 @@ class Matrix:
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, nb) f32 scales
-    qs: np.ndarray | None = None  # q40: (rows, 16, nb) u8 nibbles; q80: (rows, 32, nb) i8 (see kernels)
+    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales (see qmatmul)
+    qs: np.ndarray | None = None  # q40: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8
 
     @property
     def nbytes(self) -> int:
@@ -36,9 +36,9 @@ class Matrix:
     @classmethod
     def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
         kind = quant.type_of(stored)
-        if kind in ("q40", "q80"):  # byte j of every block of a row contiguous
-            return cls(kind, stored.shape[0], cols, d=stored["d"].astype(np.float32),
-                       qs=np.ascontiguousarray(stored["qs"].transpose(0, 2, 1)))
+        if kind in ("q40", "q80"):
+            qs, d = qmatmul.pack_weights(stored)
+            return cls(kind, stored.shape[0], cols, d=d, qs=qs)
         if kind == "f16":
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
         return cls(kind, stored.shape[0], cols, w=stored)
@@ -49,10 +49,8 @@ class Matrix:
             out[:] = self.w[row]
         elif self.type == "f16":
             kernels.f16_row(self.w[row], kernels.F16_TABLE, out)
-        elif self.type == "q40":
-            kernels.dequantize_q40_row(self.d[row], self.qs[row], out)
         else:
-            kernels.dequantize_q80_row(self.d[row], self.qs[row], out)
+            qmatmul.dequantize_row(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,15 @@ def _check_against_dense(path, buffer_type):
     dense = DenseModel(spec, tensors, buffer_type)
     expected = [dense.forward(t, pos) for pos, t in enumerate(TOKENS)]
     got = _engine_logits(path, buffer_type, TOKENS)
+    # Quantized matrices multiply bit for bit as the engine does (reference.matvec_q_*_exact),
+    # but the other kernels round differently from numpy; with q80 buffers such a last-bit
+    # difference can flip one Q80 code, whose effect on the logits is up to about 1.5%
+    # of their scale (seen with qwen3's head norms, 10 positions in).
+    tolerance = 2e-2 if buffer_type == "q80" else 1e-4
     for pos, (e, g) in enumerate(zip(expected, got)):
         scale = np.abs(e).max()
         assert scale > 0.1  # the test would be meaningless on vanishing logits
-        assert np.abs(g - e).max() <= 1e-4 * scale, f"position {pos}"
+        assert np.abs(g - e).max() <= tolerance * scale, f"position {pos}"
 
 
 @pytest.mark.parametrize("weights", ["f32", "f16", "q40", "q80"])

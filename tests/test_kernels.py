@@ -3,8 +3,9 @@
 Sizes are deliberately lopsided (13/17/7/1 rows, 7 or 13 blocks, head_dim 6/10/64, 1/3/5
 tokens at positions 0..16) so that a swapped axis or an off-by-one cannot pass by symmetry.
 Kernels work on blocks of T tokens; the twins take one token (a 1-D vector), so every
-comparison is token by token. Quantized weights are put in the kernels' transposed layout
-by weights.Matrix.from_stored, the loader's own conversion.
+comparison is token by token. Quantized weights are put in the kernels' packed layout by
+weights.Matrix.from_stored, the loader's own conversion; the quantized products must equal
+their exact twins bit for bit (every instruction set: tests/test_qmatmul.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi import kernels, quant, reference, threads
+from dllama_mpi import kernels, qmatmul, quant, reference, threads
 from dllama_mpi.weights import Matrix
 
 F16_MAX = 65504.0
@@ -56,49 +57,42 @@ def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.nda
 
 
 def _kernel_q80(x: np.ndarray):
-    """x: (T, n) f32 -> kernel Q80 bytes (T, nb, 34) and the unpacked matmul inputs
-    xq (T, 32, nb) i8, xsum (T, nb) i32, xd (T, nb) f32."""
+    """x: (T, n) f32 -> kernel Q80 bytes (T, nb, 34) and the packed product inputs
+    xq (T, 512 G) i8, xsum (T, 16 G) i32, xd (T, 16 G) f32 (zeroed first, as the engine
+    allocates them: padding blocks stay zero)."""
     n_tok, nb = x.shape[0], x.shape[1] // 32
+    g = qmatmul.groups(nb)
     blocks = np.full((n_tok, nb, 34), 0xAB, np.uint8)
-    xq = np.full((n_tok, 32, nb), 99, np.int8)
-    xsum = np.full((n_tok, nb), -12345, np.int32)
-    xd = np.full((n_tok, nb), np.nan, np.float32)
+    xq, xsum, xd = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32), np.zeros((n_tok, 16 * g), np.float32)
     kernels.quantize_q80(x, blocks)
-    kernels.q80_unpack(blocks, xq, xsum, xd)
+    qmatmul.pack_q80(blocks, xq, xsum, xd)
     return blocks, xq, xsum, xd
 
 
 def _kernel_xt(x: np.ndarray) -> np.ndarray:
-    """x: (T, nb * 32) -> xt (T, 32, nb), the f32 input of quantized weights."""
-    xt = np.full((x.shape[0], 32, x.shape[1] // 32), np.nan, np.float32)
-    kernels.f32_unpack(x, xt)
+    """x: (T, nb * 32) -> xt (T, 512 G), the packed f32 input of quantized weights."""
+    xt = np.zeros((x.shape[0], 512 * qmatmul.groups(x.shape[1] // 32)), np.float32)
+    qmatmul.pack_f32(x, xt)
     return xt
 
 
 def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = None, serial: bool = False) -> np.ndarray:
     """Kernel product of rows [a, b) of m with the tokens x (T, cols) -> (T, b - a), through
     the parallel driver or (serial) the rows kernel called directly.
-    Scratch is oversized and full of garbage: kernels must not depend on its contents."""
+    Scratch lanes are full of garbage: kernels must not depend on their contents."""
     b = m.rows if b is None else b
-    n_tok, nb = x.shape[0], x.shape[1] // 32
+    n_tok = x.shape[0]
     out = np.full((n_tok, b - a), np.nan, np.float32)
-    scratch_i32 = np.full((kernels.CHUNKS, n_tok + 2, nb + 3), 77777, np.int32)
-    scratch_f32 = np.full((kernels.CHUNKS, nb + 3), 1e30, np.float32)
+    lanes = np.full((kernels.CHUNKS, 16), 77777, np.int32), np.full((kernels.CHUNKS, 16), 1e30, np.float32)
     if kind == "f32":
         rows, args = kernels.f32_rows, (m.w[a:b], x)
     elif kind == "f16":
         rows, args = kernels.f16_rows, (m.w[a:b], kernels.F16_TABLE, x)
-    elif kind == "q40_q80":
+    elif kind.endswith("_q80"):
         _, xq, xsum, xd = _kernel_q80(x)
-        rows, args = kernels.q40_q80_rows, (m.d[a:b], m.qs[a:b], xq, xsum, xd, scratch_i32)
-    elif kind == "q40_f32":
-        rows, args = kernels.q40_f32_rows, (m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32)
-    elif kind == "q80_q80":
-        _, xq, _, xd = _kernel_q80(x)
-        rows, args = kernels.q80_q80_rows, (m.d[a:b], m.qs[a:b], xq, xd, scratch_i32)
+        rows, args = qmatmul.q_q80_rows, (m.qs[a:b], m.d[a:b], xq, xsum, xd, *lanes)
     else:
-        assert kind == "q80_f32"
-        rows, args = kernels.q80_f32_rows, (m.d[a:b], m.qs[a:b], _kernel_xt(x), scratch_f32)
+        rows, args = qmatmul.q_f32_rows, (m.qs[a:b], m.d[a:b], _kernel_xt(x), *lanes)
     if serial:
         rows(0, b - a, 0, *args, out)
     else:
@@ -109,7 +103,9 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
 def _reference_matvec(kind: str, stored: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The numpy twin of `kind` on one token x (cols,) -> (rows,)."""
     if kind.endswith("_q80"):
-        return getattr(reference, f"matvec_{kind}")(stored, quant.quantize_q80(x))
+        return reference.matvec_q_q80_exact(stored, quant.quantize_q80(x[None]))[0]
+    if kind in ("q40_f32", "q80_f32"):
+        return reference.matvec_q_f32_exact(stored, x[None])[0]
     return getattr(reference, f"matvec_{kind}")(stored, x)
 
 
@@ -140,15 +136,15 @@ needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reaso
 
 
 def test_f16_bits_to_f32_matches_numpy_for_every_bit_pattern():
-    # every pattern as the scale of one Q80 block, decoded by q80_unpack
+    # every pattern as the scale of one Q80 block, decoded by pack_q80
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # (65536,)
     blocks = np.zeros((1, bits.size, 34), np.uint8)  # (T=1, nb=65536, 34)
     blocks[0, :, 0] = bits & 0xFF
     blocks[0, :, 1] = bits >> 8
-    xq = np.zeros((1, 32, bits.size), np.int8)
+    xq = np.zeros((1, 32 * bits.size), np.int8)
     xsum = np.zeros((1, bits.size), np.int32)
     xd = np.zeros((1, bits.size), np.float32)
-    kernels.q80_unpack(blocks, xq, xsum, xd)
+    qmatmul.pack_q80(blocks, xq, xsum, xd)
     d = xd[0]
     expected = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
@@ -248,13 +244,13 @@ def test_f16_table_and_row_decode_every_value():
 
 def _q80_bytes_match(x: np.ndarray) -> None:
     """x: (T, n) -> kernel blocks byte-identical to quant's, and the unpacked scales equal."""
-    blocks, _, _, xd = _kernel_q80(x)  # (T, nb, 34), (T, nb)
+    blocks, _, _, xd = _kernel_q80(x)  # (T, nb, 34), (T, 16 G)
     expected = quant.quantize_q80(x)  # (T, nb) Q80
     raw = quant.as_bytes(expected)  # (T, nb, 34)
     assert blocks.shape == raw.shape
     bad = np.argwhere((blocks != raw).any(axis=2))
     assert bad.size == 0, f"(token, block) differ: {bad[:5].tolist()}"
-    _assert_bits(xd, expected["d"].astype(np.float32))
+    _assert_bits(xd[:, : expected.shape[1]], expected["d"].astype(np.float32))
 
 
 @pytest.mark.parametrize("n_tok, n, seed", [(1, 32, 0), (3, 32 * 7, 1), (1, 32 * 13, 2), (5, 32 * 13, 4), (2, 32 * 101, 3)])
@@ -294,7 +290,7 @@ def test_quantize_q80_byte_identical_with_tiny_huge_and_zero_blocks():
     _q80_bytes_match(x)
     blocks, xq, xsum, xd = _kernel_q80(x)
     for t, b in ((0, 1), (1, 5)):
-        assert xd[t, b] == 0 and np.all(blocks[t, b] == 0) and np.all(xq[t, :, b] == 0) and xsum[t, b] == 0
+        assert xd[t, b] == 0 and np.all(blocks[t, b] == 0) and np.all(_block_codes(xq, t, b) == 0) and xsum[t, b] == 0
 
 
 def test_quantize_q80_overflowing_scale_matches_numpy():
@@ -304,7 +300,7 @@ def test_quantize_q80_overflowing_scale_matches_numpy():
     with np.errstate(over="ignore"):
         expected = quant.as_bytes(quant.quantize_q80(x))
     np.testing.assert_array_equal(blocks, expected)
-    assert np.all(np.isinf(xd))
+    assert np.all(np.isinf(xd[:, :2]))
 
 
 def test_quantize_q80_ignores_a_trailing_partial_block():
@@ -316,19 +312,31 @@ def test_quantize_q80_ignores_a_trailing_partial_block():
     np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80(np.ascontiguousarray(x[:, :96]))))
 
 
-@pytest.mark.parametrize("n_tok, n", [(1, 32), (3, 32 * 7), (2, 32 * 13)])
-def test_q80_unpack_layout_and_block_sums(n_tok, n):
+def _block_codes(packed: np.ndarray, t: int, b: int) -> np.ndarray:
+    """The 32 values of block b of token t in a packed activation (qmatmul's layout:
+    element e of block 16 g + l at [g, e // 4, l, e % 4])."""
+    g, lane = divmod(b, 16)
+    e = np.arange(32)
+    return packed[t, g * 512 + (e // 4) * 64 + lane * 4 + e % 4]
+
+
+@pytest.mark.parametrize("n_tok, n", [(1, 32), (3, 32 * 7), (2, 32 * 13), (1, 32 * 17)])
+def test_pack_q80_layout_block_sums_and_zero_padding(n_tok, n):
     rng = np.random.default_rng(n_tok * 1000 + n)
     x = _tokens(rng, n_tok, n)
     _, xq, xsum, xd = _kernel_q80(x)
     expected = quant.quantize_q80(x)  # (T, nb) Q80
-    qs = expected["qs"]  # (T, nb, 32) i8
-    np.testing.assert_array_equal(xq, qs.transpose(0, 2, 1))  # xq[t, j, b] = element j of block b
-    np.testing.assert_array_equal(xsum, qs.astype(np.int64).sum(axis=2))
-    _assert_bits(xd, expected["d"].astype(np.float32))
+    nb = n // 32
+    for t in range(n_tok):
+        for b in range(nb):
+            np.testing.assert_array_equal(_block_codes(xq, t, b), expected["qs"][t, b])
+    np.testing.assert_array_equal(xsum[:, :nb], expected["qs"].astype(np.int64).sum(axis=2))
+    _assert_bits(xd[:, :nb], expected["d"].astype(np.float32))
+    assert xsum[:, nb:].size and not xsum[:, nb:].any() and not xd[:, nb:].any()  # padded to 16 blocks
+    assert not any(_block_codes(xq, t, b).any() for t in range(n_tok) for b in range(nb, xd.shape[1]))
 
 
-def test_q80_unpack_sums_extreme_codes():
+def test_pack_q80_sums_extreme_codes():
     # hand-made blocks (T=2, nb=3) including -128, which quantization never writes
     codes = np.zeros((2, 3, 32), np.int8)
     codes[0, 0] = 127
@@ -339,28 +347,33 @@ def test_q80_unpack_sums_extreme_codes():
     q = np.zeros((2, 3), quant.Q80)
     q["d"], q["qs"] = np.float16(0.5), codes
     blocks = np.ascontiguousarray(quant.as_bytes(q))  # (2, 3, 34)
-    xq, xsum, xd = np.zeros((2, 32, 3), np.int8), np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32)
-    kernels.q80_unpack(blocks, xq, xsum, xd)
-    np.testing.assert_array_equal(xsum, [[127 * 32, -128 * 32, -16], [-16, 0, -1]])
-    np.testing.assert_array_equal(xq, codes.transpose(0, 2, 1))
-    np.testing.assert_array_equal(xd, 0.5)
+    xq, xsum, xd = np.zeros((2, 512), np.int8), np.zeros((2, 16), np.int32), np.zeros((2, 16), np.float32)
+    qmatmul.pack_q80(blocks, xq, xsum, xd)
+    np.testing.assert_array_equal(xsum[:, :3], [[127 * 32, -128 * 32, -16], [-16, 0, -1]])
+    for t in range(2):
+        for b in range(3):
+            np.testing.assert_array_equal(_block_codes(xq, t, b), codes[t, b])
+    np.testing.assert_array_equal(xd[:, :3], 0.5)
 
 
 @pytest.mark.parametrize("n_tok, n", [(1, 32), (3, 32 * 7), (5, 32 * 13)])
 def test_q80_values_match_numpy_dequantize(n_tok, n):
     rng = np.random.default_rng(n + n_tok)
     x = _tokens(rng, n_tok, n)
-    _, xq, _, xd = _kernel_q80(x)
+    blocks, _, _, _ = _kernel_q80(x)
     out = np.full((n_tok, n), np.nan, np.float32)
-    kernels.q80_values(xq, xd, out)
+    kernels.q80_values(blocks, out)
     _assert_bits(out, quant.dequantize_q80(quant.quantize_q80(x)))
 
 
-@pytest.mark.parametrize("n_tok, nb", [(1, 1), (3, 7), (2, 13)])
-def test_f32_unpack_transposes_blocks(n_tok, nb):
-    x = np.arange(n_tok * nb * 32, dtype=np.float32).reshape(n_tok, nb * 32)  # (T, nb * 32)
-    xt = _kernel_xt(x)  # (T, 32, nb)
-    np.testing.assert_array_equal(xt, x.reshape(n_tok, nb, 32).transpose(0, 2, 1))
+@pytest.mark.parametrize("n_tok, nb", [(1, 1), (3, 7), (2, 13), (1, 17)])
+def test_pack_f32_layout(n_tok, nb):
+    x = np.arange(n_tok * nb * 32, dtype=np.float32).reshape(n_tok, nb * 32) + 1  # (T, nb * 32), no zeros
+    xt = _kernel_xt(x)
+    for t in range(n_tok):
+        for b in range(nb):
+            np.testing.assert_array_equal(_block_codes(xt, t, b), x[t, b * 32 : (b + 1) * 32])
+    assert np.count_nonzero(xt) == x.size  # the padding stays zero
 
 
 # ---------------------------------------------------------------- weight rows (embedding lookups)
@@ -371,12 +384,14 @@ def test_f32_unpack_transposes_blocks(n_tok, nb):
 def test_dequantize_row_matches_numpy(kind, rows, cols):
     rng = np.random.default_rng(rows * 7 + cols)
     stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80
-    m = Matrix.from_stored(stored, cols)  # d (rows, nb), qs (rows, 16 or 32, nb)
+    m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G)
     expected = quant.decode(stored)  # (rows, cols)
-    dequantize_row = kernels.dequantize_q40_row if kind == "q40" else kernels.dequantize_q80_row
     for r in range(rows):
         out = np.full(cols, np.nan, np.float32)
-        dequantize_row(m.d[r], m.qs[r], out)
+        qmatmul.dequantize_row(m.qs[r], m.d[r], cols // 32, out)
+        _assert_bits(out, expected[r])
+        out[:] = np.nan
+        m.row_to(r, out)
         _assert_bits(out, expected[r])
 
 
@@ -386,13 +401,13 @@ def test_dequantize_row_matches_numpy(kind, rows, cols):
 SHAPES = {
     "f32": [(13, 32 * 7), (17, 32 * 13), (7, 172), (1, 37), (17, 1)],
     "f16": [(13, 7), (17, 64), (7, 224), (1, 13)],
-    "q40": [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13)],
-    "q80": [(13, 224), (17, 32), (7, 416), (1, 96)],
+    "q40": [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13), (5, 32 * 33)],
+    "q80": [(13, 224), (17, 32), (7, 416), (1, 96), (5, 32 * 33)],
 }
 MATMUL_CASES = [(kind, rows, cols) for kind in MATMULS for rows, cols in SHAPES[kind.split("_")[0]]]
 
 
-@pytest.mark.parametrize("n_tok", [1, 3, 5])
+@pytest.mark.parametrize("n_tok", [1, 3, 5, 10])  # token tiles of 4 and every remainder
 @pytest.mark.parametrize("kind, rows, cols", MATMUL_CASES)
 def test_matmul_matches_reference_and_single_tokens(kind, rows, cols, n_tok):
     rng = np.random.default_rng(rows * 7 + cols + 1000 * MATMULS.index(kind) + 100000 * n_tok)
@@ -401,7 +416,10 @@ def test_matmul_matches_reference_and_single_tokens(kind, rows, cols, n_tok):
     x = _tokens(rng, n_tok, cols)  # (T, cols)
     out = _matmul(kind, m, x)  # (T, rows)
     for t in range(n_tok):
-        _assert_close(out[t], _reference_matvec(kind, stored, x[t]))
+        if kind.startswith("q"):  # the quantized products equal their twins exactly
+            _assert_bits(out[t], _reference_matvec(kind, stored, x[t]))
+        else:
+            _assert_close(out[t], _reference_matvec(kind, stored, x[t]))
         # batching never changes a value: token t alone gives the same bits
         _assert_bits(out[t], _matmul(kind, m, x[t : t + 1])[0])
 
@@ -413,38 +431,40 @@ def test_matmul_q40_q80_single_block_by_hand():
     qx[0] = 127
     w = np.zeros((1, 1), quant.Q40)
     w["d"], w["qs"] = np.float16(0.5), (qw[:16] | (qw[16:] << 4)).astype(np.uint8)
-    m = Matrix.from_stored(w, 32)  # d (1, 1), qs (1, 16, 1)
+    m = Matrix.from_stored(w, 32)
     xb = np.zeros((1, 1), quant.Q80)
     xb["d"], xb["qs"] = np.float16(0.25), qx
     xblocks = np.ascontiguousarray(quant.as_bytes(xb))  # (1, 1, 34)
-    xq, xsum, xd = np.zeros((1, 32, 1), np.int8), np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32)
-    kernels.q80_unpack(xblocks, xq, xsum, xd)
+    xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), np.float32)
+    qmatmul.pack_q80(xblocks, xq, xsum, xd)
     out = np.zeros((1, 1), np.float32)
-    kernels.matmul_q40_q80(m.d, m.qs, xq, xsum, xd, np.zeros((kernels.CHUNKS, 1, 1), np.int32), out)
+    lanes = np.zeros((kernels.CHUNKS, 16), np.int32), np.zeros((kernels.CHUNKS, 16), np.float32)
+    qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
     exact = np.dot(qw - 8, qx.astype(np.int64)) * 0.5 * 0.25
     assert out[0, 0] == np.float32(exact)
     # the same codes as f32 activations
     xt = _kernel_xt((qx.astype(np.float32) * np.float32(0.25)).reshape(1, 32))
-    kernels.matmul_q40_f32(m.d, m.qs, xt, np.zeros((kernels.CHUNKS, 1), np.float32), out)
+    qmatmul.matmul_q_f32(m.qs, m.d, xt, *lanes, out)
     assert out[0, 0] == np.float32(exact)
 
 
 def test_matmul_q80_q80_extreme_codes_by_hand():
-    # int8 products at the extremes (+-127 * -128) summed over 32 elements and 3 blocks
+    # int8 products at the extremes (127 * -127, -128 * -127) summed over 32 elements and 3 blocks
     w = np.zeros((2, 3), quant.Q80)
     w["d"] = np.float16(1.0)
     w["qs"][0] = 127
     w["qs"][1] = -128
     w["qs"][1, 2, ::2] = 127
-    m = Matrix.from_stored(w, 96)  # d (2, 3), qs (2, 32, 3)
+    m = Matrix.from_stored(w, 96)
     xb = np.zeros((1, 3), quant.Q80)
-    xb["d"], xb["qs"] = np.float16(2.0), -128
-    xq, xsum, xd = np.zeros((1, 32, 3), np.int8), np.zeros((1, 3), np.int32), np.zeros((1, 3), np.float32)
-    kernels.q80_unpack(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
+    xb["d"], xb["qs"] = np.float16(2.0), -127  # activations lie in [-127, 127] (qmatmul)
+    xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), np.float32)
+    qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
     out = np.zeros((1, 2), np.float32)
-    kernels.matmul_q80_q80(m.d, m.qs, xq, xd, np.zeros((kernels.CHUNKS, 1, 3), np.int32), out)
+    lanes = np.zeros((kernels.CHUNKS, 16), np.int32), np.zeros((kernels.CHUNKS, 16), np.float32)
+    qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
     wv = quant.dequantize_q80(w).astype(np.float64)  # (2, 96)
-    np.testing.assert_array_equal(out[0], (wv @ np.full(96, -256.0)).astype(np.float32))
+    np.testing.assert_array_equal(out[0], (wv @ np.full(96, -254.0)).astype(np.float32))
 
 
 @pytest.mark.parametrize("kind", MATMULS)

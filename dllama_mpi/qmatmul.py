@@ -1,0 +1,453 @@
+"""Quantized matrix products, out (T, rows) = x (T, cols) @ w.T on a rank's rows, with
+Q40 or Q80 weights and Q80 or f32 activations; their layouts; the instruction set.
+
+One arithmetic, whatever computes it. For a row and a token, per block b (32 values) the
+integer dot product of the codes, isum_b, is exact. Blocks are taken in lane groups of 16
+(a row's block count is padded with zero blocks to a multiple of 16): lane l sums, in
+group order, p_b = f32(isum_b) * (d_w_b * d_x_b) for its blocks b = 16 g + l, with
+separate f32 multiplies and adds (no fused multiply-add, no reassociation); the 16 lane
+sums are then added as a fixed tree (16 -> 8 -> 4 -> 2 -> 1, lane i with lane i + half).
+The SIMD paths (below) compute exactly this, and so does the portable fallback, so the
+result is the same bits on every path, thread count and split (the numpy twins:
+reference.matvec_q_q80_exact, matvec_q_f32_exact). With f32 activations (portable code on
+every CPU), isum_b is instead the f32 sum of the block's 32 products in element order, then
+the same lanes and tree.
+
+Instruction set, chosen at import from the host's CPU features (llvmlite reports them);
+DLLAMA_ISA=avx512vnni|avx2|portable picks a lesser one (tests run every path the host has):
+  avx512vnni: vpdpbusd on 512-bit vectors, 16 blocks (one lane group) per instruction;
+  avx2: vpmaddubsw + vpmaddwd on 256-bit vectors, a lane group as two halves;
+  portable: plain numba loops (any CPU numba runs on: ARM, older x86).
+The x86 paths are LLVM IR emitted through numba intrinsics (`_tile`); everything that calls
+them lives in this module, so numba's cache, which tracks a function's own file, is
+rebuilt whenever the IR changes.
+
+Layouts (made at load by `pack_weights`, per token by `pack_q80` / `pack_f32`), G lane
+groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad" e // 4):
+  Q40 weights: qs (rows, G * 256) u8: quad k (k < 4) of every block holds the nibble
+      pairs of elements 4k..4k+3 (low) and 16+4k..16+4k+3 (high); d (rows, 16 G) u16, the
+      fp16 scales as stored in the file (18 bytes per 32 weights, as llama.cpp).
+  Q80 weights: qs (rows, G * 512) i8, 8 quads; d as above.
+  Q80 activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
+      it folds Q40's -8 and the unsigned offset of vpdpbusd out of the inner loop),
+      xd (T, 16 G) f32; activation codes lie in [-127, 127] (our quantizer's range).
+  f32 activations: xt (T, G * 512) f32, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .errors import UsageError
+from .quant import BLOCK, GROUP
+CHUNKS = 64  # row chunks per parallel product, each with its own scratch lanes
+ISAS = ("avx512vnni", "avx2", "portable")  # best first
+
+
+def host_isas() -> tuple[str, ...]:
+    """The instruction sets this host can run, best first."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    have = {name for name, on in features.items() if on}
+    usable = []
+    if {"avx512f", "avx512bw", "avx512vnni"} <= have:
+        usable.append("avx512vnni")
+    if {"avx2", "f16c"} <= have:
+        usable.append("avx2")
+    return (*usable, "portable")
+
+
+def _choose_isa() -> str:
+    wanted = os.environ.get("DLLAMA_ISA", "").strip()
+    usable = host_isas()
+    if not wanted:
+        return usable[0]
+    if wanted not in ISAS:
+        raise UsageError(f"DLLAMA_ISA must be one of {', '.join(ISAS)}; got {wanted!r}: unset it to use the best "
+                         f"this CPU has ({usable[0]})")
+    if wanted not in usable:
+        raise UsageError(f"DLLAMA_ISA={wanted} needs CPU features this machine lacks; it can run "
+                         f"{', '.join(usable)}: pick one of those or unset DLLAMA_ISA")
+    if wanted != usable[0]:
+        # compile everything as for a machine that has no more than `wanted`, so LLVM adds
+        # no better instructions of its own (on AVX-512 it rewrites nibble shifts into GFNI
+        # and madd + add into vpdpwssd), and numba's cache, keyed by CPU name and features,
+        # keeps these kernels apart from the native ones
+        numba.config.CPU_NAME, numba.config.CPU_FEATURES = {"avx2": "haswell", "portable": "x86-64"}[wanted], ""
+    return wanted
+
+
+ISA = _choose_isa()
+
+_opts = {"cache": True, "nogil": True}  # no fastmath: every float operation as written
+
+# --- packing --------------------------------------------------------------------------
+
+
+def groups(nb: int) -> int:
+    """Lane groups of a row of nb blocks."""
+    return -(-nb // GROUP)
+
+
+def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q40/Q80 blocks (rows, nb) -> (qs, d) in the kernel layout (a copy)."""
+    rows, nb = stored.shape
+    g = groups(nb)
+    codes = stored["qs"]  # (rows, nb, 16) u8 or (rows, nb, 32) i8
+    quads = codes.shape[2] // 4
+    padded = np.zeros((rows, g * GROUP, codes.shape[2]), codes.dtype)
+    padded[:, :nb] = codes
+    qs = padded.reshape(rows, g, GROUP, quads, 4).transpose(0, 1, 3, 2, 4).reshape(rows, g * GROUP * quads * 4)
+    d = np.zeros((rows, g * GROUP), np.uint16)
+    d[:, :nb] = stored["d"].view(np.uint16)
+    return np.ascontiguousarray(qs), d
+
+
+@njit(**_opts)
+def f16_bits_to_f32(h):
+    """fp16 bits -> f32 (exact)."""
+    h = np.int32(h)
+    exp = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if exp == 0:
+        val = mant * 5.960464477539063e-08  # 2**-24
+    elif exp == 31:
+        val = np.inf if mant == 0 else np.nan
+    else:
+        val = (1024 + mant) * 2.0 ** (exp - 25)
+    return np.float32(-val if h & 0x8000 else val)
+
+
+@njit(**_opts)
+def pack_q80(blocks, xq, xsum, xd):
+    """Q80 blocks (T, nb, 34) u8 -> xq (T, G * 512) i8, xsum (T, 16 G) i32, xd (T, 16 G) f32.
+    Padding blocks are left as they are (zero: the buffers are allocated zeroed and only
+    ever hold this width)."""
+    q = blocks.view(np.int8)
+    for t in range(blocks.shape[0]):
+        for b in range(blocks.shape[1]):
+            g, lane = b // GROUP, b % GROUP
+            xd[t, b] = f16_bits_to_f32(np.uint16(blocks[t, b, 0]) | (np.uint16(blocks[t, b, 1]) << 8))
+            total = np.int32(0)
+            for e in range(BLOCK):
+                v = q[t, b, 2 + e]
+                xq[t, g * 512 + (e // 4) * 64 + lane * 4 + e % 4] = v
+                total += np.int32(v)
+            xsum[t, b] = total
+
+
+@njit(**_opts)
+def pack_f32(x, xt):
+    """x (T, nb * 32) f32 -> xt (T, G * 512) f32."""
+    for t in range(x.shape[0]):
+        for b in range(x.shape[1] // BLOCK):
+            g, lane = b // GROUP, b % GROUP
+            for e in range(BLOCK):
+                xt[t, g * 512 + (e // 4) * 64 + lane * 4 + e % 4] = x[t, b * BLOCK + e]
+
+
+@njit(**_opts)
+def dequantize_row(wq, wd, nb, out):
+    """One packed weight row (Q40 when wq is u8, Q80 when i8) -> out (nb * 32,) f32."""
+    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    for b in range(nb):
+        g, lane = b // GROUP, b % GROUP
+        d = f16_bits_to_f32(wd[b])
+        for e in range(BLOCK):
+            if q40:
+                byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
+                code = (byte & 15) - 8 if e < 16 else (byte >> 4) - 8
+            else:
+                code = np.int32(wq[g * 512 + (e // 4) * 64 + lane * 4 + e % 4])
+            out[b * BLOCK + e] = np.float32(code) * d
+
+
+# --- the portable path ----------------------------------------------------------------
+
+
+@njit(**_opts)
+def _lane_tree(acc):
+    """The fixed 16 -> 1 sum of the lanes (acc is overwritten)."""
+    half = GROUP // 2
+    while half > 0:
+        for i in range(half):
+            acc[i] = acc[i] + acc[i + half]
+        half //= 2
+    return acc[0]
+
+
+@njit(**_opts)
+def _q_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    isum, acc = lanes_i[c], lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xq.shape[0]):
+            acc[:] = 0
+            for g in range(wd.shape[1] // GROUP):
+                x = xq[t, g * 512 : (g + 1) * 512]
+                if q40:
+                    w = wq[r, g * 256 : (g + 1) * 256]
+                    for lane in range(GROUP):
+                        isum[lane] = -8 * xsum[t, g * GROUP + lane]
+                    for k in range(4):
+                        for lane in range(GROUP):
+                            s = np.int32(0)
+                            for i in range(4):
+                                byte = np.int32(w[k * 64 + lane * 4 + i])
+                                o = k * 64 + lane * 4 + i
+                                s += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
+                            isum[lane] += s
+                else:
+                    w = wq[r, g * 512 : (g + 1) * 512]
+                    for lane in range(GROUP):
+                        isum[lane] = 0
+                    for j in range(8):
+                        for lane in range(GROUP):
+                            s = np.int32(0)
+                            for i in range(4):
+                                o = j * 64 + lane * 4 + i
+                                s += np.int32(w[o]) * np.int32(x[o])
+                            isum[lane] += s
+                for lane in range(GROUP):
+                    b = g * GROUP + lane
+                    acc[lane] = acc[lane] + np.float32(isum[lane]) * (f16_bits_to_f32(wd[r, b]) * xd[t, b])
+            out[t, r] = _lane_tree(acc)
+
+
+@njit(**_opts)
+def _q_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
+    """Q40/Q80 weights x f32 activations (every instruction set: plain loops)."""
+    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    acc = lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xt.shape[0]):
+            acc[:] = 0
+            for g in range(wd.shape[1] // GROUP):
+                x = xt[t, g * 512 : (g + 1) * 512]
+                for lane in range(GROUP):
+                    s = np.float32(0)
+                    for e in range(BLOCK):
+                        o = (e // 4) * 64 + lane * 4 + e % 4
+                        if q40:
+                            byte = np.int32(wq[r, g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
+                            code = (byte & 15) - 8 if e < 16 else (byte >> 4) - 8
+                        else:
+                            code = np.int32(wq[r, g * 512 + o])
+                        s = s + np.float32(code) * x[o]
+                    acc[lane] = acc[lane] + s * f16_bits_to_f32(wd[r, g * GROUP + lane])
+            out[t, r] = _lane_tree(acc)
+
+
+# --- the x86 paths: LLVM IR through numba intrinsics ------------------------------------
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _vec(elem, n):
+    return ir.VectorType(elem, n)
+
+
+def _splat(elem, n, value):
+    return ir.Constant(_vec(elem, n), [value] * n)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _load(builder, base, offset, vtype):
+    """Unaligned vector load at byte `offset` (an IR i64 or int) from pointer `base`."""
+    if isinstance(offset, int):
+        offset = ir.Constant(ir.IntType(64), offset)
+    ptr = builder.gep(base, [offset], source_etype=_I8)
+    return builder.load(ptr, typ=vtype, align=1)
+
+
+def _halves(builder, v, n):
+    """v (2n lanes) -> (lanes [0, n), lanes [n, 2n))."""
+    lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
+    hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
+    return lo, hi
+
+
+def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
+    """The exact per-block integer sums of one lane group for one token, as vectors of
+    int32 lanes: one <16 x i32> (avx512vnni) or two <8 x i32> halves (avx2).
+    w_at(offset, vtype) / x_at(offset, vtype) load weight / activation bytes of the group;
+    seed_at(offset, vtype) loads xsum lanes (int32)."""
+    # (byte offset within a quad, bytes): a lane is 4 code bytes and one int32 xsum, so the
+    # same offset addresses both
+    parts = [(0, 64)] if isa == "avx512vnni" else [(0, 32), (32, 32)]
+    sums = []
+    for h, width in parts:
+        lanes = width // 4
+        xsum = seed_at(h, _vec(_I32, lanes))
+        if kind == "q40":
+            acc = builder.mul(xsum, _splat(_I32, lanes, -8))
+            quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
+        else:
+            acc = builder.mul(xsum, _splat(_I32, lanes, -128)) if isa == "avx512vnni" else ir.Constant(_vec(_I32, lanes), None)
+            quads = [(j, j * 64, None) for j in range(8)]
+        if isa == "avx2" and kind == "q40":
+            s16 = ir.Constant(_vec(_I16, 16), None)
+        for k, x_lo, x_hi in quads:
+            wv = w_at(k * 64 + h, _vec(_I8, width))
+            if kind == "q40":
+                pairs = [(builder.and_(wv, _splat(_I8, width, 15)), x_at(x_lo + h, _vec(_I8, width))),
+                         (builder.lshr(wv, _splat(_I8, width, 4)), x_at(x_hi + h, _vec(_I8, width)))]
+            else:
+                xv = x_at(x_lo + h, _vec(_I8, width))
+                if isa == "avx512vnni":  # w + 128 as the unsigned side; -128 * xsum seeded above
+                    pairs = [(builder.xor(wv, _splat(_I8, width, -128)), xv)]
+                else:  # |w| unsigned, x carries w's sign: each product fits int16
+                    absw = _call(builder, f"llvm.abs.v{width}i8", _vec(_I8, width), [wv, ir.Constant(ir.IntType(1), 0)])
+                    pairs = [(absw, _call(builder, "llvm.x86.avx2.psign.b", _vec(_I8, width), [xv, wv]))]
+            for u, s in pairs:
+                if isa == "avx512vnni":
+                    acc = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [acc, u, s])
+                elif kind == "q40":  # |two products| <= 2 * 15 * 128; 8 of them fit int16
+                    s16 = builder.add(s16, _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s]))
+                else:
+                    pair = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
+                    acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pair, _splat(_I16, 16, 1)]))
+        if isa == "avx2" and kind == "q40":
+            acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [s16, _splat(_I16, 16, 1)]))
+        sums.append(acc)
+    return sums
+
+
+def _tile(n_tok: int):
+    """An intrinsic tile(wq, wd, r, xq, xsum, xd, t0, out): out[t0 + t, r] for t < n_tok,
+    row r of packed weights (Q40 when wq is u8, Q80 when i8) times Q80 activations, on ISA."""
+    isa = ISA
+    halves = 1 if isa == "avx512vnni" else 2
+    lanes = GROUP // halves
+
+    @intrinsic
+    def tile(typingctx, wq, wd, r, xq, xsum, xd, t0, out):
+        kind = "q40" if wq.dtype == types.uint8 else "q80"
+
+        def codegen(context, builder, sig, args):
+            arys = [context.make_array(ty)(context, builder, a) if isinstance(ty, types.Array) else None
+                    for ty, a in zip(sig.args, args)]
+            wq_a, wd_a, xq_a, xsum_a, xd_a, out_a = (arys[i] for i in (0, 1, 3, 4, 5, 7))
+            row, first = args[2], args[6]
+            i64 = ir.IntType(64)
+            zero = ir.Constant(i64, 0)
+
+            def at(i, ary, inds):
+                return cgutils.get_item_pointer(context, builder, sig.args[i], ary, inds, wraparound=False)
+
+            def tok(t):
+                return builder.add(first, ir.Constant(i64, t))
+
+            w_row, d_row = at(0, wq_a, [row, zero]), at(1, wd_a, [row, zero])
+            x_rows = [at(3, xq_a, [tok(t), zero]) for t in range(n_tok)]
+            s_rows = [at(4, xsum_a, [tok(t), zero]) for t in range(n_tok)]
+            d_rows = [at(5, xd_a, [tok(t), zero]) for t in range(n_tok)]
+            n_groups = builder.udiv(cgutils.unpack_tuple(builder, wd_a.shape)[1], ir.Constant(i64, GROUP))
+            fvec = _vec(_F32, lanes)
+            accs = [[cgutils.alloca_once(builder, fvec) for _ in range(halves)] for _ in range(n_tok)]
+            for per_tok in accs:
+                for acc in per_tok:
+                    builder.store(ir.Constant(fvec, None), acc)
+            w_group = 256 if kind == "q40" else 512
+            with cgutils.for_range(builder, n_groups) as loop:
+                g = loop.index
+                w_base = builder.mul(g, ir.Constant(i64, w_group))
+                x_base = builder.mul(g, ir.Constant(i64, 512))
+                s_base = builder.mul(g, ir.Constant(i64, GROUP * 4))  # int32 / f32 lanes
+                h_base = builder.mul(g, ir.Constant(i64, GROUP * 2))  # fp16 scales
+                w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
+                                                _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]
+
+                def w_at(off, vtype):
+                    return _load(builder, w_row, builder.add(w_base, ir.Constant(i64, off)), vtype)
+
+                for t in range(n_tok):
+                    def x_at(off, vtype, t=t):
+                        return _load(builder, x_rows[t], builder.add(x_base, ir.Constant(i64, off)), vtype)
+
+                    def seed_at(off, vtype, t=t):
+                        return _load(builder, s_rows[t], builder.add(s_base, ir.Constant(i64, off)), vtype)
+
+                    sums = _int_sums(builder, kind, isa, w_at, x_at, seed_at)
+                    for h in range(halves):
+                        x_scale = _load(builder, d_rows[t], builder.add(s_base, ir.Constant(i64, h * lanes * 4)), fvec)
+                        p = builder.fmul(builder.sitofp(sums[h], fvec), builder.fmul(w_scales[h], x_scale))
+                        builder.store(builder.fadd(builder.load(accs[t][h]), p), accs[t][h])
+            for t in range(n_tok):
+                v = builder.load(accs[t][0])
+                if halves == 2:
+                    v = builder.fadd(v, builder.load(accs[t][1]))
+                n = lanes
+                while n > 1:  # lane i + lane i + n / 2: the fixed tree
+                    lo, hi = _halves(builder, v, n // 2)
+                    v, n = builder.fadd(lo, hi), n // 2
+                builder.store(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)), at(7, out_a, [tok(t), row]))
+            return context.get_dummy_value()
+
+        return types.void(wq, wd, r, xq, xsum, xd, t0, out), codegen
+
+    return tile
+
+
+if ISA != "portable":
+    _tile4, _tile3, _tile2, _tile1 = (_tile(n) for n in (4, 3, 2, 1))
+
+
+ROW_BLOCK = 32  # rows whose weights stay in L2 while every token tile passes over them
+
+
+@njit(**_opts)
+def _q_q80_tiled(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    """Q40/Q80 weights x Q80 activations on an x86 ISA. Tiles of 4 tokens (each weight
+    vector unpacked once per tile, the tile's activations in L1) pass over blocks of
+    ROW_BLOCK rows (in L2), then the rest of the tokens."""
+    n_tok = xq.shape[0]
+    for b0 in range(r0, r1, ROW_BLOCK):
+        b1 = min(b0 + ROW_BLOCK, r1)
+        t = 0
+        while t + 4 <= n_tok:
+            for r in range(b0, b1):
+                _tile4(wq, wd, r, xq, xsum, xd, t, out)
+            t += 4
+        left = n_tok - t
+        for r in range(b0, b1):
+            if left == 3:
+                _tile3(wq, wd, r, xq, xsum, xd, t, out)
+            elif left == 2:
+                _tile2(wq, wd, r, xq, xsum, xd, t, out)
+            elif left == 1:
+                _tile1(wq, wd, r, xq, xsum, xd, t, out)
+
+
+q_q80_rows = _q_q80_portable if ISA == "portable" else _q_q80_tiled
+q_f32_rows = _q_f32_rows
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
+                   lanes_i, lanes_f, out)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q_f32(wq, wd, xt, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
+
+
+PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32}

@@ -1,0 +1,91 @@
+"""Every instruction set of the quantized products this host can run, each in a fresh
+process (DLLAMA_ISA picks it; numba's cache is bypassed so the assembly can be read): the
+same bits as the exact numpy twins, on lopsided shapes, padded lane groups and every
+token-tile remainder; and the instructions that are supposed to do the work are there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dllama_mpi import qmatmul
+
+CHECK = r"""
+import json, re, sys
+import numpy as np
+from dllama_mpi import qmatmul, quant, reference
+from dllama_mpi.weights import Matrix
+
+rng = np.random.default_rng(7)
+lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS, 16), 1e30, np.float32)
+checked = 0
+for kind in ("q40", "q80"):
+    for rows, nb, n_tok in ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)):
+        w = (rng.standard_normal((rows, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
+        stored = quant.encode(w, kind)
+        m = Matrix.from_stored(stored, nb * 32)
+        x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
+        xb = quant.quantize_q80(x)
+        g = qmatmul.groups(nb)
+        xq, xsum, xd = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32), np.zeros((n_tok, 16 * g), np.float32)
+        qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
+        expected = reference.matvec_q_q80_exact(stored, xb)
+        for parallel in (False, True):
+            out = np.full((n_tok, rows), np.nan, np.float32)
+            if parallel:
+                qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
+            else:
+                qmatmul.q_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
+            assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), (kind, rows, nb, n_tok, parallel)
+            checked += 1
+asm = "".join(qmatmul.q_q80_rows.inspect_asm(sig) for sig in qmatmul.q_q80_rows.signatures)
+counts = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vfmadd231ps")}
+print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
+"""
+
+
+def _run(isa: str, tmp_path) -> dict:
+    env = {**os.environ, "DLLAMA_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path / isa)}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("isa", qmatmul.ISAS)
+def test_each_instruction_set_equals_the_exact_twin(isa, tmp_path):
+    if isa not in qmatmul.host_isas():
+        pytest.skip(f"this CPU can't run {isa}")
+    result = _run(isa, tmp_path)
+    assert result["isa"] == isa
+    assert result["checked"] == 20
+    asm = result["asm"]
+    if isa == "avx512vnni":
+        assert asm["vpdpbusd"] > 0
+    elif isa == "avx2":  # compiled as for a plain AVX2 machine: no VNNI slipped in
+        assert asm["vpmaddubsw"] > 0 and asm["vpmaddwd"] > 0 and asm["vpdpbusd"] == 0
+    else:
+        assert asm["vpdpbusd"] == 0 and asm["vpmaddubsw"] == 0
+    assert asm["vfmadd231ps"] == 0  # the lanes multiply and add separately: no fused rounding
+
+
+def test_the_best_instruction_set_is_the_default():
+    assert qmatmul.ISA == qmatmul.host_isas()[0] or os.environ.get("DLLAMA_ISA")
+    assert qmatmul.host_isas()[-1] == "portable"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("sse9", "DLLAMA_ISA must be one of avx512vnni, avx2, portable; got 'sse9'"),
+    ("avx512vnni", "DLLAMA_ISA=avx512vnni needs CPU features this machine lacks"),
+])
+def test_an_instruction_set_the_host_lacks_is_refused_with_what_it_can_run(value, message):
+    if value in qmatmul.host_isas():
+        pytest.skip(f"this CPU runs {value}")
+    env = {**os.environ, "DLLAMA_ISA": value}
+    done = subprocess.run([sys.executable, "-c", "import dllama_mpi.qmatmul"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr
