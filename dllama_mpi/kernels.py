@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from . import qmatmul, threads  # noqa: F401  (threads: the thread policy, before any kernel runs)
 from .qmatmul import f16_bits_to_f32
@@ -38,6 +41,59 @@ def f32_to_f16_bits(x):
     mant = np.int64(np.rint(m * 2048.0))  # in [1024, 2048]; 2048 carries into the exponent
     bits = ((e + 14) << 10) + (mant - 1024)
     return np.uint16(min(bits, 0x7C00))
+
+
+@intrinsic
+def _dot_lanes(typingctx, a, b):
+    """Of 1-D contiguous a (f32, or u16 fp16 bits) and b (f32): the sum of a[i] * b[i] for
+    i < n - n % 8 as 8 lanes (lane l takes i = l mod 8, in order) added as a fixed tree,
+    then the tail in index order. Written in IR because numba's indexing keeps LLVM from vectorizing the plain loop, and
+    reassociating it (fastmath) made the order depend on how LLVM compiled each caller."""
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.layout == b.layout == "C"
+            and a.ndim == b.ndim == 1 and b.dtype == types.float32 and a.dtype in (types.float32, types.uint16)):
+        return None
+    fp16 = a.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        v8 = ir.VectorType(f32, 8)
+        arr_a, arr_b = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        n = cgutils.unpack_tuple(builder, arr_a.shape)[0]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, None))
+        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 8))) as loop:
+            i = builder.mul(loop.index, ir.Constant(i64, 8))
+            pa = builder.gep(arr_a.data, [i], source_etype=ir.HalfType() if fp16 else f32)
+            pb = builder.gep(arr_b.data, [i], source_etype=f32)
+            va = builder.load(pa, typ=ir.VectorType(ir.HalfType(), 8) if fp16 else v8, align=1)
+            if fp16:
+                va = builder.fpext(va, v8)
+            vb = builder.load(pb, typ=v8, align=1)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(va, vb)), acc)
+        v, width = builder.load(acc), 8
+        while width > 1:  # lane i + lane i + width / 2
+            width //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+        tail = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        with cgutils.for_range_slice(builder, tail, n, ir.Constant(i64, 1)) as (i, _):
+            ea = builder.load(builder.gep(arr_a.data, [i], source_etype=ir.HalfType() if fp16 else f32),
+                              typ=ir.HalfType() if fp16 else f32)
+            if fp16:
+                ea = builder.fpext(ea, f32)
+            eb = builder.load(builder.gep(arr_b.data, [i], source_etype=f32), typ=f32)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(ea, eb)), total)
+        return builder.load(total)
+
+    return types.float32(a, b), codegen
+
+
+@njit(**_opts)
+def dot(a, b):
+    """sum a[i] * b[i] in _dot_lanes' fixed order. a: f32, or u16 fp16 bits; b: f32; both
+    1-D contiguous."""
+    return _dot_lanes(a, b)
 
 
 # --- activations ------------------------------------------------------------------------
@@ -83,25 +139,17 @@ def q80_values(blocks, x):
 @njit(**_opts)
 def f32_rows(r0, r1, c, w, x, out):
     """w: (rows, n) f32."""
-    n = x.shape[1]
     for r in range(r0, r1):
         for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += w[r, i] * x[t, i]
-            out[t, r] = acc
+            out[t, r] = dot(w[r], x[t])
 
 
 @njit(**_opts)
 def f16_rows(r0, r1, c, w, table, x, out):
     """w: (rows, n) u16 fp16 bits, decoded through table (F16_TABLE)."""
-    n = x.shape[1]
     for r in range(r0, r1):
         for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += table[w[r, i]] * x[t, i]
-            out[t, r] = acc
+            out[t, r] = dot(w[r], x[t])
 
 
 @njit(parallel=True, **_opts)
@@ -149,9 +197,7 @@ def rmsnorm(x, weight, eps, out):
     """Each row of x (T, n) -> out (T, n)."""
     n = x.shape[1]
     for t in range(x.shape[0]):
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += x[t, i] * x[t, i]
+        ss = dot(x[t], x[t])
         scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
         for i in range(n):
             out[t, i] = weight[i] * (scale * x[t, i])
@@ -163,9 +209,8 @@ def rmsnorm_heads(vec, head_dim, weight, eps):
     for t in range(vec.shape[0]):
         for h in range(vec.shape[1] // head_dim):
             base = h * head_dim
-            ss = np.float32(0.0)
-            for i in range(head_dim):
-                ss += vec[t, base + i] * vec[t, base + i]
+            head = vec[t, base : base + head_dim]
+            ss = dot(head, head)
             scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(head_dim) + np.float32(eps)))
             for i in range(head_dim):
                 vec[t, base + i] = weight[i] * (scale * vec[t, base + i])
@@ -200,10 +245,7 @@ def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
             n_pos = pos0 + t + 1
             top = np.float32(-np.inf)
             for p in range(n_pos):
-                s = np.float32(0.0)
-                for i in range(head_dim):
-                    s += q[t, h, i] * k_cache[p, kv, i]
-                s *= inv_sqrt
+                s = dot(q[t, h], k_cache[p, kv]) * inv_sqrt
                 scores[h, p] = s
                 top = max(top, s)
             total = np.float32(0.0)
@@ -211,12 +253,13 @@ def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
                 e = np.float32(math.exp(scores[h, p] - top))
                 scores[h, p] = e
                 total += e
-            for i in range(head_dim):
-                out[t, h, i] = 0.0
+            o = out[t, h]
+            o[:] = 0.0
             for p in range(n_pos):
                 w = scores[h, p] / total
-                for i in range(head_dim):
-                    out[t, h, i] += w * v_cache[p, kv, i]
+                v = v_cache[p, kv]
+                for i in range(head_dim):  # element-wise: vectorizes in any order, the same bits
+                    o[i] += w * v[i]
 
 
 @njit(parallel=True, **_opts)
