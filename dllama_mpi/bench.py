@@ -2,9 +2,11 @@
 `mpirun -n N ... --memory-budget ...`; or, with --encode, the tokenizers' encoding speed.
 
 The models have random Q40 weights (speed does not depend on values), generated once and
-cached on disk. Besides tokens/s it measures, in the same run, the node's memory read
-bandwidth, and reports the decode roofline fraction = tokens/s x weight bytes read per
-token / bandwidth.
+cached on disk; or --model measures a given model file (or shard directory). Besides
+tokens/s it measures, in the same run, the node's memory read bandwidth, and reports the
+decode roofline fraction = tokens/s x weight bytes read per token / bandwidth. With
+--rows R ..., it also times forward passes of R tokens at one position (what R sequences
+decoding together cost per step) and reports R x steps / time for each R.
 
 `--encode VOCAB ...` runs as one process without MPI: it encodes a deterministic English-like
 text of --encode-kib KiB with each vocabulary (a model .h5, a llama2.c tokenizer.bin or a
@@ -26,7 +28,7 @@ T_LAUNCH = time.perf_counter()
 import numpy as np  # noqa: E402
 from numba import get_num_threads as numba_threads  # noqa: E402
 
-from .errors import InputError  # noqa: E402
+from .errors import InputError, UsageError  # noqa: E402
 from .spec import ModelSpec  # noqa: E402
 
 SHAPES = {
@@ -97,6 +99,36 @@ def _read_bandwidth(comm) -> float:
     return comm.bcast_obj(best)
 
 
+def kernel_isa() -> str:
+    """The instruction set the kernels were compiled for, as the kernels module says."""
+    from . import kernels
+
+    return str(getattr(kernels, "ISA", "unknown"))
+
+
+def _rows_per_step(comm, engine, rows: list[int], steps: int, repeat: int, rng, vocab_size: int) -> list[dict]:
+    """Collective: for each R, time `steps` forward passes of R tokens at one fixed position
+    (the KV cache rows there are rewritten each time), `repeat` times; tokens/s = R x steps /
+    time, the median. The logits are those of the last row only (one classifier product)."""
+    if rows and max(rows) > engine.max_batch:
+        raise UsageError(f"--rows {max(rows)}: a forward pass takes at most {engine.max_batch} tokens")
+    pos = 8  # as after a short prompt
+    out = []
+    for r in rows:
+        tokens = rng.integers(3, vocab_size, r).astype(np.int64)
+        engine.forward_block(tokens, pos)  # the first pass of this size: warm
+        rates = []
+        for _ in range(repeat):
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.forward_block(tokens, pos)
+            comm.barrier()
+            rates.append(r * steps / (time.perf_counter() - t0))
+        out.append({"rows": r, "tok_s": float(np.median(rates))})
+    return out
+
+
 def run(comm, args) -> dict | None:
     from . import threads
     from .cli import parse_budgets
@@ -105,13 +137,18 @@ def run(comm, args) -> dict | None:
 
     budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
-    path = bench_model_path(args.shape) if comm.rank == 0 else None
-    path = comm.bcast_obj(str(path) if path else None)
+    if args.model is not None:
+        path, label = args.model, args.model
+    else:
+        path = bench_model_path(args.shape) if comm.rank == 0 else None
+        path, label = comm.bcast_obj(str(path) if path else None), args.shape
     rng = np.random.default_rng(1)
+    row_counts = args.rows or []
+    isa = kernel_isa()
     results = {}
     for buffer_type in args.buffer_float_type:
         session = open_session(comm, path, budgets, prompt="a", buffer_type=buffer_type,
-                               max_seq_len=max(args.prompt_lengths + [8]) + args.decode_steps + 1)
+                               max_seq_len=max(args.prompt_lengths + [8 + max(row_counts, default=0)]) + args.decode_steps + 1)
         load_s = session.load_s
         engine, spec = session.engine, session.plan.spec
         sampler = Sampler(spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
@@ -139,6 +176,7 @@ def run(comm, args) -> dict | None:
             per_rank.append(((engine.forward_s - f0) / n_forward, (engine.collective_s - c0) / n_forward,
                              (comm.bytes_sent - s0) / n_forward))
         loopback_1 = _loopback_bytes() if comm.rank == 0 else None
+        rows_per_step = _rows_per_step(comm, engine, row_counts, args.decode_steps, args.repeat, rng, spec.vocab_size)
         fwd, coll, sent = np.median(np.array(per_rank), axis=0)
         mine = {
             "compute": float(fwd - coll), "collective": float(coll), "sent": float(sent),
@@ -154,7 +192,8 @@ def run(comm, args) -> dict | None:
             weight_bytes = sum(m["weight_bytes"] for m in rows)  # read once per decoded token
             tps = float(np.median(decode))
             results[buffer_type] = {
-                "shape": args.shape, "world_size": comm.size, "budgets": list(budgets.ratios), "buffer_float_type": buffer_type,
+                "shape": label, "model": str(path), "world_size": comm.size, "budgets": list(budgets.ratios),
+                "buffer_float_type": buffer_type,
                 "threads_per_rank": [m["threads"] for m in rows],
                 "decode_tokens_per_s": tps, "prefill_tokens_per_s": prefill,
                 "prefill_to_decode_ratio": {k: v / tps for k, v in prefill.items()},
@@ -170,6 +209,7 @@ def run(comm, args) -> dict | None:
                 "wait_s_per_token": [m["collective"] - min(r["collective"] for r in rows) for m in rows],
                 "peak_rss_mb": [m["rss_mb"] for m in rows], "planned_mb": [m["planned_mb"] for m in rows],
                 "repeats": args.repeat, "decode_steps": args.decode_steps,
+                "rows_per_step": rows_per_step, "kernel_isa": isa,
             }
         del session, engine
     return results if comm.rank == 0 else None
@@ -195,13 +235,17 @@ def table(result: dict) -> str:
     r = result
     lines = [
         f"{r['shape']}: {r['world_size']} rank(s), budgets {' '.join(map(str, r['budgets']))}, "
-        f"buffers {r['buffer_float_type']}, threads {r['threads_per_rank']}",
+        f"buffers {r['buffer_float_type']}, threads {r['threads_per_rank']}, kernels {r['kernel_isa']}",
         f"  decode {r['decode_tokens_per_s']:.2f} tokens/s; roofline fraction {r['roofline_fraction']:.2f} "
         f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token over {r['bandwidth_gb_s']:.1f} GB/s measured)",
         "  prefill " + ", ".join(f"{k} tokens: {v:.2f} tokens/s ({r['prefill_to_decode_ratio'][k]:.2f}x decode)"
                                  for k, v in r["prefill_tokens_per_s"].items()),
         f"  time to first token {r['time_to_first_token_s']:.1f} s from launch; load {r['load_s']:.1f} s "
         f"({r['load_gb_s']:.2f} GB/s)",
+    ]
+    if r["rows_per_step"]:
+        lines.append("  rows per step: " + ", ".join(f"{x['rows']}: {x['tok_s']:.2f} tokens/s" for x in r["rows_per_step"]))
+    lines += [
         f"  {'rank':>4} {'compute ms/tok':>14} {'collective ms/tok':>17} {'waiting ms/tok':>14} "
         f"{'sent KiB/tok':>12} {'peak RSS MiB':>12} {'planned MiB':>11}",
     ]
@@ -350,8 +394,11 @@ def parser() -> argparse.ArgumentParser:
         description="Measure decode and prefill speed of a model shape with random weights, under any "
                     "`mpirun -n N ... --memory-budget ...`; or, with --encode, how fast tokenizers encode a long text "
                     "(one process, no mpirun).")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b",
-                   help="model shape to measure (default: %(default)s)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b",
+                       help="model shape to measure, with random weights (default: %(default)s)")
+    which.add_argument("--model", metavar="PATH",
+                       help="measure this model file (or shard directory) instead of a shape (default: off)")
     p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal shares)")
     p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"],
                    help="activation buffer types to measure, one run each (default: q80)")
@@ -361,6 +408,10 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens decoded per decode measurement (default: %(default)s)")
     p.add_argument("--repeat", type=_at_least_one, default=3, metavar="N",
                    help="runs of each measurement; medians are reported (default: %(default)s)")
+    p.add_argument("--rows", nargs="+", type=_at_least_one, metavar="R",
+                   help="also time forward passes of R tokens at one position, --decode-steps of them per run, for "
+                        "each R (R sequences decoding together; the logits of one row) and report R x steps / time "
+                        "(default: off)")
     p.add_argument("--nthreads", type=_at_least_one, metavar="N",
                    help="threads per rank (default: the rank's share of the node's cores)")
     p.add_argument("--encode", nargs="+", metavar="VOCAB",

@@ -4,9 +4,9 @@ blocks of up to `max_batch` tokens; decoding is T = 1).
 Every buffer and the KV cache are allocated once in Engine.__init__; decoding allocates
 nothing. Per layer (x replicated on every rank):
 
-  x -> rmsnorm -> own q/k/v rows -> rope -> causal attention over own KV cache
+  x -> rmsnorm -> own q/k/v rows (one stacked product) -> rope -> causal attention over own KV cache
     -> Allgatherv(att) -> own wo rows -> Allgatherv(dim) -> x += ;
-  x -> rmsnorm -> own w1/w3 rows -> silu*mul -> Allgatherv(ffn) -> own w2 rows
+  x -> rmsnorm -> own w1/w3 rows (stacked) -> silu*mul -> Allgatherv(ffn) -> own w2 rows
     -> Allgatherv(dim) -> x +=
 then own classifier rows for the block's last token -> Gatherv(logits) to rank 0.
 """
@@ -122,13 +122,13 @@ class Engine:
         self.x = np.zeros((t_max, spec.dim), F32)  # (T, dim) residual stream
         self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a block
         self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
+        self.qkv = np.zeros((t_max, (nh + 2 * nkv) * hd), F32)  # own q, k, v rows: the stacked product
         self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, buffer_type)  # (T, n_heads * hd)
         self.scores = np.zeros((nh, max_seq_len), F32)
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
         self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, buffer_type)  # wo / w2 output
         a, b = me.ffn_rows
-        self.h1 = np.zeros((t_max, b - a), F32)
-        self.h3 = np.zeros((t_max, b - a), F32)
+        self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
         self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
         # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
         self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
@@ -190,11 +190,12 @@ class Engine:
             kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
             q = self.q[:n]
-            k = self.k_cache[layer, pos0 : pos0 + n].reshape(n, -1)  # written in place: (T, own kv * hd)
+            k = self.k_cache[layer, pos0 : pos0 + n].reshape(n, -1)  # (T, own kv * hd)
             v = self.v_cache[layer, pos0 : pos0 + n].reshape(n, -1)
-            self.matmul(lw["wq"], self.xb, n, q)
-            self.matmul(lw["wk"], self.xb, n, k)
-            self.matmul(lw["wv"], self.xb, n, v)
+            qkv = self.qkv[:n]
+            self.matmul(lw["wqkv"], self.xb, n, qkv)
+            nq, nk = q.shape[1], k.shape[1]
+            q[...], k[...], v[...] = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
             if spec.qkv_bias:
                 np.add(q, lw["bq"], out=q)
                 np.add(k, lw["bk"], out=k)
@@ -217,9 +218,10 @@ class Engine:
 
             kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
-            self.matmul(lw["w1"], self.xb, n, self.h1[:n])
-            self.matmul(lw["w3"], self.xb, n, self.h3[:n])
-            kernels.silu_mul(self.h1[:n], self.h3[:n], self.ffn.local[:n])
+            h13 = self.h13[:n]
+            self.matmul(lw["w13"], self.xb, n, h13)
+            f = h13.shape[1] // 2
+            kernels.silu_mul(h13[:, :f], h13[:, f:], self.ffn.local[:n])
             self.ffn.gather(n)
             self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
             self.dim_out.gather(n)

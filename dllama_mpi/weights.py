@@ -43,6 +43,16 @@ class Matrix:
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
         return cls(kind, stored.shape[0], cols, w=stored)
 
+    @classmethod
+    def stacked(cls, parts: list[Matrix]) -> Matrix:
+        """The rows of `parts` (one type and width) one after another: one product, one
+        parallel region, instead of one per part."""
+        first = parts[0]
+        assert all(p.type == first.type and p.cols == first.cols for p in parts)
+        joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("w", "d", "qs")
+                  if getattr(first, name) is not None}
+        return cls(first.type, sum(p.rows for p in parts), first.cols, **joined)
+
     def row_to(self, row: int, out: np.ndarray) -> None:
         """Dequantize one local row into out (cols,) f32 (an embedding lookup)."""
         if self.type == "f32":
@@ -89,10 +99,20 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
     else:
         tensors = {name: _local(_scattered(comm, plan, model, name, info), info) for name, info in layout.items()}
     names = [n.split("/")[-1] for n in layout if n.startswith("layers/0/")]
-    layers = tuple({k: tensors[f"layers/{i}/{k}"] for k in names} for i in range(spec.n_layers))
+    layers = tuple(_stack({k: tensors.pop(f"layers/{i}/{k}") for k in names}) for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
     return LocalWeights(layers, tensors["norm"], embedding, classifier)
+
+
+STACKED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}  # products that read the same input
+
+
+def _stack(layer: dict) -> dict:
+    """A layer's matrices that multiply the same activation, stacked (see Matrix.stacked)."""
+    for name, parts in STACKED.items():
+        layer[name] = Matrix.stacked([layer.pop(p) for p in parts])
+    return layer
 
 
 def _local(stored: np.ndarray, info) -> np.ndarray | Matrix:

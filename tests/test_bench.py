@@ -1,8 +1,9 @@
-"""The benchmark command runs under mpiexec and reports what it promises (tiny shape); its --encode
-mode measures tokenizers in one process."""
+"""The benchmark command runs under mpiexec and reports what it promises (tiny shape, or a given
+model file); its --encode mode measures tokenizers in one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,25 +13,45 @@ from conftest import SHARED_MODELS, STORIES, run_mpiexec, write_random_model
 
 KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_per_s", "prefill_tokens_per_s",
         "bandwidth_gb_s", "roofline_fraction", "bytes_sent_per_token", "compute_s_per_token",
-        "collective_s_per_token", "peak_rss_mb", "time_to_first_token_s", "load_gb_s", "wait_s_per_token")
+        "collective_s_per_token", "peak_rss_mb", "time_to_first_token_s", "load_gb_s", "wait_s_per_token",
+        "model", "rows_per_step", "kernel_isa")
 
 
 def test_bench_json_under_mpiexec(tmp_path):
     result = run_mpiexec(3, [sys.executable, "-m", "dllama_mpi.bench", "--shape", "tiny", "--memory-budget", "2", "1", "1",
                              "--buffer-float-type", "q80", "f32", "--prompt-lengths", "16", "40", "--decode-steps", "4",
-                             "--repeat", "1", "--json"], timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+                             "--repeat", "1", "--rows", "1", "3", "--json"], timeout=300,
+                         env={"XDG_CACHE_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["buffer_float_type"] for r in lines] == ["q80", "f32"]
     for r in lines:
         assert all(k in r for k in KEYS), set(KEYS) - set(r)
         assert r["world_size"] == 3 and r["budgets"] == [2, 1, 1] and r["shape"] == "tiny"
+        assert r["model"].endswith("bench-tiny-q40-v1.h5") and r["model"].startswith(str(tmp_path))
+        assert [x["rows"] for x in r["rows_per_step"]] == [1, 3] and all(x["tok_s"] > 0 for x in r["rows_per_step"])
+        assert isinstance(r["kernel_isa"], str) and r["kernel_isa"]
         assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"16", "40"}
         assert 0 < r["roofline_fraction"] < 1 and r["bandwidth_gb_s"] > 0
         assert len(r["bytes_sent_per_token"]) == len(r["peak_rss_mb"]) == len(r["collective_s_per_token"]) == 3
         assert all(b > 0 for b in r["bytes_sent_per_token"])
     # q80 buffers send fewer bytes than f32 (the tiny shape's vectors are whole blocks)
     assert sum(lines[0]["bytes_sent_per_token"]) < sum(lines[1]["bytes_sent_per_token"])
+
+
+def test_bench_model_file_table(tmp_path):
+    """--model measures a given file (here of a shape no --shape has), as a table; --rows off by default."""
+    from dllama_mpi.bench import SHAPES
+
+    spec = dataclasses.replace(SHAPES["tiny"], vocab_size=300, n_layers=2)
+    model = write_random_model(tmp_path / "other.h5", spec)
+    result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi.bench", "--model", str(model), "--prompt-lengths", "12",
+                             "--decode-steps", "3", "--repeat", "1"], timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"{model}: 2 rank(s), budgets 1 1, buffers q80, ") and ", kernels " in first
+    assert "rows per step" not in result.stdout and "prefill 12 tokens: " in result.stdout
+    assert not list(tmp_path.glob("dllama_mpi/bench-*.h5"))  # no shape's model written
 
 
 # --------------------------------------------------------------------- --encode
@@ -80,10 +101,31 @@ def test_bench_help_is_complete():
 
 
 @pytest.mark.parametrize("option, value", [("--decode-steps", "0"), ("--prompt-lengths", "-5"), ("--nthreads", "0"),
-                                           ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan")])
+                                           ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan"),
+                                           ("--rows", "0")])
 def test_bench_refuses_values_it_cant_measure(option, value, capsys):
     from dllama_mpi.bench import parser
 
     with pytest.raises(SystemExit) as exit_:
         parser().parse_args([option, value])
     assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err
+
+
+def test_bench_model_and_shape_exclude_each_other(capsys):
+    from dllama_mpi.bench import parser
+
+    assert parser().parse_args(["--model", "m.h5", "--rows", "1", "2", "4", "8"]).rows == [1, 2, 4, 8]
+    assert parser().parse_args([]).rows is None  # the sweep is off by default
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(["--model", "m.h5", "--shape", "tiny"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bench_reports_kernel_isa_or_unknown(monkeypatch):
+    from dllama_mpi import kernels
+    from dllama_mpi.bench import kernel_isa
+
+    monkeypatch.setattr(kernels, "ISA", "avx512-vnni", raising=False)
+    assert kernel_isa() == "avx512-vnni"
+    monkeypatch.delattr(kernels, "ISA")
+    assert kernel_isa() == "unknown"
