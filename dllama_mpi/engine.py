@@ -220,8 +220,7 @@ class Engine:
             self.xb.prepare(n)
             h13 = self.h13[:n]
             self.matmul(lw["w13"], self.xb, n, h13)
-            f = h13.shape[1] // 2
-            kernels.silu_mul(h13[:, :f], h13[:, f:], self.ffn.local[:n])
+            kernels.silu_mul(h13, self.ffn.local[:n])
             self.ffn.gather(n)
             self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
             self.dim_out.gather(n)

@@ -89,6 +89,72 @@ def _dot_lanes(typingctx, a, b):
     return types.float32(a, b), codegen
 
 
+def _exp_ir(builder, x):
+    """exp of an f32 IR value (scalar or vector), Cephes' expf: n = round(x log2 e),
+    r = x - n ln 2 in two parts, a degree-5 polynomial, times 2**n by exponent bits. About
+    1 ulp; x is clamped to [-87, 88] (below: a tiny number instead of 0; above: 1.6e38, not
+    inf). The same operations on a scalar and on a vector lane: the same bits either way."""
+    ty = x.type
+    n_lanes = ty.count if isinstance(ty, ir.VectorType) else None
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+
+    def const(value, elem=f32):
+        return ir.Constant(ir.VectorType(elem, n_lanes), [value] * n_lanes) if n_lanes else ir.Constant(elem, value)
+
+    def call(name, *args):
+        suffix = f"v{n_lanes}f32" if n_lanes else "f32"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [a.type for a in args]), f"llvm.{name}.{suffix}")
+        return builder.call(fn, args)
+
+    x = call("maxnum", call("minnum", x, const(88.0)), const(-87.0))
+    n = call("floor", builder.fadd(builder.fmul(x, const(1.44269504088896341)), const(0.5)))
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, const(0.693359375))), builder.fmul(n, const(-2.12194440e-4)))
+    p = const(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = builder.fadd(builder.fmul(p, r), const(c))
+    y = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), const(1.0))
+    itype = ir.VectorType(i32, n_lanes) if n_lanes else i32
+    bits = builder.shl(builder.add(builder.fptosi(n, itype), const(127, i32)), const(23, i32))
+    return builder.fmul(y, builder.bitcast(bits, ty))
+
+
+@intrinsic
+def _exp_into(typingctx, src, scale, shift, dst):
+    """dst[i] = exp(src[i] * scale - shift) (see _exp_ir) over 1-D contiguous f32 arrays of
+    one length, 8 lanes at a time and the tail one by one; dst may be src."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.float32
+                for a in (src, dst)) and scale == shift == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        a_src, a_dst = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3))
+        n = cgutils.unpack_tuple(builder, a_src.shape)[0]
+        whole = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        for width, start, stop, step in ((8, ir.Constant(i64, 0), whole, 8), (None, whole, n, 1)):
+            if width:  # scale and shift in every lane
+                ty = ir.VectorType(f32, width)
+                mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+                k, c = (builder.shuffle_vector(builder.insert_element(ir.Constant(ty, None), args[i], ir.Constant(ir.IntType(32), 0)),
+                                               ir.Constant(ty, None), mask) for i in (1, 2))
+            else:
+                ty, k, c = f32, args[1], args[2]
+            with cgutils.for_range_slice(builder, start, stop, ir.Constant(i64, step)) as (i, _):
+                src_at = builder.bitcast(builder.gep(a_src.data, [i], source_etype=f32), ty.as_pointer())
+                dst_at = builder.bitcast(builder.gep(a_dst.data, [i], source_etype=f32), ty.as_pointer())
+                v = builder.load(src_at, align=4)
+                builder.store(_exp_ir(builder, builder.fsub(builder.fmul(v, k), c)), dst_at, align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, scale, shift, dst), codegen
+
+
+@njit(**_opts)
+def exp_into(src, scale, shift, dst):
+    """dst = exp(src * scale - shift), element-wise (see _exp_into)."""
+    _exp_into(src, np.float32(scale), np.float32(shift), dst)
+
+
 @njit(**_opts)
 def dot(a, b):
     """sum a[i] * b[i] in _dot_lanes' fixed order. a: f32, or u16 fp16 bits; b: f32; both
@@ -248,11 +314,11 @@ def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
                 s = dot(q[t, h], k_cache[p, kv]) * inv_sqrt
                 scores[h, p] = s
                 top = max(top, s)
+            row = scores[h, :n_pos]
+            exp_into(row, np.float32(1), top, row)
             total = np.float32(0.0)
             for p in range(n_pos):
-                e = np.float32(math.exp(scores[h, p] - top))
-                scores[h, p] = e
-                total += e
+                total += row[p]
             o = out[t, h]
             o[:] = 0.0
             for p in range(n_pos):
@@ -270,12 +336,15 @@ def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
 
 
 @njit(**_opts)
-def silu_mul(h1, h3, out):
-    """out = silu(h1) * h3, all (T, n)."""
-    for t in range(h1.shape[0]):
-        for i in range(h1.shape[1]):
-            a = h1[t, i]
-            out[t, i] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h3[t, i]
+def silu_mul(h13, out):
+    """out = silu(h1) * h3 where each token's row of h13 (T, 2n) is h1 (n) then h3 (n);
+    out: (T, n)."""
+    n = out.shape[1]
+    for t in range(h13.shape[0]):
+        h, o = h13[t], out[t]
+        exp_into(h[:n], np.float32(-1), np.float32(0), o)
+        for i in range(n):
+            o[i] = h[i] / (np.float32(1.0) + o[i]) * h[n + i]
 
 
 @njit(cache=True, nogil=True)
@@ -368,5 +437,5 @@ def warm_up() -> None:
     att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), 1, np.zeros((2, 4), f32), out.reshape(1, 2, 32))
     attention(*att)
     attention_heads(0, 2, *att)
-    silu_mul(x, x, out)
+    silu_mul(np.concatenate((x, x), axis=1), out)
     sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))

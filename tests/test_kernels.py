@@ -569,9 +569,32 @@ def test_silu_mul_matches_reference(n, n_tok):
         h1[:, 1] = 30.0
     h3 = _tokens(rng, n_tok, n)
     out = np.full((n_tok, n), np.nan, np.float32)
-    kernels.silu_mul(h1, h3, out)
+    kernels.silu_mul(np.concatenate((h1, h3), axis=1), out)  # the stacked w1/w3 product's rows
     for t in range(n_tok):
         _assert_close(out[t], reference.silu_mul(h1[t], h3[t]))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 37, 1000])
+def test_exp_matches_numpy_within_two_ulp_and_lanes_equal_the_tail(n):
+    rng = np.random.default_rng(n)
+    x = np.concatenate([rng.uniform(-87, 88, n), [0.0, -1e-7, 1e-7, -20.5, 88.0, -87.0]]).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    kernels.exp_into(x, 1.0, 0.0, out)
+    expected = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(out - expected) <= 2 * np.spacing(expected.astype(np.float32)))
+    # an element gives the same bits in a vector lane (the first 8s) and in the scalar tail
+    for i in range(len(x)):
+        one = np.full(1, np.nan, np.float32)
+        kernels.exp_into(x[i : i + 1], 1.0, 0.0, one)
+        assert one.view(np.uint32)[0] == out.view(np.uint32)[i]
+
+
+def test_exp_clamps_instead_of_overflowing():
+    x = np.array([-1e4, -100, 100, 1e4, -np.inf, np.inf], np.float32)
+    out = np.empty_like(x)
+    kernels.exp_into(x, 1.0, 0.0, out)
+    assert np.all(np.isfinite(out)) and np.all(out[:2] < 1e-37) and np.all(out[2:4] > 1e38)
+    assert out[4] < 1e-37 and out[5] > 1e38
 
 
 # ---------------------------------------------------------------- attention
