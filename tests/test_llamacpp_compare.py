@@ -1,0 +1,370 @@
+"""tools/llamacpp_compare.py's pure parts (no build, no llama.cpp): the commands, the run order,
+llama-bench's JSON, the table, the idle check's /proc parsing, and the GGUF it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+gguf = pytest.importorskip("gguf")
+
+spec = importlib.util.spec_from_file_location("llamacpp_compare", REPO / "tools" / "llamacpp_compare.py")
+lc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lc)
+
+# `llama-bench -m models/tinyllama-1.1b-q4_0-seed0-v1.gguf -t 2 -p 128 -n 32 -r 1 -o json` (stdout), llama-cpp-python
+# 0.3.36's llama.cpp as the tool builds it, on this project's 2-core machine (captured 2026-11-30)
+LLAMA_BENCH_JSON = """\
+[
+  {
+    "build_commit": "unknown",
+    "build_number": 0,
+    "cpu_info": "Intel(R) Xeon(R) Processor",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "models/tinyllama-1.1b-q4_0-seed0-v1.gguf",
+    "model_type": "llama 1B Q4_0",
+    "model_size": 619094016,
+    "model_n_params": 1100048384,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 128,
+    "n_gen": 0,
+    "n_depth": 0,
+    "test_time": "2026-11-30T20:16:08Z",
+    "avg_ns": 1676050324,
+    "stddev_ns": 0,
+    "avg_ts": 76.370022,
+    "stddev_ts": 0.000000,
+    "samples_ns": [ 1676050324 ],
+    "samples_ts": [ 76.37 ]
+  },
+  {
+    "build_commit": "unknown",
+    "build_number": 0,
+    "cpu_info": "Intel(R) Xeon(R) Processor",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "models/tinyllama-1.1b-q4_0-seed0-v1.gguf",
+    "model_type": "llama 1B Q4_0",
+    "model_size": 619094016,
+    "model_n_params": 1100048384,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 0,
+    "n_gen": 32,
+    "n_depth": 0,
+    "test_time": "2026-11-30T20:16:12Z",
+    "avg_ns": 2365878345,
+    "stddev_ns": 0,
+    "avg_ts": 13.525632,
+    "stddev_ts": 0.000000,
+    "samples_ns": [ 2365878345 ],
+    "samples_ts": [ 13.5256 ]
+  }
+]
+"""
+
+
+# --------------------------------------------------------------------- commands and order
+
+
+def test_build_commands_make_only_llama_bench_natively(tmp_path):
+    configure = lc.cmake_configure_command(tmp_path / "src", tmp_path / "build", "Ninja")
+    assert configure[:7] == ["cmake", "-S", str(tmp_path / "src"), "-B", str(tmp_path / "build"), "-G", "Ninja"]
+    for flag in ("-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"):
+        assert flag in configure
+    assert "-G" not in lc.cmake_configure_command(tmp_path, tmp_path)
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # ggml's AMX path dies of SIGILL (see X86_NO_AMX)
+    assert lc.cmake_flags("x86_64")[-2:] == [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
+    assert not any("amx" in f for f in lc.cmake_flags("aarch64"))
+    assert lc.cmake_build_command(tmp_path, 2) == ["cmake", "--build", str(tmp_path), "--config", "Release",
+                                                   "--target", "llama-bench", "-j", "2"]
+    assert lc.niced(["make"], 19) == ["nice", "-n", "19", "make"] and lc.niced(["make"], 0) == ["make"]
+    download = lc.download_command("0.3.36", tmp_path, python="py")
+    assert download == ["py", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python==0.3.36",
+                        "-d", str(tmp_path)]
+    assert lc.LLAMA_CPP_PYTHON_VERSION in str(lc.default_cache_dir())
+
+
+def test_a_build_is_reused_only_with_the_same_flags(tmp_path):
+    assert lc.built_with(tmp_path) is None
+    (tmp_path / "build.json").write_text(json.dumps({"version": "0.3.36", "flags": lc.cmake_flags()}))
+    assert lc.built_with(tmp_path) == lc.cmake_flags()
+    binary = lc.llama_bench_path(tmp_path)
+    binary.parent.mkdir()
+    binary.write_text("")
+    assert lc.build_llama_bench(tmp_path, "0.3.36", jobs=1, niceness=0) == binary  # nothing to build
+    (tmp_path / "build.json").write_text("{")
+    assert lc.built_with(tmp_path) is None
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert lc.default_cache_dir("9.9.9") == tmp_path / "dllama_mpi" / "llama.cpp" / "9.9.9"
+    assert lc.llama_bench_path(tmp_path) == tmp_path / "bin" / "llama-bench"
+
+
+def test_run_commands(tmp_path):
+    g, h = tmp_path / "m.gguf", tmp_path / "m.h5"
+    assert lc.llama_bench_command(Path("/c/llama-bench"), g, 2) == [
+        "/c/llama-bench", "-m", str(g), "-t", "2", "-p", "128", "-n", "32", "-r", "1", "-o", "json"]
+    assert lc.ours_command("mpiexec", h, ["3", "2", "2", "1"], python="py") == [
+        "mpiexec", "-n", "4", "py", "-m", "dllama_mpi.bench", "--model", str(h), "--memory-budget", "3", "2", "2", "1",
+        "--prompt-lengths", "128", "--decode-steps", "32", "--repeat", "1", "--json"]
+    assert lc.ours_command("mpiexec", h, ["1"], python="py", nthreads=2)[-2:] == ["--nthreads", "2"]
+    assert lc.parse_configs(["1", "1-1", "3-2-2-1"]) == [["1"], ["1", "1"], ["3", "2", "2", "1"]]
+    with pytest.raises(ValueError, match="joined by '-'"):
+        lc.parse_configs(["3--1"])
+
+
+def test_the_commands_parse_under_the_bench_and_the_converter(tmp_path):
+    """Our run command is one the bench's parser takes, and the converter's is its console script or module."""
+    from dllama_mpi.bench import parser
+
+    command = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1", "1"], python="py")
+    args = parser().parse_args(command[command.index("dllama_mpi.bench") + 1 :])
+    assert args.model == str(tmp_path / "m.h5") and args.memory_budget == ["1", "1"] and args.json
+    assert args.prompt_lengths == [128] and args.decode_steps == 32 and args.repeat == 1
+    convert = lc.convert_command(tmp_path / "a.gguf", tmp_path / "a.h5")
+    assert convert[-2:] == [str(tmp_path / "a.gguf"), str(tmp_path / "a.h5")]
+    assert convert[0].endswith("dllama-mpi-convert") or convert[1:3] == ["-m", "dllama_mpi.convert"]
+
+
+def test_runs_are_interleaved():
+    assert lc.schedule(["1", "1-1"], 3) == [
+        (0, "llama.cpp", "-"), (0, "dllama_mpi", "1"), (0, "dllama_mpi", "1-1"),
+        (1, "llama.cpp", "-"), (1, "dllama_mpi", "1"), (1, "dllama_mpi", "1-1"),
+        (2, "llama.cpp", "-"), (2, "dllama_mpi", "1"), (2, "dllama_mpi", "1-1")]
+    assert lc.schedule(["1"], 0) == []
+
+
+# --------------------------------------------------------------------- outputs
+
+
+def test_parse_llama_bench_json_of_a_real_run():
+    r = lc.parse_llama_bench(LLAMA_BENCH_JSON)
+    rows = json.loads(LLAMA_BENCH_JSON)
+    assert r["prefill"] == next(x["avg_ts"] for x in rows if x["n_prompt"] == 128) > 0
+    assert r["decode"] == next(x["avg_ts"] for x in rows if x["n_gen"] == 32) > 0
+    assert r["n_prompt"] == 128 and r["n_gen"] == 32 and r["threads"] == 2 and r["build_commit"] == "unknown"  # an sdist
+    assert r["model_type"] == "llama 1B Q4_0" and r["cpu_info"] == "Intel(R) Xeon(R) Processor"
+    with pytest.raises(ValueError, match="one pp and one tg row"):
+        lc.parse_llama_bench(json.dumps(rows[:1]))
+
+
+def test_parse_our_bench_json():
+    line = json.dumps({"decode_tokens_per_s": 10.5, "prefill_tokens_per_s": {"128": 30.25}, "kernel_isa": "avx2",
+                       "threads_per_rank": [2], "world_size": 1})
+    r = lc.parse_ours("loading ...\n" + line + "\n")
+    assert (r["decode"], r["prefill"], r["kernel_isa"], r["world_size"]) == (10.5, 30.25, "avx2", 1)
+    old = json.dumps({"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": {"128": 2.0}})
+    assert lc.parse_ours(old)["kernel_isa"] == "unknown"
+    with pytest.raises(ValueError, match="no JSON line"):
+        lc.parse_ours("error: something\n")
+
+
+def test_medians_ranges_and_ratios_table():
+    rows = [{"system": "llama.cpp", "config": "-", "decode": d, "prefill": p} for d, p in ((20, 100), (22, 90), (21, 95))]
+    rows += [{"system": "dllama_mpi", "config": "1", "decode": d, "prefill": p} for d, p in ((10, 40), (11, 50), (9, 45))]
+    rows += [{"system": "dllama_mpi", "config": "1-1", "decode": d, "prefill": p} for d, p in ((7, 30), (8, 38))]
+    summary = lc.summarize(rows)
+    assert [(s["system"], s["config"], s["runs"]) for s in summary] == [
+        ("llama.cpp", "-", 3), ("dllama_mpi", "1", 3), ("dllama_mpi", "1-1", 2)]
+    assert summary[0]["decode"] == {"median": 21, "min": 20, "max": 22} and summary[0]["decode_ratio"] == 1
+    assert summary[1]["decode_ratio"] == 10 / 21 and summary[1]["prefill_ratio"] == 45 / 95
+    assert summary[2]["decode"]["median"] == 7.5 and summary[2]["prefill_ratio"] == 34 / 95
+    table = lc.markdown_table(summary).splitlines()
+    assert table[0] == ("| config | decode tok/s median (min-max) | prefill-128 tok/s median (min-max) | decode ratio "
+                        "| prefill ratio |")
+    assert table[1] == "|---|---|---|---|---|"
+    assert table[2] == "| llama.cpp | 21.00 (20.00-22.00) | 95.00 (90.00-100.00) | 1.00 | 1.00 |"
+    assert table[3] == "| dllama_mpi 1 | 10.00 (9.00-11.00) | 45.00 (40.00-50.00) | 0.48 | 0.47 |"
+    assert table[4] == "| dllama_mpi 1-1 | 7.50 (7.00-8.00) | 34.00 (30.00-38.00) | 0.36 | 0.36 |"
+    facts = {"cpu": "Some CPU", "cores": 2, "kernel_isa": "avx512", "shape": "tiny", "seed": 0, "version": "0.3.36",
+             "llama_build": "abc", "llama_threads": 2, "our_threads": None, "repeat": 3, "idle": False}
+    text = lc.report(summary, facts)
+    assert text.startswith("CPU: Some CPU (2 cores); our kernels' instruction set: avx512\n")
+    assert "MACHINE NOT IDLE" in text and text.endswith("\n".join(table))
+    assert "runs had another process" not in text
+    assert "; 2 of 8 runs had another process above the idle threshold beside them\n" in lc.report(
+        summary, {**facts, "disturbed_runs": 2, "runs": 8})
+    without = lc.summarize(rows[3:])  # no llama.cpp row: no ratios
+    assert without[0]["decode_ratio"] is None and lc.markdown_table(without).splitlines()[2].endswith("| - | - |")
+
+
+def test_cpu_model_name():
+    assert lc.cpu_model_name("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n") \
+        == "Intel(R) Xeon(R) Processor"
+    assert lc.cpu_model_name("processor : 0\n") == "unknown"
+    assert lc.cpu_model_name() != ""
+
+
+# --------------------------------------------------------------------- idle check
+
+
+STAT_PYTHON = "1234 (python3) S 1 1234 1234 0 -1 4194560 2000 0 0 0 150 30 0 0 20 0 3 0 900 1000000 5000 0 0"
+STAT_ODD = "77 (a) b (c)) R 1 77 77 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 1 0 900 1000000 5000 0 0"
+
+
+def test_proc_stat_lines_parse():
+    assert lc.parse_pid_stat(STAT_PYTHON) == ("python3", 180)
+    assert lc.parse_pid_stat(STAT_ODD) == ("a) b (c)", 10)  # a name with spaces and parentheses
+    sample = lc.cpu_sample()
+    assert sample and all(isinstance(t, int) and t >= 0 for _, t in sample.values())
+
+
+def test_busy_processes_from_two_samples():
+    before = {1: ("idle", 100), 2: ("make", 1000), 3: ("cc1plus", 50)}
+    after = {1: ("idle", 102), 2: ("make", 1150), 4: ("new", 30), 3: ("cc1plus", 10)}  # pid 3 reused
+    busy = lc.busy_processes(before, after, seconds=2.0, threshold_pct=10, ticks_per_s=100)
+    assert busy == [(2, "make", 75.0), (4, "new", 15.0)]  # 1 at 1% is quiet; 3's 10 ticks = 5%
+    assert lc.busy_processes(before, before, 1.0, 10, 100) == []
+
+
+@pytest.mark.parametrize("option", ["--repeat", "--threads", "--nthreads", "--build-jobs"])
+def test_counts_must_be_positive(option, capsys):
+    with pytest.raises(SystemExit):
+        lc.parser().parse_args([option, "0"])
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+def test_wait_for_idle_zero_seconds_is_immediate():
+    assert lc.wait_for_idle(0, 10, 1) is True
+
+
+# --------------------------------------------------------------------- the GGUF
+
+
+def test_spm_vocab_is_unique_and_typed():
+    tokens, scores, types = lc.spm_vocab(1024)
+    assert len(tokens) == len(scores) == len(types) == 1024 and len(set(tokens)) == 1024
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3 + 10] == "<0x0A>" and types[3 + 10] == lc.TOKEN_BYTE
+    assert len(set(lc.spm_vocab(32000)[0])) == 32000
+    with pytest.raises(ValueError):
+        lc.spm_vocab(259)
+
+
+def test_gguf_of_a_tiny_shape_reads_back_and_converts_bit_exact(tmp_path):
+    from dllama_mpi.bench import SHAPES
+    from dllama_mpi.modelfile import ModelFile
+
+    spec = SHAPES["tiny"]
+    gguf_path, h5_path = lc.prepare_models(tmp_path, "tiny", seed=3)
+    assert (gguf_path, h5_path) == lc.model_paths(tmp_path, "tiny", 3) and h5_path.exists()
+    reader = gguf.GGUFReader(gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    Q = gguf.GGMLQuantizationType
+    assert list(tensors) == [name for name, _, _ in lc.gguf_tensors(spec)]
+    assert len(tensors) == 2 + 9 * spec.n_layers + (0 if spec.shared_classifier else 1)
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            assert t.tensor_type == Q.F32 and list(t.shape) == [spec.dim]
+        else:
+            assert t.tensor_type == Q.Q4_0, name
+    assert list(tensors["token_embd.weight"].shape) == [spec.dim, spec.vocab_size]  # GGUF lists ne: row length first
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [spec.hidden_dim, spec.dim]
+    assert list(tensors["blk.1.attn_k.weight"].shape) == [spec.dim, spec.n_kv_heads * spec.head_dim]
+    field = reader.get_field("general.architecture")
+    assert bytes(field.parts[field.data[0]]) == b"llama"
+    assert reader.get_field("llama.block_count").parts[-1][0] == spec.n_layers
+    assert reader.get_field("tokenizer.ggml.model") is not None
+
+    model = ModelFile(h5_path)
+    try:
+        assert model.spec.dim == spec.dim and model.spec.n_layers == spec.n_layers
+        assert model.spec.vocab_size == spec.vocab_size and model.spec.weight_type == "q40"
+        for ours, theirs in (("tok_embeddings", "token_embd.weight"), ("layers/2/w2", "blk.2.ffn_down.weight"),
+                             ("layers/0/wq", "blk.0.attn_q.weight")):
+            stored = model.read(ours)
+            assert stored.view(np.uint8).tobytes() == np.asarray(tensors[theirs].data).tobytes(), ours
+        assert np.array_equal(model.read("layers/3/ffn_norm"), np.asarray(tensors["blk.3.ffn_norm.weight"].data))
+        assert model.tokenizer().vocab_size == spec.vocab_size
+    finally:
+        model.close()
+    mtimes = gguf_path.stat().st_mtime_ns, h5_path.stat().st_mtime_ns
+    assert lc.prepare_models(tmp_path, "tiny", seed=3) == (gguf_path, h5_path)  # cached: not written again
+    assert (gguf_path.stat().st_mtime_ns, h5_path.stat().st_mtime_ns) == mtimes
+    other, _ = lc.model_paths(tmp_path, "tiny", 4)
+    assert other != gguf_path
+
+
+def test_gguf_seed_decides_the_weights(tmp_path):
+    from dllama_mpi.spec import ModelSpec
+
+    small = ModelSpec(dim=64, hidden_dim=96, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, vocab_size=300,
+                      seq_len=64, weight_type="q40", shared_classifier=False)
+    a, b, c = (lc.write_gguf(tmp_path / f"{n}.gguf", small, seed) for n, seed in (("a", 1), ("b", 1), ("c", 2)))
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    names = [t.name for t in gguf.GGUFReader(a).tensors]
+    assert names[-1] == "output.weight" and "output.weight" not in [n for n, _, _ in lc.gguf_tensors(
+        dataclasses.replace(small, shared_classifier=True))]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_runs_capture_stdout_and_end_whole_sessions(tmp_path):
+    assert lc._run_capture(["sh", "-c", "echo out; echo err >&2"], timeout=30) == "out\n"
+    with pytest.raises(SystemExit, match=r"(?s)err\n.*failed \(exit code 3\)"):
+        lc._run_capture(["sh", "-c", "echo err >&2; exit 3"], timeout=30)
+    with pytest.raises(SystemExit, match=r"failed \(killed by SIGILL\)"):
+        lc._run_capture(["sh", "-c", "kill -ILL $$"], timeout=30)
+    marker = tmp_path / "survived"
+    with pytest.raises(subprocess.TimeoutExpired):  # the child of the shell goes too
+        lc._run_capture(["sh", "-c", f"(sleep 2; touch {marker}) & wait"], timeout=0.5)
+    time.sleep(2.5)
+    assert not marker.exists()

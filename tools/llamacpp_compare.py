@@ -1,0 +1,635 @@
+"""`python tools/llamacpp_compare.py`: this engine's decode and prefill speed next to llama.cpp's on
+the same Q4_0 weights, on this machine, in one markdown table.
+
+What it does, each step cached so that later runs only measure:
+
+1. builds llama.cpp's `llama-bench` once, from the llama-cpp-python sdist of a pinned version
+   (its vendor/llama.cpp; `pip download`, cmake with GGML_NATIVE), into --cache-dir
+   (default ~/.cache/dllama_mpi/llama.cpp/<version>/); this takes minutes;
+2. writes a GGUF of a named shape with random weights (every matrix Q4_0, norms F32,
+   architecture llama, a minimal SentencePiece vocabulary llama.cpp loads), keyed by shape
+   and seed;
+3. converts it with dllama-mpi-convert (the Q4_0 blocks are carried over bit-exact);
+4. waits until the machine is idle (no other process above --idle-cpu % for --idle-seconds),
+   then runs both, interleaved (llama.cpp, ours for each --configs, llama.cpp, ...)
+   --repeat times: `llama-bench -p 128 -n 32 -r 1 -o json` and
+   `mpiexec -n N python -m dllama_mpi.bench --model OUT.h5 --memory-budget ... --json`;
+5. prints the medians (min-max) and their ratios to llama.cpp's medians of the same run.
+
+    python tools/llamacpp_compare.py --build-only              # build and write the models only
+    python tools/llamacpp_compare.py --shape llama-3.2-1b --repeat 5 --json rows.json
+
+Not run in CI (it compiles C++ for minutes); its pure parts are tested in
+tests/test_llamacpp_compare.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
+GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
+PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
+GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
+DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")
+LLAMA = "llama.cpp"
+OURS = "dllama_mpi"
+
+# llama.cpp's block_q4_0: an f16 scale and 32 4-bit values, 18 bytes per 32 weights
+Q4_0_BLOCK = 32
+Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+# llama.cpp token types (llama_token_type)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
+
+
+def log(message: str) -> None:
+    print(f"llamacpp_compare: {message}", file=sys.stderr, flush=True)
+
+
+# ===================================================================== building llama-bench
+
+
+def default_cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dllama_mpi" / "llama.cpp" / version
+
+
+def download_command(version: str, dest: Path, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}",
+            "-d", str(dest)]
+
+
+# ggml's AMX path (used for Q4_0 when -march=native finds AMX) dies of SIGILL at its first
+# `tilezero` in llama-cpp-python 0.3.36's llama.cpp on a Xeon with AMX (seen on this project's
+# machine; llama.cpp PR #26954 describes the cause: a tile config the compiler drops). Without
+# AMX, llama.cpp's Q4_0 products take its AVX-512 repack path, its usual CPU speed.
+X86_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cmake_flags(machine: str | None = None) -> list[str]:
+    """Only what llama-bench needs: a static, native (this CPU's instruction set) release build of
+    the library, ggml's CPU backend and the tools, without tests, examples, server or HTTPS;
+    on x86 without AMX (see X86_NO_AMX)."""
+    machine = platform.machine() if machine is None else machine
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_CCACHE=OFF",
+    ]
+    if machine.lower() in ("x86_64", "amd64"):
+        flags += [f"-DCMAKE_C_FLAGS={X86_NO_AMX}", f"-DCMAKE_CXX_FLAGS={X86_NO_AMX}"]
+    return flags
+
+
+def cmake_configure_command(source: Path, build: Path, generator: str | None = None,
+                            machine: str | None = None) -> list[str]:
+    command = ["cmake", "-S", str(source), "-B", str(build)]
+    if generator:
+        command += ["-G", generator]
+    return command + cmake_flags(machine)
+
+
+def cmake_build_command(build: Path, jobs: int) -> list[str]:
+    return ["cmake", "--build", str(build), "--config", "Release", "--target", "llama-bench", "-j", str(jobs)]
+
+
+def niced(command: list[str], niceness: int) -> list[str]:
+    return ["nice", "-n", str(niceness), *command] if niceness and shutil.which("nice") else command
+
+
+def _run_logged(command: list[str], log_path: Path) -> None:
+    """Run a build step, its output into `log_path`; on failure, its tail on stderr."""
+    with open(log_path, "ab") as out:
+        out.write(("\n$ " + " ".join(command) + "\n").encode())
+        out.flush()
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        tail = log_path.read_text(errors="replace").splitlines()[-40:]
+        sys.exit("\n".join(tail) + f"\nllamacpp_compare: failed ({code}): {' '.join(command)}\n(full log: {log_path})")
+
+
+def _unpack_llama_cpp(sdist: Path, dest: Path) -> Path:
+    """Extract the sdist's vendor/llama.cpp only; returns its directory."""
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"
+                   and "/.git/" not in m.name]
+        if not members:
+            sys.exit(f"llamacpp_compare: {sdist} holds no vendor/llama.cpp")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members, filter="data")
+        else:  # Python < 3.11.4
+            tar.extractall(dest, members)
+    top = members[0].name.split("/")[0]
+    return dest / top / "vendor" / "llama.cpp"
+
+
+def llama_bench_path(cache: Path) -> Path:
+    return cache / "bin" / "llama-bench"
+
+
+def built_with(cache: Path) -> list[str] | None:
+    """The cmake flags of the binary in `cache` (None: no finished build)."""
+    try:
+        return json.loads((cache / "build.json").read_text())["flags"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_llama_bench(cache: Path, version: str, jobs: int, niceness: int) -> Path:
+    """The llama-bench binary of `version`, built on first use (minutes) and kept in `cache`;
+    built again when it was built with other cmake flags."""
+    binary = llama_bench_path(cache)
+    if binary.exists() and built_with(cache) == cmake_flags():
+        return binary
+    if binary.exists():
+        log(f"{binary} was built with other cmake flags (see {cache / 'build.json'}): building it again")
+        binary.unlink()
+    cache.mkdir(parents=True, exist_ok=True)
+    build_log = cache / "build.log"
+    t0 = time.monotonic()
+    sdist_dir = cache / "sdist"
+    sdists = sorted(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        log(f"downloading the llama-cpp-python {version} source (pip download, about 75 MB) into {sdist_dir} ...")
+        _run_logged(niced(download_command(version, sdist_dir), niceness), build_log)  # it builds metadata
+        sdists = sorted(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+        if not sdists:
+            sys.exit(f"llamacpp_compare: pip download left no llama_cpp_python-*.tar.gz in {sdist_dir}")
+    source_root = cache / "src"
+    shutil.rmtree(source_root, ignore_errors=True)
+    log(f"unpacking its vendor/llama.cpp into {source_root} ...")
+    source = _unpack_llama_cpp(sdists[-1], source_root)
+    build = cache / "build"
+    generator = "Ninja" if shutil.which("ninja") else None
+    log(f"configuring llama.cpp (cmake, GGML_NATIVE=ON) in {build} ...")
+    _run_logged(niced(cmake_configure_command(source, build, generator), niceness), build_log)
+    log(f"compiling llama-bench with {jobs} job(s) at niceness {niceness}: this takes minutes (log: {build_log}) ...")
+    _run_logged(niced(cmake_build_command(build, jobs), niceness), build_log)
+    built = build / "bin" / "llama-bench"
+    if not built.exists():
+        sys.exit(f"llamacpp_compare: the build finished but {built} is missing (log: {build_log})")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_suffix(".tmp")
+    shutil.copy2(built, tmp)
+    tmp.replace(binary)
+    seconds = time.monotonic() - t0
+    (cache / "build.json").write_text(json.dumps({"version": version, "seconds": seconds, "jobs": jobs,
+                                                  "flags": cmake_flags(), "generator": generator}))
+    log(f"built {binary} in {seconds / 60:.1f} min")
+    return binary
+
+
+# ===================================================================== the GGUF model
+
+
+def shapes() -> dict:
+    from dllama_mpi.bench import SHAPES
+
+    return SHAPES
+
+
+def spm_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """A minimal SentencePiece ("llama") vocabulary llama.cpp loads: <unk> <s> </s>, the 256
+    byte pieces, then distinct word pieces; every text is unique."""
+    reserved = 3 + 256
+    if vocab_size < reserved + 1:
+        raise ValueError(f"a llama vocabulary needs more than {reserved} tokens, got {vocab_size}")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["\u2581" + c for c in letters] + list(letters)
+    words += ["\u2581" + a + b for a in letters for b in letters]
+    n_words = vocab_size - reserved
+    words = words[:n_words] + [f"\u2581w{i}" for i in range(n_words - len(words[:n_words]))]
+    tokens += words
+    scores = [0.0] * reserved + [-float(i) for i in range(n_words)]
+    types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256 + [TOKEN_NORMAL] * n_words
+    return tokens, scores, types
+
+
+def gguf_tensors(spec) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(GGUF name, numpy shape (rows, cols) or (n,), quantized) in llama.cpp's order."""
+    q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    out = [("token_embd.weight", (spec.vocab_size, spec.dim), True)]
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (spec.dim,), False), (p + "attn_q.weight", (q_dim, spec.dim), True),
+                (p + "attn_k.weight", (kv_dim, spec.dim), True), (p + "attn_v.weight", (kv_dim, spec.dim), True),
+                (p + "attn_output.weight", (spec.dim, q_dim), True), (p + "ffn_norm.weight", (spec.dim,), False),
+                (p + "ffn_gate.weight", (spec.hidden_dim, spec.dim), True),
+                (p + "ffn_down.weight", (spec.dim, spec.hidden_dim), True),
+                (p + "ffn_up.weight", (spec.hidden_dim, spec.dim), True)]
+    out.append(("output_norm.weight", (spec.dim,), False))
+    if not spec.shared_classifier:
+        out.append(("output.weight", (spec.vocab_size, spec.dim), True))
+    return out
+
+
+def _random_tensor(rng, shape: tuple[int, ...], quantized: bool) -> np.ndarray:
+    if not quantized:
+        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    rows, cols = shape
+    blocks = np.empty((rows, cols // Q4_0_BLOCK), Q4_0)
+    raw = blocks.view(np.uint8).reshape(rows, -1)
+    raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # random nibbles
+    blocks["d"] = (rng.random(blocks.shape, dtype=np.float32) * 0.02 / np.sqrt(cols)).astype(np.float16)
+    return raw  # (rows, row bytes) uint8, as GGUF stores a Q4_0 matrix
+
+
+def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
+    """A llama GGUF of `spec` with random weights: every matrix Q4_0 (token embedding and output
+    too), norms F32, a minimal SentencePiece vocabulary. Streamed tensor by tensor; written
+    under a temporary name, then renamed."""
+    import gguf
+
+    if spec.dim % Q4_0_BLOCK or spec.hidden_dim % Q4_0_BLOCK:
+        raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0_BLOCK}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_context_length(spec.seq_len)
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.hidden_dim)
+    w.add_block_count(spec.n_layers)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    if spec.head_dim != spec.dim // spec.n_heads:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.vocab_size)
+    tokens, scores, types = spm_vocab(spec.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    layout = gguf_tensors(spec)
+    for tname, shape, quantized in layout:
+        if quantized:
+            byte_shape = (shape[0], shape[1] // Q4_0_BLOCK * Q4_0.itemsize)
+            w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            w.add_tensor_info(tname, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for _, shape, quantized in layout:
+        w.write_tensor_data(_random_tensor(rng, shape, quantized))
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def model_paths(cache: Path, shape: str, seed: int) -> tuple[Path, Path]:
+    stem = f"{shape}-q4_0-seed{seed}-v{GGUF_MODEL_VERSION}"
+    return cache / "models" / f"{stem}.gguf", cache / "models" / f"{stem}.h5"
+
+
+def convert_command(gguf_path: Path, h5_path: Path, python: str = sys.executable) -> list[str]:
+    script = Path(python).parent / "dllama-mpi-convert"
+    if script.exists():
+        return [str(script), str(gguf_path), str(h5_path)]
+    return [python, "-m", "dllama_mpi.convert", str(gguf_path), str(h5_path)]
+
+
+def prepare_models(cache: Path, shape: str, seed: int) -> tuple[Path, Path]:
+    """The cached GGUF and its conversion, written on first use."""
+    gguf_path, h5_path = model_paths(cache, shape, seed)
+    if not gguf_path.exists():
+        log(f"writing a random Q4_0 GGUF of the {shape} shape (seed {seed}) to {gguf_path} ...")
+        write_gguf(gguf_path, shapes()[shape], seed, name=f"random {shape} (seed {seed})")
+    if not h5_path.exists():
+        log(f"converting it with dllama-mpi-convert to {h5_path} ...")
+        code = subprocess.call(convert_command(gguf_path, h5_path))  # it writes atomically
+        if code:
+            sys.exit(f"llamacpp_compare: dllama-mpi-convert failed ({code}) on {gguf_path}")
+    return gguf_path, h5_path
+
+
+# ===================================================================== idle machine
+
+
+def parse_pid_stat(text: str) -> tuple[str, int]:
+    """(command name, utime + stime in clock ticks) from a /proc/PID/stat line. The name is
+    in parentheses and may itself hold spaces and parentheses: the fields follow the last ')'."""
+    head, _, rest = text.rpartition(")")
+    name = head.partition("(")[2]
+    fields = rest.split()  # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return name, int(fields[11]) + int(fields[12])
+
+
+def cpu_sample(exclude: set[int] | frozenset = frozenset()) -> dict[int, tuple[str, int]]:
+    """{pid: (name, CPU ticks so far)} of every process now (ones gone while read are skipped)."""
+    sample = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in exclude:
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    sample[int(entry)] = parse_pid_stat(f.read())
+            except (OSError, ValueError, IndexError):
+                continue
+    return sample
+
+
+def busy_processes(before: dict, after: dict, seconds: float, threshold_pct: float,
+                   ticks_per_s: float) -> list[tuple[int, str, float]]:
+    """(pid, name, CPU %) of the processes that used more than `threshold_pct` % of one core
+    between two samples `seconds` apart, busiest first. A process new in `after` counts from
+    0 ticks (its whole life lies inside the interval, or it started just before)."""
+    busy = []
+    for pid, (name, ticks) in after.items():
+        used = ticks - before.get(pid, (name, 0))[1]
+        if used < 0:  # the pid was reused
+            used = ticks
+        pct = 100.0 * used / ticks_per_s / seconds
+        if pct > threshold_pct:
+            busy.append((pid, name, pct))
+    return sorted(busy, key=lambda b: -b[2])
+
+
+def wait_for_idle(quiet_s: float, threshold_pct: float, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Wait until no other process used more than `threshold_pct` % CPU for `quiet_s` seconds
+    running; False (with a warning) if that took longer than `timeout_s`."""
+    if quiet_s <= 0:
+        return True
+    ticks = os.sysconf("SC_CLK_TCK")
+    me = {os.getpid()}
+    start = quiet_since = time.monotonic()
+    before, t_before = cpu_sample(me), time.monotonic()
+    said = 0.0
+    log(f"waiting for an idle machine (no process above {threshold_pct:g}% CPU for {quiet_s:g} s) ...")
+    while True:
+        time.sleep(poll_s)
+        after, t_after = cpu_sample(me), time.monotonic()
+        busy = busy_processes(before, after, t_after - t_before, threshold_pct, ticks)
+        before, t_before = after, t_after
+        if busy:
+            quiet_since = t_after
+            if t_after - said > 30:
+                log("busy: " + ", ".join(f"{name} (pid {pid}) {pct:.0f}%" for pid, name, pct in busy[:5]))
+                said = t_after
+        elif t_after - quiet_since >= quiet_s:
+            return True
+        if t_after - start > timeout_s:
+            log(f"the machine was not idle within {timeout_s:g} s: measuring anyway (the numbers may be low)")
+            return False
+
+
+# ===================================================================== the runs
+
+
+def parse_configs(configs: list[str]) -> list[list[str]]:
+    """'3-2-2-1' -> the memory budgets of 4 ranks."""
+    out = []
+    for config in configs:
+        budgets = config.split("-")
+        if not all(b.strip() for b in budgets):
+            raise ValueError(f"config {config!r}: give budgets joined by '-', such as 1, 1-1 or 3-2-2-1")
+        out.append(budgets)
+    return out
+
+
+def llama_bench_command(binary: Path, gguf_path: Path, threads: int) -> list[str]:
+    return [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS),
+            "-r", "1", "-o", "json"]
+
+
+def ours_command(mpiexec: str, h5_path: Path, budgets: list[str], python: str = sys.executable,
+                 nthreads: int | None = None) -> list[str]:
+    command = [mpiexec, "-n", str(len(budgets)), python, "-m", "dllama_mpi.bench", "--model", str(h5_path),
+               "--memory-budget", *budgets, "--prompt-lengths", str(PROMPT_TOKENS), "--decode-steps", str(GEN_TOKENS),
+               "--repeat", "1", "--json"]
+    return command + (["--nthreads", str(nthreads)] if nthreads else [])
+
+
+def schedule(configs: list[str], repeat: int) -> list[tuple[int, str, str]]:
+    """(round, system, config) in run order: each round runs llama.cpp, then ours for every config."""
+    order = []
+    for i in range(repeat):
+        order.append((i, LLAMA, "-"))
+        order += [(i, OURS, c) for c in configs]
+    return order
+
+
+def parse_llama_bench(text: str) -> dict:
+    """Decode (tg) and prefill (pp) tokens/s and facts about the build from llama-bench -o json."""
+    rows = json.loads(text)
+    pp = [r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0]
+    tg = [r for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
+    if len(pp) != 1 or len(tg) != 1:
+        raise ValueError(f"llama-bench JSON: expected one pp and one tg row, found {len(pp)} and {len(tg)}")
+    first = rows[0]
+    return {"decode": float(tg[0]["avg_ts"]), "prefill": float(pp[0]["avg_ts"]),
+            "n_prompt": pp[0]["n_prompt"], "n_gen": tg[0]["n_gen"], "threads": first.get("n_threads"),
+            "build_commit": first.get("build_commit"), "build_number": first.get("build_number"),
+            "cpu_info": first.get("cpu_info"), "backends": first.get("backends"), "model_type": first.get("model_type")}
+
+
+def parse_ours(text: str) -> dict:
+    """Decode and prefill-128 tokens/s from `python -m dllama_mpi.bench --json` (its first JSON line)."""
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    if not lines:
+        raise ValueError("dllama_mpi.bench printed no JSON line")
+    r = json.loads(lines[0])
+    return {"decode": float(r["decode_tokens_per_s"]), "prefill": float(r["prefill_tokens_per_s"][str(PROMPT_TOKENS)]),
+            "kernel_isa": r.get("kernel_isa", "unknown"), "threads": r.get("threads_per_rank"),
+            "world_size": r.get("world_size")}
+
+
+def _run_capture(command: list[str], timeout: float) -> str:
+    """stdout of `command`, run in a session of its own so that a timeout or Ctrl-C ends all of
+    it (mpiexec's ranks too); its stderr shown on failure."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:  # the timeout, Ctrl-C
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if proc.returncode:
+        how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        sys.exit(f"{err[-4000:]}\nllamacpp_compare: failed ({how}): {' '.join(command)}")
+    return out
+
+
+# ===================================================================== the table
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (system, config), in first-run order: median, min and max of decode and prefill
+    tokens/s, and our medians' ratios to llama.cpp's."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["system"], r["config"]), []).append(r)
+    out = []
+    for (system, config), runs in groups.items():
+        s = {"system": system, "config": config, "runs": len(runs)}
+        for key in ("decode", "prefill"):
+            values = [r[key] for r in runs]
+            s[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        out.append(s)
+    base = next((s for s in out if s["system"] == LLAMA), None)
+    for s in out:
+        for key in ("decode", "prefill"):
+            s[f"{key}_ratio"] = s[key]["median"] / base[key]["median"] if base else None
+    return out
+
+
+def _cell(stat: dict) -> str:
+    return f"{stat['median']:.2f} ({stat['min']:.2f}-{stat['max']:.2f})"
+
+
+def markdown_table(summary: list[dict]) -> str:
+    lines = [f"| config | decode tok/s median (min-max) | prefill-{PROMPT_TOKENS} tok/s median (min-max) "
+             "| decode ratio | prefill ratio |",
+             "|---|---|---|---|---|"]
+    for s in summary:
+        name = LLAMA if s["system"] == LLAMA else f"{OURS} {s['config']}"
+        ratios = [f"{s[k]:.2f}" if s[k] is not None else "-" for k in ("decode_ratio", "prefill_ratio")]
+        lines.append(f"| {name} | {_cell(s['decode'])} | {_cell(s['prefill'])} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def cpu_model_name(cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model name", "cpu model"):
+            return value.strip()
+    return "unknown"
+
+
+def report(summary: list[dict], facts: dict) -> str:
+    commit = facts.get("llama_build")
+    build = f" (build {commit})" if commit and commit != "unknown" else ""  # an sdist has no git commit
+    head = [
+        f"CPU: {facts['cpu']} ({facts['cores']} cores); our kernels' instruction set: {facts['kernel_isa']}",
+        f"shape {facts['shape']} (random Q4_0 weights, seed {facts['seed']}); llama.cpp from llama-cpp-python "
+        f"{facts['version']}{build}, {facts['llama_threads']} threads; "
+        f"ours: threads per rank {facts.get('our_threads') or 'the bench default'}; {facts['repeat']} interleaved "
+        f"round(s); ratios = our median / llama.cpp's median{'' if facts['idle'] else '; MACHINE NOT IDLE'}"
+        + (f"; {facts['disturbed_runs']} of {facts['runs']} runs had another process above the idle threshold beside "
+           "them" if facts.get("disturbed_runs") else ""),
+        "",
+    ]
+    return "\n".join(head) + markdown_table(summary)
+
+
+# ===================================================================== main
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tools/llamacpp_compare.py", allow_abbrev=False,
+        description="Build llama.cpp's llama-bench once, write a random Q4_0 GGUF of a model shape and convert it, "
+                    "then measure llama.cpp and this engine interleaved on the same weights and print one markdown "
+                    "table of medians and ratios.")
+    p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(shapes()),
+                   help="model shape (the bench's shapes; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="B-B-...",
+                   help="our configurations: memory budgets joined by '-', one per rank (default: %(default)s)")
+    p.add_argument("--repeat", type=_positive, default=5, help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=len(os.sched_getaffinity(0)),
+                   help="llama.cpp's threads (default: this process's cores, %(default)s)")
+    p.add_argument("--nthreads", type=_positive, help="our threads per rank (default: the bench's, the rank's share of cores)")
+    p.add_argument("--cache-dir", type=Path, help="where the build and the models are kept "
+                                                  "(default: ~/.cache/dllama_mpi/llama.cpp/VERSION)")
+    p.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON_VERSION, metavar="VERSION",
+                   help="the llama-cpp-python sdist whose llama.cpp is built (default: %(default)s)")
+    p.add_argument("--build-jobs", type=_positive, default=len(os.sched_getaffinity(0)),
+                   help="parallel compile jobs (default: %(default)s)")
+    p.add_argument("--build-nice", type=int, default=19, help="niceness of the compile (default: %(default)s)")
+    p.add_argument("--build-only", action="store_true", help="build llama-bench and write the models, then stop")
+    p.add_argument("--idle-seconds", type=float, default=20,
+                   help="quiet time required before measuring (0: don't wait; default: %(default)s)")
+    p.add_argument("--idle-cpu", type=float, default=10, help="CPU %% above which a process is busy (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=1800,
+                   help="measure anyway after waiting this long, saying so (default: %(default)s s)")
+    p.add_argument("--run-timeout", type=float, default=3600, help="limit of one run in seconds (default: %(default)s)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the raw rows and the summary to FILE")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        configs = parse_configs(args.configs)
+    except ValueError as exc:
+        parser().error(str(exc))
+    cache = args.cache_dir or default_cache_dir(args.llama_cpp_python)
+    binary = build_llama_bench(cache, args.llama_cpp_python, args.build_jobs, args.build_nice)
+    gguf_path, h5_path = prepare_models(cache, args.shape, args.seed)
+    if args.build_only:
+        print(f"{binary}\n{gguf_path}\n{h5_path}")
+        return 0
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if not mpiexec:
+        sys.exit("llamacpp_compare: mpiexec not found next to the Python interpreter or on PATH")
+    idle = wait_for_idle(args.idle_seconds, args.idle_cpu, args.idle_timeout)
+    by_config = dict(zip(args.configs, configs))
+    rows, llama_facts, our_facts = [], {}, {}
+    me, ticks = {os.getpid()}, os.sysconf("SC_CLK_TCK")
+    for i, system, config in schedule(args.configs, args.repeat):
+        if system == LLAMA:
+            command = llama_bench_command(binary, gguf_path, args.threads)
+        else:
+            command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads)
+        log(f"round {i + 1}/{args.repeat}: {system} {config}")
+        before, t0 = cpu_sample(me), time.monotonic()
+        out = _run_capture(command, args.run_timeout)
+        seconds = time.monotonic() - t0
+        # the run's own processes have ended: whatever the sample after it holds ran beside it
+        others = busy_processes(before, cpu_sample(me), seconds, args.idle_cpu, ticks)
+        parsed = parse_llama_bench(out) if system == LLAMA else parse_ours(out)
+        (llama_facts if system == LLAMA else our_facts).update(parsed)
+        rows.append({"round": i, "system": system, "config": config, "seconds": seconds, "command": command,
+                     "disturbed_by": [f"{name} (pid {pid}) {pct:.0f}%" for pid, name, pct in others], **parsed})
+        log(f"  decode {parsed['decode']:.2f} tok/s, prefill-{PROMPT_TOKENS} {parsed['prefill']:.2f} tok/s"
+            + (f"; disturbed by {', '.join(rows[-1]['disturbed_by'][:3])}" if others else ""))
+    summary = summarize(rows)
+    facts = {"cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)),
+             "kernel_isa": our_facts.get("kernel_isa", "unknown"), "shape": args.shape, "seed": args.seed,
+             "version": args.llama_cpp_python, "llama_build": llama_facts.get("build_commit"),
+             "llama_threads": args.threads, "our_threads": args.nthreads, "repeat": args.repeat, "idle": idle,
+             "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows)}
+    print(report(summary, facts))
+    if args.json:
+        args.json.write_text(json.dumps({"facts": facts, "rows": rows, "summary": summary}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
