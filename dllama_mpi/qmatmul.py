@@ -103,8 +103,10 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     g = groups(nb)
     codes = stored["qs"]  # (rows, nb, 16) u8 or (rows, nb, 32) i8
     quads = codes.shape[2] // 4
-    padded = np.zeros((rows, g * GROUP, codes.shape[2]), codes.dtype)
-    padded[:, :nb] = codes
+    padded = codes
+    if nb % GROUP:
+        padded = np.zeros((rows, g * GROUP, codes.shape[2]), codes.dtype)
+        padded[:, :nb] = codes
     qs = padded.reshape(rows, g, GROUP, quads, 4).transpose(0, 1, 3, 2, 4).reshape(rows, g * GROUP * quads * 4)
     d = np.zeros((rows, g * GROUP), np.uint16)
     d[:, :nb] = stored["d"].view(np.uint16)

@@ -43,16 +43,6 @@ class Matrix:
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
         return cls(kind, stored.shape[0], cols, w=stored)
 
-    @classmethod
-    def stacked(cls, parts: list[Matrix]) -> Matrix:
-        """The rows of `parts` (one type and width) one after another: one product, one
-        parallel region, instead of one per part."""
-        first = parts[0]
-        assert all(p.type == first.type and p.cols == first.cols for p in parts)
-        joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("w", "d", "qs")
-                  if getattr(first, name) is not None}
-        return cls(first.type, sum(p.rows for p in parts), first.cols, **joined)
-
     def row_to(self, row: int, out: np.ndarray) -> None:
         """Dequantize one local row into out (cols,) f32 (an embedding lookup)."""
         if self.type == "f32":
@@ -91,28 +81,40 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         tensors, problem = {}, None
         try:
             for name, info in layout.items():
-                tensors[name] = _local(model.read(name), info)
+                _put(tensors, name, model.read(name), info)
         except ModelFileError as exc:
             problem = str(exc)
         if problems := [p for p in comm.allgather_obj(problem) if p]:
             raise UsageError("; ".join(problems))
     else:
-        tensors = {name: _local(_scattered(comm, plan, model, name, info), info) for name, info in layout.items()}
-    names = [n.split("/")[-1] for n in layout if n.startswith("layers/0/")]
-    layers = tuple(_stack({k: tensors.pop(f"layers/{i}/{k}") for k in names}) for i in range(spec.n_layers))
+        tensors = {}
+        for name, info in layout.items():
+            _put(tensors, name, _scattered(comm, plan, model, name, info), info)
+    names = [n.split("/")[-1] for n in tensors if n.startswith("layers/0/")]
+    layers = tuple({k: tensors.pop(f"layers/{i}/{k}") for k in names} for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
     return LocalWeights(layers, tensors["norm"], embedding, classifier)
 
 
-STACKED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}  # products that read the same input
+# products that read the same input, stacked into one matrix (one product, one parallel
+# region): a layer's q/k/v rows, and its w1/w3 rows, one part after another
+STACKED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
-def _stack(layer: dict) -> dict:
-    """A layer's matrices that multiply the same activation, stacked (see Matrix.stacked)."""
-    for name, parts in STACKED.items():
-        layer[name] = Matrix.stacked([layer.pop(p) for p in parts])
-    return layer
+def _put(tensors: dict, name: str, stored: np.ndarray, info) -> None:
+    """tensors[name] = the local form of a tensor's stored rows. A part of a stacked product
+    waits, as stored rows, for its siblings; then the parts become one Matrix (converted
+    once, layer by layer, so loading holds at most one layer's extra copies)."""
+    prefix, _, short = name.rpartition("/")
+    for stacked, parts in STACKED.items():
+        if short in parts:
+            tensors[name] = stored
+            if all(f"{prefix}/{p}" in tensors for p in parts):
+                joined = np.concatenate([tensors.pop(f"{prefix}/{p}") for p in parts])
+                tensors[f"{prefix}/{stacked}"] = Matrix.from_stored(joined, info.shape[1])
+            return
+    tensors[name] = _local(stored, info)
 
 
 def _local(stored: np.ndarray, info) -> np.ndarray | Matrix:
