@@ -72,8 +72,9 @@ def _dot_lanes(typingctx, a, b):
         v, width = builder.load(acc), 8
         while width > 1:  # lane i + lane i + width / 2
             width //= 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width, 2 * width))))
+            lanes = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width, 2 * width))))
             v = builder.fadd(lo, hi)
         total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
         tail = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
@@ -135,8 +136,8 @@ def _exp_into(typingctx, src, scale, shift, dst):
             if width:  # scale and shift in every lane
                 ty = ir.VectorType(f32, width)
                 mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-                k, c = (builder.shuffle_vector(builder.insert_element(ir.Constant(ty, None), args[i], ir.Constant(ir.IntType(32), 0)),
-                                               ir.Constant(ty, None), mask) for i in (1, 2))
+                undef, first = ir.Constant(ty, None), ir.Constant(ir.IntType(32), 0)
+                k, c = (builder.shuffle_vector(builder.insert_element(undef, args[i], first), undef, mask) for i in (1, 2))
             else:
                 ty, k, c = f32, args[1], args[2]
             with cgutils.for_range_slice(builder, start, stop, ir.Constant(i64, step)) as (i, _):

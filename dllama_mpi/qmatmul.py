@@ -47,6 +47,7 @@ from numba.extending import intrinsic
 
 from .errors import UsageError
 from .quant import BLOCK, GROUP
+
 CHUNKS = 64  # row chunks per parallel product, each with its own scratch lanes
 ISAS = ("avx512vnni", "avx2", "portable")  # best first
 
@@ -267,9 +268,7 @@ def _call(builder, name, ret, args):
 
 
 def _load(builder, base, offset, vtype):
-    """Unaligned vector load at byte `offset` (an IR i64 or int) from pointer `base`."""
-    if isinstance(offset, int):
-        offset = ir.Constant(ir.IntType(64), offset)
+    """Unaligned vector load at byte `offset` (an IR i64) from pointer `base`."""
     ptr = builder.gep(base, [offset], source_etype=_I8)
     return builder.load(ptr, typ=vtype, align=1)
 

@@ -31,7 +31,8 @@ for kind in ("q40", "q80"):
         x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
         xb = quant.quantize_q80(x)
         g = qmatmul.groups(nb)
-        xq, xsum, xd = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32), np.zeros((n_tok, 16 * g), np.float32)
+        xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
+        xd = np.zeros((n_tok, 16 * g), np.float32)
         qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
         expected = reference.matvec_q_q80_exact(stored, xb)
         for parallel in (False, True):
