@@ -43,6 +43,28 @@ def f32_to_f16_bits(x):
     return np.uint16(min(bits, 0x7C00))
 
 
+def _f16_ir(builder, bits):
+    """fp16 bits (i16 IR scalar or vector) -> f32, exactly, in integer and power-of-two
+    steps: `fpext half` needs F16C or a runtime function numba's JIT doesn't link (a CPU
+    without F16C failed with "Symbol not found: __extendhfsf2")."""
+    n_lanes = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    ity, fty = (ir.VectorType(i32, n_lanes), ir.VectorType(f32, n_lanes)) if n_lanes else (i32, f32)
+
+    def const(value, ty):
+        return ir.Constant(ty, [value] * n_lanes) if n_lanes else ir.Constant(ty, value)
+
+    h = builder.zext(bits, ity)
+    shifted = builder.shl(builder.and_(h, const(0x7FFF, ity)), const(13, ity))  # exponent and mantissa
+    # finite: the bits read as f32 are the value times 2**-112 (subnormals included): scale back
+    finite = builder.bitcast(builder.fmul(builder.bitcast(shifted, fty), const(2.0**112, fty)), ity)
+    special = builder.or_(shifted, const(0x7F800000, ity))  # inf and nan keep their mantissa
+    is_special = builder.icmp_unsigned(">=", builder.and_(h, const(0x7C00, ity)), const(0x7C00, ity))
+    magnitude = builder.select(is_special, special, finite)
+    sign = builder.shl(builder.and_(h, const(0x8000, ity)), const(16, ity))
+    return builder.bitcast(builder.or_(magnitude, sign), fty)
+
+
 @intrinsic
 def _dot_lanes(typingctx, a, b):
     """Of 1-D contiguous a (f32, or u16 fp16 bits) and b (f32): the sum of a[i] * b[i] for
@@ -62,11 +84,11 @@ def _dot_lanes(typingctx, a, b):
         acc = cgutils.alloca_once_value(builder, ir.Constant(v8, None))
         with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 8))) as loop:
             i = builder.mul(loop.index, ir.Constant(i64, 8))
-            pa = builder.gep(arr_a.data, [i], source_etype=ir.HalfType() if fp16 else f32)
+            pa = builder.gep(arr_a.data, [i], source_etype=ir.IntType(16) if fp16 else f32)
             pb = builder.gep(arr_b.data, [i], source_etype=f32)
-            va = builder.load(pa, typ=ir.VectorType(ir.HalfType(), 8) if fp16 else v8, align=1)
+            va = builder.load(pa, typ=ir.VectorType(ir.IntType(16), 8) if fp16 else v8, align=1)
             if fp16:
-                va = builder.fpext(va, v8)
+                va = _f16_ir(builder, va)
             vb = builder.load(pb, typ=v8, align=1)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(va, vb)), acc)
         v, width = builder.load(acc), 8
@@ -79,10 +101,10 @@ def _dot_lanes(typingctx, a, b):
         total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
         tail = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
         with cgutils.for_range_slice(builder, tail, n, ir.Constant(i64, 1)) as (i, _):
-            ea = builder.load(builder.gep(arr_a.data, [i], source_etype=ir.HalfType() if fp16 else f32),
-                              typ=ir.HalfType() if fp16 else f32)
+            ea = builder.load(builder.gep(arr_a.data, [i], source_etype=ir.IntType(16) if fp16 else f32),
+                              typ=ir.IntType(16) if fp16 else f32)
             if fp16:
-                ea = builder.fpext(ea, f32)
+                ea = _f16_ir(builder, ea)
             eb = builder.load(builder.gep(arr_b.data, [i], source_etype=f32), typ=f32)
             builder.store(builder.fadd(builder.load(total), builder.fmul(ea, eb)), total)
         return builder.load(total)

@@ -239,6 +239,28 @@ def test_f16_table_and_row_decode_every_value():
     np.testing.assert_array_equal(out[finite], expected[finite])
 
 
+def test_f16_products_decode_every_value_exactly_in_lanes_and_tail():
+    # f16 weights are decoded inside kernels.dot by integer steps (no F16C needed): every
+    # finite pattern times 1, through the 8-lane path (rows of 8) and the scalar tail (rows of 1)
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    bits = bits[np.isfinite(bits.view(np.float16))]  # (63488,)
+    expected = bits.view(np.float16).astype(np.float32)
+    lanes = bits.reshape(-1, 8)  # (7936, 8)
+    for j in range(8):
+        x = np.zeros((1, 8), np.float32)
+        x[0, j] = 1
+        out = np.zeros((1, lanes.shape[0]), np.float32)
+        kernels.f16_rows(0, lanes.shape[0], 0, lanes, kernels.F16_TABLE, x, out)
+        np.testing.assert_array_equal(out[0], expected.reshape(-1, 8)[:, j] + np.float32(0))  # -0 sums to +0
+    out = np.zeros((1, bits.size), np.float32)
+    kernels.f16_rows(0, bits.size, 0, bits.reshape(-1, 1), kernels.F16_TABLE, np.ones((1, 1), np.float32), out)
+    np.testing.assert_array_equal(out[0], expected + np.float32(0))
+    special = np.array([[0x7C00], [0xFC00], [0x7E00]], np.uint16)  # +inf, -inf, nan
+    out = np.zeros((1, 3), np.float32)
+    kernels.f16_rows(0, 3, 0, special, kernels.F16_TABLE, np.ones((1, 1), np.float32), out)
+    assert out[0, 0] == np.inf and out[0, 1] == -np.inf and np.isnan(out[0, 2])
+
+
 # ---------------------------------------------------------------- Q80 quantization and unpacking
 
 

@@ -1,7 +1,8 @@
 """Every instruction set of the quantized products this host can run, each in a fresh
 process (DLLAMA_ISA picks it; numba's cache is bypassed so the assembly can be read): the
 same bits as the exact numpy twins, on lopsided shapes, padded lane groups and every
-token-tile remainder; and the instructions that are supposed to do the work are there."""
+token-tile remainder; the instructions that are supposed to do the work are there; and a
+lesser instruction set compiles every other kernel for its CPU too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dllama_mpi import qmatmul
 CHECK = r"""
 import json, re, sys
 import numpy as np
-from dllama_mpi import qmatmul, quant, reference
+from dllama_mpi import kernels, qmatmul, quant, reference
 from dllama_mpi.weights import Matrix
 
 rng = np.random.default_rng(7)
@@ -43,6 +44,11 @@ for kind in ("q40", "q80"):
                 qmatmul.q_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
             assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), (kind, rows, nb, n_tok, parallel)
             checked += 1
+if qmatmul.ISA != qmatmul.host_isas()[0]:  # the rest of the suite compiles the native ones
+    kernels.warm_up()  # every kernel compiles for this instruction set's CPU (f16 decoding included)
+f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
+x = np.arange(1, 10, dtype=np.float32)
+assert kernels.dot(f16, x) == np.float32(kernels.dot(f16.view(np.float16).astype(np.float32), x))
 asm = "".join(qmatmul.q_q80_rows.inspect_asm(sig) for sig in qmatmul.q_q80_rows.signatures)
 counts = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vfmadd231ps")}
 print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
