@@ -241,7 +241,8 @@ def test_medians_ranges_and_ratios_table():
     text = lc.report(summary, facts)
     assert text.startswith("CPU: Some CPU (2 cores); our kernels' instruction set: avx512\n")
     assert "MACHINE NOT IDLE" in text and text.endswith("\n".join(table))
-    assert "runs had another process" not in text
+    assert "runs had another process" not in text and "AMX" not in text
+    assert "0.3.36 (build abc) without AMX (see X86_NO_AMX), 2 threads;" in lc.report(summary, {**facts, "no_amx": True})
     assert "; 2 of 8 runs had another process above the idle threshold beside them\n" in lc.report(
         summary, {**facts, "disturbed_runs": 2, "runs": 8})
     without = lc.summarize(rows[3:])  # no llama.cpp row: no ratios

@@ -531,7 +531,8 @@ def report(summary: list[dict], facts: dict) -> str:
     head = [
         f"CPU: {facts['cpu']} ({facts['cores']} cores); our kernels' instruction set: {facts['kernel_isa']}",
         f"shape {facts['shape']} (random Q4_0 weights, seed {facts['seed']}); llama.cpp from llama-cpp-python "
-        f"{facts['version']}{build}, {facts['llama_threads']} threads; "
+        f"{facts['version']}{build}{' without AMX (see X86_NO_AMX)' if facts.get('no_amx') else ''}, "
+        f"{facts['llama_threads']} threads; "
         f"ours: threads per rank {facts.get('our_threads') or 'the bench default'}; {facts['repeat']} interleaved "
         f"round(s); ratios = our median / llama.cpp's median{'' if facts['idle'] else '; MACHINE NOT IDLE'}"
         + (f"; {facts['disturbed_runs']} of {facts['runs']} runs had another process above the idle threshold beside "
@@ -624,7 +625,8 @@ def main(argv=None) -> int:
              "kernel_isa": our_facts.get("kernel_isa", "unknown"), "shape": args.shape, "seed": args.seed,
              "version": args.llama_cpp_python, "llama_build": llama_facts.get("build_commit"),
              "llama_threads": args.threads, "our_threads": args.nthreads, "repeat": args.repeat, "idle": idle,
-             "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows)}
+             "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows),
+             "no_amx": any(X86_NO_AMX in flag for flag in cmake_flags())}
     print(report(summary, facts))
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "rows": rows, "summary": summary}, indent=1) + "\n")
