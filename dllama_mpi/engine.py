@@ -155,7 +155,7 @@ class Engine:
         if m.type == "f32":
             kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
         elif m.type == "f16":
-            kernel, args = kernels.f16_rows, (m.w, kernels.F16_TABLE, x.f32[:n_tok])
+            kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
         elif x.q80:
             kernel, args = qmatmul.q_q80_rows, (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *self.lanes)
         else:

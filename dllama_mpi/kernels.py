@@ -234,8 +234,8 @@ def f32_rows(r0, r1, c, w, x, out):
 
 
 @njit(**_opts)
-def f16_rows(r0, r1, c, w, table, x, out):
-    """w: (rows, n) u16 fp16 bits, decoded through table (F16_TABLE)."""
+def f16_rows(r0, r1, c, w, x, out):
+    """w: (rows, n) u16 fp16 bits (decoded inside dot)."""
     for r in range(r0, r1):
         for t in range(x.shape[0]):
             out[t, r] = dot(w[r], x[t])
@@ -249,10 +249,10 @@ def matmul_f32(w, x, out):
 
 
 @njit(parallel=True, **_opts)
-def matmul_f16(w, table, x, out):
+def matmul_f16(w, x, out):
     chunks = min(w.shape[0], CHUNKS)
     for c in prange(chunks):
-        f16_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, table, x, out)
+        f16_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, x, out)
 
 
 PARALLEL = {f32_rows: matmul_f32, f16_rows: matmul_f16, **qmatmul.PARALLEL}  # each rows kernel's parallel driver
@@ -267,15 +267,12 @@ def read_sum(buf):
     return total
 
 
-# numba has no float16 on the CPU: f16 weights stay 2 bytes as their bits, looked up here
-F16_TABLE = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
 @njit(**_opts)
-def f16_row(bits, table, out):
-    """fp16 bits (cols,) -> out (cols,) f32."""
+def f16_row(bits, out):
+    """fp16 bits (cols,) -> out (cols,) f32 (numba has no float16 on the CPU: f16 weights
+    stay 2 bytes as their bits)."""
     for i in range(bits.shape[0]):
-        out[i] = table[bits[i]]
+        out[i] = f16_bits_to_f32(bits[i])
 
 
 # --- element-wise and per-head -----------------------------------------------------------
@@ -444,13 +441,13 @@ def warm_up() -> None:
     w32 = np.ones((3, 64), f32)
     q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
     for serial, args in (
-        (f32_rows, (w32, x)), (f16_rows, (w16, F16_TABLE, x)),
+        (f32_rows, (w32, x)), (f16_rows, (w16, x)),
         (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
         (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
     ):
         PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])
-    f16_row(w16[0], F16_TABLE, out[0])
+    f16_row(w16[0], out[0])
     qmatmul.dequantize_row(q4[0], wd[0], 2, out[0])
     qmatmul.dequantize_row(q8[0], wd[0], 2, out[0])
     rmsnorm(x, x[0], 1e-5, out)

@@ -48,7 +48,7 @@ class Matrix:
         if self.type == "f32":
             out[:] = self.w[row]
         elif self.type == "f16":
-            kernels.f16_row(self.w[row], kernels.F16_TABLE, out)
+            kernels.f16_row(self.w[row], out)
         else:
             qmatmul.dequantize_row(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
 

@@ -87,7 +87,7 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
     if kind == "f32":
         rows, args = kernels.f32_rows, (m.w[a:b], x)
     elif kind == "f16":
-        rows, args = kernels.f16_rows, (m.w[a:b], kernels.F16_TABLE, x)
+        rows, args = kernels.f16_rows, (m.w[a:b], x)
     elif kind.endswith("_q80"):
         _, xq, xsum, xd = _kernel_q80(x)
         rows, args = qmatmul.q_q80_rows, (m.qs[a:b], m.d[a:b], xq, xsum, xd, *lanes)
@@ -230,12 +230,12 @@ def test_f32_to_f16_bits_matches_numpy_on_subnormals(x):
     assert int(kernels.f32_to_f16_bits(v)) == _f16_bits(v)
 
 
-def test_f16_table_and_row_decode_every_value():
+def test_f16_row_decodes_every_value():
     bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # (65536,) every fp16 pattern
     finite = np.isfinite(bits.view(np.float16))
     expected = bits.view(np.float16).astype(np.float32)
     out = np.zeros(bits.size, np.float32)
-    kernels.f16_row(bits, kernels.F16_TABLE, out)
+    kernels.f16_row(bits, out)
     np.testing.assert_array_equal(out[finite], expected[finite])
 
 
@@ -250,14 +250,14 @@ def test_f16_products_decode_every_value_exactly_in_lanes_and_tail():
         x = np.zeros((1, 8), np.float32)
         x[0, j] = 1
         out = np.zeros((1, lanes.shape[0]), np.float32)
-        kernels.f16_rows(0, lanes.shape[0], 0, lanes, kernels.F16_TABLE, x, out)
+        kernels.f16_rows(0, lanes.shape[0], 0, lanes, x, out)
         np.testing.assert_array_equal(out[0], expected.reshape(-1, 8)[:, j] + np.float32(0))  # -0 sums to +0
     out = np.zeros((1, bits.size), np.float32)
-    kernels.f16_rows(0, bits.size, 0, bits.reshape(-1, 1), kernels.F16_TABLE, np.ones((1, 1), np.float32), out)
+    kernels.f16_rows(0, bits.size, 0, bits.reshape(-1, 1), np.ones((1, 1), np.float32), out)
     np.testing.assert_array_equal(out[0], expected + np.float32(0))
     special = np.array([[0x7C00], [0xFC00], [0x7E00]], np.uint16)  # +inf, -inf, nan
     out = np.zeros((1, 3), np.float32)
-    kernels.f16_rows(0, 3, 0, special, kernels.F16_TABLE, np.ones((1, 1), np.float32), out)
+    kernels.f16_rows(0, 3, 0, special, np.ones((1, 1), np.float32), out)
     assert out[0, 0] == np.inf and out[0, 1] == -np.inf and np.isnan(out[0, 2])
 
 
