@@ -110,8 +110,8 @@ def _rows_per_step(comm, engine, rows: list[int], steps: int, repeat: int, rng, 
     """Collective: for each R, time `steps` forward passes of R tokens at one fixed position
     (the KV cache rows there are rewritten each time), `repeat` times; tokens/s = R x steps /
     time, the median. The logits are those of the last row only (one classifier product)."""
-    if rows and max(rows) > engine.max_batch:
-        raise UsageError(f"--rows {max(rows)}: a forward pass takes at most {engine.max_batch} tokens")
+    if rows and max(rows) > engine.max_rows:
+        raise UsageError(f"--rows {max(rows)}: a forward pass takes at most {engine.max_rows} tokens")
     pos = 8  # as after a short prompt
     out = []
     for r in rows:
@@ -132,8 +132,8 @@ def _rows_per_step(comm, engine, rows: list[int], steps: int, repeat: int, rng, 
 def run(comm, args) -> dict | None:
     from . import threads
     from .cli import parse_budgets
-    from .sampler import Sampler
-    from .session import generate, open_session
+    from .job import open_job
+    from .scheduler import generate
 
     budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
@@ -147,19 +147,18 @@ def run(comm, args) -> dict | None:
     isa = kernel_isa()
     results = {}
     for buffer_type in args.buffer_float_type:
-        session = open_session(comm, path, budgets, prompt="a", buffer_type=buffer_type,
-                               max_seq_len=max(args.prompt_lengths + [8 + max(row_counts, default=0)]) + args.decode_steps + 1)
-        load_s = session.load_s
-        engine, spec = session.engine, session.plan.spec
-        sampler = Sampler(spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
+        job = open_job(comm, path, budgets, buffer_type=buffer_type,
+                       max_seq_len=max(args.prompt_lengths + [8 + max(row_counts, default=0)]) + args.decode_steps + 1)
+        load_s = job.load_s
+        engine, spec = job.engine, job.plan.spec
         prefill = {}
         ttft = None
         for length in args.prompt_lengths:
             rates = []
             for _ in range(args.repeat):
-                session.prompt_tokens = rng.integers(3, spec.vocab_size, length).tolist()
+                prompt = rng.integers(3, spec.vocab_size, length).tolist()  # every rank draws it: the rng stays in step
                 comm.barrier()
-                r = generate(session, 1, sampler, stop_ids=())
+                r = generate(job, prompt if comm.rank == 0 else None, 1, stop_ids=())
                 rates.append(length / r["prompt_s"])
                 if ttft is None:
                     ttft = time.perf_counter() - T_LAUNCH
@@ -167,10 +166,10 @@ def run(comm, args) -> dict | None:
         decode, per_rank = [], []
         loopback_0 = _loopback_bytes() if comm.rank == 0 else None
         for _ in range(args.repeat):
-            session.prompt_tokens = rng.integers(3, spec.vocab_size, 8).tolist()
+            prompt = rng.integers(3, spec.vocab_size, 8).tolist()
             comm.barrier()
             c0, f0, s0 = engine.collective_s, engine.forward_s, comm.bytes_sent
-            r = generate(session, args.decode_steps + 1, sampler, stop_ids=())
+            r = generate(job, prompt if comm.rank == 0 else None, args.decode_steps + 1, stop_ids=())
             n_forward = 8 + args.decode_steps
             decode.append(r["n_decode"] / r["decode_s"])
             per_rank.append(((engine.forward_s - f0) / n_forward, (engine.collective_s - c0) / n_forward,
@@ -181,8 +180,8 @@ def run(comm, args) -> dict | None:
         mine = {
             "compute": float(fwd - coll), "collective": float(coll), "sent": float(sent),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "planned_mb": (session.plan.weight_bytes(comm.rank) + engine.kv_cache_bytes) / 2**20,
-            "weight_bytes": session.weights.nbytes - (session.weights.embedding.nbytes
+            "planned_mb": (job.plan.weight_bytes(comm.rank) + engine.kv_cache_bytes) / 2**20,
+            "weight_bytes": job.weights.nbytes - (job.weights.embedding.nbytes
                                                       if not spec.shared_classifier else 0),
             "threads": n_threads,
         }
@@ -211,7 +210,7 @@ def run(comm, args) -> dict | None:
                 "repeats": args.repeat, "decode_steps": args.decode_steps,
                 "rows_per_step": rows_per_step, "kernel_isa": isa,
             }
-        del session, engine
+        del job, engine
     return results if comm.rank == 0 else None
 
 

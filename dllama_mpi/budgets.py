@@ -91,22 +91,24 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**20:.2f}MiB"
 
 
-def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int) -> dict[str, int]:
-    """Bytes rank `rank` holds at its peak: weights, KV cache, runtime, and (rank 0 loading
-    an unsplit file) the largest tensor as read before it is scattered."""
-    need = {"weights": plan.weight_bytes(rank), "kv": plan.kv_cache_bytes(rank, max_seq_len), "runtime": RUNTIME_BYTES}
+def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int, n_slots: int = 1) -> dict[str, int]:
+    """Bytes rank `rank` holds at its peak: weights, KV cache (of every slot: a server holds
+    n_slots sequences), runtime, and (rank 0 loading an unsplit file) the largest tensor as
+    read before it is scattered."""
+    need = {"weights": plan.weight_bytes(rank), "kv": n_slots * plan.kv_cache_bytes(rank, max_seq_len),
+            "runtime": RUNTIME_BYTES}
     if rank == 0 and load_buffer:
         need["load"] = load_buffer
     return need
 
 
 def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: int,
-                 hosts: list[str], available: list[int | None]) -> list[str]:
+                 hosts: list[str], available: list[int | None], n_slots: int = 1) -> list[str]:
     """Why the plan does not fit, one line per rank or node (empty when it fits). `hosts` and
     `available` (bytes, None if unknown): each rank's node and that node's available memory."""
-    needs = [rank_need(plan, r, max_seq_len, load_buffer) for r in range(plan.world_size)]
+    needs = [rank_need(plan, r, max_seq_len, load_buffer, n_slots) for r in range(plan.world_size)]
     totals = [sum(n.values()) for n in needs]
-    kv_per_token = [plan.kv_cache_bytes(r, 1) for r in range(plan.world_size)]
+    kv_per_token = [n_slots * plan.kv_cache_bytes(r, 1) for r in range(plan.world_size)]  # per token of context
     problems = []
 
     def longest_context(fixed: int, kv_per_token: int, room: int) -> int:
@@ -125,7 +127,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         for r, (total, cap) in enumerate(zip(totals, budgets.caps)):
             if total > cap:
                 seq = longest_context(total - needs[r]["kv"], kv_per_token[r], cap)
-                problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len)}) but its budget "
+                problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len, n_slots)}) but its budget "
                                 f"caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}"
                                 + context_hint(seq, ", or {}"))
         scale = max(t / c for t, c in zip(totals, budgets.caps))
@@ -139,22 +141,24 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         if room is None or need <= room:
             continue
         names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
-        parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len)}" for r in ranks)
+        parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len, n_slots)}" for r in ranks)
         kv = sum(kv_per_token[r] for r in ranks)
         seq = longest_context(need - sum(needs[r]["kv"] for r in ranks), kv, room) if kv else 0
         # the split decides how much lands here: a smaller share helps only if other nodes take the rest
         share = ("give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)"
                  if len(ranks) < len(hosts) else "")
         smaller_type = "convert the model to q40 weights" if plan.spec.weight_type != "q40" else ""
-        ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), smaller_type,
+        fewer_slots = "serve fewer sequences at once (--slots)" if n_slots > 1 else ""
+        ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), fewer_slots, smaller_type,
                             "run some of the ranks on other nodes") if w]
         problems.append(f"{names} on {host} need{'s' * (len(ranks) == 1)} {format_bytes(need)} ({parts}) but the node has "
                         f"{format_bytes(room)} available; " + ", ".join(ways[:-1]) + ", or " * (len(ways) > 1) + ways[-1])
     return problems
 
 
-def _parts(need: dict[str, int], max_seq_len: int) -> str:
-    names = {"weights": "weights", "kv": f"KV cache for {max_seq_len} tokens", "runtime": "runtime",
+def _parts(need: dict[str, int], max_seq_len: int, n_slots: int = 1) -> str:
+    kv = f"{n_slots} slots x {max_seq_len} tokens" if n_slots > 1 else f"{max_seq_len} tokens"
+    names = {"weights": "weights", "kv": f"KV cache for {kv}", "runtime": "runtime",
              "load": "load buffer"}
     return " + ".join(f"{names[k]} {format_bytes(v)}" for k, v in need.items())
 

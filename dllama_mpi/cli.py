@@ -37,39 +37,72 @@ def finite_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {
+    "serve": "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)",
+    "chat": "an interactive chat on rank 0's terminal, with the model's chat template",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The options of `python -m dllama_mpi` (one prompt, then exit) or of one of COMMANDS."""
     # no abbreviations: `--dry` must not start a real run (--dry-run is recognised before parsing)
-    p = _Parser(prog="python -m dllama_mpi", allow_abbrev=False, description=(
+    prog = "python -m dllama_mpi" + (f" {command}" if command else "")
+    description = (COMMANDS[command] + ". " if command else "") + (
         "Distributed Llama inference: each MPI rank holds and computes a share of every layer "
-        "proportional to its --memory-budget. Launch with mpirun -n N."))
+        "proportional to its --memory-budget. Launch with mpirun -n N.")
+    epilog = None if command else "commands: " + "; ".join(f"{c}: {d}" for c, d in COMMANDS.items()) + \
+        " (python -m dllama_mpi COMMAND --help)"
+    p = _Parser(prog=prog, allow_abbrev=False, description=description, epilog=epilog)
     p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert, or a directory of per-rank shards "
                                    "(dllama-mpi-convert --memory-budget); default: a built-in synthetic model")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
                         "a hard cap); each rank's need is checked against its cap and its node's memory (default: equal)")
-    p.add_argument("--prompt", help="text to start from (default: just BOS)")
-    p.add_argument("--steps", type=int, default=64,
-                   help="new tokens at most (default 64); fewer at an end-of-generation token or the end of the context")
-    p.add_argument("--temperature", type=finite_float, default=0.0,
-                   help="0 is greedy (default 0); above 0, sampling with --top-p")
-    p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: from the clock, printed at the end)")
+    if command is None:
+        p.add_argument("--prompt", help="text to start from (default: just BOS)")
+        p.add_argument("--steps", type=int, default=64,
+                       help="new tokens at most (default 64); fewer at an end-of-generation token or the end of the context")
+    elif command == "chat":
+        p.add_argument("--system", help="a system message that starts every conversation")
+        p.add_argument("--steps", type=int, help="new tokens per answer at most (default: up to the end of the context)")
+    if command in (None, "chat"):
+        p.add_argument("--temperature", type=finite_float, default=0.0,
+                       help="0 is greedy (default 0); above 0, sampling with --top-p")
+        p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
+        p.add_argument("--seed", type=int, help="sampling seed (default: from the clock" +
+                       (", printed at the end)" if command is None else ")"))
+    if command == "serve":
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
+        p.add_argument("--slots", type=int, default=4,
+                       help="sequences decoded together, each with its own KV cache of --max-seq-len tokens (default 4); "
+                            "more requests wait in a queue")
+        p.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: $DLLAMA_API_KEY; none: open)")
+        p.add_argument("--model-name", help="the model's name in the API (default: the model file's name)")
     p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
     p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
                    help="activations and what travels between ranks: f32 or q80 (default q80)")
     p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="as one process without mpirun: print the plan for --memory-budget (one value per rank "
-                        "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
-                        "reads only the model's attributes")
+    if command is None:
+        p.add_argument("--ignore-eos", action="store_true",
+                       help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
+    if command in (None, "serve"):
+        p.add_argument("--dry-run", action="store_true",
+                       help="as one process without mpirun: print the plan for --memory-budget (one value per rank "
+                            "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
+                            "reads only the model's attributes")
     return p
+
+
+def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    return (argv[0], argv[1:]) if argv and argv[0] in COMMANDS else (None, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--dry-run" in argv:  # decided before MPI starts: a dry run is one process without it
+    if "--dry-run" in argv and split_command(argv)[0] != "chat":  # decided before MPI starts: one process without it
         return _dry_run_guarded(argv)
     from .comm import Comm
 
@@ -131,43 +164,59 @@ def _setup_logging(rank: int) -> None:
 
 
 def _parse(comm, argv):
-    parser = build_parser()
+    command, argv = split_command(argv)
+    parser = build_parser(command)
     if comm is not None and comm.rank != 0:  # --help and usage text: once, from rank 0
         parser.print_help = parser.print_usage = lambda file=None: None
     args = parser.parse_args(argv)
+    args.command = command
     problems = []
-    if args.steps < 0:
+    if getattr(args, "steps", None) is not None and args.steps < 0:
         problems.append(f"--steps must be >= 0, got {args.steps}")
-    if args.temperature < 0:
+    if getattr(args, "temperature", 0) < 0:
         problems.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not 0 < getattr(args, "top_p", 1) <= 1:
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if command == "serve":
+        if not 0 <= args.port <= 65535:
+            problems.append(f"--port must be in 0..65535, got {args.port}")
+        if args.slots <= 0:
+            problems.append(f"--slots must be positive, got {args.slots}")
+        if args.api_key == "":
+            problems.append("--api-key is empty; give a key, or leave it out for an open server")
+    if command == "chat" and args.system is not None:
+        _check_utf8(args.system, "the --system text", problems)
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
-    if args.seed is not None and args.seed < 0:
+    if getattr(args, "seed", None) is not None and args.seed < 0:
         problems.append(f"--seed must be >= 0, got {args.seed}")
     if args.model == "":
         problems.append("--model is empty; give a model file or a shard directory, or leave --model out")
     if args.nthreads is not None and args.nthreads <= 0:
         problems.append(f"--nthreads must be positive, got {args.nthreads}")
-    if args.prompt == "":
+    if getattr(args, "prompt", None) == "":
         problems.append("the prompt is empty; give some text, or leave out --prompt to start from BOS alone")
-    elif args.prompt is not None:
-        try:
-            args.prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:  # bytes that are not UTF-8 arrive as lone surrogates
-            byte = ord(args.prompt[exc.start]) - 0xDC00
-            problems.append(f"the prompt is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start}); "
-                            "give it in UTF-8 (e.g. iconv -t UTF-8)")
+    elif getattr(args, "prompt", None) is not None:
+        _check_utf8(args.prompt, "the prompt", problems)
     if problems:
         raise UsageError("; ".join(problems))
     return args
 
 
+def _check_utf8(text: str, what: str, problems: list[str]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 arrive as lone surrogates
+        byte = ord(text[exc.start]) - 0xDC00
+        problems.append(f"{what} is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start}); "
+                        "give it in UTF-8 (e.g. iconv -t UTF-8)")
+
+
 def _run(comm, argv) -> int:
     from . import qmatmul, threads
-    from .sampler import Sampler
-    from .session import generate, open_session
+    from .job import SaidIfSlow, open_job
+    from .request import Sampling
+    from .scheduler import generate
 
     t_launch = time.perf_counter()
     args = _parse(comm, argv)
@@ -187,30 +236,76 @@ def _run(comm, argv) -> int:
         plan = launch.plan
         for note in launch.notes:
             print(f"note: {note}", file=sys.stderr)
+        kv = f"{launch.n_slots} x {launch.max_seq_len}" if launch.n_slots > 1 else f"{launch.max_seq_len}"
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
-              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {launch.max_seq_len} tokens, "
+              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
               f"kernels {qmatmul.ISA}",
               file=sys.stderr)
         print(plan.table(launch.max_seq_len), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
               file=sys.stderr)
 
-    session = open_session(comm, args.model, budgets, prompt=args.prompt or "", max_seq_len=args.max_seq_len,
-                           buffer_type=args.buffer_float_type, announce=announce)
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(comm, args, budgets, announce)
+    if args.command == "chat":
+        from .interactive import chat
+
+        return chat(comm, args, budgets, announce)
+    prompt_ids = []  # rank 0: the prompt's ids, checked before anything is loaded
+    job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
+                   check=lambda tokenizer, launch: prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or "")),
+                   announce=announce)
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
-    sampler = Sampler(session.plan.spec.vocab_size, args.temperature, args.top_p, seed) if comm.rank == 0 else None
     comm.barrier()
     startup_s = time.perf_counter() - t_launch
-    result = generate(session, args.steps, sampler, stop_ids=() if args.ignore_eos else None, stream=True)
+    prefill = SaidIfSlow(f"processing the prompt ({len(prompt_ids)} tokens)", comm.rank == 0 and args.steps > 0)
+
+    started = []
+
+    def on_text(text: str) -> None:  # rank 0
+        if not started:  # the first text: the prompt is processed
+            started.append(True)
+            prefill.done()
+            sys.stdout.write(args.prompt or "")  # the prompt as typed, whatever the tokenizer added to it (BOS) or not
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with prefill:
+        result = generate(job, prompt_ids if comm.rank == 0 else None, args.steps,
+                          Sampling(args.temperature, args.top_p, seed), stop_ids=() if args.ignore_eos else None,
+                          on_text=on_text)
+    if comm.rank == 0:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if comm.rank == 0 and result["hit_context"]:
         print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
-              f"({session.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    _report(comm, session, result, n_threads, seed, startup_s, budgets)
+              f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
+    _report(comm, job, result, n_threads, seed, startup_s, budgets)
     return 0
 
 
-def _report(comm, session, result, n_threads, seed, startup_s, budgets) -> None:
-    engine, weights, n_forward = session.engine, session.weights, result["n_forward"]
+def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:
+    """The prompt's ids, or InputError when they can't fit the context (refused before the
+    encoding work where a bound on the length is known without encoding)."""
+    spec = launch.plan.spec
+    if (at_least := tokenizer.min_tokens(prompt)) > launch.max_seq_len:
+        raise InputError(f"the prompt is at least {at_least} tokens ({len(prompt.encode())} bytes) but the context "
+                         f"(--max-seq-len) holds {launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
+                         f"(model trained for {spec.seq_len})")
+    ids = tokenizer.encode(prompt, bos=True)
+    if len(ids) > launch.max_seq_len:
+        raise InputError(f"the prompt is {len(ids)} tokens but the context (--max-seq-len) holds "
+                         f"{launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
+                         f"(model trained for {spec.seq_len})")
+    if not ids:
+        raise InputError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
+    return ids
+
+
+def _report(comm, job, result, n_threads, seed, startup_s, budgets) -> None:
+    engine, weights, n_forward = job.engine, job.weights, result["n_forward"]
 
     def per_token(value: float) -> float | None:
         return value / n_forward if n_forward else None
@@ -283,7 +378,8 @@ def _dry_run(argv) -> int:
         model = open_model(args.model)
         spec, shard, name, model_id = model.spec, model.shard, str(args.model), model.model_id
         model.close()
-    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len)
+    n_slots = getattr(args, "slots", 1)  # serve: the KV cache of every slot
+    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots)
     plan, max_seq_len = launch.plan, launch.max_seq_len
     if shard is not None:  # every rank's shard, as the launch's ranks would check theirs
         problems = []
@@ -304,7 +400,7 @@ def _dry_run(argv) -> int:
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
           f"weights {spec.weight_type}")
     print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
-          f"KV cache {max_seq_len} tokens")
+          f"KV cache {max_seq_len} tokens" + (f" x {n_slots} slots" if n_slots > 1 else ""))
     print(plan.table(max_seq_len))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
@@ -312,8 +408,8 @@ def _dry_run(argv) -> int:
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
           + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
     for s in plan.ranks:
-        memory = (plan.weight_bytes(s.rank) + plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
-        need = sum(rank_need(plan, s.rank, max_seq_len, launch.load_buffer).values()) / 2**20
+        memory = (plan.weight_bytes(s.rank) + n_slots * plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
+        need = sum(rank_need(plan, s.rank, max_seq_len, launch.load_buffer, n_slots).values()) / 2**20
         cap = format_bytes(budgets.caps[s.rank]) if budgets.caps else "-"
         print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
               + f" {memory:>16.1f} {need:>9.1f} {cap:>8}")

@@ -53,6 +53,30 @@ class Comm:
         if self.rank == root:
             self.bytes_sent += buf.nbytes
 
+    def bcast_idle(self, buf: np.ndarray, max_sleep_s: float = 0.002) -> None:
+        """Rank 0's `buf` to every rank, where the other ranks may wait long (a server
+        between requests): they poll a nonblocking broadcast and sleep between polls, with a
+        backoff from 10 us to `max_sleep_s`, so an idle rank takes well under 5% of a core (a
+        blocking MPICH collective spins at 100%) while a busy one is woken within about the
+        time it has already waited. Not counted as collective time: waiting for work is idle."""
+        if self.size == 1:
+            return
+        request = self._comm.Ibcast(buf, root=0)
+        if self.rank == 0:
+            request.Wait()
+            return
+        sleep_s = 1e-5
+        while not request.Test():
+            time.sleep(sleep_s)
+            sleep_s = min(2 * sleep_s, max_sleep_s)
+
+    def gather_rows(self, row: np.ndarray, out: np.ndarray | None) -> None:
+        """Every rank's `row` (1-D, same length) into rank 0's out (size, len)."""
+        if self.size == 1:
+            out[0] = row
+        else:
+            self._comm.Gather(row, out, root=0)
+
     # --- setup ------------------------------------------------------------------
     def scatter_rows(self, rows: np.ndarray | None, spans: tuple[Span, ...], out: np.ndarray) -> None:
         """Rank 0's rows[spans[r]] -> rank r's `out` (rows of bytes). Spans may overlap

@@ -1,14 +1,17 @@
-"""Run state and the forward pass of one rank, on blocks of T tokens (a prompt is fed in
-blocks of up to `max_batch` tokens; decoding is T = 1).
+"""Run state and the forward pass of one rank, one step at a time. A step is a Batch of T
+rows, each a token of some sequence at some position: a chunk of one sequence's prompt
+and/or one decoding token per active sequence. Rows of different sequences share each pass
+over the weights; attention reads each row's own KV slot. A row's result never depends on
+the other rows of its step (every kernel computes row by row in a fixed order).
 
-Every buffer and the KV cache are allocated once in Engine.__init__; decoding allocates
-nothing. Per layer (x replicated on every rank):
+Every buffer and the KV cache (n_slots sequences of max_seq_len tokens) are allocated once
+in Engine.__init__; a step allocates nothing. Per layer (x replicated on every rank):
 
   x -> rmsnorm -> own q/k/v rows (one stacked product) -> rope -> causal attention over own KV cache
     -> Allgatherv(att) -> own wo rows -> Allgatherv(dim) -> x += ;
   x -> rmsnorm -> own w1/w3 rows (stacked) -> silu*mul -> Allgatherv(ffn) -> own w2 rows
     -> Allgatherv(dim) -> x +=
-then own classifier rows for the block's last token -> Gatherv(logits) to rank 0.
+then own classifier rows for the rows that want logits -> Gatherv(logits) to rank 0.
 """
 
 from __future__ import annotations
@@ -108,21 +111,62 @@ class GatheredActivations(Activations):
             self.prepare(n_tok)
 
 
+class Batch:
+    """One step's rows, in one int64 array that rank 0 broadcasts whole (the step's wire
+    format): [op, n_rows, n_logits, tokens (max_rows), slots (max_rows), positions (max_rows),
+    logit_rows (max_logits)]. op tells followers what to do (see scheduler)."""
+
+    HEADER = 3
+
+    def __init__(self, max_rows: int, max_logits: int):
+        self.max_rows, self.max_logits = max_rows, max_logits
+        self.wire = np.zeros(self.HEADER + 3 * max_rows + max_logits, np.int64)
+        body = self.wire[self.HEADER :]
+        self.tokens, self.slots, self.positions = (body[i * max_rows : (i + 1) * max_rows] for i in range(3))
+        self.logit_rows = body[3 * max_rows :]  # indices of the rows whose logits rank 0 gets, ascending
+
+    @property
+    def op(self) -> int:
+        return int(self.wire[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.wire[1])
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.wire[2])
+
+    def clear(self, op: int = 0) -> None:
+        self.wire[:3] = (op, 0, 0)
+
+    def add(self, token: int, slot: int, position: int, logits: bool) -> None:
+        n, m = self.n, self.n_logits
+        self.tokens[n], self.slots[n], self.positions[n] = token, slot, position
+        if logits:
+            self.logit_rows[m] = n
+            self.wire[2] = m + 1
+        self.wire[1] = n + 1
+
+
 class Engine:
     def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str,
-                 max_batch: int = 64):
+                 n_slots: int = 1, max_rows: int = 64):
         spec, me = plan.spec, plan.ranks[comm.rank]
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
         self.pool = threads.Pool()  # the rank's thread count as set at launch
-        self.max_seq_len = max_seq_len
-        self.max_batch = t_max = max(1, min(max_batch, max_seq_len))
+        self.max_seq_len, self.n_slots = max_seq_len, n_slots
+        self.max_rows = t_max = max(1, min(max_rows, max_seq_len))  # rows per step
+        self.max_logits = m_max = min(t_max, n_slots)  # at most one row per sequence wants logits
         q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
 
         self.x = np.zeros((t_max, spec.dim), F32)  # (T, dim) residual stream
-        self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a block
-        self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
+        self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a step
         self.qkv = np.zeros((t_max, (nh + 2 * nkv) * hd), F32)  # own q, k, v rows: the stacked product
+        self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
+        self.k = np.zeros((t_max, nkv * hd), F32)  # own KV heads, before they go to the cache
+        self.v = np.zeros((t_max, nkv * hd), F32)
         self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, buffer_type)  # (T, n_heads * hd)
         self.scores = np.zeros((nh, max_seq_len), F32)
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
@@ -130,25 +174,34 @@ class Engine:
         a, b = me.ffn_rows
         self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
         self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
-        # KV cache of own KV heads: (n_layers, max_seq, n_local_kv, head_dim)
-        self.k_cache = np.zeros((spec.n_layers, max_seq_len, nkv, hd), F32)
+        # KV cache of own KV heads, per layer: (n_slots, max_seq, n_local_kv, head_dim)
+        self.k_cache = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, hd), F32)
         self.v_cache = np.zeros_like(self.k_cache)
-        self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)
+        self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)  # (max_seq, hd / 2)
+        self.cos_rows, self.sin_rows = np.zeros((t_max, self.cos.shape[1]), F32), np.zeros((t_max, self.sin.shape[1]), F32)
         self.lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), F32))
-        self.logits = np.zeros((1, spec.vocab_size), F32)  # rank 0: all; others: own span
+        # logits: rank 0 gets (m, vocab) for the m rows that want them. Each rank computes its
+        # vocabulary span for the m rows, contiguous (m, own); they travel rank-major.
         vocab_spans = plan.segments("vocab")
         a, b = vocab_spans[comm.rank]
-        self.logits_local = self.logits[:, a:b]
-        self._gather_logits = comm.gather_to_root(self.logits[0], vocab_spans)
+        self.vocab_start, self._vocab_spans = a, vocab_spans
+        self.x_logits = np.zeros((m_max, spec.dim), F32)  # the residual rows that want logits
+        self.logits = np.zeros((m_max, spec.vocab_size), F32)  # rank 0
+        self._logits_transit = np.zeros(m_max * spec.vocab_size, F32)
+        self._gather_logits = [None] + [
+            comm.gather_to_root(self._logits_transit[: m * spec.vocab_size], tuple((m * s, m * e) for s, e in vocab_spans))
+            for m in range(1, m_max + 1)]
         self.vocab_owner = np.repeat(np.arange(plan.world_size), [e - s for s, e in vocab_spans])
-        self.vocab_start = a
-        self._one_token = np.zeros(1, np.int64)
-        self.forward_s = 0.0  # wall time in forward()
+        self._batch = Batch(t_max, m_max)  # forward()'s and forward_block()'s, on slot 0
+        self.forward_s = 0.0  # wall time in step()
         self.collective_s = 0.0  # ... of which inside collectives (waiting for other ranks included)
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def new_batch(self) -> Batch:
+        return Batch(self.max_rows, self.max_logits)
 
     def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
         """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one."""
@@ -166,35 +219,46 @@ class Engine:
             kernel(0, m.rows, 0, *args, out)
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
-        """Advance by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
-        self._one_token[0] = token
-        return self.forward_block(self._one_token, pos, logits)
+        """Advance slot 0 by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
+        return self.forward_block((token,), pos, logits)
 
     def forward_block(self, tokens, pos0: int, logits: bool = True) -> np.ndarray | None:
-        """Advance by len(tokens) <= max_batch tokens at positions pos0...; rank 0 returns the
-        logits (vocab,) of the last one when asked (the array is reused by the next call)."""
+        """Advance slot 0 by len(tokens) <= max_rows tokens at positions pos0...; rank 0 returns
+        the logits (vocab,) of the last one when asked (the array is reused by the next call)."""
+        batch, n = self._batch, len(tokens)
+        batch.clear()
+        for t in range(n):
+            batch.add(int(tokens[t]), 0, pos0 + t, logits and t == n - 1)
+        out = self.step(batch)
+        return None if out is None else out[0]
+
+    def step(self, batch: Batch) -> np.ndarray | None:
+        """Run one step (collective: every rank with the same batch). Rank 0 returns the logits
+        (batch.n_logits, vocab) of the rows in batch.logit_rows, in that order (the array is
+        reused by the next step); other ranks return None."""
         t0, c0 = time.perf_counter(), self.comm.collective_s
-        spec, w, n = self.spec, self.w, len(tokens)
-        if not 0 < n <= self.max_batch or pos0 + n > self.max_seq_len:
-            raise ValueError(f"a block of {n} tokens at position {pos0} does not fit (at most {self.max_batch} "
-                             f"tokens, context {self.max_seq_len})")
+        spec, w, n = self.spec, self.w, batch.n
+        slots, positions = batch.slots[:n], batch.positions[:n]
+        if not 0 < n <= self.max_rows or positions.min() < 0 or positions.max() >= self.max_seq_len:
+            raise ValueError(f"a step of {n} rows at positions {positions.min()}..{positions.max()} does not fit "
+                             f"(at most {self.max_rows} rows, context {self.max_seq_len})")
         x = self.x[:n]
         for t in range(n):
-            owner = int(self.vocab_owner[tokens[t]])
+            token = int(batch.tokens[t])
+            owner = int(self.vocab_owner[token])
             if owner == self.comm.rank:
-                w.embedding.row_to(int(tokens[t]) - self.vocab_start, self.x[t])
+                w.embedding.row_to(token - self.vocab_start, self.x[t])
             self.comm.bcast(self.x[t], owner)
-        cos, sin = self.cos[pos0 : pos0 + n], self.sin[pos0 : pos0 + n]
+        cos, sin = self.cos_rows[:n], self.sin_rows[:n]
+        np.take(self.cos, positions, axis=0, out=cos)
+        np.take(self.sin, positions, axis=0, out=sin)
         hd = spec.head_dim
+        q, k, v, qkv = self.q[:n], self.k[:n], self.v[:n], self.qkv[:n]
+        nq, nk = q.shape[1], k.shape[1]
         for layer, lw in enumerate(w.layers):
             kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
-            q = self.q[:n]
-            k = self.k_cache[layer, pos0 : pos0 + n].reshape(n, -1)  # (T, own kv * hd)
-            v = self.v_cache[layer, pos0 : pos0 + n].reshape(n, -1)
-            qkv = self.qkv[:n]
             self.matmul(lw["wqkv"], self.xb, n, qkv)
-            nq, nk = q.shape[1], k.shape[1]
             q[...], k[...], v[...] = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
             if spec.qkv_bias:
                 np.add(q, lw["bq"], out=q)
@@ -205,9 +269,10 @@ class Engine:
                 kernels.rmsnorm_heads(k, hd, lw["k_norm"], spec.norm_eps)
             kernels.rope(q, hd, cos, sin)
             kernels.rope(k, hd, cos, sin)
-            att = (q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head, pos0,
+            kernels.store_kv(k, v, slots, positions, self.k_cache[layer], self.v_cache[layer])
+            att = (q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head, slots, positions,
                    self.scores, self.att.local[:n].reshape(n, -1, hd))
-            if self.pool.parallel(q.size * (pos0 + n) * 2):
+            if self.pool.parallel(q.size * (int(positions.max()) + 1) * 2):
                 kernels.attention(*att)
             else:
                 kernels.attention_heads(0, q.shape[1] // hd, *att)
@@ -225,13 +290,21 @@ class Engine:
             self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
             self.dim_out.gather(n)
             np.add(x, self.dim_out.f32[:n], out=x)
-        result = None
-        if logits:
-            kernels.rmsnorm(x[n - 1 :], w.norm, spec.norm_eps, self.xb.f32[:1])
-            self.xb.prepare(1)
-            self.matmul(w.classifier, self.xb, 1, self.logits_local)
-            self._gather_logits()
-            result = self.logits[0] if self.comm.rank == 0 else None
+        result, m = None, batch.n_logits
+        if m:
+            rows = batch.logit_rows[:m]
+            x_out = self.x_logits[:m]
+            np.take(x, rows, axis=0, out=x_out)
+            kernels.rmsnorm(x_out, w.norm, spec.norm_eps, self.xb.f32[:m])
+            self.xb.prepare(m)
+            a, b = self._vocab_spans[self.comm.rank]
+            local = self._logits_transit[m * a : m * b].reshape(m, b - a)
+            self.matmul(w.classifier, self.xb, m, local)
+            self._gather_logits[m]()
+            if self.comm.rank == 0:
+                for s, e in self._vocab_spans:
+                    self.logits[:m, s:e] = self._logits_transit[m * s : m * e].reshape(m, e - s)
+                result = self.logits[:m]
         self.forward_s += time.perf_counter() - t0
         self.collective_s += self.comm.collective_s - c0
         return result

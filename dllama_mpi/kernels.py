@@ -317,21 +317,22 @@ def rope(vec, head_dim, cos, sin):
 
 
 @njit(**_opts)
-def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
-    """Causal attention of local query heads [h0, h1): token t (at position pos0 + t) over
-    positions [0, pos0 + t]. q: (T, n_local_heads, head_dim); k_cache, v_cache: (max_seq,
-    n_local_kv, head_dim), already holding the block's keys and values; kv_of_head:
-    (n_local_heads,) local KV index; scores: (n_local_heads, max_seq) scratch;
-    out: (T, n_local_heads, head_dim)."""
+def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
+    """Causal attention of local query heads [h0, h1): row t (of sequence slot slots[t], at
+    position positions[t]) over its slot's positions [0, positions[t]]. q: (T, n_local_heads,
+    head_dim); k_cache, v_cache: (n_slots, max_seq, n_local_kv, head_dim), already holding the
+    rows' keys and values; kv_of_head: (n_local_heads,) local KV index; scores:
+    (n_local_heads, max_seq) scratch; out: (T, n_local_heads, head_dim)."""
     head_dim = q.shape[2]
     inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
     for h in range(h0, h1):
         kv = kv_of_head[h]
         for t in range(q.shape[0]):
-            n_pos = pos0 + t + 1
+            n_pos = positions[t] + 1
+            keys, values = k_cache[slots[t]], v_cache[slots[t]]
             top = np.float32(-np.inf)
             for p in range(n_pos):
-                s = dot(q[t, h], k_cache[p, kv]) * inv_sqrt
+                s = dot(q[t, h], keys[p, kv]) * inv_sqrt
                 scores[h, p] = s
                 top = max(top, s)
             row = scores[h, :n_pos]
@@ -343,16 +344,29 @@ def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, pos0, scores, out):
             o[:] = 0.0
             for p in range(n_pos):
                 w = scores[h, p] / total
-                v = v_cache[p, kv]
+                v = values[p, kv]
                 for i in range(head_dim):  # element-wise: vectorizes in any order, the same bits
                     o[i] += w * v[i]
 
 
 @njit(parallel=True, **_opts)
-def attention(q, k_cache, v_cache, kv_of_head, pos0, scores, out):
+def attention(q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
     """attention_heads over every local head, one head per task."""
     for h in prange(q.shape[1]):
-        attention_heads(h, h + 1, q, k_cache, v_cache, kv_of_head, pos0, scores, out)
+        attention_heads(h, h + 1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out)
+
+
+@njit(**_opts)
+def store_kv(k, v, slots, positions, k_cache, v_cache):
+    """Row t's key and value (T, n_local_kv * head_dim) into its slot at its position:
+    k_cache, v_cache (n_slots, max_seq, n_local_kv, head_dim)."""
+    n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for t in range(k.shape[0]):
+        s, p = slots[t], positions[t]
+        for j in range(n_kv):
+            for i in range(head_dim):
+                k_cache[s, p, j, i] = k[t, j * head_dim + i]
+                v_cache[s, p, j, i] = v[t, j * head_dim + i]
 
 
 @njit(**_opts)
@@ -453,8 +467,10 @@ def warm_up() -> None:
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])
-    cache = np.zeros((4, 1, 32), f32)
-    att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), 1, np.zeros((2, 4), f32), out.reshape(1, 2, 32))
+    cache, rows = np.zeros((1, 4, 1, 32), f32), np.zeros(1, np.int64)
+    store_kv(out[:, :32], out[:, :32], rows, rows, cache, cache)
+    att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), rows, rows + 1, np.zeros((2, 4), f32),
+           out.reshape(1, 2, 32))
     attention(*att)
     attention_heads(0, 2, *att)
     silu_mul(np.concatenate((x, x), axis=1), out)

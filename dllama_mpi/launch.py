@@ -1,6 +1,6 @@
 """The start-up rules of a launch, decided before anything is loaded. Pure: no MPI here.
 
-The job (session.open_session) and `--dry-run` both derive the plan, the context length,
+The job (job.open_job) and `--dry-run` both derive the plan, the context length,
 the load buffer and the memory check from these functions, so a dry run tells exactly what
 a launch would do.
 """
@@ -22,12 +22,14 @@ DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length unless --max-seq-len says otherwis
 @dataclass(frozen=True)
 class Launch:
     plan: Plan
-    max_seq_len: int  # KV cache length in tokens
+    max_seq_len: int  # KV cache length in tokens, per slot
+    n_slots: int  # sequences the KV cache holds at once
     load_buffer: int  # bytes rank 0 holds at once while scattering an unsplit file (0 for shards)
     notes: tuple[str, ...]  # what rank 0 tells the user before loading
 
 
-def plan_launch(spec: ModelSpec, shard, model_path, budgets: Budgets, max_seq_len: int | None) -> Launch:
+def plan_launch(spec: ModelSpec, shard, model_path, budgets: Budgets, max_seq_len: int | None,
+                n_slots: int = 1) -> Launch:
     """The plan and context of a launch over len(budgets.ratios) ranks. `shard` is the model
     file's (rank, count, budgets, plan_hash), or None for a whole model file. UsageError
     when shards can't serve this launch."""
@@ -44,7 +46,7 @@ def plan_launch(spec: ModelSpec, shard, model_path, budgets: Budgets, max_seq_le
     elif max_seq_len > spec.seq_len:
         notes.append(f"--max-seq-len {max_seq_len} is beyond the {spec.seq_len} tokens the model was trained for; "
                      "what it writes past that length is undefined")
-    return Launch(plan, max_seq_len, 0 if shard is not None else largest_tensor_bytes(spec), tuple(notes))
+    return Launch(plan, max_seq_len, n_slots, 0 if shard is not None else largest_tensor_bytes(spec), tuple(notes))
 
 
 def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
@@ -60,6 +62,7 @@ def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
 
 def check_fit(launch: Launch, budgets: Budgets, hosts: list[str], available: list[int | None]) -> None:
     """UsageError naming every rank and node whose need exceeds its cap or memory."""
-    problems = fit_problems(launch.plan, budgets, launch.max_seq_len, launch.load_buffer, hosts, available)
+    problems = fit_problems(launch.plan, budgets, launch.max_seq_len, launch.load_buffer, hosts, available,
+                            launch.n_slots)
     if problems:
         raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))

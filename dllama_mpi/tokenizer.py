@@ -34,7 +34,8 @@ converted-model file format)::
 Other tokenizer kinds live in the same module and share the duck interface
 ``encode(text, bos=True, eos=False)``, ``decode(prev, tok) -> bytes``,
 ``stream()``, ``bos_id``, ``eos_id``, ``eos_ids``, ``vocab_size``,
-``chat_template`` and ``write_hdf5(group)``:
+``chat_template``, ``write_hdf5(group)`` and, for chat prompts,
+``token_text(id)``, ``split_special(text)`` and ``encode(..., special=False)``:
 
 * :class:`SpmTokenizer` -- sentencepiece vocabularies from GGUF
   (``tokenizer.ggml.model == "llama"``), encoded like llama.cpp's
@@ -54,6 +55,7 @@ Other tokenizer kinds live in the same module and share the duck interface
 from __future__ import annotations
 
 import codecs
+import copy
 import functools
 import heapq
 import itertools
@@ -248,7 +250,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------ encode/decode
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = False) -> list[int]:
+        """``special`` is accepted for the shared interface: a llama2.c vocabulary has no
+        special-token texts."""
         if self.add_dummy_prefix and text:
             text = " " + text
         ids: list[int] = []
@@ -265,6 +269,16 @@ class Tokenizer:
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """A token as the vocabulary spells it (what a chat template's ``bos_token`` is)."""
+        return self.pieces[token_id].decode("utf-8", "replace")
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """``text`` cut at the special tokens that ``encode(..., special=True)`` would read in it:
+        ``(matched text, id)`` for each, ``(text, None)`` for the text between (no empty pieces).
+        A llama2.c vocabulary has none."""
+        return [(text, None)] if text else []
 
     def _merge(self, ids: list[int]) -> list[int]:
         """run.c's merge loop in O(n log n): repeatedly merge the adjacent pair with the highest score,
@@ -454,6 +468,21 @@ def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _split_at(text: str, spans: Iterable[tuple[int, int, int]]) -> list[tuple[str, int | None]]:
+    """``text`` cut at the ``(start, end, token id)`` spans (in order, disjoint): ``(span text, id)``
+    for each, ``(text, None)`` between them, no empty pieces."""
+    out: list[tuple[str, int | None]] = []
+    pos = 0
+    for start, end, token_id in spans:
+        if start > pos:
+            out.append((text[pos:start], None))
+        out.append((text[start:end], token_id))
+        pos = end
+    if pos < len(text):
+        out.append((text[pos:], None))
+    return out
+
+
 def _eog_ids(texts: Sequence[str], types: Sequence[int] | None, first: Iterable[int | None]) -> tuple[int, ...]:
     """``first`` (eos, eot, ...) then every control/user-defined token whose text ends a turn."""
     extra = []
@@ -591,6 +620,13 @@ class SpmTokenizer(Tokenizer):
 
     def _validate(self) -> None:  # the llama2.c id layout does not apply
         pass
+
+    def token_text(self, token_id: int) -> str:
+        return self.texts[token_id]
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        matches = self._split_special.finditer(text) if self._split_special is not None else ()
+        return _split_at(text, ((m.start(), m.end(), self._text_to_id[m.group()]) for m in matches))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -929,14 +965,58 @@ class HFTokenizer:
         library encodes 100 KB in well under a second anyway."""
         return 0
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """HF ``encode(text, add_special_tokens=False)``; ``bos=True`` adds BOS when the model asks for it."""
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
+        """HF ``encode(text, add_special_tokens=False)``; ``bos=True`` adds BOS when the model asks for it.
+        ``special=False`` reads special-token text as plain text (HF ``split_special_tokens=True``)."""
+        tokenizer = self.tokenizer if special else self._plain_tokenizer
+        ids = list(tokenizer.encode(text, add_special_tokens=False).ids)
         if bos and self.add_bos:
             ids.insert(0, self.bos_id)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    @functools.cached_property
+    def _plain_tokenizer(self):
+        """A copy that reads special-token text as plain text: the library's switch is a property
+        of the tokenizer, and flipping it on the shared one would race with other encodes."""
+        plain = copy.deepcopy(self.tokenizer)
+        plain.encode_special_tokens = True
+        return plain
+
+    @functools.cached_property
+    def _specials(self) -> tuple[re.Pattern[str] | None, dict]:
+        """The library's special added tokens: a regex of their texts (longest first, as its
+        leftmost-longest matcher; kept free of groups, which would make `re` try every one of a
+        few hundred alternatives at every character) and {text: (id, AddedToken)}."""
+        added = {t.content: (i, t) for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        return SpmTokenizer._splitter(list(added)), added
+
+    def _special_spans(self, text: str) -> Iterator[tuple[int, int, int]]:
+        """(start, end, id) of the special tokens in ``text``, an ``lstrip``/``rstrip`` token's span
+        taking the whitespace beside it, as the library does."""
+        pattern, added = self._specials
+        pos = 0
+        for m in pattern.finditer(text) if pattern is not None else ():
+            start, end = m.span()
+            if start < pos:
+                continue  # in whitespace an rstrip token took
+            token_id, token = added[m.group()]
+            while token.lstrip and start > pos and text[start - 1].isspace():
+                start -= 1
+            while token.rstrip and end < len(text) and text[end].isspace():
+                end += 1
+            pos = end
+            yield start, end, token_id
+
+    def token_text(self, token_id: int) -> str:
+        """A token as the vocabulary spells it (what a chat template's ``bos_token`` is)."""
+        return self.tokenizer.id_to_token(token_id)
+
+    def split_special(self, text: str) -> list[tuple[str, int | None]]:
+        """``text`` cut at the special tokens that ``encode(..., special=True)`` reads in it (added tokens
+        marked special): ``(matched text, id)`` for each, ``(text, None)`` between them."""
+        return _split_at(text, self._special_spans(text))
 
     def _build_decode_tables(self) -> None:
         spec = json.loads(self.tokenizer.to_str())

@@ -17,8 +17,8 @@ import numpy as np
 
 from dllama_mpi.cli import run_guarded
 from dllama_mpi.comm import Comm
-from dllama_mpi.sampler import Sampler
-from dllama_mpi.session import generate, open_session
+from dllama_mpi.job import open_job
+from dllama_mpi.scheduler import generate
 from dllama_mpi.threads import set_threads
 
 
@@ -35,20 +35,18 @@ def main() -> int:
     set_threads(1)
 
     def job():
-        session = open_session(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
-                               max_seq_len=len(args.tokens) + args.steps + 1)
+        job = open_job(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
+                       max_seq_len=len(args.tokens) + args.steps + 1)
         rows = []
         for pos, t in enumerate(args.tokens):
-            out = session.engine.forward(t, pos)
+            out = job.engine.forward(t, pos)
             rows.append(None if out is None else out.copy())  # the engine reuses its logits buffer
         logits = np.stack(rows) if comm.rank == 0 else None
         greedy = []
         if args.steps:
-            session = open_session(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
-                                   max_seq_len=len(args.tokens) + args.steps + 1)
-            session.prompt_tokens = list(args.tokens)
-            sampler = Sampler(session.plan.spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
-            greedy = generate(session, args.steps, sampler, stop_ids=())["generated"]
+            job = open_job(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
+                           max_seq_len=len(args.tokens) + args.steps + 1)
+            greedy = generate(job, list(args.tokens) if comm.rank == 0 else None, args.steps, stop_ids=())["generated"]
         if comm.rank == 0:
             np.savez(args.out, logits=logits, greedy=np.array(greedy, dtype=np.int64))
         return 0

@@ -165,13 +165,13 @@ def test_what_is_adjusted_or_doubtful_is_said(stories_models):
 def test_a_long_wait_says_what_it_is_for(capsys):
     import time
 
-    from dllama_mpi.session import _said_if_slow
+    from dllama_mpi.job import SaidIfSlow
 
-    with _said_if_slow("compiling kernels (once; cached in X)", after_s=0.2):
+    with SaidIfSlow("compiling kernels (once; cached in X)", after_s=0.2):
         time.sleep(0.5)
-    with _said_if_slow("never said", after_s=5):
+    with SaidIfSlow("never said", after_s=5):
         pass
-    with _said_if_slow("not this rank's to say", speaks=False, after_s=0.1):
+    with SaidIfSlow("not this rank's to say", speaks=False, after_s=0.1):
         time.sleep(0.3)
     err = capsys.readouterr().err
     assert err.startswith("compiling kernels (once; cached in X) ...\ndone in ") and "never said" not in err

@@ -217,8 +217,8 @@ def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
     """Engine logits of a converted .m equal a dense numpy forward pass over the blocks the
     distributed-llama writer produced (independent of our reader)."""
     from dllama_mpi.comm import Comm
+    from dllama_mpi.job import open_job
     from dllama_mpi.reference import DenseModel
-    from dllama_mpi.session import open_session
 
     w, out = _converted_q40(tmp_path, tokenizer_file, 6)
     expected_tensors = {}
@@ -230,8 +230,8 @@ def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
             expected_tensors[name] = quant.quantize_q40(array)
         else:
             expected_tensors[name] = array
-    session = open_session(Comm(), out, (1,), buffer_type="f32", max_seq_len=16)
-    dense = DenseModel(session.plan.spec, expected_tensors, "f32")
+    job = open_job(Comm(), out, (1,), buffer_type="f32", max_seq_len=16)
+    dense = DenseModel(job.plan.spec, expected_tensors, "f32")
     for pos, token in enumerate([1, 260, 7, 299, 42]):
-        got, expected = session.engine.forward(token, pos), dense.forward(token, pos)
+        got, expected = job.engine.forward(token, pos), dense.forward(token, pos)
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), pos

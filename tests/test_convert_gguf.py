@@ -299,7 +299,7 @@ def write_hf_dir(directory, arch: str, hf: dict) -> None:
 def test_gguf_and_hf_paths_give_the_same_logits(tmp_path, arch):
     from dllama_mpi.comm import Comm
     from dllama_mpi.convert import convert
-    from dllama_mpi.session import open_session
+    from dllama_mpi.job import open_job
 
     rng = np.random.default_rng(11)
     hf = {k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
@@ -309,8 +309,8 @@ def test_gguf_and_hf_paths_give_the_same_logits(tmp_path, arch):
     logits = {}
     for name, src in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
         convert(src, tmp_path / f"{name}.h5", None, "f32")
-        session = open_session(Comm(), tmp_path / f"{name}.h5", (1,), prompt="a", buffer_type="f32", max_seq_len=8)
-        logits[name] = np.stack([session.engine.forward(t, pos).copy() for pos, t in enumerate([1, 5, 260, 77])])
+        job = open_job(Comm(), tmp_path / f"{name}.h5", (1,), buffer_type="f32", max_seq_len=8)
+        logits[name] = np.stack([job.engine.forward(t, pos).copy() for pos, t in enumerate([1, 5, 260, 77])])
     assert np.abs(logits["hf"]).max() > 0.1
     np.testing.assert_array_equal(logits["gguf"], logits["hf"])
 

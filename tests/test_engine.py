@@ -9,9 +9,9 @@ import pytest
 from conftest import read_dense, write_random_model
 
 from dllama_mpi.comm import Comm
+from dllama_mpi.job import open_job
 from dllama_mpi.reference import DenseModel
-from dllama_mpi.sampler import Sampler
-from dllama_mpi.session import generate, open_session
+from dllama_mpi.scheduler import generate
 from dllama_mpi.spec import ModelSpec
 
 # head_dim 64 with q_dim (4 * 64) != dim (160): dims that are multiples of 32 but not of 64
@@ -43,8 +43,8 @@ def variant_models(tmp_path_factory):
 
 
 def _engine_logits(path, buffer_type, tokens):
-    session = open_session(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
-    return [session.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)]
+    job = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
+    return [job.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)]
 
 
 def _check_against_dense(path, buffer_type):
@@ -78,15 +78,15 @@ def test_architecture_features_match_the_dense_reference(variant_models, variant
 def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):
     spec, tensors = read_dense(stories_models["f32"])
     dense = DenseModel(spec, tensors, "f32")
-    session = open_session(Comm(), stories_models["f32"], (1,), buffer_type="f32", max_seq_len=256)
-    result = generate(session, 200, Sampler(spec.vocab_size, 0.0, 0.9, 0), stop_ids=())
+    job = open_job(Comm(), stories_models["f32"], (1,), buffer_type="f32", max_seq_len=256)
+    result = generate(job, [1], 200, stop_ids=())
     ids = [1] + result["generated"]
     for pos in range(200):
         logits = dense.forward(ids[pos], pos)
         top2 = np.sort(logits)[-2:]
         if top2[1] - top2[0] > 1e-3:  # a clear winner: the engine must pick it
             assert ids[pos + 1] == int(np.argmax(logits)), f"position {pos}"
-    text = b"".join(session.tokenizer.decode(a, b) for a, b in zip(ids, ids[1:])).decode()
+    text = b"".join(job.tokenizer.decode(a, b) for a, b in zip(ids, ids[1:])).decode()
     assert text.startswith("Once upon a time")
     words = text.lower().replace(".", " ").replace(",", " ").split()
     common = {"the", "a", "and", "to", "was", "she", "he", "her", "his", "they", "it", "in", "with", "said",
@@ -97,8 +97,8 @@ def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):
 
 
 def test_forward_allocates_no_array_memory(random_models):
-    session = open_session(Comm(), random_models["q40"], (1,), buffer_type="q80", max_seq_len=32)
-    engine = session.engine
+    job = open_job(Comm(), random_models["q40"], (1,), buffer_type="q80", max_seq_len=32)
+    engine = job.engine
     engine.forward(1, 0)
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
@@ -113,21 +113,21 @@ def test_forward_allocates_no_array_memory(random_models):
 
 
 def test_kv_cache_is_sized_by_max_seq_len(random_models):
-    session = open_session(Comm(), random_models["f32"], (1,), max_seq_len=20)
-    assert session.engine.k_cache.shape == (2, 20, 2, 64)
-    assert session.engine.kv_cache_bytes == 2 * 4 * 2 * 20 * 2 * 64
+    job = open_job(Comm(), random_models["f32"], (1,), max_seq_len=20, n_slots=3)
+    assert job.engine.k_cache.shape == (2, 3, 20, 2, 64)  # (layers, slots, positions, KV heads, head_dim)
+    assert job.engine.kv_cache_bytes == 2 * 4 * 2 * 3 * 20 * 2 * 64
 
 
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
 def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
     """A block of tokens through forward_block gives the last token's logits bit for bit as
     feeding the tokens one at a time (and fills the same KV cache)."""
-    one = open_session(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
-    block = open_session(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
+    one = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
+    block = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
     for pos, t in enumerate(TOKENS):
         expected = one.engine.forward(t, pos)
     got = block.engine.forward_block(np.array(TOKENS[:5]), 0, logits=False)
     got = block.engine.forward_block(np.array(TOKENS[5:]), 5)
     assert got is not None and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     n = len(TOKENS)
-    assert np.array_equal(block.engine.k_cache[:, :n], one.engine.k_cache[:, :n])
+    assert np.array_equal(block.engine.k_cache[:, :, :n], one.engine.k_cache[:, :, :n])

@@ -636,11 +636,21 @@ def _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok, extra=4):
     return q, k, v
 
 
-def _run_attention(q, k, v, kv_of_head, pos0):
-    """q (T, n_heads, head_dim) -> out (T, n_heads, head_dim)."""
-    scores = np.full((q.shape[1], k.shape[0] + 3), np.nan, np.float32)  # wider than any n_pos
+def _run_attention(q, k, v, kv_of_head, pos0, slots=None, positions=None, serial=False):
+    """q (T, n_heads, head_dim) -> out (T, n_heads, head_dim). k, v: one sequence's cache
+    (max_seq, n_kv, head_dim) at positions pos0...; or, with `slots` and `positions`, caches of
+    several sequences (n_slots, max_seq, n_kv, head_dim) and each row's own slot and position."""
+    if slots is None:
+        k, v = k[None], v[None]
+        slots, positions = np.zeros(q.shape[0], np.int64), pos0 + np.arange(q.shape[0])
+    scores = np.full((q.shape[1], k.shape[1] + 3), np.nan, np.float32)  # wider than any n_pos
     out = np.full(q.shape, np.nan, np.float32)
-    kernels.attention(q, k, v, np.asarray(kv_of_head, np.int64), pos0, scores, out)
+    args = (q, k, v, np.asarray(kv_of_head, np.int64), np.asarray(slots, np.int64), np.asarray(positions, np.int64),
+            scores, out)
+    if serial:
+        kernels.attention_heads(0, q.shape[1], *args)
+    else:
+        kernels.attention(*args)
     return out
 
 
@@ -673,6 +683,32 @@ def test_attention_block_bit_identical_to_tokens_alone(pos0, n_tok):
     block = _run_attention(q, k, v, kv_of_head, pos0)
     for t in range(n_tok):
         _assert_bits(block[t], _run_attention(q[t : t + 1], k, v, kv_of_head, pos0 + t)[0])
+
+
+def test_attention_rows_of_several_sequences_each_equal_their_own_alone():
+    # one step holding rows of 3 sequences (slots 2, 0, 2, 1 at their own positions) gives each
+    # row exactly what its sequence gets alone, on the parallel and the serial path
+    rng = np.random.default_rng(43)
+    n_slots, max_seq, kv_of_head = 3, 20, [0, 1, 0, 1, 1, 0]
+    k = (rng.standard_normal((n_slots, max_seq, 2, 10)) * 1.5).astype(np.float32)
+    v = rng.standard_normal((n_slots, max_seq, 2, 10)).astype(np.float32)
+    q = (rng.standard_normal((4, 6, 10)) * 1.5).astype(np.float32)
+    slots, positions = [2, 0, 2, 1], [5, 13, 6, 0]
+    for serial in (False, True):
+        got = _run_attention(q, k, v, kv_of_head, None, slots, positions, serial)
+        for t, (s, p) in enumerate(zip(slots, positions)):
+            _assert_bits(got[t], _run_attention(q[t : t + 1], k[s], v[s], kv_of_head, p)[0])
+
+
+def test_store_kv_puts_each_row_in_its_slot_at_its_position():
+    rng = np.random.default_rng(44)
+    k_cache, v_cache = np.zeros((3, 8, 2, 4), np.float32), np.zeros((3, 8, 2, 4), np.float32)
+    k, v = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    slots, positions = np.array([1, 2, 1]), np.array([0, 7, 3])
+    kernels.store_kv(k, v, slots, positions, k_cache, v_cache)
+    for t, (s, p) in enumerate(zip(slots, positions)):
+        assert np.array_equal(k_cache[s, p].reshape(-1), k[t]) and np.array_equal(v_cache[s, p].reshape(-1), v[t])
+    assert np.count_nonzero(k_cache) == np.count_nonzero(k)
 
 
 def test_attention_is_causal_within_the_block():
@@ -899,7 +935,4 @@ def test_serial_attention_bit_identical_to_parallel(restore_threads):
     q, k, v = _attention_case(rng, 6, 2, 64, 9, 3)
     kv_of_head = np.array([0, 0, 0, 1, 1, 1], np.int64)
     threads.set_threads(2)
-    parallel = _run_attention(q, k, v, kv_of_head, 9)
-    serial = np.full(q.shape, np.nan, np.float32)
-    kernels.attention_heads(0, 6, q, k, v, kv_of_head, 9, np.zeros((6, k.shape[0]), np.float32), serial)
-    _assert_bits(serial, parallel)
+    _assert_bits(_run_attention(q, k, v, kv_of_head, 9, serial=True), _run_attention(q, k, v, kv_of_head, 9))

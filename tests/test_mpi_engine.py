@@ -16,8 +16,8 @@ import pytest
 from conftest import STORIES, convert_stories, write_random_model
 
 from dllama_mpi.comm import Comm, self_comm
-from dllama_mpi.sampler import Sampler
-from dllama_mpi.session import generate, open_session
+from dllama_mpi.job import open_job
+from dllama_mpi.scheduler import generate
 from dllama_mpi.spec import ModelSpec
 from dllama_mpi.threads import PARALLEL_MIN_WORK, set_threads
 
@@ -69,9 +69,8 @@ def budgets_for(comm):
 
 
 def greedy_ids(comm, path, budgets, buffer_type, steps=200):
-    session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=256)
-    sampler = Sampler(session.plan.spec.vocab_size, 0.0, 1.0, 0) if comm.rank == 0 else None
-    return generate(session, steps, sampler, stop_ids=())["generated"]
+    job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=256)
+    return generate(job, [1] if comm.rank == 0 else None, steps, stop_ids=())["generated"]
 
 
 @pytest.mark.parametrize("weights", ["f32", "q40"])
@@ -90,8 +89,8 @@ def test_stories260k_greedy_ids_identical_for_every_split(comm, shared_dir, weig
 
 
 def _logits(comm, path, budgets, buffer_type):
-    session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
-    return [None if (out := session.engine.forward(t, pos)) is None else out.copy() for pos, t in enumerate(TOKENS)]
+    job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+    return [None if (out := job.engine.forward(t, pos)) is None else out.copy() for pos, t in enumerate(TOKENS)]
 
 
 def _same_bits(a, b) -> bool:
@@ -124,14 +123,14 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
 def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_type):
     path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-traffic.h5", RANDOM_SPEC))
     for budgets in budgets_for(comm):
-        session = open_session(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
-        plan, spec = session.plan, session.plan.spec
+        job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+        plan, spec = job.plan, job.plan.spec
         traffic = plan.traffic(buffer_type)
         vocab_rows = plan.ranks[comm.rank].vocab_rows
         embedding_share = 4 * spec.dim * (vocab_rows[1] - vocab_rows[0]) / spec.vocab_size
         for pos, token in enumerate(TOKENS[:4]):
             before = comm.bytes_sent
-            session.engine.forward(token, pos)
+            job.engine.forward(token, pos)
             owns_row = plan.owner_of_vocab_row(token) == comm.rank
             expected = traffic.payload[comm.rank] - embedding_share + (4 * spec.dim if owns_row else 0)
             agree(comm, abs(comm.bytes_sent - before - expected) < 1e-6,

@@ -186,10 +186,10 @@ def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
     from conftest import write_random_model
 
     from dllama_mpi.comm import Comm
-    from dllama_mpi.session import open_session
+    from dllama_mpi.job import open_job
 
     spec = ModelSpec(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32, vocab_size=320,
                      seq_len=16, weight_type="q40", qkv_bias=True, qk_norm=True, shared_classifier=False)
     path = write_random_model(tmp_path / "m.h5", spec)
-    session = open_session(Comm(), path, (1,), max_seq_len=8)
-    assert session.weights.nbytes == session.plan.weight_bytes(0)
+    job = open_job(Comm(), path, (1,), max_seq_len=8)
+    assert job.weights.nbytes == job.plan.weight_bytes(0)

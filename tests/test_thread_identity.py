@@ -99,19 +99,19 @@ def _child(directory: Path, n_threads: int) -> None:
     each decode token, on one rank; saved with the count of kernels compiled here."""
     from dllama_mpi import threads
     from dllama_mpi.comm import Comm
-    from dllama_mpi.session import open_session
+    from dllama_mpi.job import open_job
 
     assert threads.set_threads(n_threads) == n_threads  # before any engine: it sizes its pool then
     comm, found = Comm(), {}
     for weights, buffer_type in CASES:
-        session = open_session(comm, directory / f"{weights}.h5", (1,), buffer_type=buffer_type,
+        job = open_job(comm, directory / f"{weights}.h5", (1,), buffer_type=buffer_type,
                                max_seq_len=len(PROMPT) + len(DECODE))
-        engine = session.engine
+        engine = job.engine
         rows = [engine.forward_block(np.array(PROMPT, np.int64), 0).copy()]  # the logits buffer is reused
         for i, t in enumerate(DECODE):
             rows.append(engine.forward(t, len(PROMPT) + i).copy())
         found[f"{weights}-{buffer_type}"] = np.stack(rows)
-        del session, engine
+        del job, engine
         gc.collect()  # the f32 model's weights are 430 MB: one copy at a time
     np.savez(directory / f"logits-{n_threads}.npz", compiled_here=_compiled_here(), **found)
 

@@ -1,0 +1,69 @@
+"""A generation request and what comes back from it: the contract between the clients (the
+HTTP server's thread, the interactive chat, the one-shot CLI) and the scheduler, which runs
+on rank 0's main thread and alone drives the engine.
+
+A client builds a GenRequest from token ids (tokenizing and templating are the client's
+work), submits it, and receives events through `emit`, called on the scheduler's thread:
+zero or more Piece, then exactly one Finished or Failed. `emit` must be quick and must not
+raise (the HTTP side hands events to its event loop with call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # this request's own generator; None: from the clock
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]  # BOS included when the model wants one; 1 <= len <= the context
+    max_tokens: int | None  # new tokens at most; None: up to the end of the context
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()  # stop strings: never sent, not even a prefix of one
+    stop_ids: tuple[int, ...] | None = None  # end-of-generation tokens; None: the model's
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    emit: Callable[[object], None] = print  # gets Piece..., then Finished or Failed
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client: stop at the next step
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One sampled token. `text` is what may be shown now: complete UTF-8, with any text that
+    could still become a stop string held back (it may be empty; it may also carry text held
+    back from earlier tokens)."""
+
+    token: int
+    text: str
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (a stop token or string) or "length" (max_tokens, or the end of the context)
+    text: str  # the rest of the held-back text, sent before finishing ("" after a stop string)
+    prompt_tokens: int
+    cached_tokens: int  # of the prompt, taken from a slot's KV cache rather than computed
+    completion_tokens: int
+    first_token_s: float  # from submission to the first sampled token
+    decode_s: float  # from the first sampled token to the last
+    stop_token: int | None = None  # the end-of-generation token that ended it (sampled, counted, never shown)
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # the server is shutting down, or the request was cancelled

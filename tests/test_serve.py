@@ -1,0 +1,402 @@
+"""`python -m dllama_mpi serve` under mpiexec, driven by the official `openai` client with
+strict response validation: stories260K completions (-n 2 and -n 3), chat on a tiny random
+Llama-3-shaped model carrying Llama 3.1's real template, concurrency, KV reuse,
+cancellation, bad requests, shutdown and rank death."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from conftest import (
+    REPO,
+    SHARED_MODELS,
+    assert_no_survivors,
+    convert_stories,
+    need_stories,
+    processes_marked,
+    run_mpiexec,
+    start_mpiexec,
+)
+
+LLAMA3_TEMPLATE = REPO / "tests" / "data" / "chat_templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+BPE_VOCAB = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-bpe.gguf"
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went", "One day, a bird", "The sun was",
+           "Tim had a red ball", "Mom said", "There was a big tree"]
+
+
+class Server:
+    """A `serve` job under mpiexec; its URL once it says it is serving."""
+
+    def __init__(self, n: int, model: Path, *extra: str, env: dict | None = None):
+        self.proc, self.mark = start_mpiexec(n, [sys.executable, "-m", "dllama_mpi", "serve", "--model", str(model),
+                                                 "--port", "0", *extra], env)
+        self.stderr: list[str] = []
+        self.url = None
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.stderr.append(line)
+                if m := re.search(r"serving \S+ at (http://\S+)/v1", line):
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(120) or self.url is None:
+            self.kill()
+            pytest.fail("the server did not start:\n" + "".join(self.stderr))
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=60,
+                             _strict_response_validation=True, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {s.name + json.dumps(s.labels, sort_keys=True) * bool(s.labels): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def pids(self) -> dict[str, int]:
+        """{PMI_RANK: pid} of the job's ranks."""
+        return {rank: pid for pid, rank in processes_marked(self.mark).items() if rank != "-"}
+
+    def stop(self, timeout: float = 20) -> int:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the server did not stop within {timeout} s of SIGTERM:\n" + "".join(self.stderr))
+        assert_no_survivors(self.mark, "the server")
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory) -> Path:
+    need_stories()
+    return convert_stories(tmp_path_factory.mktemp("serve"), "q40")
+
+
+@pytest.fixture(scope="module")
+def llama3_chat(tmp_path_factory) -> Path:
+    """A tiny random model with the real Llama 3 vocabulary and Llama 3.1's chat template."""
+    if not BPE_VOCAB.exists():
+        pytest.skip(f"{BPE_VOCAB} not found")
+    import gguf
+
+    from dllama_mpi.modelfile import write_model
+    from dllama_mpi.spec import ModelSpec
+    from dllama_mpi.synthetic import synthetic_tensors
+    from dllama_mpi.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer.from_gguf(gguf.GGUFReader(str(BPE_VOCAB)))
+    tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
+    spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
+    path = tmp_path_factory.mktemp("serve") / "tiny-llama3-chat.h5"
+    write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def stories_server(request, stories):
+    server = Server(request.param, stories, "--slots", "3")
+    yield server
+    assert server.stop() == 0, "".join(server.stderr)
+
+
+@pytest.fixture(scope="module")
+def chat_server(llama3_chat):
+    server = Server(2, llama3_chat, "--slots", "2", "--memory-budget", "2", "1")
+    yield server
+    assert server.stop() == 0, "".join(server.stderr)
+
+
+def cli_text(model: Path, prompt: str, steps: int) -> str:
+    result = run_mpiexec(1, [sys.executable, "-m", "dllama_mpi", "--model", str(model), "--prompt", prompt,
+                             "--steps", str(steps)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt)
+    return result.stdout[len(prompt):].removesuffix("\n")
+
+
+def model_tokenizer(model: Path):
+    from dllama_mpi.modelfile import ModelFile
+
+    file = ModelFile(model)
+    try:
+        return file.tokenizer()
+    finally:
+        file.close()
+
+
+def complete(client, prompt, max_tokens=24, **kw):
+    return client.completions.create(model="stories260K-q40", prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
+
+
+def stream_text(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    return "".join(c.choices[0].text for c in chunks if c.choices), chunks
+
+
+# --------------------------------------------------------------------- completions
+
+
+def test_completion_equals_the_cli_and_streams_the_same(stories_server, stories):
+    client = stories_server.client()
+    got = complete(client, PROMPTS[0], 40)
+    assert got.choices[0].text == cli_text(stories, PROMPTS[0], 40)
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == 40 and got.usage.prompt_tokens == len(model_tokenizer(stories).encode(PROMPTS[0]))
+    streamed, chunks = stream_text(complete(client, PROMPTS[0], 40, stream=True))
+    assert streamed == got.choices[0].text
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_models_lists_the_model(stories_server):
+    models = stories_server.client().models.list()
+    assert [m.id for m in models.data] == ["stories260K-q40"]
+
+
+def test_stop_string_across_tokens_never_leaks(stories_server):
+    client = stories_server.client()
+    full = complete(client, PROMPTS[0], 40).choices[0].text
+    stop = "little g"  # " little" and " girl" are separate tokens: the stop string spans both
+    assert stop in full, full
+    expected = full[: full.index(stop)]
+    got = complete(client, PROMPTS[0], 40, stop=[stop, "never there"])
+    assert got.choices[0].text == expected and got.choices[0].finish_reason == "stop"
+    streamed, chunks = stream_text(complete(client, PROMPTS[0], 40, stop=stop, stream=True))
+    assert streamed == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_seed_reproduces_its_own_request_only(stories_server):
+    client = stories_server.client()
+
+    def sampled(seed):
+        return client.completions.create(model="stories260K-q40", prompt=PROMPTS[1], max_tokens=30, temperature=1.0,
+                                         seed=seed).choices[0].text
+
+    first = sampled(7)
+    sampled(None)  # an unseeded request in between changes nothing
+    assert sampled(7) == first
+    assert {sampled(s) for s in (8, 9, 10)} != {first}
+
+
+def test_concurrent_clients_each_get_their_solo_text(stories_server):
+    client = stories_server.client()
+    solo = [complete(client, p, 32).choices[0].text for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:  # 8 clients over 3 slots: some wait in the queue
+        together = list(pool.map(lambda p: complete(client, p, 32).choices[0].text, PROMPTS))
+    assert together == solo
+    m = stories_server.metrics()
+    assert m["dllama_busy_slots"] == 0 and m["dllama_queue_length"] == 0
+
+
+def test_a_disconnected_stream_frees_its_slot(stories_server):
+    client = stories_server.client()
+    expected = complete(client, PROMPTS[2], 16).choices[0].text
+    with httpx.stream("POST", stories_server.url + "/v1/completions", timeout=30,
+                      json={"model": "stories260K-q40", "prompt": PROMPTS[3], "max_tokens": 400, "temperature": 0,
+                            "stream": True}) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while stories_server.metrics()["dllama_busy_slots"] != 0:
+        assert time.monotonic() < deadline, "the slot of a disconnected stream is still busy"
+        time.sleep(0.05)
+    assert complete(client, PROMPTS[2], 16).choices[0].text == expected
+
+
+def test_health_answers_quickly_during_a_long_generation(stories_server):
+    client = stories_server.client()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, client, PROMPTS[4], 400)
+        time.sleep(0.3)
+        worst = 0.0
+        for _ in range(10):
+            t0 = time.perf_counter()
+            assert httpx.get(stories_server.url + "/health", timeout=5).status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+        assert not running.done(), "the generation ended before /health was measured during it"
+        running.result()
+    assert worst < 0.1, f"/health took {worst * 1e3:.0f} ms during a generation"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "model": "gpt-4"}, 400, "gpt-4"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "word " * 2000}, 400, "context"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(stories_server, body, status, message):
+    body = {"model": "stories260K-q40", **body}
+    response = httpx.post(stories_server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and set(error) >= {"message", "type", "param", "code"}
+    assert complete(stories_server.client(), "Once", 4).choices[0].text
+
+
+def test_load_leaves_no_slot_or_memory_behind(stories_server):
+    """8 clients, 200 requests in all: no error, the slot table empty afterwards and rank 0's
+    resident memory within a few MiB of where it started."""
+    client = stories_server.client()
+    rank0 = stories_server.pids()["0"]
+
+    def rss_mib():
+        status = Path(f"/proc/{rank0}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+    def one(i):
+        if i % 3 == 0:
+            return stream_text(complete(client, PROMPTS[i % 8], 6 + i % 5, stream=True))[0]
+        return complete(client, PROMPTS[i % 8], 6 + i % 5).choices[0].text
+
+    list(ThreadPoolExecutor(8).map(one, range(40)))  # warm: allocator pools and caches settle
+    before = rss_mib()
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, range(200)))
+    assert all(texts)
+    m = stories_server.metrics()
+    assert m["dllama_busy_slots"] == 0 and m["dllama_queue_length"] == 0
+    grown = rss_mib() - before
+    assert grown < 8, f"rank 0 grew by {grown:.1f} MiB over 200 requests"
+
+
+def test_idle_followers_take_almost_no_cpu(stories_server):
+    followers = [pid for rank, pid in stories_server.pids().items() if rank != "0"]
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(pid):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    time.sleep(0.5)
+    before, t0 = [cpu_s(p) for p in followers], time.monotonic()
+    time.sleep(3)
+    used = [(cpu_s(p) - b) / (time.monotonic() - t0) for p, b in zip(followers, before)]
+    assert max(used) < 0.05, f"idle followers use {used} of a core"
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_chat_streams_the_same_text_and_reuses_the_conversation(chat_server, llama3_chat):
+    client = chat_server.client()
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there!"}]
+    first = client.chat.completions.create(model="tiny-llama3-chat", messages=messages, max_tokens=12, temperature=0)
+    answer = first.choices[0].message.content
+    assert first.choices[0].message.role == "assistant" and answer
+    chunks = list(client.chat.completions.create(model="tiny-llama3-chat", messages=messages, max_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # the second turn prefills only what is new, and writes what a cold run writes
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny-llama3-chat", messages=messages, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens, (cached, first.usage.prompt_tokens)
+    assert second.choices[0].message.content == cold_chat_answer(llama3_chat, messages, 12)
+
+
+def cold_chat_answer(model: Path, messages, max_tokens) -> str:
+    """The greedy answer of a fresh one-rank job (no cache to reuse), in this process."""
+    from dllama_mpi import chat
+    from dllama_mpi.comm import self_comm
+    from dllama_mpi.job import open_job
+    from dllama_mpi.scheduler import generate
+
+    job = open_job(self_comm(), model, (1,), max_seq_len=256)
+    return generate(job, chat.prompt_ids(job.tokenizer, messages), max_tokens)["text"]
+
+
+def test_special_token_text_typed_by_a_user_stays_text(chat_server, llama3_chat):
+    from dllama_mpi import chat
+
+    messages = [{"role": "user", "content": "a <|eot_id|> b"}]
+    got = chat_server.client().chat.completions.create(model="tiny-llama3-chat", max_tokens=1, temperature=0,
+                                                       messages=messages)
+    ids = chat.prompt_ids(model_tokenizer(llama3_chat), messages)
+    assert got.usage.prompt_tokens == len(ids)
+    assert ids.count(128009) == 1 and ids.count(128000) == 1  # the template's own <|eot_id|> and BOS only
+
+
+def test_a_model_without_a_template_refuses_chat(stories_server):
+    with pytest.raises(openai.BadRequestError) as refused:
+        stories_server.client().chat.completions.create(model="stories260K-q40", max_tokens=4,
+                                                        messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in str(refused.value)
+
+
+# ------------------------------------------------------------------ safety and ends
+
+
+def test_api_key_is_required_when_set(stories):
+    server = Server(2, stories, "--api-key", "sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            complete(server.client(api_key="wrong"), "Once", 4)
+        assert complete(server.client(api_key="sesame"), "Once", 4).choices[0].text
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_ends_streams_and_exits_zero(stories):
+    server = Server(2, stories)
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": "stories260K-q40", "prompt": "Once", "max_tokens": 450, "temperature": 0,
+                            "stream": True}) as response:
+        lines = response.iter_lines()
+        next(lines)
+        t0 = time.monotonic()
+        code = server.stop()
+        rest = list(lines)
+    assert code == 0, "".join(server.stderr)
+    assert time.monotonic() - t0 < 10
+    assert rest and rest[-1] in ("data: [DONE]", "") or any("error" in line for line in rest), rest
+
+
+def test_a_dead_rank_ends_the_job_and_closes_connections(stories):
+    server = Server(3, stories)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, server.client(), "Once", 450)
+        time.sleep(0.5)
+        os.kill(server.pids()["2"], signal.SIGKILL)
+        with pytest.raises((openai.APIConnectionError, openai.APIError)):
+            running.result(timeout=30)
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        pytest.fail("the job went on after one of its ranks died")
+    assert_no_survivors(server.mark, "the server after a rank died")
+    assert server.proc.returncode != 0
