@@ -92,7 +92,7 @@ class Scheduler:
         self._waiting: deque[tuple[GenRequest, float]] = deque()
         self._batch = self.engine.new_batch()
         self._rank_times = np.zeros((self.comm.size, 2), np.float64)
-        self._stats_due = 0.0
+        self._stats_due, self._stats_at = 0.0, 0.0
         self._exited = False
 
     # --- any thread -------------------------------------------------------------
@@ -111,11 +111,10 @@ class Scheduler:
             self._take_inbox(wait_s=0 if self.busy else idle_wait_s)
             self._drop_cancelled()
             self._admit()
-            if not self._build_step():
-                continue
-            self.comm.bcast_idle(self._batch.wire)
-            logits = self.engine.step(self._batch)
-            self._after_step(logits)
+            if self._build_step():
+                self.comm.bcast_idle(self._batch.wire)
+                logits = self.engine.step(self._batch)
+                self._after_step(logits)
             self._report_load()
 
     def fail_all(self, message: str) -> None:
@@ -126,8 +125,7 @@ class Scheduler:
         self._waiting.clear()
         for slot in self.slots:
             if slot.seq is not None:
-                slot.seq.req.emit(Failed(message))
-                self._release(slot.seq, keep_tokens=0)
+                self._cancel(slot.seq, message)
         self._report_load()
 
     def exit_followers(self) -> None:
@@ -161,8 +159,7 @@ class Scheduler:
             req.emit(Failed("cancelled"))
         for slot in self.slots:
             if slot.seq is not None and slot.seq.req.cancelled.is_set():
-                slot.seq.req.emit(Failed("cancelled"))
-                self._release(slot.seq)
+                self._cancel(slot.seq, "cancelled")
 
     def _admit(self) -> None:
         while self._waiting:
@@ -256,11 +253,14 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.finished(event)
 
-    def _release(self, seq: Sequence, keep_tokens: int | None = None) -> None:
-        slot = seq.slot
-        if keep_tokens is not None:
-            del slot.tokens[keep_tokens:]
-        slot.seq, slot.last_used = None, time.perf_counter()
+    def _cancel(self, seq: Sequence, message: str) -> None:
+        self._release(seq)
+        seq.req.emit(Failed(message))
+        if self.metrics is not None:
+            self.metrics.cancelled_after(len(seq.generated))
+
+    def _release(self, seq: Sequence) -> None:
+        seq.slot.seq, seq.slot.last_used = None, time.perf_counter()
 
     def _report_load(self) -> None:
         if self.metrics is None:
@@ -268,8 +268,8 @@ class Scheduler:
         busy = sum(s.seq is not None for s in self.slots)
         self.metrics.set_load(len(self._waiting), busy, len(self.slots))
         now = time.perf_counter()
-        if now >= self._stats_due:
-            self._stats_due = now + STATS_EVERY_S
+        if now >= self._stats_due and self.engine.forward_s != self._stats_at:  # only after new steps
+            self._stats_due, self._stats_at = now + STATS_EVERY_S, self.engine.forward_s
             times = self.rank_times()
             self.metrics.set_rank_times(times[:, 0].tolist(), times[:, 1].tolist())
 
