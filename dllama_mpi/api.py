@@ -111,6 +111,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = False  # not OpenAI's (llama.cpp's server and vLLM take it): run on to max_tokens past EOS
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -140,6 +141,10 @@ class _Common(BaseModel):
 
     def stops(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
+
+    def stop_ids(self) -> tuple[int, ...] | None:
+        """No end-of-generation tokens with ignore_eos; else None, the model's."""
+        return () if self.ignore_eos else None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -551,6 +556,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             max_tokens=body.max_completion_tokens or body.max_tokens,
             sampling=body.sampling(),
             stop=body.stops(),
+            stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         return await _answer(request, backend, body, req, _ChatShape(bool(body.logprobs)))
@@ -568,7 +574,12 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")
             ids = checked("prompt", body.prompt)
         req = GenRequest(
-            prompt_ids=ids, max_tokens=body.max_tokens, sampling=body.sampling(), stop=body.stops(), logprobs=body.logprobs
+            prompt_ids=ids,
+            max_tokens=body.max_tokens,
+            sampling=body.sampling(),
+            stop=body.stops(),
+            stop_ids=body.stop_ids(),
+            logprobs=body.logprobs,
         )
         return await _answer(request, backend, body, req, _TextShape(body.logprobs is not None))
 
@@ -616,7 +627,18 @@ class Server:
         """Listen, then serve on a new thread; return once serving. The socket is bound here so that a taken port
         raises OSError to the caller (uvicorn binding it would log the error and end its thread)."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET  # as uvicorn chooses
-        self._socket = socket.create_server((self.host, self._port), family=family)
+        # IPPROTO_TCP named, not 0 as socket.create_server leaves it: asyncio sets TCP_NODELAY
+        # only on connections of a socket whose proto says TCP; without it, Nagle's algorithm
+        # and the client's delayed ACK held every keep-alive response for 40 ms (measured)
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((self.host, self._port))
+            self._socket.listen(2048)
+        except OSError:
+            self._socket.close()
+            self._socket = None
+            raise
         self._thread = threading.Thread(target=self._server.run, args=([self._socket],), name="http-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout

@@ -80,9 +80,6 @@ def serve(comm, args, budgets, announce) -> int:
         return 0
     scheduler = Scheduler(job, backend.metrics)
     job.tokenizer.decode(0, 0)  # builds its decoding table now (seconds for 128k tokens), not in the first request
-    # The HTTP thread needs the GIL many times per request; at the default 5 ms switch
-    # interval, a busy scheduler made /health take 30-80 ms (measured): hand it over sooner.
-    sys.setswitchinterval(0.0005)
     model_id = args.model_name or job.name
     backend.attach(model_id, job, scheduler)
     print(f"serving {model_id} at http://{args.host}:{server.port}/v1 ({args.slots} slots, context "

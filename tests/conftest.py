@@ -52,21 +52,23 @@ def assert_no_survivors(mark: str, what: str) -> None:
     assert not alive, f"{what}: processes still running after it ended: {alive}"
 
 
-def start_mpiexec(n: int, argv: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """`mpiexec -n n argv` started in a session of its own, its processes marked."""
+def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:
+    """`mpiexec -n n argv` started in a session of its own, its processes marked; with
+    `stdin`, rank 0 reads what the test writes to proc.stdin."""
     assert MPIEXEC, "mpiexec not found next to the Python interpreter or on PATH"
     mark = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}
     proc = subprocess.Popen([MPIEXEC, "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if stdin else None,
                             text=True, env=full_env, start_new_session=True)
     return proc, mark
 
 
-def finish(proc: subprocess.Popen, mark: str, timeout: float) -> subprocess.CompletedProcess:
+def finish(proc: subprocess.Popen, mark: str, timeout: float, input: str | None = None) -> subprocess.CompletedProcess:
     """Wait for a job under a hard timeout (on timeout its process group is killed and the
     test fails), then check that none of its processes survived."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
@@ -76,12 +78,13 @@ def finish(proc: subprocess.Popen, mark: str, timeout: float) -> subprocess.Comp
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None,
+                input: str | None = None) -> subprocess.CompletedProcess:
     """Run `mpiexec -n n argv` under a hard timeout; no process of it may outlive it. The
     result has `elapsed` seconds too."""
     start = time.monotonic()
-    proc, mark = start_mpiexec(n, argv, env)
-    result = finish(proc, mark, timeout)
+    proc, mark = start_mpiexec(n, argv, env, stdin=input is not None)
+    result = finish(proc, mark, timeout, input)
     result.elapsed = time.monotonic() - start
     return result
 

@@ -194,6 +194,15 @@ def test_completion_logprobs(client):
     assert lp.text_offset == list(range(9))
 
 
+def test_ignore_eos_drops_the_end_of_generation_tokens(http, backend):
+    http.post("/v1/completions", json={"prompt": [1, 80], "max_tokens": 2, "ignore_eos": True}).raise_for_status()
+    assert backend.requests[-1].stop_ids == ()
+    http.post("/v1/chat/completions", json={"messages": HI, "ignore_eos": True}).raise_for_status()
+    assert backend.requests[-1].stop_ids == ()
+    http.post("/v1/chat/completions", json={"messages": HI}).raise_for_status()
+    assert backend.requests[-1].stop_ids is None  # the model's
+
+
 def test_text_parts_and_template_errors(http):
     parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": parts})

@@ -94,3 +94,14 @@ def test_a_context_beyond_the_trained_length_is_never_suggested():
     room = sum(rank_need(plan, 0, 4096, 0).values()) - 1  # 4095 tokens would fit
     problems = fit_problems(plan, Budgets((1,), None), 10**7, 0, ["a"], [room])
     assert "--max-seq-len 2048, the length the model was trained for" in problems[0]
+
+
+def test_a_server_needs_the_kv_cache_of_every_slot():
+    plan = make_plan(TINYLLAMA, [1])
+    one, four = rank_need(plan, 0, 2048, 0), rank_need(plan, 0, 2048, 0, n_slots=4)
+    assert four["kv"] == 4 * one["kv"] and four["weights"] == one["weights"]
+    room = sum(one.values())  # the node holds one slot's cache, not four
+    assert not fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room])
+    problems = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room], n_slots=4)
+    assert len(problems) == 1 and "KV cache for 4 slots x 2048 tokens" in problems[0]
+    assert "serve fewer sequences at once (--slots)" in problems[0]

@@ -131,3 +131,35 @@ def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
     assert got is not None and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     n = len(TOKENS)
     assert np.array_equal(block.engine.k_cache[:, :, :n], one.engine.k_cache[:, :, :n])
+
+
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_rows_of_several_sequences_in_one_step_equal_each_sequence_alone(random_models, buffer_type):
+    """Three sequences in three KV slots, fed as a server feeds them (a prompt chunk next to
+    other sequences' decoding rows, in any mix): every logits row is bit for bit the one the
+    sequence gets alone in a one-slot engine."""
+    from dllama_mpi.engine import Batch
+
+    seqs = [TOKENS[:7], TOKENS[3:12], TOKENS[::2]]
+    alone = []
+    for tokens in seqs:
+        engine = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32).engine
+        alone.append([engine.forward(t, pos).copy() for pos, t in enumerate(tokens)])
+    engine = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32, n_slots=3).engine
+    batch = Batch(engine.max_rows, engine.max_logits)
+    fed = [0, 0, 0]
+    # (sequence, rows) per step: chunks of different lengths beside single rows
+    schedule = [[(0, 4), (1, 2)], [(0, 1), (1, 1), (2, 3)], [(0, 1), (1, 4), (2, 1)], [(0, 1), (1, 1), (2, 2)],
+                [(1, 1), (2, 1)]]
+    for step in schedule:
+        batch.clear()
+        wanted = []
+        for s, n in step:
+            for pos in range(fed[s], fed[s] + n):
+                batch.add(seqs[s][pos], s, pos, logits=pos == fed[s] + n - 1)
+            wanted.append((s, fed[s] + n - 1))
+            fed[s] += n
+        logits = engine.step(batch)
+        for row, (s, pos) in enumerate(wanted):
+            assert np.array_equal(logits[row].view(np.uint32), alone[s][pos].view(np.uint32)), (step, s, pos)
+    assert fed == [len(s) for s in seqs]

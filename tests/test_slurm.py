@@ -153,3 +153,36 @@ def test_a_rank_killed_mid_generation_is_named_by_srun(slurm, tmp_path):
     assert job.returncode != 0
     assert "task 1: Killed" in out.read_text()
     assert_no_survivors(mark, "the killed job")
+
+
+def test_serve_job_answers_and_stops_cleanly_on_scancel(slurm, stories_models, mpirun_text, tmp_path):
+    import re
+
+    import httpx2
+
+    name = f"dllama-test-{uuid.uuid4().hex[:8]}"
+    err = tmp_path / f"{name}.err"
+    env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_MODEL": str(stories_models["q40"]),
+           "DLLAMA_BUDGETS": "3 2 2 1", "DLLAMA_PORT": "0", "DLLAMA_API_KEY": "sesame"}
+    subprocess.run(["sbatch", f"--job-name={name}", "--time=00:10:00", "--ntasks=4", "-D", str(tmp_path),
+                    "-o", str(tmp_path / f"{name}.out"), "-e", str(err), str(REPO / "jobs" / "serve.sbatch")],
+                   env=env, check=True, capture_output=True, timeout=30)
+    try:
+        deadline, url = time.monotonic() + 180, None
+        while url is None and time.monotonic() < deadline:
+            text = err.read_text() if err.exists() else ""
+            if m := re.search(r"serving \S+ at http://0\.0\.0\.0:(\d+)/v1", text):
+                url = f"http://127.0.0.1:{m.group(1)}/v1"
+            time.sleep(0.5)
+        assert url, f"the serve job did not start:\n{err.read_text() if err.exists() else ''}"
+        answer = httpx2.post(url + "/completions", headers={"Authorization": "Bearer sesame"}, timeout=60,
+                             json={"prompt": PROMPT, "max_tokens": 60, "temperature": 0}).json()
+        assert PROMPT + answer["choices"][0]["text"] + "\n" == mpirun_text  # the 4 ranks of `3 2 2 1` write the same
+    finally:
+        subprocess.run(["scancel", f"--name={name}"], timeout=30)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-n", name], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the serve job still runs 60 s after scancel"
+        time.sleep(0.5)
+    log = err.read_text()
+    assert "shutting down" in log and "Traceback" not in log, log
