@@ -43,6 +43,9 @@ class Backend:
     def submit(self, req) -> None:
         self._scheduler.submit(req)
 
+    def slot_count(self) -> int:
+        return self.n_slots
+
 
 def serve(comm, args, budgets, announce) -> int:
     from .job import open_job
