@@ -40,8 +40,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import chat
 from .errors import InputError
-from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob
+from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob, check_prompt_length
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 _POLL_S = 0.1  # how often a waiting handler checks whether its client has left
@@ -90,6 +91,16 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 _Stop = Annotated[str, Field(min_length=1)]
 
 
+def _utf8(text: str) -> str:
+    """JSON may carry lone surrogates ("\\udc80"), which are not text: refuse them here rather
+    than fail in a tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"is not valid UTF-8 text (a lone surrogate at character {e.start})") from None
+    return text
+
+
 class _StreamOptions(BaseModel):
     include_usage: bool | None = False
 
@@ -111,12 +122,25 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # refused when given (tools and structured output are not implemented): answering without
+    # them would look like success
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+    best_of: int | None = None
     ignore_eos: bool | None = False  # not OpenAI's (llama.cpp's server and vLLM take it): run on to max_tokens past EOS
 
     @field_validator("stop", mode="before")
     @classmethod
     def _listed(cls, stop: Any) -> Any:
         return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_text(cls, stop: list[str] | None) -> list[str] | None:
+        return stop and [_utf8(s) for s in stop]
 
     @field_validator("n")
     @classmethod
@@ -125,11 +149,26 @@ class _Common(BaseModel):
             raise ValueError("n > 1 is not supported: send one request per choice")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice", "functions",
+                     "function_call")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported (leave it out, or at 0)")
+        if value and value != "none":
+            raise ValueError(f"{info.field_name} is not supported (leave it out)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported; only text")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError("best_of > 1 is not supported")
         return value
 
     def sampling(self) -> Sampling:
@@ -164,9 +203,12 @@ class _Message(BaseModel):
     def _text(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> str | list[_TextPart]:
         """One message for what pydantic reports per member of the union."""
         try:
-            return handler(content)
+            content = handler(content)
         except ValidationError:
             raise ValueError('must be a string or a list of text parts {"type": "text", "text": "..."}') from None
+        for text in [content] if isinstance(content, str) else [part.text for part in content]:
+            _utf8(text)
+        return content
 
 
 class ChatRequest(_Common):
@@ -199,6 +241,8 @@ class CompletionRequest(_Common):
             raise ValueError("must be a string, a list of one string or a list of token ids") from None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
             raise ValueError(f"a list of prompts must hold exactly one (batches are not supported), got {len(prompt)}")
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+            _utf8(prompt if isinstance(prompt, str) else prompt[0])
         return prompt
 
     @field_validator("echo")
@@ -212,7 +256,7 @@ class CompletionRequest(_Common):
 # ---------------------------------------------------------------- events
 
 
-class _Job:
+class _EventChannel:
     """A submitted GenRequest whose events, emitted on the scheduler's thread, come out on the event loop."""
 
     def __init__(self, backend: Any, req: GenRequest) -> None:
@@ -360,18 +404,18 @@ def _usage(fin: Finished) -> dict:
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events of a job, which is abandoned whichever way the response ends: a client that leaves while a
+    """Server-sent events of a request, which is abandoned whichever way the response ends: a client that leaves while a
     chunk is being sent, or before the first, leaves the events' generator suspended or unstarted, never to cancel."""
 
-    def __init__(self, job: _Job, chunks: AsyncIterator[str]) -> None:
+    def __init__(self, channel: _EventChannel, chunks: AsyncIterator[str]) -> None:
         super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.channel = channel
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.abandon()
+            self.channel.abandon()
 
 
 def _sse(obj: dict | str) -> str:
@@ -381,12 +425,12 @@ def _sse(obj: dict | str) -> str:
 async def _answer(request: Request, backend: Any, body: _Common, req: GenRequest, shape: _ChatShape | _TextShape) -> Response:
     """Submit `req`; answer with one object, or with server-sent chunks when the client asked for a stream."""
     texts = _TokenTexts(backend.tokenizer, req.prompt_ids)
-    job = _Job(backend, req)
+    channel = _EventChannel(backend, req)
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.model_id}
     if body.stream:
-        return _EventStream(job, _chunks(request, job, texts, shape, head, body.include_usage()))
+        return _EventStream(channel, _chunks(request, channel, texts, shape, head, body.include_usage()))
     pieces, entries = [], []
-    async for event in job.events(request):
+    async for event in channel.events(request):
         if isinstance(event, Piece):
             pieces.append(event.text)
             if (rows := texts.step(event)) is not None:
@@ -400,7 +444,7 @@ async def _answer(request: Request, backend: Any, body: _Common, req: GenRequest
 
 
 async def _chunks(
-    request: Request, job: _Job, texts: _TokenTexts, shape: _ChatShape | _TextShape, head: dict, include_usage: bool
+    request: Request, channel: _EventChannel, texts: _TokenTexts, shape: _ChatShape | _TextShape, head: dict, include_usage: bool
 ) -> AsyncIterator[str]:
     """The stream: an opening chunk (chat), a chunk per token with text or logprobs, any held-back text, a last chunk with
     the finish reason, the usage chunk when asked, [DONE]. A failure ends it with an error event instead."""
@@ -408,7 +452,7 @@ async def _chunks(
     extra = {"usage": None} if include_usage else {}
     if opening := shape.opening():
         yield _sse({**head, "choices": opening, **extra})
-    async for event in job.events(request):
+    async for event in channel.events(request):
         if isinstance(event, Piece):
             rows = texts.step(event)
             if event.text or rows is not None:
@@ -531,10 +575,10 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             )
 
     def checked(param: str, ids: list[int]) -> list[int]:
-        if not ids:
-            raise ApiError(400, "the prompt is empty (no tokens)", param)
-        if len(ids) > backend.max_seq_len:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds {backend.max_seq_len}", param)
+        try:
+            check_prompt_length(len(ids), backend.max_seq_len, "shorten it or ask for less")
+        except InputError as e:
+            raise ApiError(400, str(e), param) from e
         return ids
 
     async def tokenized(param: str, tokenize: Callable[..., list[int]], *args: Any) -> list[int]:
@@ -547,8 +591,6 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
-        from . import chat  # written alongside; imported here so that the API loads without it
-
         messages = [m.model_dump() for m in body.messages]
         ids = await tokenized("messages", chat.prompt_ids, backend.tokenizer, messages)
         req = GenRequest(
@@ -567,7 +609,9 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         tokenizer = backend.tokenizer
         if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            ids = await tokenized("prompt", tokenizer.encode, text, True)
+            # special-token text in a plain prompt is read as those tokens, by every kind of
+            # tokenizer (as llama.cpp's server and Hugging Face's tokenizers do)
+            ids = await tokenized("prompt", lambda: tokenizer.encode(text, bos=True, special=True))
         else:
             bad = [t for t in body.prompt if not 0 <= t < tokenizer.vocab_size]
             if bad:

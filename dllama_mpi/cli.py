@@ -236,7 +236,7 @@ def _run(comm, argv) -> int:
         plan = launch.plan
         for note in launch.notes:
             print(f"note: {note}", file=sys.stderr)
-        kv = f"{launch.n_slots} x {launch.max_seq_len}" if launch.n_slots > 1 else f"{launch.max_seq_len}"
+        kv = f"{launch.n_slots} slots x {launch.max_seq_len}" if launch.n_slots > 1 else f"{launch.max_seq_len}"
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
               f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
               f"kernels {qmatmul.ISA}",
@@ -294,7 +294,7 @@ def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:
         raise InputError(f"the prompt is at least {at_least} tokens ({len(prompt.encode())} bytes) but the context "
                          f"(--max-seq-len) holds {launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
                          f"(model trained for {spec.seq_len})")
-    ids = tokenizer.encode(prompt, bos=True)
+    ids = tokenizer.encode(prompt, bos=True, special=True)  # special-token text is those tokens, as in the API
     if len(ids) > launch.max_seq_len:
         raise InputError(f"the prompt is {len(ids)} tokens but the context (--max-seq-len) holds "
                          f"{launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
@@ -400,7 +400,7 @@ def _dry_run(argv) -> int:
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
           f"weights {spec.weight_type}")
     print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
-          f"KV cache {max_seq_len} tokens" + (f" x {n_slots} slots" if n_slots > 1 else ""))
+          f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
     print(plan.table(max_seq_len))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type['q80'].collectives} collectives "

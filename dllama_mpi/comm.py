@@ -64,11 +64,8 @@ class Comm:
         request = self._comm.Ibcast(buf, root=0)
         if self.rank == 0:
             request.Wait()
-            return
-        sleep_s = 1e-5
-        while not request.Test():
-            time.sleep(sleep_s)
-            sleep_s = min(2 * sleep_s, max_sleep_s)
+        else:
+            _wait_sleeping(request, 1e-5, max_sleep_s)
 
     def gather_rows(self, row: np.ndarray, out: np.ndarray | None) -> None:
         """Every rank's `row` (1-D, same length) into rank 0's out (size, len)."""
@@ -117,9 +114,7 @@ class Comm:
         whoever is still working (e.g. a measurement on rank 0)."""
         if self.size == 1:
             return
-        request = self._comm.Ibarrier()
-        while not request.Test():
-            time.sleep(interval_s)
+        _wait_sleeping(self._comm.Ibarrier(), interval_s, interval_s)
 
     def abort(self, code: int) -> None:
         """End every rank of the job (used when one rank fails alone). MPI_Abort makes the
@@ -129,6 +124,15 @@ class Comm:
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)
         self._comm.Abort(code)
+
+
+def _wait_sleeping(request, first_s: float, max_s: float) -> None:
+    """Complete a nonblocking MPI request by testing it and sleeping between tests, each
+    sleep twice the last, from first_s up to max_s."""
+    sleep_s = first_s
+    while not request.Test():
+        time.sleep(sleep_s)
+        sleep_s = min(2 * sleep_s, max_s)
 
 
 def self_comm() -> Comm:

@@ -156,8 +156,9 @@ class Engine:
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
         self.pool = threads.Pool()  # the rank's thread count as set at launch
         self.max_seq_len, self.n_slots = max_seq_len, n_slots
-        self.max_rows = t_max = max(1, min(max_rows, max_seq_len))  # rows per step
-        self.max_logits = m_max = min(t_max, n_slots)  # at most one row per sequence wants logits
+        # rows per step: a prompt chunk, or one decoding row of every slot's sequence at once
+        self.max_rows = t_max = max(n_slots, min(max_rows, max_seq_len))
+        self.max_logits = m_max = n_slots  # at most one row per sequence wants logits
         q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
 
@@ -239,9 +240,11 @@ class Engine:
         t0, c0 = time.perf_counter(), self.comm.collective_s
         spec, w, n = self.spec, self.w, batch.n
         slots, positions = batch.slots[:n], batch.positions[:n]
-        if not 0 < n <= self.max_rows or positions.min() < 0 or positions.max() >= self.max_seq_len:
-            raise ValueError(f"a step of {n} rows at positions {positions.min()}..{positions.max()} does not fit "
-                             f"(at most {self.max_rows} rows, context {self.max_seq_len})")
+        if (not 0 < n <= self.max_rows or positions.min() < 0 or positions.max() >= self.max_seq_len
+                or slots.min() < 0 or slots.max() >= self.n_slots):
+            raise ValueError(f"a step of {n} rows at positions {positions.min()}..{positions.max()} in slots "
+                             f"{slots.min()}..{slots.max()} does not fit (at most {self.max_rows} rows, context "
+                             f"{self.max_seq_len}, {self.n_slots} slots)")
         x = self.x[:n]
         for t in range(n):
             token = int(batch.tokens[t])

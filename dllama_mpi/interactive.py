@@ -21,7 +21,7 @@ HELP = "type a message; /clear starts a new conversation, /exit (or Ctrl-D) ends
 
 def chat(comm, args, budgets, announce) -> int:
     from .job import open_job
-    from .request import GenRequest, Sampling
+    from .request import GenRequest, Sampling, check_prompt_length
     from .scheduler import Scheduler, follow
 
     if comm.rank != 0:
@@ -44,36 +44,44 @@ def chat(comm, args, budgets, announce) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print(HELP, file=sys.stderr)
-    try:
-        while True:
-            try:
-                line = input("> ")
-            except (EOFError, KeyboardInterrupt):
-                print()
-                break
-            if line.strip() in ("/exit", "/quit", "/bye"):
-                break
-            if line.strip() == "/clear":
-                history = list(system)
-                continue
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            try:
-                ids = templates.prompt_ids(job.tokenizer, history)
-                if len(ids) >= job.engine.max_seq_len:
-                    raise InputError(f"the conversation is {len(ids)} tokens and the context holds "
-                                     f"{job.engine.max_seq_len}; /clear to start a new one, or raise --max-seq-len")
-            except InputError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                history.pop()
-                continue
-            seed = args.seed + len(history) if args.seed is not None else None
-            answer = _answer(scheduler, GenRequest(ids, args.steps, Sampling(args.temperature, args.top_p, seed)))
-            history.append({"role": "assistant", "content": answer})
-    finally:
-        scheduler.exit_followers()
+    # an exception below is a bug: run_guarded aborts the job (the followers may be inside a
+    # step's collectives), so the followers' exit message is sent on the normal path only
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if line.strip() in ("/exit", "/quit", "/bye"):
+            break
+        if line.strip() == "/clear":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            _check_utf8(line)
+            ids = templates.prompt_ids(job.tokenizer, history)
+            check_prompt_length(len(ids), job.engine.max_seq_len, "/clear to start a new conversation, or raise "
+                                "--max-seq-len")
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        seed = args.seed + len(history) if args.seed is not None else None
+        answer = _answer(scheduler, GenRequest(ids, args.steps, Sampling(args.temperature, args.top_p, seed)))
+        history.append({"role": "assistant", "content": answer})
+    scheduler.exit_followers()
     return 0
+
+
+def _check_utf8(line: str) -> None:
+    """A byte that is not UTF-8 arrives from the terminal as a lone surrogate."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the message is not valid UTF-8 (at character {exc.start}); type it again") from None
 
 
 def _answer(scheduler, req) -> str:

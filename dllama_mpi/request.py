@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -30,7 +32,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()  # stop strings: never sent, not even a prefix of one
     stop_ids: tuple[int, ...] | None = None  # end-of-generation tokens; None: the model's
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
-    emit: Callable[[object], None] = print  # gets Piece..., then Finished or Failed
+    emit: Callable[[object], None] | None = None  # gets Piece..., then Finished or Failed; set before submitting
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client: stop at the next step
 
 
@@ -67,3 +69,12 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str  # the server is shutting down, or the request was cancelled
+
+
+def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str) -> None:
+    """InputError unless a prompt of n_tokens runs in a context of max_seq_len tokens (a
+    prompt that fills it still gets one token: the logits of its last position)."""
+    if n_tokens > max_seq_len:
+        raise InputError(f"the prompt is {n_tokens} tokens but the context holds {max_seq_len}; {remedy}")
+    if n_tokens == 0:
+        raise InputError(f"the prompt is empty (no tokens); {remedy}")

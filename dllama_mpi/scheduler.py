@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ class Sequence:
     req: GenRequest
     slot: Slot
     sampler: Sampler
-    stream: TextStream | None
+    stream: TextStream
     stop_ids: tuple[int, ...]
     t_submit: float
     n_cached: int  # prompt tokens found in the slot's cache
@@ -88,7 +89,9 @@ class Scheduler:
             raise RuntimeError("the scheduler runs on rank 0; other ranks call follow()")
         self.job, self.engine, self.comm, self.metrics = job, job.engine, job.comm, metrics
         self.slots = [Slot(i) for i in range(self.engine.n_slots)]
-        self._inbox: queue.SimpleQueue[GenRequest] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[GenRequest, float]] = queue.SimpleQueue()  # (request, submitted at)
+        self._closed: str | None = None  # why no more requests are taken (shutting down)
+        self._closing = threading.Lock()  # orders submit() against close()
         self._waiting: deque[tuple[GenRequest, float]] = deque()
         self._batch = self.engine.new_batch()
         self._rank_times = np.zeros((self.comm.size, 2), np.float64)
@@ -97,12 +100,23 @@ class Scheduler:
 
     # --- any thread -------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
-        self._inbox.put((req, time.perf_counter()))
+        if req.emit is None:
+            raise ValueError("GenRequest.emit must be set before submitting")
+        with self._closing:
+            if self._closed is None:
+                self._inbox.put((req, time.perf_counter()))
+                return
+        req.emit(Failed(self._closed))
+
+    def close(self, message: str) -> None:
+        """Take no more requests: from now on submit() fails them at once with `message`."""
+        with self._closing:
+            self._closed = message
 
     # --- rank 0's main thread ---------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self._waiting) or any(s.seq is not None for s in self.slots)
+        return not self._inbox.empty() or bool(self._waiting) or any(s.seq is not None for s in self.slots)
 
     def run(self, until, idle_wait_s: float = 0.05) -> None:
         """Serve until `until()` is true (checked between steps; while idle, every
@@ -118,7 +132,8 @@ class Scheduler:
             self._report_load()
 
     def fail_all(self, message: str) -> None:
-        """End every request, running or waiting, with Failed (shutting down)."""
+        """Close, and end every request, running or waiting, with Failed (shutting down)."""
+        self.close(message)
         self._take_inbox(0)
         for req, _ in self._waiting:
             req.emit(Failed(message))
@@ -154,9 +169,13 @@ class Scheduler:
             pass
 
     def _drop_cancelled(self) -> None:
-        for req, _ in [w for w in self._waiting if w[0].cancelled.is_set()]:
-            self._waiting.remove((req, _))
-            req.emit(Failed("cancelled"))
+        if any(req.cancelled.is_set() for req, _ in self._waiting):
+            for req, _ in self._waiting:
+                if req.cancelled.is_set():
+                    req.emit(Failed("cancelled"))
+                    if self.metrics is not None:
+                        self.metrics.cancelled_after(0)
+            self._waiting = deque(w for w in self._waiting if not w[0].cancelled.is_set())
         for slot in self.slots:
             if slot.seq is not None and slot.seq.req.cancelled.is_set():
                 self._cancel(slot.seq, "cancelled")
@@ -167,8 +186,6 @@ class Scheduler:
             if not idle:
                 return
             req, t_submit = self._waiting.popleft()
-            if not self._valid(req):
-                continue
             prompt = req.prompt_ids
             reuse = [_common_prefix(s.tokens, prompt) for s in idle]
             best = max(range(len(idle)), key=lambda i: (reuse[i], -idle[i].last_used))
@@ -178,19 +195,11 @@ class Scheduler:
             sampling = req.sampling
             seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
             sampler = Sampler(self.job.plan.spec.vocab_size, sampling.temperature, sampling.top_p, seed)
-            tokenizer = self.job.tokenizer
-            stream = TextStream(tokenizer, req.stop, prompt[-1]) if tokenizer is not None else None
+            stream = TextStream(self.job.tokenizer, req.stop, prompt[-1])
             stop_ids = self.job.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
             slot.seq = Sequence(req, slot, sampler, stream, stop_ids, t_submit, n_cached, n_cached)
             if req.max_tokens == 0:
                 self._finish(slot.seq, "length")
-
-    def _valid(self, req: GenRequest) -> bool:
-        n = len(req.prompt_ids)
-        if not 0 < n <= self.engine.max_seq_len:
-            req.emit(Failed(f"the prompt is {n} tokens; the context holds 1 to {self.engine.max_seq_len}"))
-            return False
-        return True
 
     def _build_step(self) -> bool:
         """Fill the batch: one row per decoding sequence, then prompt chunks in admission
@@ -235,15 +244,14 @@ class Scheduler:
         if token in seq.stop_ids:
             self._finish(seq, "stop", stop_token=token)
             return
-        text = seq.stream.feed(token) if seq.stream is not None else ""
-        seq.req.emit(Piece(token, text, logprob))
-        if seq.stream is not None and seq.stream.stopped:
+        seq.req.emit(Piece(token, seq.stream.feed(token), logprob))
+        if seq.stream.stopped:
             self._finish(seq, "stop")
         elif len(seq.generated) == seq.req.max_tokens or len(seq.slot.tokens) == self.engine.max_seq_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_token: int | None = None) -> None:
-        rest = seq.stream.finish() if seq.stream is not None and not seq.stream.stopped else ""
+        rest = "" if seq.stream.stopped else seq.stream.finish()
         t_end = time.perf_counter()
         t_first = seq.t_first if seq.t_first is not None else t_end
         event = Finished(reason, rest, len(seq.prompt), seq.n_cached, len(seq.generated),

@@ -5,9 +5,10 @@ another thread and reaches the scheduler only through Backend.submit and the req
 events. The HTTP server listens before the model loads (/health answers 503 until it is
 ready), so a port already taken fails the launch before anything is loaded.
 
-SIGTERM or Ctrl-C on rank 0: stop accepting requests, let the running ones finish for up
-to SHUTDOWN_GRACE_S, end the rest, stop the followers, exit 0. Followers ignore both signals
-(the launcher forwards them to every rank) and leave when rank 0 tells them.
+SIGTERM or Ctrl-C on rank 0, once it serves: stop accepting requests, let the running ones
+finish for up to SHUTDOWN_GRACE_S, end the rest, stop the followers, exit 0 (while loading,
+the signals end the job as any job). Followers ignore both signals (the launcher forwards
+them to every rank) and leave when rank 0 tells them.
 """
 
 from __future__ import annotations
@@ -32,19 +33,19 @@ class Backend:
         self.model_id = ""
         self.max_seq_len = 0
         self.tokenizer = None
-        self.n_slots = 0
+        self._n_slots = 0
         self._scheduler = None
 
     def attach(self, model_id: str, job, scheduler) -> None:
         self.model_id, self.tokenizer, self._scheduler = model_id, job.tokenizer, scheduler
-        self.max_seq_len, self.n_slots = job.engine.max_seq_len, job.engine.n_slots
+        self.max_seq_len, self._n_slots = job.engine.max_seq_len, job.engine.n_slots
         self.ready.set()
 
     def submit(self, req) -> None:
         self._scheduler.submit(req)
 
     def slot_count(self) -> int:
-        return self.n_slots
+        return self._n_slots
 
 
 def serve(comm, args, budgets, announce) -> int:
@@ -71,13 +72,9 @@ def serve(comm, args, budgets, announce) -> int:
                              "choose another --port or --host") from None
         print(f"listening on http://{args.host}:{server.port} (503 until the model is loaded)", file=sys.stderr)
 
-    try:
-        job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                       n_slots=args.slots, check=listen, announce=announce)
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
+    # a failed launch leaves the HTTP server's daemon thread to end with the process
+    job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
+                   n_slots=args.slots, check=listen, announce=announce)
     if comm.rank != 0:
         follow(job)
         return 0
@@ -92,17 +89,16 @@ def serve(comm, args, budgets, announce) -> int:
     def on_signal(signum, frame):
         stopping.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        scheduler.run(until=stopping.is_set)
-        print("shutting down: no new requests", file=sys.stderr, flush=True)
-        server.refuse_new()
-        deadline = time.perf_counter() + SHUTDOWN_GRACE_S
-        scheduler.run(until=lambda: not scheduler.busy or time.perf_counter() > deadline)
-        scheduler.fail_all("the server is shutting down")
-    finally:
-        server.stop()
-        scheduler.exit_followers()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    # An exception below is a bug: run_guarded aborts the job (the followers may be inside a
+    # step's collectives, so no exit message could reach them), and the HTTP thread dies with it.
+    scheduler.run(until=stopping.is_set)
+    print("shutting down: no new requests", file=sys.stderr, flush=True)
+    server.refuse_new()
+    deadline = time.perf_counter() + SHUTDOWN_GRACE_S
+    scheduler.run(until=lambda: not scheduler.busy or time.perf_counter() > deadline)
+    scheduler.fail_all("the server is shutting down")
+    scheduler.exit_followers()
+    server.stop()
     return 0

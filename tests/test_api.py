@@ -4,6 +4,7 @@ validation: what a real client sees, with no MPI and no model."""
 from __future__ import annotations
 
 import codecs
+import json
 import threading
 import time
 
@@ -27,7 +28,7 @@ class FakeTokenizer:
 
     bos_id, eos_ids, vocab_size, chat_template = 1, (2,), 259, "fake"
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
         return [self.bos_id] * bos + [3 + b for b in text.encode()]
 
     def decode(self, prev_token: int, token: int) -> bytes:
@@ -235,6 +236,14 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
         "presence_penalty",
         "presence_penalty is not supported",
     ),
+    "tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+              "tools is not supported"),
+    "json mode": ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
+                  "'json_object' is not supported"),
+    "best_of": ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "best_of > 1 is not supported"),
+    "surrogate": ("/v1/completions", {"prompt": "a\udc80"}, 400, "prompt", "not valid UTF-8"),
+    "surrogate message": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\udc80"}]}, 400,
+                          "messages[0].content", "not valid UTF-8"),
     "too long": ("/v1/completions", {"prompt": "x" * 100}, 400, "prompt", "the prompt is 101 tokens but the context holds 64"),
     "empty ids": ("/v1/completions", {"prompt": []}, 400, "prompt", "the prompt is empty"),
     "id range": ("/v1/completions", {"prompt": [1, 999]}, 400, "prompt", "token id 999 is outside the vocabulary"),
@@ -254,7 +263,8 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_requests_are_answered_in_openai_shape(http, name):
     path, body, status, param, words = BAD_REQUESTS[name]
-    r = http.post(path, json=body)
+    # json.dumps escapes lone surrogates (\udc80) as JSON allows; a client encoding UTF-8 could not send them
+    r = http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
     error = r.json()["error"]
     assert (r.status_code, error["type"], error["param"]) == (status, "invalid_request_error", param) and words in error[
         "message"
