@@ -545,7 +545,8 @@ def report(summary: list[dict], facts: dict) -> str:
 # ===================================================================== main
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (serve_bench.py uses it too)."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
@@ -562,15 +563,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="B-B-...",
                    help="our configurations: memory budgets joined by '-', one per rank (default: %(default)s)")
-    p.add_argument("--repeat", type=_positive, default=5, help="interleaved rounds (default: %(default)s)")
-    p.add_argument("--threads", type=_positive, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--repeat", type=positive_int, default=5, help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)),
                    help="llama.cpp's threads (default: this process's cores, %(default)s)")
-    p.add_argument("--nthreads", type=_positive, help="our threads per rank (default: the bench's, the rank's share of cores)")
+    p.add_argument("--nthreads", type=positive_int, help="our threads per rank (default: the bench's, the rank's share of cores)")
     p.add_argument("--cache-dir", type=Path, help="where the build and the models are kept "
                                                   "(default: ~/.cache/dllama_mpi/llama.cpp/VERSION)")
     p.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON_VERSION, metavar="VERSION",
                    help="the llama-cpp-python sdist whose llama.cpp is built (default: %(default)s)")
-    p.add_argument("--build-jobs", type=_positive, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--build-jobs", type=positive_int, default=len(os.sched_getaffinity(0)),
                    help="parallel compile jobs (default: %(default)s)")
     p.add_argument("--build-nice", type=int, default=19, help="niceness of the compile (default: %(default)s)")
     p.add_argument("--build-only", action="store_true", help="build llama-bench and write the models, then stop")

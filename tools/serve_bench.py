@@ -50,7 +50,7 @@ from pathlib import Path
 import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp_compare import cpu_model_name, wait_for_idle
+from llamacpp_compare import cpu_model_name, positive_int, wait_for_idle
 
 # Prompt ids start here: every id costs the same to embed and attend to, so random ids measure what real text would;
 # 0-2 are <unk>, BOS and EOS in llama2.c-style vocabularies, left out so that a prompt holds ordinary tokens
@@ -326,12 +326,6 @@ def bench_ranks(args, mpiexec: str, model: Path, ranks: int, prompts: Prompts) -
     return [{**facts, **level} for level in levels]
 
 
-def _positive(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tools/serve_bench.py", allow_abbrev=False,
@@ -341,18 +335,18 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--model", type=Path, help="model file (.h5) or shard directory")
     which.add_argument("--shape", help="a random-weight model of this shape (dllama_mpi.bench's shapes, such as "
                                        "tinyllama-1.1b), written once into ~/.cache/dllama_mpi")
-    p.add_argument("--ranks", type=_positive, nargs="+", help="rank counts, one server each (default: 1, or the number "
+    p.add_argument("--ranks", type=positive_int, nargs="+", help="rank counts, one server each (default: 1, or the number "
                                                               "of --memory-budget values)")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="the server's budgets, one per rank (then --ranks may only be their count; default: equal)")
-    p.add_argument("--concurrency", type=_positive, nargs="+", default=[1, 2, 4, 8],
+    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4, 8],
                    help="concurrent streams per level (default: %(default)s)")
-    p.add_argument("--requests", type=_positive,
+    p.add_argument("--requests", type=positive_int,
                    help="requests per stream at every level (default: max(2, 8 // streams))")
-    p.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length in tokens (default: %(default)s)")
-    p.add_argument("--max-tokens", type=_positive, default=64,
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--max-tokens", type=positive_int, default=64,
                    help="tokens generated per request, exactly (ignore_eos) (default: %(default)s)")
-    p.add_argument("--slots", type=_positive, default=8, help="the server's --slots (default: %(default)s)")
+    p.add_argument("--slots", type=positive_int, default=8, help="the server's --slots (default: %(default)s)")
     p.add_argument("--no-idle-wait", action="store_true", help="measure without waiting for an idle machine")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every row, per-request times and the facts to FILE")
     return p
