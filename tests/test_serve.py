@@ -298,6 +298,7 @@ def test_load_leaves_no_slot_or_memory_behind(stories_server):
     m = stories_server.metrics()
     assert m["dllama_busy_slots"] == 0 and m["dllama_queue_length"] == 0
     grown = rss_mib() - before
+    print(f"rank 0's resident memory over 200 requests: {before:.1f} -> {before + grown:.1f} MiB")
     assert grown < 8, f"rank 0 grew by {grown:.1f} MiB over 200 requests"
 
 
@@ -313,6 +314,7 @@ def test_idle_followers_take_almost_no_cpu(stories_server):
     before, t0 = [cpu_s(p) for p in followers], time.monotonic()
     time.sleep(3)
     used = [(cpu_s(p) - b) / (time.monotonic() - t0) for p, b in zip(followers, before)]
+    print(f"idle followers: {', '.join(f'{100 * u:.1f}%' for u in used)} of a core")
     assert max(used) < 0.05, f"idle followers use {used} of a core"
 
 
