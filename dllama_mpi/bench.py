@@ -209,6 +209,9 @@ def run(comm, args) -> dict | None:
                 "peak_rss_mb": [m["rss_mb"] for m in rows], "planned_mb": [m["planned_mb"] for m in rows],
                 "repeats": args.repeat, "decode_steps": args.decode_steps,
                 "rows_per_step": rows_per_step, "kernel_isa": isa,
+                "budgets_chosen": list(job.plan.budgets),
+                "auto_predicted_ms_per_token": 1e3 * job.auto.token_s if job.auto is not None else None,
+                "auto_equal_predicted_ms_per_token": 1e3 * job.auto.equal_token_s if job.auto is not None else None,
             }
         del job, engine
     return results if comm.rank == 0 else None

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from .errors import InputError
 from .plan import Plan
@@ -31,8 +34,9 @@ RUNTIME_BYTES = 384 * 2**20
 
 @dataclass(frozen=True)
 class Budgets:
-    ratios: tuple[int, ...]  # what the plan splits by (bytes when sizes were given)
+    ratios: tuple[int, ...]  # what the plan splits by (bytes when sizes were given; equal until measured with auto)
     caps: tuple[int, ...] | None  # bytes per rank, when sizes were given
+    auto: bool = False  # `auto`: the ratios are to be chosen by measuring each rank (autobudget.py)
 
     def text(self, rank: int) -> str:
         return format_bytes(self.caps[rank]) if self.caps else str(self.ratios[rank])
@@ -42,6 +46,8 @@ def parse_budgets(values, world_size: int) -> Budgets:
     """--memory-budget as written, one value per rank (the converter's too); InputError says
     what was wrong and what to do."""
     values = [str(v).strip() for v in values]
+    if values and values[0].lower() == "auto":
+        return _auto(values[1:], world_size)
     if len(values) != world_size:
         raise InputError(f"--memory-budget has {len(values)} value(s) {' '.join(values)} but the job has {world_size} "
                          f"rank(s); give exactly one budget per rank (or launch with mpirun -n {len(values)})")
@@ -58,6 +64,17 @@ def parse_budgets(values, world_size: int) -> Budgets:
         caps = tuple(_size_bytes(rank, v, m) for rank, (v, m) in enumerate(zip(values, sizes)))
         return Budgets(caps, caps)
     return Budgets(tuple(_ratio(rank, v) for rank, v in enumerate(values)), None)
+
+
+def _auto(caps: list[str], world_size: int) -> Budgets:
+    """`auto` alone, or `auto` and one size per rank (the caps)."""
+    if not caps:
+        return Budgets((1,) * world_size, None, auto=True)
+    given = parse_budgets(caps, world_size)
+    if given.caps is None:
+        raise InputError(f"--memory-budget auto takes sizes after it, one per rank (e.g. auto 6GiB 2GiB), got "
+                         f"{' '.join(caps)}; auto chooses the ratios itself")
+    return Budgets((1,) * world_size, given.caps, auto=True)
 
 
 _RATIOS_OR_SIZES = "budgets must be positive integers such as 3 2 2 1 (or sizes such as 6GiB)"
@@ -163,13 +180,134 @@ def _parts(need: dict[str, int], max_seq_len: int, n_slots: int = 1) -> str:
     return " + ".join(f"{names[k]} {format_bytes(v)}" for k, v in need.items())
 
 
-def available_memory() -> int | None:
-    """This node's MemAvailable in bytes (Linux), or None where it can't be read."""
+def available_memory(root: Path = Path("/")) -> int | None:
+    """Bytes this rank may still allocate (Linux), or None where nothing can be read: the
+    smaller of the node's MemAvailable and the room its memory cgroup leaves (limit minus
+    usage, the tightest of the cgroup and its ancestors; cgroup v2 or v1). Under Slurm with
+    --mem (or in a container with a memory limit) the job's cgroup, not the node, is what
+    the kernel enforces: a rank that fits the node's MemAvailable but not its cgroup is
+    OOM-killed mid-load. `root` is the filesystem root (a fake one in tests); unreadable or
+    malformed files are skipped, never raised."""
+    sources = _memory_sources(root)
+    return min(sources, key=lambda s: s[0])[0] if sources else None
+
+
+def memory_limit_source(root: Path = Path("/")) -> str:
+    """What bound available_memory(): "MemAvailable", "cgroup <path>" (the binding cgroup,
+    e.g. cgroup /slurm/uid_0/job_12), or "unknown" where nothing could be read."""
+    sources = _memory_sources(root)
+    return min(sources, key=lambda s: s[0])[1] if sources else "unknown"
+
+
+# A cgroup limit at or above this is no limit: cgroup v1 reports "unlimited" as PAGE_COUNTER_MAX
+# in bytes, just under 2**63 (9223372036854771712 with 4 KiB pages, less with larger pages).
+_NO_LIMIT = 2**62
+
+
+def _memory_sources(root: Path) -> list[tuple[int, str]]:
+    """(bytes, name) of each limit that could be read, MemAvailable first (so it wins a tie)."""
+    sources = []
+    meminfo = _meminfo_available(root)
+    if meminfo is not None:
+        sources.append((meminfo, "MemAvailable"))
+    for mount, path, limit_file, usage_file in _memory_cgroups(root):
+        room = _cgroup_room(mount, path, limit_file, usage_file)
+        if room is not None:
+            sources.append(room)
+    return sources
+
+
+def _meminfo_available(root: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(root / "proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str]]:
+    """(mount, cgroup path, limit file, usage file) for this process's v2 cgroup and v1 memory
+    cgroup, from /proc/self/cgroup lines `0::/path` and `N:memory:/path` (or `N:cpuacct,memory:/path`)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except (OSError, ValueError):
+        return []
+    cgroups = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3 or not fields[2].startswith("/"):
+            continue
+        hierarchy, controllers, path = fields
+        if hierarchy == "0" and controllers == "":
+            cgroups.append((root / "sys/fs/cgroup", path, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            cgroups.append((root / "sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    return cgroups
+
+
+def _cgroup_room(mount: Path, path: str, limit_file: str, usage_file: str) -> tuple[int, str] | None:
+    """(limit - usage, "cgroup <path>") of the tightest limited cgroup from `path` up to the
+    mount root, or None where none is limited (or readable). A path whose directory doesn't
+    exist (a cgroup namespace or a container's bind mount shows the cgroup at the mount root)
+    falls back to the mount root."""
+    parts = [p for p in path.split("/") if p]
+    try:
+        exists = ".." not in parts and mount.joinpath(*parts).is_dir()
+    except (OSError, ValueError):
+        exists = False
+    if not exists:
+        levels = [(mount, path)]
+    else:
+        levels = [(mount.joinpath(*parts[:n]), "/" + "/".join(parts[:n])) for n in range(len(parts), -1, -1)]
+    best = None
+    for directory, name in levels:
+        limit, usage = _cgroup_value(directory / limit_file), _cgroup_value(directory / usage_file)
+        if limit is None or usage is None or limit >= _NO_LIMIT:
+            continue
+        room = max(0, limit - usage)
+        if best is None or room < best[0]:
+            best = (room, f"cgroup {name}")
+    return best
+
+
+def _cgroup_value(file: Path) -> int | None:
+    """A cgroup file's number; None for "max", missing, unreadable or malformed."""
+    try:
+        text = file.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def fastest_shares(per_share_s, fixed_s, max_share) -> tuple[float, ...]:
+    """The shares s_i (summing to 1, each in [0, max_share_i]) that minimise the slowest
+    rank's time max_i(a_i s_i + o_i), a_i = per_share_s[i] > 0, o_i = fixed_s[i] >= 0.
+
+    At the optimum every rank with a share in (0, max) finishes at the same time T, a rank
+    whose fixed cost alone reaches T gets 0 and a capped rank its cap: s_i(T) =
+    clip((T - o_i) / a_i, 0, max_i), and T is where they sum to 1 (bisection: the sum grows
+    with T). When even the caps sum to less than 1, the caps' proportions are returned (the
+    memory check then says what does not fit)."""
+    a, o, cap = (np.asarray(v, np.float64) for v in (per_share_s, fixed_s, max_share))
+    cap = np.clip(cap, 0.0, 1.0)
+    if cap.sum() <= 1.0:
+        return tuple(float(c) for c in cap / cap.sum()) if cap.sum() > 0 else tuple([1.0 / len(a)] * len(a))
+
+    def shares(t: float) -> np.ndarray:
+        return np.clip((t - o) / a, 0.0, cap)
+
+    lo, hi = float(o.min()), float((o + a * cap).max())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if shares(mid).sum() < 1.0 else (lo, mid)
+    s = shares(hi)
+    return tuple(float(v) for v in s / s.sum())
+
+
+def share_ratios(shares, resolution: int = 1000) -> tuple[int, ...]:
+    """Shares as the plan's integer ratios (per mille); a rank with no share keeps 1, the
+    least the plan gives (every rank holds at least one row of each matrix)."""
+    return tuple(max(1, round(s * resolution)) for s in shares)

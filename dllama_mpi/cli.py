@@ -237,7 +237,10 @@ def _run(comm, argv) -> int:
         for note in launch.notes:
             print(f"note: {note}", file=sys.stderr)
         kv = f"{launch.n_slots} slots x {launch.max_seq_len}" if launch.n_slots > 1 else f"{launch.max_seq_len}"
-        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(args.memory_budget or ['1'] * comm.size)}, "
+        given = " ".join(args.memory_budget or ["1"] * comm.size)
+        if budgets.auto:
+            given += f" -> {' '.join(map(str, plan.budgets))}"
+        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {given}, "
               f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
               f"kernels {qmatmul.ISA}",
               file=sys.stderr)
@@ -339,6 +342,11 @@ def _report(comm, job, result, n_threads, seed, startup_s, budgets) -> None:
         print(f"{m['rank']:>4} {m['threads']:>7} {cell(m['compute_ms'], 14, 3)} {cell(m['collective_ms'], 17, 3)} "
               f"{cell(m['sent_kb'], 12, 2)} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
               f"{m['cap']:>8}", file=err)
+    if job.auto is not None and r["n_decode"]:
+        auto = job.auto
+        print(f"--memory-budget auto: predicted {1e3 * auto.token_s:.1f} ms per decoded token, measured "
+              f"{1e3 * r['decode_s'] / r['n_decode']:.1f}; compute per rank predicted "
+              + " ".join(f"{1e3 * t:.1f}" for t in auto.rank_token_s) + " ms (measured: compute ms/tok above)", file=err)
 
 
 def _silence_stdout() -> None:
@@ -371,7 +379,15 @@ def _dry_run(argv) -> int:
     args = _parse(None, argv)
     if int(os.environ.get("PMI_SIZE", "1")) > 1:
         raise UsageError("--dry-run runs as one process: start it without mpirun (the budgets give the world size)")
-    budgets = parse_budgets(args.memory_budget, len(args.memory_budget or [1]))
+    given = args.memory_budget or ["1"]
+    auto = given[0].lower() == "auto"
+    if auto and len(given) == 1:
+        raise UsageError("--dry-run with --memory-budget auto needs the world size: give one size per rank after "
+                         "auto (auto 6GiB 2GiB); auto itself measures the ranks when the job starts")
+    budgets = parse_budgets(given, len(given) - auto)
+    if auto:
+        print("note: --memory-budget auto measures each rank when the job starts; sized here with equal budgets "
+              "and the caps given", file=sys.stderr)
     if args.model is None:
         spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
     else:

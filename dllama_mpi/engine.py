@@ -111,6 +111,23 @@ class GatheredActivations(Activations):
             self.prepare(n_tok)
 
 
+def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
+    """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one.
+    lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
+    if m.type == "f32":
+        kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
+    elif m.type == "f16":
+        kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
+    elif x.q80:
+        kernel, args = qmatmul.q_q80_rows, (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
+    else:
+        kernel, args = qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *lanes)
+    if pool.parallel(m.rows * m.cols * n_tok):
+        kernels.PARALLEL[kernel](*args, out)
+    else:
+        kernel(0, m.rows, 0, *args, out)
+
+
 class Batch:
     """One step's rows, in one int64 array that rank 0 broadcasts whole (the step's wire
     format): [op, n_rows, n_logits, tokens (max_rows), slots (max_rows), positions (max_rows),
@@ -205,19 +222,7 @@ class Engine:
         return Batch(self.max_rows, self.max_logits)
 
     def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
-        """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one."""
-        if m.type == "f32":
-            kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
-        elif m.type == "f16":
-            kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
-        elif x.q80:
-            kernel, args = qmatmul.q_q80_rows, (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *self.lanes)
-        else:
-            kernel, args = qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *self.lanes)
-        if self.pool.parallel(m.rows * m.cols * n_tok):
-            kernels.PARALLEL[kernel](*args, out)
-        else:
-            kernel(0, m.rows, 0, *args, out)
+        matmul(self.pool, self.lanes, m, x, n_tok, out)
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance slot 0 by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""

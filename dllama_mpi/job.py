@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kernels
+from . import autobudget, kernels
+from .autobudget import AutoChoice
 from .budgets import Budgets, available_memory
 from .comm import Comm
 from .engine import Engine
@@ -37,6 +38,7 @@ class Job:
     model_id: str  # the model's content hash (shards check theirs against it)
     name: str  # what clients call it by default: the file's (or shard directory's) name
     load_s: float  # wall time of loading the weights (all ranks)
+    auto: AutoChoice | None = None  # with --memory-budget auto: the measurement and its prediction
 
 
 def _prepare(model_path, max_seq_len: int | None, budgets: Budgets, n_slots: int, check):
@@ -82,6 +84,10 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
     prompt there) and `announce(launch)` runs once the launch is decided, before loading."""
     if not isinstance(budgets, Budgets):
         budgets = Budgets(tuple(budgets), None)
+    auto = None
+    if budgets.auto:
+        auto = autobudget.choose(comm, model_path, budgets, max_seq_len, buffer_type, n_slots)
+        budgets = auto.budgets
     setup, model, tokenizer = None, None, None
     if comm.rank == 0:
         try:
@@ -115,7 +121,7 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
     load_s = time.perf_counter() - t_load
     engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type, n_slots=n_slots)
     name = Path(model_path).stem if model_path is not None else "synthetic"
-    return Job(comm, plan, weights, engine, tokenizer, stop_ids, model_id, name, load_s)
+    return Job(comm, plan, weights, engine, tokenizer, stop_ids, model_id, name, load_s, auto)
 
 
 class SaidIfSlow:

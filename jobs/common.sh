@@ -10,7 +10,9 @@
 #                        first job, instead of every rank writing to a shared filesystem
 #   DLLAMA_BUDGETS       one budget per task, ratios ("3 2 2 1") or sizes ("6GiB 2GiB 2GiB
 #                        1GiB": ratio and hard cap); or "memory": each node's MemAvailable,
-#                        split evenly over the tasks Slurm put on it, as sizes in MiB
+#                        split evenly over the tasks Slurm put on it, as sizes in MiB; or
+#                        "auto" (optionally "auto 6GiB 2GiB ...", caps): every rank measures
+#                        its speed at the start and the job splits by it, within memory
 #   DLLAMA_BUDGETS_FILE  a file of budgets, one per task (whitespace or lines; '#' comments);
 #                        used when DLLAMA_BUDGETS is unset. Neither: equal shares.
 #   DLLAMA_LAUNCHER      srun (default: srun --mpi=pmi2) or mpirun (MPICH's mpirun inside the

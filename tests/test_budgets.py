@@ -105,3 +105,131 @@ def test_a_server_needs_the_kv_cache_of_every_slot():
     problems = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room], n_slots=4)
     assert len(problems) == 1 and "KV cache for 4 slots x 2048 tokens" in problems[0]
     assert "serve fewer sequences at once (--slots)" in problems[0]
+
+
+# available_memory(): the smaller of MemAvailable and the memory cgroup's room, on a fake root
+
+from pathlib import Path  # noqa: E402
+
+from dllama_mpi.budgets import available_memory, memory_limit_source  # noqa: E402
+
+V1_UNLIMITED = 9223372036854771712  # PAGE_COUNTER_MAX in bytes (4 KiB pages)
+
+
+def fake_root(tmp_path: Path, meminfo_kb: int | None = 8 * 2**20, cgroup: str | None = None,
+              files: dict[str, str] | None = None) -> Path:
+    """A root with proc/meminfo (MemAvailable in kB; 8 GiB unless told), proc/self/cgroup and
+    `files` (paths under the root: contents)."""
+    (tmp_path / "proc/self").mkdir(parents=True)
+    if meminfo_kb is not None:
+        (tmp_path / "proc/meminfo").write_text(f"MemTotal:       {2 * meminfo_kb} kB\nMemFree:          1000 kB\n"
+                                               f"MemAvailable:   {meminfo_kb} kB\nBuffers:           100 kB\n")
+    if cgroup is not None:
+        (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for name, text in (files or {}).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_a_v2_cgroup_limit_below_memavailable_binds(tmp_path):
+    job = "sys/fs/cgroup/system.slice/slurmstepd.scope/job_12"
+    root = fake_root(tmp_path, cgroup="0::/system.slice/slurmstepd.scope/job_12\n",
+                     files={f"{job}/memory.max": f"{4 * GiB}\n", f"{job}/memory.current": f"{GiB}\n"})
+    assert available_memory(root) == 3 * GiB
+    assert memory_limit_source(root) == "cgroup /system.slice/slurmstepd.scope/job_12"
+
+
+def test_a_v2_cgroup_without_a_limit_leaves_memavailable(tmp_path):
+    root = fake_root(tmp_path, cgroup="0::/user.slice\n",
+                     files={"sys/fs/cgroup/user.slice/memory.max": "max\n",
+                            "sys/fs/cgroup/user.slice/memory.current": f"{GiB}\n"})
+    assert available_memory(root) == 8 * GiB
+    assert memory_limit_source(root) == "MemAvailable"
+
+
+def test_a_v2_parent_with_a_tighter_limit_binds(tmp_path):
+    root = fake_root(tmp_path, cgroup="0::/slurm/job_12/step_0\n", files={
+        "sys/fs/cgroup/slurm/job_12/step_0/memory.max": "max\n",
+        "sys/fs/cgroup/slurm/job_12/step_0/memory.current": f"{GiB}\n",
+        "sys/fs/cgroup/slurm/job_12/memory.max": f"{3 * GiB}\n",  # the job's --mem
+        "sys/fs/cgroup/slurm/job_12/memory.current": f"{2 * GiB}\n",
+        "sys/fs/cgroup/slurm/memory.max": f"{6 * GiB}\n",
+        "sys/fs/cgroup/slurm/memory.current": f"{2 * GiB}\n"})
+    assert available_memory(root) == GiB
+    assert memory_limit_source(root) == "cgroup /slurm/job_12"
+
+
+def test_a_v1_memory_cgroup_limit_and_usage(tmp_path):
+    job = "sys/fs/cgroup/memory/slurm/uid_0/job_12"
+    root = fake_root(tmp_path, cgroup="10:cpuset:/slurm/uid_0/job_12\n9:memory:/slurm/uid_0/job_12\n0::/\n",
+                     files={f"{job}/memory.limit_in_bytes": f"{2 * GiB}\n",
+                            f"{job}/memory.usage_in_bytes": f"{512 * MiB}\n",
+                            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{V1_UNLIMITED}\n",
+                            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{100 * GiB}\n"})
+    assert available_memory(root) == 2 * GiB - 512 * MiB
+    assert memory_limit_source(root) == "cgroup /slurm/uid_0/job_12"
+
+
+def test_a_v1_cgroup_limited_by_page_counter_max_is_unlimited(tmp_path):
+    job = "sys/fs/cgroup/memory/docker/abc"
+    root = fake_root(tmp_path, cgroup="4:memory:/docker/abc\n",
+                     files={f"{job}/memory.limit_in_bytes": f"{V1_UNLIMITED}\n",
+                            f"{job}/memory.usage_in_bytes": f"{GiB}\n"})
+    assert available_memory(root) == 8 * GiB
+    assert memory_limit_source(root) == "MemAvailable"
+
+
+@pytest.mark.parametrize("cgroup, mount, limit, usage", [
+    ("0::/\n", "sys/fs/cgroup", "memory.max", "memory.current"),  # a cgroup namespace: the path is /
+    ("0::/kubepods/pod1/ctr\n", "sys/fs/cgroup", "memory.max", "memory.current"),  # not under the mount
+    ("4:memory:/docker/abc\n", "sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+])
+def test_a_cgroup_path_not_under_the_mount_falls_back_to_the_mount_root(tmp_path, cgroup, mount, limit, usage):
+    root = fake_root(tmp_path, cgroup=cgroup, files={f"{mount}/{limit}": f"{2 * GiB}\n", f"{mount}/{usage}": f"{GiB}\n"})
+    assert available_memory(root) == GiB
+    assert memory_limit_source(root) == f"cgroup {cgroup.split(':')[2].strip()}"
+
+
+@pytest.mark.parametrize("cgroup, files", [
+    (None, {}),  # no /proc/self/cgroup
+    ("garbage\n\x00\n::\n", {}),
+    ("0::/job\n", {}),  # the cgroup's files are missing
+    ("0::/job\n", {"sys/fs/cgroup/job/memory.max": "lots\n", "sys/fs/cgroup/job/memory.current": f"{GiB}\n"}),
+    ("0::/job\n", {"sys/fs/cgroup/job/memory.max": f"{GiB}\n", "sys/fs/cgroup/job/memory.current": "-5\n"}),
+    ("0::/job\n", {"sys/fs/cgroup/job/memory.max": f"{GiB}\n"}),  # no usage
+    ("4:memory:/../../x\n", {"sys/fs/cgroup/memory/memory.limit_in_bytes": "\xff\xfe"}),
+    ("4:memory:/job\n", {"sys/fs/cgroup/memory/job/memory.limit_in_bytes": "",
+                         "sys/fs/cgroup/memory/job/memory.usage_in_bytes": "1.5e9"}),
+])
+def test_missing_or_garbled_cgroup_files_leave_memavailable(tmp_path, cgroup, files):
+    root = fake_root(tmp_path, cgroup=cgroup, files=files)
+    assert available_memory(root) == 8 * GiB
+    assert memory_limit_source(root) == "MemAvailable"
+
+
+def test_without_meminfo_the_cgroup_or_nothing(tmp_path):
+    assert available_memory(tmp_path) is None and memory_limit_source(tmp_path) == "unknown"
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemAvailable: lots kB\n")
+    assert available_memory(tmp_path) is None
+    root = fake_root(tmp_path / "r", meminfo_kb=None, cgroup="0::/job\n",
+                     files={"sys/fs/cgroup/job/memory.max": f"{2 * GiB}", "sys/fs/cgroup/job/memory.current": f"{3 * GiB}"})
+    assert available_memory(root) == 0  # over its limit (reclaim pending): no room, not negative
+
+
+def test_this_machine_has_some_memory_available_and_no_more_than_memavailable():
+    def meminfo() -> int | None:
+        try:
+            return next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return None
+
+    before = meminfo()
+    if before is None:
+        pytest.skip("no /proc/meminfo here")
+    available = available_memory()
+    after = meminfo()
+    assert isinstance(available, int) and available > 0
+    assert available <= max(before, after) + 64 * MiB  # MemAvailable moves between the reads
+    assert memory_limit_source() == "MemAvailable" or memory_limit_source().startswith("cgroup /")

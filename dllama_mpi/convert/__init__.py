@@ -81,6 +81,10 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
     from ..spec import ModelSpec
 
     input_path, output_path = Path(input_path), Path(output_path)
+    if budgets and str(budgets[0]).strip().lower() == "auto":
+        raise ConvertError("--memory-budget auto chooses the split when the job starts, so shards can't be split "
+                           "for it; run the job once with auto on the unsplit file (it prints the budgets it chose: "
+                           "'--memory-budget auto chose 667 333'), then split with those: --memory-budget 667 333")
     if not input_path.exists():
         raise ConvertError(f"input {input_path} does not exist")
     ratios = parse_budgets(budgets, len(budgets)).ratios if budgets else None

@@ -1,0 +1,149 @@
+"""Each rank's speed on this model, measured on the real kernels before anything is loaded
+(`--memory-budget auto`).
+
+A rank's share s of the model (its fraction of every matrix's rows) costs it, per decoded
+token, about a * s + o seconds: `a` the time of the whole model's matrix products, `o` what
+every rank does whatever its share (norms, quantizing and unpacking the full-width vectors).
+Each rank times one token's work at three shares, with this model's matrix shapes, weight
+type, buffer type and the rank's own threads, on matrices of random values (the kernels'
+time does not depend on them), many layers' worth so that they are read from memory as the
+real weights are. All ranks measure at once, for the same fixed wall time per share, so
+ranks that share a node's cores and memory bandwidth are measured as they will run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels, qmatmul, quant, threads
+from .comm import Comm
+from .engine import GROUP, Activations, matmul
+from .spec import ModelSpec
+from .weights import Matrix
+
+SHARES = (0.25, 0.5, 1.0)  # of the whole model (clipped below at one row block)
+SECONDS_PER_SHARE = 0.4  # wall time each rank spends timing each share
+STREAM_BYTES = 96 * 2**20  # matrices timed per pass at least: more than any cache, as the real weights
+
+
+@dataclass(frozen=True)
+class RankSpeed:
+    per_share_s: float  # a: seconds per token for the whole model's products (share 1)
+    fixed_s: float  # o: seconds per token whatever the share
+    samples: tuple[tuple[float, float], ...]  # (share, seconds per token) as measured
+
+    def token_s(self, share: float) -> float:
+        return self.per_share_s * share + self.fixed_s
+
+
+def _matrix(kind: str, rows: int, cols: int) -> Matrix:
+    """A matrix in the kernels' layout with arbitrary contents (fp16 scales of 2**-10)."""
+    kind = quant.storage_type(kind, cols)
+    if kind == "f32":
+        return Matrix(kind, rows, cols, w=np.full((rows, cols), 0.01, np.float32))
+    if kind == "f16":
+        return Matrix(kind, rows, cols, w=np.full((rows, cols), 0x1400, np.uint16))
+    g = qmatmul.groups(cols // quant.BLOCK)
+    qs = np.full((rows, (256 if kind == "q40" else 512) * g), 0x5A, np.uint8)
+    return Matrix(kind, rows, cols, d=np.full((rows, GROUP * g), 0x1400, np.uint16),
+                  qs=qs if kind == "q40" else qs.view(np.int8))
+
+
+def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str]]:
+    """(rows of the whole model, cols, input) of each product of a layer; the input names
+    which full-width vector it reads."""
+    qkv = spec.q_dim + 2 * spec.n_kv_heads * spec.head_dim
+    return [(qkv, spec.dim, "dim"), (spec.dim, spec.q_dim, "att"), (2 * spec.hidden_dim, spec.dim, "dim"),
+            (spec.dim, spec.hidden_dim, "ffn")]
+
+
+def _timed(work, seconds: float) -> float:
+    """Seconds per call of work(), run repeatedly for about `seconds` (at least twice)."""
+    work()  # warm
+    n, t0 = 0, time.perf_counter()
+    while True:
+        work()
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and n >= 2:
+            return elapsed / n
+
+
+def token_seconds(spec: ModelSpec, buffer_type: str, share: float, seconds: float, pool: threads.Pool) -> float:
+    """Seconds per decoded token of a rank holding `share` of every matrix's rows."""
+    q80 = buffer_type == "q80"
+    inputs = {"dim": Activations(spec.dim, 1, q80), "att": Activations(spec.q_dim, 1, q80),
+              "ffn": Activations(spec.hidden_dim, 1, q80)}
+    lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), np.float32))
+
+    def rows(n: int) -> int:
+        return max(1, round(share * n))
+
+    shapes = _layer_shapes(spec)
+    layer = [(_matrix(spec.weight_type, rows(r), c), inputs[x]) for r, c, x in shapes]
+    layer_bytes = sum(m.nbytes for m, _ in layer)
+    copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
+    layers = [layer] + [[(_matrix(spec.weight_type, m.rows, m.cols), x) for m, x in layer] for _ in range(copies - 1)]
+    outs = [np.zeros((1, m.rows), np.float32) for m, _ in layer]
+    replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
+    classifier = _matrix(spec.weight_type, rows(spec.vocab_size), spec.dim)
+    logits = np.zeros((1, classifier.rows), np.float32)
+
+    def layers_pass():
+        for products in layers:
+            for x in replicated:  # the full-width vectors every rank prepares, whatever its share
+                x.prepare(1)
+            for (m, x), out in zip(products, outs):
+                matmul(pool, lanes, m, x, 1, out)
+
+    per_layer = _timed(layers_pass, seconds * 0.8) / copies
+    per_classifier = _timed(lambda: matmul(pool, lanes, classifier, inputs["dim"], 1, logits), seconds * 0.2)
+    return spec.n_layers * per_layer + per_classifier
+
+
+def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line t = a * s + o through (s, t); a > 0 and o >= 0."""
+    s = np.array([p[0] for p in samples])
+    t = np.array([p[1] for p in samples])
+    a, o = np.polyfit(s, t, 1)
+    if o < 0:  # no fixed cost visible: a line through the origin
+        a, o = float((s * t).sum() / (s * s).sum()), 0.0
+    return max(float(a), 1e-12), float(o)
+
+
+def measure(comm: Comm, spec: ModelSpec, buffer_type: str) -> RankSpeed:
+    """Collective: every rank's RankSpeed, measured at the same time (returned on every rank
+    for its own measurement)."""
+    pool = threads.Pool()
+    comm.sleeping_barrier()
+    samples = []
+    for share in SHARES:
+        samples.append((share, token_seconds(spec, buffer_type, share, SECONDS_PER_SHARE, pool)))
+        comm.sleeping_barrier()  # the next share starts together: the same neighbours all along
+    a, o = fit(samples)
+    return RankSpeed(a, o, tuple(samples))
+
+
+def collective_seconds(comm: Comm, spec: ModelSpec, reps: int = 5) -> float:
+    """Seconds per decoded token in collectives alone (4 Allgatherv per layer of full-width
+    vectors, evenly split), the median of `reps`; 0 on one rank."""
+    if comm.size == 1:
+        return 0.0
+    width = max(spec.dim, spec.hidden_dim)
+    buf = np.zeros(width, np.float32)
+    bounds = np.linspace(0, width, comm.size + 1).astype(int)
+    gather = comm.gatherer(buf, tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:])))
+    counted = comm.collective_s, comm.bytes_sent  # the job's own statistics start after this
+    comm.sleeping_barrier()
+    times = []
+    for _ in range(reps):
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(4 * spec.n_layers):
+            gather()
+        times.append(time.perf_counter() - t0)
+    comm.collective_s, comm.bytes_sent = counted
+    return float(np.median(times))

@@ -1,0 +1,114 @@
+"""tools/auto_budget_bench.py: its pure parts on fixed numbers (no MPI run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("auto_budget_bench", REPO / "tools" / "auto_budget_bench.py")
+ab = importlib.util.module_from_spec(spec)
+sys.modules["auto_budget_bench"] = ab
+spec.loader.exec_module(ab)
+
+
+def test_memory_budgets_split_memavailable_evenly_in_mib_as_common_sh_does():
+    meminfo = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   22650424 kB\n"
+    assert ab.mem_available_mib(meminfo) == 22119  # int(22650424 / 1024)
+    assert ab.memory_budgets(22119, 2) == ["11059MiB", "11059MiB"]
+    assert ab.memory_budgets(1000, 3) == ["333MiB"] * 3
+    assert ab.config_budgets(22119) == {"equal": ["1", "1"], "memory": ["11059MiB", "11059MiB"], "auto": ["auto"]}
+    with pytest.raises(ValueError):
+        ab.mem_available_mib("MemTotal: 1 kB\n")
+
+
+def test_schedule_interleaves_the_configs_round_by_round():
+    assert ab.schedule(2) == [(0, "equal"), (0, "memory"), (0, "auto"), (1, "equal"), (1, "memory"), (1, "auto")]
+
+
+def test_bench_command_pins_two_single_thread_ranks():
+    command = ab.bench_command("/x/mpiexec", ["--shape", "tiny"], ["auto"], 16)
+    assert command[:7] == ["/x/mpiexec", "-n", "2", str(ab.TOOLS / "pinned"), "0", "1", "--"]
+    tail = command[7:]
+    assert tail[1:3] == ["-m", "dllama_mpi.bench"]
+    for flag, value in (("--memory-budget", "auto"), ("--nthreads", "1"), ("--decode-steps", "16"), ("--repeat", "1"),
+                        ("--shape", "tiny"), ("--prompt-lengths", "8")):
+        assert tail[tail.index(flag) + 1] == value
+    assert "--json" in tail
+
+
+def test_parse_bench_keeps_the_first_json_line_and_auto_report_its_account():
+    first = {"decode_tokens_per_s": 12.5, "budgets_chosen": [667, 333], "auto_predicted_ms_per_token": 70.0,
+             "auto_equal_predicted_ms_per_token": 95.0, "kernel_isa": "avx2"}
+    out = "noise\n" + json.dumps(first) + "\n" + json.dumps({**first, "decode_tokens_per_s": 1.0}) + "\n"
+    assert ab.parse_bench(out) == {"decode_tok_s": 12.5, "budgets_chosen": [667, 333], "auto_predicted_ms": 70.0,
+                                   "auto_equal_predicted_ms": 95.0, "kernel_isa": "avx2"}
+    with pytest.raises(ValueError):
+        ab.parse_bench("no json here\n")
+    err = ("loading\nmeasured, ms per token: a x share + o\n  rank 0: 50.0 x share + 1.0\n  collectives: 0.5 ms per token\n"
+           "--memory-budget auto chose 667 333 (shares 66.7% 33.3%): predicted 23.0 ms per token, against 33.1\nplan x\n")
+    assert ab.auto_report(err) == err.splitlines()[1:5]
+    assert ab.auto_report("plan x\n") == []
+
+
+def _row(config, tok_s, chosen=(1, 1), predicted=None, equal_predicted=None):
+    budgets = {"equal": ["1", "1"], "memory": ["100MiB", "100MiB"], "auto": ["auto"]}[config]
+    return {"config": config, "budgets": budgets, "decode_tok_s": tok_s, "budgets_chosen": list(chosen),
+            "auto_predicted_ms": predicted, "auto_equal_predicted_ms": equal_predicted}
+
+
+ROWS = [_row("equal", 10.0), _row("memory", 9.0), _row("auto", 14.0, (667, 333), 70.0, 100.0),
+        _row("equal", 12.0), _row("memory", 11.0), _row("auto", 16.0, (667, 333), 60.0, 90.0),
+        _row("equal", 11.0), _row("memory", 10.0), _row("auto", 15.0, (2, 1), 65.0, 95.0)]
+
+
+def test_summarize_medians_ratios_and_the_prediction_error():
+    equal, memory, auto = ab.summarize(ROWS)
+    assert [s["config"] for s in (equal, memory, auto)] == ["equal", "memory", "auto"]
+    assert equal["decode_tok_s"] == {"median": 11.0, "min": 10.0, "max": 12.0} and equal["ratio_to_equal"] == 1.0
+    assert memory["ratio_to_equal"] == pytest.approx(10.0 / 11.0) and memory["chosen"] == [[1, 1]]
+    assert "predicted_ms" not in equal and "prediction_error" not in memory
+    assert auto["ratio_to_equal"] == pytest.approx(15.0 / 11.0)
+    assert auto["chosen"] == [[667, 333], [2, 1]]
+    assert (auto["predicted_ms"], auto["equal_predicted_ms"]) == (65.0, 95.0)
+    assert auto["measured_ms"] == pytest.approx(1000 / 15.0)
+    assert auto["prediction_error"] == pytest.approx((65.0 - 1000 / 15.0) / (1000 / 15.0))
+
+
+def test_summarize_without_equal_has_no_ratios():
+    (auto,) = ab.summarize([_row("auto", 14.0, (667, 333), 70.0, 100.0)])
+    assert auto["ratio_to_equal"] is None
+    assert ab.goal_line([auto]).startswith("goal: not measured")
+
+
+def test_markdown_table_and_goal_lines():
+    summary = ab.summarize(ROWS)
+    assert ab.markdown_table(summary).splitlines() == [
+        "| budgets | chosen ratios | decode tok/s median (min-max) | ratio to equal |",
+        "|---|---|---|---|",
+        "| equal: `1 1` | 1 1 (50.0% 50.0%) | 11.00 (10.00-12.00) | 1.00 |",
+        "| memory: `100MiB 100MiB` | 1 1 (50.0% 50.0%) | 10.00 (9.00-11.00) | 0.91 |",
+        "| auto: `auto` | 667 333 (66.7% 33.3%), 2 1 (66.7% 33.3%) | 15.00 (14.00-16.00) | 1.36 |",
+    ]
+    assert ab.prediction_line(summary[2]) == ("auto predicted 65.0 ms per token (equal budgets: 95.0, medians of its "
+                                              "runs), measured 66.7 (1000 / median tok/s): error -2.5%")
+    assert ab.goal_line(summary) == ("goal: auto / equal = 1.36 (goal >= 1.3: met); prediction error -2.5% (goal within "
+                                     "20%: met) -> PASS")
+    slow = ab.summarize([_row("equal", 10.0), _row("auto", 11.0, (6, 4), 50.0, 60.0)])
+    assert ab.goal_line(slow) == ("goal: auto / equal = 1.10 (goal >= 1.3: NOT met); prediction error -45.0% (goal "
+                                  "within 20%: NOT met) -> FAIL")
+
+
+def test_report_says_the_setup_and_that_memory_is_the_equal_split():
+    facts = {"cpu": "Test CPU", "model": "shape tiny (random Q40 weights)", "repeat": 3, "decode_steps": 32,
+             "hog": "taskset -c 1 python -c 'while True: pass'", "idle": True, "disturbed_runs": 1,
+             "mem_available_mib": 200}
+    text = ab.report(ab.summarize(ROWS), facts)
+    assert "CPU: Test CPU" in text and "beside a CPU hog (taskset -c 1 python" in text
+    assert "on one node that is the equal split" in text and "1 run(s) had another process" in text
+    assert "NOT IDLE" not in text and "| auto: `auto` |" in text
+    assert text.splitlines()[-2].startswith("auto predicted") and text.splitlines()[-1].startswith("goal: ")
+    assert "MACHINE NOT IDLE" in ab.report(ab.summarize(ROWS), {**facts, "idle": False})

@@ -1,0 +1,170 @@
+"""`--memory-budget auto`: the pure split (property tests), the budget syntax, and real
+unequal ranks on one machine (taskset: rank 0 alone on core 0, rank 1 on core 1 beside a
+busy loop, so at about half speed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_mpiexec, write_random_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dllama_mpi.autobudget import plan_shares, solve
+from dllama_mpi.budgets import Budgets, fastest_shares, parse_budgets, rank_need, share_ratios
+from dllama_mpi.errors import InputError
+from dllama_mpi.plan import make_plan
+from dllama_mpi.spec import ModelSpec
+from dllama_mpi.speed import RankSpeed, fit
+
+MiB = 2**20
+SPEC = ModelSpec(dim=1024, hidden_dim=2816, n_layers=6, n_heads=16, n_kv_heads=4, head_dim=64, vocab_size=4096,
+                 seq_len=256, weight_type="q40")
+
+speeds = st.lists(st.tuples(st.floats(1e-4, 1.0), st.floats(0.0, 0.05), st.floats(0.05, 1.0)), min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(speeds)
+def test_the_split_sums_to_one_keeps_caps_and_is_never_slower_than_equal(ranks):
+    a, o, cap = zip(*ranks)
+    shares = fastest_shares(a, o, cap)
+    assert abs(sum(shares) - 1) < 1e-9 and all(s >= 0 for s in shares)
+    if sum(cap) >= 1:
+        assert all(s <= c + 1e-9 for s, c in zip(shares, cap))
+    n = len(a)
+    slowest = max(ai * s + oi for ai, oi, s in zip(a, o, shares))
+    if all(c >= 1 / n for c in cap):  # equal shares are allowed: the split is at least as fast
+        assert slowest <= max(ai / n + oi for ai, oi in zip(a, o)) + 1e-9
+    if sum(cap) > 1 + 1e-6:  # optimal: no rank with room to take more finishes before the last working one
+        last = max(ai * s + oi for ai, oi, s in zip(a, o, shares) if s > 1e-12)
+        for ai, oi, s, c in zip(a, o, shares, cap):
+            if s < c - 1e-6:
+                assert ai * s + oi >= last - 1e-6 * max(1.0, last), (ai, oi, s, c, last)
+
+
+def test_a_rank_at_half_speed_gets_half_the_share():
+    shares = fastest_shares([1.0, 2.0], [0.0, 0.0], [1.0, 1.0])
+    assert shares == pytest.approx((2 / 3, 1 / 3))
+    assert share_ratios(shares) == (667, 333)
+
+
+def test_a_cap_binds_and_the_rest_goes_to_the_others():
+    shares = fastest_shares([1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [0.3, 1.0, 1.0])
+    assert shares == pytest.approx((0.3, 0.35, 0.35))
+
+
+def test_a_rank_whose_fixed_cost_exceeds_the_others_time_gets_no_share():
+    shares = fastest_shares([1.0, 1.0], [0.0, 2.0], [1.0, 1.0])
+    assert shares == pytest.approx((1.0, 0.0))
+    assert share_ratios(shares) == (1000, 1)  # the plan's least
+
+
+def test_fit_finds_the_line_through_the_measured_points():
+    assert fit([(0.25, 3.5), (0.5, 6.0), (1.0, 11.0)]) == pytest.approx((10.0, 1.0))
+    assert fit([(0.25, 2.0), (0.5, 4.5), (1.0, 9.0)])[1] == 0.0  # a negative intercept is noise: through the origin
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(1e-3, 0.1), min_size=2, max_size=5), st.data())
+def test_the_solved_plan_respects_granules_and_caps(per_share, data):
+    n = len(per_share)
+    caps = data.draw(st.lists(st.one_of(st.none(), st.integers(400 * MiB, 460 * MiB)), min_size=n, max_size=n))
+    ranks = [RankSpeed(a, 0.001, ()) for a in per_share]
+    ratios, plan = solve(SPEC, ranks, caps, 256, 1, 0)
+    assert len(ratios) == n and plan == make_plan(SPEC, ratios)  # the plan rounds the ratios to its granules
+    for s in plan.ranks:
+        assert s.dim_rows[0] % 32 == 0 and s.ffn_rows[0] % 32 == 0  # whole 32-row blocks
+    room = sum(1.0 if c is None else c for c in caps)
+    for rank, cap in enumerate(caps):
+        if cap is not None and room > 0:
+            need = sum(rank_need(plan, rank, 256, 0).values())
+            # within the cap, unless even the caps together can't hold the model (the memory check then says so)
+            assert need <= cap or sum(rank_need(plan, r, 256, 0)["weights"] for r in range(n)) > sum(
+                (c or 2**40) - 384 * MiB for c in caps)
+    assert abs(sum(plan_shares(plan)) - 1) < 1e-9
+
+
+def test_auto_budgets_are_written_auto_or_auto_and_one_size_per_rank():
+    assert parse_budgets(["auto"], 3) == Budgets((1, 1, 1), None, auto=True)
+    assert parse_budgets(["auto", "6GiB", "2GiB"], 2) == Budgets((1, 1), (6 * 2**30, 2 * 2**30), auto=True)
+    with pytest.raises(InputError, match="auto takes sizes after it"):
+        parse_budgets(["auto", "3", "1"], 2)
+    with pytest.raises(InputError, match="has 1 value"):
+        parse_budgets(["auto", "6GiB"], 2)
+
+
+def test_the_converter_refuses_auto_and_says_how_to_pre_split(tmp_path):
+    from dllama_mpi.convert import ConvertError, convert
+
+    with pytest.raises(ConvertError, match="--memory-budget auto chose 667 333"):
+        convert(tmp_path / "none.bin", tmp_path / "out", None, "q40", budgets=["auto"])
+
+
+def test_dry_run_sizes_auto_with_equal_budgets_and_the_caps(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dllama_mpi", "--dry-run", "--memory-budget", "auto", "2GiB", "1GiB"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "note: --memory-budget auto measures each rank when the job starts" in result.stderr
+    assert "2 rank(s)" in result.stdout
+
+
+# ------------------------------------------------------------- real unequal ranks
+
+
+@pytest.fixture(scope="module")
+def cpus():
+    """Two CPUs to pin ranks to: rank 0 alone on the first, ranks 1 and 2 sharing the second
+    (so each at about half the speed of rank 0)."""
+    problem = None
+    if not shutil.which("taskset"):
+        problem = "taskset is not installed"
+    elif len(os.sched_getaffinity(0)) < 2:
+        problem = "fewer than 2 CPUs to pin ranks to"
+    if problem:
+        if os.environ.get("DLLAMA_REQUIRE_PINNING") == "1":
+            pytest.fail(f"DLLAMA_REQUIRE_PINNING=1 but {problem}")
+        pytest.skip(problem)
+    return [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("auto") / "mid-q40.h5", SPEC)
+
+
+def _auto_run(cpus, model, budgets: list[str]):
+    result = run_mpiexec(3, [str(REPO / "tools" / "pinned"), cpus[0], cpus[1], cpus[1], "--", sys.executable, "-m",
+                             "dllama_mpi", "--model", str(model), "--memory-budget", *budgets, "--nthreads", "1",
+                             "--steps", "8"], timeout=240)
+    assert result.returncode == 0, result.stderr
+    chosen = re.search(r"--memory-budget auto chose (\d+) (\d+) (\d+) \(shares ([\d.]+)% ([\d.]+)% ([\d.]+)%\)",
+                       result.stderr)
+    assert chosen, result.stderr
+    measured = re.findall(r"rank (\d): ([\d.]+) x share \+ ([\d.]+)", result.stderr)
+    return result, [float(chosen[i]) / 100 for i in (4, 5, 6)], measured
+
+
+def test_ranks_at_half_speed_get_about_half_the_share(cpus, mid_model):
+    result, shares, measured = _auto_run(cpus, mid_model, ["auto"])
+    a = [float(m[1]) for m in measured]
+    for rank in (1, 2):
+        assert 1.4 < a[rank] / a[0] < 3.5, f"rank {rank} sharing a core measured {a[rank] / a[0]:.2f}x rank 0's " \
+                                            f"time\n{result.stderr}"
+        assert 0.3 < shares[rank] / shares[0] < 0.75, result.stderr
+    # the plan's shares are the solver's, within a granule (a 32-row block of the model dimension)
+    solved = fastest_shares(a, [float(m[2]) for m in measured], [1.0, 1.0, 1.0])
+    assert all(abs(x - y) < 32 / SPEC.dim + 0.01 for x, y in zip(shares, solved)), (shares, solved)
+    assert "ms per decoded token, measured" in result.stderr
+
+
+def test_a_small_cap_holds_the_fast_rank_back_and_says_so(cpus, mid_model):
+    cap = 400 * MiB  # the runtime's 384 MiB, the load buffer, and a part of the model
+    result, shares, measured = _auto_run(cpus, mid_model, ["auto", f"{cap // MiB}MiB", "4GiB", "4GiB"])
+    assert "rank 0: " in result.stderr and "memory 400.0MiB" in result.stderr
+    assert shares[0] < 0.34, f"the fast rank was not held back by its cap: {shares}\n{result.stderr}"
