@@ -42,10 +42,13 @@ def test_bench_command_pins_two_single_thread_ranks():
 
 def test_parse_bench_keeps_the_first_json_line_and_auto_report_its_account():
     first = {"decode_tokens_per_s": 12.5, "budgets_chosen": [667, 333], "auto_predicted_ms_per_token": 70.0,
-             "auto_equal_predicted_ms_per_token": 95.0, "kernel_isa": "avx2"}
+             "auto_equal_predicted_ms_per_token": 95.0, "kernel_isa": "avx2", "compute_s_per_token": [0.04, 0.03],
+             "collective_s_per_token": [0.01, 0.02]}
     out = "noise\n" + json.dumps(first) + "\n" + json.dumps({**first, "decode_tokens_per_s": 1.0}) + "\n"
     assert ab.parse_bench(out) == {"decode_tok_s": 12.5, "budgets_chosen": [667, 333], "auto_predicted_ms": 70.0,
-                                   "auto_equal_predicted_ms": 95.0, "kernel_isa": "avx2"}
+                                   "auto_equal_predicted_ms": 95.0, "kernel_isa": "avx2",
+                                   "compute_ms_per_rank": [40.0, 30.0], "collective_ms_per_rank": [10.0, 20.0]}
+    assert ab._per_rank(ab.parse_bench(out)) == "rank 0 40.0 / 10.0, rank 1 30.0 / 20.0"
     with pytest.raises(ValueError):
         ab.parse_bench("no json here\n")
     err = ("loading\nmeasured, ms per token: a x share + o\n  rank 0: 50.0 x share + 1.0\n  collectives: 0.5 ms per token\n"
@@ -105,10 +108,12 @@ def test_markdown_table_and_goal_lines():
 def test_report_says_the_setup_and_that_memory_is_the_equal_split():
     facts = {"cpu": "Test CPU", "model": "shape tiny (random Q40 weights)", "repeat": 3, "decode_steps": 32,
              "hog": "taskset -c 1 python -c 'while True: pass'", "idle": True, "disturbed_runs": 1,
-             "mem_available_mib": 200}
+             "mem_available_mib": 200, "layout": "hog", "ranks": 2}
     text = ab.report(ab.summarize(ROWS), facts)
     assert "CPU: Test CPU" in text and "beside a CPU hog (taskset -c 1 python" in text
     assert "on one node that is the equal split" in text and "1 run(s) had another process" in text
     assert "NOT IDLE" not in text and "| auto: `auto` |" in text
     assert text.splitlines()[-2].startswith("auto predicted") and text.splitlines()[-1].startswith("goal: ")
     assert "MACHINE NOT IDLE" in ab.report(ab.summarize(ROWS), {**facts, "idle": False})
+    shared = ab.report(ab.summarize(ROWS), {**facts, "layout": "shared", "ranks": 3, "hog": None})
+    assert "1 and 2 sharing core 1" in shared and "/ 3 ranks per rank" in shared

@@ -1,13 +1,19 @@
 """`python tools/auto_budget_bench.py`: does `--memory-budget auto` pay off when ranks differ in speed?
 
-On one machine of at least 2 cores it makes two ranks of unequal speed for real: rank 0 runs alone on core 0,
-rank 1 on core 1 beside a CPU hog (a pure-Python busy loop pinned to core 1 for the whole run, started before the
-first run and killed after the last one, also on error or Ctrl-C), so that rank 1 gets about half of its core. Each
-run is `mpiexec -n 2 tools/pinned 0 1 -- python -m dllama_mpi.bench --nthreads 1 --memory-budget ...` (a random
-TinyLlama-1.1B-shape model by default, or --model), and three budget configurations are measured, interleaved over
---repeat rounds (equal, memory, auto, equal, ...):
+On one machine of at least 2 cores it makes ranks of unequal speed for real (--layout):
 
-  equal   `1 1`;
+  shared  (default) three ranks: rank 0 alone on core 0, ranks 1 and 2 sharing core 1, so each of them at about
+          half the speed of rank 0 (`mpiexec -n 3 tools/pinned 0 1 1 -- ...`);
+  hog     two ranks: rank 0 alone on core 0, rank 1 on core 1 beside a CPU hog (a pure-Python busy loop pinned to
+          core 1 for the whole run, killed after it, also on error or Ctrl-C). Measured 2026-11-30: rank 1's
+          kernels ran at full speed between the hog's time slices, and the slowdown landed in every rank's waits
+          at the collectives, which no split can move: a poor model of a slower machine.
+
+Each run is `python -m dllama_mpi.bench --nthreads 1 --memory-budget ...` on those ranks (a random TinyLlama-1.1B-
+shape model by default, or --model), and three budget configurations are measured, interleaved over --repeat rounds
+(equal, memory, auto, equal, ...):
+
+  equal   `1 1 1` (`1 1` with the hog);
   memory  what jobs/common.sh's DLLAMA_BUDGETS=memory gives: each node's MemAvailable split evenly over its tasks,
           as sizes in MiB; on one node both ranks get the same size, so it splits as equal does (the hog is not
           memory);
@@ -44,7 +50,8 @@ from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positiv
 
 TOOLS = Path(__file__).resolve().parent
 CONFIGS = ("equal", "memory", "auto")  # run order within a round; equal is the ratios' base
-CPU_FAST, CPU_SLOW = "0", "1"  # rank 0 alone on core 0; rank 1 and the hog on core 1
+CPU_FAST, CPU_SLOW = "0", "1"  # rank 0 alone on core 0; the slow ranks (or rank 1 and the hog) on core 1
+LAYOUTS = {"shared": [CPU_FAST, CPU_SLOW, CPU_SLOW], "hog": [CPU_FAST, CPU_SLOW]}  # each rank's core
 HOG = [sys.executable, "-c", "while True: pass"]
 IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S = 20.0, 10.0, 1800.0  # as tools/llamacpp_compare.py's defaults
 GOAL_RATIO, GOAL_ERROR = 1.3, 0.2
@@ -77,8 +84,8 @@ def memory_budgets(available_mib: int, ranks: int) -> list[str]:
     return [f"{available_mib // ranks}MiB"] * ranks
 
 
-def config_budgets(available_mib: int) -> dict[str, list[str]]:
-    return {"equal": ["1", "1"], "memory": memory_budgets(available_mib, 2), "auto": ["auto"]}
+def config_budgets(available_mib: int, ranks: int = 2) -> dict[str, list[str]]:
+    return {"equal": ["1"] * ranks, "memory": memory_budgets(available_mib, ranks), "auto": ["auto"]}
 
 
 def schedule(repeat: int) -> list[tuple[int, str]]:
@@ -86,22 +93,26 @@ def schedule(repeat: int) -> list[tuple[int, str]]:
     return [(i, name) for i in range(repeat) for name in CONFIGS]
 
 
-def bench_command(mpiexec: str, target: list[str], budgets: list[str], decode_steps: int) -> list[str]:
-    """Two ranks pinned by tools/pinned, one thread each; `target` is --shape S or --model PATH."""
-    return [mpiexec, "-n", "2", str(TOOLS / "pinned"), CPU_FAST, CPU_SLOW, "--", sys.executable, "-m", "dllama_mpi.bench",
+def bench_command(mpiexec: str, target: list[str], budgets: list[str], decode_steps: int,
+                  cores: list[str] = LAYOUTS["hog"]) -> list[str]:
+    """The ranks pinned by tools/pinned to `cores`, one thread each; `target` is --shape S or --model PATH."""
+    return [mpiexec, "-n", str(len(cores)), str(TOOLS / "pinned"), *cores, "--", sys.executable, "-m", "dllama_mpi.bench",
             *target, "--memory-budget", *budgets, "--nthreads", "1", "--prompt-lengths", "8",
             "--decode-steps", str(decode_steps), "--repeat", "1", "--json"]
 
 
 def parse_bench(stdout: str) -> dict:
-    """What a row keeps of `python -m dllama_mpi.bench --json` (its first JSON line)."""
+    """What a row keeps of `python -m dllama_mpi.bench --json` (its first JSON line); each rank's compute and
+    collective ms are per forward pass, prompt ones included."""
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise ValueError("dllama_mpi.bench printed no JSON line")
     r = json.loads(lines[0])
     return {"decode_tok_s": float(r["decode_tokens_per_s"]), "budgets_chosen": r["budgets_chosen"],
             "auto_predicted_ms": r["auto_predicted_ms_per_token"],
-            "auto_equal_predicted_ms": r["auto_equal_predicted_ms_per_token"], "kernel_isa": r.get("kernel_isa")}
+            "auto_equal_predicted_ms": r["auto_equal_predicted_ms_per_token"], "kernel_isa": r.get("kernel_isa"),
+            "compute_ms_per_rank": [1e3 * x for x in r["compute_s_per_token"]],
+            "collective_ms_per_rank": [1e3 * x for x in r["collective_s_per_token"]]}
 
 
 def auto_report(stderr: str) -> list[str]:
@@ -207,11 +218,13 @@ def report(summary: list[dict], facts: dict) -> str:
     head = [
         f"CPU: {facts['cpu']}; {facts['model']}; {facts['repeat']} interleaved round(s) of {', '.join(CONFIGS)}; "
         f"decode of {facts['decode_steps']} tokens per run",
-        f"ranks: 0 alone on core {CPU_FAST}, 1 on core {CPU_SLOW} beside a CPU hog ({facts['hog']}); one thread each"
+        (f"ranks: 0 alone on core {CPU_FAST}, 1 on core {CPU_SLOW} beside a CPU hog ({facts['hog']}); one thread each"
+         if facts["layout"] == "hog" else
+         f"ranks: 0 alone on core {CPU_FAST}, 1 and 2 sharing core {CPU_SLOW}; one thread each")
         + ("" if facts["idle"] is not False else "; MACHINE NOT IDLE before the runs")
         + (f"; {facts['disturbed_runs']} run(s) had another process above {IDLE_CPU_PCT:g}% CPU beside them"
            if facts["disturbed_runs"] else ""),
-        f"memory = DLLAMA_BUDGETS=memory: MemAvailable {facts['mem_available_mib']} MiB / 2 ranks per rank; "
+        f"memory = DLLAMA_BUDGETS=memory: MemAvailable {facts['mem_available_mib']} MiB / {facts['ranks']} ranks per rank; "
         "on one node that is the equal split",
         "",
         markdown_table(summary),
@@ -223,14 +236,14 @@ def report(summary: list[dict], facts: dict) -> str:
 
 
 def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
-    """Every run of the schedule, with the hog on core 1 throughout."""
+    """Every run of the schedule (with the hog on core 1 throughout, in that layout)."""
     target = ["--model", str(args.model)] if args.model else ["--shape", args.shape]
     rows = []
-    with hog(CPU_SLOW) as spinner:
-        exclude = {os.getpid(), spinner.pid}
+    with hog(CPU_SLOW) if args.layout == "hog" else contextlib.nullcontext() as spinner:
+        exclude = {os.getpid()} | ({spinner.pid} if spinner else set())
         ticks = os.sysconf("SC_CLK_TCK")
         for i, name in schedule(args.repeat):
-            command = bench_command(mpiexec, target, configs[name], args.decode_steps)
+            command = bench_command(mpiexec, target, configs[name], args.decode_steps, LAYOUTS[args.layout])
             log(f"round {i + 1}/{args.repeat}: {name} ({' '.join(configs[name])})")
             before, t0 = cpu_sample(exclude), time.monotonic()
             out, err = run_capture(command, args.run_timeout)
@@ -240,7 +253,8 @@ def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
                    "auto_report": auto_report(err), **parse_bench(out),
                    "disturbed_by": [f"{p_name} (pid {pid}) {pct:.0f}%" for pid, p_name, pct in others]}
             rows.append(row)
-            log(f"  decode {row['decode_tok_s']:.2f} tok/s, budgets chosen {' '.join(map(str, row['budgets_chosen']))}"
+            log(f"  decode {row['decode_tok_s']:.2f} tok/s, budgets chosen {' '.join(map(str, row['budgets_chosen']))}; "
+                f"ms per forward, compute / collective: {_per_rank(row)}"
                 + (f", predicted {row['auto_predicted_ms']:.1f} ms/token" if row["auto_predicted_ms"] is not None else "")
                 + (f"; disturbed by {', '.join(row['disturbed_by'][:3])}" if others else ""))
             for line in row["auto_report"]:
@@ -248,11 +262,19 @@ def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
     return rows
 
 
+def _per_rank(row: dict) -> str:
+    return ", ".join(f"rank {i} {c:.1f} / {w:.1f}"
+                     for i, (c, w) in enumerate(zip(row["compute_ms_per_rank"], row["collective_ms_per_rank"])))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tools/auto_budget_bench.py", allow_abbrev=False,
-        description="Two ranks on cores 0 and 1, rank 1 slowed to about half by a CPU hog on core 1: decode tok/s of "
-                    "--memory-budget auto against equal and memory-proportional budgets, interleaved rounds.")
+        description="Ranks of unequal speed on cores 0 and 1 (see --layout): decode tok/s of --memory-budget auto "
+                    "against equal and memory-proportional budgets, interleaved rounds.")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="shared",
+                   help="shared: rank 0 alone on core 0, ranks 1 and 2 on core 1; hog: rank 1 beside a busy loop "
+                        "(default: %(default)s)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--shape", default="tinyllama-1.1b",
                        help="random-weight model shape of dllama_mpi.bench (default: %(default)s)")
@@ -273,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("auto_budget_bench: mpiexec not found next to the Python interpreter or on PATH")
     available = mem_available_mib(Path("/proc/meminfo").read_text())
     idle = None if args.no_idle_wait else wait_for_idle(IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S)
-    rows = measure(args, mpiexec, config_budgets(available))
+    ranks = len(LAYOUTS[args.layout])
+    rows = measure(args, mpiexec, config_budgets(available, ranks))
     summary = summarize(rows)
     facts = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model_name(),
              "cores": os.cpu_count(), "command": shlex.join([sys.executable, *sys.argv]),
              "model": str(args.model) if args.model else f"shape {args.shape} (random Q40 weights)",
-             "hog": f"taskset -c {CPU_SLOW} {shlex.join(HOG)}", "repeat": args.repeat,
+             "layout": args.layout, "ranks": ranks,
+             "hog": f"taskset -c {CPU_SLOW} {shlex.join(HOG)}" if args.layout == "hog" else None, "repeat": args.repeat,
              "decode_steps": args.decode_steps, "mem_available_mib": available, "idle": idle,
              "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows)}
     print(report(summary, facts))
