@@ -5,10 +5,11 @@ A rank's share s of the model (its fraction of every matrix's rows) costs it, pe
 token, about a * s + o seconds: `a` the time of the whole model's matrix products, `o` what
 every rank does whatever its share (norms, quantizing and unpacking the full-width vectors).
 Each rank times one token's work at three shares, with this model's matrix shapes, weight
-type, buffer type and the rank's own threads, on matrices of random values (the kernels'
-time does not depend on them), many layers' worth so that they are read from memory as the
-real weights are. All ranks measure at once, for the same fixed wall time per share, so
-ranks that share a node's cores and memory bandwidth are measured as they will run.
+type, buffer type and the rank's own threads, on matrices of arbitrary values (the kernels'
+time does not depend on them), up to STREAM_BYTES of layers so that they are read from
+memory as the real weights are (a share whose whole model fits a cache is timed so too).
+All ranks measure at once, for the same fixed wall time per share, so ranks that share a
+node's cores and memory bandwidth are measured as they will run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .weights import Matrix
 
 SHARES = (0.25, 0.5, 1.0)  # of the whole model (clipped below at one row block)
 SECONDS_PER_SHARE = 0.4  # wall time each rank spends timing each share
-STREAM_BYTES = 96 * 2**20  # matrices timed per pass at least: more than any cache, as the real weights
+STREAM_BYTES = 64 * 2**20  # matrices timed per pass at least (each share's: held at once while measuring)
 
 
 @dataclass(frozen=True)
@@ -72,36 +73,46 @@ def _timed(work, seconds: float) -> float:
             return elapsed / n
 
 
-def token_seconds(spec: ModelSpec, buffer_type: str, share: float, seconds: float, pool: threads.Pool) -> float:
-    """Seconds per decoded token of a rank holding `share` of every matrix's rows."""
-    q80 = buffer_type == "q80"
-    inputs = {"dim": Activations(spec.dim, 1, q80), "att": Activations(spec.q_dim, 1, q80),
-              "ffn": Activations(spec.hidden_dim, 1, q80)}
-    lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), np.float32))
+class _Workload:
+    """One token's products for a rank holding `share` of every matrix's rows, on matrices of
+    arbitrary contents, enough layers' worth to stream from memory as the real weights do."""
 
-    def rows(n: int) -> int:
-        return max(1, round(share * n))
+    def __init__(self, spec: ModelSpec, buffer_type: str, share: float, pool: threads.Pool):
+        q80 = buffer_type == "q80"
+        self.spec, self.pool = spec, pool
+        inputs = {"dim": Activations(spec.dim, 1, q80), "att": Activations(spec.q_dim, 1, q80),
+                  "ffn": Activations(spec.hidden_dim, 1, q80)}
+        self.lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), np.float32))
 
-    shapes = _layer_shapes(spec)
-    layer = [(_matrix(spec.weight_type, rows(r), c), inputs[x]) for r, c, x in shapes]
-    layer_bytes = sum(m.nbytes for m, _ in layer)
-    copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
-    layers = [layer] + [[(_matrix(spec.weight_type, m.rows, m.cols), x) for m, x in layer] for _ in range(copies - 1)]
-    outs = [np.zeros((1, m.rows), np.float32) for m, _ in layer]
-    replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
-    classifier = _matrix(spec.weight_type, rows(spec.vocab_size), spec.dim)
-    logits = np.zeros((1, classifier.rows), np.float32)
+        def rows(n: int) -> int:
+            return max(1, round(share * n))
 
-    def layers_pass():
-        for products in layers:
-            for x in replicated:  # the full-width vectors every rank prepares, whatever its share
+        layer = [(_matrix(spec.weight_type, rows(r), c), inputs[x]) for r, c, x in _layer_shapes(spec)]
+        layer_bytes = sum(m.nbytes for m, _ in layer)
+        self.copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
+        self.layers = [layer] + [[(_matrix(spec.weight_type, m.rows, m.cols), x) for m, x in layer]
+                                 for _ in range(self.copies - 1)]
+        self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in layer]
+        # the full-width vectors every rank prepares per layer, whatever its share
+        self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
+        self.classifier = _matrix(spec.weight_type, rows(spec.vocab_size), spec.dim)
+        self.logits = np.zeros((1, self.classifier.rows), np.float32)
+        self.x = inputs["dim"]
+
+    def layers_pass(self) -> None:
+        for products in self.layers:
+            for x in self.replicated:
                 x.prepare(1)
-            for (m, x), out in zip(products, outs):
-                matmul(pool, lanes, m, x, 1, out)
+            for (m, x), out in zip(products, self.outs):
+                matmul(self.pool, self.lanes, m, x, 1, out)
 
-    per_layer = _timed(layers_pass, seconds * 0.8) / copies
-    per_classifier = _timed(lambda: matmul(pool, lanes, classifier, inputs["dim"], 1, logits), seconds * 0.2)
-    return spec.n_layers * per_layer + per_classifier
+    def classify(self) -> None:
+        matmul(self.pool, self.lanes, self.classifier, self.x, 1, self.logits)
+
+    def token_seconds(self, seconds: float) -> float:
+        """Seconds per decoded token, timed for about `seconds`."""
+        per_layer = _timed(self.layers_pass, seconds * 0.8) / self.copies
+        return self.spec.n_layers * per_layer + _timed(self.classify, seconds * 0.2)
 
 
 def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -115,14 +126,17 @@ def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def measure(comm: Comm, spec: ModelSpec, buffer_type: str) -> RankSpeed:
-    """Collective: every rank's RankSpeed, measured at the same time (returned on every rank
-    for its own measurement)."""
+    """Collective: this rank's RankSpeed. Every rank builds its workloads first, then all time
+    the same share at the same time, the shares up and down again (a rank sharing a core with
+    another then always competes with the same work; each point is the mean of both)."""
     pool = threads.Pool()
+    workloads = {share: _Workload(spec, buffer_type, share, pool) for share in SHARES}
+    times: dict[float, list[float]] = {share: [] for share in SHARES}
+    for share in (*SHARES, *reversed(SHARES)):
+        comm.sleeping_barrier()
+        times[share].append(workloads[share].token_seconds(SECONDS_PER_SHARE / 2))
     comm.sleeping_barrier()
-    samples = []
-    for share in SHARES:
-        samples.append((share, token_seconds(spec, buffer_type, share, SECONDS_PER_SHARE, pool)))
-        comm.sleeping_barrier()  # the next share starts together: the same neighbours all along
+    samples = [(share, float(np.mean(times[share]))) for share in SHARES]
     a, o = fit(samples)
     return RankSpeed(a, o, tuple(samples))
 

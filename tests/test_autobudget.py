@@ -90,6 +90,18 @@ def test_the_solved_plan_respects_granules_and_caps(per_share, data):
     assert abs(sum(plan_shares(plan)) - 1) < 1e-9
 
 
+def test_one_rank_measures_its_time_per_token_growing_with_its_share():
+    from dllama_mpi.comm import self_comm
+    from dllama_mpi.speed import SHARES, measure
+
+    speed = measure(self_comm(), SPEC, "q80")
+    assert [s for s, _ in speed.samples] == list(SHARES)
+    times = dict(speed.samples)
+    assert times[1.0] > 2 * times[0.25] > 0, speed  # four times the rows to read
+    assert speed.per_share_s > 0 and speed.fixed_s >= 0
+    assert speed.token_s(0.5) == pytest.approx(speed.per_share_s * 0.5 + speed.fixed_s)
+
+
 def test_auto_budgets_are_written_auto_or_auto_and_one_size_per_rank():
     assert parse_budgets(["auto"], 3) == Budgets((1, 1, 1), None, auto=True)
     assert parse_budgets(["auto", "6GiB", "2GiB"], 2) == Budgets((1, 1), (6 * 2**30, 2 * 2**30), auto=True)
