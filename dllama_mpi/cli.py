@@ -57,7 +57,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "(dllama-mpi-convert --memory-budget); default: a built-in synthetic model")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
-                        "a hard cap); each rank's need is checked against its cap and its node's memory (default: equal)")
+                        "a hard cap); or auto (auto 6GiB 2GiB ... with caps): each rank measures its speed at start and "
+                        "the model is split by it; each rank's need is checked against its cap and its node's memory "
+                        "(default: equal)")
     if command is None:
         p.add_argument("--prompt", help="text to start from (default: just BOS)")
         p.add_argument("--steps", type=int, default=64,

@@ -180,3 +180,15 @@ def test_a_small_cap_holds_the_fast_rank_back_and_says_so(cpus, mid_model):
     result, shares, measured = _auto_run(cpus, mid_model, ["auto", f"{cap // MiB}MiB", "4GiB", "4GiB"])
     assert "rank 0: " in result.stderr and "memory 400.0MiB" in result.stderr
     assert shares[0] < 0.34, f"the fast rank was not held back by its cap: {shares}\n{result.stderr}"
+
+
+def test_auto_refuses_shards_split_for_fixed_budgets(tmp_path):
+    from conftest import STORIES, assert_refused, need_stories
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+    convert(STORIES / "stories260K.bin", tmp_path / "sh", STORIES / "tok512.bin", "q40", budgets=["1", "1"])
+    result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi", "--model", str(tmp_path / "sh"), "--memory-budget",
+                             "auto"], timeout=120)
+    assert_refused(result, "holds shards already split for fixed budgets; run auto on the unsplit model file")

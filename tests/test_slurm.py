@@ -186,3 +186,11 @@ def test_serve_job_answers_and_stops_cleanly_on_scancel(slurm, stories_models, m
         time.sleep(0.5)
     log = err.read_text()
     assert "shutting down" in log and "Traceback" not in log, log
+
+
+def test_generate_job_with_auto_budgets_measures_and_says_what_it_chose(slurm, stories_models, tmp_path):
+    rc, out, err = sbatch("generate.sbatch", tmp_path, {
+        "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_BUDGETS": "auto", "DLLAMA_PROMPT": PROMPT,
+        "DLLAMA_STEPS": "20", "DLLAMA_ARGS": "--temperature 0"}, "--ntasks=2")
+    assert rc == 0, err
+    assert out.startswith(PROMPT) and "--memory-budget auto chose" in err and "Traceback" not in err
