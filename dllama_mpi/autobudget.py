@@ -13,7 +13,16 @@ import sys
 from dataclasses import dataclass
 
 from . import kernels, speed
-from .budgets import RUNTIME_BYTES, Budgets, available_memory, fastest_shares, format_bytes, rank_need, share_ratios
+from .budgets import (
+    RUNTIME_BYTES,
+    Budgets,
+    available_memory,
+    fastest_shares,
+    format_bytes,
+    memory_limit_source,
+    rank_need,
+    share_ratios,
+)
 from .comm import Comm
 from .errors import InputError, UsageError
 from .launch import DEFAULT_MAX_SEQ_LEN
@@ -130,10 +139,11 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
     mine = speed.measure(comm, spec, buffer_type)
     collective_s = speed.collective_seconds(comm, spec)
     speeds = comm.gather_obj(mine)
-    available = comm.gather_obj(available_memory())
+    memory = comm.gather_obj((available_memory(), memory_limit_source()))  # rank 0: each rank's
     choice = None
     if comm.rank == 0:
-        caps = _caps(budgets, comm.hosts, available)
+        available, limited_by = zip(*memory)
+        caps = _caps(budgets, comm.hosts, list(available))
         load_buffer = largest_tensor_bytes(spec)
         ratios, plan = solve(spec, speeds, caps, max_seq_len, n_slots, load_buffer)
         shares = plan_shares(plan)
@@ -141,19 +151,19 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
         choice = AutoChoice(Budgets(ratios, budgets.caps), tuple(speeds), collective_s,
                             tuple(s.token_s(x) for s, x in zip(speeds, shares)),
                             max(s.token_s(x) for s, x in zip(speeds, equal)) + collective_s)
-        _tell(choice, shares, caps)
+        _tell(choice, shares, caps, limited_by)
     return comm.bcast_obj(choice)
 
 
-def _tell(choice: AutoChoice, shares, caps) -> None:
+def _tell(choice: AutoChoice, shares, caps, limited_by) -> None:
     """Rank 0: the measured figures and the split chosen."""
     err = sys.stderr
     print("measured, ms per token: a x share + o (a: the whole model's products; o: what every rank does whatever "
           "its share)", file=err)
-    for rank, (s, cap) in enumerate(zip(choice.speeds, caps)):
+    for rank, (s, cap, source) in enumerate(zip(choice.speeds, caps, limited_by)):
         points = ", ".join(f"{share:g}: {1e3 * t:.1f}" for share, t in s.samples)
         print(f"  rank {rank}: {1e3 * s.per_share_s:.1f} x share + {1e3 * s.fixed_s:.1f}   (at share {points}; memory "
-              f"{format_bytes(cap) if cap is not None else 'unknown'})", file=err)
+              f"{format_bytes(cap) if cap is not None else 'unknown'}, node's by {source})", file=err)
     print(f"  collectives: {1e3 * choice.collective_s:.1f} ms per token", file=err)
     ratios = " ".join(map(str, choice.budgets.ratios))
     print(f"--memory-budget auto chose {ratios} (shares {' '.join(f'{100 * x:.1f}%' for x in shares)}): predicted "

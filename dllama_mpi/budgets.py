@@ -210,8 +210,8 @@ def _memory_sources(root: Path) -> list[tuple[int, str]]:
     meminfo = _meminfo_available(root)
     if meminfo is not None:
         sources.append((meminfo, "MemAvailable"))
-    for mount, path, limit_file, usage_file in _memory_cgroups(root):
-        room = _cgroup_room(mount, path, limit_file, usage_file)
+    for mount, path, limit_file, usage_file, cache_key in _memory_cgroups(root):
+        room = _cgroup_room(mount, path, limit_file, usage_file, cache_key)
         if room is not None:
             sources.append(room)
     return sources
@@ -228,8 +228,9 @@ def _meminfo_available(root: Path) -> int | None:
     return None
 
 
-def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str]]:
-    """(mount, cgroup path, limit file, usage file) for this process's v2 cgroup and v1 memory
+def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str, str]]:
+    """(mount, cgroup path, limit file, usage file, memory.stat's reclaimable page cache key)
+    for this process's v2 cgroup and v1 memory
     cgroup, from /proc/self/cgroup lines `0::/path` and `N:memory:/path` (or `N:cpuacct,memory:/path`)."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
@@ -242,15 +243,19 @@ def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str]]:
             continue
         hierarchy, controllers, path = fields
         if hierarchy == "0" and controllers == "":
-            cgroups.append((root / "sys/fs/cgroup", path, "memory.max", "memory.current"))
+            cgroups.append((root / "sys/fs/cgroup", path, "memory.max", "memory.current", "inactive_file"))
         elif "memory" in controllers.split(","):
-            cgroups.append((root / "sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+            cgroups.append((root / "sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                            "total_inactive_file"))
     return cgroups
 
 
-def _cgroup_room(mount: Path, path: str, limit_file: str, usage_file: str) -> tuple[int, str] | None:
+def _cgroup_room(mount: Path, path: str, limit_file: str, usage_file: str, cache_key: str) -> tuple[int, str] | None:
     """(limit - usage, "cgroup <path>") of the tightest limited cgroup from `path` up to the
-    mount root, or None where none is limited (or readable). A path whose directory doesn't
+    mount root, usage without the inactive page cache the kernel reclaims before it kills
+    (memory.stat; as cAdvisor's working set: a model file read earlier in the job stays
+    charged to its cgroup as cache), or None where none is limited (or readable).
+    A path whose directory doesn't
     exist (a cgroup namespace or a container's bind mount shows the cgroup at the mount root)
     falls back to the mount root."""
     parts = [p for p in path.split("/") if p]
@@ -267,10 +272,22 @@ def _cgroup_room(mount: Path, path: str, limit_file: str, usage_file: str) -> tu
         limit, usage = _cgroup_value(directory / limit_file), _cgroup_value(directory / usage_file)
         if limit is None or usage is None or limit >= _NO_LIMIT:
             continue
-        room = max(0, limit - usage)
+        room = max(0, limit - max(0, usage - _stat_value(directory / "memory.stat", cache_key)))
         if best is None or room < best[0]:
             best = (room, f"cgroup {name}")
     return best
+
+
+def _stat_value(file: Path, key: str) -> int:
+    """A memory.stat entry in bytes; 0 where missing or unreadable."""
+    try:
+        for line in file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _cgroup_value(file: Path) -> int | None:
@@ -309,5 +326,5 @@ def fastest_shares(per_share_s, fixed_s, max_share) -> tuple[float, ...]:
 
 def share_ratios(shares, resolution: int = 1000) -> tuple[int, ...]:
     """Shares as the plan's integer ratios (per mille); a rank with no share keeps 1, the
-    least the plan gives (every rank holds at least one row of each matrix)."""
+    least a ratio can be (the plan may then give it no rows at all)."""
     return tuple(max(1, round(s * resolution)) for s in shares)

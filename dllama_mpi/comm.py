@@ -27,18 +27,22 @@ class Comm:
         # ranks on this node, by host name rather than shared-memory reach: with MPICH's
         # shared memory off (MPIR_CVAR_NOLOCAL, tools/netsim.py) every rank would otherwise
         # think it had the node's cores to itself
-        where = self.allgather_obj((MPI.Get_processor_name(), os.getpid()))
-        self.hosts = hosts = [host for host, _ in where]  # each rank's node
-        self.pids = [pid for _, pid in where]  # to name a rank from a launcher's "PID ... RUNNING AT ..."
+        where = self.allgather_obj((MPI.Get_processor_name(), os.getpid(), len(os.sched_getaffinity(0))))
+        self.hosts = hosts = [host for host, _, _ in where]  # each rank's node
+        self.pids = [pid for _, pid, _ in where]  # to name a rank from a launcher's "PID ... RUNNING AT ..."
         on_node = [r for r, host in enumerate(hosts) if host == hosts[self.rank]]
         self.local_rank, self.local_size = on_node.index(self.rank), len(on_node)
-        # More ranks on this node than cores this rank may use: a rank waiting at a layer's
-        # gather gives its core away (sched_yield between tests of a nonblocking Allgatherv)
-        # instead of spinning in MPICH's blocking one on the core that the rank it waits for
-        # needs. Measured 2026-11-30, TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0
-        # alone: decode with auto budgets 17.7 tok/s against 14.4 spinning (equal budgets
-        # 14.8 / 13.1); 4 ranks on 2 cores: the same speed either way (15.0-15.2 / 13.7-15.7).
-        self.yields = self.local_size > len(os.sched_getaffinity(0))
+        # More ranks on a node than cores a rank may use: a rank waiting at a layer's gather
+        # gives its core away (sched_yield between tests of a nonblocking Allgatherv) instead
+        # of spinning in MPICH's blocking one on the core the rank it waits for needs. Measured
+        # 2026-11-30 (one run each), TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0
+        # alone: decode with auto budgets 17.7 tok/s yielding against 15.5 spinning; 4 ranks
+        # on 2 cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
+        # Every rank must make the same call (a blocking and a nonblocking collective never
+        # match), so the job gathers without blocking when any rank is oversubscribed, and the
+        # ranks that are wait for it by yielding.
+        oversubscribed = [hosts.count(host) > cpus for host, _, cpus in where]
+        self.nonblocking_gathers, self.yields = any(oversubscribed), oversubscribed[self.rank]
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
 
@@ -162,10 +166,13 @@ class Gatherer:
         if comm.size == 1:
             return
         t = time.perf_counter()
-        if comm.yields:
+        if comm.nonblocking_gathers:
             request = comm._comm.Iallgatherv(MPI.IN_PLACE, self._msg)
-            while not request.Test():
-                os.sched_yield()
+            if comm.yields:
+                while not request.Test():
+                    os.sched_yield()
+            else:
+                request.Wait()
         else:
             comm._comm.Allgatherv(MPI.IN_PLACE, self._msg)
         comm.collective_s += time.perf_counter() - t

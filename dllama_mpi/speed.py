@@ -27,7 +27,7 @@ from .weights import Matrix
 
 SHARES = (0.25, 0.5, 1.0)  # of the whole model (clipped below at one row block)
 SECONDS_PER_SHARE = 0.4  # wall time each rank spends timing each share
-STREAM_BYTES = 64 * 2**20  # matrices timed per pass at least (each share's: held at once while measuring)
+STREAM_BYTES = 64 * 2**20  # matrices timed per pass at least, per share (all shares' held while measuring)
 
 
 @dataclass(frozen=True)
@@ -120,21 +120,23 @@ def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
     s = np.array([p[0] for p in samples])
     t = np.array([p[1] for p in samples])
     a, o = np.polyfit(s, t, 1)
-    if o < 0:  # no fixed cost visible: a line through the origin
+    if o < 0 or a <= 0:  # no fixed cost visible, or noise hid the slope: a line through the origin
         a, o = float((s * t).sum() / (s * s).sum()), 0.0
-    return max(float(a), 1e-12), float(o)
+    return float(a), float(o)
 
 
 def measure(comm: Comm, spec: ModelSpec, buffer_type: str) -> RankSpeed:
-    """Collective: this rank's RankSpeed. Every rank builds its workloads first, then all time
-    the same share at the same time, the shares up and down again (a rank sharing a core with
-    another then always competes with the same work; each point is the mean of both)."""
+    """Collective: this rank's RankSpeed. All ranks time the same share at the same time, the
+    shares up and down again; each point is the mean of both."""
     pool = threads.Pool()
+    # every share's matrices at once (up to STREAM_BYTES each, and a classifier's share), built
+    # before any timing, so that no rank allocates while another on its core is timing
     workloads = {share: _Workload(spec, buffer_type, share, pool) for share in SHARES}
     times: dict[float, list[float]] = {share: [] for share in SHARES}
     for share in (*SHARES, *reversed(SHARES)):
         comm.sleeping_barrier()
         times[share].append(workloads[share].token_seconds(SECONDS_PER_SHARE / 2))
+    del workloads
     comm.sleeping_barrier()
     samples = [(share, float(np.mean(times[share]))) for share in SHARES]
     a, o = fit(samples)

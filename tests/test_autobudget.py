@@ -1,6 +1,6 @@
 """`--memory-budget auto`: the pure split (property tests), the budget syntax, and real
-unequal ranks on one machine (taskset: rank 0 alone on core 0, rank 1 on core 1 beside a
-busy loop, so at about half speed)."""
+unequal ranks on one machine (taskset: rank 0 alone on core 0, ranks 1 and 2 sharing core 1,
+so each at about half its speed)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def test_a_rank_whose_fixed_cost_exceeds_the_others_time_gets_no_share():
 def test_fit_finds_the_line_through_the_measured_points():
     assert fit([(0.25, 3.5), (0.5, 6.0), (1.0, 11.0)]) == pytest.approx((10.0, 1.0))
     assert fit([(0.25, 2.0), (0.5, 4.5), (1.0, 9.0)])[1] == 0.0  # a negative intercept is noise: through the origin
+    a, o = fit([(0.25, 5.0), (0.5, 4.5), (1.0, 4.0)])  # noise hid the slope: still a positive one
+    assert a > 0 and o == 0.0
 
 
 @settings(max_examples=40, deadline=None)
@@ -162,14 +164,16 @@ def _auto_run(cpus, model, budgets: list[str]):
     return result, [float(chosen[i]) / 100 for i in (4, 5, 6)], measured
 
 
-def test_ranks_at_half_speed_get_about_half_the_share(cpus, mid_model):
+def test_ranks_sharing_a_core_measure_slower_and_get_the_solvers_smaller_shares(cpus, mid_model):
     result, shares, measured = _auto_run(cpus, mid_model, ["auto"])
     a = [float(m[1]) for m in measured]
+    # how much slower depends on what the caches hold of this 40 MB model (1.3x to 5x seen); the
+    # benchmark's TinyLlama shape, read from memory, measured 1.6-1.7x (README, Choosing budgets)
     for rank in (1, 2):
-        assert 1.4 < a[rank] / a[0] < 3.5, f"rank {rank} sharing a core measured {a[rank] / a[0]:.2f}x rank 0's " \
-                                            f"time\n{result.stderr}"
-        assert 0.3 < shares[rank] / shares[0] < 0.75, result.stderr
-    # the plan's shares are the solver's, within a granule (a 32-row block of the model dimension)
+        assert a[rank] > 1.15 * a[0], f"rank {rank} sharing a core measured {a[rank] / a[0]:.2f}x rank 0's time\n" \
+                                      f"{result.stderr}"
+        assert shares[rank] < shares[0], result.stderr
+    # the plan's shares are the solver's for what was measured, within a granule
     solved = fastest_shares(a, [float(m[2]) for m in measured], [1.0, 1.0, 1.0])
     assert all(abs(x - y) < 32 / SPEC.dim + 0.01 for x, y in zip(shares, solved)), (shares, solved)
     assert "ms per decoded token, measured" in result.stderr

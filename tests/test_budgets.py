@@ -233,3 +233,17 @@ def test_this_machine_has_some_memory_available_and_no_more_than_memavailable():
     assert isinstance(available, int) and available > 0
     assert available <= max(before, after) + 64 * MiB  # MemAvailable moves between the reads
     assert memory_limit_source() == "MemAvailable" or memory_limit_source().startswith("cgroup /")
+
+
+def test_page_cache_the_kernel_can_reclaim_is_not_counted_as_used(tmp_path):
+    # a model file read earlier in the job stays charged to its cgroup as inactive page cache
+    job = "sys/fs/cgroup/slurm/job_12"
+    root = fake_root(tmp_path, cgroup="0::/slurm/job_12\n",
+                     files={f"{job}/memory.max": f"{4 * GiB}\n", f"{job}/memory.current": f"{3 * GiB}\n",
+                            f"{job}/memory.stat": f"anon {GiB}\nfile {2 * GiB}\ninactive_file {2 * GiB}\n"})
+    assert available_memory(root) == 3 * GiB
+    v1 = "sys/fs/cgroup/memory/slurm/job_12"
+    root = fake_root(tmp_path / "v1", cgroup="4:memory:/slurm/job_12\n",
+                     files={f"{v1}/memory.limit_in_bytes": f"{4 * GiB}\n", f"{v1}/memory.usage_in_bytes": f"{3 * GiB}\n",
+                            f"{v1}/memory.stat": f"cache {2 * GiB}\ntotal_inactive_file {GiB}\n"})
+    assert available_memory(root) == 2 * GiB
