@@ -359,13 +359,13 @@ def test_gguf_seed_decides_the_weights(tmp_path):
 
 
 def test_runs_capture_stdout_and_end_whole_sessions(tmp_path):
-    assert lc._run_capture(["sh", "-c", "echo out; echo err >&2"], timeout=30) == "out\n"
+    assert lc.run_capture(["sh", "-c", "echo out; echo err >&2"], timeout=30) == ("out\n", "err\n")
     with pytest.raises(SystemExit, match=r"(?s)err\n.*failed \(exit code 3\)"):
-        lc._run_capture(["sh", "-c", "echo err >&2; exit 3"], timeout=30)
+        lc.run_capture(["sh", "-c", "echo err >&2; exit 3"], timeout=30)
     with pytest.raises(SystemExit, match=r"failed \(killed by SIGILL\)"):
-        lc._run_capture(["sh", "-c", "kill -ILL $$"], timeout=30)
+        lc.run_capture(["sh", "-c", "kill -ILL $$"], timeout=30)
     marker = tmp_path / "survived"
     with pytest.raises(subprocess.TimeoutExpired):  # the child of the shell goes too
-        lc._run_capture(["sh", "-c", f"(sleep 2; touch {marker}) & wait"], timeout=0.5)
+        lc.run_capture(["sh", "-c", f"(sleep 2; touch {marker}) & wait"], timeout=0.5)
     time.sleep(2.5)
     assert not marker.exists()

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positive_int, wait_for_idle
+from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positive_int, run_capture, wait_for_idle
 
 TOOLS = Path(__file__).resolve().parent
 CONFIGS = ("equal", "memory", "auto")  # run order within a round; equal is the ratios' base
@@ -121,22 +121,6 @@ def auto_report(stderr: str) -> list[str]:
     start = next((i for i, line in enumerate(lines) if line.startswith("measured, ms per token")), None)
     end = next((i for i, line in enumerate(lines) if line.startswith("--memory-budget auto chose")), None)
     return lines[start:end + 1] if start is not None and end is not None else []
-
-
-def run_capture(command: list[str], timeout: float) -> tuple[str, str]:
-    """(stdout, stderr) of `command`, run in a session of its own so that a timeout or Ctrl-C ends all of it
-    (mpiexec's ranks too); on failure, exit with its stderr."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:  # the timeout, Ctrl-C
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    if proc.returncode:
-        how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        sys.exit(f"{err[-6000:]}\nauto_budget_bench: failed ({how}): {shlex.join(command)}")
-    return out, err
 
 
 @contextlib.contextmanager
@@ -246,7 +230,7 @@ def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
             command = bench_command(mpiexec, target, configs[name], args.decode_steps, LAYOUTS[args.layout])
             log(f"round {i + 1}/{args.repeat}: {name} ({' '.join(configs[name])})")
             before, t0 = cpu_sample(exclude), time.monotonic()
-            out, err = run_capture(command, args.run_timeout)
+            out, err = run_capture(command, args.run_timeout, "auto_budget_bench")
             seconds = time.monotonic() - t0
             others = busy_processes(before, cpu_sample(exclude), seconds, IDLE_CPU_PCT, ticks)  # the run's own have ended
             row = {"round": i, "config": name, "budgets": configs[name], "seconds": seconds, "command": shlex.join(command),

@@ -458,9 +458,9 @@ def parse_ours(text: str) -> dict:
             "world_size": r.get("world_size")}
 
 
-def _run_capture(command: list[str], timeout: float) -> str:
-    """stdout of `command`, run in a session of its own so that a timeout or Ctrl-C ends all of
-    it (mpiexec's ranks too); its stderr shown on failure."""
+def run_capture(command: list[str], timeout: float, tool: str = "llamacpp_compare") -> tuple[str, str]:
+    """(stdout, stderr) of `command`, run in a session of its own so that a timeout or Ctrl-C
+    ends all of it (mpiexec's ranks too); on failure, exit with its stderr, naming `tool`."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -470,8 +470,8 @@ def _run_capture(command: list[str], timeout: float) -> str:
         raise
     if proc.returncode:
         how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        sys.exit(f"{err[-4000:]}\nllamacpp_compare: failed ({how}): {' '.join(command)}")
-    return out
+        sys.exit(f"{err[-6000:]}\n{tool}: failed ({how}): {' '.join(command)}")
+    return out, err
 
 
 # ===================================================================== the table
@@ -611,7 +611,7 @@ def main(argv=None) -> int:
             command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads)
         log(f"round {i + 1}/{args.repeat}: {system} {config}")
         before, t0 = cpu_sample(me), time.monotonic()
-        out = _run_capture(command, args.run_timeout)
+        out, _ = run_capture(command, args.run_timeout)
         seconds = time.monotonic() - t0
         # the run's own processes have ended: whatever the sample after it holds ran beside it
         others = busy_processes(before, cpu_sample(me), seconds, args.idle_cpu, ticks)
