@@ -35,9 +35,10 @@ class Comm:
         # More ranks on a node than cores a rank may use: a rank waiting at a layer's gather
         # gives its core away (sched_yield between tests of a nonblocking Allgatherv) instead
         # of spinning in MPICH's blocking one on the core the rank it waits for needs. Measured
-        # 2026-11-30 (one run each), TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0
-        # alone: decode with auto budgets 17.7 tok/s yielding against 15.5 spinning; 4 ranks
-        # on 2 cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
+        # 2026-11-30, TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0 alone
+        # (tools/auto_budget_bench.py, medians of 3 rounds): decode with auto budgets 17.7
+        # tok/s yielding against 14.4 spinning, equal budgets 14.8 against 13.1; 4 ranks on 2
+        # cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
         # Every rank must make the same call (a blocking and a nonblocking collective never
         # match), so the job gathers without blocking when any rank is oversubscribed, and the
         # ranks that are wait for it by yielding.
