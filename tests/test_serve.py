@@ -106,14 +106,15 @@ def llama3_chat(tmp_path_factory) -> Path:
     """A tiny random model with the real Llama 3 vocabulary and Llama 3.1's chat template."""
     if not BPE_VOCAB.exists():
         pytest.skip(f"{BPE_VOCAB} not found")
-    import gguf
+    import copy
+
+    from test_llamacpp_vocab import load  # the vocabulary read once per test process (it takes seconds)
 
     from dllama_mpi.modelfile import write_model
     from dllama_mpi.spec import ModelSpec
     from dllama_mpi.synthetic import synthetic_tensors
-    from dllama_mpi.tokenizer import HFTokenizer
 
-    tokenizer = HFTokenizer.from_gguf(gguf.GGUFReader(str(BPE_VOCAB)))
+    tokenizer = copy.copy(load("llama-bpe"))  # the shared one stays template-less
     tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
     spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                      vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
