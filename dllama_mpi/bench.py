@@ -236,7 +236,9 @@ def _loopback_bytes() -> int | None:
 def table(result: dict) -> str:
     r = result
     lines = [
-        f"{r['shape']}: {r['world_size']} rank(s), budgets {' '.join(map(str, r['budgets']))}, "
+        f"{r['shape']}: {r['world_size']} rank(s), budgets "
+        + (f"auto: {' '.join(map(str, r['budgets_chosen']))}" if r["auto_predicted_ms_per_token"] is not None
+           else " ".join(map(str, r["budgets"]))) + ", "
         f"buffers {r['buffer_float_type']}, threads {r['threads_per_rank']}, kernels {r['kernel_isa']}",
         f"  decode {r['decode_tokens_per_s']:.2f} tokens/s; roofline fraction {r['roofline_fraction']:.2f} "
         f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token over {r['bandwidth_gb_s']:.1f} GB/s measured)",

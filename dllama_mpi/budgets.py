@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cgroups
 from .errors import InputError
 from .plan import Plan
 
@@ -199,21 +200,15 @@ def memory_limit_source(root: Path = Path("/")) -> str:
     return min(sources, key=lambda s: s[0])[1] if sources else "unknown"
 
 
-# A cgroup limit at or above this is no limit: cgroup v1 reports "unlimited" as PAGE_COUNTER_MAX
-# in bytes, just under 2**63 (9223372036854771712 with 4 KiB pages, less with larger pages).
-_NO_LIMIT = 2**62
-
-
 def _memory_sources(root: Path) -> list[tuple[int, str]]:
     """(bytes, name) of each limit that could be read, MemAvailable first (so it wins a tie)."""
     sources = []
     meminfo = _meminfo_available(root)
     if meminfo is not None:
         sources.append((meminfo, "MemAvailable"))
-    for mount, path, limit_file, usage_file, cache_key in _memory_cgroups(root):
-        room = _cgroup_room(mount, path, limit_file, usage_file, cache_key)
-        if room is not None:
-            sources.append(room)
+    room = cgroups.memory_room(root)
+    if room is not None:
+        sources.append(room)
     return sources
 
 
@@ -226,77 +221,6 @@ def _meminfo_available(root: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str, str]]:
-    """(mount, cgroup path, limit file, usage file, memory.stat's reclaimable page cache key)
-    for this process's v2 cgroup and v1 memory
-    cgroup, from /proc/self/cgroup lines `0::/path` and `N:memory:/path` (or `N:cpuacct,memory:/path`)."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except (OSError, ValueError):
-        return []
-    cgroups = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3 or not fields[2].startswith("/"):
-            continue
-        hierarchy, controllers, path = fields
-        if hierarchy == "0" and controllers == "":
-            cgroups.append((root / "sys/fs/cgroup", path, "memory.max", "memory.current", "inactive_file"))
-        elif "memory" in controllers.split(","):
-            cgroups.append((root / "sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes",
-                            "total_inactive_file"))
-    return cgroups
-
-
-def _cgroup_room(mount: Path, path: str, limit_file: str, usage_file: str, cache_key: str) -> tuple[int, str] | None:
-    """(limit - usage, "cgroup <path>") of the tightest limited cgroup from `path` up to the
-    mount root, usage without the inactive page cache the kernel reclaims before it kills
-    (memory.stat; as cAdvisor's working set: a model file read earlier in the job stays
-    charged to its cgroup as cache), or None where none is limited (or readable).
-    A path whose directory doesn't
-    exist (a cgroup namespace or a container's bind mount shows the cgroup at the mount root)
-    falls back to the mount root."""
-    parts = [p for p in path.split("/") if p]
-    try:
-        exists = ".." not in parts and mount.joinpath(*parts).is_dir()
-    except (OSError, ValueError):
-        exists = False
-    if not exists:
-        levels = [(mount, path)]
-    else:
-        levels = [(mount.joinpath(*parts[:n]), "/" + "/".join(parts[:n])) for n in range(len(parts), -1, -1)]
-    best = None
-    for directory, name in levels:
-        limit, usage = _cgroup_value(directory / limit_file), _cgroup_value(directory / usage_file)
-        if limit is None or usage is None or limit >= _NO_LIMIT:
-            continue
-        room = max(0, limit - max(0, usage - _stat_value(directory / "memory.stat", cache_key)))
-        if best is None or room < best[0]:
-            best = (room, f"cgroup {name}")
-    return best
-
-
-def _stat_value(file: Path, key: str) -> int:
-    """A memory.stat entry in bytes; 0 where missing or unreadable."""
-    try:
-        for line in file.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _cgroup_value(file: Path) -> int | None:
-    """A cgroup file's number; None for "max", missing, unreadable or malformed."""
-    try:
-        text = file.read_text().strip()
-    except (OSError, ValueError):
-        return None
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def fastest_shares(per_share_s, fixed_s, max_share) -> tuple[float, ...]:

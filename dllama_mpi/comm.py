@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 from mpi4py import MPI
 
+from . import cgroups, threads
 from .plan import Span
 
 ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths alone pay it
+SLEEP_WAIT_S = 2e-5  # a throttled rank's sleep between tests of a gather (the kernel adds its timer slack)
 
 
 class Comm:
@@ -27,23 +30,24 @@ class Comm:
         # ranks on this node, by host name rather than shared-memory reach: with MPICH's
         # shared memory off (MPIR_CVAR_NOLOCAL, tools/netsim.py) every rank would otherwise
         # think it had the node's cores to itself
-        where = self.allgather_obj((MPI.Get_processor_name(), os.getpid(), len(os.sched_getaffinity(0))))
-        self.hosts = hosts = [host for host, _, _ in where]  # each rank's node
-        self.pids = [pid for _, pid, _ in where]  # to name a rank from a launcher's "PID ... RUNNING AT ..."
+        try:
+            quota = cgroups.cpu_quota()
+            facts = (MPI.Get_processor_name(), os.getpid(), threads.node_cores(), cgroups.cpu_cgroup(),
+                     None if quota is None else quota[0])
+        except BaseException:  # a bug: before any guard exists, so end the job here, not in the allgather
+            traceback.print_exc()
+            sys.stderr.flush()
+            self._comm.Abort(1)
+        where = self.allgather_obj(facts)
+        self.hosts = hosts = [host for host, *_ in where]  # each rank's node
+        self.pids = [pid for _, pid, *_ in where]  # to name a rank from a launcher's "PID ... RUNNING AT ..."
         on_node = [r for r, host in enumerate(hosts) if host == hosts[self.rank]]
         self.local_rank, self.local_size = on_node.index(self.rank), len(on_node)
-        # More ranks on a node than cores a rank may use: a rank waiting at a layer's gather
-        # gives its core away (sched_yield between tests of a nonblocking Allgatherv) instead
-        # of spinning in MPICH's blocking one on the core the rank it waits for needs. Measured
-        # 2026-11-30, TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0 alone
-        # (tools/auto_budget_bench.py, medians of 3 rounds): decode with auto budgets 17.7
-        # tok/s yielding against 14.4 spinning, equal budgets 14.8 against 13.1; 4 ranks on 2
-        # cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
         # Every rank must make the same call (a blocking and a nonblocking collective never
-        # match), so the job gathers without blocking when any rank is oversubscribed, and the
-        # ranks that are wait for it by yielding.
-        oversubscribed = [hosts.count(host) > cpus for host, _, cpus in where]
-        self.nonblocking_gathers, self.yields = any(oversubscribed), oversubscribed[self.rank]
+        # match), so the job gathers without blocking when any rank yields or sleeps.
+        modes = wait_modes(where)
+        self.wait = modes[self.rank]  # how this rank waits at a layer's gather
+        self.nonblocking_gathers = any(mode != "block" for mode in modes)
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
 
@@ -138,6 +142,36 @@ class Comm:
         self._comm.Abort(code)
 
 
+def wait_modes(where: list[tuple]) -> list[str]:
+    """How each rank waits at a layer's gather, from every rank's (host, pid, usable cores,
+    CPU cgroup, CPU quota or None):
+
+    "block": MPICH's blocking Allgatherv, which spins on the rank's core: the fastest way when
+      the core is the rank's own.
+    "yield": more ranks on its node than cores the rank may use; it gives its core to the rank
+      it waits for (sched_yield between tests of a nonblocking Allgatherv). Measured
+      2026-11-30, TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0 alone
+      (tools/auto_budget_bench.py --layout shared, medians of 3 rounds): decode with auto
+      budgets 17.7 tok/s yielding against 14.4 spinning, equal budgets 14.8 against 13.1; 4
+      ranks on 2 cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
+    "sleep": its cgroup's CPU quota is below the ranks on its node sharing that cgroup (a
+      container's --cpus, a Kubernetes limit). Spinning or yielding there spends the quota the
+      rank's kernels need, and the kernel then stops the rank for the rest of the period, right
+      when the others wait for it; it sleeps between tests instead. Measured 2026-12-01, rank 1
+      under half a core's quota beside rank 0 (--layout quota, TinyLlama shape, single runs):
+      auto budgets 13.7 tok/s yielding against 15.6-16.2 sleeping; equal budgets 10.7 against
+      11.5-11.9.
+    """
+    modes = []
+    for host, _, cores, group, quota in where:
+        sharing = sum(1 for h, _, _, g, _ in where if (h, g) == (host, group))
+        if quota is not None and sharing > quota:
+            modes.append("sleep")
+        else:
+            modes.append("yield" if sum(1 for h, *_ in where if h == host) > cores else "block")
+    return modes
+
+
 def _wait_sleeping(request, first_s: float, max_s: float) -> None:
     """Complete a nonblocking MPI request by testing it and sleeping between tests, each
     sleep twice the last, from first_s up to max_s."""
@@ -169,7 +203,10 @@ class Gatherer:
         t = time.perf_counter()
         if comm.nonblocking_gathers:
             request = comm._comm.Iallgatherv(MPI.IN_PLACE, self._msg)
-            if comm.yields:
+            if comm.wait == "sleep":
+                while not request.Test():
+                    time.sleep(SLEEP_WAIT_S)
+            elif comm.wait == "yield":
                 while not request.Test():
                     os.sched_yield()
             else:

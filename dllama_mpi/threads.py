@@ -16,13 +16,19 @@ import os
 
 import numba
 
+from . import cgroups
+
 # the OpenMP layer honours the passive policy; set here, not by environment, so it holds
 # even when numba was imported before this module
 numba.config.THREADING_LAYER = os.environ.get("NUMBA_THREADING_LAYER", "omp")
 
 
 def node_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may use: its CPU affinity, or fewer where its cgroup's CPU
+    quota allows less time (a container's --cpus 2 on a 64-core host is 2; at least one)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cgroups.cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota[0])))
 
 
 def share_of_cores(local_rank: int, local_size: int, cores: int | None = None) -> int:

@@ -9,8 +9,9 @@
 #                        ${TMPDIR:-/tmp}/dllama-numba-$USER): each node compiles once, on its
 #                        first job, instead of every rank writing to a shared filesystem
 #   DLLAMA_BUDGETS       one budget per task, ratios ("3 2 2 1") or sizes ("6GiB 2GiB 2GiB
-#                        1GiB": ratio and hard cap); or "memory": each node's MemAvailable,
-#                        split evenly over the tasks Slurm put on it, as sizes in MiB; or
+#                        1GiB": ratio and hard cap); or "memory": each node's available memory
+#                        (MemAvailable, or less where the job's cgroup, e.g. its --mem, leaves
+#                        less), split evenly over the tasks Slurm put on it, as sizes in MiB; or
 #                        "auto" (optionally "auto 6GiB 2GiB ...", caps): every rank measures
 #                        its speed at the start and the job splits by it, within memory
 #   DLLAMA_BUDGETS_FILE  a file of budgets, one per task (whitespace or lines; '#' comments);
@@ -59,7 +60,8 @@ budgets_from_memory() {
   local counts mem budgets=() n i
   read -ra counts <<<"$(tasks_per_node)"
   mapfile -t mem < <(srun --ntasks="${#counts[@]}" --ntasks-per-node=1 --label \
-    awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo | sort -n | cut -d: -f2)
+    python -c 'from dllama_mpi.budgets import available_memory as a; m = a(); m is None or print(m // 2**20)' |
+    sort -n | cut -d: -f2 | tr -d ' ')
   ((${#mem[@]} == ${#counts[@]})) || die "read the memory of ${#mem[@]} node(s), expected ${#counts[@]}"
   for ((n = 0; n < ${#counts[@]}; n++)); do
     for ((i = 0; i < counts[n]; i++)); do budgets+=("$((mem[n] / counts[n]))MiB"); done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -247,3 +248,52 @@ def test_page_cache_the_kernel_can_reclaim_is_not_counted_as_used(tmp_path):
                      files={f"{v1}/memory.limit_in_bytes": f"{4 * GiB}\n", f"{v1}/memory.usage_in_bytes": f"{3 * GiB}\n",
                             f"{v1}/memory.stat": f"cache {2 * GiB}\ntotal_inactive_file {GiB}\n"})
     assert available_memory(root) == 2 * GiB
+
+
+# cgroups.cpu_quota(): the tightest CPU quota on the process's cgroup or an ancestor, on a fake root
+
+
+def test_a_v2_cpu_max_gives_the_quota_in_cpus_and_the_tightest_ancestor_wins(tmp_path):
+    from dllama_mpi import cgroups
+
+    root = fake_root(tmp_path, cgroup="0::/kubepods/pod1/ctr\n", files={
+        "sys/fs/cgroup/kubepods/pod1/ctr/cpu.max": "max 100000\n",
+        "sys/fs/cgroup/kubepods/pod1/cpu.max": "150000 100000\n",  # the pod's limit: 1.5 CPUs
+        "sys/fs/cgroup/kubepods/cpu.max": "800000 100000\n"})
+    assert cgroups.cpu_quota(root) == (1.5, "cgroup /kubepods/pod1")
+    assert cgroups.cpu_cgroup(root) == "/kubepods/pod1/ctr"
+
+
+def test_a_v1_cfs_quota_and_minus_one_for_none(tmp_path):
+    from dllama_mpi import cgroups
+
+    root = fake_root(tmp_path, cgroup="4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n", files={
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert cgroups.cpu_quota(root) == (0.5, "cgroup /docker/abc")
+    assert cgroups.cpu_cgroup(root) == "/docker/abc"
+    unlimited = fake_root(tmp_path / "u", cgroup="1:cpu:/\n", files={"sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n",
+                                                                      "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"})
+    assert cgroups.cpu_quota(unlimited) is None
+
+
+@pytest.mark.parametrize("files", [{}, {"sys/fs/cgroup/job/cpu.max": "garbage\n"},
+                                   {"sys/fs/cgroup/job/cpu.max": "50000 0\n"}])
+def test_no_readable_cpu_quota_is_none(tmp_path, files):
+    from dllama_mpi import cgroups
+
+    assert cgroups.cpu_quota(fake_root(tmp_path, cgroup="0::/job\n", files=files)) is None
+
+
+def test_node_cores_are_the_quota_where_it_allows_fewer_than_the_affinity(monkeypatch):
+    from dllama_mpi import cgroups, threads
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cgroups, "cpu_quota", lambda root=None: None)
+    assert threads.node_cores() == affinity
+    monkeypatch.setattr(cgroups, "cpu_quota", lambda root=None: (0.5, "cgroup /x"))
+    assert threads.node_cores() == 1  # at least one
+    monkeypatch.setattr(cgroups, "cpu_quota", lambda root=None: (affinity + 0.9, "cgroup /x"))
+    assert threads.node_cores() == affinity

@@ -2,7 +2,11 @@
 
 On one machine of at least 2 cores it makes ranks of unequal speed for real (--layout):
 
-  shared  (default) three ranks: rank 0 alone on core 0, ranks 1 and 2 sharing core 1, so each of them at about
+  quota   (default) two ranks: rank 0 alone on core 0, rank 1 alone on core 1 in a cgroup whose CPU quota is half a
+          core (1 ms per 2 ms period, the kernel's smallest quota; made for the run and removed after it, which
+          needs a writable cgroup v1 cpu or v2 hierarchy: root, or a delegated one). The issue's "one of two ranks
+          at half speed".
+  shared  three ranks: rank 0 alone on core 0, ranks 1 and 2 sharing core 1, so each of them at about
           half the speed of rank 0 (`mpiexec -n 3 tools/pinned 0 1 1 -- ...`);
   hog     two ranks: rank 0 alone on core 0, rank 1 on core 1 beside a CPU hog (a pure-Python busy loop pinned to
           core 1 for the whole run, killed after it, also on error or Ctrl-C). Measured 2026-11-30: rank 1's
@@ -14,7 +18,8 @@ shape model by default, or --model), and three budget configurations are measure
 (equal, memory, auto, equal, ...):
 
   equal   `1 1 1` (`1 1` with the hog);
-  memory  what jobs/common.sh's DLLAMA_BUDGETS=memory gives: each node's MemAvailable split evenly over its tasks,
+  memory  what jobs/common.sh's DLLAMA_BUDGETS=memory gives: each node's available memory (MemAvailable, or the
+          cgroup's room where smaller) split evenly over its tasks,
           as sizes in MiB; on one node both ranks get the same size, so it splits as equal does (the hog is not
           memory);
   auto    `auto`: each rank times the kernels at start and the model is split by measured speed.
@@ -46,12 +51,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dllama_mpi.budgets import available_memory
 from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positive_int, run_capture, wait_for_idle
 
 TOOLS = Path(__file__).resolve().parent
 CONFIGS = ("equal", "memory", "auto")  # run order within a round; equal is the ratios' base
 CPU_FAST, CPU_SLOW = "0", "1"  # rank 0 alone on core 0; the slow ranks (or rank 1 and the hog) on core 1
-LAYOUTS = {"shared": [CPU_FAST, CPU_SLOW, CPU_SLOW], "hog": [CPU_FAST, CPU_SLOW]}  # each rank's core
+LAYOUTS = {"quota": [CPU_FAST, CPU_SLOW], "shared": [CPU_FAST, CPU_SLOW, CPU_SLOW], "hog": [CPU_FAST, CPU_SLOW]}  # each rank's core
+QUOTA_US, PERIOD_US = 1000, 2000  # the quota layout's half core: v1's and v2's smallest quota is 1 ms
 HOG = [sys.executable, "-c", "while True: pass"]
 IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S = 20.0, 10.0, 1800.0  # as tools/llamacpp_compare.py's defaults
 GOAL_RATIO, GOAL_ERROR = 1.3, 0.2
@@ -71,12 +78,13 @@ def check_machine() -> None:
         sys.exit("auto_budget_bench: taskset not found on PATH (util-linux); it pins the ranks and the hog to their cores")
 
 
-def mem_available_mib(meminfo: str) -> int:
-    """MemAvailable of /proc/meminfo's text in MiB, rounded down as jobs/common.sh does (int(kB / 1024))."""
-    for line in meminfo.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) // 1024
-    raise ValueError("no MemAvailable line in /proc/meminfo")
+def available_mib() -> int:
+    """This process's available memory in MiB as jobs/common.sh reads it for DLLAMA_BUDGETS=memory: MemAvailable,
+    or less where its cgroup leaves less (dllama_mpi.budgets.available_memory)."""
+    available = available_memory()
+    if available is None:
+        sys.exit("auto_budget_bench: could not read the available memory (/proc/meminfo, the memory cgroup)")
+    return available // 2**20
 
 
 def memory_budgets(available_mib: int, ranks: int) -> list[str]:
@@ -95,7 +103,8 @@ def schedule(repeat: int) -> list[tuple[int, str]]:
 
 def bench_command(mpiexec: str, target: list[str], budgets: list[str], decode_steps: int,
                   cores: list[str] = LAYOUTS["hog"]) -> list[str]:
-    """The ranks pinned by tools/pinned to `cores`, one thread each; `target` is --shape S or --model PATH."""
+    """The ranks pinned by tools/pinned to `cores` (`CPUS@CGROUP` also puts the rank in that cgroup), one thread
+    each; `target` is --shape S or --model PATH."""
     return [mpiexec, "-n", str(len(cores)), str(TOOLS / "pinned"), *cores, "--", sys.executable, "-m", "dllama_mpi.bench",
             *target, "--memory-budget", *budgets, "--nthreads", "1", "--prompt-lengths", "8",
             "--decode-steps", str(decode_steps), "--repeat", "1", "--json"]
@@ -133,6 +142,48 @@ def hog(cpu: str):
     finally:
         proc.kill()
         proc.wait()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def quota_parent(root: Path = Path("/")) -> tuple[Path, str] | None:
+    """(the directory under which a CPU-quota cgroup can be made, "v1" or "v2"), or None: the v1 cpu hierarchy's
+    root, else the v2 root where its cgroup.subtree_control enables cpu; either must be writable."""
+    for mount in (root / "sys/fs/cgroup/cpu", root / "sys/fs/cgroup/cpu,cpuacct"):
+        if (mount / "cpu.cfs_quota_us").exists():
+            return (mount, "v1") if os.access(mount, os.W_OK) else None
+    v2 = root / "sys/fs/cgroup"
+    try:
+        enabled = "cpu" in (v2 / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return None
+    return (v2, "v2") if enabled and os.access(v2, os.W_OK) else None
+
+
+@contextlib.contextmanager
+def half_core_cgroup():
+    """A cgroup with a CPU quota of half a core while the block runs (its path), removed after it."""
+    found = quota_parent()
+    if found is None:
+        sys.exit("auto_budget_bench: --layout quota needs a writable cgroup v1 cpu hierarchy (/sys/fs/cgroup/cpu) or "
+                 "a v2 one with the cpu controller enabled (root, or a delegated cgroup); use --layout shared instead")
+    parent, version = found
+    path = parent / f"dllama-bench-half-core-{os.getpid()}"
+    path.mkdir()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` runs
+    try:
+        if version == "v1":
+            (path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+            (path / "cpu.cfs_quota_us").write_text(f"{QUOTA_US}\n")
+        else:
+            (path / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}\n")
+        yield path
+    finally:
+        for _ in range(50):  # the ranks have exited; the kernel frees an emptied cgroup shortly after
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -202,13 +253,14 @@ def report(summary: list[dict], facts: dict) -> str:
     head = [
         f"CPU: {facts['cpu']}; {facts['model']}; {facts['repeat']} interleaved round(s) of {', '.join(CONFIGS)}; "
         f"decode of {facts['decode_steps']} tokens per run",
-        (f"ranks: 0 alone on core {CPU_FAST}, 1 on core {CPU_SLOW} beside a CPU hog ({facts['hog']}); one thread each"
-         if facts["layout"] == "hog" else
-         f"ranks: 0 alone on core {CPU_FAST}, 1 and 2 sharing core {CPU_SLOW}; one thread each")
+        {"hog": f"ranks: 0 alone on core {CPU_FAST}, 1 on core {CPU_SLOW} beside a CPU hog ({facts['hog']}); one thread each",
+         "quota": f"ranks: 0 alone on core {CPU_FAST}, 1 alone on core {CPU_SLOW} under a CPU quota of {QUOTA_US} us per "
+                  f"{PERIOD_US} us (half a core); one thread each",
+         "shared": f"ranks: 0 alone on core {CPU_FAST}, 1 and 2 sharing core {CPU_SLOW}; one thread each"}[facts["layout"]]
         + ("" if facts["idle"] is not False else "; MACHINE NOT IDLE before the runs")
         + (f"; {facts['disturbed_runs']} run(s) had another process above {IDLE_CPU_PCT:g}% CPU beside them"
            if facts["disturbed_runs"] else ""),
-        f"memory = DLLAMA_BUDGETS=memory: MemAvailable {facts['mem_available_mib']} MiB / {facts['ranks']} ranks per rank; "
+        f"memory = DLLAMA_BUDGETS=memory: available {facts['mem_available_mib']} MiB / {facts['ranks']} ranks per rank; "
         "on one node that is the equal split",
         "",
         markdown_table(summary),
@@ -223,11 +275,15 @@ def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
     """Every run of the schedule (with the hog on core 1 throughout, in that layout)."""
     target = ["--model", str(args.model)] if args.model else ["--shape", args.shape]
     rows = []
-    with hog(CPU_SLOW) if args.layout == "hog" else contextlib.nullcontext() as spinner:
+    with contextlib.ExitStack() as stack:
+        spinner = stack.enter_context(hog(CPU_SLOW)) if args.layout == "hog" else None
+        cores = list(LAYOUTS[args.layout])
+        if args.layout == "quota":
+            cores[1] += f"@{stack.enter_context(half_core_cgroup())}"
         exclude = {os.getpid()} | ({spinner.pid} if spinner else set())
         ticks = os.sysconf("SC_CLK_TCK")
         for i, name in schedule(args.repeat):
-            command = bench_command(mpiexec, target, configs[name], args.decode_steps, LAYOUTS[args.layout])
+            command = bench_command(mpiexec, target, configs[name], args.decode_steps, cores)
             log(f"round {i + 1}/{args.repeat}: {name} ({' '.join(configs[name])})")
             before, t0 = cpu_sample(exclude), time.monotonic()
             out, err = run_capture(command, args.run_timeout, "auto_budget_bench")
@@ -256,9 +312,9 @@ def parser() -> argparse.ArgumentParser:
         prog="python tools/auto_budget_bench.py", allow_abbrev=False,
         description="Ranks of unequal speed on cores 0 and 1 (see --layout): decode tok/s of --memory-budget auto "
                     "against equal and memory-proportional budgets, interleaved rounds.")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default="shared",
-                   help="shared: rank 0 alone on core 0, ranks 1 and 2 on core 1; hog: rank 1 beside a busy loop "
-                        "(default: %(default)s)")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="quota",
+                   help="quota: rank 1 under a CPU quota of half a core; shared: rank 0 alone on core 0, ranks 1 and 2 "
+                        "on core 1; hog: rank 1 beside a busy loop (default: %(default)s)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--shape", default="tinyllama-1.1b",
                        help="random-weight model shape of dllama_mpi.bench (default: %(default)s)")
@@ -277,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if not mpiexec:
         sys.exit("auto_budget_bench: mpiexec not found next to the Python interpreter or on PATH")
-    available = mem_available_mib(Path("/proc/meminfo").read_text())
+    available = available_mib()
     idle = None if args.no_idle_wait else wait_for_idle(IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S)
     ranks = len(LAYOUTS[args.layout])
     rows = measure(args, mpiexec, config_budgets(available, ranks))
