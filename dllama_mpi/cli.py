@@ -243,7 +243,7 @@ def _run(comm, argv) -> int:
         if budgets.auto:
             given += f" -> {' '.join(map(str, plan.budgets))}"
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {given}, "
-              f"weights {plan.spec.weight_type}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
+              f"weights {plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
               f"kernels {qmatmul.ISA}",
               file=sys.stderr)
         print(plan.table(launch.max_seq_len), file=sys.stderr)
@@ -416,7 +416,7 @@ def _dry_run(argv) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
-          f"weights {spec.weight_type}")
+          f"weights {spec.weights_text}")
     print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
           f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
     print(plan.table(max_seq_len))

@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+STACKED_KINDS = (("wq", "wk", "wv"), ("w1", "w3"))  # matrices the engine joins into one product (weights.STACKED)
 MAX_LAYERS = 4096  # the largest models have ~128: anything near this is a damaged header, not a model
 MAX_SIZE = 2**31 - 1  # dims, vocabulary and context fit int32 in every format we read
 
@@ -43,6 +44,9 @@ class ModelSpec:
     qkv_bias: bool = False  # q/k/v projections have biases (qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (qwen3)
     weight_type: str = "f32"  # requested type; quant.storage_type decides per tensor
+    # per-matrix exceptions to weight_type, "output=q80,w2=q80" (what a GGUF's mix became); the
+    # matrices the engine stacks (wq wk wv; w1 w3) share one type
+    tensor_types: str = ""
     architecture: str = "llama"  # llama, mistral, qwen2, qwen3: one data path, the flags above
 
     def __post_init__(self) -> None:
@@ -70,8 +74,36 @@ class ModelSpec:
             problems.append(f"rope_style must be 'interleaved', got {self.rope_style!r}")
         if self.weight_type not in quant.WEIGHT_TYPES:
             problems.append(f"weight_type must be one of {quant.WEIGHT_TYPES}, got {self.weight_type!r}")
+        problems += self._tensor_type_problems()
         if problems:
             raise InputError("invalid model spec: " + "; ".join(problems))
+
+    def _tensor_type_problems(self) -> list[str]:
+        try:
+            types = self.type_overrides()
+        except ValueError:
+            return [f"tensor_types must read kind=type,kind=type,...; got {self.tensor_types!r}"]
+        problems = [f"tensor_types names {kind!r}, not a matrix (one of {', '.join(self.matrix_cols())})"
+                    for kind in types if kind not in self.matrix_cols()]
+        problems += [f"tensor_types gives {kind} the type {t!r}; types are {quant.WEIGHT_TYPES}"
+                     for kind, t in types.items() if t not in quant.WEIGHT_TYPES]
+        for stacked in STACKED_KINDS:
+            if len({types.get(kind, self.weight_type) for kind in stacked}) > 1:
+                problems.append(f"tensor_types must give {', '.join(stacked)} one type (the engine stacks them), "
+                                f"got {self.tensor_types!r}")
+        return problems
+
+    @property
+    def weights_text(self) -> str:
+        """The weight types as printed: "q40", or "q40 (output=q80)" for a mix."""
+        return self.weight_type + (f" ({self.tensor_types})" if self.tensor_types else "")
+
+    def type_overrides(self) -> dict[str, str]:
+        """tensor_types as {kind: type}."""
+        pairs = [item.split("=") for item in self.tensor_types.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(self.tensor_types)
+        return {kind.strip(): t.strip() for kind, t in pairs}
 
     @property
     def q_dim(self) -> int:
@@ -95,7 +127,7 @@ class ModelSpec:
         }
 
     def tensor_type(self, kind: str) -> str:
-        return quant.storage_type(self.weight_type, self.matrix_cols()[kind])
+        return quant.storage_type(self.type_overrides().get(kind, self.weight_type), self.matrix_cols()[kind])
 
     def resident_row_bytes(self, kind: str) -> int:
         """Memory of one local row of matrix `kind` (what a rank's budget pays for)."""
@@ -116,7 +148,10 @@ class ModelSpec:
         return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
     def to_attrs(self) -> dict:
-        return dataclasses.asdict(self)
+        attrs = dataclasses.asdict(self)
+        if not self.tensor_types:  # files, model ids and plan hashes of uniform models stay as they were
+            del attrs["tensor_types"]
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs) -> ModelSpec:

@@ -53,12 +53,12 @@ def _matrix(kind: str, rows: int, cols: int) -> Matrix:
                   qs=qs if kind == "q40" else qs.view(np.int8))
 
 
-def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str]]:
-    """(rows of the whole model, cols, input) of each product of a layer; the input names
-    which full-width vector it reads."""
+def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:
+    """(rows of the whole model, cols, input, matrix kind) of each product of a layer; the
+    input names which full-width vector it reads, the kind the stored type."""
     qkv = spec.q_dim + 2 * spec.n_kv_heads * spec.head_dim
-    return [(qkv, spec.dim, "dim"), (spec.dim, spec.q_dim, "att"), (2 * spec.hidden_dim, spec.dim, "dim"),
-            (spec.dim, spec.hidden_dim, "ffn")]
+    return [(qkv, spec.dim, "dim", "wq"), (spec.dim, spec.q_dim, "att", "wo"), (2 * spec.hidden_dim, spec.dim, "dim", "w1"),
+            (spec.dim, spec.hidden_dim, "ffn", "w2")]
 
 
 def _timed(work, seconds: float) -> float:
@@ -87,15 +87,16 @@ class _Workload:
         def rows(n: int) -> int:
             return max(1, round(share * n))
 
-        layer = [(_matrix(spec.weight_type, rows(r), c), inputs[x]) for r, c, x in _layer_shapes(spec)]
+        layer = [(_matrix(spec.tensor_type(kind), rows(r), c), inputs[x]) for r, c, x, kind in _layer_shapes(spec)]
         layer_bytes = sum(m.nbytes for m, _ in layer)
         self.copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
-        self.layers = [layer] + [[(_matrix(spec.weight_type, m.rows, m.cols), x) for m, x in layer]
+        self.layers = [layer] + [[(_matrix(m.type, m.rows, m.cols), x) for m, x in layer]
                                  for _ in range(self.copies - 1)]
         self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in layer]
         # the full-width vectors every rank prepares per layer, whatever its share
         self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
-        self.classifier = _matrix(spec.weight_type, rows(spec.vocab_size), spec.dim)
+        self.classifier = _matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),
+                                  rows(spec.vocab_size), spec.dim)
         self.logits = np.zeros((1, self.classifier.rows), np.float32)
         self.x = inputs["dim"]
 

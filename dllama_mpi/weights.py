@@ -16,6 +16,7 @@ from .comm import Comm
 from .errors import UsageError
 from .modelfile import ModelFile, ModelFileError, stored_shape, stored_type, tensor_layout
 from .plan import Plan
+from .spec import STACKED_KINDS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
 
 # products that read the same input, stacked into one matrix (one product, one parallel
 # region): a layer's q/k/v rows, and its w1/w3 rows, one part after another
-STACKED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+STACKED = dict(zip(("wqkv", "w13"), STACKED_KINDS, strict=True))
 
 
 def _put(tensors: dict, name: str, stored: np.ndarray, info) -> None:

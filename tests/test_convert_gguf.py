@@ -3,6 +3,8 @@ the way llama.cpp's convert_hf_to_gguf lays them out."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -86,8 +88,9 @@ def spm_vocab():
 
 def write_gguf(path, arch: str, tensors: dict, types: dict | None = None, rope_freqs: np.ndarray | None = None,
                theta: float = 10000.0, extra=None) -> dict:
-    """tensors: our name -> f32 array as stored; types: our name -> GGML type (default F32).
-    Returns our name -> the raw stored array (quantized bytes or floats)."""
+    """tensors: our name -> f32 array as stored, or the raw bytes (rows, bytes per row) u8 of its
+    types entry; types: our name -> GGML type (default F32). Returns our name -> the raw stored
+    array (quantized bytes or floats)."""
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(CTX)
@@ -114,6 +117,9 @@ def write_gguf(path, arch: str, tensors: dict, types: dict | None = None, rope_f
         if kind == Q.F32:
             data = np.ascontiguousarray(array, dtype=np.float32)
             w.add_tensor(gguf_name(name), data)
+        elif array.dtype == np.uint8:  # raw blocks (gguf-py quantizes no k-quant)
+            data = array
+            w.add_tensor(gguf_name(name), data, raw_dtype=kind)
         else:
             data = gguf.quants.quantize(array, kind)
             w.add_tensor(gguf_name(name), data, raw_dtype=kind)
@@ -323,3 +329,86 @@ def test_a_vocabulary_only_gguf_is_not_taken_for_truncated():
     if not path.exists():
         pytest.skip(f"{path} not found")
     assert len(gguf_model.open_gguf(path).tensors) == 0
+
+
+def random_k_blocks(rng, rows: int, cols: int, kind) -> np.ndarray:
+    """Random but valid k-quant rows: (rows, bytes) u8 with every super-block's fp16 scales
+    (d, and dmin for Q4_K) set small and finite; the other bytes (sub-scales, codes) random."""
+    block, size = gguf.constants.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(1 / 2048).tobytes(), np.uint8)
+    if kind == Q.Q6_K:  # ql[128] qh[64] scales[16] d
+        raw[..., 208:210] = scale
+    else:  # Q4_K: d dmin scales[12] qs[128]
+        raw[..., 0:2] = scale
+        raw[..., 2:4] = scale
+    return raw.reshape(rows, -1)
+
+
+def test_a_k_quant_mix_converts_to_its_nearest_types_and_gives_the_float_references_logits(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """A Q4_K_M-like file: Q4_0 matrices kept bit-exact, a kind with a Q6_K layer (w2) and the k-quant
+    output and embedding as q80 (8-bit blocks), nothing re-quantized to 4 bits; logits as those of
+    gguf-py's own dequantization converted to f32."""
+    import h5py
+
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.convert import convert, info
+    from dllama_mpi.job import open_job
+
+    for name, value in (("DIM", 256), ("HIDDEN", 512), ("HEADS", 4), ("KV_HEADS", 2), ("HEAD_DIM", 64)):
+        monkeypatch.setitem(globals(), name, value)  # rows whole 256-value super-blocks
+    rng = np.random.default_rng(14)
+    stored = stored_layout({k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
+                            for k, v in hf_weights(rng, "llama").items()}, "llama")
+    types = {n: Q.Q4_0 for n in stored if n.rsplit("/", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    types.update({"layers/1/w2": Q.Q6_K, "output": Q.Q6_K, "tok_embeddings": Q.Q4_K})
+    for name in ("layers/1/w2", "output", "tok_embeddings"):
+        stored[name] = random_k_blocks(rng, *stored[name].shape, types[name])
+    raw = write_gguf(tmp_path / "mix.gguf", "llama", stored, types)
+    convert(tmp_path / "mix.gguf", tmp_path / "mix.h5", None, None)
+    err = capsys.readouterr().err
+    assert "note: Q4_0 x 12 tensor(s) -> q40: kept bit-exact" in err, err
+    assert "note: Q4_0 x 1 tensor(s) -> q80: re-quantized to 8-bit blocks, as w2 holds wider types" in err, err
+    assert "note: Q6_K x 2 tensor(s) -> q80: re-quantized to 8-bit blocks (no native kernels for it yet)" in err, err
+    assert "note: Q4_K x 1 tensor(s) -> q80" in err and "from Q4_K" not in err, err
+    with h5py.File(tmp_path / "mix.h5", "r") as f:
+        assert f.attrs["weight_type"] == "q40" and f.attrs["tensor_types"] == "output=q80,tok_embeddings=q80,w2=q80"
+        assert f["layers/1/w1"][()].tobytes() == raw["layers/1/w1"].tobytes()  # kept bit-exact
+        assert {f[n].attrs["type"] for n in ("layers/0/w2", "layers/1/w2", "output", "tok_embeddings")} == {"q80"}
+    assert re.search(r"by type: f32 5 tensor\(s\) [\d.]+ MiB, q40 12 tensor\(s\) [\d.]+ MiB, q80 4 tensor\(s\)",
+                     info(tmp_path / "mix.h5"))
+    # the reference: every tensor as gguf-py dequantizes it, stored as F32
+    dense = {n: (gguf.quants.dequantize(raw[n], types[n]) if n in types else stored[n]) for n in stored}
+    write_gguf(tmp_path / "ref.gguf", "llama", dense)
+    convert(tmp_path / "ref.gguf", tmp_path / "ref.h5", None, "f32")
+    logits = {}
+    for name in ("mix", "ref"):
+        job = open_job(Comm(), tmp_path / f"{name}.h5", (1,), buffer_type="f32", max_seq_len=8)
+        logits[name] = np.stack([job.engine.forward(t, pos).copy() for pos, t in enumerate([1, 5, 260, 77])])
+    scale = np.abs(logits["ref"]).max()
+    assert scale > 0.1
+    # 8-bit re-quantization of the k-quant tensors is the only loss: 1.1% of the largest logit measured
+    # (random codes, the worst case for it: every value of a block as likely as its largest); 2% allowed
+    assert np.abs(logits["mix"] - logits["ref"]).max() < 0.02 * scale, np.abs(logits["mix"] - logits["ref"]).max() / scale
+    assert (logits["mix"].argmax(1) == logits["ref"].argmax(1)).all()
+
+
+def test_choose_types_keeps_what_runs_and_takes_the_widest_per_stacked_kind():
+    from dllama_mpi.convert import choose_types
+
+    q4km = {}
+    for layer in range(3):
+        q4km.update({f"layers/{layer}/{k}": "Q4_K" for k in ("wq", "wk", "wo", "w1", "w3")})
+        q4km[f"layers/{layer}/wv"] = "Q6_K" if layer == 1 else "Q4_K"
+        q4km[f"layers/{layer}/w2"] = "Q6_K" if layer != 1 else "Q4_K"
+    q4km.update({"tok_embeddings": "Q4_K", "output": "Q6_K"})
+    weight_type, tensor_types, notes = choose_types(q4km)
+    assert (weight_type, tensor_types) == ("q80", "")
+    assert notes[0] == "Q4_K x 19 tensor(s) -> q80: re-quantized to 8-bit blocks (no native kernels for it yet)"
+    q40 = {f"layers/0/{k}": "Q4_0" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    assert choose_types({**q40, "output": "Q6_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q80")
+    assert choose_types({**q40, "layers/0/wv": "Q8_0"})[:2] == ("q40", "wk=q80,wq=q80,wv=q80")
+    bf16 = {f"layers/0/{k}": "BF16" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    assert choose_types(bf16) == ("f32", "", ["BF16 x 7 tensor(s) -> f32: widened"])
+    assert choose_types({**q40, "output": "F16"})[2][0] == "F16 x 1 tensor(s) -> f16: kept bit-exact"

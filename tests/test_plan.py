@@ -193,3 +193,22 @@ def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
     path = write_random_model(tmp_path / "m.h5", spec)
     job = open_job(Comm(), path, (1,), max_seq_len=8)
     assert job.weights.nbytes == job.plan.weight_bytes(0)
+
+
+def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans_bytes():
+    import dataclasses
+
+    from dllama_mpi.errors import InputError
+
+    mixed = dataclasses.replace(TINYLLAMA, tensor_types="output=q80,w2=q80")
+    assert [mixed.tensor_type(k) for k in ("wq", "w2", "output")] == ["q40", "q80", "q80"]
+    assert mixed.weights_text == "q40 (output=q80,w2=q80)"
+    assert (TINYLLAMA.resident_row_bytes("w2"), mixed.resident_row_bytes("w2")) == (176 * 18, 176 * 34)  # 5632 / 32 blocks
+    uniform, plan = make_plan(TINYLLAMA, (1, 1)), make_plan(mixed, (1, 1))
+    assert plan.plan_hash() != uniform.plan_hash() and "tensor_types" not in TINYLLAMA.to_attrs()
+    assert ModelSpec.from_attrs(mixed.to_attrs()) == mixed
+    for bad, says in (("w9=q80", "names 'w9', not a matrix"), ("w2=q50", "gives w2 the type 'q50'"),
+                      ("wv=q80", "must give wq, wk, wv one type"), ("w1=q80", "must give w1, w3 one type"),
+                      ("w2", "must read kind=type")):
+        with pytest.raises(InputError, match=says):
+            dataclasses.replace(TINYLLAMA, tensor_types=bad)

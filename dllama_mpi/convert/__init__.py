@@ -30,7 +30,10 @@ class Source:
         which the writer keeps bit-exact when the output type matches.
     tokenizer: anything with write_hdf5(group) (see dllama_mpi.tokenizer).
     files: the source files read, recorded with their sha256.
-    notes: lines the converter prints (e.g. which tensors were re-quantized)."""
+    notes: lines the converter prints (e.g. which tensors were re-quantized).
+    native_types: a quantized source's type of each matrix as stored there, by our name
+        (GGUF: "Q4_0", "Q6_K", "F16", ...); with it and no --weights the writer keeps each
+        type the engine runs (choose_types)."""
 
     spec_fields: dict
     tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
@@ -38,6 +41,54 @@ class Source:
     description: str
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    native_types: dict[str, str] = field(default_factory=dict)
+
+
+# What each stored type becomes when no --weights is given: the type itself where the engine
+# runs it, otherwise the nearest that loses nothing measurable. BF16 widens to f32 (f16 would
+# clip its range); every other quantized type (Q4_1, Q5_0/1, the k-quants Q2_K..Q6_K, ...)
+# is re-quantized to 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32
+# hold to within half a step of 1/127 of each block's largest value (4-bit blocks would
+# quantize them a second time, coarser than they are: issue 14's damaged answers).
+KEPT = {"Q4_0": "q40", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
+WIDER = ("q40", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
+
+
+def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
+    """(weight_type, tensor_types, notes) keeping a quantized source's types: each matrix
+    kind takes the widest type of its tensors across layers (a Q4_K_M file holds Q6_K in some
+    layers' w2 and wv), the stacked kinds (wq wk wv; w1 w3) the widest of the stack, the
+    model's weight_type is the most common kind's, and tensor_types lists the others."""
+    from ..spec import STACKED_KINDS
+
+    by_kind: dict[str, str] = {}
+    for name, stored in native.items():
+        kind = name.rsplit("/", 1)[-1]
+        ours = KEPT.get(stored, "q80")
+        by_kind[kind] = max(by_kind.get(kind, ours), ours, key=WIDER.index)
+    for stacked in STACKED_KINDS:
+        present = [k for k in stacked if k in by_kind]
+        if present:
+            widest = max((by_kind[k] for k in present), key=WIDER.index)
+            by_kind.update({k: widest for k in present})
+    layer_kinds = [k for k in by_kind if k not in ("tok_embeddings", "output")] or list(by_kind)
+    counts = {t: sum(by_kind[k] == t for k in layer_kinds) for t in WIDER}
+    weight_type = max(WIDER, key=lambda t: (counts[t], -WIDER.index(t)))
+    tensor_types = ",".join(f"{k}={t}" for k, t in sorted(by_kind.items()) if t != weight_type)
+    notes = []
+    for stored, became in sorted({(t, by_kind[n.rsplit("/", 1)[-1]]) for n, t in native.items()}):
+        names = sorted(n for n, t in native.items() if t == stored and by_kind[n.rsplit("/", 1)[-1]] == became)
+        if became == KEPT.get(stored) and stored != "BF16":
+            how = "kept bit-exact"
+        elif became in ("f16", "f32"):
+            how = "widened"
+        elif stored in KEPT:  # a kind (or stack) that holds a wider type elsewhere
+            how = f"re-quantized to 8-bit blocks, as {'/'.join(sorted({n.rsplit('/', 1)[-1] for n in names}))} " \
+                  "holds wider types in other tensors"
+        else:
+            how = "re-quantized to 8-bit blocks (no native kernels for it yet)"
+        notes.append(f"{stored} x {len(names)} tensor(s) -> {became}: {how}")
+    return weight_type, tensor_types, notes
 
 
 class ConvertError(InputError):
@@ -70,8 +121,11 @@ def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
     raise ConvertError(f"can't tell the format of {input_path}: it is none of: {names}")
 
 
+DEFAULT_WEIGHTS = "q40"  # what a float source (HF, llama2.c) is quantized to unless --weights says otherwise
+
+
 def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str | Path | None,
-            weights: str, force: bool = False, budgets: list[str] | None = None, progress: bool = False):
+            weights: str | None, force: bool = False, budgets: list[str] | None = None, progress: bool = False):
     """Convert one model; with `budgets` (as --memory-budget takes them: ratios or sizes),
     output_path becomes a directory of per-rank shards. With `force`, only what the converter
     wrote is replaced (modelfile.check_output). Returns the ModelSpec written."""
@@ -90,17 +144,23 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
     ratios = parse_budgets(budgets, len(budgets)).ratios if budgets else None
     check_output(output_path, shards=ratios is not None, force=force)
     source = read_source(input_path, tokenizer_path)
-    spec = ModelSpec(**source.spec_fields, weight_type=weights)
+    tensor_types, type_notes = "", []
+    if weights is None and source.native_types:
+        weights, tensor_types, type_notes = choose_types(source.native_types)
+        source.notes = [n for n in source.notes if not n.startswith("re-quantized: ")]  # choose_types says it
+    spec = ModelSpec(**source.spec_fields, weight_type=weights or DEFAULT_WEIGHTS, tensor_types=tensor_types)
     plan = make_plan(spec, ratios) if ratios else None
     files = sorted({Path(f) for f in source.files} or {input_path})
     attrs = {
-        "source": source.description, "converter_version": __version__, "quantization": weights,
+        "source": source.description, "converter_version": __version__,
+        "quantization": spec.weights_text,
         "source_files": [f.name for f in files], "source_sha256": [sha256_of(f) for f in files],
     }
     write_model(output_path, spec, source.tensors(), source.tokenizer, attrs, plan=plan, progress=progress)
-    for note in source.notes:
+    for note in type_notes + source.notes:
         print(f"note: {note}", file=sys.stderr)
-    kept_f32 = sorted(k for k in spec.matrix_cols() if spec.tensor_type(k) == "f32") if weights in ("q40", "q80") else []
+    kept_f32 = sorted(k for k in spec.matrix_cols()
+                      if spec.tensor_type(k) == "f32" and spec.type_overrides().get(k, spec.weight_type) != "f32")
     if kept_f32:
         print(f"note: {', '.join(kept_f32)} kept as f32: their rows are not whole {quant.BLOCK}-value blocks",
               file=sys.stderr)
@@ -125,13 +185,17 @@ def info(path: str | Path) -> str:
             lines.append(f"plan {first.shard[3]} over {first.shard[1]} ranks:")
             lines.append(plan.table(first.spec.seq_len))
         lines.append(f"{'tensor':<28} {'type':>5} {'shape':>18} {'MiB':>9}")
-        total = 0
+        total, by_type = 0, {}
         for name, size, kind, shape in first.datasets():
             if name.startswith("tokenizer"):
                 continue
             total += size
+            count, nbytes = by_type.get(kind, (0, 0))
+            by_type[kind] = count + 1, nbytes + size
             lines.append(f"{name:<28} {kind:>5} {str(shape):>18} {size / 2**20:>9.2f}")
-        lines.append(f"{'total' if not first.shard else 'total (shard 0)'}: {total / 2**20:.2f} MiB")
+        lines.append(f"{'total' if not first.shard else 'total (shard 0)'}: {total / 2**20:.2f} MiB; by type: "
+                     + ", ".join(f"{kind} {count} tensor(s) {nbytes / 2**20:.2f} MiB"
+                                 for kind, (count, nbytes) in sorted(by_type.items())))
     finally:
         first.close()
     return "\n".join(lines)
@@ -146,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", nargs="?", help="HDF5 model file to write (a directory of shards with --memory-budget)")
     p.add_argument("--tokenizer", help="tokenizer file when the model has none inside (llama2.c tokenizer.bin, "
                                        "distributed-llama .t); default: tokenizer.bin beside a llama2.c input")
-    p.add_argument("--weights", choices=quant.WEIGHT_TYPES, default="q40", help="weight type (default q40)")
+    p.add_argument("--weights", choices=quant.WEIGHT_TYPES,
+                   help="weight type of every matrix (default: a GGUF's own types where the engine runs them, its "
+                        f"other quantized types as q80; {DEFAULT_WEIGHTS} for float sources)")
     p.add_argument("--memory-budget", nargs="+", metavar="B",
                    help="write per-rank shards into the directory OUTPUT, split for these budgets (one per rank, "
                         "ratios or sizes as at run time: 3 2 2 1 or 6GiB 2GiB 2GiB 1GiB)")
@@ -172,5 +238,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     split = f", split for budgets {' '.join(args.memory_budget)}" if args.memory_budget else ""
     print(f"wrote {args.output}: {spec.architecture}, {spec.n_layers} layers, dim {spec.dim}, vocab {spec.vocab_size}, "
-          f"weights {spec.weight_type}{split}", file=sys.stderr)
+          f"weights {spec.weights_text}{split}", file=sys.stderr)
     return 0

@@ -49,6 +49,9 @@ _ROPE_ROWS = {"wq", "wk", "bq", "bk", "q_norm", "k_norm"}
 _LLAMA3_CANDIDATES = ((1.0, 4.0, 8192),)
 
 
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output")  # ModelSpec.matrix_cols' kinds
+
+
 def sniff(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -356,7 +359,10 @@ def read(path: Path, tokenizer_path=None):
     import gguf
 
     Q = gguf.GGMLQuantizationType
+    native_types = {}
     for t in reader.tensors:  # notes are known before the tensors are streamed
+        if t.name in names and names[t.name].rsplit("/", 1)[-1] in MATRICES:
+            native_types[names[t.name]] = t.tensor_type.name
         if t.name in names and t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0):
             notes.append(f"re-quantized: {names[t.name]} from {t.tensor_type.name}")
 
@@ -367,4 +373,5 @@ def read(path: Path, tokenizer_path=None):
             if ours is not None:
                 yield ours, _convert(t, ours, arch, head_dim, None)
 
-    return Source(fields, tensors, tokenizer, f"GGUF {arch} model {path.name}", files=[path], notes=notes)
+    return Source(fields, tensors, tokenizer, f"GGUF {arch} model {path.name}", files=[path], notes=notes,
+                  native_types=native_types)
