@@ -194,10 +194,11 @@ CHUNK_VALUES = 1 << 22  # values converted at a time: a big tensor never exists 
 def _to_stored(name: str, source, spec: ModelSpec, info: TensorInfo) -> np.ndarray:
     """A source tensor in its stored type, converted a block of rows at a time. `source` is an
     array, or any object with .shape, .dtype and row slicing (a lazily read tensor), holding
-    floats of the dense shape or Q40/Q80 blocks."""
+    floats of the dense shape or Q40/Q80/Q4K blocks."""
     kind = stored_type(spec, info)
-    blocks = source.dtype in (quant.Q40, quant.Q80)
-    found = (source.shape[0], source.shape[1] * quant.BLOCK) if blocks else tuple(source.shape)
+    block_values = {quant.Q40: quant.BLOCK, quant.Q80: quant.BLOCK, quant.Q4K: quant.QK}.get(source.dtype)
+    blocks = block_values is not None
+    found = (source.shape[0], source.shape[1] * block_values) if blocks else tuple(source.shape)
     if found != info.shape:
         raise ModelFileError(f"tensor {name}: expected shape {info.shape}, got {found}")
     rows = info.shape[0]

@@ -11,7 +11,11 @@ The SIMD paths (below) compute exactly this, and so does the portable fallback, 
 result is the same bits on every path, thread count and split (the numpy twins:
 reference.matvec_q_q80_exact, matvec_q_f32_exact). With f32 activations (portable code on
 every CPU), isum_b is instead the f32 sum of the block's 32 products in element order, then
-the same lanes and tree.
+the same lanes and tree. Q4K weights (sub-blocks of 32 with a scale s_b and a min m_b,
+value s_b * q - m_b, q in 0..15) take the same integer sums of their unsigned codes and
+p_b = f32(isum_b) * (s_b * d_x_b) - f32(xsum_b) * (m_b * d_x_b), the min folded through
+the sum of the activation codes (with f32 activations: the block's f32 sum of q * x in
+element order times s_b, minus the f32 sum of x in element order times m_b).
 
 Instruction set, chosen at import from the host's CPU features (llvmlite reports them);
 DLLAMA_ISA=avx512vnni|avx2|portable picks a lesser one (tests run every path the host has):
@@ -28,6 +32,9 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
       pairs of elements 4k..4k+3 (low) and 16+4k..16+4k+3 (high); d (rows, 16 G) u16, the
       fp16 scales as stored in the file (18 bytes per 32 weights, as llama.cpp).
   Q80 weights: qs (rows, G * 512) i8, 8 quads; d as above.
+  Q4K weights: qs as Q40's, of each 32-value sub-block's codes (made by `pack_q4k`); d
+      (rows, 32 G) f32: per lane group, the 16 sub-blocks' scales then their mins (24
+      bytes per 32 weights; the file keeps llama.cpp's 18).
   Q80 activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
       it folds Q40's -8 and the unsigned offset of vpdpbusd out of the inner loop),
       xd (T, 16 G) f32; activation codes lie in [-127, 127] (our quantizer's range).
@@ -46,6 +53,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .errors import UsageError
+from . import quant
 from .quant import BLOCK, GROUP
 
 CHUNKS = 64  # row chunks per parallel product, each with its own scratch lanes
@@ -114,6 +122,23 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(qs), d
 
 
+def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above)."""
+    rows, n_sub = stored.shape[0], stored.shape[1] * (quant.QK // BLOCK)
+    codes = quant.q4k_codes(stored).reshape(rows, n_sub, BLOCK)  # (rows, sub-blocks, 32)
+    as_q40 = np.zeros(codes.shape[:2], quant.Q40)
+    as_q40["qs"] = codes[..., :16] | (codes[..., 16:] << 4)
+    qs, _ = pack_weights(as_q40)
+    scale, low = quant.q4k_sub_scales(stored)
+    g = groups(codes.shape[1])
+    d = np.zeros((rows, g, 2, GROUP), np.float32)
+    for name, values in ((0, scale), (1, low)):
+        padded = np.zeros((rows, g * GROUP), np.float32)
+        padded[:, : values.shape[1]] = values
+        d[:, :, name] = padded.reshape(rows, g, GROUP)
+    return qs, d.reshape(rows, g * 2 * GROUP)
+
+
 @njit(**_opts)
 def f16_bits_to_f32(h):
     """fp16 bits -> f32 (exact)."""
@@ -173,6 +198,18 @@ def dequantize_row(wq, wd, nb, out):
             out[b * BLOCK + e] = np.float32(code) * d
 
 
+@njit(**_opts)
+def dequantize_row_q4k(wq, wd, nb, out):
+    """One packed Q4K weight row -> out (nb * 32,) f32: s_b * q - m_b."""
+    for b in range(nb):
+        g, lane = b // GROUP, b % GROUP
+        scale, low = wd[g * 2 * GROUP + lane], wd[g * 2 * GROUP + GROUP + lane]
+        for e in range(BLOCK):
+            byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
+            code = byte & 15 if e < 16 else byte >> 4
+            out[b * BLOCK + e] = scale * np.float32(code) - low
+
+
 # --- the portable path ----------------------------------------------------------------
 
 
@@ -222,6 +259,56 @@ def _q_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
                 for lane in range(GROUP):
                     b = g * GROUP + lane
                     acc[lane] = acc[lane] + np.float32(isum[lane]) * (f16_bits_to_f32(wd[r, b]) * xd[t, b])
+            out[t, r] = _lane_tree(acc)
+
+
+@njit(**_opts)
+def _q4k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    isum, acc = lanes_i[c], lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xq.shape[0]):
+            acc[:] = 0
+            for g in range(wq.shape[1] // 256):
+                x = xq[t, g * 512 : (g + 1) * 512]
+                w = wq[r, g * 256 : (g + 1) * 256]
+                for lane in range(GROUP):
+                    isum[lane] = 0
+                for k in range(4):
+                    for lane in range(GROUP):
+                        s = np.int32(0)
+                        for i in range(4):
+                            byte = np.int32(w[k * 64 + lane * 4 + i])
+                            o = k * 64 + lane * 4 + i
+                            s += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
+                        isum[lane] += s
+                for lane in range(GROUP):
+                    b = g * GROUP + lane
+                    scale, low = wd[r, g * 2 * GROUP + lane], wd[r, g * 2 * GROUP + GROUP + lane]
+                    acc[lane] = acc[lane] + (np.float32(isum[lane]) * (scale * xd[t, b])
+                                             - np.float32(xsum[t, b]) * (low * xd[t, b]))
+            out[t, r] = _lane_tree(acc)
+
+
+@njit(**_opts)
+def _q4k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
+    """Q4K weights x f32 activations (every instruction set: plain loops)."""
+    acc = lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xt.shape[0]):
+            acc[:] = 0
+            for g in range(wq.shape[1] // 256):
+                x = xt[t, g * 512 : (g + 1) * 512]
+                for lane in range(GROUP):
+                    s = np.float32(0)
+                    xs = np.float32(0)
+                    for e in range(BLOCK):
+                        o = (e // 4) * 64 + lane * 4 + e % 4
+                        byte = np.int32(wq[r, g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
+                        code = byte & 15 if e < 16 else byte >> 4
+                        s = s + np.float32(code) * x[o]
+                        xs = xs + x[o]
+                    scale, low = wd[r, g * 2 * GROUP + lane], wd[r, g * 2 * GROUP + GROUP + lane]
+                    acc[lane] = acc[lane] + (s * scale - xs * low)
             out[t, r] = _lane_tree(acc)
 
 
@@ -294,19 +381,23 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
     sums = []
     for h, width in parts:
         lanes = width // 4
-        xsum = seed_at(h, _vec(_I32, lanes))
         if kind == "q40":
-            acc = builder.mul(xsum, _splat(_I32, lanes, -8))
+            acc = builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -8))
+            quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
+        elif kind == "q4k":  # unsigned codes: the min is applied in f32 (see _tile)
+            acc = ir.Constant(_vec(_I32, lanes), None)
             quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
         else:
-            acc = builder.mul(xsum, _splat(_I32, lanes, -128)) if isa == "avx512vnni" else ir.Constant(_vec(_I32, lanes), None)
+            acc = (builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -128)) if isa == "avx512vnni"
+                   else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
-        if isa == "avx2" and kind == "q40":
+        nibbles = kind in ("q40", "q4k")
+        if isa == "avx2" and nibbles:
             s16 = ir.Constant(_vec(_I16, 16), None)
         chains = [acc] + [ir.Constant(_vec(_I32, lanes), None)] * (CHAINS - 1)
         for k, x_lo, x_hi in quads:
             wv = w_at(k * 64 + h, _vec(_I8, width))
-            if kind == "q40":
+            if nibbles:
                 pairs = [(builder.and_(wv, _splat(_I8, width, 15)), x_at(x_lo + h, _vec(_I8, width))),
                          (builder.lshr(wv, _splat(_I8, width, 4)), x_at(x_hi + h, _vec(_I8, width)))]
             else:
@@ -320,7 +411,7 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
                 if isa == "avx512vnni":  # several accumulators: independent dependency chains
                     chains[0] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [chains[0], u, s])
                     chains.append(chains.pop(0))
-                elif kind == "q40":  # |two products| <= 2 * 15 * 128; 8 of them fit int16
+                elif nibbles:  # |two products| <= 2 * 15 * 128; 8 of them fit int16
                     s16 = builder.add(s16, _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s]))
                 else:
                     pair = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
@@ -329,7 +420,7 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
             acc = chains[0]
             for chain in chains[1:]:
                 acc = builder.add(acc, chain)
-        if isa == "avx2" and kind == "q40":
+        if isa == "avx2" and nibbles:
             acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [s16, _splat(_I16, 16, 1)]))
         sums.append(acc)
     return sums
@@ -337,14 +428,15 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
 
 def _tile(n_tok: int):
     """An intrinsic tile(wq, wd, r, xq, xsum, xd, t0, out): out[t0 + t, r] for t < n_tok,
-    row r of packed weights (Q40 when wq is u8, Q80 when i8) times Q80 activations, on ISA."""
+    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is f32, Q80 when wq is
+    i8) times Q80 activations, on ISA."""
     isa = ISA
     halves = 1 if isa == "avx512vnni" else 2
     lanes = GROUP // halves
 
     @intrinsic
     def tile(typingctx, wq, wd, r, xq, xsum, xd, t0, out):
-        kind = "q40" if wq.dtype == types.uint8 else "q80"
+        kind = "q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.float32 else "q40"
 
         def codegen(context, builder, sig, args):
             arys = [context.make_array(ty)(context, builder, a) if isinstance(ty, types.Array) else None
@@ -364,21 +456,26 @@ def _tile(n_tok: int):
             x_rows = [at(3, xq_a, [tok(t), zero]) for t in range(n_tok)]
             s_rows = [at(4, xsum_a, [tok(t), zero]) for t in range(n_tok)]
             d_rows = [at(5, xd_a, [tok(t), zero]) for t in range(n_tok)]
-            n_groups = builder.udiv(cgutils.unpack_tuple(builder, wd_a.shape)[1], ir.Constant(i64, GROUP))
+            w_group = 512 if kind == "q80" else 256
+            n_groups = builder.udiv(cgutils.unpack_tuple(builder, wq_a.shape)[1], ir.Constant(i64, w_group))
             fvec = _vec(_F32, lanes)
             accs = [[cgutils.alloca_once(builder, fvec) for _ in range(halves)] for _ in range(n_tok)]
             for per_tok in accs:
                 for acc in per_tok:
                     builder.store(ir.Constant(fvec, None), acc)
-            w_group = 256 if kind == "q40" else 512
             with cgutils.for_range(builder, n_groups) as loop:
                 g = loop.index
                 w_base = builder.mul(g, ir.Constant(i64, w_group))
                 x_base = builder.mul(g, ir.Constant(i64, 512))
                 s_base = builder.mul(g, ir.Constant(i64, GROUP * 4))  # int32 / f32 lanes
                 h_base = builder.mul(g, ir.Constant(i64, GROUP * 2))  # fp16 scales
-                w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
-                                                _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]
+                if kind == "q4k":  # f32 scales then mins, 16 lanes each per group
+                    k_base = builder.mul(g, ir.Constant(i64, GROUP * 8))
+                    w_scales, w_mins = ([_load(builder, d_row, builder.add(k_base, ir.Constant(i64, part + h * lanes * 4)),
+                                               fvec) for h in range(halves)] for part in (0, GROUP * 4))
+                else:
+                    w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
+                                                    _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]
 
                 def w_at(off, vtype):
                     return _load(builder, w_row, builder.add(w_base, ir.Constant(i64, off)), vtype)
@@ -394,6 +491,9 @@ def _tile(n_tok: int):
                     for h in range(halves):
                         x_scale = _load(builder, d_rows[t], builder.add(s_base, ir.Constant(i64, h * lanes * 4)), fvec)
                         p = builder.fmul(builder.sitofp(sums[h], fvec), builder.fmul(w_scales[h], x_scale))
+                        if kind == "q4k":
+                            xs = seed_at(h * lanes * 4, _vec(_I32, lanes))
+                            p = builder.fsub(p, builder.fmul(builder.sitofp(xs, fvec), builder.fmul(w_mins[h], x_scale)))
                         builder.store(builder.fadd(builder.load(accs[t][h]), p), accs[t][h])
             for t in range(n_tok):
                 v = builder.load(accs[t][0])
@@ -443,6 +543,8 @@ def _q_q80_tiled(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
 
 q_q80_rows = _q_q80_portable if ISA == "portable" else _q_q80_tiled
 q_f32_rows = _q_f32_rows
+q4k_q80_rows = _q4k_q80_portable if ISA == "portable" else _q_q80_tiled  # the tiles take every weight kind
+q4k_f32_rows = _q4k_f32_rows
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -460,4 +562,21 @@ def matmul_q_f32(wq, wd, xt, lanes_i, lanes_f, out):
         q_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
 
 
-PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32}
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q4k_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q4k_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
+                     lanes_i, lanes_f, out)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q4k_f32(wq, wd, xt, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q4k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
+
+
+PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, q4k_f32_rows: matmul_q4k_f32}
+if q4k_q80_rows is not q_q80_rows:
+    PARALLEL[q4k_q80_rows] = matmul_q4k_q80

@@ -1,9 +1,13 @@
 """Block formats, declared once, and their plain-numpy (reference) codecs.
 
-Both formats match llama.cpp's:
+The formats match llama.cpp's:
   Q40 (block_q4_0): fp16 scale d + 16 bytes; element j is the low nibble of byte j,
       element j + 16 its high nibble; value = (q - 8) * d.
   Q80 (block_q8_0): fp16 scale d + 32 int8; value = q * d.
+  Q4K (block_q4_K, weights only, read from GGUF files): 256 values in 8 sub-blocks of 32;
+      fp16 d and dmin, 12 bytes of 6-bit sub-block scales sc_j and mins m_j, 128 bytes of
+      nibbles (chunk c of 64 values: byte 32 c + l holds sub-block 2c's element l low and
+      sub-block 2c + 1's element l high); value = (d * sc_j) * q - (dmin * m_j).
 The converter, the loader, the kernels (through `as_bytes`) and the tests all use these
 definitions. numba has no float16 on the CPU, so kernels read the scale from the two
 leading bytes of each block (see kernels.f16_bits_to_f32).
@@ -18,7 +22,11 @@ GROUP = 16  # blocks per lane group of the quantized products (qmatmul); rows ar
 Q40 = np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))])  # 18 bytes / 32 values
 Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
-WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
+QK = 256  # values per k-quant super-block
+Q4K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK // 2,))])  # 144 B / 256
+
+WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k")  # q4k: kept from a GGUF's Q4_K, never made by quantizing
+QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
 BUFFER_TYPES = ("f32", "q80")
 
 
@@ -28,6 +36,8 @@ def storage_type(weight_type: str, cols: int) -> str:
     stays f32. The one place this decision is made."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
+    if weight_type == "q4k" and cols % QK:  # never from a GGUF (k-quant rows are whole super-blocks)
+        weight_type = "q80"
     if weight_type in ("q40", "q80") and cols % BLOCK:
         return "f32"
     return weight_type
@@ -40,7 +50,10 @@ def row_bytes(tensor_type: str, cols: int) -> int:
 
 def resident_row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row as the kernels hold it in memory: a quantized row is padded with
-    zero blocks to a multiple of GROUP blocks (qmatmul's lane groups)."""
+    zero blocks to a multiple of GROUP blocks (qmatmul's lane groups); a Q4K row is held as
+    its 32-value sub-blocks' nibbles (16 bytes) with f32 scale and min each (qmatmul.pack_q4k)."""
+    if tensor_type == "q4k":
+        return (16 + 8) * (-(-(cols // BLOCK) // GROUP) * GROUP)
     if tensor_type in ("q40", "q80"):
         blocks = stored_cols(tensor_type, cols)
         return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)
@@ -50,19 +63,21 @@ def resident_row_bytes(tensor_type: str, cols: int) -> int:
 def stored_dtype(tensor_type: str) -> np.dtype:
     """The element dtype of a stored row: a value (f32, f16) or a block (q40, q80)."""
     try:
-        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80}[tensor_type]
+        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80, "q4k": Q4K}[tensor_type]
     except KeyError:
         raise ValueError(f"unknown tensor type {tensor_type!r}") from None
 
 
 def stored_cols(tensor_type: str, cols: int) -> int:
-    """Elements per stored row: values, or blocks of 32 for the quantized types."""
+    """Elements per stored row: values, blocks of 32 for Q40/Q80, super-blocks of 256 for Q4K."""
+    if tensor_type == "q4k":
+        return cols // QK
     return cols // BLOCK if tensor_type in ("q40", "q80") else cols
 
 
 def type_of(array: np.ndarray) -> str:
     """The tensor type of a stored array (inverse of stored_dtype)."""
-    for name in ("f32", "f16", "q40", "q80"):
+    for name in WEIGHT_TYPES:
         if array.dtype == stored_dtype(name):
             return name
     raise ValueError(f"no tensor type stores dtype {array.dtype}")
@@ -74,6 +89,8 @@ def encode(dense: np.ndarray, tensor_type: str) -> np.ndarray:
         return quantize_q40(dense)
     if tensor_type == "q80":
         return quantize_q80(np.asarray(dense, np.float32))
+    if tensor_type == "q4k":
+        raise ValueError("q4k is kept from GGUF files as stored, never made by quantizing")
     return np.asarray(dense, dtype=stored_dtype(tensor_type))
 
 
@@ -84,6 +101,8 @@ def decode(stored: np.ndarray) -> np.ndarray:
         return dequantize_q40(stored)
     if kind == "q80":
         return dequantize_q80(stored)
+    if kind == "q4k":
+        return dequantize_q4k(stored)
     return stored.astype(np.float32)
 
 
@@ -140,6 +159,38 @@ def dequantize_q80(blocks: np.ndarray) -> np.ndarray:
     """(..., nb) Q80 -> (..., nb * 32) float32."""
     x = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[..., None]
     return x.reshape(*blocks.shape[:-1], -1)
+
+
+def q4k_scales_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., nb) Q4K -> the 6-bit sub-block scales and mins, each (..., nb, 8) int64, unpacked
+    as llama.cpp's get_scale_min_k4."""
+    q = blocks["scales"].astype(np.int64)  # (..., nb, 12)
+    sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def q4k_codes(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q4K -> (..., nb, 8, 32) uint8 nibble codes, by sub-block and element."""
+    qs = blocks["qs"].reshape(*blocks.shape, 4, 32)  # chunks of 64 values
+    return np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*blocks.shape, 8, 32)
+
+
+def q4k_sub_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., nb) Q4K -> f32 (..., nb * 8) per 32-value sub-block: scale d * sc_j and min
+    dmin * m_j, each exact in f32 (an fp16 times a 6-bit integer)."""
+    sc, m = q4k_scales_mins(blocks)
+    d, dmin = blocks["d"].astype(np.float32)[..., None], blocks["dmin"].astype(np.float32)[..., None]
+    shape = (*blocks.shape[:-1], blocks.shape[-1] * 8)
+    return (d * sc.astype(np.float32)).reshape(shape), (dmin * m.astype(np.float32)).reshape(shape)
+
+
+def dequantize_q4k(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q4K -> (..., nb * 256) float32, as llama.cpp's dequantize_row_q4_K:
+    (d * sc) * q - dmin * m in f32."""
+    scale, low = q4k_sub_scales(blocks)
+    codes = q4k_codes(blocks).reshape(*scale.shape, 32).astype(np.float32)
+    return (scale[..., None] * codes - low[..., None]).reshape(*blocks.shape[:-1], -1)
 
 
 def as_bytes(blocks: np.ndarray) -> np.ndarray:

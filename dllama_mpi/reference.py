@@ -67,6 +67,33 @@ def matvec_q_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(bsum * w_blocks["d"].astype(np.float32)[None])
 
 
+def matvec_q4k_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K x Q80 product, bit for bit: w_blocks (rows, nb) Q4K; x_blocks
+    (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the exact integer sum of the
+    unsigned codes times the activation codes, then f32(isum) * (s_b * d_x) - f32(xsum) * (m_b * d_x)."""
+    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.int64)
+    xq = x_blocks["qs"].astype(np.int64)
+    isum = np.einsum("rbe,tbe->trb", codes, xq).astype(np.float32)
+    xsum = xq.sum(axis=-1).astype(np.float32)[:, None, :]
+    scale, low = quant.q4k_sub_scales(w_blocks)
+    xd = x_blocks["d"].astype(np.float32)[:, None, :]
+    return lane_sum(isum * (scale[None] * xd) - xsum * (low[None] * xd))
+
+
+def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K x f32 product, bit for bit: per sub-block the f32 sums of
+    q * x and of x in element order, then sum_qx * s_b - sum_x * m_b, in lane order."""
+    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.float32)
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)
+    qx = np.zeros((x.shape[0], *codes.shape[:2]), np.float32)
+    xs = np.zeros((x.shape[0], 1, codes.shape[1]), np.float32)
+    for e in range(quant.BLOCK):
+        qx = qx + codes[None, :, :, e] * xb[..., e]
+        xs = xs + xb[..., e]
+    scale, low = quant.q4k_sub_scales(w_blocks)
+    return lane_sum(qx * scale[None] - xs * low[None])
+
+
 def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return matvec_f32(quant.dequantize_q40(w_blocks), x)
 
@@ -137,14 +164,15 @@ class DenseModel:
     """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 
     buffer_type 'q80' reproduces the engine's quantization points: the input of every
-    quantized (Q40/Q80) matrix is quantized to Q80, and every gathered vector that can travel
+    quantized (Q40/Q80/Q4K) matrix is quantized to Q80, and every gathered vector that can travel
     as Q80 is rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
         self.spec, self.buffer_type = spec, buffer_type
         self.t = {name: quant.decode(value) for name, value in tensors.items()}
         # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
-        self.quantized = {name: value for name, value in tensors.items() if quant.type_of(value) in ("q40", "q80")}
+        self.quantized = {name: value for name, value in tensors.items()
+                          if quant.type_of(value) in ("q40", "q80", "q4k")}
         self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
         self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
@@ -155,9 +183,11 @@ class DenseModel:
     def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
         if name not in self.quantized:
             return matvec_f32(self.t[name], x)
+        w = self.quantized[name]
+        q4k = quant.type_of(w) == "q4k"
         if self.buffer_type == "q80":
-            return matvec_q_q80_exact(self.quantized[name], quant.quantize_q80(x[None]))[0]
-        return matvec_q_f32_exact(self.quantized[name], x[None])[0]
+            return (matvec_q4k_q80_exact if q4k else matvec_q_q80_exact)(w, quant.quantize_q80(x[None]))[0]
+        return (matvec_q4k_f32_exact if q4k else matvec_q_f32_exact)(w, x[None])[0]
 
     def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
         aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0

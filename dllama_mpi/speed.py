@@ -48,7 +48,9 @@ def _matrix(kind: str, rows: int, cols: int) -> Matrix:
     if kind == "f16":
         return Matrix(kind, rows, cols, w=np.full((rows, cols), 0x1400, np.uint16))
     g = qmatmul.groups(cols // quant.BLOCK)
-    qs = np.full((rows, (256 if kind == "q40" else 512) * g), 0x5A, np.uint8)
+    qs = np.full((rows, (512 if kind == "q80" else 256) * g), 0x5A, np.uint8)
+    if kind == "q4k":
+        return Matrix(kind, rows, cols, d=np.full((rows, 2 * GROUP * g), 2**-10, np.float32), qs=qs)
     return Matrix(kind, rows, cols, d=np.full((rows, GROUP * g), 0x1400, np.uint16),
                   qs=qs if kind == "q40" else qs.view(np.int8))
 

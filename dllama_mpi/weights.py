@@ -23,12 +23,12 @@ from .spec import STACKED_KINDS
 class Matrix:
     """Local rows of one weight matrix in the kernels' layout."""
 
-    type: str  # 'f32', 'f16', 'q40' or 'q80'
+    type: str  # 'f32', 'f16', 'q40', 'q80' or 'q4k'
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales (see qmatmul)
-    qs: np.ndarray | None = None  # q40: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8
+    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 32 G) f32 (see qmatmul)
+    qs: np.ndarray | None = None  # q40, q4k: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8
 
     @property
     def nbytes(self) -> int:
@@ -37,8 +37,8 @@ class Matrix:
     @classmethod
     def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
         kind = quant.type_of(stored)
-        if kind in ("q40", "q80"):
-            qs, d = qmatmul.pack_weights(stored)
+        if kind in ("q40", "q80", "q4k"):
+            qs, d = qmatmul.pack_q4k(stored) if kind == "q4k" else qmatmul.pack_weights(stored)
             return cls(kind, stored.shape[0], cols, d=d, qs=qs)
         if kind == "f16":
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
@@ -50,6 +50,8 @@ class Matrix:
             out[:] = self.w[row]
         elif self.type == "f16":
             kernels.f16_row(self.w[row], out)
+        elif self.type == "q4k":
+            qmatmul.dequantize_row_q4k(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
         else:
             qmatmul.dequantize_row(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
 

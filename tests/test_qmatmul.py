@@ -44,12 +44,33 @@ for kind in ("q40", "q80"):
                 qmatmul.q_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
             assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), (kind, rows, nb, n_tok, parallel)
             checked += 1
+# Q4K weights (kept from GGUF files): random super-blocks, sub-block counts in multiples of 8
+for rows, nb, n_tok in ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4)):
+    stored = np.frombuffer(rng.bytes(rows * nb // 8 * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb // 8).copy()
+    stored["d"] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
+    stored["dmin"] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
+    m = Matrix.from_stored(stored, nb * 32)
+    x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
+    xb = quant.quantize_q80(x)
+    g = qmatmul.groups(nb)
+    xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
+    xd = np.zeros((n_tok, 16 * g), np.float32)
+    qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
+    expected = reference.matvec_q4k_q80_exact(stored, xb)
+    for parallel in (False, True):
+        out = np.full((n_tok, rows), np.nan, np.float32)
+        if parallel:
+            kernels.PARALLEL[qmatmul.q4k_q80_rows](m.qs, m.d, xq, xsum, xd, *lanes, out)
+        else:
+            qmatmul.q4k_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
+        assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), ("q4k", rows, nb, n_tok, parallel)
+        checked += 1
 if qmatmul.ISA != qmatmul.host_isas()[0]:  # the rest of the suite compiles the native ones
     kernels.warm_up()  # every kernel compiles for this instruction set's CPU (f16 decoding included)
 f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
 x = np.arange(1, 10, dtype=np.float32)
 assert kernels.dot(f16, x) == np.float32(kernels.dot(f16.view(np.float16).astype(np.float32), x))
-asm = "".join(qmatmul.q_q80_rows.inspect_asm(sig) for sig in qmatmul.q_q80_rows.signatures)
+asm = "".join(f.inspect_asm(sig) for f in {qmatmul.q_q80_rows, qmatmul.q4k_q80_rows} for sig in f.signatures)
 counts = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vfmadd231ps")}
 print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
 """
@@ -68,7 +89,7 @@ def test_each_instruction_set_equals_the_exact_twin(isa, tmp_path):
         pytest.skip(f"this CPU can't run {isa}")
     result = _run(isa, tmp_path)
     assert result["isa"] == isa
-    assert result["checked"] == 20
+    assert result["checked"] == 30
     asm = result["asm"]
     if isa == "avx512vnni":
         assert asm["vpdpbusd"] > 0

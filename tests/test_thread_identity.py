@@ -54,7 +54,7 @@ needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reaso
 
 
 def _random_tensors(spec: ModelSpec, seed: int):
-    """(name, array) for every tensor, matrices already in their stored type: Q40/Q80 blocks
+    """(name, array) for every tensor, matrices already in their stored type: Q40/Q80/Q4K blocks
     of random quants with fp16 scales near 1/sqrt(fan-in) per value, f16/f32 uniform values
     of that scale; norms near 1."""
     rng = np.random.default_rng(seed)
@@ -73,6 +73,12 @@ def _random_tensors(spec: ModelSpec, seed: int):
                 blocks["qs"][blocks["qs"] == -128] = -127  # llama.cpp's Q8_0 range
             spread = 4.6 if kind == "q40" else 73.0  # std of a uniform nibble - 8, of a uniform int8
             blocks["d"] = (rng.uniform(0.5, 1.5, (rows, nb)) * (scale / spread)).astype(np.float16)
+            yield name, blocks
+        elif kind == "q4k":  # random sub-scales (0..63) and nibbles; d, dmin near scale / (32 * 4.6)
+            nb = cols // quant.QK
+            blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb).copy()
+            blocks["d"] = (rng.uniform(0.5, 1.5, (rows, nb)) * (scale / (32 * 4.6))).astype(np.float16)
+            blocks["dmin"] = (rng.uniform(0.5, 1.5, (rows, nb)) * (scale / (32 * 4.6) * 8)).astype(np.float16)
             yield name, blocks
         else:
             w = rng.random(info.shape, dtype=np.float32)  # uniform: 4x faster than normal, as good here

@@ -26,7 +26,8 @@ class Source:
     tensors: called once; yields (name, array) one tensor at a time, names as in
         modelfile.tensor_layout, q/k rows in the engine's interleaved RoPE layout (see
         convert.rope). An array is float values of the dense shape (f32/f16; bf16 widened
-        to f32 by the reader), or quant.Q40 / quant.Q80 blocks of shape (rows, cols // 32),
+        to f32 by the reader), or quant.Q40 / quant.Q80 blocks of shape (rows, cols // 32) or
+        quant.Q4K super-blocks (rows, cols // 256),
         which the writer keeps bit-exact when the output type matches.
     tokenizer: anything with write_hdf5(group) (see dllama_mpi.tokenizer).
     files: the source files read, recorded with their sha256.
@@ -46,12 +47,19 @@ class Source:
 
 # What each stored type becomes when no --weights is given: the type itself where the engine
 # runs it, otherwise the nearest that loses nothing measurable. BF16 widens to f32 (f16 would
-# clip its range); every other quantized type (Q4_1, Q5_0/1, the k-quants Q2_K..Q6_K, ...)
-# is re-quantized to 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32
+# clip its range); every other quantized type (Q4_1, Q5_0/1, the k-quants but Q4_K, ...) is
+# re-quantized to 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32
 # hold to within half a step of 1/127 of each block's largest value (4-bit blocks would
 # quantize them a second time, coarser than they are: issue 14's damaged answers).
-KEPT = {"Q4_0": "q40", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
-WIDER = ("q40", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
+KEPT = {"Q4_0": "q40", "Q4_K": "q4k", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
+WIDER = ("q40", "q4k", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
+
+
+def _join(a: str, b: str) -> str:
+    """One type holding both: the wider, except that Q40 and Q4K (different 4-bit grids) meet at q80."""
+    if {a, b} == {"q40", "q4k"}:
+        return "q80"
+    return max(a, b, key=WIDER.index)
 
 
 def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
@@ -65,12 +73,14 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
     for name, stored in native.items():
         kind = name.rsplit("/", 1)[-1]
         ours = KEPT.get(stored, "q80")
-        by_kind[kind] = max(by_kind.get(kind, ours), ours, key=WIDER.index)
+        by_kind[kind] = _join(by_kind.get(kind, ours), ours)
     for stacked in STACKED_KINDS:
         present = [k for k in stacked if k in by_kind]
         if present:
-            widest = max((by_kind[k] for k in present), key=WIDER.index)
-            by_kind.update({k: widest for k in present})
+            joined = by_kind[present[0]]
+            for k in present[1:]:
+                joined = _join(joined, by_kind[k])
+            by_kind.update({k: joined for k in present})
     layer_kinds = [k for k in by_kind if k not in ("tok_embeddings", "output")] or list(by_kind)
     counts = {t: sum(by_kind[k] == t for k in layer_kinds) for t in WIDER}
     weight_type = max(WIDER, key=lambda t: (counts[t], -WIDER.index(t)))
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", nargs="?", help="HDF5 model file to write (a directory of shards with --memory-budget)")
     p.add_argument("--tokenizer", help="tokenizer file when the model has none inside (llama2.c tokenizer.bin, "
                                        "distributed-llama .t); default: tokenizer.bin beside a llama2.c input")
-    p.add_argument("--weights", choices=quant.WEIGHT_TYPES,
+    p.add_argument("--weights", choices=quant.QUANTIZABLE,
                    help="weight type of every matrix (default: a GGUF's own types where the engine runs them, its "
                         f"other quantized types as q80; {DEFAULT_WEIGHTS} for float sources)")
     p.add_argument("--memory-budget", nargs="+", metavar="B",

@@ -325,6 +325,8 @@ def _convert(t, name: str, arch: str, head_dim: int, notes: list[str] | None) ->
         array = np.ascontiguousarray(t.data).view(quant.Q40)
     elif kind == Q.Q8_0:
         array = np.ascontiguousarray(t.data).view(quant.Q80)
+    elif kind == Q.Q4_K:
+        array = np.ascontiguousarray(t.data).view(quant.Q4K)
     elif kind in (Q.F32, Q.F16):
         array = np.array(t.data)
     elif kind == Q.BF16:
@@ -363,7 +365,7 @@ def read(path: Path, tokenizer_path=None):
     for t in reader.tensors:  # notes are known before the tensors are streamed
         if t.name in names and names[t.name].rsplit("/", 1)[-1] in MATRICES:
             native_types[names[t.name]] = t.tensor_type.name
-        if t.name in names and t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0):
+        if t.name in names and t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0):  # Q4_K too: --weights
             notes.append(f"re-quantized: {names[t.name]} from {t.tensor_type.name}")
 
     def tensors():
