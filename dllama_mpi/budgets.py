@@ -165,7 +165,8 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         # the split decides how much lands here: a smaller share helps only if other nodes take the rest
         share = ("give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)"
                  if len(ranks) < len(hosts) else "")
-        smaller_type = "convert the model to q40 weights" if plan.spec.weight_type != "q40" else ""
+        # only from float weights: re-quantizing a quantized model to q40 damages it (issue 14)
+        smaller_type = "convert the model to q40 weights" if plan.spec.weight_type in ("f32", "f16") else ""
         fewer_slots = "serve fewer sequences at once (--slots)" if n_slots > 1 else ""
         ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), fewer_slots, smaller_type,
                             "run some of the ranks on other nodes") if w]

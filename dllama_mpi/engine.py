@@ -119,9 +119,10 @@ def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out
     elif m.type == "f16":
         kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
     elif x.q80:
-        kernel, args = qmatmul.q_q80_rows, (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
+        kernel = qmatmul.q4k_q80_rows if m.type == "q4k" else qmatmul.q_q80_rows
+        args = (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
     else:
-        kernel, args = qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *lanes)
+        kernel, args = qmatmul.q4k_f32_rows if m.type == "q4k" else qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *lanes)
     if pool.parallel(m.rows * m.cols * n_tok):
         kernels.PARALLEL[kernel](*args, out)
     else:
@@ -168,14 +169,18 @@ class Batch:
 
 class Engine:
     def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str,
-                 n_slots: int = 1, max_rows: int = 64):
+                 n_slots: int = 1, max_rows: int = 64, max_logits: int | None = None):
+        """max_logits: rows of one step that may want logits; by default n_slots (one row per
+        sequence: its next token), more (at most max_rows, which larger values mean) where every
+        row of a prompt block wants its logits (perplexity.py). Their buffers are allocated here."""
         spec, me = plan.spec, plan.ranks[comm.rank]
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
         self.pool = threads.Pool()  # the rank's thread count as set at launch
         self.max_seq_len, self.n_slots = max_seq_len, n_slots
         # rows per step: a prompt chunk, or one decoding row of every slot's sequence at once
         self.max_rows = t_max = max(n_slots, min(max_rows, max_seq_len))
-        self.max_logits = m_max = n_slots  # at most one row per sequence wants logits
+        # by default at most one row per sequence wants logits
+        self.max_logits = m_max = n_slots if max_logits is None else max(n_slots, min(max_logits, t_max))
         q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
 

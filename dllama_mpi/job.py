@@ -75,13 +75,14 @@ def _check_shards(comm: Comm, model_path, plan: Plan, model_id: str, model: Mode
 
 def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple[int, ...], *,
              max_seq_len: int | None = None, buffer_type: str = "q80", n_slots: int = 1,
-             check=None, announce=None) -> Job:
+             check=None, announce=None, max_logits: int | None = None) -> Job:
     """Collective. `model_path` None means the built-in synthetic model; a directory means
     per-rank shards. Plain tuples are ratios without caps. `n_slots`: sequences the KV cache
     holds at once. Before anything is loaded, every rank's need (the KV cache of every slot
     included) is checked against its cap and its node's available memory. On rank 0,
     `check(tokenizer, launch)` may refuse the launch with InputError (the CLI checks its
-    prompt there) and `announce(launch)` runs once the launch is decided, before loading."""
+    prompt there) and `announce(launch)` runs once the launch is decided, before loading.
+    `max_logits`: rows of one step that may return logits (Engine's; default one per slot)."""
     if not isinstance(budgets, Budgets):
         budgets = Budgets(tuple(budgets), None)
     auto = None
@@ -119,7 +120,7 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
         model.close()
     comm.barrier()
     load_s = time.perf_counter() - t_load
-    engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type, n_slots=n_slots)
+    engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type, n_slots=n_slots, max_logits=max_logits)
     name = Path(model_path).stem if model_path is not None else "synthetic"
     return Job(comm, plan, weights, engine, tokenizer, stop_ids, model_id, name, load_s, auto)
 

@@ -52,8 +52,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .errors import UsageError
 from . import quant
+from .errors import UsageError
 from .quant import BLOCK, GROUP
 
 CHUNKS = 64  # row chunks per parallel product, each with its own scratch lanes

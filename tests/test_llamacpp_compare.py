@@ -123,7 +123,7 @@ LLAMA_BENCH_JSON = """\
 # --------------------------------------------------------------------- commands and order
 
 
-def test_build_commands_make_only_llama_bench_natively(tmp_path):
+def test_build_commands_make_only_llama_bench_and_llama_quantize_natively(tmp_path):
     configure = lc.cmake_configure_command(tmp_path / "src", tmp_path / "build", "Ninja")
     assert configure[:7] == ["cmake", "-S", str(tmp_path / "src"), "-B", str(tmp_path / "build"), "-G", "Ninja"]
     for flag in ("-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
@@ -134,7 +134,10 @@ def test_build_commands_make_only_llama_bench_natively(tmp_path):
     assert lc.cmake_flags("x86_64")[-2:] == [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
     assert not any("amx" in f for f in lc.cmake_flags("aarch64"))
     assert lc.cmake_build_command(tmp_path, 2) == ["cmake", "--build", str(tmp_path), "--config", "Release",
-                                                   "--target", "llama-bench", "-j", "2"]
+                                                   "--target", "llama-bench", "llama-quantize", "-j", "2"]
+    assert lc.quantize_command(tmp_path / "q", tmp_path / "a.gguf", tmp_path / "b.gguf", 2) == [
+        str(tmp_path / "q"), "--allow-requantize", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "Q4_K_M", "2"]
+    assert lc.model_paths(tmp_path, "tiny", 3, "q4_k_m")[0].name == f"tiny-q4_k_m-seed3-v{lc.GGUF_MODEL_VERSION}.gguf"
     assert lc.niced(["make"], 19) == ["nice", "-n", "19", "make"] and lc.niced(["make"], 0) == ["make"]
     download = lc.download_command("0.3.36", tmp_path, python="py")
     assert download == ["py", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python==0.3.36",
@@ -149,6 +152,7 @@ def test_a_build_is_reused_only_with_the_same_flags(tmp_path):
     binary = lc.llama_bench_path(tmp_path)
     binary.parent.mkdir()
     binary.write_text("")
+    lc.llama_quantize_path(tmp_path).write_text("")
     assert lc.build_llama_bench(tmp_path, "0.3.36", jobs=1, niceness=0) == binary  # nothing to build
     (tmp_path / "build.json").write_text("{")
     assert lc.built_with(tmp_path) is None

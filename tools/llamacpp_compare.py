@@ -103,7 +103,7 @@ def cmake_configure_command(source: Path, build: Path, generator: str | None = N
 
 
 def cmake_build_command(build: Path, jobs: int) -> list[str]:
-    return ["cmake", "--build", str(build), "--config", "Release", "--target", "llama-bench", "-j", str(jobs)]
+    return ["cmake", "--build", str(build), "--config", "Release", "--target", *BINARIES, "-j", str(jobs)]
 
 
 def niced(command: list[str], niceness: int) -> list[str]:
@@ -136,8 +136,15 @@ def _unpack_llama_cpp(sdist: Path, dest: Path) -> Path:
     return dest / top / "vendor" / "llama.cpp"
 
 
+BINARIES = ("llama-bench", "llama-quantize")  # built and kept in the cache's bin/
+
+
 def llama_bench_path(cache: Path) -> Path:
     return cache / "bin" / "llama-bench"
+
+
+def llama_quantize_path(cache: Path) -> Path:
+    return cache / "bin" / "llama-quantize"
 
 
 def built_with(cache: Path) -> list[str] | None:
@@ -152,10 +159,11 @@ def build_llama_bench(cache: Path, version: str, jobs: int, niceness: int) -> Pa
     """The llama-bench binary of `version`, built on first use (minutes) and kept in `cache`;
     built again when it was built with other cmake flags."""
     binary = llama_bench_path(cache)
-    if binary.exists() and built_with(cache) == cmake_flags():
+    if binary.exists() and llama_quantize_path(cache).exists() and built_with(cache) == cmake_flags():
         return binary
     if binary.exists():
-        log(f"{binary} was built with other cmake flags (see {cache / 'build.json'}): building it again")
+        log(f"{binary} was built with other cmake flags (see {cache / 'build.json'}) or without llama-quantize: "
+            "building again")
         binary.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     build_log = cache / "build.log"
@@ -176,15 +184,17 @@ def build_llama_bench(cache: Path, version: str, jobs: int, niceness: int) -> Pa
     generator = "Ninja" if shutil.which("ninja") else None
     log(f"configuring llama.cpp (cmake, GGML_NATIVE=ON) in {build} ...")
     _run_logged(niced(cmake_configure_command(source, build, generator), niceness), build_log)
-    log(f"compiling llama-bench with {jobs} job(s) at niceness {niceness}: this takes minutes (log: {build_log}) ...")
+    log(f"compiling {' and '.join(BINARIES)} with {jobs} job(s) at niceness {niceness}: this takes minutes "
+        f"(log: {build_log}) ...")
     _run_logged(niced(cmake_build_command(build, jobs), niceness), build_log)
-    built = build / "bin" / "llama-bench"
-    if not built.exists():
-        sys.exit(f"llamacpp_compare: the build finished but {built} is missing (log: {build_log})")
     binary.parent.mkdir(parents=True, exist_ok=True)
-    tmp = binary.with_suffix(".tmp")
-    shutil.copy2(built, tmp)
-    tmp.replace(binary)
+    for name in reversed(BINARIES):  # llama-bench last: its presence says the build is complete
+        built = build / "bin" / name
+        if not built.exists():
+            sys.exit(f"llamacpp_compare: the build finished but {built} is missing (log: {build_log})")
+        tmp = (binary.parent / name).with_suffix(".tmp")
+        shutil.copy2(built, tmp)
+        tmp.replace(binary.parent / name)
     seconds = time.monotonic() - t0
     (cache / "build.json").write_text(json.dumps({"version": version, "seconds": seconds, "jobs": jobs,
                                                   "flags": cmake_flags(), "generator": generator}))
@@ -302,9 +312,20 @@ def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
     return path
 
 
-def model_paths(cache: Path, shape: str, seed: int) -> tuple[Path, Path]:
-    stem = f"{shape}-q4_0-seed{seed}-v{GGUF_MODEL_VERSION}"
+# the GGUF's weights: every matrix Q4_0, or llama-quantize's Q4_K_M of that file
+QUANTS = ("q4_0", "q4_k_m")
+QUANT_TEXT = {"q4_0": "random Q4_0 weights", "q4_k_m": "random weights as llama-quantize's Q4_K_M"}
+
+
+def model_paths(cache: Path, shape: str, seed: int, quant: str = "q4_0") -> tuple[Path, Path]:
+    stem = f"{shape}-{quant}-seed{seed}-v{GGUF_MODEL_VERSION}"
     return cache / "models" / f"{stem}.gguf", cache / "models" / f"{stem}.h5"
+
+
+def quantize_command(binary: Path, source: Path, dest: Path, threads: int) -> list[str]:
+    """llama-quantize's Q4_K_M of a Q4_0 file (its values dequantized, then quantized again: random
+    weights, so only the format matters here)."""
+    return [str(binary), "--allow-requantize", str(source), str(dest), "Q4_K_M", str(threads)]
 
 
 def convert_command(gguf_path: Path, h5_path: Path, python: str = sys.executable) -> list[str]:
@@ -314,12 +335,20 @@ def convert_command(gguf_path: Path, h5_path: Path, python: str = sys.executable
     return [python, "-m", "dllama_mpi.convert", str(gguf_path), str(h5_path)]
 
 
-def prepare_models(cache: Path, shape: str, seed: int) -> tuple[Path, Path]:
-    """The cached GGUF and its conversion, written on first use."""
-    gguf_path, h5_path = model_paths(cache, shape, seed)
-    if not gguf_path.exists():
+def prepare_models(cache: Path, shape: str, seed: int, quant: str = "q4_0") -> tuple[Path, Path]:
+    """The cached GGUF and its conversion (the converter's default: each tensor's type kept where the
+    engine runs it), written on first use."""
+    gguf_path, h5_path = model_paths(cache, shape, seed, quant)
+    if not gguf_path.exists() and quant == "q4_0":
         log(f"writing a random Q4_0 GGUF of the {shape} shape (seed {seed}) to {gguf_path} ...")
         write_gguf(gguf_path, shapes()[shape], seed, name=f"random {shape} (seed {seed})")
+    elif not gguf_path.exists():
+        base, _ = prepare_models(cache, shape, seed, "q4_0")
+        tmp = gguf_path.with_name(gguf_path.name + ".tmp")
+        log(f"making its Q4_K_M with llama-quantize to {gguf_path} (a minute or two) ...")
+        _run_logged(quantize_command(llama_quantize_path(cache), base, tmp, len(os.sched_getaffinity(0))),
+                    cache / "quantize.log")
+        tmp.replace(gguf_path)
     if not h5_path.exists():
         log(f"converting it with dllama-mpi-convert to {h5_path} ...")
         code = subprocess.call(convert_command(gguf_path, h5_path))  # it writes atomically
@@ -530,7 +559,7 @@ def report(summary: list[dict], facts: dict) -> str:
     build = f" (build {commit})" if commit and commit != "unknown" else ""  # an sdist has no git commit
     head = [
         f"CPU: {facts['cpu']} ({facts['cores']} cores); our kernels' instruction set: {facts['kernel_isa']}",
-        f"shape {facts['shape']} (random Q4_0 weights, seed {facts['seed']}); llama.cpp from llama-cpp-python "
+        f"shape {facts['shape']} ({QUANT_TEXT[facts.get('quant', 'q4_0')]}, seed {facts['seed']}); llama.cpp from llama-cpp-python "
         f"{facts['version']}{build}{' without AMX (see X86_NO_AMX)' if facts.get('no_amx') else ''}, "
         f"{facts['llama_threads']} threads; "
         f"ours: threads per rank {facts.get('our_threads') or 'the bench default'}; {facts['repeat']} interleaved "
@@ -561,6 +590,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(shapes()),
                    help="model shape (the bench's shapes; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    p.add_argument("--quant", choices=QUANTS, default="q4_0",
+                   help="the GGUF's weights: every matrix Q4_0, or llama-quantize's Q4_K_M (Q4_K and Q6_K) of it, "
+                        "converted with the converter's default (default: %(default)s)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="B-B-...",
                    help="our configurations: memory budgets joined by '-', one per rank (default: %(default)s)")
     p.add_argument("--repeat", type=positive_int, default=5, help="interleaved rounds (default: %(default)s)")
@@ -593,7 +625,7 @@ def main(argv=None) -> int:
         parser().error(str(exc))
     cache = args.cache_dir or default_cache_dir(args.llama_cpp_python)
     binary = build_llama_bench(cache, args.llama_cpp_python, args.build_jobs, args.build_nice)
-    gguf_path, h5_path = prepare_models(cache, args.shape, args.seed)
+    gguf_path, h5_path = prepare_models(cache, args.shape, args.seed, args.quant)
     if args.build_only:
         print(f"{binary}\n{gguf_path}\n{h5_path}")
         return 0
@@ -624,6 +656,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     facts = {"cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)),
              "kernel_isa": our_facts.get("kernel_isa", "unknown"), "shape": args.shape, "seed": args.seed,
+             "quant": args.quant,
              "version": args.llama_cpp_python, "llama_build": llama_facts.get("build_commit"),
              "llama_threads": args.threads, "our_threads": args.nthreads, "repeat": args.repeat, "idle": idle,
              "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows),
