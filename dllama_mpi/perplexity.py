@@ -246,18 +246,59 @@ def check_room(path: Path, chunks: Chunks, vocab_size: int) -> None:
 class BaseInfo:
     path: Path
     attrs: dict
+    llama_tokens: np.ndarray | None = None  # llama.cpp's file: the (n_chunks, ctx) token ids it scored
+
+
+LLAMA_MAGIC = b"_logits_"  # llama-perplexity --kl-divergence-base's file
+LLAMA_LOG_PROB_FLOOR = -16.0  # its log-probs are stored from max - 16 up: lower ones count as absent, as it does
+
+
+def _llama_row_width(vocab_size: int) -> int:
+    """uint16 words per scored position in llama.cpp's file: 2 floats (scale, min log-prob), then the vocabulary
+    padded to even (perplexity.cpp: nv = 2 * ((n_vocab + 1) / 2) + 4)."""
+    return 2 * ((vocab_size + 1) // 2) + 4
+
+
+def _read_llama_base(path: Path) -> BaseInfo:
+    """llama-perplexity --kl-divergence-base FILE: "_logits_", n_ctx u32, n_vocab i32, n_chunk i32, the
+    n_chunk x n_ctx token ids (i32), then per scored position (the second half of each chunk, as here)
+    its log-probabilities as uint16 steps above a minimum."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20:
+            raise InputError(f"--kl-base {path} is a truncated llama.cpp logits file ({size} bytes); save it again")
+        ctx, vocab, n_chunks = (int(v) for v in np.frombuffer(head[8:20], "<i4"))
+        if ctx < MIN_CTX or vocab < 1 or n_chunks < 1:
+            raise InputError(f"--kl-base {path}: llama.cpp logits file with n_ctx {ctx}, n_vocab {vocab}, n_chunk "
+                             f"{n_chunks}; expected positive sizes (a context of at least {MIN_CTX})")
+        per_chunk = ctx - 1 - ctx // 2
+        expected = 20 + 4 * ctx * n_chunks + 2 * n_chunks * per_chunk * _llama_row_width(vocab)
+        if size != expected:
+            raise InputError(f"--kl-base {path}: a llama.cpp logits file of {n_chunks} chunk(s) of {ctx} over "
+                             f"{vocab} tokens has {expected} bytes, this one {size}: truncated or damaged")
+        tokens = np.frombuffer(f.read(4 * ctx * n_chunks), "<i4").astype(np.int64).reshape(n_chunks, ctx)
+    chunks = Chunks(tokens, n_chunks * ctx, ctx, 0)
+    attrs = {"format": "llama.cpp", "vocab_size": vocab, "ctx": ctx, "n_chunks": n_chunks,
+             "n_scored": n_chunks * per_chunk, "tokens_sha256": chunks.digest(), "model": "llama.cpp", "model_id": None}
+    return BaseInfo(path, attrs, tokens)
 
 
 def read_base(path: Path) -> BaseInfo:
-    """A --kl-base file's attributes, checked to be a complete logits file."""
+    """A --kl-base file's attributes, checked to be a complete logits file: ours, or
+    llama-perplexity's --kl-divergence-base file."""
     import h5py
 
     if not path.exists():
         raise InputError(f"--kl-base {path} does not exist; save one first with --save-logits {path} "
                          "(running the base model on the same text)")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(len(LLAMA_MAGIC)) == LLAMA_MAGIC:
+                return _read_llama_base(path)
     if not is_logits_file(path):
         raise InputError(f"--kl-base {path} is not a logits file saved by python -m dllama_mpi.perplexity "
-                         "--save-logits")
+                         "--save-logits or by llama-perplexity --kl-divergence-base")
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.tolist() if hasattr(v, "tolist") else _h5str(v) if isinstance(v, bytes) else v)
@@ -292,6 +333,38 @@ def check_base(base: BaseInfo, vocab_size: int, chunks: Chunks) -> None:
                          f"(token hash {a['tokens_sha256'][:12]}), this run has {chunks.n_chunks} of {chunks.n_ctx} "
                          f"(hash {chunks.digest()[:12]}); compare on the base run's --text (and --chunks), with a "
                          "model that tokenizes it as the base model does")
+
+
+class BaseLogProbs:
+    """Rank 0 reads the base's log-probabilities of scored positions, in order."""
+
+    def __init__(self, base: BaseInfo):
+        import h5py
+
+        self.base, self.vocab = base, int(base.attrs["vocab_size"])
+        if base.llama_tokens is not None:
+            width = _llama_row_width(self.vocab)
+            offset = 20 + 4 * base.llama_tokens.size
+            self.file = None
+            self.rows = np.memmap(base.path, "<u2", "r", offset, (int(base.attrs["n_scored"]), width))
+        else:
+            self.file = h5py.File(base.path, "r")
+            self.rows = self.file["logits"]
+
+    def __call__(self, start: int, m: int) -> np.ndarray:
+        """(m, vocab) float64 log-probabilities of scored positions start .. start + m - 1."""
+        rows = np.asarray(self.rows[start : start + m])
+        if self.file is not None:
+            return log_softmax(rows)
+        scale_min = np.ascontiguousarray(rows[:, :4]).view("<f4")  # (m, 2): scale, min log-prob
+        steps = rows[:, 4 : 4 + self.vocab].astype(np.float32)
+        # as llama.cpp reads them back: scale * q + min, in float
+        return (scale_min[:, :1] * steps + scale_min[:, 1:]).astype(np.float64)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.rows = None
 
 
 class LogitsWriter:
@@ -363,15 +436,16 @@ class Scores:
             self.dp = np.zeros(n, np.float64)
         self.n = 0
 
-    def add(self, logits: np.ndarray, targets: np.ndarray, base: np.ndarray | None) -> None:
+    def add(self, logits: np.ndarray, targets: np.ndarray, logq: np.ndarray | None, floor: float | None = None) -> None:
+        """logq: the base's log-probabilities of these positions; with a floor (llama.cpp's base), those at
+        or below it are left out of the KL sum, as llama-perplexity does."""
         m, k = len(targets), self.n
         rows = np.arange(m)
         logp = log_softmax(logits)
         self.nll[k : k + m] = -logp[rows, targets]
         if self.kl:
-            logq = log_softmax(base)
             self.nll_base[k : k + m] = -logq[rows, targets]
-            pq = np.exp(logq)
+            pq = np.exp(logq) if floor is None else np.where(logq > floor, np.exp(logq), 0.0)
             self.kld[k : k + m] = (pq * (logq - logp)).sum(axis=1)
             self.same_top[k : k + m] = np.argmax(logp, axis=1) == np.argmax(logq, axis=1)
             self.dp[k : k + m] = np.exp(logp[rows, targets]) - pq[rows, targets]
@@ -388,13 +462,11 @@ def score(job, chunks: Chunks | None, base: BaseInfo | None = None, writer: Logi
     if comm.rank != 0:
         follow(job)
         return None
-    import h5py
-
     batch = engine.new_batch()
     scores = Scores(chunks.n_scored, base is not None)
-    base_file = h5py.File(base.path, "r") if base is not None else None
+    base_rows = BaseLogProbs(base) if base is not None else None
+    floor = LLAMA_LOG_PROB_FLOOR if base is not None and base.llama_tokens is not None else None
     try:
-        base_logits = base_file["logits"] if base_file is not None else None
         for c in range(chunks.n_chunks):
             row = chunks.tokens[c]
             pos = 0
@@ -414,15 +486,15 @@ def score(job, chunks: Chunks | None, base: BaseInfo | None = None, writer: Logi
                 if wanted:
                     start = scores.n
                     targets = row[np.array(wanted) + 1]
-                    theirs = base_logits[start : start + len(wanted)] if base_logits is not None else None
+                    theirs = base_rows(start, len(wanted)) if base_rows is not None else None
                     if writer is not None:
                         writer.write(start, logits)
-                    scores.add(logits, targets, theirs)
+                    scores.add(logits, targets, theirs, floor)
             if progress is not None:
                 progress(c + 1, chunks.n_chunks, scores)
     finally:
-        if base_file is not None:
-            base_file.close()
+        if base_rows is not None:
+            base_rows.close()
     # only after the last step: a rank 0 that fails mid-way ends the job (cli.run_guarded's abort)
     batch.clear(OP_EXIT)
     comm.bcast_idle(batch.wire)
@@ -461,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "chunk is scored as one shorter chunk. Runs under any mpirun -n N.")
     p.add_argument("--model", required=True, help="model file (.h5) made by dllama-mpi-convert, or a directory of "
                                                   "per-rank shards")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text file to score (required, unless --kl-base is a "
+                                                  "llama.cpp file: its token ids are scored)")
     p.add_argument("--ctx", type=int, metavar="N",
                    help=f"chunk length in tokens (default: a --kl-base file's, else the model's seq_len, at most "
                         f"{DEFAULT_CTX}); the KV cache holds one chunk")
@@ -472,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "scored token) as the base for a later --kl-base run (llama.cpp's --kl-divergence-base); "
                             "refused if FILE exists unless --force")
     which.add_argument("--kl-base", metavar="FILE",
-                       help="a --save-logits file of a base model on the same text: print KL(base || this model) per "
-                            "position (mean, median, max, percentiles), how often both rank the same token first, "
-                            "and both PPLs")
+                       help="a --save-logits file of a base model on the same text, or llama.cpp's "
+                            "(llama-perplexity --kl-divergence-base FILE; its token ids are then scored, the same "
+                            "model's GGUF compares the two engines): print KL(base || this model) per position "
+                            "(mean, median, max, percentiles), how often both rank the same token first, and both PPLs")
     p.add_argument("--force", action="store_true",
                    help="let --save-logits replace a logits file saved before (never any other file)")
     p.add_argument("--json", action="store_true",
@@ -516,13 +590,16 @@ def _files_and_ctx(comm, args) -> tuple[str, BaseInfo | None, int]:
     attributes)."""
     from .modelfile import open_model
 
-    text = read_text(args.text)
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist; give --model an .h5 file made by dllama-mpi-convert "
                          "(or a directory of its per-rank shards)")
     if args.save_logits:
         check_save_path(Path(args.save_logits), args.force)
     base = read_base(Path(args.kl_base)) if args.kl_base else None
+    if args.text is None and (base is None or base.llama_tokens is None):
+        raise InputError("--text is required (a UTF-8 text file to score), unless --kl-base is a llama.cpp logits "
+                         "file, whose token ids are scored")
+    text = read_text(args.text) if args.text is not None else None
     if args.ctx is not None:
         ctx = args.ctx
     elif base is not None:
@@ -557,8 +634,16 @@ def run(comm, args) -> dict | None:
     found = {}
 
     def check(tokenizer, launch):  # rank 0, before loading
-        ids, bos = tokenize(tokenizer, text)
-        chunks = make_chunks(ids, bos, ctx, args.chunks)
+        if base is not None and base.llama_tokens is not None:  # the tokens llama.cpp scored, as it fed them
+            tokens = base.llama_tokens[: args.chunks]
+            chunks = Chunks(tokens, tokens.size, tokens.shape[1], 0)
+            if chunks.n_ctx != ctx:
+                raise InputError(f"--kl-base {base.path} holds chunks of {chunks.n_ctx} tokens: leave out --ctx or "
+                                 f"pass --ctx {chunks.n_ctx}")
+            base.attrs.update(n_chunks=chunks.n_chunks, n_scored=chunks.n_scored, tokens_sha256=chunks.digest())
+        else:
+            ids, bos = tokenize(tokenizer, text)
+            chunks = make_chunks(ids, bos, ctx, args.chunks)
         if base is not None:
             check_base(base, launch.plan.spec.vocab_size, chunks)
         if args.save_logits:
@@ -573,8 +658,9 @@ def run(comm, args) -> dict | None:
             print(f"note: the text is {chunks.n_text} tokens, fewer than a chunk of {ctx}: scoring it as one chunk "
                   f"of {chunks.n_ctx}", file=sys.stderr)
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(map(str, plan.budgets))}, weights "
-              f"{plan.spec.weight_type}, buffers {args.buffer_float_type}, kernels {qmatmul.ISA}", file=sys.stderr)
-        print(f"text {args.text}: {chunks.describe()}", file=sys.stderr)
+              f"{plan.spec.weights_text}, buffers {args.buffer_float_type}, kernels {qmatmul.ISA}", file=sys.stderr)
+        source = f"text {args.text}" if args.text is not None else f"llama.cpp's tokens in {args.kl_base}"
+        print(f"{source}: {chunks.describe()}", file=sys.stderr)
 
     # every row of a step may be scored: the engine returns the logits of up to max_rows rows at once
     job = open_job(comm, args.model, budgets, max_seq_len=ctx, buffer_type=args.buffer_float_type, check=check,
@@ -587,7 +673,7 @@ def run(comm, args) -> dict | None:
             "model": str(args.model), "model_id": job.model_id or "", "weight_type": spec.weight_type,
             "buffer_float_type": args.buffer_float_type, "vocab_size": spec.vocab_size, "ctx": chunks.n_ctx,
             "n_chunks": chunks.n_chunks, "first_scored": chunks.first, "n_scored": chunks.n_scored,
-            "tokens_sha256": chunks.digest(), "text": str(args.text), "world_size": comm.size,
+            "tokens_sha256": chunks.digest(), "text": str(args.text or ""), "world_size": comm.size,
             "written_by": f"python -m dllama_mpi.perplexity (dllama_mpi {__version__})"})
     t0 = time.perf_counter()
     try:
@@ -602,9 +688,9 @@ def run(comm, args) -> dict | None:
     if writer is not None:
         writer.finish(scores.nll)
     result = {
-        "model": str(args.model), "model_id": job.model_id, "weight_type": spec.weight_type,
+        "model": str(args.model), "model_id": job.model_id, "weight_type": spec.weights_text,
         "buffer_float_type": args.buffer_float_type, "world_size": comm.size, "budgets": list(job.plan.budgets),
-        "text": str(args.text), "n_text_tokens": chunks.n_text, "ctx": chunks.n_ctx, "n_chunks": chunks.n_chunks,
+        "text": args.text, "n_text_tokens": chunks.n_text, "ctx": chunks.n_ctx, "n_chunks": chunks.n_chunks,
         "first_scored": chunks.first, "dropped_tokens": chunks.dropped, **ppl_summary(scores.nll),
         "seconds": seconds, "tokens_per_s": chunks.n_chunks * chunks.n_ctx / seconds if seconds else None,
         "saved_logits": str(args.save_logits) if args.save_logits else None,
@@ -623,8 +709,9 @@ def _num(value: float | None, fmt: str) -> str:
 
 def report(r: dict) -> str:
     """The human-readable results (llama-perplexity's layout)."""
+    scored = r["text"] or "the --kl-base file's tokens"
     lines = [f"{r['model']} ({r['weight_type']} weights, {r['buffer_float_type']} buffers, {r['world_size']} rank(s)) "
-             f"on {r['text']}: {r['n_chunks']} chunk(s) of {r['ctx']} tokens, {r['n_scored']} tokens scored "
+             f"on {scored}: {r['n_chunks']} chunk(s) of {r['ctx']} tokens, {r['n_scored']} tokens scored "
              f"in {r['seconds']:.1f} s",
              f"Final estimate: PPL = {r['ppl']:.4f} +/- {_num(r['ppl_stderr'], '.5f')}"]
     k = r["kl_base"]

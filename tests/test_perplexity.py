@@ -109,6 +109,60 @@ def test_q40_against_the_f32_base_on_1_and_3_ranks(stories_models, f32_base):
     assert "====== KL divergence statistics ======" in runs[0].stderr
 
 
+def _write_llama_base(path, tokens: np.ndarray, logits: np.ndarray) -> None:
+    """llama-perplexity --kl-divergence-base's file, as perplexity.cpp writes it: "_logits_", n_ctx, n_vocab,
+    n_chunk, the token ids, then per scored position 2 floats (scale, min log-prob) and the log-probs as
+    uint16 steps (its log_softmax: nearest_int of (logit - min_logit) / scale, min_logit >= max - 16)."""
+    n_chunks, ctx = tokens.shape
+    vocab = logits.shape[1]
+    nv = 2 * ((vocab + 1) // 2) + 4
+    rows = np.zeros((len(logits), nv), np.uint16)
+    for i, x in enumerate(logits.astype(np.float32)):
+        top, low = np.float32(x.max()), np.float32(max(x.min(), x.max() - 16))
+        log_sum = np.float32(np.log(np.sum(np.exp((x - top).astype(np.float32)), dtype=np.float64)))
+        scale = np.float32((top - low) / np.float32(65535))
+        rows[i, :4] = np.array([scale, low - top - log_sum], np.float32).view(np.uint16)
+        q = np.rint((np.float32(1) / scale) * (x - low)).astype(np.int64)
+        rows[i, 4 : 4 + vocab] = np.where(x > low, q, 0)
+    with open(path, "wb") as f:
+        f.write(b"_logits_")
+        f.write(np.array([ctx, vocab, n_chunks], "<i4").tobytes())
+        f.write(tokens.astype("<i4").tobytes())
+        f.write(rows.tobytes())
+
+
+def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_against_the_same_logits(
+        stories_models, f32_base, tmp_path):
+    _, base, _ = f32_base
+    with h5py.File(base, "r") as f:  # our logits, written as llama.cpp would have: the same distributions
+        logits, ctx, n_chunks = f["logits"][()], int(f.attrs["ctx"]), int(f.attrs["n_chunks"])
+    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.perplexity import tokenize
+
+    model = open_model(stories_models["f32"], 0, 1)
+    ids, bos = tokenize(model.tokenizer(), TEXT.read_text())
+    model.close()
+    tokens = make_chunks(ids, bos, ctx).tokens[:n_chunks]
+    _write_llama_base(tmp_path / "llama.kld", tokens, logits)
+    result = run_mpiexec(2, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]),
+                             "--buffer-float-type", "f32", "--kl-base", str(tmp_path / "llama.kld"), "--json"],
+                         timeout=120)
+    r = _json(result)
+    assert "llama.cpp's tokens in" in result.stderr and r["n_chunks"] == n_chunks and r["ctx"] == ctx
+    kl = r["kl_base"]
+    # llama.cpp's format is the only difference: uint16 steps of up to 16 / 65535 nats, and log-probs more
+    # than 16 below the top left out (measured: mean 8.3e-7, max 5.3e-5)
+    assert 0 <= kl["kld_mean"] < 1e-5 and kl["kld_max"] < 1e-3 and kl["same_top"] == 1.0, kl
+    assert abs(kl["ppl_base"] - r["ppl"]) < 1e-4 * r["ppl"]
+    # damaged: one byte short
+    (tmp_path / "cut.kld").write_bytes((tmp_path / "llama.kld").read_bytes()[:-1])
+    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]),
+                                   "--kl-base", str(tmp_path / "cut.kld")], timeout=60), "truncated or damaged")
+    # without a llama.cpp base the text is required
+    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"])],
+                               timeout=60), "--text is required")
+
+
 def test_a_text_shorter_than_a_chunk_is_one_shorter_chunk(stories_models, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text(TEXT.read_text()[:300])
