@@ -634,8 +634,11 @@ def run(comm, args) -> dict | None:
     found = {}
 
     def check(tokenizer, launch):  # rank 0, before loading
-        if base is not None and base.llama_tokens is not None:  # the tokens llama.cpp scored, as it fed them
-            tokens = base.llama_tokens[: args.chunks]
+        if base is not None and base.llama_tokens is not None:  # the tokens llama.cpp scored, fed as it fed them:
+            tokens = base.llama_tokens[: args.chunks].copy()  # its file keeps each chunk's first token, it feeds BOS
+            bos = tokenize(tokenizer, "")[1]
+            if bos is not None:
+                tokens[:, 0] = bos
             chunks = Chunks(tokens, tokens.size, tokens.shape[1], 0)
             if chunks.n_ctx != ctx:
                 raise InputError(f"--kl-base {base.path} holds chunks of {chunks.n_ctx} tokens: leave out --ctx or "

@@ -1,0 +1,125 @@
+"""`python tools/kl_vs_llamacpp.py`: do we compute what llama.cpp computes on the same k-quant GGUF?
+
+1. writes a GGUF of a model shape (`--shape`, default `tiny`: dim 256, rows whole 256-value super-blocks) with
+   random F32 weights of standard deviation `--scale / sqrt(fan-in)` (peaked next-token distributions: with
+   llamacpp_compare's small random weights they are nearly uniform and any engine agrees);
+2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M); `llama-perplexity --kl-divergence-base` saves
+   llama.cpp's log-probabilities over `--text` in chunks of `--ctx`;
+3. `dllama-mpi-convert` converts the same quantized GGUF (its default: each type kept where our engine runs it),
+   and `python -m dllama_mpi.perplexity --kl-base` scores llama.cpp's very tokens on `-n` ranks against them.
+
+It prints both engines' PPL, the KL divergence of ours from llama.cpp's distributions and how often both rank the
+same token first. llama.cpp's binaries are tools/llamacpp_compare.py's (built on first use, minutes).
+
+    python tools/kl_vs_llamacpp.py --ranks 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_compare import (
+    LLAMA_CPP_PYTHON_VERSION,
+    build_llama_bench,
+    default_cache_dir,
+    gguf_tensors,
+    llama_quantize_path,
+    positive_int,
+    run_capture,
+    shapes,
+    spm_vocab,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_f32_gguf(path: Path, spec, scale: float, seed: int) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_context_length, spec.seq_len), (w.add_embedding_length, spec.dim),
+                       (w.add_feed_forward_length, spec.hidden_dim), (w.add_block_count, spec.n_layers),
+                       (w.add_head_count, spec.n_heads), (w.add_head_count_kv, spec.n_kv_heads),
+                       (w.add_rope_dimension_count, spec.head_dim), (w.add_rope_freq_base, spec.rope_theta),
+                       (w.add_layer_norm_rms_eps, spec.norm_eps), (w.add_vocab_size, spec.vocab_size)):
+        add(value)
+    if spec.head_dim != spec.dim // spec.n_heads:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    tokens, scores, types = spm_vocab(spec.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    rng = np.random.default_rng(seed)
+    for name, shape, matrix in gguf_tensors(spec):
+        if matrix:
+            w.add_tensor(name, (rng.standard_normal(shape) * (scale / np.sqrt(shape[1]))).astype(np.float32))
+        else:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python tools/kl_vs_llamacpp.py", allow_abbrev=False,
+                                description="KL divergence of our engine from llama.cpp's on the same quantized GGUF.")
+    p.add_argument("--shape", default="tiny", choices=sorted(shapes()), help="model shape (default: %(default)s)")
+    p.add_argument("--type", default="Q4_K_M", help="llama-quantize's type (default: %(default)s)")
+    p.add_argument("--pure", action="store_true", help="llama-quantize --pure: every matrix --type, no Q6_K mixture")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="weight std x sqrt(fan-in) (default: %(default)s; 4 makes a chaotic network, where any "
+                        "difference in rounding grows through the layers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", type=Path, default=REPO / "tests" / "data" / "tinystories_sample.txt")
+    p.add_argument("--ctx", type=positive_int, default=128)
+    p.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", help="ours (default: %(default)s)")
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2], help="our rank counts (default: 1 2)")
+    args = p.parse_args(argv)
+    cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
+    bench = build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)
+    perplexity = cache / "build" / "bin" / "llama-perplexity"
+    if not perplexity.exists():
+        run_capture(["cmake", "--build", str(cache / "build"), "--target", "llama-perplexity"], 3600, "kl_vs_llamacpp")
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        write_f32_gguf(t / "f32.gguf", shapes()[args.shape], args.scale, args.seed)
+        run_capture([str(llama_quantize_path(cache)), *(["--pure"] if args.pure else []), str(t / "f32.gguf"),
+                     str(t / "q.gguf"), args.type, "2"], 3600, "kl_vs_llamacpp")
+        _, err = run_capture([str(perplexity), "-m", str(t / "q.gguf"), "-f", str(args.text), "-c", str(args.ctx),
+                              "-t", "2", "--kl-divergence-base", str(t / "llama.kld")], 3600, "kl_vs_llamacpp")
+        final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", err)
+        print(f"{args.shape} {args.type}{' --pure' if args.pure else ''} (random weights, scale {args.scale}, seed {args.seed}), text {args.text.name}, "
+              f"chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}: PPL = {final[1]} +/- {final[2]}")
+        converted = subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / "q.h5")],
+                                   capture_output=True, text=True, check=True)
+        print("".join(line + "\n" for line in converted.stderr.splitlines() if line.startswith(("note:", "wrote"))),
+              end="")
+        for n in args.ranks:
+            out, _ = run_capture([mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi.perplexity", "--model",
+                                  str(t / "q.h5"), "--kl-base", str(t / "llama.kld"), "--buffer-float-type",
+                                  args.buffer_float_type], 3600, "kl_vs_llamacpp")
+            wanted = ("Final estimate", "Mean PPL", "Mean    KLD", "Maximum KLD", "99.0%", "Median", "Same top")
+            print(f"ours, -n {n}, {args.buffer_float_type} buffers:")
+            print("".join(f"  {line}\n" for line in out.splitlines() if line.startswith(wanted)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
