@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         _, err = run_capture([str(perplexity), "-m", str(t / "q.gguf"), "-f", str(args.text), "-c", str(args.ctx),
                               "-t", "2", "--kl-divergence-base", str(t / "llama.kld")], 3600, "kl_vs_llamacpp")
         final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", err)
-        print(f"{args.shape} {args.type}{' --pure' if args.pure else ''} (random weights, scale {args.scale}, seed {args.seed}), text {args.text.name}, "
-              f"chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}: PPL = {final[1]} +/- {final[2]}")
+        pure = " --pure" if args.pure else ""
+        print(f"{args.shape} {args.type}{pure} (random weights, scale {args.scale}, seed {args.seed}), text "
+              f"{args.text.name}, chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}: PPL = {final[1]} +/- {final[2]}")
         converted = subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / "q.h5")],
                                    capture_output=True, text=True, check=True)
         print("".join(line + "\n" for line in converted.stderr.splitlines() if line.startswith(("note:", "wrote"))),
