@@ -193,7 +193,8 @@ class Plan:
         if spec.qk_norm:
             per_layer += 2 * 4 * spec.head_dim
         vocab = self.rows("output", rank)
-        tables = (vocab[1] - vocab[0]) * spec.resident_row_bytes("tok_embeddings") * (1 if spec.shared_classifier else 2)
+        per_row = spec.resident_row_bytes("tok_embeddings") + (0 if spec.shared_classifier else spec.resident_row_bytes("output"))
+        tables = (vocab[1] - vocab[0]) * per_row
         return spec.n_layers * per_layer + tables + 4 * spec.dim
 
     def kv_cache_bytes(self, rank: int, max_seq_len: int) -> int:

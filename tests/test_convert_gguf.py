@@ -403,6 +403,12 @@ def test_a_q4_k_m_file_keeps_q4_k_natively_and_gives_the_float_references_logits
             assert f[name].attrs["type"] == "q4k" and f[name][()].tobytes() == raw[name].tobytes(), name
     assert re.search(r"by type: f32 5 tensor\(s\) [\d.]+ MiB, q4k 7 tensor\(s\) [\d.]+ MiB, q80 9 tensor\(s\)",
                      info(tmp_path / "m.h5"))
+    from dllama_mpi.comm import Comm
+    from dllama_mpi.job import open_job
+
+    job = open_job(Comm(), tmp_path / "m.h5", (1,), max_seq_len=8)
+    assert job.weights.nbytes == job.plan.weight_bytes(0)  # the memory plan counts q4k's resident bytes exactly
+    del job
     got, expected = _logits(tmp_path / "m.h5"), _logits(float_reference(tmp_path, raw, types, stored))
     scale = np.abs(expected).max()
     assert scale > 0.1
