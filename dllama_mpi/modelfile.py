@@ -39,6 +39,7 @@ class TensorInfo(NamedTuple):
     split: str | None  # the plan's row kind (plan.rows), or None: replicated on every rank
     shape: tuple[int, ...]  # dense shape
     matrix: bool  # a weight matrix (stored in the spec's weight type) or an f32 vector
+    layer: int | None = None  # the layer of a layer's tensor (a matrix's type may be its layer's own)
 
 
 def tensor_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
@@ -53,7 +54,7 @@ def tensor_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
         p = f"layers/{layer}/"
         layout[p + "attention_norm"] = TensorInfo(None, (spec.dim,), False)
         for kind, shape in matrices.items():
-            layout[p + kind] = TensorInfo(kind, shape, True)
+            layout[p + kind] = TensorInfo(kind, shape, True, layer)
         if spec.qkv_bias:
             for bias, kind in (("bq", "wq"), ("bk", "wk"), ("bv", "wv")):
                 layout[p + bias] = TensorInfo(kind, (matrices[kind][0],), False)
@@ -68,7 +69,7 @@ def tensor_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
 
 
 def stored_type(spec: ModelSpec, info: TensorInfo) -> str:
-    return spec.tensor_type(info.split) if info.matrix else "f32"
+    return spec.tensor_type(info.split, info.layer) if info.matrix else "f32"
 
 
 def stored_shape(spec: ModelSpec, info: TensorInfo, rows: int | None = None) -> tuple[int, ...]:

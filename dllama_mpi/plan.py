@@ -187,15 +187,16 @@ class Plan:
     def weight_bytes(self, rank: int) -> int:
         spec = self.spec
         rows = {k: self.rows(k, rank)[1] - self.rows(k, rank)[0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
-        per_layer = sum(n * spec.resident_row_bytes(k) for k, n in rows.items()) + 2 * 4 * spec.dim
+        vectors = 2 * 4 * spec.dim
         if spec.qkv_bias:
-            per_layer += 4 * (rows["wq"] + rows["wk"] + rows["wv"])
+            vectors += 4 * (rows["wq"] + rows["wk"] + rows["wv"])
         if spec.qk_norm:
-            per_layer += 2 * 4 * spec.head_dim
+            vectors += 2 * 4 * spec.head_dim
+        layers = sum(n * spec.resident_row_bytes(k, layer) for layer in range(spec.n_layers) for k, n in rows.items())
         vocab = self.rows("output", rank)
         per_row = spec.resident_row_bytes("tok_embeddings") + (0 if spec.shared_classifier else spec.resident_row_bytes("output"))
         tables = (vocab[1] - vocab[0]) * per_row
-        return spec.n_layers * per_layer + tables + 4 * spec.dim
+        return layers + spec.n_layers * vectors + tables + 4 * spec.dim
 
     def kv_cache_bytes(self, rank: int, max_seq_len: int) -> int:
         s = self.ranks[rank]

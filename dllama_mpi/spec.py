@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,23 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 STACKED_KINDS = (("wq", "wk", "wv"), ("w1", "w3"))  # matrices the engine joins into one product (weights.STACKED)
+TABLE_KINDS = ("tok_embeddings", "output")  # the vocabulary tables: one of each, no layer
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_overrides(text: str) -> Mapping[str, str]:
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(text)
+    return types.MappingProxyType({kind.strip(): t.strip() for kind, t in pairs})
+
+
+def _override_key(key: str) -> tuple[str, int | None]:
+    """"w2" -> ("w2", None); "layers/3/w2" -> ("w2", 3); anything else -> (key, None) (refused by the check)."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+        return parts[2], int(parts[1])
+    return key, None
 MAX_LAYERS = 4096  # the largest models have ~128: anything near this is a damaged header, not a model
 MAX_SIZE = 2**31 - 1  # dims, vocabulary and context fit int32 in every format we read
 
@@ -82,28 +102,38 @@ class ModelSpec:
         try:
             types = self.type_overrides()
         except ValueError:
-            return [f"tensor_types must read kind=type,kind=type,...; got {self.tensor_types!r}"]
-        problems = [f"tensor_types names {kind!r}, not a matrix (one of {', '.join(self.matrix_cols())})"
-                    for kind in types if kind not in self.matrix_cols()]
-        problems += [f"tensor_types gives {kind} the type {t!r}; types are {quant.WEIGHT_TYPES}"
-                     for kind, t in types.items() if t not in quant.WEIGHT_TYPES]
-        for stacked in STACKED_KINDS:
-            if len({types.get(kind, self.weight_type) for kind in stacked}) > 1:
-                problems.append(f"tensor_types must give {', '.join(stacked)} one type (the engine stacks them), "
-                                f"got {self.tensor_types!r}")
+            return [f"tensor_types must read kind=type or layers/N/kind=type, comma-separated; got {self.tensor_types!r}"]
+        problems = []
+        for key, t in types.items():
+            kind, layer = _override_key(key)
+            if kind not in self.matrix_cols() or (layer is not None and (kind in TABLE_KINDS
+                                                                         or not 0 <= layer < self.n_layers)):
+                problems.append(f"tensor_types names {key!r}: expected a matrix ({', '.join(self.matrix_cols())}), "
+                                f"or layers/N/<layer matrix> with N below {self.n_layers}")
+            if t not in quant.WEIGHT_TYPES:
+                problems.append(f"tensor_types gives {key} the type {t!r}; types are {quant.WEIGHT_TYPES}")
+        if problems:
+            return problems
+        for layer in range(self.n_layers):
+            for stacked in STACKED_KINDS:
+                if len({self.tensor_type(kind, layer) for kind in stacked}) > 1:
+                    problems.append(f"tensor_types must give {', '.join(stacked)} one type in each layer (the engine "
+                                    f"stacks them); layer {layer} differs in {self.tensor_types!r}")
         return problems
 
     @property
     def weights_text(self) -> str:
-        """The weight types as printed: "q40", or "q40 (output=q80)" for a mix."""
-        return self.weight_type + (f" ({self.tensor_types})" if self.tensor_types else "")
+        """The weight types as printed: "q40", or "q40 (output=q80)" for a mix; per-layer
+        exceptions are counted, not listed."""
+        if not self.tensor_types:
+            return self.weight_type
+        kinds = [f"{k}={t}" for k, t in self.type_overrides().items() if "/" not in k]
+        layered = sum("/" in k for k in self.type_overrides())
+        return f"{self.weight_type} ({', '.join(kinds + ([f'{layered} per-layer'] if layered else []))})"
 
-    def type_overrides(self) -> dict[str, str]:
-        """tensor_types as {kind: type}."""
-        pairs = [item.split("=") for item in self.tensor_types.split(",") if item.strip()]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError(self.tensor_types)
-        return {kind.strip(): t.strip() for kind, t in pairs}
+    def type_overrides(self) -> Mapping[str, str]:
+        """tensor_types as {"kind" or "layers/N/kind": type} (read-only; parsed once per text)."""
+        return _parse_overrides(self.tensor_types)
 
     @property
     def q_dim(self) -> int:
@@ -126,12 +156,15 @@ class ModelSpec:
             "tok_embeddings": self.dim, "output": self.dim,
         }
 
-    def tensor_type(self, kind: str) -> str:
-        return quant.storage_type(self.type_overrides().get(kind, self.weight_type), self.matrix_cols()[kind])
+    def tensor_type(self, kind: str, layer: int | None = None) -> str:
+        """The stored type of matrix `kind` (of layer `layer`, where a layer's differs)."""
+        types = self.type_overrides()
+        wanted = types.get(f"layers/{layer}/{kind}") if layer is not None else None
+        return quant.storage_type(wanted or types.get(kind, self.weight_type), self.matrix_cols()[kind])
 
-    def resident_row_bytes(self, kind: str) -> int:
+    def resident_row_bytes(self, kind: str, layer: int | None = None) -> int:
         """Memory of one local row of matrix `kind` (what a rank's budget pays for)."""
-        return quant.resident_row_bytes(self.tensor_type(kind), self.matrix_cols()[kind])
+        return quant.resident_row_bytes(self.tensor_type(kind, layer), self.matrix_cols()[kind])
 
     def rope_freqs(self) -> np.ndarray:
         """Angle per position of each rotated pair, (head_dim // 2,) float64: theta**(-2i/head_dim),

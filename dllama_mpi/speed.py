@@ -89,12 +89,16 @@ class _Workload:
         def rows(n: int) -> int:
             return max(1, round(share * n))
 
-        layer = [(_matrix(spec.tensor_type(kind), rows(r), c), inputs[x]) for r, c, x, kind in _layer_shapes(spec)]
-        layer_bytes = sum(m.nbytes for m, _ in layer)
+        shapes = _layer_shapes(spec)
+
+        def layer(i: int):  # layer i's products, in its own types
+            return [(_matrix(spec.tensor_type(kind, i), rows(r), c), inputs[x]) for r, c, x, kind in shapes]
+
+        first = layer(0)
+        layer_bytes = sum(m.nbytes for m, _ in first)
         self.copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
-        self.layers = [layer] + [[(_matrix(m.type, m.rows, m.cols), x) for m, x in layer]
-                                 for _ in range(self.copies - 1)]
-        self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in layer]
+        self.layers = [first] + [layer(i) for i in range(1, self.copies)]  # the first layers' types stand for all
+        self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in first]
         # the full-width vectors every rank prepares per layer, whatever its share
         self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
         self.classifier = _matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),

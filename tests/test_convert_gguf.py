@@ -393,15 +393,16 @@ def test_a_q4_k_m_file_keeps_q4_k_natively_and_gives_the_float_references_logits
     path, raw, types, stored = q4km_like(tmp_path, np.random.default_rng(14))
     convert(path, tmp_path / "m.h5", None, None)
     err = capsys.readouterr().err
-    assert "note: Q4_K x 7 tensor(s) -> q4k: kept bit-exact" in err, err  # wo, w1, w3 of 2 layers + the embedding
-    assert "note: Q4_K x 6 tensor(s) -> q80: re-quantized to 8-bit blocks, as w2/wk/wq/wv holds wider" in err, err
+    assert "note: Q4_K x 11 tensor(s) -> q4k: kept bit-exact" in err, err  # all but layer 0's wq wk wv w2 + output
+    assert "note: Q4_K x 2 tensor(s) -> q80: re-quantized to 8-bit blocks, as wk/wq share a product with wider" in err, err
     assert "note: Q6_K x 3 tensor(s) -> q80: re-quantized to 8-bit blocks (no native kernels for it yet)" in err, err
     with h5py.File(tmp_path / "m.h5", "r") as f:
-        # the most common type of the layers' kinds is the model's; the others are listed
-        assert (f.attrs["weight_type"], f.attrs["tensor_types"]) == ("q80", "tok_embeddings=q4k,w1=q4k,w3=q4k,wo=q4k")
-        for name in ("layers/1/w1", "layers/0/wo", "tok_embeddings"):
+        # the most common type is the model's; the others are listed, per layer where a kind's types differ
+        assert (f.attrs["weight_type"], f.attrs["tensor_types"]) == (
+            "q4k", "output=q80,layers/0/w2=q80,layers/0/wk=q80,layers/0/wq=q80,layers/0/wv=q80")
+        for name in ("layers/1/w1", "layers/0/wo", "layers/1/w2", "layers/1/wv", "tok_embeddings"):
             assert f[name].attrs["type"] == "q4k" and f[name][()].tobytes() == raw[name].tobytes(), name
-    assert re.search(r"by type: f32 5 tensor\(s\) [\d.]+ MiB, q4k 7 tensor\(s\) [\d.]+ MiB, q80 9 tensor\(s\)",
+    assert re.search(r"by type: f32 5 tensor\(s\) [\d.]+ MiB, q4k 11 tensor\(s\) [\d.]+ MiB, q80 5 tensor\(s\)",
                      info(tmp_path / "m.h5"))
     from dllama_mpi.comm import Comm
     from dllama_mpi.job import open_job
@@ -449,8 +450,13 @@ def test_choose_types_keeps_what_runs_and_takes_the_widest_per_stacked_kind():
         q4km[f"layers/{layer}/w2"] = "Q6_K" if layer != 1 else "Q4_K"
     q4km.update({"tok_embeddings": "Q4_K", "output": "Q6_K"})
     weight_type, tensor_types, notes = choose_types(q4km)
-    assert (weight_type, tensor_types) == ("q80", "tok_embeddings=q4k,w1=q4k,w3=q4k,wo=q4k")
-    assert notes[0] == "Q4_K x 10 tensor(s) -> q4k: kept bit-exact"  # wo, w1, w3 of 3 layers, the embedding
+    # w2 is Q6_K in layers 0 and 2 (q80 for the kind, layer 1 its exception); layer 1's wv is, so its stack is q80
+    assert (weight_type, tensor_types) == (
+        "q4k", "output=q80,w2=q80,layers/1/w2=q4k,layers/1/wk=q80,layers/1/wq=q80,layers/1/wv=q80")
+    assert notes == ["Q4_K x 17 tensor(s) -> q4k: kept bit-exact",
+                     "Q4_K x 2 tensor(s) -> q80: re-quantized to 8-bit blocks, as wk/wq share a product with wider "
+                     "types in their layer",
+                     "Q6_K x 4 tensor(s) -> q80: re-quantized to 8-bit blocks (no native kernels for it yet)"]
     q40 = {f"layers/0/{k}": "Q4_0" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
     assert choose_types({**q40, "output": "Q6_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q80")
     assert choose_types({**q40, "layers/0/wv": "Q8_0"})[:2] == ("q40", "wk=q80,wq=q80,wv=q80")
@@ -458,5 +464,7 @@ def test_choose_types_keeps_what_runs_and_takes_the_widest_per_stacked_kind():
     assert choose_types(bf16) == ("f32", "", ["BF16 x 7 tensor(s) -> f32: widened"])
     assert choose_types({**q40, "output": "F16"})[2][0] == "F16 x 1 tensor(s) -> f16: kept bit-exact"
     q4k = {f"layers/0/{k}": "Q4_K" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
-    # Q4_0 and Q4_K in one kind (different 4-bit grids) meet at q80
-    assert choose_types({**q4k, "output": "Q6_K", "layers/1/w2": "Q4_0"})[:2] == ("q4k", "output=q80,w2=q80")
+    # a kind may differ per layer: layer 1's Q4_0 w2 stays q40
+    assert choose_types({**q4k, "output": "Q6_K", "layers/1/w2": "Q4_0"})[:2] == ("q4k", "output=q80,layers/1/w2=q40")
+    # Q4_0 and Q4_K in one stack (different 4-bit grids) meet at q80
+    assert choose_types({**q4k, "layers/0/wv": "Q4_0"})[:2] == ("q4k", "wk=q80,wq=q80,wv=q80")

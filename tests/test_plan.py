@@ -202,13 +202,23 @@ def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans
 
     mixed = dataclasses.replace(TINYLLAMA, tensor_types="output=q80,w2=q80")
     assert [mixed.tensor_type(k) for k in ("wq", "w2", "output")] == ["q40", "q80", "q80"]
-    assert mixed.weights_text == "q40 (output=q80,w2=q80)"
+    assert mixed.weights_text == "q40 (output=q80, w2=q80)"
     assert (TINYLLAMA.resident_row_bytes("w2"), mixed.resident_row_bytes("w2")) == (176 * 18, 176 * 34)  # 5632 / 32 blocks
     uniform, plan = make_plan(TINYLLAMA, (1, 1)), make_plan(mixed, (1, 1))
     assert plan.plan_hash() != uniform.plan_hash() and "tensor_types" not in TINYLLAMA.to_attrs()
     assert ModelSpec.from_attrs(mixed.to_attrs()) == mixed
-    for bad, says in (("w9=q80", "names 'w9', not a matrix"), ("w2=q50", "gives w2 the type 'q50'"),
+    layered = dataclasses.replace(TINYLLAMA, tensor_types="layers/3/w2=q80,layers/21/wq=q80,layers/21/wk=q80,"
+                                                          "layers/21/wv=q80")
+    assert [layered.tensor_type("w2", i) for i in (2, 3)] == ["q40", "q80"] and layered.tensor_type("w2") == "q40"
+    assert layered.weights_text == "q40 (4 per-layer)"
+    rows = {k: make_plan(layered, (1,)).rows(k, 0) for k in ("w2", "wq", "wk", "wv")}
+    extra = sum((b - a) * (layered.resident_row_bytes(k, layer) - TINYLLAMA.resident_row_bytes(k))
+                for k, (a, b) in rows.items() for layer in range(22))
+    assert extra > 0 and make_plan(layered, (1,)).weight_bytes(0) == make_plan(TINYLLAMA, (1,)).weight_bytes(0) + extra
+    for bad, says in (("w9=q80", "names 'w9'"), ("w2=q50", "gives w2 the type 'q50'"),
                       ("wv=q80", "must give wq, wk, wv one type"), ("w1=q80", "must give w1, w3 one type"),
+                      ("layers/2/w1=q80", "must give w1, w3 one type in each layer"),
+                      ("layers/22/w2=q80", "names 'layers/22/w2'"), ("layers/0/output=q80", "names 'layers/0/output'"),
                       ("w2", "must read kind=type")):
         with pytest.raises(InputError, match=says):
             dataclasses.replace(TINYLLAMA, tensor_types=bad)

@@ -7,6 +7,7 @@ Each source format is a reader module with FORMAT_NAME, `sniff(path) -> bool` an
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,42 +64,48 @@ def _join(a: str, b: str) -> str:
 
 
 def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
-    """(weight_type, tensor_types, notes) keeping a quantized source's types: each matrix
-    kind takes the widest type of its tensors across layers (a Q4_K_M file holds Q6_K in some
-    layers' w2 and wv), the stacked kinds (wq wk wv; w1 w3) the widest of the stack, the
-    model's weight_type is the most common kind's, and tensor_types lists the others."""
+    """(weight_type, tensor_types, notes) keeping a quantized source's types: each tensor the
+    type KEPT gives its stored one, except that the matrices a layer stacks into one product
+    (wq wk wv; w1 w3) take one type between them (_join); the model's weight_type is the
+    most common, and tensor_types lists the rest, per kind where a kind is one type in every
+    layer, else per layer (a Q4_K_M file holds Q6_K in some layers' w2 and wv only)."""
     from ..spec import STACKED_KINDS
 
-    by_kind: dict[str, str] = {}
-    for name, stored in native.items():
-        kind = name.rsplit("/", 1)[-1]
-        ours = KEPT.get(stored, "q80")
-        by_kind[kind] = _join(by_kind.get(kind, ours), ours)
-    for stacked in STACKED_KINDS:
-        present = [k for k in stacked if k in by_kind]
-        if present:
-            joined = by_kind[present[0]]
-            for k in present[1:]:
-                joined = _join(joined, by_kind[k])
-            by_kind.update({k: joined for k in present})
-    layer_kinds = [k for k in by_kind if k not in ("tok_embeddings", "output")] or list(by_kind)
-    counts = {t: sum(by_kind[k] == t for k in layer_kinds) for t in WIDER}
-    weight_type = max(WIDER, key=lambda t: (counts[t], -WIDER.index(t)))
-    tensor_types = ",".join(f"{k}={t}" for k, t in sorted(by_kind.items()) if t != weight_type)
+    def where(name: str) -> tuple[int | None, str]:
+        parts = name.split("/")
+        return (int(parts[1]), parts[2]) if len(parts) == 3 else (None, name)
+
+    ours = {where(name): KEPT.get(stored, "q80") for name, stored in native.items()}
+    for layer in sorted({layer for layer, _ in ours if layer is not None}):
+        for stacked in STACKED_KINDS:
+            present = [(layer, kind) for kind in stacked if (layer, kind) in ours]
+            if present:
+                joined = functools.reduce(_join, (ours[p] for p in present))
+                ours.update({p: joined for p in present})
+    in_layers = [t for (layer, _), t in ours.items() if layer is not None] or list(ours.values())
+    weight_type = max(WIDER, key=lambda t: (in_layers.count(t), -WIDER.index(t)))
+    entries = []
+    for kind in sorted({kind for _, kind in ours}):
+        layers = {layer: t for (layer, k), t in ours.items() if k == kind}
+        values = list(layers.values())
+        usual = max(WIDER, key=lambda t: (values.count(t), t == weight_type))
+        if usual != weight_type:
+            entries.append(f"{kind}={usual}")
+        entries += [f"layers/{layer}/{kind}={t}" for layer, t in sorted(layers.items()) if t != usual]
     notes = []
-    for stored, became in sorted({(t, by_kind[n.rsplit("/", 1)[-1]]) for n, t in native.items()}):
-        names = sorted(n for n, t in native.items() if t == stored and by_kind[n.rsplit("/", 1)[-1]] == became)
+    for stored, became in sorted({(t, ours[where(n)]) for n, t in native.items()}):
+        names = [n for n, t in native.items() if t == stored and ours[where(n)] == became]
         if became == KEPT.get(stored) and stored != "BF16":
             how = "kept bit-exact"
         elif became in ("f16", "f32"):
             how = "widened"
-        elif stored in KEPT:  # a kind (or stack) that holds a wider type elsewhere
-            how = f"re-quantized to 8-bit blocks, as {'/'.join(sorted({n.rsplit('/', 1)[-1] for n in names}))} " \
-                  "holds wider types in other tensors"
+        elif stored in KEPT:  # stacked with a wider type in its layer
+            kinds = "/".join(sorted({where(n)[1] for n in names}))
+            how = f"re-quantized to 8-bit blocks, as {kinds} share a product with wider types in their layer"
         else:
             how = "re-quantized to 8-bit blocks (no native kernels for it yet)"
         notes.append(f"{stored} x {len(names)} tensor(s) -> {became}: {how}")
-    return weight_type, tensor_types, notes
+    return weight_type, ",".join(entries), notes
 
 
 class ConvertError(InputError):
