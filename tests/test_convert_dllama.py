@@ -235,3 +235,20 @@ def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
     for pos, token in enumerate([1, 260, 7, 299, 42]):
         got, expected = job.engine.forward(token, pos), dense.forward(token, pos)
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), pos
+
+
+@pytest.mark.parametrize("weight_type", ["q80", "f16"])
+def test_a_model_keeps_its_type_unless_weights_says_otherwise(tmp_path, tokenizer_file, weight_type, capsys):
+    import h5py
+
+    from dllama_mpi.convert import convert
+
+    path = tmp_path / "model.m"
+    dw.write_model(path, PARAMS, _weights(np.random.default_rng(3)), weight_type)
+    convert(path, tmp_path / "kept.h5", tokenizer_file, None)
+    with h5py.File(tmp_path / "kept.h5", "r") as f:  # never quantized to 4 bits behind the user's back
+        assert f.attrs["weight_type"] == weight_type and f["layers/1/w2"].attrs["type"] == weight_type
+        assert f["tok_embeddings"].attrs["type"] == "f32"  # as distributed-llama stores and uses it
+    assert "kept bit-exact" in capsys.readouterr().err
+    convert(path, tmp_path / "q40.h5", tokenizer_file, "q40")
+    assert f"-> q40: {'re-quantized' if weight_type == 'q80' else 'quantized'} (--weights q40)" in capsys.readouterr().err

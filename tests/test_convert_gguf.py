@@ -184,14 +184,24 @@ def test_q4_0_and_q8_0_pass_through_bit_exact(tmp_path, arch):
         np.testing.assert_allclose(decoded, ours_expected(hf)[name], atol=np.abs(hf[name]).max() / 6)
 
 
-def test_other_types_are_dequantized_with_a_note(tmp_path):
+def test_other_types_are_dequantized_and_forcing_a_type_says_what_it_changes(tmp_path, capsys):
+    from dllama_mpi.convert import convert
+
     hf = hf_weights(np.random.default_rng(2), "llama")
     stored = stored_layout(hf, "llama")
-    types = {"layers/0/w2": Q.Q5_0, "layers/1/w1": Q.Q5_0, "layers/0/wo": Q.BF16, "layers/1/w3": Q.F16}
+    types = {"layers/0/w2": Q.Q5_0, "layers/1/w1": Q.Q5_0, "layers/0/wo": Q.BF16, "layers/1/w3": Q.F16,
+             "layers/1/wq": Q.Q8_0}
     path = tmp_path / "k.gguf"
     write_gguf(path, "llama", stored, types)
     src = gguf_model.read(path, None)
-    assert sorted(src.notes) == ["re-quantized: layers/0/w2 from Q5_0", "re-quantized: layers/1/w1 from Q5_0"]
+    assert src.native_types["layers/0/w2"] == "Q5_0" and src.native_types["layers/0/wq"] == "F32"
+    convert(path, tmp_path / "q40.h5", None, "q40")
+    assert capsys.readouterr().err.splitlines() == [  # every type --weights changed, Q8_0 included
+        "note: BF16 x 1 tensor(s) -> q40: quantized (--weights q40)",
+        "note: F16 x 1 tensor(s) -> q40: quantized (--weights q40)",
+        "note: F32 x 11 tensor(s) -> q40: quantized (--weights q40)",
+        "note: Q5_0 x 2 tensor(s) -> q40: re-quantized (--weights q40)",
+        "note: Q8_0 x 1 tensor(s) -> q40: re-quantized (--weights q40)"]
     got = dict(src.tensors())
     for name in ("layers/0/w2", "layers/1/w1"):
         assert got[name].dtype == np.float32

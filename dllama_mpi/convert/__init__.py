@@ -46,6 +46,8 @@ class Source:
     native_types: dict[str, str] = field(default_factory=dict)
 
 
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output")  # ModelSpec.matrix_cols' kinds
+
 # What each stored type becomes when no --weights is given: the type itself where the engine
 # runs it, otherwise the nearest that loses nothing measurable. BF16 widens to f32 (f16 would
 # clip its range); every other quantized type (Q4_1, Q5_0/1, the k-quants but Q4_K, ...) is
@@ -108,6 +110,19 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
     return weight_type, ",".join(entries), notes
 
 
+def forced_notes(native: dict[str, str], weights: str) -> list[str]:
+    """What --weights does to a quantized source's tensors: one note per stored type it changes."""
+    notes = []
+    for stored in sorted(set(native.values())):
+        if KEPT.get(stored) == weights and stored != "BF16":
+            continue  # kept bit-exact
+        count = sum(t == stored for t in native.values())
+        floats = stored in ("F32", "F16", "BF16")
+        how = "converted" if weights in ("f16", "f32") else "quantized" if floats else "re-quantized"
+        notes.append(f"{stored} x {count} tensor(s) -> {weights}: {how} (--weights {weights})")
+    return notes
+
+
 class ConvertError(InputError):
     """A conversion that can't be done as asked (input, output, options)."""
 
@@ -164,7 +179,8 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
     tensor_types, type_notes = "", []
     if weights is None and source.native_types:
         weights, tensor_types, type_notes = choose_types(source.native_types)
-        source.notes = [n for n in source.notes if not n.startswith("re-quantized: ")]  # choose_types says it
+    elif source.native_types:
+        type_notes = forced_notes(source.native_types, weights)
     spec = ModelSpec(**source.spec_fields, weight_type=weights or DEFAULT_WEIGHTS, tensor_types=tensor_types)
     plan = make_plan(spec, ratios) if ratios else None
     files = sorted({Path(f) for f in source.files} or {input_path})

@@ -38,7 +38,7 @@ import numpy as np
 from .. import quant
 from ..errors import InputError
 from ..tokenizer import Tokenizer
-from . import ConvertError
+from . import MATRICES, ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "distributed-llama model (.m)"
@@ -282,5 +282,7 @@ def read(path: Path, tokenizer_path):
                 array = halves_to_interleaved(array, head_dim)
             yield name, array
 
+    ggml_names = {"f32": "F32", "f16": "F16", "q40": "Q4_0", "q80": "Q8_0"}  # the types choose_types reads
+    native_types = {name: ggml_names[kind] for name, kind, _ in layout if name.rsplit("/", 1)[-1] in MATRICES}
     return Source(fields, tensors, tokenizer, f"distributed-llama {fields['architecture']} model {path.name} "
-                  f"({info['weight_type']})", files=[path, tokenizer_path], notes=notes)
+                  f"({info['weight_type']})", files=[path, tokenizer_path], notes=notes, native_types=native_types)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import quant
-from . import ConvertError
+from . import MATRICES, ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "GGUF (llama.cpp)"
@@ -47,9 +47,6 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _ROPE_ROWS = {"wq", "wk", "bq", "bk", "q_norm", "k_norm"}
 # Llama 3.1 / 3.2 rope_scaling defaults (low, high, original context), tried before a fit
 _LLAMA3_CANDIDATES = ((1.0, 4.0, 8192),)
-
-
-MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output")  # ModelSpec.matrix_cols' kinds
 
 
 def sniff(path: Path) -> bool:
@@ -316,7 +313,7 @@ def _number(value, key: str, kind):
     return kind(value)
 
 
-def _convert(t, name: str, arch: str, head_dim: int, notes: list[str] | None) -> np.ndarray:
+def _convert(t, name: str, arch: str, head_dim: int) -> np.ndarray:
     import gguf
 
     kind = t.tensor_type
@@ -331,10 +328,8 @@ def _convert(t, name: str, arch: str, head_dim: int, notes: list[str] | None) ->
         array = np.array(t.data)
     elif kind == Q.BF16:
         array = _dense(t)
-    else:
+    else:  # dequantized here; the writer makes it the type the converter chose
         array = _dense(t)
-        if notes is not None:
-            notes.append(f"re-quantized: {name} from {kind.name}")
     if array.ndim == 2 and array.shape[0] == 1 and len(t.shape) == 1:
         array = array[0]
     if arch in HALVES_ARCHS and name.rsplit("/", 1)[-1] in _ROPE_ROWS:
@@ -357,23 +352,16 @@ def read(path: Path, tokenizer_path=None):
         ours = _map_name(t.name)
         if ours is not None:
             names[t.name] = ours
-    notes: list[str] = []
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-    native_types = {}
-    for t in reader.tensors:  # notes are known before the tensors are streamed
-        if t.name in names and names[t.name].rsplit("/", 1)[-1] in MATRICES:
-            native_types[names[t.name]] = t.tensor_type.name
-        if t.name in names and t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0):  # Q4_K too: --weights
-            notes.append(f"re-quantized: {names[t.name]} from {t.tensor_type.name}")
+    # each matrix's stored type: the converter decides (and says) what becomes of it
+    native_types = {names[t.name]: t.tensor_type.name for t in reader.tensors
+                    if t.name in names and names[t.name].rsplit("/", 1)[-1] in MATRICES}
 
     def tensors():
         r = open_gguf(path)
         for t in r.tensors:
             ours = names.get(t.name)
             if ours is not None:
-                yield ours, _convert(t, ours, arch, head_dim, None)
+                yield ours, _convert(t, ours, arch, head_dim)
 
-    return Source(fields, tensors, tokenizer, f"GGUF {arch} model {path.name}", files=[path], notes=notes,
+    return Source(fields, tensors, tokenizer, f"GGUF {arch} model {path.name}", files=[path],
                   native_types=native_types)
