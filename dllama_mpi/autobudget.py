@@ -134,7 +134,7 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
     comm.sleeping_barrier()
     kernels.warm_up()
     if comm.rank == 0:
-        print(f"--memory-budget auto: measuring each rank's speed on this model's products ({spec.weight_type} weights, "
+        print(f"--memory-budget auto: measuring each rank's speed on this model's products ({spec.weights_text} weights, "
               f"{buffer_type} buffers) ...", file=sys.stderr, flush=True)
     mine = speed.measure(comm, spec, buffer_type)
     collective_s = speed.collective_seconds(comm, spec)

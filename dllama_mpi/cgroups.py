@@ -49,18 +49,6 @@ def cpu_quota(root: Path = Path("/")) -> tuple[float, str] | None:
     return min(quotas, key=lambda q: q[0]) if quotas else None
 
 
-def cpu_cgroup(root: Path = Path("/")) -> str:
-    """This process's CPU cgroup path (v1 cpu controller, else v2), "" where unreadable: ranks
-    with the same path on one node share its quota."""
-    for controllers, path in _membership(root):
-        if "cpu" in controllers.split(","):
-            return path
-    for controllers, path in _membership(root):
-        if controllers == "":
-            return path
-    return ""
-
-
 def _membership(root: Path) -> list[tuple[str, str]]:
     """(controllers, path) of each /proc/self/cgroup line: `0::/path` (v2, controllers "")
     and `N:memory:/path` or `N:cpu,cpuacct:/path` (v1)."""

@@ -31,9 +31,9 @@ class Comm:
         # shared memory off (MPIR_CVAR_NOLOCAL, tools/netsim.py) every rank would otherwise
         # think it had the node's cores to itself
         try:
-            quota = cgroups.cpu_quota()
-            facts = (MPI.Get_processor_name(), os.getpid(), threads.node_cores(), cgroups.cpu_cgroup(),
-                     None if quota is None else quota[0])
+            quota = cgroups.cpu_quota()  # (CPUs, the cgroup that sets it) or None
+            facts = (MPI.Get_processor_name(), os.getpid(), threads.node_cores(),
+                     *((None, None) if quota is None else (quota[1], quota[0])))
         except BaseException:  # a bug: before any guard exists, so end the job here, not in the allgather
             traceback.print_exc()
             sys.stderr.flush()
@@ -144,7 +144,7 @@ class Comm:
 
 def wait_modes(where: list[tuple]) -> list[str]:
     """How each rank waits at a layer's gather, from every rank's (host, pid, usable cores,
-    CPU cgroup, CPU quota or None):
+    the cgroup whose CPU quota binds it, that quota in CPUs; both None without one):
 
     "block": MPICH's blocking Allgatherv, which spins on the rank's core: the fastest way when
       the core is the rank's own.
@@ -154,8 +154,9 @@ def wait_modes(where: list[tuple]) -> list[str]:
       (tools/auto_budget_bench.py --layout shared, medians of 3 rounds): decode with auto
       budgets 17.7 tok/s yielding against 14.4 spinning, equal budgets 14.8 against 13.1; 4
       ranks on 2 cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
-    "sleep": its cgroup's CPU quota is below the ranks on its node sharing that cgroup (a
-      container's --cpus, a Kubernetes limit). Spinning or yielding there spends the quota the
+    "sleep": the CPU quota that binds it is below the ranks on its node that it binds (a
+      container's --cpus, a Kubernetes limit; ranks in sibling cgroups under one limited
+      parent share the parent's). Spinning or yielding there spends the quota the
       rank's kernels need, and the kernel then stops the rank for the rest of the period, right
       when the others wait for it; it sleeps between tests instead. Measured 2026-12-01, rank 1
       under half a core's quota beside rank 0 (--layout quota, TinyLlama shape, single runs):

@@ -38,7 +38,7 @@ class ModelFileError(InputError):
 class TensorInfo(NamedTuple):
     split: str | None  # the plan's row kind (plan.rows), or None: replicated on every rank
     shape: tuple[int, ...]  # dense shape
-    matrix: bool  # a weight matrix (stored in the spec's weight type) or an f32 vector
+    matrix: bool  # a weight matrix (stored in its type: spec.tensor_type) or an f32 vector
     layer: int | None = None  # the layer of a layer's tensor (a matrix's type may be its layer's own)
 
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -377,7 +378,7 @@ class LogitsWriter:
 
         self.path = path
         _remove_stale_temporaries(path)
-        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        self.tmp = _temporary(path, os.getpid())
         rows = max(1, min(chunks.n_scored, CHUNK_BYTES // (4 * vocab_size)))
         try:
             self.file = h5py.File(self.tmp, "w", rdcc_nbytes=max(1 << 20, 8 * rows * 4 * vocab_size))
@@ -413,11 +414,18 @@ class LogitsWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def _temporary(path: Path, pid: int | str) -> Path:
+    """Where a save of `path` is written first: beside it, named by this host and the writer's pid."""
+    return path.with_name(f".{path.name}.tmp{socket.gethostname()}-{pid}")
+
+
 def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of earlier saves of `path` whose writer is gone (killed), if they are ours."""
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and tmp.is_file() and not tmp.is_symlink():
+    """Temporaries of earlier saves of `path` on this host whose writer is gone (killed), if
+    they are logits files this program wrote (one it can't read stays: it may not be ours)."""
+    mine = _temporary(path, "")
+    for tmp in path.parent.glob(f"{mine.name}*"):
+        pid = tmp.name[len(mine.name):]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and is_logits_file(tmp):
             tmp.unlink(missing_ok=True)
 
 
@@ -448,7 +456,7 @@ class Scores:
             pq = np.exp(logq) if floor is None else np.where(logq > floor, np.exp(logq), 0.0)
             self.kld[k : k + m] = (pq * (logq - logp)).sum(axis=1)
             self.same_top[k : k + m] = np.argmax(logp, axis=1) == np.argmax(logq, axis=1)
-            self.dp[k : k + m] = np.exp(logp[rows, targets]) - pq[rows, targets]
+            self.dp[k : k + m] = np.exp(logp[rows, targets]) - np.exp(logq[rows, targets])
         self.n += m
 
 
@@ -636,6 +644,10 @@ def run(comm, args) -> dict | None:
     def check(tokenizer, launch):  # rank 0, before loading
         if base is not None and base.llama_tokens is not None:  # the tokens llama.cpp scored, fed as it fed them:
             tokens = base.llama_tokens[: args.chunks].copy()  # its file keeps each chunk's first token, it feeds BOS
+            vocab = launch.plan.spec.vocab_size
+            if tokens.size and not (0 <= tokens.min() and tokens.max() < vocab):
+                raise InputError(f"--kl-base {base.path} holds token ids {tokens.min()}..{tokens.max()}, but this "
+                                 f"model's vocabulary is 0..{vocab - 1}: it was saved for another model's vocabulary")
             bos = tokenize(tokenizer, "")[1]
             if bos is not None:
                 tokens[:, 0] = bos

@@ -122,20 +122,28 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(qs), d
 
 
+PACK_ROWS = 256  # rows of Q4K unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
+
+
 def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above)."""
+    """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above), a block
+    of rows at a time."""
     rows, n_sub = stored.shape[0], stored.shape[1] * (quant.QK // BLOCK)
-    codes = quant.q4k_codes(stored).reshape(rows, n_sub, BLOCK)  # (rows, sub-blocks, 32)
-    as_q40 = np.zeros(codes.shape[:2], quant.Q40)
-    as_q40["qs"] = codes[..., :16] | (codes[..., 16:] << 4)
-    qs, _ = pack_weights(as_q40)
-    scale, low = quant.q4k_sub_scales(stored)
-    g = groups(codes.shape[1])
+    g = groups(n_sub)
+    qs = np.empty((rows, g * 256), np.uint8)
     d = np.zeros((rows, g, 2, GROUP), np.float32)
-    for name, values in ((0, scale), (1, low)):
-        padded = np.zeros((rows, g * GROUP), np.float32)
-        padded[:, : values.shape[1]] = values
-        d[:, :, name] = padded.reshape(rows, g, GROUP)
+    for a in range(0, rows, PACK_ROWS):
+        part = stored[a : a + PACK_ROWS]
+        codes = quant.q4k_codes(part).reshape(len(part), n_sub, BLOCK)  # (rows, sub-blocks, 32)
+        as_q40 = np.zeros(codes.shape[:2], quant.Q40)
+        as_q40["qs"] = codes[..., :16] | (codes[..., 16:] << 4)
+        qs[a : a + len(part)] = pack_weights(as_q40)[0]
+        scale, low = quant.q4k_sub_scales(part)  # (rows, sub-blocks) each
+        flat = d[a : a + len(part)].reshape(len(part), g, 2 * GROUP)
+        for half, values in ((0, scale), (1, low)):
+            padded = np.zeros((len(part), g * GROUP), np.float32)
+            padded[:, :n_sub] = values
+            flat[:, :, half * GROUP : (half + 1) * GROUP] = padded.reshape(len(part), g, GROUP)
     return qs, d.reshape(rows, g * 2 * GROUP)
 
 

@@ -187,13 +187,23 @@ def half_core(cpus):
     spec = importlib.util.spec_from_file_location("auto_budget_bench", REPO / "tools" / "auto_budget_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    problem, made = None, None
     if bench.quota_parent() is None:
         problem = "no writable cgroup with the cpu controller (cgroup v1 cpu, or v2 with cpu enabled) to make a quota in"
+    else:
+        made = bench.half_core_cgroup()
+        try:
+            path = made.__enter__()
+        except OSError as exc:  # writable on paper, refused in fact (a rootless or namespaced cgroupfs)
+            problem, made = f"could not make a cgroup with a CPU quota: {exc}", None
+    if problem:
         if os.environ.get("DLLAMA_REQUIRE_PINNING") == "1":
             pytest.fail(f"DLLAMA_REQUIRE_PINNING=1 but {problem}")
         pytest.skip(problem)
-    with bench.half_core_cgroup() as path:
+    try:
         yield path
+    finally:
+        made.__exit__(None, None, None)
 
 
 def test_a_rank_under_half_a_core_of_quota_sleeps_at_gathers_and_gets_about_half_the_share(cpus, half_core, mid_model):
@@ -242,14 +252,14 @@ def test_auto_refuses_shards_split_for_fixed_budgets(tmp_path):
 def test_wait_modes_block_on_own_cores_yield_when_oversubscribed_and_sleep_under_a_small_quota():
     from dllama_mpi.comm import wait_modes
 
-    # (host, pid, usable cores, CPU cgroup, quota in CPUs)
-    assert wait_modes([("a", 1, 2, "/", None), ("a", 2, 2, "/", None)]) == ["block", "block"]
-    assert wait_modes([("a", 1, 1, "/", None), ("a", 2, 1, "/", None), ("b", 3, 1, "/", None)]) == \
+    # (host, pid, usable cores, the cgroup whose CPU quota binds the rank, that quota in CPUs)
+    assert wait_modes([("a", 1, 2, None, None), ("a", 2, 2, None, None)]) == ["block", "block"]
+    assert wait_modes([("a", 1, 1, None, None), ("a", 2, 1, None, None), ("b", 3, 1, None, None)]) == \
         ["yield", "yield", "block"]
     # one rank alone in a cgroup of half a core; its neighbour pinned to one core of its own
-    assert wait_modes([("a", 1, 1, "/", None), ("a", 2, 1, "/half", 0.5)]) == ["yield", "sleep"]
+    assert wait_modes([("a", 1, 1, None, None), ("a", 2, 1, "cgroup /half", 0.5)]) == ["yield", "sleep"]
     # a container of 2 CPUs: 4 ranks sleep, 2 ranks don't need to
-    assert wait_modes([("a", p, 2, "/ctr", 2.0) for p in range(4)]) == ["sleep"] * 4
-    assert wait_modes([("a", p, 2, "/ctr", 2.0) for p in range(2)]) == ["block"] * 2
+    assert wait_modes([("a", p, 2, "cgroup /ctr", 2.0) for p in range(4)]) == ["sleep"] * 4
+    assert wait_modes([("a", p, 2, "cgroup /ctr", 2.0) for p in range(2)]) == ["block"] * 2
     # the same cgroup path on another node is another cgroup
-    assert wait_modes([("a", 1, 4, "/ctr", 1.0), ("b", 2, 4, "/ctr", 1.0)]) == ["block", "block"]
+    assert wait_modes([("a", 1, 4, "cgroup /ctr", 1.0), ("b", 2, 4, "cgroup /ctr", 1.0)]) == ["block", "block"]

@@ -4,8 +4,8 @@ On one machine of at least 2 cores it makes ranks of unequal speed for real (--l
 
   quota   (default) two ranks: rank 0 alone on core 0, rank 1 alone on core 1 in a cgroup whose CPU quota is half a
           core (1 ms per 2 ms period, the kernel's smallest quota; made for the run and removed after it, which
-          needs a writable cgroup v1 cpu or v2 hierarchy: root, or a delegated one). The issue's "one of two ranks
-          at half speed".
+          needs a writable cgroup v1 cpu hierarchy or v2 root: run as root). The issue's "one of two ranks at half
+          speed".
   shared  three ranks: rank 0 alone on core 0, ranks 1 and 2 sharing core 1, so each of them at about
           half the speed of rank 0 (`mpiexec -n 3 tools/pinned 0 1 1 -- ...`);
   hog     two ranks: rank 0 alone on core 0, rank 1 on core 1 beside a CPU hog (a pure-Python busy loop pinned to
@@ -166,7 +166,7 @@ def half_core_cgroup():
     found = quota_parent()
     if found is None:
         sys.exit("auto_budget_bench: --layout quota needs a writable cgroup v1 cpu hierarchy (/sys/fs/cgroup/cpu) or "
-                 "a v2 one with the cpu controller enabled (root, or a delegated cgroup); use --layout shared instead")
+                 "the v2 root with the cpu controller enabled for its children (as root); use --layout shared instead")
     parent, version = found
     path = parent / f"dllama-bench-half-core-{os.getpid()}"
     path.mkdir()

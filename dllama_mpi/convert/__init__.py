@@ -23,7 +23,7 @@ from ..errors import InputError
 class Source:
     """What a reader hands the writer.
 
-    spec_fields: every ModelSpec field but weight_type (the writer's --weights).
+    spec_fields: every ModelSpec field but weight_type and tensor_types (the converter's choice).
     tensors: called once; yields (name, array) one tensor at a time, names as in
         modelfile.tensor_layout, q/k rows in the engine's interleaved RoPE layout (see
         convert.rope). An array is float values of the dense shape (f32/f16; bf16 widened
