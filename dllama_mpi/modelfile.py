@@ -219,7 +219,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     """Write a model atomically: to a temporary name beside `path`, renamed on success, so an
     interrupted conversion leaves nothing at `path`.
 
-    `tensors` yields (name, array) one at a time (floats or Q40/Q80 blocks, see
+    `tensors` yields (name, array) one at a time (floats or Q40/Q80/Q4K blocks, see
     _to_stored), so a converter holds about one tensor in memory. With a `plan`, `path` is a
     directory of per-rank shards, each with the rows the plan gives its rank."""
     path = Path(path)

@@ -162,8 +162,9 @@ def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_
     bad = tokens.copy()
     bad[0, 5] = 100000
     _write_llama_base(tmp_path / "bad.kld", bad, logits)
-    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]),
-                                   "--kl-base", str(tmp_path / "bad.kld")], timeout=60), "..100000, but this model's vocabulary is 0..511")
+    refused = run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]), "--kl-base",
+                              str(tmp_path / "bad.kld")], timeout=60)
+    assert_refused(refused, "..100000, but this model's vocabulary is 0..511")
     # without a llama.cpp base the text is required
     assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"])],
                                timeout=60), "--text is required")
