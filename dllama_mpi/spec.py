@@ -35,7 +35,8 @@ def _parse_overrides(text: str) -> Mapping[str, str]:
 def _override_key(key: str) -> tuple[str, int | None]:
     """"w2" -> ("w2", None); "layers/3/w2" -> ("w2", 3); anything else -> (key, None) (refused by the check)."""
     parts = key.split("/")
-    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isascii() and parts[1].isdigit() \
+            and str(int(parts[1])) == parts[1]:  # as tensor_type looks it up: layers/3/w2, not layers/03/w2
         return parts[2], int(parts[1])
     return key, None
 MAX_LAYERS = 4096  # the largest models have ~128: anything near this is a damaged header, not a model
@@ -94,7 +95,8 @@ class ModelSpec:
             problems.append(f"rope_style must be 'interleaved', got {self.rope_style!r}")
         if self.weight_type not in quant.WEIGHT_TYPES:
             problems.append(f"weight_type must be one of {quant.WEIGHT_TYPES}, got {self.weight_type!r}")
-        problems += self._tensor_type_problems()
+        if not problems:  # tensor_types is read against valid dimensions and weight_type
+            problems += self._tensor_type_problems()
         if problems:
             raise InputError("invalid model spec: " + "; ".join(problems))
 

@@ -219,6 +219,7 @@ def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans
                       ("wv=q80", "must give wq, wk, wv one type"), ("w1=q80", "must give w1, w3 one type"),
                       ("layers/2/w1=q80", "must give w1, w3 one type in each layer"),
                       ("layers/22/w2=q80", "names 'layers/22/w2'"), ("layers/0/output=q80", "names 'layers/0/output'"),
+                      ("layers/03/w2=q80", "names 'layers/03/w2'"), ("layers/\u0663/w2=q80", "names 'layers/"),
                       ("w2", "must read kind=type")):
         with pytest.raises(InputError, match=says):
             dataclasses.replace(TINYLLAMA, tensor_types=bad)
