@@ -117,7 +117,9 @@ def solve(spec: ModelSpec, speeds, caps: list[int | None], max_seq_len: int, n_s
         for rank, cap in enumerate(caps):
             need = sum(rank_need(plan, rank, max_seq_len, load_buffer, n_slots).values())
             if cap is not None and need > cap:
-                limits[rank] = max(0.0, plan_shares(plan)[rank] * cap / need - 0.01)
+                # from the smaller of the limit and the share the plan rounded to: a plan that rounds a
+                # share up to its granule (a head) takes a lower limit each round until it steps down
+                limits[rank] = max(0.0, min(limits[rank], plan_shares(plan)[rank]) * cap / need - 0.01)
                 over = True
         if not over:
             break
