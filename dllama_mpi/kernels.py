@@ -438,8 +438,10 @@ def cache_dir() -> str:
     return matmul_f32._cache.cache_path
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel for the types the engine uses."""
+def warm_up(q4k: bool = False) -> None:
+    """Compile (or load from numba's cache) every kernel for the types the engine uses; the
+    Q4K products only for a model that has Q4K weights (`q4k`): most don't, and compiling
+    them costs seconds on a cold cache."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
     blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
@@ -455,18 +457,20 @@ def warm_up() -> None:
     w32 = np.ones((3, 64), f32)
     q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
     k_rows, kf_rows, kd = qmatmul.q4k_q80_rows, qmatmul.q4k_f32_rows, np.zeros((3, 32), f32)
-    for serial, args in (
+    products = [
         (f32_rows, (w32, x)), (f16_rows, (w16, x)),
         (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
         (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
-        (k_rows, (q4, kd, xq, xsum, xd, *lanes)), (kf_rows, (q4, kd, xt, *lanes)),
-    ):
+    ]
+    if q4k:
+        products += [(k_rows, (q4, kd, xq, xsum, xd, *lanes)), (kf_rows, (q4, kd, xt, *lanes))]
+        qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
+    for serial, args in products:
         PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])
     f16_row(w16[0], out[0])
     qmatmul.dequantize_row(q4[0], wd[0], 2, out[0])
     qmatmul.dequantize_row(q8[0], wd[0], 2, out[0])
-    qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])

@@ -164,6 +164,11 @@ class ModelSpec:
         wanted = types.get(f"layers/{layer}/{kind}") if layer is not None else None
         return quant.storage_type(wanted or types.get(kind, self.weight_type), self.matrix_cols()[kind])
 
+    def weight_types(self) -> set[str]:
+        """Every type a matrix of this model is stored in."""
+        kinds = [k for k in self.matrix_cols() if k != "output" or not self.shared_classifier]
+        return {self.tensor_type(k, layer) for k in kinds for layer in range(self.n_layers)}
+
     def resident_row_bytes(self, kind: str, layer: int | None = None) -> int:
         """Memory of one local row of matrix `kind` (what a rank's budget pays for)."""
         return quant.resident_row_bytes(self.tensor_type(kind, layer), self.matrix_cols()[kind])
