@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
+    add_llama_metadata,
     build_llama_bench,
     default_cache_dir,
     gguf_tensors,
@@ -36,7 +37,6 @@ from llamacpp_compare import (
     positive_int,
     run_capture,
     shapes,
-    spm_vocab,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,24 +46,7 @@ def write_f32_gguf(path: Path, spec, scale: float, seed: int) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_context_length, spec.seq_len), (w.add_embedding_length, spec.dim),
-                       (w.add_feed_forward_length, spec.hidden_dim), (w.add_block_count, spec.n_layers),
-                       (w.add_head_count, spec.n_heads), (w.add_head_count_kv, spec.n_kv_heads),
-                       (w.add_rope_dimension_count, spec.head_dim), (w.add_rope_freq_base, spec.rope_theta),
-                       (w.add_layer_norm_rms_eps, spec.norm_eps), (w.add_vocab_size, spec.vocab_size)):
-        add(value)
-    if spec.head_dim != spec.dim // spec.n_heads:
-        w.add_key_length(spec.head_dim)
-        w.add_value_length(spec.head_dim)
-    tokens, scores, types = spm_vocab(spec.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
+    add_llama_metadata(w, spec)
     rng = np.random.default_rng(seed)
     for name, shape, matrix in gguf_tensors(spec):
         if matrix:

@@ -258,19 +258,8 @@ def _random_tensor(rng, shape: tuple[int, ...], quantized: bool) -> np.ndarray:
     return raw  # (rows, row bytes) uint8, as GGUF stores a Q4_0 matrix
 
 
-def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
-    """A llama GGUF of `spec` with random weights: every matrix Q4_0 (token embedding and output
-    too), norms F32, a minimal SentencePiece vocabulary. Streamed tensor by tensor; written
-    under a temporary name, then renamed."""
-    import gguf
-
-    if spec.dim % Q4_0_BLOCK or spec.hidden_dim % Q4_0_BLOCK:
-        raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0_BLOCK}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+def add_llama_metadata(w, spec) -> None:
+    """A GGUFWriter's llama hyperparameters of `spec` and a minimal SentencePiece vocabulary."""
     w.add_context_length(spec.seq_len)
     w.add_embedding_length(spec.dim)
     w.add_feed_forward_length(spec.hidden_dim)
@@ -293,6 +282,22 @@ def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
+
+
+def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
+    """A llama GGUF of `spec` with random weights: every matrix Q4_0 (token embedding and output
+    too), norms F32, a minimal SentencePiece vocabulary. Streamed tensor by tensor; written
+    under a temporary name, then renamed."""
+    import gguf
+
+    if spec.dim % Q4_0_BLOCK or spec.hidden_dim % Q4_0_BLOCK:
+        raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0_BLOCK}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    add_llama_metadata(w, spec)
     layout = gguf_tensors(spec)
     for tname, shape, quantized in layout:
         if quantized:
