@@ -24,10 +24,27 @@ from dllama_mpi.weights import Matrix
 rng = np.random.default_rng(7)
 lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS, 16), 1e30, np.float32)
 checked = 0
-for kind in ("q40", "q80"):
-    for rows, nb, n_tok in ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)):
+SHAPES = {"q40": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),  # (rows, blocks of 32, tokens)
+          "q80": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),
+          "q4k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))}  # whole 256-value super-blocks
+
+
+def weights(kind, rows, nb):
+    if kind != "q4k":
         w = (rng.standard_normal((rows, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
-        stored = quant.encode(w, kind)
+        return quant.encode(w, kind)
+    # Q4K weights (kept from GGUF files, never quantized here): random super-blocks, small finite scales
+    stored = np.frombuffer(rng.bytes(rows * nb // 8 * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb // 8).copy()
+    for field in ("d", "dmin"):
+        stored[field] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
+    return stored
+
+
+for kind, shapes in SHAPES.items():
+    serial = qmatmul.q4k_q80_rows if kind == "q4k" else qmatmul.q_q80_rows
+    twin = reference.matvec_q4k_q80_exact if kind == "q4k" else reference.matvec_q_q80_exact
+    for rows, nb, n_tok in shapes:
+        stored = weights(kind, rows, nb)
         m = Matrix.from_stored(stored, nb * 32)
         x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
         xb = quant.quantize_q80(x)
@@ -35,36 +52,15 @@ for kind in ("q40", "q80"):
         xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
         xd = np.zeros((n_tok, 16 * g), np.float32)
         qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
-        expected = reference.matvec_q_q80_exact(stored, xb)
+        expected = twin(stored, xb)
         for parallel in (False, True):
             out = np.full((n_tok, rows), np.nan, np.float32)
             if parallel:
-                qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
+                kernels.PARALLEL[serial](m.qs, m.d, xq, xsum, xd, *lanes, out)
             else:
-                qmatmul.q_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
+                serial(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
             assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), (kind, rows, nb, n_tok, parallel)
             checked += 1
-# Q4K weights (kept from GGUF files): random super-blocks, sub-block counts in multiples of 8
-for rows, nb, n_tok in ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4)):
-    stored = np.frombuffer(rng.bytes(rows * nb // 8 * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb // 8).copy()
-    stored["d"] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
-    stored["dmin"] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
-    m = Matrix.from_stored(stored, nb * 32)
-    x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
-    xb = quant.quantize_q80(x)
-    g = qmatmul.groups(nb)
-    xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
-    xd = np.zeros((n_tok, 16 * g), np.float32)
-    qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
-    expected = reference.matvec_q4k_q80_exact(stored, xb)
-    for parallel in (False, True):
-        out = np.full((n_tok, rows), np.nan, np.float32)
-        if parallel:
-            kernels.PARALLEL[qmatmul.q4k_q80_rows](m.qs, m.d, xq, xsum, xd, *lanes, out)
-        else:
-            qmatmul.q4k_q80_rows(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
-        assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), ("q4k", rows, nb, n_tok, parallel)
-        checked += 1
 if qmatmul.ISA != qmatmul.host_isas()[0]:  # the rest of the suite compiles the native ones
     kernels.warm_up()  # every kernel compiles for this instruction set's CPU (f16 decoding included)
 f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
