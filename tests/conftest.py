@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# every process of the suite, the Slurm jobs' included (tests/test_slurm.py passes it on), shares
+# one numba cache, so that each kernel compiles once per run; set before anything imports numba
+NUMBA_CACHE = os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp"))
+                                                          / f"dllama-numba-tests-{os.getuid()}"))
 SHARED_MODELS = REPO.parent / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260K"
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")

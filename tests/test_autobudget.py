@@ -1,6 +1,6 @@
 """`--memory-budget auto`: the pure split (property tests), the budget syntax, and real
-unequal ranks on one machine (taskset: rank 0 alone on core 0, ranks 1 and 2 sharing core 1,
-so each at about half its speed; or rank 1 alone on core 1 under a CPU quota of half a core)."""
+unequal ranks on one machine (taskset and a cgroup: rank 0 alone on core 0, rank 1 alone on
+core 1 under a CPU quota of a quarter of a core)."""
 
 from __future__ import annotations
 
@@ -139,8 +139,7 @@ def test_dry_run_sizes_auto_with_equal_budgets_and_the_caps(tmp_path):
 
 @pytest.fixture(scope="module")
 def cpus():
-    """Two CPUs to pin ranks to: rank 0 alone on the first, ranks 1 and 2 sharing the second
-    (so each at about half the speed of rank 0)."""
+    """Two CPUs to pin ranks to."""
     problem = None
     if not shutil.which("taskset"):
         problem = "taskset is not installed"
@@ -170,24 +169,12 @@ def _auto_run(cpus, model, budgets: list[str]):
     return result, [float(chosen[i]) / 100 for i in (4, 5, 6)], measured
 
 
-def test_ranks_sharing_a_core_measure_slower_and_get_the_solvers_smaller_shares(cpus, mid_model):
-    result, shares, measured = _auto_run(cpus, mid_model, ["auto"])
-    a = [float(m[1]) for m in measured]
-    # how much slower depends on what the caches hold of this 40 MB model (1.3x to 5x seen); the
-    # benchmark's TinyLlama shape, read from memory, measured 1.6-1.7x (README, Choosing budgets)
-    for rank in (1, 2):
-        assert a[rank] > 1.15 * a[0], f"rank {rank} sharing a core measured {a[rank] / a[0]:.2f}x rank 0's time\n" \
-                                      f"{result.stderr}"
-        assert shares[rank] < shares[0], result.stderr
-    # the plan's shares are the solver's for what was measured, within a granule
-    solved = fastest_shares(a, [float(m[2]) for m in measured], [1.0, 1.0, 1.0])
-    assert all(abs(x - y) < 32 / SPEC.dim + 0.01 for x, y in zip(shares, solved)), (shares, solved)
-    assert "ms per decoded token, measured" in result.stderr
-
-
 @pytest.fixture(scope="module")
-def half_core(cpus):
-    """A cgroup with a CPU quota of half a core (tools/auto_budget_bench.py's), for the test's duration."""
+def quarter_core(cpus):
+    """A cgroup with a CPU quota of a quarter of a core (made as tools/auto_budget_bench.py makes its
+    half core), for the test's duration. A quarter, not the benchmark's half: what a rank alone on
+    a core measures swings 2x on a busy machine (a CI run once saw rank 0 as slow as two ranks
+    sharing a core), and the check that the slow rank measures slower must hold through that."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("auto_budget_bench", REPO / "tools" / "auto_budget_bench.py")
@@ -197,7 +184,7 @@ def half_core(cpus):
     if bench.quota_parent() is None:
         problem = "no writable cgroup with the cpu controller (cgroup v1 cpu, or v2 with cpu enabled) to make a quota in"
     else:
-        made = bench.half_core_cgroup()
+        made = bench.quota_cgroup(period_us=4 * bench.QUOTA_US)
         try:
             path = made.__enter__()
         except OSError as exc:  # writable on paper, refused in fact (a rootless or namespaced cgroupfs)
@@ -212,14 +199,14 @@ def half_core(cpus):
         made.__exit__(None, None, None)
 
 
-def test_a_rank_under_half_a_core_of_quota_sleeps_at_gathers_and_gets_about_half_the_share(cpus, half_core, mid_model):
-    probe = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{half_core}", "--", sys.executable,
+def test_a_rank_under_a_quarter_core_of_quota_sleeps_at_gathers_and_gets_a_small_share(cpus, quarter_core, mid_model):
+    probe = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{quarter_core}", "--", sys.executable,
                             "-c", "from dllama_mpi.comm import Comm; c = Comm(); print(c.rank, c.wait, "
                                   "c.nonblocking_gathers)"], timeout=60)
     assert probe.returncode == 0, probe.stderr
     modes = sorted(probe.stdout.split("\n")[:2])
     assert sorted(line.split(" ", 1)[1] for line in modes if line) == ["sleep True", "yield True"], probe.stdout
-    result = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{half_core}", "--", sys.executable,
+    result = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{quarter_core}", "--", sys.executable,
                              "-m", "dllama_mpi", "--model", str(mid_model), "--memory-budget", "auto", "--nthreads",
                              "1", "--steps", "8"], timeout=240)
     assert result.returncode == 0, result.stderr
@@ -228,10 +215,10 @@ def test_a_rank_under_half_a_core_of_quota_sleeps_at_gathers_and_gets_about_half
     assert chosen and len(measured) == 2, result.stderr
     a = [float(m[1]) for m in measured]
     shares = [float(chosen[i]) / 100 for i in (1, 2)]
-    # half a core's time: 2.5x rank 0's time on the benchmark's TinyLlama shape (README), 3.6x seen on this
-    # 40 MB model (what the caches hold of it differs); the share follows what was measured
-    assert a[1] / a[0] > 1.6, f"rank 1 under the quota measured {a[1] / a[0]:.2f}x rank 0's time\n{result.stderr}"
-    assert shares[1] / shares[0] < 0.65, result.stderr
+    # a quarter of a core's time: 5.2x to 7.2x rank 0's time seen on this 40 MB model (2026-12-01), and at
+    # least half that with rank 0's core busy with something else too; the share follows what was measured
+    assert a[1] / a[0] > 2.0, f"rank 1 under the quota measured {a[1] / a[0]:.2f}x rank 0's time\n{result.stderr}"
+    assert shares[1] / shares[0] < 0.5, result.stderr
     solved = fastest_shares(a, [float(m[2]) for m in measured], [1.0, 1.0])
     assert all(abs(x - y) < 32 / SPEC.dim + 0.01 for x, y in zip(shares, solved)), (shares, solved)
 

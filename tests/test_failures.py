@@ -119,7 +119,7 @@ def _loaded_cores():
     return [subprocess.Popen([PY, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))]
 
 
-STRESS_RUNS = int(os.environ.get("DLLAMA_STRESS_RUNS", "4"))  # the closing note's 20-run check sets it
+STRESS_RUNS = int(os.environ.get("DLLAMA_STRESS_RUNS", "2"))  # the closing note's 20-run check sets it
 
 
 def test_under_load_the_reason_always_reaches_the_terminal(stories_models, tmp_path):

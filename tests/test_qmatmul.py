@@ -72,18 +72,29 @@ print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
 """
 
 
-def _run(isa: str, tmp_path) -> dict:
-    env = {**os.environ, "DLLAMA_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path / isa)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory) -> dict[str, subprocess.Popen]:
+    """The CHECK process of every instruction set this host runs, all started at once: each
+    compiles every kernel afresh (most of its time, one core each), side by side."""
+    started = {}
+    for isa in qmatmul.host_isas():
+        env = {**os.environ, "DLLAMA_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path_factory.mktemp(isa))}
+        started[isa] = subprocess.Popen([sys.executable, "-c", CHECK], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+    yield started
+    for proc in started.values():
+        if proc.poll() is None:  # a test that failed before reading it
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("isa", qmatmul.ISAS)
-def test_each_instruction_set_equals_the_exact_twin(isa, tmp_path):
-    if isa not in qmatmul.host_isas():
+def test_each_instruction_set_equals_the_exact_twin(isa, checks):
+    if isa not in checks:
         pytest.skip(f"this CPU can't run {isa}")
-    result = _run(isa, tmp_path)
+    stdout, stderr = checks[isa].communicate(timeout=300)
+    assert checks[isa].returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
     assert result["checked"] == 30
     asm = result["asm"]

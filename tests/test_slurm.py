@@ -17,7 +17,7 @@ import time
 import uuid
 
 import pytest
-from conftest import REPO, STORIES, need_stories, run_mpiexec
+from conftest import NUMBA_CACHE, REPO, STORIES, need_stories, run_mpiexec
 
 PROMPT = "Once upon a time"
 GENERATE = ["--temperature", "0", "--steps", "60", "--prompt", PROMPT]
@@ -43,7 +43,7 @@ def sbatch(job: str, workdir, env: dict, *options: str, timeout: float = 400) ->
     job is cancelled and the test fails."""
     name = f"dllama-test-{uuid.uuid4().hex[:8]}"
     out, err = workdir / f"{name}.out", workdir / f"{name}.err"
-    full_env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, **env}
+    full_env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_NUMBA_CACHE": NUMBA_CACHE, **env}
     cmd = ["sbatch", "--wait", f"--job-name={name}", "--time=00:10:00", "-D", str(workdir), "-o", str(out), "-e", str(err),
            *options, str(REPO / "jobs" / job)]
     try:

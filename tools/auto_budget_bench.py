@@ -161,22 +161,23 @@ def quota_parent(root: Path = Path("/")) -> tuple[Path, str] | None:
 
 
 @contextlib.contextmanager
-def half_core_cgroup():
-    """A cgroup with a CPU quota of half a core while the block runs (its path), removed after it."""
+def quota_cgroup(period_us: int = PERIOD_US):
+    """A cgroup with a CPU quota of QUOTA_US per `period_us` (half a core by default) while the
+    block runs (its path), removed after it."""
     found = quota_parent()
     if found is None:
         sys.exit("auto_budget_bench: --layout quota needs a writable cgroup v1 cpu hierarchy (/sys/fs/cgroup/cpu) or "
                  "the v2 root with the cpu controller enabled for its children (as root); use --layout shared instead")
     parent, version = found
-    path = parent / f"dllama-bench-half-core-{os.getpid()}"
+    path = parent / f"dllama-bench-quota-{os.getpid()}"
     path.mkdir()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` runs
     try:
         if version == "v1":
-            (path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+            (path / "cpu.cfs_period_us").write_text(f"{period_us}\n")
             (path / "cpu.cfs_quota_us").write_text(f"{QUOTA_US}\n")
         else:
-            (path / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}\n")
+            (path / "cpu.max").write_text(f"{QUOTA_US} {period_us}\n")
         yield path
     finally:
         for _ in range(50):  # the ranks have exited; the kernel frees an emptied cgroup shortly after
@@ -280,7 +281,7 @@ def measure(args, mpiexec: str, configs: dict[str, list[str]]) -> list[dict]:
         spinner = stack.enter_context(hog(CPU_SLOW)) if args.layout == "hog" else None
         cores = list(LAYOUTS[args.layout])
         if args.layout == "quota":
-            cores[1] += f"@{stack.enter_context(half_core_cgroup())}"
+            cores[1] += f"@{stack.enter_context(quota_cgroup())}"
         exclude = {os.getpid()} | ({spinner.pid} if spinner else set())
         ticks = os.sysconf("SC_CLK_TCK")
         for i, name in schedule(args.repeat):
