@@ -131,11 +131,10 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
     """Collective: measure every rank, then the budgets for this launch (see the module)."""
     spec = _spec_of(comm, model_path)
     max_seq_len = max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
-    q4k = "q4k" in spec.weight_types()
     if comm.rank == 0:  # numba compiles once, on rank 0, into its cache; the others then load it
-        kernels.warm_up(q4k)
+        kernels.warm_up(spec.weight_types())
     comm.sleeping_barrier()
-    kernels.warm_up(q4k)
+    kernels.warm_up(spec.weight_types())
     if comm.rank == 0:
         print(f"--memory-budget auto: measuring each rank's speed on this model's products ({spec.weights_text} weights, "
               f"{buffer_type} buffers) ...", file=sys.stderr, flush=True)

@@ -119,10 +119,9 @@ def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out
     elif m.type == "f16":
         kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
     elif x.q80:
-        kernel = qmatmul.q4k_q80_rows if m.type == "q4k" else qmatmul.q_q80_rows
-        args = (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
+        kernel, args = qmatmul.ROWS[m.type][0], (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
     else:
-        kernel, args = qmatmul.q4k_f32_rows if m.type == "q4k" else qmatmul.q_f32_rows, (m.qs, m.d, x.xt[:n_tok], *lanes)
+        kernel, args = qmatmul.ROWS[m.type][1], (m.qs, m.d, x.xt[:n_tok], *lanes)
     if pool.parallel(m.rows * m.cols * n_tok):
         kernels.PARALLEL[kernel](*args, out)
     else:

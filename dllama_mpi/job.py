@@ -107,13 +107,12 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
     if comm.rank == 0 and announce is not None:
         announce(launch)
     # numba compiles once, on rank 0, into its cache; the other ranks then load it
-    q4k = "q4k" in plan.spec.weight_types()
     if comm.rank == 0:
         with SaidIfSlow(f"compiling kernels (once; cached in {kernels.cache_dir()})"):
-            kernels.warm_up(q4k)
+            kernels.warm_up(plan.spec.weight_types())
     comm.sleeping_barrier()  # a spinning wait would take cores from the compiler
     if comm.rank != 0:
-        kernels.warm_up(q4k)
+        kernels.warm_up(plan.spec.weight_types())
     t_load = time.perf_counter()
     with SaidIfSlow(f"loading the weights ({plan.weight_bytes(0) / 2**20:.0f} MiB on rank 0)", comm.rank == 0):
         weights = load(comm, plan, model)

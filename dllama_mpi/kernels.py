@@ -438,10 +438,10 @@ def cache_dir() -> str:
     return matmul_f32._cache.cache_path
 
 
-def warm_up(q4k: bool = False) -> None:
+def warm_up(weight_types: tuple[str, ...] = ()) -> None:
     """Compile (or load from numba's cache) every kernel for the types the engine uses; the
-    Q4K products only for a model that has Q4K weights (`q4k`): most don't, and compiling
-    them costs seconds on a cold cache."""
+    k-quant products (q4k, q6k) only for those among `weight_types`, the model's: most models
+    have none, and compiling them costs seconds on a cold cache."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
     blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
@@ -456,15 +456,19 @@ def warm_up(q4k: bool = False) -> None:
     q4, q8, w16 = np.zeros((3, 256), np.uint8), np.zeros((3, 512), np.int8), np.zeros((3, 64), np.uint16)
     w32 = np.ones((3, 64), f32)
     q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
-    k_rows, kf_rows, kd = qmatmul.q4k_q80_rows, qmatmul.q4k_f32_rows, np.zeros((3, 32), f32)
     products = [
         (f32_rows, (w32, x)), (f16_rows, (w16, x)),
         (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
         (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
     ]
-    if q4k:
-        products += [(k_rows, (q4, kd, xq, xsum, xd, *lanes)), (kf_rows, (q4, kd, xt, *lanes))]
+    if "q4k" in weight_types:  # f32 scales and mins
+        kd = np.zeros((3, 32), f32)
+        products += [(qmatmul.q4k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.q4k_f32_rows, (q4, kd, xt, *lanes))]
         qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
+    if "q6k" in weight_types:  # nibbles and high bit pairs; int8 scales and fp16 d
+        q6, q6d = np.zeros((3, 384), np.uint8), np.zeros((3, qmatmul.Q6K_SCALES), np.int8)
+        products += [(qmatmul.q6k_q80_rows, (q6, q6d, xq, xsum, xd, *lanes)), (qmatmul.q6k_f32_rows, (q6, q6d, xt, *lanes))]
+        qmatmul.dequantize_row_q6k(q6[0], q6d[0], 2, out[0])
     for serial, args in products:
         PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])

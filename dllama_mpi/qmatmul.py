@@ -15,7 +15,12 @@ the same lanes and tree. Q4K weights (sub-blocks of 32 with a scale s_b and a mi
 value s_b * q - m_b, q in 0..15) take the same integer sums of their unsigned codes and
 p_b = f32(isum_b) * (s_b * d_x_b) - f32(xsum_b) * (m_b * d_x_b), the min folded through
 the sum of the activation codes (with f32 activations: the block's f32 sum of q * x in
-element order times s_b, minus the f32 sum of x in element order times m_b).
+element order times s_b, minus the f32 sum of x in element order times m_b). Q6K weights
+(codes q in 0..63, a scale per 16 values: s_lo for elements 0..15 of block b, s_hi for
+16..31, each an fp16 d times an int8, exact in f32) take the exact integer sums of
+(q - 32) * x over each half, i_lo and i_hi, and p_b = f32(i_lo) * (s_lo * d_x_b) +
+f32(i_hi) * (s_hi * d_x_b) (with f32 activations: each half's f32 sum of f32(q - 32) * x in
+element order, then sum_lo * s_lo + sum_hi * s_hi).
 
 Instruction set, chosen at import from the host's CPU features (llvmlite reports them);
 DLLAMA_ISA=avx512vnni|avx2|portable picks a lesser one (tests run every path the host has):
@@ -35,6 +40,12 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
   Q4K weights: qs as Q40's, of each 32-value sub-block's codes (made by `pack_q4k`); d
       (rows, 32 G) f32: per lane group, the 16 sub-blocks' scales then their mins (24
       bytes per 32 weights; the file keeps llama.cpp's 18).
+  Q6K weights: qs (rows, G * 384) u8: the codes' low nibbles as Q40's quads, then 128
+      bytes of their high bit pairs: byte [256 + 64 (k // 2) + 4 l + i] holds, at bits
+      2 (2 (k % 2) + h), those of element 16 h + 4 k + i (the nibbles of quad k's byte);
+      d (rows, 36 G) i8: per lane group the 16 blocks' first-half scales, their second-half
+      scales, then the fp16 d of the group's two super-blocks (4 bytes): the file's 210
+      bytes per 256 weights.
   Q80 activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
       it folds Q40's -8 and the unsigned offset of vpdpbusd out of the inner loop),
       xd (T, 16 G) f32; activation codes lie in [-127, 127] (our quantizer's range).
@@ -147,6 +158,41 @@ def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return qs, d.reshape(rows, g * 2 * GROUP)
 
 
+Q6K_SCALES = 2 * GROUP + 4  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
+
+
+def pack_q6k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q6K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above), a block
+    of rows at a time."""
+    rows, nb = stored.shape
+    n_sub = nb * (quant.QK // BLOCK)
+    g = groups(n_sub)
+    qs = np.empty((rows, g, 384), np.uint8)
+    d = np.zeros((rows, g, Q6K_SCALES), np.uint8)
+    for a in range(0, rows, PACK_ROWS):
+        part = stored[a : a + PACK_ROWS]
+        n = len(part)
+        codes = np.zeros((n, g * GROUP, BLOCK), np.uint8)  # padding blocks: code 0, scale 0
+        codes[:, :n_sub] = quant.q6k_codes(part).reshape(n, n_sub, BLOCK)
+        low = codes & 15
+        as_q40 = np.zeros((n, g * GROUP), quant.Q40)
+        as_q40["qs"] = low[..., :16] | (low[..., 16:] << 4)
+        qs[a : a + n, :, :256] = pack_weights(as_q40)[0].reshape(n, g, 256)
+        high = (codes >> 4).reshape(n, g, GROUP, 2, 2, 2, 4)  # (lane, h, k // 2, k % 2, i): element 16 h + 4 k + i
+        pairs = np.zeros((n, g, 2, GROUP, 4), np.uint8)  # (k // 2, lane, i)
+        for h in range(2):
+            for odd in range(2):
+                pairs |= high[:, :, :, h, :, odd, :].transpose(0, 1, 3, 2, 4) << np.uint8(2 * (2 * odd + h))
+        qs[a : a + n, :, 256:] = pairs.reshape(n, g, 128)
+        scales = np.zeros((n, g * GROUP, 2), np.int8)
+        scales[:, :n_sub] = part["scales"].reshape(n, n_sub, 2)
+        d[a : a + n, :, : 2 * GROUP] = scales.reshape(n, g, GROUP, 2).transpose(0, 1, 3, 2).reshape(n, g, 2 * GROUP).view(np.uint8)
+        super_d = np.zeros((n, 2 * g), np.float16)
+        super_d[:, :nb] = part["d"]
+        d[a : a + n, :, 2 * GROUP :] = super_d.reshape(n, g, 2).view(np.uint8).reshape(n, g, 4)
+    return qs.reshape(rows, g * 384), d.reshape(rows, g * Q6K_SCALES).view(np.int8)
+
+
 @njit(**_opts)
 def f16_bits_to_f32(h):
     """fp16 bits -> f32 (exact)."""
@@ -216,6 +262,35 @@ def dequantize_row_q4k(wq, wd, nb, out):
             byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
             code = byte & 15 if e < 16 else byte >> 4
             out[b * BLOCK + e] = scale * np.float32(code) - low
+
+
+@njit(**_opts)
+def _q6k_code(w, k, lane, i, half):
+    """Code q (0..63) of element 16 half + 4 k + i of a packed Q6K lane group w (384 bytes)."""
+    byte = np.int32(w[k * 64 + lane * 4 + i])
+    pairs = np.int32(w[256 + (k // 2) * 64 + lane * 4 + i])
+    nibble = byte & 15 if half == 0 else byte >> 4
+    return nibble | (((pairs >> (2 * (2 * (k % 2) + half))) & 3) << 4)
+
+
+@njit(**_opts)
+def _q6k_super_d(sd, lane):
+    """The f32 d of lane `lane`'s super-block from a packed Q6K group's d bytes sd (int8)."""
+    o = 2 * GROUP + 2 * (lane // 8)
+    return f16_bits_to_f32(np.uint16((np.int32(sd[o]) & 255) | ((np.int32(sd[o + 1]) & 255) << 8)))
+
+
+@njit(**_opts)
+def dequantize_row_q6k(wq, wd, nb, out):
+    """One packed Q6K weight row -> out (nb * 32,) f32: (d * sc) * (q - 32)."""
+    for b in range(nb):
+        g, lane = b // GROUP, b % GROUP
+        w, sd = wq[g * 384 : (g + 1) * 384], wd[g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
+        d = _q6k_super_d(sd, lane)
+        for e in range(BLOCK):
+            half = e // 16
+            scale = d * np.float32(sd[half * GROUP + lane])
+            out[b * BLOCK + e] = scale * np.float32(_q6k_code(w, (e % 16) // 4, lane, e % 4, half) - 32)
 
 
 # --- the portable path ----------------------------------------------------------------
@@ -294,6 +369,51 @@ def _q4k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
                     scale, low = wd[r, g * 2 * GROUP + lane], wd[r, g * 2 * GROUP + GROUP + lane]
                     acc[lane] = acc[lane] + (np.float32(isum[lane]) * (scale * xd[t, b])
                                              - np.float32(xsum[t, b]) * (low * xd[t, b]))
+            out[t, r] = _lane_tree(acc)
+
+
+@njit(**_opts)
+def _q6k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    acc = lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xq.shape[0]):
+            acc[:] = 0
+            for g in range(wq.shape[1] // 384):
+                x = xq[t, g * 512 : (g + 1) * 512]
+                w, sd = wq[r, g * 384 : (g + 1) * 384], wd[r, g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
+                for lane in range(GROUP):
+                    lo, hi = np.int32(0), np.int32(0)
+                    for k in range(4):
+                        for i in range(4):
+                            o = k * 64 + lane * 4 + i
+                            lo += (_q6k_code(w, k, lane, i, 0) - 32) * np.int32(x[o])
+                            hi += (_q6k_code(w, k, lane, i, 1) - 32) * np.int32(x[256 + o])
+                    d, dx = _q6k_super_d(sd, lane), xd[t, g * GROUP + lane]
+                    acc[lane] = acc[lane] + (np.float32(lo) * ((d * np.float32(sd[lane])) * dx)
+                                             + np.float32(hi) * ((d * np.float32(sd[GROUP + lane])) * dx))
+            out[t, r] = _lane_tree(acc)
+
+
+@njit(**_opts)
+def _q6k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
+    """Q6K weights x f32 activations (every instruction set: plain loops)."""
+    acc = lanes_f[c]
+    for r in range(r0, r1):
+        for t in range(xt.shape[0]):
+            acc[:] = 0
+            for g in range(wq.shape[1] // 384):
+                x = xt[t, g * 512 : (g + 1) * 512]
+                w, sd = wq[r, g * 384 : (g + 1) * 384], wd[r, g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
+                for lane in range(GROUP):
+                    lo, hi = np.float32(0), np.float32(0)
+                    for e in range(BLOCK):
+                        v = np.float32(_q6k_code(w, (e % 16) // 4, lane, e % 4, e // 16) - 32) * x[(e // 4) * 64 + lane * 4 + e % 4]
+                        if e < 16:
+                            lo = lo + v
+                        else:
+                            hi = hi + v
+                    d = _q6k_super_d(sd, lane)
+                    acc[lane] = acc[lane] + (lo * (d * np.float32(sd[lane])) + hi * (d * np.float32(sd[GROUP + lane])))
             out[t, r] = _lane_tree(acc)
 
 
@@ -434,17 +554,65 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
     return sums
 
 
+def _q6k_int_sums(builder, isa, w_at, x_at, seed_at):
+    """Q6K's exact integer sums of one lane group for one token: per part (one <16 x i32>
+    on avx512vnni, two <8 x i32> halves on avx2) the pair (i_lo, i_hi), the sums of
+    (q - 32) * x over each block's elements 0..15 and 16..31. The codes are rebuilt from their
+    nibbles and high bit pairs; the -32 comes through the sum of the low half's activation
+    codes (and xsum less it for the high half)."""
+    parts = [(0, 64)] if isa == "avx512vnni" else [(0, 32), (32, 32)]
+    out = []
+    for h, width in parts:
+        lanes = width // 4
+        i32v, i8v = _vec(_I32, lanes), _vec(_I8, width)
+        zero = ir.Constant(i32v, None)
+        pairs_at = [w_at(256 + j * 64 + h, i8v) for j in range(2)]
+        sums = [zero, zero, zero]  # a_lo, a_hi (unsigned codes times x), the low half's sum of x
+        if isa == "avx2":
+            xs16 = ir.Constant(_vec(_I16, 16), None)
+        for k in range(4):
+            wv = w_at(k * 64 + h, i8v)
+            operands = []
+            for half, nibble in ((0, builder.and_(wv, _splat(_I8, width, 15))), (1, builder.lshr(wv, _splat(_I8, width, 4)))):
+                shift = 2 * (2 * (k % 2) + half)  # the high bit pair's place, moved to bits 4 and 5
+                moved = pairs_at[k // 2]
+                if shift < 4:
+                    moved = builder.shl(moved, _splat(_I8, width, 4 - shift))
+                elif shift > 4:
+                    moved = builder.lshr(moved, _splat(_I8, width, shift - 4))
+                code = builder.or_(nibble, builder.and_(moved, _splat(_I8, width, 0x30)))
+                operands.append((code, x_at((4 * half + k) * 64 + h, i8v)))
+            operands.append((_splat(_I8, width, 1), operands[0][1]))
+            for which, (u, x) in enumerate(operands):
+                if isa == "avx512vnni":
+                    sums[which] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [sums[which], u, x])
+                elif which < 2:  # |two products| <= 2 * 63 * 127: one pmaddubsw fits int16, two may not
+                    pair = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, x])
+                    sums[which] = builder.add(sums[which], _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8),
+                                                                 [pair, _splat(_I16, 16, 1)]))
+                else:  # sums of two activation codes: 4 of them fit int16
+                    xs16 = builder.add(xs16, _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, x]))
+        a_lo, a_hi, xs_lo = sums
+        if isa == "avx2":
+            xs_lo = _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [xs16, _splat(_I16, 16, 1)])
+        xs_hi = builder.sub(seed_at(h, i32v), xs_lo)
+        thirty_two = _splat(_I32, lanes, 32)
+        out.append((builder.sub(a_lo, builder.mul(xs_lo, thirty_two)), builder.sub(a_hi, builder.mul(xs_hi, thirty_two))))
+    return out
+
+
 def _tile(n_tok: int):
     """An intrinsic tile(wq, wd, r, xq, xsum, xd, t0, out): out[t0 + t, r] for t < n_tok,
-    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is f32, Q80 when wq is
-    i8) times Q80 activations, on ISA."""
+    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is f32, Q6K when wd is
+    i8, Q80 when wq is i8) times Q80 activations, on ISA."""
     isa = ISA
     halves = 1 if isa == "avx512vnni" else 2
     lanes = GROUP // halves
 
     @intrinsic
     def tile(typingctx, wq, wd, r, xq, xsum, xd, t0, out):
-        kind = "q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.float32 else "q40"
+        kind = ("q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.float32
+                else "q6k" if wd.dtype == types.int8 else "q40")
 
         def codegen(context, builder, sig, args):
             arys = [context.make_array(ty)(context, builder, a) if isinstance(ty, types.Array) else None
@@ -464,7 +632,7 @@ def _tile(n_tok: int):
             x_rows = [at(3, xq_a, [tok(t), zero]) for t in range(n_tok)]
             s_rows = [at(4, xsum_a, [tok(t), zero]) for t in range(n_tok)]
             d_rows = [at(5, xd_a, [tok(t), zero]) for t in range(n_tok)]
-            w_group = 512 if kind == "q80" else 256
+            w_group = {"q80": 512, "q6k": 384}.get(kind, 256)
             n_groups = builder.udiv(cgutils.unpack_tuple(builder, wq_a.shape)[1], ir.Constant(i64, w_group))
             fvec = _vec(_F32, lanes)
             accs = [[cgutils.alloca_once(builder, fvec) for _ in range(halves)] for _ in range(n_tok)]
@@ -481,6 +649,17 @@ def _tile(n_tok: int):
                     k_base = builder.mul(g, ir.Constant(i64, GROUP * 8))
                     w_scales, w_mins = ([_load(builder, d_row, builder.add(k_base, ir.Constant(i64, part + h * lanes * 4)),
                                                fvec) for h in range(halves)] for part in (0, GROUP * 4))
+                elif kind == "q6k":  # int8 scales of each half block times their super-block's fp16 d
+                    k_base = builder.mul(g, ir.Constant(i64, Q6K_SCALES))
+                    pair = builder.fpext(_load(builder, d_row, builder.add(k_base, ir.Constant(i64, 2 * GROUP)),
+                                               _vec(ir.HalfType(), 2)), _vec(_F32, 2))
+                    super_d = builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, GROUP), [0] * 8 + [1] * 8))
+                    w_scales, w_scales_hi = ([], [])
+                    for part, into in ((0, w_scales), (GROUP, w_scales_hi)):
+                        codes = builder.sitofp(_load(builder, d_row, builder.add(k_base, ir.Constant(i64, part)),
+                                                     _vec(_I8, GROUP)), _vec(_F32, GROUP))
+                        scales = builder.fmul(super_d, codes)
+                        into.extend([scales] if halves == 1 else _halves(builder, scales, lanes))
                 else:
                     w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
                                                     _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]
@@ -495,10 +674,18 @@ def _tile(n_tok: int):
                     def seed_at(off, vtype, t=t):
                         return _load(builder, s_rows[t], builder.add(s_base, ir.Constant(i64, off)), vtype)
 
-                    sums = _int_sums(builder, kind, isa, w_at, x_at, seed_at)
+                    if kind == "q6k":
+                        sums = _q6k_int_sums(builder, isa, w_at, x_at, seed_at)
+                    else:
+                        sums = _int_sums(builder, kind, isa, w_at, x_at, seed_at)
                     for h in range(halves):
                         x_scale = _load(builder, d_rows[t], builder.add(s_base, ir.Constant(i64, h * lanes * 4)), fvec)
-                        p = builder.fmul(builder.sitofp(sums[h], fvec), builder.fmul(w_scales[h], x_scale))
+                        if kind == "q6k":
+                            lo, hi = sums[h]
+                            p = builder.fadd(builder.fmul(builder.sitofp(lo, fvec), builder.fmul(w_scales[h], x_scale)),
+                                             builder.fmul(builder.sitofp(hi, fvec), builder.fmul(w_scales_hi[h], x_scale)))
+                        else:
+                            p = builder.fmul(builder.sitofp(sums[h], fvec), builder.fmul(w_scales[h], x_scale))
                         if kind == "q4k":
                             xs = seed_at(h * lanes * 4, _vec(_I32, lanes))
                             p = builder.fsub(p, builder.fmul(builder.sitofp(xs, fvec), builder.fmul(w_mins[h], x_scale)))
@@ -553,6 +740,8 @@ q_q80_rows = _q_q80_portable if ISA == "portable" else _q_q80_tiled
 q_f32_rows = _q_f32_rows
 q4k_q80_rows = _q4k_q80_portable if ISA == "portable" else _q_q80_tiled  # the tiles take every weight kind
 q4k_f32_rows = _q4k_f32_rows
+q6k_q80_rows = _q6k_q80_portable if ISA == "portable" else _q_q80_tiled
+q6k_f32_rows = _q6k_f32_rows
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -585,6 +774,26 @@ def matmul_q4k_f32(wq, wd, xt, lanes_i, lanes_f, out):
         q4k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
 
 
-PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, q4k_f32_rows: matmul_q4k_f32}
-if q4k_q80_rows is not q_q80_rows:
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q6k_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q6k_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
+                     lanes_i, lanes_f, out)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_q6k_f32(wq, wd, xt, lanes_i, lanes_f, out):
+    chunks = min(wq.shape[0], CHUNKS)
+    for c in prange(chunks):
+        q6k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
+
+
+# the kernels' rows functions by weight type and activation form; the parallel driver of each
+ROWS = {"q40": (q_q80_rows, q_f32_rows), "q80": (q_q80_rows, q_f32_rows), "q4k": (q4k_q80_rows, q4k_f32_rows),
+        "q6k": (q6k_q80_rows, q6k_f32_rows)}
+PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, q4k_f32_rows: matmul_q4k_f32,
+            q6k_f32_rows: matmul_q6k_f32}
+if q4k_q80_rows is not q_q80_rows:  # portable: each has its own; the x86 tiles take every weight kind
     PARALLEL[q4k_q80_rows] = matmul_q4k_q80
+    PARALLEL[q6k_q80_rows] = matmul_q6k_q80

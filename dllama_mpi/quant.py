@@ -8,6 +8,9 @@ The formats match llama.cpp's:
       fp16 d and dmin, 12 bytes of 6-bit sub-block scales sc_j and mins m_j, 128 bytes of
       nibbles (chunk c of 64 values: byte 32 c + l holds sub-block 2c's element l low and
       sub-block 2c + 1's element l high); value = (d * sc_j) * q - (dmin * m_j).
+  Q6K (block_q6_K, weights only, read from GGUF files): 256 values, 6-bit codes q in 0..63
+      as 128 bytes of low nibbles and 64 of high bit pairs (see q6k_codes), 16 int8 scales
+      sc_j (one per 16 values), fp16 d; value = (d * sc_j) * (q - 32).
 The converter, the loader, the kernels (through `as_bytes`) and the tests all use these
 definitions. numba has no float16 on the CPU, so kernels read the scale from the two
 leading bytes of each block (see kernels.f16_bits_to_f32).
@@ -24,8 +27,14 @@ Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
 QK = 256  # values per k-quant super-block
 Q4K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK // 2,))])  # 144 B / 256
+Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "i1", (QK // 16,)), ("d", "<f2")])  # 210 B
 
-WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k")  # q4k: kept from a GGUF's Q4_K, never made by quantizing
+# q4k, q6k: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
+WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k", "q6k")
+K_QUANTS = ("q4k", "q6k")
+# a Q6K lane group of 16 blocks of 32 as the kernels hold it (qmatmul): 256 bytes of nibbles, 128 of
+# high bit pairs, 2 x 16 int8 scales, 2 super-blocks' fp16 d
+Q6K_GROUP_BYTES = 256 + 128 + 2 * GROUP + 4
 QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
 BUFFER_TYPES = ("f32", "q80")
 
@@ -36,7 +45,7 @@ def storage_type(weight_type: str, cols: int) -> str:
     stays f32. The one place this decision is made."""
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
-    if weight_type == "q4k" and cols % QK:  # never from a GGUF (k-quant rows are whole super-blocks)
+    if weight_type in K_QUANTS and cols % QK:  # never from a GGUF (k-quant rows are whole super-blocks)
         weight_type = "q80"
     if weight_type in ("q40", "q80") and cols % BLOCK:
         return "f32"
@@ -51,9 +60,13 @@ def row_bytes(tensor_type: str, cols: int) -> int:
 def resident_row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row as the kernels hold it in memory: a quantized row is padded with
     zero blocks to a multiple of GROUP blocks (qmatmul's lane groups); a Q4K row is held as
-    its 32-value sub-blocks' nibbles (16 bytes) with f32 scale and min each (qmatmul.pack_q4k)."""
+    its 32-value sub-blocks' nibbles (16 bytes) with f32 scale and min each (qmatmul.pack_q4k);
+    a Q6K row as its codes' nibbles and high bit pairs (24 bytes per 32 values), int8 scales
+    (2 per 32 values) and fp16 d per super-block: the file's 210 bytes per 256 (qmatmul.pack_q6k)."""
     if tensor_type == "q4k":
         return (16 + 8) * (-(-(cols // BLOCK) // GROUP) * GROUP)
+    if tensor_type == "q6k":
+        return Q6K_GROUP_BYTES * (-(-(cols // BLOCK) // GROUP))
     if tensor_type in ("q40", "q80"):
         blocks = stored_cols(tensor_type, cols)
         return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)
@@ -63,14 +76,15 @@ def resident_row_bytes(tensor_type: str, cols: int) -> int:
 def stored_dtype(tensor_type: str) -> np.dtype:
     """The element dtype of a stored row: a value (f32, f16) or a block (q40, q80)."""
     try:
-        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80, "q4k": Q4K}[tensor_type]
+        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80, "q4k": Q4K,
+                "q6k": Q6K}[tensor_type]
     except KeyError:
         raise ValueError(f"unknown tensor type {tensor_type!r}") from None
 
 
 def stored_cols(tensor_type: str, cols: int) -> int:
-    """Elements per stored row: values, blocks of 32 for Q40/Q80, super-blocks of 256 for Q4K."""
-    if tensor_type == "q4k":
+    """Elements per stored row: values, blocks of 32 for Q40/Q80, super-blocks of 256 for Q4K/Q6K."""
+    if tensor_type in K_QUANTS:
         return cols // QK
     return cols // BLOCK if tensor_type in ("q40", "q80") else cols
 
@@ -89,8 +103,8 @@ def encode(dense: np.ndarray, tensor_type: str) -> np.ndarray:
         return quantize_q40(dense)
     if tensor_type == "q80":
         return quantize_q80(np.asarray(dense, np.float32))
-    if tensor_type == "q4k":
-        raise ValueError("q4k is kept from GGUF files as stored, never made by quantizing")
+    if tensor_type in K_QUANTS:
+        raise ValueError(f"{tensor_type} is kept from GGUF files as stored, never made by quantizing")
     return np.asarray(dense, dtype=stored_dtype(tensor_type))
 
 
@@ -103,6 +117,8 @@ def decode(stored: np.ndarray) -> np.ndarray:
         return dequantize_q80(stored)
     if kind == "q4k":
         return dequantize_q4k(stored)
+    if kind == "q6k":
+        return dequantize_q6k(stored)
     return stored.astype(np.float32)
 
 
@@ -191,6 +207,30 @@ def dequantize_q4k(blocks: np.ndarray) -> np.ndarray:
     scale, low = q4k_sub_scales(blocks)
     codes = q4k_codes(blocks).reshape(*scale.shape, 32).astype(np.float32)
     return (scale[..., None] * codes - low[..., None]).reshape(*blocks.shape[:-1], -1)
+
+
+def q6k_codes(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q6K -> (..., nb, 256) uint8 codes 0..63 in value order, as llama.cpp's
+    dequantize_row_q6_K: per half of 128 values, ql's 64 bytes and qh's 32; value 32 i + l
+    (i < 4, l < 32) is nibble i // 2 of ql[32 (i % 2) + l] with bits 2i, 2i + 1 of qh[l] above it."""
+    ql = blocks["ql"].reshape(*blocks.shape, 2, 2, 32)  # (half, i % 2, l)
+    qh = blocks["qh"].reshape(*blocks.shape, 2, 1, 32)
+    quarters = [((ql[..., i % 2, :] >> (4 * (i // 2))) & 15) | (((qh[..., 0, :] >> (2 * i)) & 3) << 4) for i in range(4)]
+    return np.stack(quarters, axis=-2).reshape(*blocks.shape, QK)
+
+
+def q6k_scales(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q6K -> f32 (..., nb * 16) per 16 values: d * sc_j, exact in f32 (an fp16
+    times an int8)."""
+    d = blocks["d"].astype(np.float32)[..., None]
+    return (d * blocks["scales"].astype(np.float32)).reshape(*blocks.shape[:-1], blocks.shape[-1] * 16)
+
+
+def dequantize_q6k(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q6K -> (..., nb * 256) float32: (d * sc_j) * (q - 32) in f32, as llama.cpp."""
+    scale = q6k_scales(blocks)
+    codes = q6k_codes(blocks).reshape(*scale.shape, 16).astype(np.float32) - 32
+    return (scale[..., None] * codes).reshape(*blocks.shape[:-1], -1)
 
 
 def as_bytes(blocks: np.ndarray) -> np.ndarray:

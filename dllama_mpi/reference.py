@@ -94,6 +94,38 @@ def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(qx * scale[None] - xs * low[None])
 
 
+def matvec_q6k_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q6K x Q80 product, bit for bit: w_blocks (rows, nb) Q6K; x_blocks
+    (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value block b and half (elements 0..15, 16..31):
+    the exact integer sum of (q - 32) times the activation codes, then
+    f32(i_lo) * (s_lo * d_x) + f32(i_hi) * (s_hi * d_x)."""
+    rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8
+    codes = quant.q6k_codes(w_blocks).reshape(rows, n_sub, 2, 16).astype(np.int64) - 32
+    xq = x_blocks["qs"].astype(np.int64).reshape(x_blocks.shape[0], n_sub, 2, 16)
+    isum = np.einsum("rbhe,tbhe->trbh", codes, xq).astype(np.float32)  # (T, rows, blocks, half)
+    scale = quant.q6k_scales(w_blocks).reshape(rows, n_sub, 2)
+    xd = x_blocks["d"].astype(np.float32)[:, None, :]
+    return lane_sum(isum[..., 0] * (scale[None, ..., 0] * xd) + isum[..., 1] * (scale[None, ..., 1] * xd))
+
+
+def matvec_q6k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q6K x f32 product, bit for bit: per block each half's f32 sum of
+    f32(q - 32) * x in element order, then sum_lo * s_lo + sum_hi * s_hi, in lane order."""
+    rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8
+    codes = quant.q6k_codes(w_blocks).reshape(rows, n_sub, 2, 16).astype(np.float32) - 32
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, n_sub, 2, 16)
+    sums = np.zeros((x.shape[0], rows, n_sub, 2), np.float32)
+    for e in range(16):
+        sums = sums + codes[None, ..., e] * xb[..., e]
+    scale = quant.q6k_scales(w_blocks).reshape(rows, n_sub, 2)
+    return lane_sum(sums[..., 0] * scale[None, ..., 0] + sums[..., 1] * scale[None, ..., 1])
+
+
+# each quantized weight type's twins: (with Q80 activations, with f32 activations)
+EXACT = {"q40": (matvec_q_q80_exact, matvec_q_f32_exact), "q80": (matvec_q_q80_exact, matvec_q_f32_exact),
+         "q4k": (matvec_q4k_q80_exact, matvec_q4k_f32_exact), "q6k": (matvec_q6k_q80_exact, matvec_q6k_f32_exact)}
+
+
 def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return matvec_f32(quant.dequantize_q40(w_blocks), x)
 
@@ -164,7 +196,7 @@ class DenseModel:
     """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 
     buffer_type 'q80' reproduces the engine's quantization points: the input of every
-    quantized (Q40/Q80/Q4K) matrix is quantized to Q80, and every gathered vector that can travel
+    quantized (Q40/Q80/Q4K/Q6K) matrix is quantized to Q80, and every gathered vector that can travel
     as Q80 is rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
@@ -172,7 +204,7 @@ class DenseModel:
         self.t = {name: quant.decode(value) for name, value in tensors.items()}
         # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
         self.quantized = {name: value for name, value in tensors.items()
-                          if quant.type_of(value) in ("q40", "q80", "q4k")}
+                          if quant.type_of(value) in ("q40", "q80", *quant.K_QUANTS)}
         self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
         self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
@@ -184,10 +216,10 @@ class DenseModel:
         if name not in self.quantized:
             return matvec_f32(self.t[name], x)
         w = self.quantized[name]
-        q4k = quant.type_of(w) == "q4k"
+        with_q80, with_f32 = EXACT[quant.type_of(w)]
         if self.buffer_type == "q80":
-            return (matvec_q4k_q80_exact if q4k else matvec_q_q80_exact)(w, quant.quantize_q80(x[None]))[0]
-        return (matvec_q4k_f32_exact if q4k else matvec_q_f32_exact)(w, x[None])[0]
+            return with_q80(w, quant.quantize_q80(x[None]))[0]
+        return with_f32(w, x[None])[0]
 
     def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
         aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0

@@ -23,12 +23,12 @@ from .spec import STACKED_KINDS
 class Matrix:
     """Local rows of one weight matrix in the kernels' layout."""
 
-    type: str  # 'f32', 'f16', 'q40', 'q80' or 'q4k'
+    type: str  # 'f32', 'f16', 'q40', 'q80', 'q4k' or 'q6k'
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 32 G) f32 (see qmatmul)
-    qs: np.ndarray | None = None  # q40, q4k: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8
+    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 32 G) f32; q6k: (rows, 36 G) i8
+    qs: np.ndarray | None = None  # q40, q4k: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8; q6k: (rows, 384 G) u8
 
     @property
     def nbytes(self) -> int:
@@ -37,8 +37,9 @@ class Matrix:
     @classmethod
     def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
         kind = quant.type_of(stored)
-        if kind in ("q40", "q80", "q4k"):
-            qs, d = qmatmul.pack_q4k(stored) if kind == "q4k" else qmatmul.pack_weights(stored)
+        if kind in ("q40", "q80", "q4k", "q6k"):
+            pack = {"q4k": qmatmul.pack_q4k, "q6k": qmatmul.pack_q6k}.get(kind, qmatmul.pack_weights)
+            qs, d = pack(stored)
             return cls(kind, stored.shape[0], cols, d=d, qs=qs)
         if kind == "f16":
             return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
@@ -52,6 +53,8 @@ class Matrix:
             kernels.f16_row(self.w[row], out)
         elif self.type == "q4k":
             qmatmul.dequantize_row_q4k(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
+        elif self.type == "q6k":
+            qmatmul.dequantize_row_q6k(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
         else:
             qmatmul.dequantize_row(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
 

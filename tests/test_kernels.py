@@ -20,7 +20,8 @@ from dllama_mpi import kernels, qmatmul, quant, reference, threads
 from dllama_mpi.weights import Matrix
 
 F16_MAX = 65504.0
-MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32", "q4k_q80", "q4k_f32")
+MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32", "q4k_q80", "q4k_f32", "q6k_q80", "q6k_f32")
+
 
 
 # ---------------------------------------------------------------- helpers
@@ -56,10 +57,21 @@ def _q4k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return blocks
 
 
+def _q6k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols // 256) Q6K super-blocks of random int8 scales and codes, rows of different
+    magnitudes."""
+    nb = cols // quant.QK
+    blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q6K.itemsize), quant.Q6K).reshape(rows, nb).copy()
+    blocks["d"] = (10.0 ** rng.uniform(-1, 1, size=(rows, 1)) / 2048 * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
+    return blocks
+
+
 def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
-    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q80 / Q4K blocks."""
+    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q80 / Q4K / Q6K blocks."""
     if kind.startswith("q4k"):
         return _q4k_blocks(rng, rows, cols)
+    if kind.startswith("q6k"):
+        return _q6k_blocks(rng, rows, cols)
     w = _matrix(rng, rows, cols)
     wtype = kind.split("_")[0]
     if wtype == "q40":
@@ -103,10 +115,10 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
         rows, args = kernels.f16_rows, (m.w[a:b], x)
     elif kind.endswith("_q80"):
         _, xq, xsum, xd = _kernel_q80(x)
-        rows = qmatmul.q4k_q80_rows if kind.startswith("q4k") else qmatmul.q_q80_rows
+        rows = qmatmul.ROWS[kind.split("_")[0]][0]
         args = (m.qs[a:b], m.d[a:b], xq, xsum, xd, *lanes)
     else:
-        rows = qmatmul.q4k_f32_rows if kind.startswith("q4k") else qmatmul.q_f32_rows
+        rows = qmatmul.ROWS[kind.split("_")[0]][1]
         args = (m.qs[a:b], m.d[a:b], _kernel_xt(x), *lanes)
     if serial:
         rows(0, b - a, 0, *args, out)
@@ -117,14 +129,10 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
 
 def _reference_matvec(kind: str, stored: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The numpy twin of `kind` on one token x (cols,) -> (rows,)."""
-    if kind == "q4k_q80":
-        return reference.matvec_q4k_q80_exact(stored, quant.quantize_q80(x[None]))[0]
-    if kind == "q4k_f32":
-        return reference.matvec_q4k_f32_exact(stored, x[None])[0]
     if kind.endswith("_q80"):
-        return reference.matvec_q_q80_exact(stored, quant.quantize_q80(x[None]))[0]
-    if kind in ("q40_f32", "q80_f32"):
-        return reference.matvec_q_f32_exact(stored, x[None])[0]
+        return reference.EXACT[kind.split("_")[0]][0](stored, quant.quantize_q80(x[None]))[0]
+    if kind.startswith("q"):
+        return reference.EXACT[kind.split("_")[0]][1](stored, x[None])[0]
     return getattr(reference, f"matvec_{kind}")(stored, x)
 
 
@@ -420,21 +428,19 @@ def test_pack_f32_layout(n_tok, nb):
 # ---------------------------------------------------------------- weight rows (embedding lookups)
 
 
-@pytest.mark.parametrize("kind", ["q40", "q80", "q4k"])
+@pytest.mark.parametrize("kind", ["q40", "q80", "q4k", "q6k"])
 @pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (7, 32 * 13), (17, 32), (1, 96), (3, 256 * 3)])
 def test_dequantize_row_matches_numpy(kind, rows, cols):
-    if kind == "q4k" and cols % quant.QK:
-        pytest.skip("Q4K rows are whole 256-value super-blocks")
+    if kind in quant.K_QUANTS and cols % quant.QK:
+        pytest.skip("k-quant rows are whole 256-value super-blocks")
     rng = np.random.default_rng(rows * 7 + cols)
-    stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80 / Q4K
-    m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G); Q4K: d (rows, 32 G) f32
+    stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80 / Q4K / Q6K
+    m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G); Q4K, Q6K: see qmatmul
     expected = quant.decode(stored)  # (rows, cols)
+    dequantize_row = {"q4k": qmatmul.dequantize_row_q4k, "q6k": qmatmul.dequantize_row_q6k}.get(kind, qmatmul.dequantize_row)
     for r in range(rows):
         out = np.full(cols, np.nan, np.float32)
-        if kind == "q4k":
-            qmatmul.dequantize_row_q4k(m.qs[r], m.d[r], cols // 32, out)
-        else:
-            qmatmul.dequantize_row(m.qs[r], m.d[r], cols // 32, out)
+        dequantize_row(m.qs[r], m.d[r], cols // 32, out)
         _assert_bits(out, expected[r])
         out[:] = np.nan
         m.row_to(r, out)
@@ -450,6 +456,7 @@ SHAPES = {
     "q40": [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13), (5, 32 * 33)],
     "q80": [(13, 224), (17, 32), (7, 416), (1, 96), (5, 32 * 33)],
     "q4k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],  # 8 to 72 sub-blocks
+    "q6k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],
 }
 MATMUL_CASES = [(kind, rows, cols) for kind in MATMULS for rows, cols in SHAPES[kind.split("_")[0]]]
 
@@ -518,7 +525,7 @@ def test_matmul_q80_q80_extreme_codes_by_hand():
 def test_matmul_zero_rows(kind):
     # a rank whose share of a matrix is empty: (0, cols)
     rng = np.random.default_rng(0)
-    cols = 256 if kind.startswith("q4k") else 32 * 7
+    cols = 256 if kind.split("_")[0] in quant.K_QUANTS else 32 * 7
     stored = _stored(rng, kind, 1, cols)[:0]  # (0, cols) or (0, nb): quant can't quantize 0 rows (-1 reshape)
     m = Matrix.from_stored(stored, cols)
     out = _matmul(kind, m, _tokens(rng, 3, cols))
@@ -877,7 +884,7 @@ def test_sample_coin_just_below_one_stays_in_nucleus():
 def _all_matmuls(rng, rows, cols, n_tok=3):
     """Every matmul kind on one (rows, cols) shape and T tokens; run(a, b) -> the six
     (T, b - a) products of rows [a, b)."""
-    width = {kind: 256 * -(-cols // 256) if kind.startswith("q4k") else cols for kind in MATMULS}
+    width = {kind: 256 * -(-cols // 256) if kind.split("_")[0] in quant.K_QUANTS else cols for kind in MATMULS}
     mats = {kind: Matrix.from_stored(_stored(rng, kind, rows, width[kind]), width[kind]) for kind in MATMULS}
     x = {w: _tokens(rng, n_tok, w) for w in set(width.values())}  # (T, cols)
 

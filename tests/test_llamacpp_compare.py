@@ -137,7 +137,9 @@ def test_build_commands_make_only_llama_bench_and_llama_quantize_natively(tmp_pa
                                                    "--target", "llama-bench", "llama-quantize", "-j", "2"]
     assert lc.quantize_command(tmp_path / "q", tmp_path / "a.gguf", tmp_path / "b.gguf", 2) == [
         str(tmp_path / "q"), "--allow-requantize", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "Q4_K_M", "2"]
-    assert lc.model_paths(tmp_path, "tiny", 3, "q4_k_m")[0].name == f"tiny-q4_k_m-seed3-v{lc.GGUF_MODEL_VERSION}.gguf"
+    gguf_path, h5_path = lc.model_paths(tmp_path, "tiny", 3, "q4_k_m")
+    assert gguf_path.name == f"tiny-q4_k_m-seed3-v{lc.GGUF_MODEL_VERSION}.gguf"
+    assert h5_path.name == f"tiny-q4_k_m-seed3-v{lc.GGUF_MODEL_VERSION}-c{lc.CONVERSION_VERSION}.h5"  # a new converter re-converts
     assert lc.niced(["make"], 19) == ["nice", "-n", "19", "make"] and lc.niced(["make"], 0) == ["make"]
     download = lc.download_command("0.3.36", tmp_path, python="py")
     assert download == ["py", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python==0.3.36",

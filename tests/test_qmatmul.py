@@ -26,23 +26,25 @@ lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS,
 checked = 0
 SHAPES = {"q40": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),  # (rows, blocks of 32, tokens)
           "q80": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),
-          "q4k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))}  # whole 256-value super-blocks
+          "q4k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4)),  # whole 256-value super-blocks
+          "q6k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))}
 
 
 def weights(kind, rows, nb):
-    if kind != "q4k":
+    if kind in ("q40", "q80"):
         w = (rng.standard_normal((rows, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
         return quant.encode(w, kind)
-    # Q4K weights (kept from GGUF files, never quantized here): random super-blocks, small finite scales
-    stored = np.frombuffer(rng.bytes(rows * nb // 8 * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb // 8).copy()
-    for field in ("d", "dmin"):
+    # k-quant weights (kept from GGUF files, never quantized here): random super-blocks, small finite scales
+    dtype = quant.stored_dtype(kind)
+    stored = np.frombuffer(rng.bytes(rows * nb // 8 * dtype.itemsize), dtype).reshape(rows, nb // 8).copy()
+    for field in ("d", "dmin") if kind == "q4k" else ("d",):
         stored[field] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
     return stored
 
 
 for kind, shapes in SHAPES.items():
-    serial = qmatmul.q4k_q80_rows if kind == "q4k" else qmatmul.q_q80_rows
-    twin = reference.matvec_q4k_q80_exact if kind == "q4k" else reference.matvec_q_q80_exact
+    serial = qmatmul.ROWS[kind][0]
+    twin = reference.EXACT[kind][0]
     for rows, nb, n_tok in shapes:
         stored = weights(kind, rows, nb)
         m = Matrix.from_stored(stored, nb * 32)
@@ -66,7 +68,7 @@ if qmatmul.ISA != qmatmul.host_isas()[0]:  # the rest of the suite compiles the 
 f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
 x = np.arange(1, 10, dtype=np.float32)
 assert kernels.dot(f16, x) == np.float32(kernels.dot(f16.view(np.float16).astype(np.float32), x))
-asm = "".join(f.inspect_asm(sig) for f in {qmatmul.q_q80_rows, qmatmul.q4k_q80_rows} for sig in f.signatures)
+asm = "".join(f.inspect_asm(sig) for f in {qmatmul.ROWS[k][0] for k in SHAPES} for sig in f.signatures)
 counts = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vfmadd231ps")}
 print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
 """
@@ -96,7 +98,7 @@ def test_each_instruction_set_equals_the_exact_twin(isa, checks):
     assert checks[isa].returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
-    assert result["checked"] == 30
+    assert result["checked"] == 40
     asm = result["asm"]
     if isa == "avx512vnni":
         assert asm["vpdpbusd"] > 0

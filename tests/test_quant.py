@@ -1,4 +1,5 @@
-"""Tests for the block formats and numpy codecs in dllama_mpi.quant (llama.cpp's Q4_0 / Q8_0)."""
+"""Tests for the block formats and numpy codecs in dllama_mpi.quant (llama.cpp's Q4_0 / Q8_0,
+and the k-quants Q4_K / Q6_K read from GGUF files)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,44 @@ def test_storage_type_rejects_unknown_weight_type():
 @pytest.mark.parametrize(
     "tensor_type, cols, expected",
     [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18),
-     ("f16", 172, 344), ("q80", 64, 68)],
+     ("f16", 172, 344), ("q80", 64, 68), ("q4k", 512, 288), ("q6k", 768, 630)],
 )
 def test_row_bytes(tensor_type, cols, expected):
     assert quant.row_bytes(tensor_type, cols) == expected
+
+
+@pytest.mark.parametrize("tensor_type, cols, expected", [
+    ("q40", 32 * 17, 32 * 18),  # padded to a lane group of 16 blocks
+    ("q4k", 512, 16 * 24),  # nibbles and f32 scale and min per 32 values
+    ("q6k", 512, 420), ("q6k", 768, 2 * 420),  # the file's 210 bytes per 256 (a group padded with zeros)
+])
+def test_resident_row_bytes(tensor_type, cols, expected):
+    assert quant.resident_row_bytes(tensor_type, cols) == expected
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quants_dequantize_as_gguf_py_bit_for_bit(kind):
+    import gguf
+
+    ggml = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.constants.GGML_QUANT_SIZES[ggml]
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (7, 3, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(1 / 2048).tobytes(), np.uint8)
+    if kind == "Q6_K":  # the fp16 scales small and finite
+        raw[..., size - 2 :] = scale
+    else:
+        raw[..., 0:2] = raw[..., 2:4] = scale
+    ours = quant.decode(raw.reshape(7, -1).view(quant.stored_dtype(kind.lower().replace("_", ""))))
+    expected = gguf.quants.dequantize(raw.reshape(7, -1), ggml).astype(np.float32)
+    assert ours.shape == (7, 3 * block)
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
+
+
+def test_k_quants_are_never_made_by_quantizing():
+    for kind in quant.K_QUANTS:
+        with pytest.raises(ValueError, match="kept from GGUF files as stored"):
+            quant.encode(np.zeros((1, 256), np.float32), kind)
 
 
 def test_row_bytes_rejects_unknown_type():

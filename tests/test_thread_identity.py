@@ -48,9 +48,9 @@ TINYLLAMA_1_LAYER = ModelSpec(dim=2048, hidden_dim=5632, n_layers=1, n_heads=32,
 PROMPT = [1, 15043, 29892, 590, 1024, 338, 31999]  # prefilled as one block (tiles of 4 and 3 tokens)
 DECODE = [306, 763, 2]  # then one token at a time
 STEPS = ["prefill"] + [f"decode {i}" for i in range(len(DECODE))]
-# q4k runs through q40's tiles (the same intrinsic, other scales): test_kernels.py checks its products with 1
-# and 2 threads; a fifth TinyLlama-layer model here would cost the suite ~20 s
-WEIGHTS = tuple(w for w in quant.WEIGHT_TYPES if w != "q4k")
+# the k-quants run through q40's tiles (the same intrinsic, other scales and codes): test_kernels.py checks
+# their products with 1 and 2 threads; a TinyLlama-layer model more here would cost the suite ~20 s each
+WEIGHTS = tuple(w for w in quant.WEIGHT_TYPES if w not in quant.K_QUANTS)
 CASES = [(w, b) for w in WEIGHTS for b in quant.BUFFER_TYPES]
 
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")

@@ -42,6 +42,7 @@ import numpy as np
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
+CONVERSION_VERSION = 2  # bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k)
 PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
 GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
 DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")
@@ -324,7 +325,7 @@ QUANT_TEXT = {"q4_0": "random Q4_0 weights", "q4_k_m": "random weights as llama-
 
 def model_paths(cache: Path, shape: str, seed: int, quant: str = "q4_0") -> tuple[Path, Path]:
     stem = f"{shape}-{quant}-seed{seed}-v{GGUF_MODEL_VERSION}"
-    return cache / "models" / f"{stem}.gguf", cache / "models" / f"{stem}.h5"
+    return cache / "models" / f"{stem}.gguf", cache / "models" / f"{stem}-c{CONVERSION_VERSION}.h5"
 
 
 def quantize_command(binary: Path, source: Path, dest: Path, threads: int) -> list[str]:

@@ -28,7 +28,7 @@ class Source:
         modelfile.tensor_layout, q/k rows in the engine's interleaved RoPE layout (see
         convert.rope). An array is float values of the dense shape (f32/f16; bf16 widened
         to f32 by the reader), or quant.Q40 / quant.Q80 blocks of shape (rows, cols // 32) or
-        quant.Q4K super-blocks (rows, cols // 256),
+        quant.Q4K / Q6K super-blocks (rows, cols // 256),
         which the writer keeps bit-exact when the output type matches.
     tokenizer: anything with write_hdf5(group) (see dllama_mpi.tokenizer).
     files: the source files read, recorded with their sha256.
@@ -50,17 +50,18 @@ MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output"
 
 # What each stored type becomes when no --weights is given: the type itself where the engine
 # runs it, otherwise the nearest that loses nothing measurable. BF16 widens to f32 (f16 would
-# clip its range); every other quantized type (Q4_1, Q5_0/1, the k-quants but Q4_K, ...) is
-# re-quantized to 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32
-# hold to within half a step of 1/127 of each block's largest value (4-bit blocks would
-# quantize them a second time, coarser than they are: issue 14's damaged answers).
-KEPT = {"Q4_0": "q40", "Q4_K": "q4k", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
-WIDER = ("q40", "q4k", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
+# clip its range); every other quantized type (Q4_1, Q5_0/1, Q5_K, ...) is re-quantized to
+# 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32 hold to within half
+# a step of 1/127 of each block's largest value (4-bit blocks would quantize them a second
+# time, coarser than they are: issue 14's damaged answers).
+KEPT = {"Q4_0": "q40", "Q4_K": "q4k", "Q6_K": "q6k", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
+WIDER = ("q40", "q4k", "q6k", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
+GRIDS = ("q40", "q4k", "q6k")  # quantized types none of which holds another's values exactly
 
 
 def _join(a: str, b: str) -> str:
-    """One type holding both: the wider, except that Q40 and Q4K (different 4-bit grids) meet at q80."""
-    if {a, b} == {"q40", "q4k"}:
+    """One type holding both: the wider, except that two different grids (Q40, Q4K, Q6K) meet at q80."""
+    if a != b and a in GRIDS and b in GRIDS:
         return "q80"
     return max(a, b, key=WIDER.index)
 
@@ -103,7 +104,7 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
             how = "widened"
         elif stored in KEPT:  # stacked with a wider type in its layer
             kinds = "/".join(sorted({where(n)[1] for n in names}))
-            how = f"re-quantized to 8-bit blocks, as {kinds} share a product with wider types in their layer"
+            how = f"re-quantized to 8-bit blocks, as {kinds} share a product with other types in their layer"
         else:
             how = "re-quantized to 8-bit blocks (no native kernels for it yet)"
         notes.append(f"{stored} x {len(names)} tensor(s) -> {became}: {how}")
