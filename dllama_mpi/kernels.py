@@ -461,8 +461,8 @@ def warm_up(weight_types: tuple[str, ...] = ()) -> None:
         (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
         (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
     ]
-    if "q4k" in weight_types:  # f32 scales and mins
-        kd = np.zeros((3, 32), f32)
+    if "q4k" in weight_types:  # 6-bit scales and mins, fp16 d and dmin
+        kd = np.zeros((3, qmatmul.Q4K_SCALES), np.uint8)
         products += [(qmatmul.q4k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.q4k_f32_rows, (q4, kd, xt, *lanes))]
         qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
     if "q6k" in weight_types:  # nibbles and high bit pairs; int8 scales and fp16 d

@@ -38,8 +38,10 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
       fp16 scales as stored in the file (18 bytes per 32 weights, as llama.cpp).
   Q80 weights: qs (rows, G * 512) i8, 8 quads; d as above.
   Q4K weights: qs as Q40's, of each 32-value sub-block's codes (made by `pack_q4k`); d
-      (rows, 32 G) f32: per lane group, the 16 sub-blocks' scales then their mins (24
-      bytes per 32 weights; the file keeps llama.cpp's 18).
+      (rows, 40 G) u8: per lane group the 16 sub-blocks' 6-bit scales, their 6-bit mins,
+      then the fp16 d of the group's two super-blocks and their fp16 dmin (8 bytes); the
+      kernels take s_b = d * sc_b and m_b = dmin * m_b in f32 (exact): 18.5 bytes per 32
+      weights against the file's 18.
   Q6K weights: qs (rows, G * 384) u8: the codes' low nibbles as Q40's quads, then 128
       bytes of their high bit pairs: byte [256 + 64 (k // 2) + 4 l + i] holds, at bits
       2 (2 (k % 2) + h), those of element 16 h + 4 k + i (the nibbles of quad k's byte);
@@ -133,32 +135,35 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(qs), d
 
 
-PACK_ROWS = 256  # rows of Q4K unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
+PACK_ROWS = 256  # rows of k-quants unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
+Q4K_SCALES = 2 * GROUP + 8  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
+Q6K_SCALES = 2 * GROUP + 4  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
 
 
 def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above), a block
     of rows at a time."""
-    rows, n_sub = stored.shape[0], stored.shape[1] * (quant.QK // BLOCK)
+    rows, nb = stored.shape
+    n_sub = nb * (quant.QK // BLOCK)
     g = groups(n_sub)
     qs = np.empty((rows, g * 256), np.uint8)
-    d = np.zeros((rows, g, 2, GROUP), np.float32)
+    d = np.zeros((rows, g, Q4K_SCALES), np.uint8)
     for a in range(0, rows, PACK_ROWS):
         part = stored[a : a + PACK_ROWS]
-        codes = quant.q4k_codes(part).reshape(len(part), n_sub, BLOCK)  # (rows, sub-blocks, 32)
+        n = len(part)
+        codes = quant.q4k_codes(part).reshape(n, n_sub, BLOCK)  # (rows, sub-blocks, 32)
         as_q40 = np.zeros(codes.shape[:2], quant.Q40)
         as_q40["qs"] = codes[..., :16] | (codes[..., 16:] << 4)
-        qs[a : a + len(part)] = pack_weights(as_q40)[0]
-        scale, low = quant.q4k_sub_scales(part)  # (rows, sub-blocks) each
-        flat = d[a : a + len(part)].reshape(len(part), g, 2 * GROUP)
-        for half, values in ((0, scale), (1, low)):
-            padded = np.zeros((len(part), g * GROUP), np.float32)
-            padded[:, :n_sub] = values
-            flat[:, :, half * GROUP : (half + 1) * GROUP] = padded.reshape(len(part), g, GROUP)
-    return qs, d.reshape(rows, g * 2 * GROUP)
-
-
-Q6K_SCALES = 2 * GROUP + 4  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
+        qs[a : a + n] = pack_weights(as_q40)[0]
+        for at, values in zip((0, GROUP), quant.q4k_scales_mins(part)):  # (rows, nb, 8) each
+            padded = np.zeros((n, g * GROUP), np.uint8)
+            padded[:, :n_sub] = values.reshape(n, n_sub)
+            d[a : a + n, :, at : at + GROUP] = padded.reshape(n, g, GROUP)
+        for at, field in ((2 * GROUP, "d"), (2 * GROUP + 4, "dmin")):
+            per_super = np.zeros((n, 2 * g), np.float16)
+            per_super[:, :nb] = part[field]
+            d[a : a + n, :, at : at + 4] = per_super.reshape(n, g, 2).view(np.uint8).reshape(n, g, 4)
+    return qs, d.reshape(rows, g * Q4K_SCALES)
 
 
 def pack_q6k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,11 +258,25 @@ def dequantize_row(wq, wd, nb, out):
 
 
 @njit(**_opts)
+def _f16_at(sd, o):
+    """The fp16 at bytes o, o + 1 of a packed k-quant group's d bytes sd (u8 or i8), as f32."""
+    return f16_bits_to_f32(np.uint16((np.int32(sd[o]) & 255) | ((np.int32(sd[o + 1]) & 255) << 8)))
+
+
+@njit(**_opts)
+def _q4k_scale_min(sd, lane):
+    """Sub-block `lane`'s scale d * sc and min dmin * m (f32, exact) from a packed Q4K group's d bytes."""
+    half = 2 * (lane // 8)  # the lane's super-block: the group's first or second
+    return (_f16_at(sd, 2 * GROUP + half) * np.float32(sd[lane]),
+            _f16_at(sd, 2 * GROUP + 4 + half) * np.float32(sd[GROUP + lane]))
+
+
+@njit(**_opts)
 def dequantize_row_q4k(wq, wd, nb, out):
     """One packed Q4K weight row -> out (nb * 32,) f32: s_b * q - m_b."""
     for b in range(nb):
         g, lane = b // GROUP, b % GROUP
-        scale, low = wd[g * 2 * GROUP + lane], wd[g * 2 * GROUP + GROUP + lane]
+        scale, low = _q4k_scale_min(wd[g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
         for e in range(BLOCK):
             byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
             code = byte & 15 if e < 16 else byte >> 4
@@ -274,19 +293,12 @@ def _q6k_code(w, k, lane, i, half):
 
 
 @njit(**_opts)
-def _q6k_super_d(sd, lane):
-    """The f32 d of lane `lane`'s super-block from a packed Q6K group's d bytes sd (int8)."""
-    o = 2 * GROUP + 2 * (lane // 8)
-    return f16_bits_to_f32(np.uint16((np.int32(sd[o]) & 255) | ((np.int32(sd[o + 1]) & 255) << 8)))
-
-
-@njit(**_opts)
 def dequantize_row_q6k(wq, wd, nb, out):
     """One packed Q6K weight row -> out (nb * 32,) f32: (d * sc) * (q - 32)."""
     for b in range(nb):
         g, lane = b // GROUP, b % GROUP
         w, sd = wq[g * 384 : (g + 1) * 384], wd[g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
-        d = _q6k_super_d(sd, lane)
+        d = _f16_at(sd, 2 * GROUP + 2 * (lane // 8))
         for e in range(BLOCK):
             half = e // 16
             scale = d * np.float32(sd[half * GROUP + lane])
@@ -366,7 +378,7 @@ def _q4k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
                         isum[lane] += s
                 for lane in range(GROUP):
                     b = g * GROUP + lane
-                    scale, low = wd[r, g * 2 * GROUP + lane], wd[r, g * 2 * GROUP + GROUP + lane]
+                    scale, low = _q4k_scale_min(wd[r, g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
                     acc[lane] = acc[lane] + (np.float32(isum[lane]) * (scale * xd[t, b])
                                              - np.float32(xsum[t, b]) * (low * xd[t, b]))
             out[t, r] = _lane_tree(acc)
@@ -388,7 +400,7 @@ def _q6k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
                             o = k * 64 + lane * 4 + i
                             lo += (_q6k_code(w, k, lane, i, 0) - 32) * np.int32(x[o])
                             hi += (_q6k_code(w, k, lane, i, 1) - 32) * np.int32(x[256 + o])
-                    d, dx = _q6k_super_d(sd, lane), xd[t, g * GROUP + lane]
+                    d, dx = _f16_at(sd, 2 * GROUP + 2 * (lane // 8)), xd[t, g * GROUP + lane]
                     acc[lane] = acc[lane] + (np.float32(lo) * ((d * np.float32(sd[lane])) * dx)
                                              + np.float32(hi) * ((d * np.float32(sd[GROUP + lane])) * dx))
             out[t, r] = _lane_tree(acc)
@@ -412,7 +424,7 @@ def _q6k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
                             lo = lo + v
                         else:
                             hi = hi + v
-                    d = _q6k_super_d(sd, lane)
+                    d = _f16_at(sd, 2 * GROUP + 2 * (lane // 8))
                     acc[lane] = acc[lane] + (lo * (d * np.float32(sd[lane])) + hi * (d * np.float32(sd[GROUP + lane])))
             out[t, r] = _lane_tree(acc)
 
@@ -435,7 +447,7 @@ def _q4k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
                         code = byte & 15 if e < 16 else byte >> 4
                         s = s + np.float32(code) * x[o]
                         xs = xs + x[o]
-                    scale, low = wd[r, g * 2 * GROUP + lane], wd[r, g * 2 * GROUP + GROUP + lane]
+                    scale, low = _q4k_scale_min(wd[r, g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
                     acc[lane] = acc[lane] + (s * scale - xs * low)
             out[t, r] = _lane_tree(acc)
 
@@ -554,6 +566,20 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
     return sums
 
 
+def _super_scaled(builder, d_row, base, codes_at, d_at, signed, halves):
+    """A k-quant lane group's f32 scales (or mins): the 16 8-bit codes at byte base + codes_at
+    of d_row, each times the fp16 at base + d_at (lanes 0..7, the group's first super-block)
+    or base + d_at + 2 (lanes 8..15); one <16 x float>, or two <8 x float> halves (avx2)."""
+    i64 = ir.IntType(64)
+    pair = builder.fpext(_load(builder, d_row, builder.add(base, ir.Constant(i64, d_at)), _vec(ir.HalfType(), 2)),
+                         _vec(_F32, 2))
+    per_lane = builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, GROUP), [0] * 8 + [1] * 8))
+    codes = _load(builder, d_row, builder.add(base, ir.Constant(i64, codes_at)), _vec(_I8, GROUP))
+    as_float = (builder.sitofp if signed else builder.uitofp)(codes, _vec(_F32, GROUP))
+    scales = builder.fmul(per_lane, as_float)
+    return [scales] if halves == 1 else list(_halves(builder, scales, GROUP // 2))
+
+
 def _q6k_int_sums(builder, isa, w_at, x_at, seed_at):
     """Q6K's exact integer sums of one lane group for one token: per part (one <16 x i32>
     on avx512vnni, two <8 x i32> halves on avx2) the pair (i_lo, i_hi), the sums of
@@ -603,7 +629,7 @@ def _q6k_int_sums(builder, isa, w_at, x_at, seed_at):
 
 def _tile(n_tok: int):
     """An intrinsic tile(wq, wd, r, xq, xsum, xd, t0, out): out[t0 + t, r] for t < n_tok,
-    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is f32, Q6K when wd is
+    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is u8, Q6K when wd is
     i8, Q80 when wq is i8) times Q80 activations, on ISA."""
     isa = ISA
     halves = 1 if isa == "avx512vnni" else 2
@@ -611,7 +637,7 @@ def _tile(n_tok: int):
 
     @intrinsic
     def tile(typingctx, wq, wd, r, xq, xsum, xd, t0, out):
-        kind = ("q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.float32
+        kind = ("q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.uint8
                 else "q6k" if wd.dtype == types.int8 else "q40")
 
         def codegen(context, builder, sig, args):
@@ -645,21 +671,16 @@ def _tile(n_tok: int):
                 x_base = builder.mul(g, ir.Constant(i64, 512))
                 s_base = builder.mul(g, ir.Constant(i64, GROUP * 4))  # int32 / f32 lanes
                 h_base = builder.mul(g, ir.Constant(i64, GROUP * 2))  # fp16 scales
-                if kind == "q4k":  # f32 scales then mins, 16 lanes each per group
-                    k_base = builder.mul(g, ir.Constant(i64, GROUP * 8))
-                    w_scales, w_mins = ([_load(builder, d_row, builder.add(k_base, ir.Constant(i64, part + h * lanes * 4)),
-                                               fvec) for h in range(halves)] for part in (0, GROUP * 4))
-                elif kind == "q6k":  # int8 scales of each half block times their super-block's fp16 d
-                    k_base = builder.mul(g, ir.Constant(i64, Q6K_SCALES))
-                    pair = builder.fpext(_load(builder, d_row, builder.add(k_base, ir.Constant(i64, 2 * GROUP)),
-                                               _vec(ir.HalfType(), 2)), _vec(_F32, 2))
-                    super_d = builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, GROUP), [0] * 8 + [1] * 8))
-                    w_scales, w_scales_hi = ([], [])
-                    for part, into in ((0, w_scales), (GROUP, w_scales_hi)):
-                        codes = builder.sitofp(_load(builder, d_row, builder.add(k_base, ir.Constant(i64, part)),
-                                                     _vec(_I8, GROUP)), _vec(_F32, GROUP))
-                        scales = builder.fmul(super_d, codes)
-                        into.extend([scales] if halves == 1 else _halves(builder, scales, lanes))
+                if kind in ("q4k", "q6k"):  # 8-bit codes times their super-block's fp16 d (or dmin)
+                    k_base = builder.mul(g, ir.Constant(i64, Q4K_SCALES if kind == "q4k" else Q6K_SCALES))
+
+                    def scaled(codes_at, d_at, signed):
+                        return _super_scaled(builder, d_row, k_base, codes_at, d_at, signed, halves)
+
+                    if kind == "q4k":  # scales and mins: 6-bit, unsigned
+                        w_scales, w_mins = scaled(0, 2 * GROUP, False), scaled(GROUP, 2 * GROUP + 4, False)
+                    else:  # the two halves' scales: int8
+                        w_scales, w_scales_hi = scaled(0, 2 * GROUP, True), scaled(GROUP, 2 * GROUP, True)
                 else:
                     w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
                                                     _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]

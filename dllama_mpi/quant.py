@@ -32,9 +32,10 @@ Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "
 # q4k, q6k: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k", "q6k")
 K_QUANTS = ("q4k", "q6k")
-# a Q6K lane group of 16 blocks of 32 as the kernels hold it (qmatmul): 256 bytes of nibbles, 128 of
-# high bit pairs, 2 x 16 int8 scales, 2 super-blocks' fp16 d
-Q6K_GROUP_BYTES = 256 + 128 + 2 * GROUP + 4
+# a lane group of 16 blocks of 32 as the kernels hold it (qmatmul). Q4K: 256 bytes of nibbles, 16 scales
+# and 16 mins, 2 super-blocks' fp16 d and dmin. Q6K: 256 bytes of nibbles, 128 of high bit pairs, 2 x 16
+# int8 scales, 2 super-blocks' fp16 d
+K_GROUP_BYTES = {"q4k": 256 + 2 * GROUP + 8, "q6k": 256 + 128 + 2 * GROUP + 4}
 QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
 BUFFER_TYPES = ("f32", "q80")
 
@@ -60,13 +61,11 @@ def row_bytes(tensor_type: str, cols: int) -> int:
 def resident_row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row as the kernels hold it in memory: a quantized row is padded with
     zero blocks to a multiple of GROUP blocks (qmatmul's lane groups); a Q4K row is held as
-    its 32-value sub-blocks' nibbles (16 bytes) with f32 scale and min each (qmatmul.pack_q4k);
-    a Q6K row as its codes' nibbles and high bit pairs (24 bytes per 32 values), int8 scales
-    (2 per 32 values) and fp16 d per super-block: the file's 210 bytes per 256 (qmatmul.pack_q6k)."""
-    if tensor_type == "q4k":
-        return (16 + 8) * (-(-(cols // BLOCK) // GROUP) * GROUP)
-    if tensor_type == "q6k":
-        return Q6K_GROUP_BYTES * (-(-(cols // BLOCK) // GROUP))
+    its nibbles, 6-bit scales and mins a byte each, fp16 d and dmin per super-block (148
+    bytes per 256 against the file's 144; qmatmul.pack_q4k); a Q6K row as its codes' nibbles
+    and high bit pairs, int8 scales and fp16 d: the file's 210 bytes per 256 (qmatmul.pack_q6k)."""
+    if tensor_type in K_QUANTS:
+        return K_GROUP_BYTES[tensor_type] * (-(-(cols // BLOCK) // GROUP))
     if tensor_type in ("q40", "q80"):
         blocks = stored_cols(tensor_type, cols)
         return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)

@@ -49,12 +49,11 @@ def _matrix(kind: str, rows: int, cols: int) -> Matrix:
         return Matrix(kind, rows, cols, w=np.full((rows, cols), 0x1400, np.uint16))
     g = qmatmul.groups(cols // quant.BLOCK)
     qs = np.full((rows, {"q80": 512, "q6k": 384}.get(kind, 256) * g), 0x5A, np.uint8)
-    if kind == "q6k":  # int8 scales of 1, fp16 d of 2**-10
-        d = np.ones((rows, g, qmatmul.Q6K_SCALES), np.int8)
-        d[:, :, 2 * GROUP :] = np.frombuffer(np.float16(2**-10).tobytes() * 2, np.int8)
-        return Matrix(kind, rows, cols, d=d.reshape(rows, -1), qs=qs)
-    if kind == "q4k":
-        return Matrix(kind, rows, cols, d=np.full((rows, 2 * GROUP * g), 2**-10, np.float32), qs=qs)
+    if kind in quant.K_QUANTS:  # 8-bit scales (and mins) of 1, fp16 d (and dmin) of 2**-10
+        size = qmatmul.Q4K_SCALES if kind == "q4k" else qmatmul.Q6K_SCALES
+        d = np.ones((rows, g, size), np.uint8)
+        d[:, :, 2 * GROUP :] = np.frombuffer(np.float16(2**-10).tobytes() * ((size - 2 * GROUP) // 2), np.uint8)
+        return Matrix(kind, rows, cols, d=d.reshape(rows, -1).view(np.int8 if kind == "q6k" else np.uint8), qs=qs)
     return Matrix(kind, rows, cols, d=np.full((rows, GROUP * g), 0x1400, np.uint16),
                   qs=qs if kind == "q40" else qs.view(np.int8))
 

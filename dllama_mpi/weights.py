@@ -27,7 +27,7 @@ class Matrix:
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 32 G) f32; q6k: (rows, 36 G) i8
+    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 40 G) u8; q6k: (rows, 36 G) i8
     qs: np.ndarray | None = None  # q40, q4k: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8; q6k: (rows, 384 G) u8
 
     @property

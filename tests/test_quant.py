@@ -61,7 +61,7 @@ def test_row_bytes(tensor_type, cols, expected):
 
 @pytest.mark.parametrize("tensor_type, cols, expected", [
     ("q40", 32 * 17, 32 * 18),  # padded to a lane group of 16 blocks
-    ("q4k", 512, 16 * 24),  # nibbles and f32 scale and min per 32 values
+    ("q4k", 512, 296), ("q4k", 256, 296),  # nibbles, 6-bit scales and mins, fp16 d and dmin (a group padded)
     ("q6k", 512, 420), ("q6k", 768, 2 * 420),  # the file's 210 bytes per 256 (a group padded with zeros)
 ])
 def test_resident_row_bytes(tensor_type, cols, expected):
