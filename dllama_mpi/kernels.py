@@ -463,11 +463,11 @@ def warm_up(weight_types: tuple[str, ...] = ()) -> None:
     ]
     if "q4k" in weight_types:  # 6-bit scales and mins, fp16 d and dmin
         kd = np.zeros((3, qmatmul.Q4K_SCALES), np.uint8)
-        products += [(qmatmul.q4k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.q4k_f32_rows, (q4, kd, xt, *lanes))]
+        products += [(qmatmul.k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q4, kd, xt, *lanes))]
         qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
     if "q6k" in weight_types:  # nibbles and high bit pairs; int8 scales and fp16 d
         q6, q6d = np.zeros((3, 384), np.uint8), np.zeros((3, qmatmul.Q6K_SCALES), np.int8)
-        products += [(qmatmul.q6k_q80_rows, (q6, q6d, xq, xsum, xd, *lanes)), (qmatmul.q6k_f32_rows, (q6, q6d, xt, *lanes))]
+        products += [(qmatmul.k_q80_rows, (q6, q6d, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q6, q6d, xt, *lanes))]
         qmatmul.dequantize_row_q6k(q6[0], q6d[0], 2, out[0])
     for serial, args in products:
         PARALLEL[serial](*args, out[:, :3])

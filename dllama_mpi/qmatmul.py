@@ -358,97 +358,104 @@ def _q_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
 
 
 @njit(**_opts)
-def _q4k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    isum, acc = lanes_i[c], lanes_f[c]
+def _q4k_q80_block(w, sd, x, xsum_b, dx, lane):
+    """Block `lane` of a packed Q4K lane group (codes w, d bytes sd) times its Q80 activations
+    (x the group's 512 codes; xsum_b, dx the block's): its term p_b."""
+    isum = np.int32(0)
+    for k in range(4):
+        for i in range(4):
+            byte = np.int32(w[k * 64 + lane * 4 + i])
+            o = k * 64 + lane * 4 + i
+            isum += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
+    scale, low = _q4k_scale_min(sd, lane)
+    return np.float32(isum) * (scale * dx) - np.float32(xsum_b) * (low * dx)
+
+
+@njit(**_opts)
+def _q6k_q80_block(w, sd, x, xsum_b, dx, lane):
+    """The same for a packed Q6K lane group."""
+    lo, hi = np.int32(0), np.int32(0)
+    for k in range(4):
+        for i in range(4):
+            o = k * 64 + lane * 4 + i
+            lo += (_q6k_code(w, k, lane, i, 0) - 32) * np.int32(x[o])
+            hi += (_q6k_code(w, k, lane, i, 1) - 32) * np.int32(x[256 + o])
+    d = _f16_at(sd, 2 * GROUP + 2 * (lane // 8))
+    return np.float32(lo) * ((d * np.float32(sd[lane])) * dx) + np.float32(hi) * ((d * np.float32(sd[GROUP + lane])) * dx)
+
+
+@njit(**_opts)
+def _q4k_f32_block(w, sd, x, lane):
+    """Block `lane` of a packed Q4K lane group times f32 activations (x the group's 512)."""
+    s = np.float32(0)
+    xs = np.float32(0)
+    for e in range(BLOCK):
+        o = (e // 4) * 64 + lane * 4 + e % 4
+        byte = np.int32(w[((e % 16) // 4) * 64 + lane * 4 + e % 4])
+        code = byte & 15 if e < 16 else byte >> 4
+        s = s + np.float32(code) * x[o]
+        xs = xs + x[o]
+    scale, low = _q4k_scale_min(sd, lane)
+    return s * scale - xs * low
+
+
+@njit(**_opts)
+def _q6k_f32_block(w, sd, x, lane):
+    """The same for a packed Q6K lane group."""
+    lo, hi = np.float32(0), np.float32(0)
+    for e in range(BLOCK):
+        v = np.float32(_q6k_code(w, (e % 16) // 4, lane, e % 4, e // 16) - 32) * x[(e // 4) * 64 + lane * 4 + e % 4]
+        if e < 16:
+            lo = lo + v
+        else:
+            hi = hi + v
+    d = _f16_at(sd, 2 * GROUP + 2 * (lane // 8))
+    return lo * (d * np.float32(sd[lane])) + hi * (d * np.float32(sd[GROUP + lane]))
+
+
+@njit(**_opts)
+def _k_layout(wq, wd):
+    """(Q6K?, bytes of codes and of d per lane group) of packed k-quant weights: Q4K and Q6K
+    are told apart by their widths."""
+    q6k = wd.shape[1] * 384 == wq.shape[1] * Q6K_SCALES
+    return q6k, (384 if q6k else 256), (Q6K_SCALES if q6k else Q4K_SCALES)
+
+
+@njit(**_opts)
+def _k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    """Q4K or Q6K weights x Q80 activations (portable)."""
+    q6k, w_bytes, d_bytes = _k_layout(wq, wd)
+    acc = lanes_f[c]
     for r in range(r0, r1):
         for t in range(xq.shape[0]):
             acc[:] = 0
-            for g in range(wq.shape[1] // 256):
+            for g in range(wq.shape[1] // w_bytes):
                 x = xq[t, g * 512 : (g + 1) * 512]
-                w = wq[r, g * 256 : (g + 1) * 256]
-                for lane in range(GROUP):
-                    isum[lane] = 0
-                for k in range(4):
-                    for lane in range(GROUP):
-                        s = np.int32(0)
-                        for i in range(4):
-                            byte = np.int32(w[k * 64 + lane * 4 + i])
-                            o = k * 64 + lane * 4 + i
-                            s += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
-                        isum[lane] += s
+                w, sd = wq[r, g * w_bytes : (g + 1) * w_bytes], wd[r, g * d_bytes : (g + 1) * d_bytes]
                 for lane in range(GROUP):
                     b = g * GROUP + lane
-                    scale, low = _q4k_scale_min(wd[r, g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
-                    acc[lane] = acc[lane] + (np.float32(isum[lane]) * (scale * xd[t, b])
-                                             - np.float32(xsum[t, b]) * (low * xd[t, b]))
+                    if q6k:
+                        p = _q6k_q80_block(w, sd, x, xsum[t, b], xd[t, b], lane)
+                    else:
+                        p = _q4k_q80_block(w, sd, x, xsum[t, b], xd[t, b], lane)
+                    acc[lane] = acc[lane] + p
             out[t, r] = _lane_tree(acc)
 
 
 @njit(**_opts)
-def _q6k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    acc = lanes_f[c]
-    for r in range(r0, r1):
-        for t in range(xq.shape[0]):
-            acc[:] = 0
-            for g in range(wq.shape[1] // 384):
-                x = xq[t, g * 512 : (g + 1) * 512]
-                w, sd = wq[r, g * 384 : (g + 1) * 384], wd[r, g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
-                for lane in range(GROUP):
-                    lo, hi = np.int32(0), np.int32(0)
-                    for k in range(4):
-                        for i in range(4):
-                            o = k * 64 + lane * 4 + i
-                            lo += (_q6k_code(w, k, lane, i, 0) - 32) * np.int32(x[o])
-                            hi += (_q6k_code(w, k, lane, i, 1) - 32) * np.int32(x[256 + o])
-                    d, dx = _f16_at(sd, 2 * GROUP + 2 * (lane // 8)), xd[t, g * GROUP + lane]
-                    acc[lane] = acc[lane] + (np.float32(lo) * ((d * np.float32(sd[lane])) * dx)
-                                             + np.float32(hi) * ((d * np.float32(sd[GROUP + lane])) * dx))
-            out[t, r] = _lane_tree(acc)
-
-
-@njit(**_opts)
-def _q6k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
-    """Q6K weights x f32 activations (every instruction set: plain loops)."""
+def _k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
+    """Q4K or Q6K weights x f32 activations (every instruction set: plain loops)."""
+    q6k, w_bytes, d_bytes = _k_layout(wq, wd)
     acc = lanes_f[c]
     for r in range(r0, r1):
         for t in range(xt.shape[0]):
             acc[:] = 0
-            for g in range(wq.shape[1] // 384):
+            for g in range(wq.shape[1] // w_bytes):
                 x = xt[t, g * 512 : (g + 1) * 512]
-                w, sd = wq[r, g * 384 : (g + 1) * 384], wd[r, g * Q6K_SCALES : (g + 1) * Q6K_SCALES]
+                w, sd = wq[r, g * w_bytes : (g + 1) * w_bytes], wd[r, g * d_bytes : (g + 1) * d_bytes]
                 for lane in range(GROUP):
-                    lo, hi = np.float32(0), np.float32(0)
-                    for e in range(BLOCK):
-                        v = np.float32(_q6k_code(w, (e % 16) // 4, lane, e % 4, e // 16) - 32) * x[(e // 4) * 64 + lane * 4 + e % 4]
-                        if e < 16:
-                            lo = lo + v
-                        else:
-                            hi = hi + v
-                    d = _f16_at(sd, 2 * GROUP + 2 * (lane // 8))
-                    acc[lane] = acc[lane] + (lo * (d * np.float32(sd[lane])) + hi * (d * np.float32(sd[GROUP + lane])))
-            out[t, r] = _lane_tree(acc)
-
-
-@njit(**_opts)
-def _q4k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
-    """Q4K weights x f32 activations (every instruction set: plain loops)."""
-    acc = lanes_f[c]
-    for r in range(r0, r1):
-        for t in range(xt.shape[0]):
-            acc[:] = 0
-            for g in range(wq.shape[1] // 256):
-                x = xt[t, g * 512 : (g + 1) * 512]
-                for lane in range(GROUP):
-                    s = np.float32(0)
-                    xs = np.float32(0)
-                    for e in range(BLOCK):
-                        o = (e // 4) * 64 + lane * 4 + e % 4
-                        byte = np.int32(wq[r, g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
-                        code = byte & 15 if e < 16 else byte >> 4
-                        s = s + np.float32(code) * x[o]
-                        xs = xs + x[o]
-                    scale, low = _q4k_scale_min(wd[r, g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
-                    acc[lane] = acc[lane] + (s * scale - xs * low)
+                    p = _q6k_f32_block(w, sd, x, lane) if q6k else _q4k_f32_block(w, sd, x, lane)
+                    acc[lane] = acc[lane] + p
             out[t, r] = _lane_tree(acc)
 
 
@@ -759,10 +766,8 @@ def _q_q80_tiled(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
 
 q_q80_rows = _q_q80_portable if ISA == "portable" else _q_q80_tiled
 q_f32_rows = _q_f32_rows
-q4k_q80_rows = _q4k_q80_portable if ISA == "portable" else _q_q80_tiled  # the tiles take every weight kind
-q4k_f32_rows = _q4k_f32_rows
-q6k_q80_rows = _q6k_q80_portable if ISA == "portable" else _q_q80_tiled
-q6k_f32_rows = _q6k_f32_rows
+k_q80_rows = _k_q80_portable if ISA == "portable" else _q_q80_tiled  # the tiles take every weight kind
+k_f32_rows = _k_f32_rows
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -781,40 +786,23 @@ def matmul_q_f32(wq, wd, xt, lanes_i, lanes_f, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def matmul_q4k_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+def matmul_k_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
     chunks = min(wq.shape[0], CHUNKS)
     for c in prange(chunks):
-        q4k_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
-                     lanes_i, lanes_f, out)
+        k_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
+                   lanes_i, lanes_f, out)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def matmul_q4k_f32(wq, wd, xt, lanes_i, lanes_f, out):
+def matmul_k_f32(wq, wd, xt, lanes_i, lanes_f, out):
     chunks = min(wq.shape[0], CHUNKS)
     for c in prange(chunks):
-        q4k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def matmul_q6k_q80(wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    chunks = min(wq.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q6k_q80_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xq, xsum, xd,
-                     lanes_i, lanes_f, out)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def matmul_q6k_f32(wq, wd, xt, lanes_i, lanes_f, out):
-    chunks = min(wq.shape[0], CHUNKS)
-    for c in prange(chunks):
-        q6k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
+        k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
 
 
 # the kernels' rows functions by weight type and activation form; the parallel driver of each
-ROWS = {"q40": (q_q80_rows, q_f32_rows), "q80": (q_q80_rows, q_f32_rows), "q4k": (q4k_q80_rows, q4k_f32_rows),
-        "q6k": (q6k_q80_rows, q6k_f32_rows)}
-PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, q4k_f32_rows: matmul_q4k_f32,
-            q6k_f32_rows: matmul_q6k_f32}
-if q4k_q80_rows is not q_q80_rows:  # portable: each has its own; the x86 tiles take every weight kind
-    PARALLEL[q4k_q80_rows] = matmul_q4k_q80
-    PARALLEL[q6k_q80_rows] = matmul_q6k_q80
+ROWS = {"q40": (q_q80_rows, q_f32_rows), "q80": (q_q80_rows, q_f32_rows), "q4k": (k_q80_rows, k_f32_rows),
+        "q6k": (k_q80_rows, k_f32_rows)}
+PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, k_f32_rows: matmul_k_f32}
+if k_q80_rows is not q_q80_rows:  # portable: the k-quants have their own; the x86 tiles take every weight kind
+    PARALLEL[k_q80_rows] = matmul_k_q80
