@@ -38,12 +38,17 @@ def slurm():
         pytest.skip(f"{problem}; `../shared/tools/local-slurm.sh start` starts one")
 
 
+def job_env(**more: str) -> dict:
+    """The environment a job script is submitted with: this checkout, this venv, the suite's numba cache."""
+    return {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_NUMBA_CACHE": NUMBA_CACHE, **more}
+
+
 def sbatch(job: str, workdir, env: dict, *options: str, timeout: float = 400) -> tuple[int, str, str]:
     """Submit jobs/<job> with sbatch --wait; (exit code, job stdout, job stderr). On timeout the
     job is cancelled and the test fails."""
     name = f"dllama-test-{uuid.uuid4().hex[:8]}"
     out, err = workdir / f"{name}.out", workdir / f"{name}.err"
-    full_env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_NUMBA_CACHE": NUMBA_CACHE, **env}
+    full_env = job_env(**env)
     cmd = ["sbatch", "--wait", f"--job-name={name}", "--time=00:10:00", "-D", str(workdir), "-o", str(out), "-e", str(err),
            *options, str(REPO / "jobs" / job)]
     try:
@@ -99,12 +104,11 @@ def test_bench_job_writes_json_for_every_point_of_the_sweep(slurm, tmp_path):
     result_file = tmp_path / "bench.json"
     rc, _, err = sbatch("bench.sbatch", tmp_path, {
         "DLLAMA_SWEEP": "1 1-1 3-2-2-1", "DLLAMA_SHAPE": "tiny", "DLLAMA_BENCH_OUT": str(result_file),
-        "DLLAMA_ARGS": "--repeat 1 --decode-steps 4 --prompt-lengths 8 --buffer-float-type f32 q80"}, "--ntasks=4")
+        "DLLAMA_ARGS": "--repeat 1 --decode-steps 4 --prompt-lengths 8 --buffer-float-type q80"}, "--ntasks=4")
     assert rc == 0, err
-    rows = json.loads(result_file.read_text())
+    rows = json.loads(result_file.read_text())  # (the bench's own sweep of buffer types: tests/test_bench.py)
     assert [(r["world_size"], r["budgets"], r["buffer_float_type"]) for r in rows] == [
-        (1, [1], "f32"), (1, [1], "q80"), (2, [1, 1], "f32"), (2, [1, 1], "q80"),
-        (4, [3, 2, 2, 1], "f32"), (4, [3, 2, 2, 1], "q80")]
+        (1, [1], "q80"), (2, [1, 1], "q80"), (4, [3, 2, 2, 1], "q80")]
     assert all(r["decode_tokens_per_s"] > 0 and len(r["peak_rss_mb"]) == r["world_size"] for r in rows)
 
 
@@ -135,8 +139,7 @@ def test_a_rank_killed_mid_generation_is_named_by_srun(slurm, tmp_path):
     model = write_random_model(tmp_path / "slow.h5", spec)
     mark = uuid.uuid4().hex
     out = tmp_path / "killed.out"
-    env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_TEST_MARK": mark,
-           "DLLAMA_MODEL": str(model), "DLLAMA_STEPS": "3000", "DLLAMA_ARGS": "--ignore-eos"}
+    env = job_env(DLLAMA_TEST_MARK=mark, DLLAMA_MODEL=str(model), DLLAMA_STEPS="3000", DLLAMA_ARGS="--ignore-eos")
     job = subprocess.Popen(["sbatch", "--wait", "--ntasks=3", "--time=00:05:00", "-D", str(tmp_path), "-o", str(out),
                             str(REPO / "jobs" / "generate.sbatch")], env=env, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -162,8 +165,7 @@ def test_serve_job_answers_and_stops_cleanly_on_scancel(slurm, stories_models, m
 
     name = f"dllama-test-{uuid.uuid4().hex[:8]}"
     err = tmp_path / f"{name}.err"
-    env = {**os.environ, "DLLAMA_HOME": str(REPO), "DLLAMA_VENV": sys.prefix, "DLLAMA_MODEL": str(stories_models["q40"]),
-           "DLLAMA_BUDGETS": "3 2 2 1", "DLLAMA_PORT": "0", "DLLAMA_API_KEY": "sesame"}
+    env = job_env(DLLAMA_MODEL=str(stories_models["q40"]), DLLAMA_BUDGETS="3 2 2 1", DLLAMA_PORT="0", DLLAMA_API_KEY="sesame")
     subprocess.run(["sbatch", f"--job-name={name}", "--time=00:10:00", "--ntasks=4", "-D", str(tmp_path),
                     "-o", str(tmp_path / f"{name}.out"), "-e", str(err), str(REPO / "jobs" / "serve.sbatch")],
                    env=env, check=True, capture_output=True, timeout=30)
