@@ -375,3 +375,37 @@ def test_runs_capture_stdout_and_end_whole_sessions(tmp_path):
         lc.run_capture(["sh", "-c", f"(sleep 2; touch {marker}) & wait"], timeout=0.5)
     time.sleep(2.5)
     assert not marker.exists()
+
+
+def test_greedy_tools_padded_stories260k_is_the_same_model(tmp_path):
+    """tools/greedy_vs_llamacpp.py's trained model for k-quants: stories260K zero-padded to 256-wide rows
+    gives stories260K's logits (f32 rounding apart: RMSNorm sums 4x the width) and its greedy text."""
+    import sys
+
+    from conftest import STORIES, convert_stories, need_stories
+
+    from dllama_mpi.convert import convert
+
+    need_stories()
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from greedy_vs_llamacpp import padded_stories_gguf
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    padded_stories_gguf(tmp_path / "padded.gguf", STORIES / "stories260K.bin", STORIES / "tok512.bin")
+    convert(tmp_path / "padded.gguf", tmp_path / "padded.h5", None, "f32")
+    tokens = [1, 403, 407, 261, 378, 432, 383, 286]  # BOS "Once upon a time, there was"
+    padded = _dump(tmp_path / "padded.h5", tmp_path / "p.npz", tokens)
+    original = _dump(convert_stories(tmp_path, "f32"), tmp_path / "o.npz", tokens)
+    assert padded["logits"].shape == original["logits"].shape == (len(tokens), 512)
+    # at most 6.7e-6 apart measured; 1e-4 of the largest logit allowed
+    np.testing.assert_allclose(padded["logits"], original["logits"], rtol=0, atol=1e-4 * np.abs(original["logits"]).max())
+    assert padded["greedy"].tolist() == original["greedy"].tolist()
+
+
+def _dump(model: Path, out: Path, tokens: list[int]) -> dict:
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "tests" / "engine_dump.py"), str(model), str(out), "--budgets", "1",
+                    "--tokens", *map(str, tokens), "--steps", "24"], check=True, capture_output=True, timeout=120)
+    return dict(np.load(out))
