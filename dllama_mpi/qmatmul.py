@@ -1,5 +1,5 @@
 """Quantized matrix products, out (T, rows) = x (T, cols) @ w.T on a rank's rows, with
-Q40 or Q80 weights and Q80 or f32 activations; their layouts; the instruction set.
+Q40, Q80, Q4K or Q6K weights and Q80 or f32 activations; their layouts; the instruction set.
 
 One arithmetic, whatever computes it. For a row and a token, per block b (32 values) the
 integer dot product of the codes, isum_b, is exact. Blocks are taken in lane groups of 16
@@ -266,9 +266,9 @@ def _f16_at(sd, o):
 @njit(**_opts)
 def _q4k_scale_min(sd, lane):
     """Sub-block `lane`'s scale d * sc and min dmin * m (f32, exact) from a packed Q4K group's d bytes."""
-    half = 2 * (lane // 8)  # the lane's super-block: the group's first or second
-    return (_f16_at(sd, 2 * GROUP + half) * np.float32(sd[lane]),
-            _f16_at(sd, 2 * GROUP + 4 + half) * np.float32(sd[GROUP + lane]))
+    at = 2 * (lane // 8)  # the fp16 of the lane's super-block: the group's first or second
+    return (_f16_at(sd, 2 * GROUP + at) * np.float32(sd[lane]),
+            _f16_at(sd, 2 * GROUP + 4 + at) * np.float32(sd[GROUP + lane]))
 
 
 @njit(**_opts)

@@ -1,8 +1,8 @@
 """Every instruction set of the quantized products this host can run, each in a fresh
 process (DLLAMA_ISA picks it; numba's cache is bypassed so the assembly can be read): the
 same bits as the exact numpy twins, on lopsided shapes, padded lane groups and every
-token-tile remainder; the instructions that are supposed to do the work are there; and a
-lesser instruction set compiles every other kernel for its CPU too."""
+token-tile remainder; the instructions that are supposed to do the work are there; and the
+portable instruction set compiles every other kernel for its CPU too."""
 
 from __future__ import annotations
 
@@ -55,7 +55,9 @@ for kind, shapes in SHAPES.items():
         xd = np.zeros((n_tok, 16 * g), np.float32)
         qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
         expected = twin(stored, xb)
-        for parallel in (False, True):
+        # the parallel driver once (compiling one costs seconds per weight kind; test_kernels runs every kind's
+        # on the native instruction set)
+        for parallel in (False, True) if kind == "q40" else (False,):
             out = np.full((n_tok, rows), np.nan, np.float32)
             if parallel:
                 kernels.PARALLEL[serial](m.qs, m.d, xq, xsum, xd, *lanes, out)
@@ -63,8 +65,8 @@ for kind, shapes in SHAPES.items():
                 serial(0, rows, 0, m.qs, m.d, xq, xsum, xd, *lanes, out)
             assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), (kind, rows, nb, n_tok, parallel)
             checked += 1
-if qmatmul.ISA != qmatmul.host_isas()[0]:  # the rest of the suite compiles the native ones
-    kernels.warm_up()  # every kernel compiles for this instruction set's CPU (f16 decoding included)
+if qmatmul.ISA == "portable":  # the rest of the suite compiles for the native CPU; x86-64 stands for haswell too
+    kernels.warm_up()  # every other kernel compiles for the least x86 CPU (f16 decoding included)
 f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
 x = np.arange(1, 10, dtype=np.float32)
 assert kernels.dot(f16, x) == np.float32(kernels.dot(f16.view(np.float16).astype(np.float32), x))
@@ -98,7 +100,7 @@ def test_each_instruction_set_equals_the_exact_twin(isa, checks):
     assert checks[isa].returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
-    assert result["checked"] == 40
+    assert result["checked"] == 25  # 20 (kind, shape) cases, q40's 5 through the parallel driver too
     asm = result["asm"]
     if isa == "avx512vnni":
         assert asm["vpdpbusd"] > 0
