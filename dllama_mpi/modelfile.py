@@ -118,15 +118,21 @@ def shard_files(directory: Path) -> tuple[int, dict[int, Path]]:
     return count, {rank: p for p, (rank, _) in found.items()}
 
 
-def is_model_file(path: Path) -> bool:
-    """Whether `path` is a plain file holding a dllama_mpi model (what this converter writes)."""
+def is_hdf5_of(path: Path, format_name: str) -> bool:
+    """Whether `path` is a plain HDF5 file whose `format` attribute is `format_name`: a file of
+    that kind this program wrote (what --force may replace)."""
     if path.is_symlink() or not path.is_file() or not h5py.is_hdf5(path):
         return False
     try:
         with h5py.File(path, "r") as f:
-            return _str(f.attrs.get("format")) == FORMAT_NAME
+            return _str(f.attrs.get("format")) == format_name
     except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
         return False
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether `path` is a plain file holding a dllama_mpi model (what this converter writes)."""
+    return is_hdf5_of(path, FORMAT_NAME)
 
 
 def check_output(path: Path, shards: bool, force: bool) -> None:

@@ -197,15 +197,9 @@ def _h5str(value) -> str | None:
 
 def is_logits_file(path: Path) -> bool:
     """A plain file holding logits this program saved (what --force may replace)."""
-    import h5py
+    from .modelfile import is_hdf5_of
 
-    if path.is_symlink() or not path.is_file() or not h5py.is_hdf5(path):
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            return _h5str(f.attrs.get("format")) == LOGITS_FORMAT
-    except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
-        return False
+    return is_hdf5_of(path, LOGITS_FORMAT)
 
 
 def check_save_path(path: Path, force: bool) -> None:

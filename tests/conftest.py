@@ -119,6 +119,22 @@ def stories_models(tmp_path_factory) -> dict[str, Path]:
     return {w: convert_stories(out, w) for w in ("f32", "q40")}
 
 
+def numpy_bytes_kept(work) -> int:
+    """Bytes of numpy arrays that work() allocated and still holds when it returns (tracemalloc)."""
+    import tracemalloc
+
+    import numpy as np
+
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    work()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    numpy_domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
+    return sum(s.size_diff for s in after.filter_traces([numpy_domain]).compare_to(
+        before.filter_traces([numpy_domain]), "filename") if s.size_diff > 0)
+
+
 def write_random_model(path: Path, spec, seed: int = 0) -> Path:
     """A model file with seeded random weights of any shape (speed and splits don't depend on values)."""
     from dllama_mpi.modelfile import write_model

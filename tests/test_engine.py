@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
-from conftest import read_dense, write_random_model
+from conftest import numpy_bytes_kept, read_dense, write_random_model
 
 from dllama_mpi.comm import Comm
 from dllama_mpi.job import open_job
@@ -100,15 +98,11 @@ def test_forward_allocates_no_array_memory(random_models):
     job = open_job(Comm(), random_models["q40"], (1,), buffer_type="q80", max_seq_len=32)
     engine = job.engine
     engine.forward(1, 0)
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
-    for pos in range(1, 9):
-        engine.forward(TOKENS[pos], pos)
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    numpy_domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
-    grown = sum(s.size_diff for s in after.filter_traces([numpy_domain]).compare_to(
-        before.filter_traces([numpy_domain]), "filename") if s.size_diff > 0)
+    def decode() -> None:
+        for pos in range(1, 9):
+            engine.forward(TOKENS[pos], pos)
+
+    grown = numpy_bytes_kept(decode)
     assert grown == 0, f"{grown} bytes of numpy arrays allocated by forward()"
 
 

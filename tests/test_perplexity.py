@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, assert_refused, read_dense, run_mpiexec, write_random_model
+from conftest import REPO, assert_refused, numpy_bytes_kept, read_dense, run_mpiexec, write_random_model
 
 from dllama_mpi.perplexity import Chunks, log_softmax, make_chunks, mean_stderr
 from dllama_mpi.spec import ModelSpec
@@ -306,12 +305,5 @@ def test_the_engine_returns_every_rows_logits_with_max_logits(tmp_path):
     for pos in range(len(tokens)):
         assert np.array_equal(got[pos].view(np.uint32), expected[pos].view(np.uint32)), pos
     fill()
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
-    engine.step(batch)
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    numpy_domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
-    grown = sum(s.size_diff for s in after.filter_traces([numpy_domain]).compare_to(
-        before.filter_traces([numpy_domain]), "filename") if s.size_diff > 0)
+    grown = numpy_bytes_kept(lambda: engine.step(batch))
     assert grown == 0, f"{grown} bytes of numpy arrays allocated by a step"
