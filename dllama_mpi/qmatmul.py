@@ -136,8 +136,8 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 PACK_ROWS = 256  # rows of k-quants unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
-Q4K_SCALES = 2 * GROUP + 8  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
-Q6K_SCALES = 2 * GROUP + 4  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
+Q4K_SCALES = quant.K_SCALE_BYTES["q4k"]  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
+Q6K_SCALES = quant.K_SCALE_BYTES["q6k"]  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
 
 
 def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,10 +32,11 @@ Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "
 # q4k, q6k: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k", "q6k")
 K_QUANTS = ("q4k", "q6k")
-# a lane group of 16 blocks of 32 as the kernels hold it (qmatmul). Q4K: 256 bytes of nibbles, 16 scales
-# and 16 mins, 2 super-blocks' fp16 d and dmin. Q6K: 256 bytes of nibbles, 128 of high bit pairs, 2 x 16
-# int8 scales, 2 super-blocks' fp16 d
-K_GROUP_BYTES = {"q4k": 256 + 2 * GROUP + 8, "q6k": 256 + 128 + 2 * GROUP + 4}
+# a lane group of 16 blocks of 32 as the kernels hold it (qmatmul's layouts), codes and scales apart.
+# Q4K: 256 bytes of nibbles; 16 scales, 16 mins, 2 super-blocks' fp16 d and dmin. Q6K: 256 bytes of
+# nibbles and 128 of high bit pairs; 2 x 16 int8 scales, 2 super-blocks' fp16 d
+K_CODE_BYTES = {"q4k": 256, "q6k": 384}
+K_SCALE_BYTES = {"q4k": 2 * GROUP + 8, "q6k": 2 * GROUP + 4}
 QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
 BUFFER_TYPES = ("f32", "q80")
 
@@ -65,7 +66,7 @@ def resident_row_bytes(tensor_type: str, cols: int) -> int:
     bytes per 256 against the file's 144; qmatmul.pack_q4k); a Q6K row as its codes' nibbles
     and high bit pairs, int8 scales and fp16 d: the file's 210 bytes per 256 (qmatmul.pack_q6k)."""
     if tensor_type in K_QUANTS:
-        return K_GROUP_BYTES[tensor_type] * (-(-(cols // BLOCK) // GROUP))
+        return (K_CODE_BYTES[tensor_type] + K_SCALE_BYTES[tensor_type]) * (-(-(cols // BLOCK) // GROUP))
     if tensor_type in ("q40", "q80"):
         blocks = stored_cols(tensor_type, cols)
         return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)
