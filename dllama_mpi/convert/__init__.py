@@ -102,7 +102,7 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
             how = "kept bit-exact"
         elif became in ("f16", "f32"):
             how = "widened"
-        elif stored in KEPT:  # stacked with a wider type in its layer
+        elif stored in KEPT:  # stacked with another type in its layer
             kinds = "/".join(sorted({where(n)[1] for n in names}))
             how = f"re-quantized to 8-bit blocks, as {kinds} share a product with other types in their layer"
         else:
