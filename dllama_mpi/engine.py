@@ -20,44 +20,47 @@ import time
 
 import numpy as np
 
-from . import kernels, qmatmul, threads
+from . import kernels, qmatmul, quant, threads
 from .comm import Comm
 from .plan import Plan
-from .weights import LocalWeights, Matrix
+from .weights import LocalWeights, Matrix, Parts
 
 F32 = np.float32
 BLOCK, GROUP = qmatmul.BLOCK, qmatmul.GROUP
 
 
 class Activations:
-    """A full-width activation of up to t_max tokens, identical on every rank, with the
-    form the quantized products take (see qmatmul) whenever the width is whole blocks:
-    packed Q80 when the buffer type is q80, else packed f32."""
+    """A full-width activation of up to t_max tokens, identical on every rank, with the forms
+    its quantized products take (plan.activation_forms) whenever the width is whole blocks:
+    q80, packed Q80 (Q40/Q80 weights with q80 buffers); q8k, packed Q8K (k-quant weights with
+    q80 buffers); f32, packed f32 (quantized weights with f32 buffers). See qmatmul."""
 
-    def __init__(self, n: int, t_max: int, q80: bool):
+    def __init__(self, n: int, t_max: int, forms: frozenset[str]):
         self.n = n
         self.f32 = np.zeros((t_max, n), F32)  # (T, n)
         nb = n // BLOCK if n % BLOCK == 0 else 0
         g = qmatmul.groups(nb)
-        self.q80 = q80 and nb > 0
-        self.packs_f32 = not q80 and nb > 0
+        self.q80 = "q80" in forms and nb > 0
+        self.packs_f32 = "f32" in forms and nb > 0
         self.blocks = np.zeros((t_max, nb if self.q80 else 0, 34), np.uint8)  # Q80 as it travels
+        # 8-bit forms: codes xq (T, 512 G) i8, their block sums xsum and block scales xd (T, 16 G);
         # padding blocks stay zero: only this width is ever packed here
-        self.xq = np.zeros((t_max, 512 * g if self.q80 else 0), np.int8)
-        self.xsum = np.zeros((t_max, GROUP * g if self.q80 else 0), np.int32)
-        self.xd = np.zeros((t_max, GROUP * g if self.q80 else 0), F32)
+        self.codes8 = {form: (np.zeros((t_max, 512 * g), np.int8), np.zeros((t_max, GROUP * g), np.int32),
+                              np.zeros((t_max, GROUP * g), F32)) for form in ("q80", "q8k") if form in forms and nb}
         self.xt = np.zeros((t_max, 512 * g if self.packs_f32 else 0), F32)
 
     def prepare(self, n_tok: int) -> None:
-        """Derive the product form of f32[:n_tok] (after the values are final)."""
+        """Derive the product forms of f32[:n_tok] (after the values are final)."""
         if self.q80:
             kernels.quantize_q80(self.f32[:n_tok], self.blocks[:n_tok])
             self.pack(n_tok)
-        elif self.packs_f32:
+        if "q8k" in self.codes8:
+            qmatmul.pack_q8k(self.f32[:n_tok], *(a[:n_tok] for a in self.codes8["q8k"]))
+        if self.packs_f32:
             qmatmul.pack_f32(self.f32[:n_tok], self.xt[:n_tok])
 
     def pack(self, n_tok: int) -> None:
-        qmatmul.pack_q80(self.blocks[:n_tok], self.xq[:n_tok], self.xsum[:n_tok], self.xd[:n_tok])
+        qmatmul.pack_q80(self.blocks[:n_tok], *(a[:n_tok] for a in self.codes8["q80"]))
 
 
 class GatheredActivations(Activations):
@@ -67,11 +70,13 @@ class GatheredActivations(Activations):
     (T, n) on arrival."""
 
     def __init__(self, comm: Comm, plan: Plan, name: str, n: int, t_max: int, buffer_type: str):
-        super().__init__(n, t_max, buffer_type == "q80")
+        super().__init__(n, t_max, plan.activation_forms(name, buffer_type))
         self.comm, self.spans = comm, plan.segments(name)
         a, b = self.spans[comm.rank]
         self.local = np.zeros((t_max, b - a), F32)  # (T, own columns): the rank's output
         self.travels_q80 = plan.travels_q80(name, buffer_type)
+        if self.travels_q80 and not self.q80:  # blocks to arrive in, for a vector no product takes
+            self.blocks = np.zeros((t_max, n // BLOCK, 34), np.uint8)
         unit = BLOCK if self.travels_q80 else 1
         self._units = [((s // unit), (e // unit)) for s, e in self.spans]  # blocks or values
         width = 34 if self.travels_q80 else 1
@@ -104,22 +109,25 @@ class GatheredActivations(Activations):
                 self.blocks[:n_tok, s:e] = part
             else:
                 self.f32[:n_tok, s:e] = part
-        if self.travels_q80:
-            self.pack(n_tok)
+        if self.travels_q80:  # (plan.travels_q80: then no product takes Q8K)
+            if self.q80:
+                self.pack(n_tok)
             kernels.q80_values(self.blocks[:n_tok], self.f32[:n_tok])
         else:
             self.prepare(n_tok)
 
 
 def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
-    """out (T, own rows) = x[:T] @ m.T; quantized weights take x's Q80 form when it has one.
+    """out (T, own rows) = x[:T] @ m.T; quantized weights take x's 8-bit form for their type
+    (quant.ACTIVATION_TYPE) when it has one, else its packed f32.
     lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
     if m.type == "f32":
         kernel, args = kernels.f32_rows, (m.w, x.f32[:n_tok])
     elif m.type == "f16":
         kernel, args = kernels.f16_rows, (m.w, x.f32[:n_tok])
-    elif x.q80:
-        kernel, args = qmatmul.ROWS[m.type][0], (m.qs, m.d, x.xq[:n_tok], x.xsum[:n_tok], x.xd[:n_tok], *lanes)
+    elif quant.ACTIVATION_TYPE[m.type] in x.codes8:
+        xq, xsum, xd = x.codes8[quant.ACTIVATION_TYPE[m.type]]
+        kernel, args = qmatmul.ROWS[m.type][0], (m.qs, m.d, xq[:n_tok], xsum[:n_tok], xd[:n_tok], *lanes)
     else:
         kernel, args = qmatmul.ROWS[m.type][1], (m.qs, m.d, x.xt[:n_tok], *lanes)
     if pool.parallel(m.rows * m.cols * n_tok):
@@ -180,11 +188,10 @@ class Engine:
         self.max_rows = t_max = max(n_slots, min(max_rows, max_seq_len))
         # by default at most one row per sequence wants logits
         self.max_logits = m_max = n_slots if max_logits is None else max(n_slots, min(max_logits, t_max))
-        q80 = buffer_type == "q80"
         hd, nh, nkv = spec.head_dim, me.n_local_heads, me.n_local_kv_heads
 
         self.x = np.zeros((t_max, spec.dim), F32)  # (T, dim) residual stream
-        self.xb = Activations(spec.dim, t_max, q80)  # (T, dim) normed input of a step
+        self.xb = Activations(spec.dim, t_max, plan.activation_forms("xb", buffer_type))  # (T, dim) normed input
         self.qkv = np.zeros((t_max, (nh + 2 * nkv) * hd), F32)  # own q, k, v rows: the stacked product
         self.q = np.zeros((t_max, nh * hd), F32)  # own query heads
         self.k = np.zeros((t_max, nkv * hd), F32)  # own KV heads, before they go to the cache
@@ -202,6 +209,9 @@ class Engine:
         self.cos, self.sin = kernels.rope_table(spec.rope_freqs(), max_seq_len)  # (max_seq, hd / 2)
         self.cos_rows, self.sin_rows = np.zeros((t_max, self.cos.shape[1]), F32), np.zeros((t_max, self.sin.shape[1]), F32)
         self.lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), F32))
+        # a stacked product of Parts: each part's output, by its row count, before it takes its columns
+        self._part_out = {m.rows: np.zeros((t_max, m.rows), F32) for layer in weights.layers
+                          for stacked in ("wqkv", "w13") if isinstance(layer[stacked], Parts) for m in layer[stacked].parts}
         # logits: rank 0 gets (m, vocab) for the m rows that want them. Each rank computes its
         # vocabulary span for the m rows, contiguous (m, own); they travel rank-major.
         vocab_spans = plan.segments("vocab")
@@ -227,6 +237,18 @@ class Engine:
 
     def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
         matmul(self.pool, self.lanes, m, x, n_tok, out)
+
+    def matmul_stacked(self, m: Matrix | Parts, x: Activations, n_tok: int, out: np.ndarray) -> None:
+        """A stacked product: one, or one per part where the parts' types differ, each part's
+        rows then copied to its columns of out (T, rows)."""
+        if isinstance(m, Matrix):
+            return self.matmul(m, x, n_tok, out)
+        col = 0
+        for part in m.parts:
+            part_out = self._part_out[part.rows][:n_tok]
+            self.matmul(part, x, n_tok, part_out)
+            out[:, col : col + part.rows] = part_out
+            col += part.rows
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance slot 0 by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
@@ -270,7 +292,7 @@ class Engine:
         for layer, lw in enumerate(w.layers):
             kernels.rmsnorm(x, lw["attention_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
-            self.matmul(lw["wqkv"], self.xb, n, qkv)
+            self.matmul_stacked(lw["wqkv"], self.xb, n, qkv)
             q[...], k[...], v[...] = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
             if spec.qkv_bias:
                 np.add(q, lw["bq"], out=q)
@@ -296,7 +318,7 @@ class Engine:
             kernels.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
             h13 = self.h13[:n]
-            self.matmul(lw["w13"], self.xb, n, h13)
+            self.matmul_stacked(lw["w13"], self.xb, n, h13)
             kernels.silu_mul(h13, self.ffn.local[:n])
             self.ffn.gather(n)
             self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])

@@ -190,20 +190,23 @@ def dot(a, b):
 
 @njit(**_opts)
 def quantize_q80(x, out):
-    """x: (T, n) f32 -> out: (T, n // 32, 34) u8 Q80 blocks (llama.cpp's quantize_row_q8_0)."""
+    """x: (T, n) f32 -> out: (T, n // 32, 34) u8 Q80 blocks of activations, as llama.cpp's x86
+    quantize_row_q8_0 makes them for its Q4_0/Q8_0 products (the twin:
+    quant.quantize_q80_activations)."""
     for t in range(x.shape[0]):
         for b in range(x.shape[1] // BLOCK):
             amax = np.float32(0.0)
             for j in range(BLOCK):
                 amax = max(amax, abs(x[t, b * BLOCK + j]))
             d = np.float32(amax / np.float32(127.0))
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            if inv == np.inf:  # amax below ~4e-37: its fp16 scale is 0, the codes too
+                inv = np.float32(0.0)
             bits = f32_to_f16_bits(d)
             out[t, b, 0] = bits & 0xFF
             out[t, b, 1] = bits >> 8
             for j in range(BLOCK):
-                v = np.float64(np.float32(x[t, b * BLOCK + j] * inv))
-                q = math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+                q = np.rint(np.float32(x[t, b * BLOCK + j] * inv))
                 out[t, b, 2 + j] = np.uint8(np.int64(q) & 0xFF)
 
 
@@ -461,6 +464,8 @@ def warm_up(weight_types: tuple[str, ...] = ()) -> None:
         (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
         (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
     ]
+    if set(weight_types) & {"q4k", "q6k"}:
+        qmatmul.pack_q8k(np.zeros((1, 256), f32), xq, xsum, xd)
     if "q4k" in weight_types:  # 6-bit scales and mins, fp16 d and dmin
         kd = np.zeros((3, qmatmul.Q4K_SCALES), np.uint8)
         products += [(qmatmul.k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q4, kd, xt, *lanes))]

@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .quant import BLOCK, Q80
+from .quant import ACTIVATION_TYPE, BLOCK, K_QUANTS, Q80
 from .spec import ModelSpec
 
 ROW_GRANULE = 32
@@ -136,20 +136,17 @@ class Plan:
         kind = {"att": "wq", "dim": "wo", "ffn": "w1", "vocab": "output"}[vector]
         return tuple(self.rows(kind, r) for r in range(self.world_size))
 
+    def activation_forms(self, vector: str, buffer_type: str) -> frozenset[str]:
+        """The forms of a full-width activation its products take (see activation_forms)."""
+        return activation_forms(self.spec, vector, buffer_type)
+
     def q80_aligned(self, vector: str) -> bool:
-        """Whether a gathered vector can travel as Q80 blocks for every split: its granule
-        and length must be whole blocks, or a split would cut a block (and change its scale)."""
-        spec = self.spec
-        granule, length = {
-            "att": (spec.head_dim, spec.q_dim),
-            "dim": (ROW_GRANULE, spec.dim),
-            "ffn": (ROW_GRANULE, spec.hidden_dim),
-        }[vector]
-        return granule % BLOCK == 0 and length % BLOCK == 0
+        """Whether a gathered vector can travel as Q80 blocks for every split (see q80_aligned)."""
+        return q80_aligned(self.spec, vector)
 
     def travels_q80(self, vector: str, buffer_type: str) -> bool:
-        """Whether a gathered vector travels as Q80 blocks (else as f32)."""
-        return buffer_type == "q80" and self.q80_aligned(vector)
+        """Whether a gathered vector travels as Q80 blocks, else as f32 (see travels_q80)."""
+        return travels_q80(self.spec, vector, buffer_type)
 
     def transit_bytes(self, vector: str, buffer_type: str, rank: int) -> int:
         """Bytes of `rank`'s part of a gathered vector, one token, as it travels."""
@@ -221,6 +218,49 @@ class Plan:
                 f"{self.kv_cache_bytes(s.rank, max_seq_len) / 2**20:>8.2f}"
             )
         return "\n".join(lines)
+
+
+# the matrices each full-width activation multiplies: the normed input of a layer's two halves and of
+# the classifier ("output": the embedding table where the model shares it), the gathered attention
+# and hidden vectors; "dim" (wo's and w2's output) is only added to the residual stream
+FEEDS = {"xb": ("wq", "wk", "wv", "w1", "w3", "output"), "att": ("wo",), "ffn": ("w2",), "dim": ()}
+
+
+def activation_forms(spec: ModelSpec, vector: str, buffer_type: str) -> frozenset[str]:
+    """The forms of activation `vector` its products take besides plain f32 (engine.Activations):
+    with q80 buffers the 8-bit form of each quantized type it multiplies ("q80" and/or "q8k",
+    quant.ACTIVATION_TYPE), with f32 buffers "f32" (packed) where any is quantized."""
+    kinds = ["tok_embeddings" if k == "output" and spec.shared_classifier else k for k in FEEDS[vector]]
+    types = {spec.tensor_type(k, layer) for k in kinds for layer in range(spec.n_layers)}
+    quantized = types & set(ACTIVATION_TYPE)
+    if buffer_type == "q80":
+        return frozenset(ACTIVATION_TYPE[t] for t in quantized)
+    return frozenset(("f32",) if quantized else ())
+
+
+def q80_aligned(spec: ModelSpec, vector: str) -> bool:
+    """Whether a gathered vector can travel as Q80 blocks for every split: its granule and
+    length must be whole blocks, or a split would cut a block (and change its scale)."""
+    granule, length = {
+        "att": (spec.head_dim, spec.q_dim),
+        "dim": (ROW_GRANULE, spec.dim),
+        "ffn": (ROW_GRANULE, spec.hidden_dim),
+    }[vector]
+    return granule % BLOCK == 0 and length % BLOCK == 0
+
+
+def travels_q80(spec: ModelSpec, vector: str, buffer_type: str) -> bool:
+    """Whether a gathered vector travels as Q80 blocks (each rank quantizes its own part), else
+    as f32: with q80 buffers where it is q80_aligned, except in a model with k-quant weights
+    (a GGUF's), which keeps llama.cpp's arithmetic: a vector a k-quant product takes arrives
+    whole, for its Q8K scale of 256 values, and the residual's increments ("dim") stay exact
+    (quantized, they alone moved a Q4_K_M model's log-probabilities 0.19 nats from
+    llama.cpp's: tools/greedy_vs_llamacpp.py)."""
+    if buffer_type != "q80" or not q80_aligned(spec, vector):
+        return False
+    if vector == "dim":
+        return not spec.weight_types() & set(K_QUANTS)
+    return "q8k" not in activation_forms(spec, vector, buffer_type)
 
 
 def _count(span: Span) -> int:

@@ -1,5 +1,6 @@
 """Quantized matrix products, out (T, rows) = x (T, cols) @ w.T on a rank's rows, with
-Q40, Q80, Q4K or Q6K weights and Q80 or f32 activations; their layouts; the instruction set.
+Q40, Q80, Q4K or Q6K weights and 8-bit (Q80 or Q8K) or f32 activations; their layouts; the
+instruction set.
 
 One arithmetic, whatever computes it. For a row and a token, per block b (32 values) the
 integer dot product of the codes, isum_b, is exact. Blocks are taken in lane groups of 16
@@ -48,9 +49,12 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
       d (rows, 36 G) i8: per lane group the 16 blocks' first-half scales, their second-half
       scales, then the fp16 d of the group's two super-blocks (4 bytes): the file's 210
       bytes per 256 weights.
-  Q80 activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
+  8-bit activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
       it folds Q40's -8 and the unsigned offset of vpdpbusd out of the inner loop),
-      xd (T, 16 G) f32; activation codes lie in [-127, 127] (our quantizer's range).
+      xd (T, 16 G) f32, the block's scale d_x: its Q80 scale, or its Q8K super-block's (the
+      form k-quant weights take, as in llama.cpp: `pack_q8k`); activation codes lie in
+      [-127, 127] (our quantizers' range). Everything above that says Q80 activations holds
+      for Q8K ones: a product reads the same layout.
   f32 activations: xt (T, G * 512) f32, in the same order.
 """
 
@@ -229,6 +233,32 @@ def pack_q80(blocks, xq, xsum, xd):
                 xq[t, g * 512 + (e // 4) * 64 + lane * 4 + e % 4] = v
                 total += np.int32(v)
             xsum[t, b] = total
+
+
+@njit(**_opts)
+def pack_q8k(x, xq, xsum, xd):
+    """x (T, n) f32, n whole 256-value super-blocks -> Q8K codes (llama.cpp's
+    quantize_row_q8_K_ref; the twin: quant.quantize_q8k) in the layout of pack_q80's: xq, xsum
+    as there, xd the super-block's f32 d at each of its 8 blocks."""
+    per_super = quant.QK // BLOCK
+    for t in range(x.shape[0]):
+        for s in range(x.shape[1] // quant.QK):
+            amax, m = np.float32(0), np.float32(0)
+            for j in range(quant.QK):  # the first value of largest magnitude
+                v = x[t, s * quant.QK + j]
+                if abs(v) > amax:
+                    amax, m = abs(v), v
+            iscale = np.float32(-127.0) / m if amax != 0 else np.float32(0)
+            d = np.float32(1.0) / iscale if amax != 0 else np.float32(0)
+            for b in range(s * per_super, (s + 1) * per_super):
+                g, lane = b // GROUP, b % GROUP
+                total = np.int32(0)
+                for e in range(BLOCK):
+                    q = min(np.int32(np.rint(iscale * x[t, b * BLOCK + e])), np.int32(127))
+                    xq[t, g * 512 + (e // 4) * 64 + lane * 4 + e % 4] = q
+                    total += q
+                xsum[t, b] = total
+                xd[t, b] = d
 
 
 @njit(**_opts)

@@ -11,6 +11,8 @@ The formats match llama.cpp's:
   Q6K (block_q6_K, weights only, read from GGUF files): 256 values, 6-bit codes q in 0..63
       as 128 bytes of low nibbles and 64 of high bit pairs (see q6k_codes), 16 int8 scales
       sc_j (one per 16 values), fp16 d; value = (d * sc_j) * (q - 32).
+  Q8K (block_q8_K less its bsums, activations only: what k-quant weights multiply, as in
+      llama.cpp): 256 int8 codes and an f32 scale d; value = q * d.
 The converter, the loader, the kernels (through `as_bytes`) and the tests all use these
 definitions. numba has no float16 on the CPU, so kernels read the scale from the two
 leading bytes of each block (see kernels.f16_bits_to_f32).
@@ -28,6 +30,7 @@ Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 QK = 256  # values per k-quant super-block
 Q4K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK // 2,))])  # 144 B / 256
 Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "i1", (QK // 16,)), ("d", "<f2")])  # 210 B
+Q8K = np.dtype([("d", "<f4"), ("qs", "i1", (QK,))])  # 260 B / 256
 
 # q4k, q6k: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k", "q6k")
@@ -39,6 +42,9 @@ K_CODE_BYTES = {"q4k": 256, "q6k": 384}
 K_SCALE_BYTES = {"q4k": 2 * GROUP + 8, "q6k": 2 * GROUP + 4}
 QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
 BUFFER_TYPES = ("f32", "q80")
+# with q80 buffers, the 8-bit form of the activations each quantized weight type multiplies: the
+# k-quants take Q8K (one f32 scale per 256 values), as llama.cpp does, the others Q80
+ACTIVATION_TYPE = {"q40": "q80", "q80": "q80", "q4k": "q8k", "q6k": "q8k"}
 
 
 def storage_type(weight_type: str, cols: int) -> str:
@@ -168,6 +174,38 @@ def quantize_q80(x: np.ndarray) -> np.ndarray:
     out = np.empty(xb.shape[:-1], dtype=Q80)
     out["d"] = d.astype(np.float16)
     out["qs"] = q.astype(np.int8)
+    return out
+
+
+def quantize_q80_activations(x: np.ndarray) -> np.ndarray:
+    """(..., n) float32 -> (..., n // 32) Q80, as llama.cpp's x86 quantize_row_q8_0 quantizes the
+    activations of its Q4_0/Q8_0 products (quantize_q80 is what llama-quantize writes): the
+    same fp16 scale, values x * (127 / amax) in f32 rounded half to even (a block whose amax is
+    below ~4e-37, so that 127 / amax overflows, gets codes 0: its fp16 scale is 0)."""
+    xb = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax = np.abs(xb).max(axis=-1)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    inv[np.isinf(inv)] = 0
+    out = np.empty(xb.shape[:-1], dtype=Q80)
+    with np.errstate(over="ignore"):
+        out["d"] = (amax / np.float32(127)).astype(np.float32).astype(np.float16)
+    out["qs"] = np.rint(xb * inv[..., None]).astype(np.int8)
+    return out
+
+
+def quantize_q8k(x: np.ndarray) -> np.ndarray:
+    """(..., n) float32 -> (..., n // 256) Q8K, as llama.cpp's quantize_row_q8_K_ref: the first
+    value of largest magnitude, m, becomes -127 (iscale = -127 / m in f32), every value x the
+    nearest integer to iscale * x (f32 product, ties to even) capped at 127, d = 1 / iscale."""
+    xb = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], x.shape[-1] // QK, QK)
+    m = np.take_along_axis(xb, np.abs(xb).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(m != 0, np.float32(-127) / m, np.float32(0)).astype(np.float32)
+        d = np.where(m != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    out = np.empty(xb.shape[:-1], dtype=Q8K)
+    out["d"] = d
+    out["qs"] = np.minimum(np.rint(xb * iscale[..., None]), 127).astype(np.int8)
     return out
 
 

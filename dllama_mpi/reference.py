@@ -10,6 +10,7 @@ import numpy as np
 
 from . import quant
 from .kernels import rope_table
+from .plan import travels_q80
 from .spec import ModelSpec
 
 
@@ -67,16 +68,26 @@ def matvec_q_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(bsum * w_blocks["d"].astype(np.float32)[None])
 
 
-def matvec_q4k_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q4K x Q80 product, bit for bit: w_blocks (rows, nb) Q4K; x_blocks
-    (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the exact integer sum of the
-    unsigned codes times the activation codes, then f32(isum) * (s_b * d_x) - f32(xsum) * (m_b * d_x)."""
-    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.int64)
-    xq = x_blocks["qs"].astype(np.int64)
+def _codes8(x_blocks: np.ndarray, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit activations, Q80 (T, n_sub) or Q8K (T, n_sub / 8) blocks -> their codes
+    (T, n_sub, 32) int64 and each 32-value block's scale (T, n_sub) f32 (a Q8K's, 8 times)."""
+    xq = x_blocks["qs"].astype(np.int64).reshape(x_blocks.shape[0], n_sub, quant.BLOCK)
+    xd = x_blocks["d"].astype(np.float32)
+    return xq, (np.repeat(xd, quant.QK // quant.BLOCK, axis=1) if x_blocks.dtype == quant.Q8K else xd)
+
+
+def matvec_q4k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K x 8-bit product, bit for bit: w_blocks (rows, nb) Q4K; x_blocks
+    (T, nb) Q8K or (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the exact integer
+    sum of the unsigned codes times the activation codes, then
+    f32(isum) * (s_b * d_x) - f32(xsum) * (m_b * d_x), d_x the block's activation scale."""
+    n_sub = w_blocks.shape[1] * 8
+    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], n_sub, quant.BLOCK).astype(np.int64)
+    xq, xd = _codes8(x_blocks, n_sub)
     isum = np.einsum("rbe,tbe->trb", codes, xq).astype(np.float32)
     xsum = xq.sum(axis=-1).astype(np.float32)[:, None, :]
     scale, low = quant.q4k_sub_scales(w_blocks)
-    xd = x_blocks["d"].astype(np.float32)[:, None, :]
+    xd = xd[:, None, :]
     return lane_sum(isum * (scale[None] * xd) - xsum * (low[None] * xd))
 
 
@@ -94,17 +105,17 @@ def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(qx * scale[None] - xs * low[None])
 
 
-def matvec_q6k_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q6K x Q80 product, bit for bit: w_blocks (rows, nb) Q6K; x_blocks
-    (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value block b and half (elements 0..15, 16..31):
-    the exact integer sum of (q - 32) times the activation codes, then
+def matvec_q6k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q6K x 8-bit product, bit for bit: w_blocks (rows, nb) Q6K; x_blocks
+    as matvec_q4k_q8_exact's -> (T, rows) f32. Per 32-value block b and half (elements 0..15,
+    16..31): the exact integer sum of (q - 32) times the activation codes, then
     f32(i_lo) * (s_lo * d_x) + f32(i_hi) * (s_hi * d_x)."""
     rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8
     codes = quant.q6k_codes(w_blocks).reshape(rows, n_sub, 2, 16).astype(np.int64) - 32
-    xq = x_blocks["qs"].astype(np.int64).reshape(x_blocks.shape[0], n_sub, 2, 16)
-    isum = np.einsum("rbhe,tbhe->trbh", codes, xq).astype(np.float32)  # (T, rows, blocks, half)
+    xq, xd = _codes8(x_blocks, n_sub)
+    isum = np.einsum("rbhe,tbhe->trbh", codes, xq.reshape(-1, n_sub, 2, 16)).astype(np.float32)  # (T, rows, blocks, half)
     scale = quant.q6k_scales(w_blocks).reshape(rows, n_sub, 2)
-    xd = x_blocks["d"].astype(np.float32)[:, None, :]
+    xd = xd[:, None, :]
     return lane_sum(isum[..., 0] * (scale[None, ..., 0] * xd) + isum[..., 1] * (scale[None, ..., 1] * xd))
 
 
@@ -121,9 +132,11 @@ def matvec_q6k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(sums[..., 0] * scale[None, ..., 0] + sums[..., 1] * scale[None, ..., 1])
 
 
-# each quantized weight type's twins: (with Q80 activations, with f32 activations)
+# each quantized weight type's twins: (with 8-bit activations, with f32 activations)
 EXACT = {"q40": (matvec_q_q80_exact, matvec_q_f32_exact), "q80": (matvec_q_q80_exact, matvec_q_f32_exact),
-         "q4k": (matvec_q4k_q80_exact, matvec_q4k_f32_exact), "q6k": (matvec_q6k_q80_exact, matvec_q6k_f32_exact)}
+         "q4k": (matvec_q4k_q8_exact, matvec_q4k_f32_exact), "q6k": (matvec_q6k_q8_exact, matvec_q6k_f32_exact)}
+# the activations' 8-bit forms, by quant.ACTIVATION_TYPE
+QUANTIZE8 = {"q80": quant.quantize_q80_activations, "q8k": quant.quantize_q8k}
 
 
 def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -196,8 +209,8 @@ class DenseModel:
     """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 
     buffer_type 'q80' reproduces the engine's quantization points: the input of every
-    quantized (Q40/Q80/Q4K/Q6K) matrix is quantized to Q80, and every gathered vector that can travel
-    as Q80 is rounded through Q80 (att if head_dim % 32 == 0, dim and ffn if their length is)."""
+    quantized matrix is quantized to its 8-bit form (Q80 for Q40/Q80, Q8K for Q4K/Q6K), and
+    every gathered vector that travels as Q80 (plan.travels_q80) is rounded through Q80."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
         self.spec, self.buffer_type = spec, buffer_type
@@ -210,20 +223,19 @@ class DenseModel:
         self.values = np.zeros_like(self.keys)
 
     def _round_q80(self, x: np.ndarray) -> np.ndarray:
-        return quant.dequantize_q80(quant.quantize_q80(x))
+        return quant.dequantize_q80(quant.quantize_q80_activations(x))
 
     def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
         if name not in self.quantized:
             return matvec_f32(self.t[name], x)
         w = self.quantized[name]
-        with_q80, with_f32 = EXACT[quant.type_of(w)]
+        with_8bit, with_f32 = EXACT[quant.type_of(w)]
         if self.buffer_type == "q80":
-            return with_q80(w, quant.quantize_q80(x[None]))[0]
+            return with_8bit(w, QUANTIZE8[quant.ACTIVATION_TYPE[quant.type_of(w)]](x[None]))[0]
         return with_f32(w, x[None])[0]
 
-    def _travel(self, x: np.ndarray, granule: int) -> np.ndarray:
-        aligned = granule % quant.BLOCK == 0 and x.size % quant.BLOCK == 0
-        return self._round_q80(x) if self.buffer_type == "q80" and aligned else x
+    def _travel(self, x: np.ndarray, vector: str) -> np.ndarray:
+        return self._round_q80(x) if travels_q80(self.spec, vector, self.buffer_type) else x
 
     def _qk(self, p: str, which: str, xb: np.ndarray, pos: int) -> np.ndarray:
         s = self.spec
@@ -247,10 +259,10 @@ class DenseModel:
             self.values[layer, pos] = v.reshape(s.n_kv_heads, -1)
             att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1],
                             self.values[layer, : pos + 1], kv_of_head)
-            att = self._travel(att.reshape(-1), s.head_dim)
-            x = x + self._travel(self._mv(p + "wo", att), 32)
+            att = self._travel(att.reshape(-1), "att")
+            x = x + self._travel(self._mv(p + "wo", att), "dim")
             xb = rmsnorm(x, self.t[p + "ffn_norm"], s.norm_eps)
-            hidden = self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), 32)
-            x = x + self._travel(self._mv(p + "w2", hidden), 32)
+            hidden = self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), "ffn")
+            x = x + self._travel(self._mv(p + "w2", hidden), "dim")
         xb = rmsnorm(x, self.t["norm"], s.norm_eps)
         return self._mv("tok_embeddings" if s.shared_classifier else "output", xb)

@@ -114,13 +114,6 @@ class ModelSpec:
                                 f"or layers/N/<layer matrix> with N below {self.n_layers}")
             if t not in quant.WEIGHT_TYPES:
                 problems.append(f"tensor_types gives {key} the type {t!r}; types are {quant.WEIGHT_TYPES}")
-        if problems:
-            return problems
-        for layer in range(self.n_layers):
-            for stacked in STACKED_KINDS:
-                if len({self.tensor_type(kind, layer) for kind in stacked}) > 1:
-                    problems.append(f"tensor_types must give {', '.join(stacked)} one type in each layer (the engine "
-                                    f"stacks them); layer {layer} differs in {self.tensor_types!r}")
         return problems
 
     @property

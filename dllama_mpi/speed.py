@@ -22,6 +22,7 @@ import numpy as np
 from . import kernels, qmatmul, quant, threads
 from .comm import Comm
 from .engine import GROUP, Activations, matmul
+from .plan import activation_forms
 from .spec import ModelSpec
 from .weights import Matrix
 
@@ -83,10 +84,10 @@ class _Workload:
     arbitrary contents, enough layers' worth to stream from memory as the real weights do."""
 
     def __init__(self, spec: ModelSpec, buffer_type: str, share: float, pool: threads.Pool):
-        q80 = buffer_type == "q80"
         self.spec, self.pool = spec, pool
-        inputs = {"dim": Activations(spec.dim, 1, q80), "att": Activations(spec.q_dim, 1, q80),
-                  "ffn": Activations(spec.hidden_dim, 1, q80)}
+        inputs = {"dim": Activations(spec.dim, 1, activation_forms(spec, "xb", buffer_type)),
+                  "att": Activations(spec.q_dim, 1, activation_forms(spec, "att", buffer_type)),
+                  "ffn": Activations(spec.hidden_dim, 1, activation_forms(spec, "ffn", buffer_type))}
         self.lanes = (np.zeros((kernels.CHUNKS, GROUP), np.int32), np.zeros((kernels.CHUNKS, GROUP), np.float32))
 
         def rows(n: int) -> int:

@@ -60,8 +60,24 @@ class Matrix:
 
 
 @dataclass(frozen=True)
+class Parts:
+    """A stacked product whose parts differ in type (a Q4_K_M file's Q6_K wv beside Q4_K wq and
+    wk): each part a Matrix of its own, run one after another (Engine.matmul_stacked)."""
+
+    parts: tuple[Matrix, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(m.rows for m in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.parts)
+
+
+@dataclass(frozen=True)
 class LocalWeights:
-    layers: tuple[dict[str, np.ndarray | Matrix], ...]  # per layer: vectors (f32) and matrices
+    layers: tuple[dict[str, np.ndarray | Matrix | Parts], ...]  # per layer: vectors (f32) and matrices
     norm: np.ndarray  # (dim,)
     embedding: Matrix  # local vocab rows of tok_embeddings
     classifier: Matrix  # local vocab rows of output (the embedding's when shared)
@@ -110,15 +126,20 @@ STACKED = dict(zip(("wqkv", "w13"), STACKED_KINDS, strict=True))
 
 def _put(tensors: dict, name: str, stored: np.ndarray, info) -> None:
     """tensors[name] = the local form of a tensor's stored rows. A part of a stacked product
-    waits, as stored rows, for its siblings; then the parts become one Matrix (converted
-    once, layer by layer, so loading holds at most one layer's extra copies)."""
+    waits, as stored rows, for its siblings; then the parts become one Matrix, or Parts where
+    their types differ (converted once, layer by layer, so loading holds at most one layer's
+    extra copies)."""
     prefix, _, short = name.rpartition("/")
     for stacked, parts in STACKED.items():
         if short in parts:
             tensors[name] = stored
             if all(f"{prefix}/{p}" in tensors for p in parts):
-                joined = np.concatenate([tensors.pop(f"{prefix}/{p}") for p in parts])
-                tensors[f"{prefix}/{stacked}"] = Matrix.from_stored(joined, info.shape[1])
+                stored_parts = [tensors.pop(f"{prefix}/{p}") for p in parts]
+                if len({part.dtype for part in stored_parts}) == 1:
+                    tensors[f"{prefix}/{stacked}"] = Matrix.from_stored(np.concatenate(stored_parts), info.shape[1])
+                else:
+                    tensors[f"{prefix}/{stacked}"] = Parts(tuple(Matrix.from_stored(part, info.shape[1])
+                                                                 for part in stored_parts))
             return
     tensors[name] = _local(stored, info)
 

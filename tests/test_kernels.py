@@ -20,7 +20,8 @@ from dllama_mpi import kernels, qmatmul, quant, reference, threads
 from dllama_mpi.weights import Matrix
 
 F16_MAX = 65504.0
-MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32", "q4k_q80", "q4k_f32", "q6k_q80", "q6k_f32")
+# weight type _ activation form: the engine's pairs (quant.ACTIVATION_TYPE with q80 buffers, f32 with f32 ones)
+MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32", "q4k_q8k", "q4k_f32", "q6k_q8k", "q6k_f32")
 
 
 
@@ -94,6 +95,15 @@ def _kernel_q80(x: np.ndarray):
     return blocks, xq, xsum, xd
 
 
+def _kernel_q8k(x: np.ndarray):
+    """x: (T, n) f32, whole super-blocks -> its packed Q8K form xq, xsum, xd (zeroed first, as
+    the engine allocates them)."""
+    n_tok, g = x.shape[0], qmatmul.groups(x.shape[1] // 32)
+    xq, xsum, xd = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32), np.zeros((n_tok, 16 * g), np.float32)
+    qmatmul.pack_q8k(x, xq, xsum, xd)
+    return xq, xsum, xd
+
+
 def _kernel_xt(x: np.ndarray) -> np.ndarray:
     """x: (T, nb * 32) -> xt (T, 512 G), the packed f32 input of quantized weights."""
     xt = np.zeros((x.shape[0], 512 * qmatmul.groups(x.shape[1] // 32)), np.float32)
@@ -113,8 +123,8 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
         rows, args = kernels.f32_rows, (m.w[a:b], x)
     elif kind == "f16":
         rows, args = kernels.f16_rows, (m.w[a:b], x)
-    elif kind.endswith("_q80"):
-        _, xq, xsum, xd = _kernel_q80(x)
+    elif kind.endswith(("_q80", "_q8k")):
+        xq, xsum, xd = _kernel_q8k(x) if kind.endswith("_q8k") else _kernel_q80(x)[1:]
         rows = qmatmul.ROWS[kind.split("_")[0]][0]
         args = (m.qs[a:b], m.d[a:b], xq, xsum, xd, *lanes)
     else:
@@ -129,8 +139,8 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
 
 def _reference_matvec(kind: str, stored: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The numpy twin of `kind` on one token x (cols,) -> (rows,)."""
-    if kind.endswith("_q80"):
-        return reference.EXACT[kind.split("_")[0]][0](stored, quant.quantize_q80(x[None]))[0]
+    if kind.endswith(("_q80", "_q8k")):
+        return reference.EXACT[kind.split("_")[0]][0](stored, reference.QUANTIZE8[kind.split("_")[1]](x[None]))[0]
     if kind.startswith("q"):
         return reference.EXACT[kind.split("_")[0]][1](stored, x[None])[0]
     return getattr(reference, f"matvec_{kind}")(stored, x)
@@ -294,7 +304,7 @@ def test_f16_products_decode_every_value_exactly_in_lanes_and_tail():
 def _q80_bytes_match(x: np.ndarray) -> None:
     """x: (T, n) -> kernel blocks byte-identical to quant's, and the unpacked scales equal."""
     blocks, _, _, xd = _kernel_q80(x)  # (T, nb, 34), (T, 16 G)
-    expected = quant.quantize_q80(x)  # (T, nb) Q80
+    expected = quant.quantize_q80_activations(x)  # (T, nb) Q80
     raw = quant.as_bytes(expected)  # (T, nb, 34)
     assert blocks.shape == raw.shape
     bad = np.argwhere((blocks != raw).any(axis=2))
@@ -309,8 +319,8 @@ def test_quantize_q80_byte_identical_on_random_vectors(n_tok, n, seed):
 
 
 def test_quantize_q80_byte_identical_with_rounding_ties():
-    # blocks whose amax is 127 * 2**k: d = 2**k and inv = 2**-k are exact, so
-    # x = (m + 0.5) * 2**k lands exactly on a .5 tie (half away from zero)
+    # blocks whose amax is 127 * 2**k: d = 2**k and 127 / amax = 2**-k are exact, so
+    # x = (m + 0.5) * 2**k lands exactly on a .5 tie (half to even, as llama.cpp's x86 quantizer)
     rng = np.random.default_rng(11)
     blocks = []
     for k in (-20, -3, 0, 2, 7, 1):
@@ -318,7 +328,7 @@ def test_quantize_q80_byte_identical_with_rounding_ties():
         m[rng.integers(32)] = 127.0 if k % 2 else -127.0
         blocks.append(m * 2.0**k)
     x = np.concatenate(blocks).astype(np.float32).reshape(2, 96)  # 2 tokens of 3 blocks
-    q = quant.quantize_q80(x)
+    q = quant.quantize_q80_activations(x)
     assert np.all(np.abs(q["qs"].astype(int)) <= 127)
     _q80_bytes_match(x)
 
@@ -347,7 +357,7 @@ def test_quantize_q80_overflowing_scale_matches_numpy():
     x = np.linspace(-1e7, 2e7, 64).astype(np.float32).reshape(1, 64)
     blocks, _, _, xd = _kernel_q80(x)
     with np.errstate(over="ignore"):
-        expected = quant.as_bytes(quant.quantize_q80(x))
+        expected = quant.as_bytes(quant.quantize_q80_activations(x))
     np.testing.assert_array_equal(blocks, expected)
     assert np.all(np.isinf(xd[:, :2]))
 
@@ -358,7 +368,7 @@ def test_quantize_q80_ignores_a_trailing_partial_block():
     x = _tokens(rng, 2, 32 * 3 + 5)  # (2, 101)
     blocks = np.full((2, 3, 34), 0xAB, np.uint8)
     kernels.quantize_q80(x, blocks)
-    np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80(np.ascontiguousarray(x[:, :96]))))
+    np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80_activations(np.ascontiguousarray(x[:, :96]))))
 
 
 def _block_codes(packed: np.ndarray, t: int, b: int) -> np.ndarray:
@@ -374,7 +384,7 @@ def test_pack_q80_layout_block_sums_and_zero_padding(n_tok, n):
     rng = np.random.default_rng(n_tok * 1000 + n)
     x = _tokens(rng, n_tok, n)
     _, xq, xsum, xd = _kernel_q80(x)
-    expected = quant.quantize_q80(x)  # (T, nb) Q80
+    expected = quant.quantize_q80_activations(x)  # (T, nb) Q80
     nb = n // 32
     for t in range(n_tok):
         for b in range(nb):
@@ -383,6 +393,37 @@ def test_pack_q80_layout_block_sums_and_zero_padding(n_tok, n):
     _assert_bits(xd[:, :nb], expected["d"].astype(np.float32))
     assert xsum[:, nb:].size and not xsum[:, nb:].any() and not xd[:, nb:].any()  # padded to 16 blocks
     assert not any(_block_codes(xq, t, b).any() for t in range(n_tok) for b in range(nb, xd.shape[1]))
+
+
+@pytest.mark.parametrize("n_tok, n", [(1, 256), (3, 256 * 3), (2, 256 * 5)])
+def test_pack_q8k_is_llama_cpps_q8_k_in_the_packed_layout(n_tok, n):
+    """Q8K codes and scales (quant.quantize_q8k, llama.cpp's quantize_row_q8_K_ref) with the
+    super-block's d at each of its blocks; an all-zero super-block, a negative largest value
+    and two of equal magnitude and opposite sign (the first wins) included."""
+    rng = np.random.default_rng(n_tok * 1000 + n)
+    x = _tokens(rng, n_tok, n)
+    x[0, :256] = 0
+    if n > 256:
+        x[0, 256 + 7] = -2 * np.abs(x[0, 256:512]).max()  # negative largest value: iscale > 0
+    if n_tok > 1:
+        peak = 2 * np.abs(x[1, :256]).max()
+        x[1, 3], x[1, 200] = -peak, peak  # a tie: the first (negative) one sets the sign
+    xq, xsum, xd = _kernel_q8k(x)
+    expected = quant.quantize_q8k(x)  # (T, n / 256) Q8K
+    nb = n // 32
+    codes = expected["qs"].reshape(n_tok, nb, 32)
+    for t in range(n_tok):
+        for b in range(nb):
+            np.testing.assert_array_equal(_block_codes(xq, t, b), codes[t, b])
+    np.testing.assert_array_equal(xsum[:, :nb], codes.astype(np.int64).sum(axis=2))
+    _assert_bits(xd[:, :nb], np.repeat(expected["d"], 8, axis=1))
+    assert not xd[0, :8].any() and not any(_block_codes(xq, 0, b).any() for b in range(8))  # the zero super-block
+    if n > 256:
+        assert _block_codes(xq, 0, 8)[7] == -127 and xd[0, 8] > 0
+    if n_tok > 1:
+        assert _block_codes(xq, 1, 0)[3] == -127 and _block_codes(xq, 1, 6)[8] == 127 and xd[1, 0] > 0
+    assert np.abs(expected["qs"]).max() <= 127
+    assert not xsum[:, nb:].any() and not xd[:, nb:].any()  # padded to 16 blocks
 
 
 def test_pack_q80_sums_extreme_codes():
@@ -412,7 +453,7 @@ def test_q80_values_match_numpy_dequantize(n_tok, n):
     blocks, _, _, _ = _kernel_q80(x)
     out = np.full((n_tok, n), np.nan, np.float32)
     kernels.q80_values(blocks, out)
-    _assert_bits(out, quant.dequantize_q80(quant.quantize_q80(x)))
+    _assert_bits(out, quant.dequantize_q80(quant.quantize_q80_activations(x)))
 
 
 @pytest.mark.parametrize("n_tok, nb", [(1, 1), (3, 7), (2, 13), (1, 17)])

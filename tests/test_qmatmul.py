@@ -49,11 +49,14 @@ for kind, shapes in SHAPES.items():
         stored = weights(kind, rows, nb)
         m = Matrix.from_stored(stored, nb * 32)
         x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
-        xb = quant.quantize_q80(x)
+        xb = reference.QUANTIZE8[quant.ACTIVATION_TYPE[kind]](x)  # Q80, or Q8K for the k-quants (the engine's)
         g = qmatmul.groups(nb)
         xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
         xd = np.zeros((n_tok, 16 * g), np.float32)
-        qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
+        if kind in quant.K_QUANTS:
+            qmatmul.pack_q8k(x, xq, xsum, xd)
+        else:
+            qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
         expected = twin(stored, xb)
         # the parallel driver once (compiling one costs seconds per weight kind; test_kernels runs every kind's
         # on the native instruction set)

@@ -225,6 +225,41 @@ def test_q80_rounds_half_away_from_zero():
     np.testing.assert_array_equal(blocks["qs"][0, :9], [127, 1, -1, 2, -2, 3, -3, 127, -4])
 
 
+def test_q80_activations_round_half_to_even_by_127_over_amax_as_llama_cpps_x86_quantizer():
+    """The activations' Q80 (llama.cpp's x86 quantize_row_q8_0): the same fp16 scale as the
+    weights' quantizer, x * (127 / amax) rounded half to even where that rounds half away."""
+    x = np.zeros(32, np.float32)
+    x[0] = 127.0
+    x[1:9] = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -3.5]
+    blocks = quant.quantize_q80_activations(x)
+    assert blocks["d"][0] == quant.quantize_q80(x)["d"][0] == np.float16(1.0)
+    np.testing.assert_array_equal(blocks["qs"][0, :9], [127, 0, 0, 2, -2, 2, -2, 126, -4])
+    # 127 / amax and 1 / (amax / 127) differ in the last bit for some amax: the codes may then differ
+    amax = np.float32(0.3)
+    assert np.float32(127) / amax != np.float32(1) / (amax / np.float32(127))
+    tiny = np.full(32, 1e-38, np.float32)  # 127 / amax overflows: codes 0 (the fp16 scale is 0 too)
+    assert not quant.quantize_q80_activations(tiny)["qs"].any() and quant.quantize_q80_activations(tiny)["d"][0] == 0
+
+
+def test_q8k_is_llama_cpps_quantize_row_q8_k_ref():
+    """Per 256 values: the first value of largest magnitude m becomes -127 (iscale = -127 / m),
+    the others round half to even, d = 1 / iscale; an all-zero super-block is d = 0, codes 0."""
+    x = np.zeros((2, 512), np.float32)
+    x[0, :4] = [1.0, -2.0, 2.0, 0.5]  # -2.0 comes first: iscale = 63.5
+    x[0, 300] = 127.0  # second super-block: iscale = -1
+    x[0, 301] = 2.5  # -2.5: a tie, to even (-2)
+    x[1, :256] = np.linspace(-1, 1, 256, dtype=np.float32)
+    q = quant.quantize_q8k(x)  # (2, 2)
+    assert q.shape == (2, 2) and q.dtype == quant.Q8K
+    np.testing.assert_array_equal(q["qs"][0, 0, :4], [64, -127, 127, 32])  # 63.5 * 1 = 63.5 -> 64 (even)
+    assert q["d"][0, 0] == np.float32(1) / np.float32(63.5)
+    assert q["qs"][0, 1, 300 - 256] == -127 and q["qs"][0, 1, 301 - 256] == -2
+    assert q["d"][1, 1] == 0 and not q["qs"][1, 1].any()
+    assert q["qs"][1, 0, 0] == -127 and q["qs"][1, 0, 255] == 127  # the first of -1 and 1 is -1: iscale 127
+    x_back = q["qs"].astype(np.float32) * q["d"][..., None]
+    assert np.abs(x_back.reshape(2, 512) - x).max() <= np.abs(q["d"]).max() / 2 * (1 + 1e-6)
+
+
 def test_q80_zero_block_gives_zero_scale_and_zeros():
     x = np.zeros(96, np.float32)
     x[32:64] = np.linspace(-3, 1, 32)

@@ -1,21 +1,28 @@
 """`python tools/greedy_vs_llamacpp.py`: does llama.cpp, on the same k-quant GGUF of a trained model, take the
-greedy steps we take?
+greedy steps we take, and how far apart are the two log-probability distributions?
 
 A trained model is needed (a random one's flat distributions flip their top token on any rounding), and one
 whose rows llama-quantize can make k-quants of (256-value super-blocks); stories260K's are 64 and 172 wide. So:
 1. stories260K is written as a GGUF zero-padded to dim 256 and hidden 256: the same function (padded
    dimensions stay 0 through every layer; RMSNorm's mean over 4x the width is undone by halving its weights and
    quartering its epsilon), with tok512's vocabulary (`padded_stories_gguf`);
-2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M; its 64-wide `wo` falls back to Q5_0);
+2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M). Its `wo` stays 64 wide, too narrow for a
+   k-quant: llama-quantize's fallback for it is Q5_0, which our converter re-quantizes to Q8_0 (no kernel runs
+   Q5_0), so by default it is asked for Q8_0 (`--wo-type`), the same tensor on both sides;
 3. `dllama-mpi-convert` converts that GGUF; ours generates greedily after a 64-token prompt (BOS and the start of
    the sample text) to fill a context of 128;
 4. `llama-perplexity --kl-divergence-base --chunks 1` scores that very token sequence (checked to tokenize to our
    ids): its log-probabilities at the 63 positions it scores (the second half of the chunk) give llama.cpp's
-   greedy choice after each of our steps. Equal at every step = the same greedy run.
+   greedy choice after each of our steps. Equal at every step = the same greedy run. By default llama.cpp
+   attends in f32 as we do (`-fa off -ctk f32 -ctv f32`); `--llama-attention default` leaves it its own
+   (flash attention with f16 internals, an f16 KV cache).
+It prints how many steps agree, the first that does not, and the largest difference between our log-probabilities
+and llama.cpp's over the tokens within 8 nats of each position's top (llama.cpp saves them to within 1.2e-4).
 At a step where they differ it prints both log-probabilities (the margin) and what an f32 engine run of the
 model as dequantized (`--weights f32`) ranks first there.
 
-    python tools/greedy_vs_llamacpp.py [--type Q4_K_M] [--buffer-float-type q80|f32]
+    python tools/greedy_vs_llamacpp.py [--type Q4_K_M] [--buffer-float-type q80|f32] [--wo-type q8_0|fallback]
+        [--llama-attention f32|default] [--quantize-args '...']
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
+    LLAMA_F32_ATTENTION,
     TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -129,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", help="ours (default: %(default)s)")
     p.add_argument("--text", type=Path, default=REPO / "tests" / "data" / "tinystories_sample.txt",
                    help="the prompt is its first tokens")
+    p.add_argument("--wo-type", default="q8_0", help="llama-quantize's type for the 64-wide attn_output, or "
+                   "'fallback' for its own choice (default: %(default)s)")
+    p.add_argument("--llama-attention", choices=("f32", "default"), default="f32",
+                   help="llama.cpp's attention: in f32 as ours, or its defaults (default: %(default)s)")
+    p.add_argument("--quantize-args", default="", help="more llama-quantize arguments, e.g. "
+                   "'--tensor-type blk\\.2\\.attn_q=q6_k' (one string)")
     args = p.parse_args(argv)
     from dllama_mpi import perplexity
     from dllama_mpi.modelfile import open_model
@@ -141,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         padded_stories_gguf(t / "f32.gguf")
-        run_capture([str(llama_quantize_path(cache)), str(t / "f32.gguf"), str(t / "q.gguf"), args.type, "2"], 3600,
-                    "greedy_vs_llamacpp")
+        wo = [] if args.wo_type == "fallback" else ["--tensor-type", f"attn_output={args.wo_type}"]
+        quantize = [str(llama_quantize_path(cache)), *wo, *args.quantize_args.split()]
+        run_capture([*quantize, str(t / "f32.gguf"), str(t / "q.gguf"), args.type, "2"], 3600, "greedy_vs_llamacpp")
         for name, extra in (("q.h5", []), ("dequantized.h5", ["--weights", "f32"])):
             subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / name), *extra],
                            check=True, capture_output=True)
@@ -153,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                                    args.buffer_float_type)["greedy"].tolist()
         # llama-perplexity wants two chunks of text; it scores the first alone (--chunks 1)
         (t / "run.txt").write_bytes(b"".join(tok.decode(a, b) for a, b in zip(run, run[1:])) + b"\n" + text.encode())
+        attention = LLAMA_F32_ATTENTION if args.llama_attention == "f32" else ()
         run_capture([str(llama_perplexity), "-m", str(t / "q.gguf"), "-f", str(t / "run.txt"), "-c", str(CTX),
-                     "--chunks", "1", "-t", "2", "--kl-divergence-base", str(t / "llama.kld")], 3600, "greedy_vs_llamacpp")
+                     "--chunks", "1", "-t", "2", *attention, "--kl-divergence-base", str(t / "llama.kld")], 3600,
+                    "greedy_vs_llamacpp")
         base = perplexity.read_base(t / "llama.kld")
         scored_tokens = base.llama_tokens[0].tolist()
         if scored_tokens != run[:CTX]:
@@ -165,11 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         ours = np.array(run[CTX // 2 + 1 : CTX])
         theirs = log_probs.argmax(axis=1)
         ranked = np.sort(log_probs, axis=1)
-        print(f"stories260K padded to {WIDTH}, llama-quantize {args.type}; ours with {args.buffer_float_type} buffers, "
-              f"greedy after a {len(prompt)}-token prompt; llama.cpp {cache.name}")
-        print(f"greedy steps: {len(ours)}; llama.cpp's top token is ours at {int((theirs == ours).sum())}; its own "
-              f"top-1 over top-2 margin: median {np.median(ranked[:, -1] - ranked[:, -2]):.3f} nats")
+        logits = engine_dump(t / "q.h5", t / "scored.npz", run[:CTX], 0, args.buffer_float_type)["logits"]
+        our_log_probs = perplexity.log_softmax(logits[CTX // 2 : CTX - 1].astype(np.float64))
+        near_top = log_probs > ranked[:, -1:] - 8
+        gap = np.abs(np.where(near_top, our_log_probs - log_probs, 0)).max(axis=1)
         differing = np.flatnonzero(theirs != ours)
+        print(f"stories260K padded to {WIDTH}, llama-quantize {args.type} (attn_output {args.wo_type}); ours with "
+              f"{args.buffer_float_type} buffers, greedy after a {len(prompt)}-token prompt; llama.cpp {cache.name}, "
+              f"attention {args.llama_attention}")
+        print(f"greedy steps: {len(ours)}; llama.cpp's top token is ours at {int((theirs == ours).sum())}; first "
+              f"difference: {'none' if not differing.size else f'step {differing[0]}'}; its own top-1 over top-2 "
+              f"margin: median {np.median(ranked[:, -1] - ranked[:, -2]):.3f} nats")
+        print(f"log-probabilities within 8 nats of the top, |ours - llama.cpp|: max {gap.max():.2g}, median over "
+              f"positions of each one's max {np.median(gap):.2g} nats")
         if differing.size:
             reference = engine_dump(t / "dequantized.h5", t / "reference.npz", run[:CTX], 0, "f32")["logits"]
         for step in differing:

@@ -4,7 +4,8 @@
    random F32 weights of standard deviation `--scale / sqrt(fan-in)` (peaked next-token distributions: with
    llamacpp_compare's small random weights they are nearly uniform and any engine agrees);
 2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M); `llama-perplexity --kl-divergence-base` saves
-   llama.cpp's log-probabilities over `--text` in chunks of `--ctx`;
+   llama.cpp's log-probabilities over `--text` in chunks of `--ctx`, attending in f32 as we do (no flash
+   attention, an f32 KV cache) unless `--llama-attention default`;
 3. `dllama-mpi-convert` converts the same quantized GGUF (its default: each type kept where our engine runs it),
    and `python -m dllama_mpi.perplexity --kl-base` scores llama.cpp's very tokens on `-n` ranks against them.
 
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
+    LLAMA_F32_ATTENTION,
     add_llama_metadata,
     build_llama_bench,
     default_cache_dir,
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=positive_int, default=128)
     p.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", help="ours (default: %(default)s)")
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2], help="our rank counts (default: 1 2)")
+    p.add_argument("--llama-attention", choices=("f32", "default"), default="f32",
+                   help="llama.cpp's attention: in f32 as ours, or its defaults (flash attention with f16 internals, "
+                        "an f16 KV cache) (default: %(default)s)")
     args = p.parse_args(argv)
     cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
     bench = build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)
@@ -86,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         run_capture([str(llama_quantize_path(cache)), *(["--pure"] if args.pure else []), str(t / "f32.gguf"),
                      str(t / "q.gguf"), args.type, "2"], 3600, "kl_vs_llamacpp")
         _, err = run_capture([str(perplexity), "-m", str(t / "q.gguf"), "-f", str(args.text), "-c", str(args.ctx),
-                              "-t", "2", "--kl-divergence-base", str(t / "llama.kld")], 3600, "kl_vs_llamacpp")
+                              "-t", "2", *(LLAMA_F32_ATTENTION if args.llama_attention == "f32" else ()),
+                              "--kl-divergence-base", str(t / "llama.kld")], 3600, "kl_vs_llamacpp")
         final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", err)
         pure = " --pure" if args.pure else ""
         print(f"{args.shape} {args.type}{pure} (random weights, scale {args.scale}, seed {args.seed}), text "
-              f"{args.text.name}, chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}: PPL = {final[1]} +/- {final[2]}")
+              f"{args.text.name}, chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}, attention "
+              f"{args.llama_attention}: PPL = {final[1]} +/- {final[2]}")
         converted = subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / "q.h5")],
                                    capture_output=True, text=True, check=True)
         print("".join(line + "\n" for line in converted.stderr.splitlines() if line.startswith(("note:", "wrote"))),

@@ -42,7 +42,9 @@ import numpy as np
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
-CONVERSION_VERSION = 2  # bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k)
+# llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
+LLAMA_F32_ATTENTION = ("-fa", "off", "-ctk", "f32", "-ctv", "f32")
+CONVERSION_VERSION = 3  # bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k; 3: mixed stacks kept)
 PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
 GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
 DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")

@@ -7,7 +7,6 @@ Each source format is a reader module with FORMAT_NAME, `sniff(path) -> bool` an
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,36 +54,20 @@ MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output"
 # a step of 1/127 of each block's largest value (4-bit blocks would quantize them a second
 # time, coarser than they are: issue 14's damaged answers).
 KEPT = {"Q4_0": "q40", "Q4_K": "q4k", "Q6_K": "q6k", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
-WIDER = ("q40", "q4k", "q6k", "q80", "f16", "f32")  # a group of matrices stored as one type takes the widest of theirs
-GRIDS = ("q40", "q4k", "q6k")  # quantized types none of which holds another's values exactly
-
-
-def _join(a: str, b: str) -> str:
-    """One type holding both: the wider, except that two different grids (Q40, Q4K, Q6K) meet at q80."""
-    if a != b and a in GRIDS and b in GRIDS:
-        return "q80"
-    return max(a, b, key=WIDER.index)
+WIDER = ("q40", "q4k", "q6k", "q80", "f16", "f32")  # narrowest first: the most common type's tie-break
 
 
 def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
     """(weight_type, tensor_types, notes) keeping a quantized source's types: each tensor the
-    type KEPT gives its stored one, except that the matrices a layer stacks into one product
-    (wq wk wv; w1 w3) take one type between them (_join); the model's weight_type is the
-    most common, and tensor_types lists the rest, per kind where a kind is one type in every
-    layer, else per layer (a Q4_K_M file holds Q6_K in some layers' w2 and wv only)."""
-    from ..spec import STACKED_KINDS
+    type KEPT gives its stored one; the model's weight_type is the most common, and
+    tensor_types lists the rest, per kind where a kind is one type in every layer, else per
+    layer (a Q4_K_M file holds Q6_K in some layers' w2 and wv only)."""
 
     def where(name: str) -> tuple[int | None, str]:
         parts = name.split("/")
         return (int(parts[1]), parts[2]) if len(parts) == 3 else (None, name)
 
     ours = {where(name): KEPT.get(stored, "q80") for name, stored in native.items()}
-    for layer in sorted({layer for layer, _ in ours if layer is not None}):
-        for stacked in STACKED_KINDS:
-            present = [(layer, kind) for kind in stacked if (layer, kind) in ours]
-            if present:
-                joined = functools.reduce(_join, (ours[p] for p in present))
-                ours.update({p: joined for p in present})
     in_layers = [t for (layer, _), t in ours.items() if layer is not None] or list(ours.values())
     weight_type = max(WIDER, key=lambda t: (in_layers.count(t), -WIDER.index(t)))
     entries = []
@@ -102,9 +85,6 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
             how = "kept bit-exact"
         elif became in ("f16", "f32"):
             how = "widened"
-        elif stored in KEPT:  # stacked with another type in its layer
-            kinds = "/".join(sorted({where(n)[1] for n in names}))
-            how = f"re-quantized to 8-bit blocks, as {kinds} share a product with other types in their layer"
         else:
             how = "re-quantized to 8-bit blocks (no native kernels for it yet)"
         notes.append(f"{stored} x {len(names)} tensor(s) -> {became}: {how}")
