@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -56,10 +57,21 @@ def assert_no_survivors(mark: str, what: str) -> None:
     assert not alive, f"{what}: processes still running after it ended: {alive}"
 
 
+@functools.cache
+def compiled_kernels() -> None:
+    """Every kernel compiled once, in this process, into the suite's numba cache. On a cold cache
+    every rank of a job compiles the kernels it needs at once, the same ones (a cold suite ran
+    106 s longer than a warm one; this takes 40 s), and a rank under a CPU quota compiles slowly."""
+    from dllama_mpi import kernels, quant
+
+    kernels.warm_up(quant.K_QUANTS)
+
+
 def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:
     """`mpiexec -n n argv` started in a session of its own, its processes marked; with
-    `stdin`, rank 0 reads what the test writes to proc.stdin."""
+    `stdin`, rank 0 reads what the test writes to proc.stdin. The kernels are compiled first."""
     assert MPIEXEC, "mpiexec not found next to the Python interpreter or on PATH"
+    compiled_kernels()
     mark = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}
     proc = subprocess.Popen([MPIEXEC, "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
