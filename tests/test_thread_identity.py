@@ -33,6 +33,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
+from conftest import compiled_kernels
 
 import dllama_mpi
 from dllama_mpi import quant
@@ -127,6 +128,7 @@ def logits(tmp_path_factory) -> dict[int, dict[str, np.ndarray]]:
     """threads -> 'weights-buffer' -> (steps, vocab) logits, from child processes that loaded
     the kernels from numba's cache."""
     out = tmp_path_factory.mktemp("tinyllama")
+    compiled_kernels()  # a cold cache would have both children compile them, and run again
     tokenizer = Tokenizer.synthetic(TINYLLAMA_1_LAYER.vocab_size)
     for weights in WEIGHTS:
         spec = ModelSpec(**{**TINYLLAMA_1_LAYER.to_attrs(), "weight_type": weights})
