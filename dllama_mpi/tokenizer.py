@@ -1136,11 +1136,11 @@ _GGUF_KINDS = {
 
 def _gguf_field(reader, key: str, kind: str, array: bool = False):
     """The metadata field `key` (None if absent), checked to hold a `kind` value, or an array of
-    them: the gguf package hands over whatever type the file declares."""
+    them: a GGUF file declares whatever type it likes (gguf_file.Field)."""
     f = reader.fields.get(key)
     if f is None:
         return None
-    types = [t.name for t in f.types]
+    types = list(f.types)
     allowed = _GGUF_KINDS[kind]
     if array:  # an empty array has no element type
         ok = types[:1] == ["ARRAY"] and (len(types) == 1 or (len(types) == 2 and types[1] in allowed))
@@ -1154,17 +1154,17 @@ def _gguf_field(reader, key: str, kind: str, array: bool = False):
 
 def _gguf_str(reader, key: str) -> str | None:
     f = _gguf_field(reader, key, "string")
-    return None if f is None else _utf8(bytes(f.parts[f.data[0]]), f"GGUF metadata {key!r}")
+    return None if f is None else _utf8(f.value, f"GGUF metadata {key!r}")
 
 
 def _gguf_int(reader, key: str, default: int | None) -> int | None:
     f = _gguf_field(reader, key, "integer")
-    return default if f is None else int(f.parts[f.data[0]][0])
+    return default if f is None else int(f.value)
 
 
 def _gguf_bool(reader, key: str, default: bool) -> bool:
     f = _gguf_field(reader, key, "boolean")
-    return default if f is None else bool(f.parts[f.data[0]][0])
+    return default if f is None else bool(f.value)
 
 
 def _gguf_strings(reader, key: str, exact: bool = False) -> list[str] | None:
@@ -1173,8 +1173,8 @@ def _gguf_strings(reader, key: str, exact: bool = False) -> list[str] | None:
     if f is None:
         return None
     if exact:
-        return [_utf8(bytes(f.parts[i]), f"GGUF metadata {key!r} item {k}") for k, i in enumerate(f.data)]
-    return [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
+        return [_utf8(raw, f"GGUF metadata {key!r} item {k}") for k, raw in enumerate(f.value)]
+    return [raw.decode("utf-8", "surrogateescape") for raw in f.value]
 
 
 def _gguf_vocabulary(reader, exact: bool = False) -> list[str]:
@@ -1189,9 +1189,9 @@ def _gguf_array(reader, key: str, kind: str, length: int) -> np.ndarray | None:
     f = _gguf_field(reader, key, kind, array=True)
     if f is None:
         return None
-    if len(f.data) != length:
-        raise InputError(f"GGUF metadata {key!r} has {len(f.data)} values for {length} tokens")
-    return np.array([f.parts[i][0] for i in f.data]) if f.data else np.zeros(0)
+    if len(f.value) != length:
+        raise InputError(f"GGUF metadata {key!r} has {len(f.value)} values for {length} tokens")
+    return np.asarray(f.value)
 
 
 # ===================================================================== entry points
@@ -1204,7 +1204,7 @@ def _require_gguf_vocab(reader, expected: str, description: str) -> None:
 
 
 def from_gguf(reader) -> SpmTokenizer | HFTokenizer:
-    """Tokenizer of a GGUF file (``reader``: a ``gguf.GGUFReader`` already opened on it)."""
+    """Tokenizer of a GGUF file (``reader``: a ``gguf_file.GGUFFile`` opened on it)."""
     model = _gguf_str(reader, "tokenizer.ggml.model")
     if model == "llama":
         return SpmTokenizer.from_gguf(reader)

@@ -70,12 +70,12 @@ CASES = _params()
 
 @functools.cache
 def load(name: str):
-    import gguf
+    from dllama_mpi.gguf_file import GGUFFile
 
     reason = _missing(name)
     if reason:
         pytest.skip(reason)
-    return from_gguf(gguf.GGUFReader(_paths(name)[0]))
+    return from_gguf(GGUFFile(_paths(name)[0]))
 
 
 def decode_all(tok, ids: list[int]) -> str:

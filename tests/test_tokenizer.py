@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dllama_mpi.errors import InputError
+from dllama_mpi.gguf_file import GGUFFile
 from dllama_mpi.tokenizer import StreamDecoder, Tokenizer
 
 TOK512 = STORIES / "tok512.bin"
@@ -605,25 +606,25 @@ def _write_gguf(path: Path, model: str, tokens: list[str], types: list[int] | No
 
 
 def test_from_gguf_spm(tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")  # writes the file
     ref = _tiny_spm()
     path = tmp_path / "spm.gguf"
     _write_gguf(path, "llama", ref.texts, ref.token_types.tolist(), ref.scores.tolist())
-    tok = from_gguf(gguf.GGUFReader(path))
+    tok = from_gguf(GGUFFile(path))
     assert isinstance(tok, SpmTokenizer) and tok.chat_template == CHAT_TEMPLATE
     assert tok.encode("hé w<tool>") == ref.encode("hé w<tool>")
 
 
 def test_from_gguf_rejects_other_vocab_types(tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")  # writes the file
     path = tmp_path / "bert.gguf"
     _write_gguf(path, "bert", ["[PAD]", "[CLS]", "[SEP]"])
     with pytest.raises(InputError, match="tokenizer.ggml.model='bert' is not supported"):
-        from_gguf(gguf.GGUFReader(path))
+        from_gguf(GGUFFile(path))
     path = tmp_path / "odd-pre.gguf"
     _write_gguf(path, "gpt2", ["a", "b", "c"], merges=["a b"], pre="no-such-pre")
     with pytest.raises(InputError, match="pre-tokenizer 'no-such-pre' is not supported"):
-        from_gguf(gguf.GGUFReader(path))
+        from_gguf(GGUFFile(path))
 
 
 def _gguf_with(path: Path, base: dict, changes: dict) -> None:
@@ -686,18 +687,18 @@ GGUF_REFUSALS = [
 
 @pytest.mark.parametrize(("base", "changes", "message"), GGUF_REFUSALS)
 def test_from_gguf_refuses_malformed_metadata(tmp_path: Path, base, changes: dict, message: str) -> None:
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")  # writes the file
     path = tmp_path / "bad.gguf"
     _gguf_with(path, base(), changes)
     with pytest.raises(InputError, match=re.escape(message)):
-        from_gguf(gguf.GGUFReader(path))
+        from_gguf(GGUFFile(path))
 
 
 def test_from_gguf_metadata_bases_load(tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")  # writes the file
     for base in (_spm_metadata, _bpe_metadata):
         _gguf_with(tmp_path / "ok.gguf", base(), {})
-        tok = from_gguf(gguf.GGUFReader(tmp_path / "ok.gguf"))
+        tok = from_gguf(GGUFFile(tmp_path / "ok.gguf"))
         assert tok.encode("hello" if base is _spm_metadata else "ab", bos=False)
 
 

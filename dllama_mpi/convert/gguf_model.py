@@ -1,10 +1,10 @@
 """GGUF models (llama.cpp), architectures llama, qwen2 and qwen3.
 
-Read memory-mapped with the `gguf` package's GGUFReader. Layout facts (checked in
-llama.cpp's source, convert_hf_to_gguf.py and llama_model_rope_type):
+Read memory-mapped by gguf_file.GGUFFile. Layout facts (checked in llama.cpp's source,
+convert_hf_to_gguf.py and llama_model_rope_type):
 
-* GGUF lists dims reversed (ne[0] is the row length); GGUFReader already hands numpy
-  arrays in (rows, cols) order, and quantized tensors as (rows, row bytes) uint8.
+* GGUF lists dims reversed (ne[0] is the row length); GGUFFile hands numpy arrays in
+  (rows, cols) order, and quantized tensors as (rows, row bytes) uint8.
 * arch llama: convert_hf_to_gguf's LlamaModel.permute turns the Hugging Face q/k rows
   (halves) into interleaved pairs, and llama.cpp rotates llama with LLAMA_ROPE_TYPE_NORM
   (consecutive pairs): the tensors are already in this engine's layout.
@@ -21,19 +21,17 @@ llama.cpp's source, convert_hf_to_gguf.py and llama_model_rope_type):
 from __future__ import annotations
 
 import math
-import mmap
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from .. import quant
+from ..gguf_file import MAGIC, GGUFError, GGUFFile
 from . import MATRICES, ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "GGUF (llama.cpp)"
-MAGIC = b"GGUF"
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 HALVES_ARCHS = ("qwen2", "qwen3")  # llama.cpp rotates these with NEOX RoPE (halves)
 
@@ -59,116 +57,34 @@ def sniff(path: Path) -> bool:
         return False
 
 
-def open_gguf(path: Path):
-    """A GGUFReader on `path`, after the file's extent is checked (a truncated file is named as such)."""
-    import gguf
-
-    _check_extent(path)
+def open_gguf(path: Path) -> GGUFFile:
+    """The GGUF file at `path`, its metadata read and its tensors mapped (a truncated or damaged
+    file is named as such)."""
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as exc:  # a third-party parser: it raises ValueError, struct.error, IndexError...
-        raise ConvertError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        return GGUFFile(path)
+    except GGUFError as exc:
+        raise ConvertError(str(exc)) from None
 
 
-# bytes of each GGUF metadata value type (GGUFValueType 0..12; 8 string and 9 array vary)
-_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def _check_extent(path: Path) -> None:
-    """A truncated GGUF named as such, before the gguf package fails on it with an unrelated
-    message: walks the header (metadata, tensor infos) without storing it, and checks that
-    every tensor's data lies inside the file. Other malformations are left to GGUFReader."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    size = path.stat().st_size
-    if size == 0:
-        return
-    with open(path, "rb") as f:
-        head = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read only as far as the header goes
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > size:
-            raise ConvertError(f"{path} is truncated or damaged: its header runs past the end of the file ({size} "
-                               "bytes); copy or download it again")
-        pos += n
-        return head[pos - n : pos]
-
-    def number(fmt: str) -> int:
-        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
-
-    def skip_value(kind: int, depth: int = 0) -> None:
-        if kind == 8:
-            take(number("Q"))
-        elif kind == 9 and depth == 0:
-            item, count = number("I"), number("Q")
-            if item in _VALUE_BYTES:
-                take(count * _VALUE_BYTES[item])
-            else:
-                for _ in range(count):
-                    skip_value(item, 1)
-        elif kind in _VALUE_BYTES:
-            take(_VALUE_BYTES[kind])
-        else:
-            raise _Unchecked  # an unknown value type: GGUFReader's message says so
-
-    try:
-        if take(4) != MAGIC or number("I") not in (2, 3):
-            return
-        n_tensors, n_kv = number("Q"), number("Q")
-        alignment = 32
-        for _ in range(n_kv):
-            key = take(number("Q"))
-            kind = number("I")
-            if key == b"general.alignment" and kind == 4:
-                alignment = number("I") or 32
-            else:
-                skip_value(kind)
-        end = 0
-        for _ in range(n_tensors):
-            take(number("Q"))
-            dims = [number("Q") for _ in range(number("I"))]
-            kind, offset = number("I"), number("Q")
-            if kind not in {t.value for t in GGMLQuantizationType}:
-                return
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-            end = max(end, offset + math.prod(dims) // block * block_bytes)
-    except _Unchecked:
-        return
-    if not n_tensors:  # a vocabulary-only file: no data section, and no padding before it either
-        return
-    data_start = -(-pos // alignment) * alignment
-    if data_start + end > size:
-        raise ConvertError(f"{path} is truncated: its tensor data runs to byte {data_start + end} but the file has "
-                           f"{size} bytes ({data_start + end - size} missing); copy or download it again")
-
-
-class _Unchecked(Exception):
-    """The header walk can't tell: GGUFReader decides."""
-
-
-def _field(reader, key: str, default=None, required: bool = False):
+def _field(reader: GGUFFile, key: str, default=None, required: bool = False):
     """A metadata value, typed as the file declares it: str for a string, a Python number
     for a scalar, a list of numbers for a numeric array; ConvertError for anything else."""
-    from gguf import GGUFValueType
-
     field = reader.get_field(key)
     if field is None:
         if required:
             raise ConvertError(f"GGUF metadata lacks {key!r}")
         return default
-    kinds, scalar = field.types, (GGUFValueType.ARRAY, GGUFValueType.STRING)
-    if kinds == [GGUFValueType.STRING]:
+    kinds, compound = field.types, ("ARRAY", "STRING")
+    if kinds == ("STRING",):
         try:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
+            return field.value.decode("utf-8")
         except UnicodeDecodeError:
             raise ConvertError(f"GGUF metadata {key!r} is not valid UTF-8") from None
-    if len(kinds) == 1 and kinds[0] not in scalar:
-        return field.parts[field.data[0]][0].item()
-    if len(kinds) == 2 and kinds[0] == GGUFValueType.ARRAY and kinds[1] not in scalar:
-        return [field.parts[i][0].item() for i in field.data]
-    raise ConvertError(f"GGUF metadata {key!r} is of type {'/'.join(k.name for k in kinds)}, not what this key holds")
+    if len(kinds) == 1 and kinds[0] not in compound:
+        return field.value
+    if len(kinds) == 2 and kinds[0] == "ARRAY" and kinds[1] not in compound:
+        return field.value.tolist()
+    raise ConvertError(f"GGUF metadata {key!r} is of type {'/'.join(kinds)}, not what this key holds")
 
 
 def _map_name(name: str) -> str | None:
