@@ -20,7 +20,8 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-STACKED_KINDS = (("wq", "wk", "wv"), ("w1", "w3"))  # matrices the engine joins into one product (weights.STACKED)
+# matrices the engine joins into one product, part by part where their types differ (weights.STACKED)
+STACKED_KINDS = (("wq", "wk", "wv"), ("w1", "w3"))
 TABLE_KINDS = ("tok_embeddings", "output")  # the vocabulary tables: one of each, no layer
 
 

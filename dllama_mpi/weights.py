@@ -7,6 +7,7 @@ the model. From shards, every rank reads its own rows from its own file.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,7 @@ class Matrix:
 @dataclass(frozen=True)
 class Parts:
     """A stacked product whose parts differ in type (a Q4_K_M file's Q6_K wv beside Q4_K wq and
-    wk): each part a Matrix of its own, run one after another (Engine.matmul_stacked)."""
+    wk): each run of one type a Matrix of its own, run one after another (Engine.matmul_stacked)."""
 
     parts: tuple[Matrix, ...]
 
@@ -135,11 +136,10 @@ def _put(tensors: dict, name: str, stored: np.ndarray, info) -> None:
             tensors[name] = stored
             if all(f"{prefix}/{p}" in tensors for p in parts):
                 stored_parts = [tensors.pop(f"{prefix}/{p}") for p in parts]
-                if len({part.dtype for part in stored_parts}) == 1:
-                    tensors[f"{prefix}/{stacked}"] = Matrix.from_stored(np.concatenate(stored_parts), info.shape[1])
-                else:
-                    tensors[f"{prefix}/{stacked}"] = Parts(tuple(Matrix.from_stored(part, info.shape[1])
-                                                                 for part in stored_parts))
+                # neighbours of one type stay one product (a Q4_K_M's wq and wk beside its Q6_K wv)
+                runs = [np.concatenate(list(run)) for _, run in itertools.groupby(stored_parts, lambda a: a.dtype)]
+                matrices = tuple(Matrix.from_stored(run, info.shape[1]) for run in runs)
+                tensors[f"{prefix}/{stacked}"] = matrices[0] if len(matrices) == 1 else Parts(matrices)
             return
     tensors[name] = _local(stored, info)
 

@@ -423,7 +423,8 @@ def test_a_q4_k_m_file_keeps_q4_k_and_q6_k_natively_and_gives_the_float_referenc
     job = open_job(Comm(), tmp_path / "m.h5", (1,), max_seq_len=8)
     assert job.weights.nbytes == job.plan.weight_bytes(0)  # the memory plan counts q4k's resident bytes exactly
     stack = job.weights.layers[0]["wqkv"]
-    assert isinstance(stack, Parts) and [m.type for m in stack.parts] == ["q4k", "q4k", "q6k"]
+    assert isinstance(stack, Parts) and [(m.type, m.rows) for m in stack.parts] == [
+        ("q4k", job.plan.spec.q_dim + job.plan.spec.kv_dim), ("q6k", job.plan.spec.kv_dim)]  # wq and wk one product
     del job
     got, expected = _logits(tmp_path / "m.h5"), _logits(float_reference(tmp_path, raw, types, stored))
     scale = np.abs(expected).max()
