@@ -4,11 +4,49 @@ Two things keep text back: an incomplete UTF-8 character (a byte-level token may
 part of one), and text that could still turn into a stop string. No part of a stop string is
 ever released, even one spread over several tokens: the unreleased tail keeps its longest
 suffix that is a proper prefix of some stop string until the next tokens show whether it is
-one. Each token costs work in the unreleased tail only (shorter than the longest stop string
-plus the token's text), never a rescan of the whole text.
+one.
+
+Each stop string has a Knuth-Morris-Pratt matcher whose state is the length of the longest
+suffix of the text so far that is a prefix of it: the tail to hold back is the largest state,
+and a state reaching the full length is a match. Memory is linear in the stop strings' total
+length and each new character costs amortized constant time per stop string, so no stop
+list, however long its strings, costs more than reading it (a set of every prefix cost
+memory quadratic in the length: 778 MiB for one of 40,000 characters).
 """
 
 from __future__ import annotations
+
+from array import array
+
+
+class _StopMatcher:
+    """One stop string's Knuth-Morris-Pratt automaton over the characters fed to it."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        # border[i]: length of the longest proper prefix of stop[: i + 1] that is also its suffix
+        border = array("i", [0]) * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = border[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            border[i] = k
+        self._border = border
+        self.state = 0  # length of the longest suffix of the text so far that is a prefix of stop
+
+    def step(self, char: str) -> bool:
+        """Read one character; True when the stop string ends with it."""
+        stop, k = self.stop, self.state
+        if k == len(stop):
+            k = self._border[k - 1]
+        while k and stop[k] != char:
+            k = self._border[k - 1]
+        if stop[k] == char:
+            k += 1
+        self.state = k
+        return k == len(stop)
 
 
 class TextStream:
@@ -20,10 +58,7 @@ class TextStream:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._utf8 = tokenizer.stream()  # StreamDecoder: holds back incomplete UTF-8
-        self._stop = tuple(stop)
-        # Every proper prefix of a stop string: what the unreleased tail may have to hold back.
-        self._prefixes = {s[:i] for s in self._stop for i in range(1, len(s))}
-        self._longest_prefix = max(map(len, self._prefixes), default=0)
+        self._matchers = [_StopMatcher(s) for s in stop]
         self._prev = prev_token
         self._pending = ""  # decoded, not yet released
         self._released: list[str] = []
@@ -54,22 +89,20 @@ class TextStream:
 
     def _take(self, text: str, hold: bool) -> str:
         """Append `text` to the unreleased tail and release what can no longer be part of a stop
-        string. A stop string can only start inside the tail: released text never ends with the
-        start of one, so the search looks at the tail alone."""
+        string. When stop strings complete in `text`, the text ends before the earliest start
+        among them (one that started earlier may complete later in the same text)."""
         pending = self._pending + text
-        starts = [i for i in (pending.find(s) for s in self._stop) if i >= 0]
-        if starts:
+        stop_at = None
+        for i, char in enumerate(text, len(self._pending)):
+            for m in self._matchers:
+                if m.step(char):
+                    start = i + 1 - len(m.stop)  # >= 0: released text never holds the start of a match
+                    stop_at = start if stop_at is None else min(stop_at, start)
+        if stop_at is not None:
             self.stopped = True
-            out, self._pending = pending[: min(starts)], ""
+            out, self._pending = pending[:stop_at], ""
         else:
-            keep = self._held(pending) if hold else 0
+            keep = max((m.state for m in self._matchers), default=0) if hold else 0
             out, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self._released.append(out)
         return out
-
-    def _held(self, pending: str) -> int:
-        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
-        for n in range(min(len(pending), self._longest_prefix), 0, -1):
-            if pending[-n:] in self._prefixes:
-                return n
-        return 0

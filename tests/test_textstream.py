@@ -183,3 +183,43 @@ def test_released_text_is_the_answer_and_never_shows_a_stop(pieces, stop):
     assert stream.stopped == (answer != full)
     if len(stop) == 1:  # one stop string: matches complete in the order they start, so the first is the earliest
         assert answer == full[: full.find(stop[0])] if stop[0] in full else answer == full
+
+
+def naive_held(pending: str, stop: tuple[str, ...]) -> int:
+    """The longest suffix of `pending` that is a proper prefix of a stop string, by trying every prefix."""
+    prefixes = {s[:i] for s in stop for i in range(1, len(s))}
+    return max((n for n in range(1, len(pending) + 1) if pending[-n:] in prefixes), default=0)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="abc", max_size=5), max_size=24),
+       st.lists(st.text(alphabet="abc", min_size=1, max_size=9), min_size=1, max_size=4).map(tuple))
+def test_the_held_tail_is_the_naive_longest_stop_prefix(pieces, stop):
+    """Over small alphabets (many partial matches, overlapping and self-overlapping stops), what is
+    held back after each token is exactly the naive reference's longest proper prefix of a stop."""
+    stream = TextStream(BytesTokenizer([p.encode() for p in pieces]), stop)
+    text = ""
+    for token, piece in enumerate(pieces):
+        released = stream.feed(token)
+        text += piece
+        if stream.stopped:
+            assert stream.text == expected([p.encode() for p in pieces[: token + 1]], stop)
+            return
+        assert len(text) - len(stream.text) == naive_held(text, stop), (text, stream.text)
+        assert text.startswith(stream.text) and stream.text.endswith(released)
+
+
+def test_a_stop_string_costs_memory_linear_in_its_length():
+    """900,000 characters (inside the API's 1 MiB body): the per-prefix set this replaced took
+    gigabytes and the OOM killer ended the job. Now a few bytes a character, and a text that
+    nearly completes it is held back, then released whole."""
+    import tracemalloc
+
+    stop = "ab" * 450_000
+    tracemalloc.start()
+    stream = TextStream(BytesTokenizer([b"ab" * 1000, b"c"]), (stop, "zz"))
+    assert stream.feed(0) == ""  # 2,000 characters of the stop string so far: all held
+    assert stream.feed(1) == "ab" * 1000 + "c"
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6 * len(stop), peak  # the stop string (1 byte a character) and its border table (4)
