@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -186,6 +187,10 @@ def _parse(comm, argv):
             problems.append(f"--slots must be positive, got {args.slots}")
         if args.api_key == "":
             problems.append("--api-key is empty; give a key, or leave it out for an open server")
+        elif args.api_key is not None and not re.fullmatch(r"[!-~]+", args.api_key):  # the key itself is not shown: a secret
+            problems.append(f"--api-key (or $DLLAMA_API_KEY) holds spaces or characters other than printable ASCII "
+                            f"({len(args.api_key)} characters), which no client can send in an Authorization header "
+                            "to match it; give the key alone")
     if command == "chat" and args.system is not None:
         _check_utf8(args.system, "the --system text", problems)
     if args.max_seq_len is not None and args.max_seq_len <= 0:
