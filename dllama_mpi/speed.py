@@ -67,14 +67,14 @@ def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:
             (spec.dim, spec.hidden_dim, "ffn", "w2")]
 
 
-def _timed(work, seconds: float) -> float:
-    """Seconds per call of work(), run repeatedly for about `seconds` (at least twice)."""
+def _timed(work, seconds: float, clock) -> float:
+    """Seconds per call of work() on `clock`, run repeatedly for about `seconds` (at least twice)."""
     work()  # warm
-    n, t0 = 0, time.perf_counter()
+    n, t0 = 0, clock()
     while True:
         work()
         n += 1
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         if elapsed >= seconds and n >= 2:
             return elapsed / n
 
@@ -120,10 +120,10 @@ class _Workload:
     def classify(self) -> None:
         matmul(self.pool, self.lanes, self.classifier, self.x, 1, self.logits)
 
-    def token_seconds(self, seconds: float) -> float:
-        """Seconds per decoded token, timed for about `seconds`."""
-        per_layer = _timed(self.layers_pass, seconds * 0.8) / self.copies
-        return self.spec.n_layers * per_layer + _timed(self.classify, seconds * 0.2)
+    def token_seconds(self, seconds: float, clock) -> float:
+        """Seconds per decoded token, timed on `clock` for about `seconds`."""
+        per_layer = _timed(self.layers_pass, seconds * 0.8, clock) / self.copies
+        return self.spec.n_layers * per_layer + _timed(self.classify, seconds * 0.2, clock)
 
 
 def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
@@ -136,9 +136,10 @@ def fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return float(a), float(o)
 
 
-def measure(comm: Comm, spec: ModelSpec, buffer_type: str) -> RankSpeed:
-    """Collective: this rank's RankSpeed. All ranks time the same share at the same time, the
-    shares up and down again; each point is the mean of both."""
+def measure(comm: Comm, spec: ModelSpec, buffer_type: str, clock=time.perf_counter) -> RankSpeed:
+    """Collective: this rank's RankSpeed, timed on `clock` (tests give one that counts work, to
+    know what each rank measures). All ranks time the same share at the same time, the shares
+    up and down again; each point is the mean of both."""
     pool = threads.Pool()
     # every share's matrices at once (up to STREAM_BYTES each, and a classifier's share), built
     # before any timing, so that no rank allocates while another on its core is timing
@@ -146,7 +147,7 @@ def measure(comm: Comm, spec: ModelSpec, buffer_type: str) -> RankSpeed:
     times: dict[float, list[float]] = {share: [] for share in SHARES}
     for share in (*SHARES, *reversed(SHARES)):
         comm.sleeping_barrier()
-        times[share].append(workloads[share].token_seconds(SECONDS_PER_SHARE / 2))
+        times[share].append(workloads[share].token_seconds(SECONDS_PER_SHARE / 2, clock))
     del workloads
     comm.sleeping_barrier()
     samples = [(share, float(np.mean(times[share]))) for share in SHARES]
