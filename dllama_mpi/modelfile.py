@@ -16,7 +16,9 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +30,7 @@ from . import quant
 from .errors import InputError
 from .plan import Plan
 from .spec import FORMAT_NAME, FORMAT_VERSION, ModelSpec
+from .temporaries import Temporary, remove_stale
 
 
 class ModelFileError(InputError):
@@ -135,12 +138,25 @@ def is_model_file(path: Path) -> bool:
     return is_hdf5_of(path, FORMAT_NAME)
 
 
+def check_not_a_loop(path: Path, fix: str) -> None:
+    """ModelFileError, ending in `fix`, if `path` is (or goes through) a symbolic link that
+    loops: Path.exists() says False for it, as for nothing there, and that would be misreported."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            return
+        where = "is a symbolic link" if path.is_symlink() else "goes through a symbolic link"
+        raise ModelFileError(f"{path} {where} that loops (ELOOP); {fix}") from None
+
+
 def check_output(path: Path, shards: bool, force: bool) -> None:
     """Whether a model file (or, with `shards`, a shard directory) may be written at `path`:
     its directory exists, and whatever stands there is replaced only with `force` and only
     if this converter wrote it (a model file; a directory holding nothing but shard files).
     An empty directory takes shards without --force. ModelFileError says what stands in the
     way."""
+    check_not_a_loop(path, "remove the link or choose another output name")
     parent = path.parent
     if not parent.is_dir():
         missing = parent
@@ -222,8 +238,8 @@ def _to_stored(name: str, source, spec: ModelSpec, info: TensorInfo) -> np.ndarr
 def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
                 tokenizer, extra_attrs: dict | None = None, plan: Plan | None = None,
                 progress: bool = False) -> None:
-    """Write a model atomically: to a temporary name beside `path`, renamed on success, so an
-    interrupted conversion leaves nothing at `path`.
+    """Write a model atomically: to a temporary beside `path` (temporaries.Temporary), renamed
+    on success, so an interrupted conversion leaves nothing at `path`.
 
     `tensors` yields (name, array) one at a time (floats or Q40/Q80/Q4K/Q6K blocks, see
     _to_stored), so a converter holds about one tensor in memory. With a `plan`, `path` is a
@@ -232,26 +248,29 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     check_output(path, shards=plan is not None, force=True)
     layout = tensor_layout(spec)
     n_files = 1 if plan is None else plan.world_size
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale(path, entries=SHARD_NAME)
+    tmp = Temporary(path)
     attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **spec.to_attrs(), **(extra_attrs or {})}
     attrs["model_id"] = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     need, free = model_bytes(spec), shutil.disk_usage(path.parent).free
     if need > free:
         raise ModelFileError(f"{path.parent} has {free / 2**20:.1f} MiB free but the model takes about "
                              f"{need / 2**20:.1f} MiB; free some space or write it elsewhere")
+    files = []
     try:
         with _writable(path.parent):
-            if plan is not None:
-                tmp.mkdir()
-            files = [h5py.File(tmp if plan is None else tmp / shard_name(r, n_files), "w") for r in range(n_files)]
+            if plan is None:
+                files.append(tmp.create_file())
+            else:
+                tmp.create_directory()
+                files += [h5py.File(tmp.path / shard_name(r, n_files), "x") for r in range(n_files)]
         try:
             for r, f in enumerate(files):
                 f.attrs.update(attrs)
                 if plan is not None:
                     f.attrs.update({"shard_rank": r, "shard_count": n_files, "plan_budgets": list(plan.budgets),
                                     "plan_hash": plan.plan_hash()})
-            bar = _progress(model_bytes(spec), progress)
+            shown = _progress(model_bytes(spec), progress)
             seen = set()
             for name, array in tensors:
                 info = layout.get(name)
@@ -268,20 +287,20 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
                     ds.attrs["type"] = quant.type_of(stored)
                     f.flush()  # a full disk shows here, as an exception, not later inside close()
                 seen.add(name)
-                if bar is not None:
-                    bar.set_postfix_str(name)
-                    bar.update(stored.nbytes)
+                if shown is not None:
+                    shown.update(stored.nbytes, name)
                 del array, stored
-            if bar is not None:
-                bar.close()
+            if shown is not None:
+                shown.close()
             missing = sorted(set(layout) - seen)
             if missing:
                 raise ModelFileError(f"the source produced no tensor(s) {missing[:4]}")
             for f in files:
                 tokenizer.write_hdf5(f.create_group("tokenizer"))
                 f.flush()
+            tmp.unmark(files[0] if plan is None else None)
         except Exception:  # h5py reports a failed write as RuntimeError or OSError, mostly without errno
-            if not _disk_full(tmp if tmp.is_dir() else tmp.parent):
+            if not _disk_full(tmp.path if plan is not None else tmp.path.parent):
                 raise
             for f in files:  # empty the temporaries: closing them then has nothing left to write
                 os.truncate(f.filename, 0)
@@ -290,12 +309,9 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
         finally:
             for f in files:
                 f.close()
-        _install(tmp, path)
+        _install(tmp.path, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
+        tmp.discard()
 
 
 def _disk_full(directory: Path, probe_bytes: int = 1 << 20) -> bool:
@@ -318,8 +334,8 @@ def _writable(directory: Path):
     except OSError as exc:
         if not (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
             raise
-        raise ModelFileError(f"can't write in {directory}: {exc.strerror or exc}; write the model somewhere you "
-                             "may write to") from None
+        reason = exc.strerror or os.strerror(exc.errno or errno.EACCES)  # h5py's OSError has an errno, no strerror
+        raise ModelFileError(f"can't write in {directory}: {reason}; write the model somewhere you may write to") from None
 
 
 def _install(tmp: Path, path: Path) -> None:
@@ -327,13 +343,14 @@ def _install(tmp: Path, path: Path) -> None:
     shard directory is first moved aside, the new one takes its name, and only then are the
     old shard files removed one by one and the old directory with rmdir: a failure at any
     step leaves one complete set of shards at `path`, and nothing else is ever deleted."""
+    # check again: something may have been put at `path` while converting (by hand, or another conversion)
+    check_output(path, shards=tmp.is_dir(), force=True)
     if not (tmp.is_dir() and path.is_dir()):
-        with _writable(path.parent):
+        with _writable(path.parent), _raced(path):
             os.replace(tmp, path)
         return
-    check_output(path, shards=True, force=True)  # again: the directory may have changed while converting
     old = path.with_name(f".{path.name}.replaced{os.getpid()}")
-    with _writable(path.parent):
+    with _writable(path.parent), _raced(path):
         os.rename(path, old)
     try:
         os.rename(tmp, path)
@@ -349,26 +366,65 @@ def _install(tmp: Path, path: Path) -> None:
                              f"({exc.strerror or exc}): remove {old} yourself") from None
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of earlier writes of `path` whose writer is gone (killed: a process can't
-    clean up after SIGKILL), so they don't pile up."""
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or tmp.is_symlink():
-            continue
-        if tmp.is_file():
-            tmp.unlink()
-        elif all(SHARD_NAME.fullmatch(p.name) and p.is_file() for p in tmp.iterdir()):  # shards alone: ours
-            shutil.rmtree(tmp)
+@contextlib.contextmanager
+def _raced(path: Path):
+    """A rename that found `path` changed since it was checked (another conversion of the same
+    target got there first) as the user's ModelFileError: nothing was replaced."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            raise
+        raise ModelFileError(f"{path} changed while converting (another conversion of it at the same time?); "
+                             "this conversion replaced nothing: check what is there, or convert again") from None
+
+
+PROGRESS_INTERVAL_S = 5.0  # at most this long between plain progress lines (stderr not a terminal)
 
 
 def _progress(total: int, enabled: bool):
+    """How the conversion shows its progress on stderr: a bar on a terminal, plain lines in a
+    log (CI, Slurm), where a bar's carriage returns would print nothing readable."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    return _Bar(total) if sys.stderr.isatty() else _Lines(total)
 
-    # disable=None: shown on a terminal only, not in logs
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", disable=None)
+
+class _Bar:
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting")
+
+    def update(self, nbytes: int, name: str) -> None:
+        self.bar.set_postfix_str(name)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Lines:
+    """`converting: 312.0 of 650.1 MiB (48 %), 7 s, layers/11/w2`, at most every
+    PROGRESS_INTERVAL_S and once at the end."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.name = total, 0, ""
+        self.start = self.shown = time.monotonic()
+
+    def update(self, nbytes: int, name: str) -> None:
+        self.done, self.name = self.done + nbytes, name
+        if time.monotonic() - self.shown >= PROGRESS_INTERVAL_S:
+            self._show()
+
+    def close(self) -> None:
+        self._show()
+
+    def _show(self) -> None:
+        self.shown = time.monotonic()
+        print(f"converting: {self.done / 2**20:.1f} of {self.total / 2**20:.1f} MiB "
+              f"({100 * self.done // max(1, self.total)} %), {self.shown - self.start:.0f} s, {self.name}",
+              file=sys.stderr, flush=True)
 
 
 class ModelFile:
@@ -380,6 +436,7 @@ class ModelFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        check_not_a_loop(self.path, "point --model at the model file (or the directory of its shards)")
         if not self.path.exists():
             raise ModelFileError(f"model file {self.path} does not exist; give the path of an .h5 file "
                                  "made by dllama-mpi-convert, or leave out --model to run the built-in synthetic model")

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -368,16 +367,16 @@ class LogitsWriter:
     existing file is replaced only then, and only if it is still one this program wrote)."""
 
     def __init__(self, path: Path, chunks: Chunks, vocab_size: int, attrs: dict):
-        import h5py
+        from .temporaries import Temporary, remove_stale
 
         self.path = path
-        _remove_stale_temporaries(path)
-        self.tmp = _temporary(path, os.getpid())
+        remove_stale(path)
+        self.tmp = Temporary(path)
         rows = max(1, min(chunks.n_scored, CHUNK_BYTES // (4 * vocab_size)))
         try:
-            self.file = h5py.File(self.tmp, "w", rdcc_nbytes=max(1 << 20, 8 * rows * 4 * vocab_size))
+            self.file = self.tmp.create_file(rdcc_nbytes=max(1 << 20, 8 * rows * 4 * vocab_size))
         except OSError as exc:
-            raise InputError(f"can't write {self.tmp}: {exc}") from None
+            raise InputError(f"can't write {self.tmp.path}: {exc}") from None
         try:
             self.file.attrs.update({"format": LOGITS_FORMAT, "format_version": LOGITS_VERSION, **attrs})
             self.file.create_dataset("tokens", data=chunks.tokens)
@@ -393,9 +392,10 @@ class LogitsWriter:
     def finish(self, nll: np.ndarray) -> None:
         try:
             self.file.create_dataset("nll", data=nll)
+            self.tmp.unmark(self.file)
             self.file.close()
             check_save_path(self.path, force=True)  # again: something else may have been put there meanwhile
-            os.replace(self.tmp, self.path)
+            os.replace(self.tmp.path, self.path)
         except BaseException:
             self.discard()
             raise
@@ -405,22 +405,7 @@ class LogitsWriter:
             self.file.close()
         except Exception:
             pass
-        self.tmp.unlink(missing_ok=True)
-
-
-def _temporary(path: Path, pid: int | str) -> Path:
-    """Where a save of `path` is written first: beside it, named by this host and the writer's pid."""
-    return path.with_name(f".{path.name}.tmp{socket.gethostname()}-{pid}")
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of earlier saves of `path` on this host whose writer is gone (killed), if
-    they are logits files this program wrote (one it can't read stays: it may not be ours)."""
-    mine = _temporary(path, "")
-    for tmp in path.parent.glob(f"{mine.name}*"):
-        pid = tmp.name[len(mine.name):]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and is_logits_file(tmp):
-            tmp.unlink(missing_ok=True)
+        self.tmp.discard()
 
 
 # --------------------------------------------------------------------------- scoring
@@ -590,8 +575,9 @@ def _files_and_ctx(comm, args) -> tuple[str, BaseInfo | None, int]:
     """Rank 0, before anything is loaded: the text, the --kl-base file's attributes, the
     --save-logits place, and the chunk length (--ctx, the base's, or from the model's
     attributes)."""
-    from .modelfile import open_model
+    from .modelfile import check_not_a_loop, open_model
 
+    check_not_a_loop(Path(args.model), "point --model at the model file (or the directory of its shards)")
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist; give --model an .h5 file made by dllama-mpi-convert "
                          "(or a directory of its per-rank shards)")

@@ -110,8 +110,8 @@ def test_killed_conversion_leaves_no_output(tmp_path):
     cmd = [sys.executable, "-m", "dllama_mpi.convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.h5.tmp*")) and time.monotonic() < deadline:
-        time.sleep(0.005)  # until the writer has started
+    while sum(p.stat().st_size for p in tmp_path.glob(".out.h5.tmp-*")) < 2**20 and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the writer has written some tensors (its record, flushed first, is in)
     assert proc.poll() is None, "the conversion finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -134,18 +134,160 @@ def test_flipped_byte_in_a_weight_is_caught(stories_models, tmp_path):
         model.read("layers/1/w1")
 
 
-def test_a_dead_writers_leftover_is_removed_only_if_it_looks_like_the_converters(tmp_path):
+DEAD_PID = 2**22 + 1  # above Linux's pid_max: no such process
+
+
+def _temporary(target, writer, directory=False, marker=True):
+    """A leftover temporary of `target` as `writer` (temporaries.Writer) would leave it: named
+    after its host and pid, its record inside (a model file's half, or a shard directory)."""
+    from dllama_mpi.temporaries import MARKER
+
+    path = target.with_name(f".{target.name}.tmp-{writer.host}-{writer.pid}")
+    if directory:
+        path.mkdir()
+        if marker:
+            (path / MARKER).write_text(str(writer))
+        (path / "shard-0-of-2.h5").write_bytes(b"half written")
+    else:
+        with h5py.File(path, "w") as f:
+            if marker:
+                f.attrs[MARKER] = str(writer)
+            f.create_dataset("half", data=np.zeros(10))
+    return path
+
+
+def _convert_stories(out, *more):
+    return convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin"), *more])
+
+
+def test_a_dead_writers_temporary_is_removed(tmp_path):
+    from dllama_mpi.temporaries import this_writer
+
     need_stories()
-    dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
-    ours, theirs = tmp_path / f".out.tmp{dead_pid}", tmp_path / f".out.tmp{dead_pid + 1}"
-    ours.mkdir()
-    (ours / "shard-0-of-2.h5").write_bytes(b"half written")
-    theirs.mkdir()
-    (theirs / "thesis.tex").write_text("precious")
-    out = tmp_path / "out"
-    assert convert_main([str(STORIES / "stories260K.bin"), str(out), "--tokenizer", str(STORIES / "tok512.bin"),
-                         "--memory-budget", "1", "1"]) == 0
-    assert not ours.exists() and (theirs / "thesis.tex").read_text() == "precious"
+    dead = this_writer()._replace(pid=DEAD_PID)
+    leftovers = [_temporary(tmp_path / "out.h5", dead), _temporary(tmp_path / "shards", dead, directory=True)]
+    assert _convert_stories(tmp_path / "out.h5") == 0
+    assert _convert_stories(tmp_path / "shards", "--memory-budget", "1", "1") == 0
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "shards"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-0-of-2.h5", "shard-1-of-2.h5"]
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert "dllama_mpi_temporary" not in f.attrs  # a finished file carries no record
+
+
+def test_a_users_files_named_like_temporaries_are_never_removed(tmp_path, stories_models):
+    """Old-style names (.out.h5.tmp<pid>), new-style names without our record (a copy of a
+    model file among them), a record that disagrees with the name, a directory with more
+    than shards in it: none is the converter's to remove."""
+    import socket
+
+    from dllama_mpi.temporaries import this_writer
+
+    need_stories()
+    out, host = tmp_path / "out.h5", socket.gethostname()
+    (tmp_path / f".out.h5.tmp{DEAD_PID}").write_text("precious")
+    (tmp_path / ".out.h5.tmp4").write_bytes(stories_models["q40"].read_bytes())
+    (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID}").write_text("precious")
+    (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 1}").write_bytes(stories_models["q40"].read_bytes())
+    _temporary(out, this_writer()._replace(pid=DEAD_PID + 2), directory=True, marker=False)
+    disagreeing = _temporary(out, this_writer()._replace(pid=DEAD_PID + 3))
+    disagreeing.rename(tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 4}")  # its record names another pid
+    crowded = _temporary(tmp_path / "shards", this_writer()._replace(pid=DEAD_PID), directory=True)
+    (crowded / "thesis.tex").write_text("precious")
+    before = {p.name: None if p.is_dir() else p.read_bytes() for p in tmp_path.iterdir()}
+    assert _convert_stories(out) == 0
+    assert _convert_stories(tmp_path / "shards", "--memory-budget", "1", "1") == 0
+    after = {p.name: None if p.is_dir() else p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == {**before, "out.h5": after["out.h5"], "shards": None}
+    assert (crowded / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("other", ["host", "pid-namespace", "boot"])
+def test_another_hosts_temporary_is_left(tmp_path, other):
+    """A node sharing the filesystem (or a container) runs writers whose pids mean nothing
+    here: their temporaries are left, live or not."""
+    from dllama_mpi.temporaries import this_writer
+
+    need_stories()
+    field = {"host": "host", "pid-namespace": "pid_ns", "boot": "boot"}[other]
+    theirs = this_writer()._replace(pid=DEAD_PID, **{field: "other-node"})
+    leftovers = [_temporary(tmp_path / "out.h5", theirs), _temporary(tmp_path / "shards", theirs, directory=True)]
+    assert _convert_stories(tmp_path / "out.h5") == 0
+    assert _convert_stories(tmp_path / "shards", "--memory-budget", "1", "1") == 0
+    assert all(p.exists() for p in leftovers)
+
+
+def test_a_temporary_whose_pid_now_runs_another_process_is_stale(tmp_path):
+    """The pid is alive, but the process started at another time than the writer did: the
+    pid was reused and the writer is gone. The writer itself, alive, keeps its temporary."""
+    from dllama_mpi.temporaries import this_writer
+
+    need_stories()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        stat = open(f"/proc/{alive.pid}/stat").read()
+        start = int(stat.rsplit(")", 1)[1].split()[19])
+        live = _temporary(tmp_path / "a.h5", this_writer()._replace(pid=alive.pid, start=start))
+        reused = _temporary(tmp_path / "b.h5", this_writer()._replace(pid=alive.pid, start=start - 1))
+        assert _convert_stories(tmp_path / "a.h5") == 0 and _convert_stories(tmp_path / "b.h5") == 0
+        assert live.exists() and not reused.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+@pytest.mark.parametrize("second", ["same-namespace", "another-pid-namespace"])
+def test_two_conversions_of_one_target_at_once(tmp_path, second):
+    """Both finish (or one refuses with one line), neither removes the other's temporary, and
+    what is left is one valid model file. In another pid namespace the first writer's pid
+    is not visible to the second (as on another node sharing the filesystem)."""
+    import time
+
+    need_stories()
+    src = _random_llama2c(tmp_path / "big.bin")
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-m", "dllama_mpi.convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.h5.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the first writer's temporary stands
+    assert first.poll() is None, "the first conversion finished before the second started"
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc"] if second == "another-pid-namespace" else []
+    try:
+        other = subprocess.run(prefix + cmd, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+    if other.returncode and "unshare:" in other.stderr:
+        pytest.skip(f"can't make a pid namespace here: {other.stderr.strip()}")
+    first_err = first.communicate(timeout=300)[1]
+    for code, err in ((first.returncode, first_err), (other.returncode, other.stderr)):
+        assert "Traceback" not in err, err
+        assert code == 0 or (code == 2 and err.count("error:") == 1), err
+    assert 0 in (first.returncode, other.returncode)
+    assert ModelFile(out).spec.n_layers == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "out.h5"]
+
+
+def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """A log (CI, Slurm) gets plain lines, at most one per PROGRESS_INTERVAL_S and one at the end."""
+    from dllama_mpi import modelfile
+
+    need_stories()
+    monkeypatch.setattr(modelfile, "PROGRESS_INTERVAL_S", 0)
+    assert _convert_stories(tmp_path / "a.h5") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("converting: ")]
+    tensors = []
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        f.visititems(lambda name, item: tensors.append(name) if isinstance(item, h5py.Dataset) else None)
+    tensors = [name for name in tensors if not name.startswith("tokenizer/")]
+    assert len(lines) == len(tensors) + 1  # one per tensor, and the end
+    assert all(line.rsplit(", ", 1)[1] in tensors for line in lines)  # each names the tensor just written
+    done = [float(line.split()[1]) for line in lines]
+    assert done == sorted(done) and "(100 %)" in lines[-1] and "(100 %)" not in lines[0]
+    monkeypatch.setattr(modelfile, "PROGRESS_INTERVAL_S", 1e9)
+    assert _convert_stories(tmp_path / "b.h5") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("converting: ")]
+    assert len(lines) == 1 and "(100 %)" in lines[0]
 
 
 def test_an_empty_directory_takes_shards_without_force(tmp_path):

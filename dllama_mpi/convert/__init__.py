@@ -143,15 +143,20 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
     output_path becomes a directory of per-rank shards. With `force`, only what the converter
     wrote is replaced (modelfile.check_output). Returns the ModelSpec written."""
     from ..budgets import parse_budgets
-    from ..modelfile import check_output, sha256_of, write_model
+    from ..modelfile import check_not_a_loop, check_output, sha256_of, write_model
     from ..plan import make_plan
     from ..spec import ModelSpec
 
+    if str(output_path).endswith("/") and not budgets:  # Path() would drop the slash and write a file of that name
+        raise ConvertError(f"OUTPUT {output_path} ends in '/', so it names a directory, but a model file is written; "
+                           f"name the file (e.g. {output_path}model.h5), or add --memory-budget to write per-rank "
+                           "shards into that directory")
     input_path, output_path = Path(input_path), Path(output_path)
     if budgets and str(budgets[0]).strip().lower() == "auto":
         raise ConvertError("--memory-budget auto chooses the split when the job starts, so shards can't be split "
                            "for it; run the job once with auto on the unsplit file (it prints the budgets it chose: "
                            "'--memory-budget auto chose 667 333'), then split with those: --memory-budget 667 333")
+    check_not_a_loop(input_path, "point INPUT at the model file or directory")
     if not input_path.exists():
         raise ConvertError(f"input {input_path} does not exist")
     ratios = parse_budgets(budgets, len(budgets)).ratios if budgets else None
@@ -183,10 +188,11 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
 
 def info(path: str | Path) -> str:
     """What `--info` prints: attributes, tensors with types and sizes, and a shard set's plan."""
-    from ..modelfile import open_model
+    from ..modelfile import check_not_a_loop, open_model
     from ..plan import make_plan
 
     path = Path(path)
+    check_not_a_loop(path, "give --info the model file or the directory of its shards")
     lines = []
     first = open_model(path)
     try:
