@@ -334,7 +334,7 @@ def _writable(directory: Path):
     except OSError as exc:
         if not (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
             raise
-        reason = exc.strerror or os.strerror(exc.errno or errno.EACCES)  # h5py's OSError has an errno, no strerror
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # h5py's strerror is a paragraph
         raise ModelFileError(f"can't write in {directory}: {reason}; write the model somewhere you may write to") from None
 
 

@@ -424,3 +424,45 @@ def test_when_the_disk_is_full(tmp_path, size, message):
 
 
 # the converter killed with SIGKILL: tests/test_convert.py::test_killed_conversion_leaves_no_output
+
+
+@pytest.mark.parametrize("shards", [[], ["--memory-budget", "1", "1"]], ids=["file", "shards"])
+def test_when_the_converter_writes_into_a_read_only_directory(tmp_path, shards):
+    need_stories()
+    place = tmp_path / "ro"
+    place.mkdir()
+    command = (f"mount --bind -o ro {place} {place} && {PY} -m dllama_mpi.convert {STORIES / 'stories260K.bin'} "
+               f"{place}/out --tokenizer {STORIES / 'tok512.bin'} {' '.join(shards)}; rc=$?; ls -A {place}; exit $rc")
+    try:
+        result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", command], capture_output=True,
+                                text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+    if "mount" in result.stderr and "ermission" in result.stderr or "unshare:" in result.stderr:
+        pytest.skip(f"can't mount a read-only directory here: {result.stderr.strip()}")
+    _converter_refused(result, f"error: can't write in {place}: Read-only file system; write the model somewhere")
+    assert result.stdout.strip() == ""  # `ls -A`: nothing left behind
+
+
+def test_when_the_converter_output_ends_in_a_slash(tmp_path):
+    need_stories()
+    _converter_refused(_convert(*STORIES_ARGS, f"{tmp_path}/newdir/"),
+                       f"OUTPUT {tmp_path}/newdir/ ends in '/', so it names a directory, but a model file is written; "
+                       f"name the file (e.g. {tmp_path}/newdir/model.h5), or add --memory-budget")
+    assert list(tmp_path.iterdir()) == []
+    assert _convert(*STORIES_ARGS, f"{tmp_path}/newdir/", "--memory-budget", "1", "1").returncode == 0  # shards: a directory
+    assert sorted(p.name for p in (tmp_path / "newdir").iterdir()) == ["shard-0-of-2.h5", "shard-1-of-2.h5"]
+
+
+def test_when_the_model_is_a_symbolic_link_that_loops(tmp_path):
+    need_stories()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    message = f"error: {loop} is a symbolic link that loops (ELOOP); point --model at the model file"
+    for argv in (["--model", loop], ["--model", loop, "--dry-run", "--memory-budget", "1"]):
+        _refused(subprocess.run([PY, "-m", "dllama_mpi", *map(str, argv)], capture_output=True, text=True, timeout=120),
+                 message)
+    _converter_refused(_convert(loop, tmp_path / "a.h5"), f"{loop} is a symbolic link that loops (ELOOP); point INPUT")
+    _converter_refused(_convert("--info", loop), f"{loop} is a symbolic link that loops (ELOOP); give --info the model")
+    _converter_refused(_convert(*STORIES_ARGS, loop), f"{loop} is a symbolic link that loops (ELOOP); remove the link")
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
