@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,10 +43,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import chat
 from .errors import InputError
-from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob, check_prompt_length
+from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob, check_prompt_length, check_prompt_text
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
-_POLL_S = 0.1  # how often a waiting handler checks whether its client has left
+_POLL_S = 0.1  # how often a handler checks whether its client has left, while tokens come and while they don't
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000  # OpenAI's count; a length that bounds a request's stop-matching work
+HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
+BODY_TIMEOUT_S = 30.0  # and its body within this once the headers are in (else 408)
+MAX_CONNECTIONS = 256  # open connections at most; one more is answered 503 and closed
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity: a token the sampler excluded shows this (as vLLM does)
 
 
@@ -88,7 +93,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 # ---------------------------------------------------------------- requests
 
-_Stop = Annotated[str, Field(min_length=1)]
+_Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def _utf8(text: str) -> str:
@@ -115,7 +120,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1, as OpenAI
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    stop: Annotated[list[_Stop], Field(max_length=4)] | None = None  # a string is taken as a list of one
+    stop: Annotated[list[_Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None  # a string is taken as a list of one
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
@@ -283,13 +288,18 @@ class _EventChannel:
         """Piece..., then Finished or Failed. If the client leaves first (or the consumer stops early), the request is
         abandoned and the events end."""
         get: asyncio.Future | None = None
+        checked = time.monotonic()
         try:
             while not self.ended:
                 get = get or asyncio.ensure_future(self.queue.get())
                 done, _ = await asyncio.wait({get}, timeout=_POLL_S)
-                if not done:
+                # by the clock, not only when no event came: tokens arrive every few ms, and a non-streamed
+                # answer writes nothing that could fail before the end
+                if time.monotonic() - checked >= _POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if not done:
                     continue
                 event, get = get.result(), None
                 self.ended = isinstance(event, Finished | Failed)
@@ -474,11 +484,14 @@ async def _chunks(
 
 class _Gate:
     """What every HTTP request passes before routing, as pure ASGI so that it covers unknown routes and bodies sent
-    in chunks too: the count for /metrics, the API key, shutdown and loading refusals, and the body size limit (the
-    body is read here, up to the limit, and handed on)."""
+    in chunks too: the count for /metrics, the API key, shutdown and loading refusals, and the body's size and time
+    limits (the body is read here, up to the limit, and handed on). A /v1 body is JSON whatever its Content-Type says
+    (`curl -d` sends a form's type, some clients none), as llama.cpp's server reads it."""
 
-    def __init__(self, app: ASGIApp, *, backend: Any, api_key: str | None, max_body_bytes: int, state: Any) -> None:
-        self.app, self.backend, self.api_key, self.max_body_bytes, self.state = app, backend, api_key, max_body_bytes, state
+    def __init__(self, app: ASGIApp, *, backend: Any, api_key: str | None, max_body_bytes: int, body_timeout_s: float,
+                 state: Any) -> None:
+        self.app, self.backend, self.api_key, self.state = app, backend, api_key, state
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -495,11 +508,17 @@ class _Gate:
         try:
             refusal = self._refusal(scope)
             if refusal is None:
-                body = await self._body(scope, receive)
+                try:
+                    body = await asyncio.wait_for(self._body(scope, receive), self.body_timeout_s)
+                except TimeoutError:
+                    body, refusal = None, _error(408, f"the request body did not arrive within {self.body_timeout_s:g} s")
                 if body is not None:
+                    if scope["path"].startswith("/v1/"):
+                        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
                     await self.app(scope, _replay(body, receive), counted)
                     return
-                refusal = _error(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
+                refusal = refusal or _error(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
             await refusal(scope, receive, counted)
         finally:
             path = scope["path"]
@@ -556,13 +575,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 # ---------------------------------------------------------------- the app
 
 
-def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 2**20) -> FastAPI:
+def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 2**20,
+             body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The API over `backend` (see the module's docstring). With `api_key`, every endpoint but /health wants
     `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="dllama_mpi", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.shutting_down = False
     created = int(time.time())
-    app.add_middleware(_Gate, backend=backend, api_key=api_key, max_body_bytes=max_body_bytes, state=app.state)
+    app.add_middleware(_Gate, backend=backend, api_key=api_key, max_body_bytes=max_body_bytes,
+                       body_timeout_s=body_timeout_s, state=app.state)
     app.add_exception_handler(ApiError, lambda _, e: _error(e.status, e.message, e.param, e.code))
     app.add_exception_handler(RequestValidationError, lambda _, e: _validation_error(e))
     app.add_exception_handler(HTTPException, lambda _, e: _error(e.status_code, str(e.detail)))
@@ -576,7 +597,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
 
     def checked(param: str, ids: list[int]) -> list[int]:
         try:
-            check_prompt_length(len(ids), backend.max_seq_len, "shorten it or ask for less")
+            check_prompt_length(len(ids), backend.max_seq_len, "shorten it")
         except InputError as e:
             raise ApiError(400, str(e), param) from e
         return ids
@@ -592,7 +613,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
-        ids = await tokenized("messages", chat.prompt_ids, backend.tokenizer, messages)
+        ids = await tokenized("messages", chat.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len)
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -609,6 +630,10 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         tokenizer = backend.tokenizer
         if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            try:
+                check_prompt_text(tokenizer, text, backend.max_seq_len, "shorten it")
+            except InputError as e:
+                raise ApiError(400, str(e), "prompt") from e
             # special-token text in a plain prompt is read as those tokens, by every kind of
             # tokenizer (as llama.cpp's server and Hugging Face's tokenizers do)
             ids = await tokenized("prompt", lambda: tokenizer.encode(text, bos=True, special=True))
@@ -638,7 +663,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         }
         return {"object": "list", "data": [card]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checkers' probe
     async def health() -> JSONResponse:
         if app.state.shutting_down:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
@@ -655,14 +680,73 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
     return app
 
 
+class _Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the two limits it lacks against slow or many clients (uvicorn times out only
+    idle keep-alive connections, and its limit_concurrency answers plain text): a request's line and headers must
+    arrive within `header_timeout_s` of the connection opening or of its last response (one that trickles them in, as
+    slowloris does, is answered 408 and closed), and a connection beyond `max_connections` open is answered 503 in
+    OpenAI's shape and closed."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+    max_connections = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._headers_due: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            self._refuse(503, "Service Unavailable", f"the server has {self.max_connections} connections open, its "
+                         "limit; try again shortly")
+        else:
+            self._await_headers()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self._headers_due is not None:  # a request's headers came in
+            self._headers_due.cancel()
+            self._headers_due = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
+            self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+        self._headers_due = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._headers_due = None
+        self._refuse(408, "Request Timeout", f"the request's headers did not arrive within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = json.dumps(_error_body(status, message)).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        self.transport.close()
+
+
 class Server:
     """uvicorn serving `app` on a thread of its own, since rank 0's main thread runs the scheduler. Off the main thread
     uvicorn installs no signal handlers (Server.capture_signals checks), so SIGTERM stays the serve command's."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-        """`options` go to uvicorn.Config; log_level "warning" and timeout_graceful_shutdown 5 s unless given there."""
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
+                 header_timeout_s: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
+                 **options: Any) -> None:
+        """`options` go to uvicorn.Config; log_level "warning" and timeout_graceful_shutdown 5 s unless given there.
+        Connections are _Connection's, with these limits."""
         self.app, self.host, self._port = app, host, port
-        options = {"log_level": "warning", "timeout_graceful_shutdown": 5, **options}
+        limits = {"header_timeout_s": header_timeout_s, "max_connections": max_connections}
+        options = {"log_level": "warning", "timeout_graceful_shutdown": 5,
+                   "http": type("Connection", (_Connection,), limits), **options}
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None

@@ -28,6 +28,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InputError
+from .request import check_prompt_text
 
 
 class ChatTemplateError(InputError):
@@ -63,14 +64,19 @@ def prompt_text(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return _render(_template(tokenizer), _plain_messages(messages), *_bos_eos(tokenizer), add_generation_prompt, {})
 
 
-def prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               max_seq_len: int | None = None) -> list[int]:
     """Token ids of the rendered chat: the template's special tokens as their ids, everything else,
     special-token text typed in a message included, as plain text; one BOS first when the
-    tokenizer adds BOS (whether or not the template wrote it)."""
+    tokenizer adds BOS (whether or not the template wrote it). With `max_seq_len`, a rendered
+    chat that surely can't fit it is refused before the encoding work (InputError)."""
     template = _template(tokenizer)
     table: list[str] = []
     marked = _mark(_plain_messages(messages), tokenizer, table)
     text = _render(template, marked, *_bos_eos(tokenizer), add_generation_prompt, {})
+    if max_seq_len is not None:
+        plain = _MARKER.sub(lambda m: table[int(m.group(1))], text)
+        check_prompt_text(tokenizer, plain, max_seq_len, "shorten the conversation")
     ids: list[int] = []
     for piece, token_id in tokenizer.split_special(text):
         if token_id is not None:

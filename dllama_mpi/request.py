@@ -73,8 +73,19 @@ class Failed:
 
 def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str) -> None:
     """InputError unless a prompt of n_tokens runs in a context of max_seq_len tokens (a
-    prompt that fills it still gets one token: the logits of its last position)."""
+    prompt that fills it still gets one token: the logits of its last position). `remedy`
+    says how to make a long prompt fit."""
     if n_tokens > max_seq_len:
         raise InputError(f"the prompt is {n_tokens} tokens but the context holds {max_seq_len}; {remedy}")
     if n_tokens == 0:
-        raise InputError(f"the prompt is empty (no tokens); {remedy}")
+        raise InputError("the prompt is empty (no tokens); give at least one")
+
+
+def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str) -> None:
+    """InputError when `text` surely can't fit a context of max_seq_len tokens, known before
+    encoding it from the tokenizer's lower bound on its tokens: encoding holds Python's lock
+    (about 1 s a MiB in the tokenizers library, 10 s in ours), which the thread driving the
+    ranks then waits out, so a prompt far too long must cost no more than reading it."""
+    if (at_least := tokenizer.min_tokens(text)) > max_seq_len:
+        raise InputError(f"the prompt is at least {at_least} tokens ({len(text.encode('utf-8', 'surrogatepass'))} "
+                         f"bytes) but the context holds {max_seq_len}; {remedy}")

@@ -961,9 +961,27 @@ class HFTokenizer:
     # ------------------------------------------------------------ encode/decode
 
     def min_tokens(self, text: str) -> int:
-        """No bound without encoding (a normalizer may shrink the text); the tokenizers
-        library encodes 100 KB in well under a second anyway."""
-        return 0
+        """A lower bound on len(encode(text, bos=False)), known without the BPE work (which
+        holds Python's lock for about 1 s a MiB): the normalizer, which may shrink the text
+        (NFC, Strip), runs first (a fast linear pass); then no token covers more bytes of it
+        than the longest vocabulary entry stands for."""
+        normalizer = self.tokenizer.normalizer
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self._longest_entry)
+
+    @functools.cached_property
+    def _longest_entry(self) -> int:
+        """Bytes of text the longest vocabulary entry covers (min_tokens): a byte-level entry
+        spells each byte as one character; any other entry, and an added token (matched
+        whole in the text), covers its own UTF-8 bytes."""
+        decoder = self.tokenizer.decoder
+        bytelevel = decoder is not None and _decoder_kind(json.loads(decoder.__getstate__()))[0] == "bytelevel"
+        byte_chars = _byte_decoder()
+        added = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
+        return max(1, max(len(t) if bytelevel and t not in added and all(c in byte_chars for c in t)
+                          else len(t.encode("utf-8", "surrogatepass"))
+                          for t in self.tokenizer.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
         """HF ``encode(text, add_special_tokens=False)``; ``bos=True`` adds BOS when the model asks for it.

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dllama_mpi.api import Server, make_app
 from dllama_mpi.errors import InputError
 from dllama_mpi.metrics import Metrics
-from dllama_mpi.request import Failed, Finished, GenRequest, Piece, TokenLogprob
+from dllama_mpi.request import Failed, Finished, GenRequest, Piece, TokenLogprob, check_prompt_text
 
 KEY = "sk-test"
 MODEL = "fake-model"
@@ -34,8 +34,12 @@ class FakeTokenizer:
     def decode(self, prev_token: int, token: int) -> bytes:
         return bytes([token - 3]) if token >= 3 else b""
 
+    def min_tokens(self, text: str) -> int:
+        return len(text.encode())
 
-def fake_prompt_ids(tokenizer: FakeTokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+
+def fake_prompt_ids(tokenizer: FakeTokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                    max_seq_len: int | None = None) -> list[int]:
     """chat.prompt_ids' stand-in: a template error for the content "raise", else the messages as `role: text` lines."""
     lines = []
     for m in messages:
@@ -43,6 +47,8 @@ def fake_prompt_ids(tokenizer: FakeTokenizer, messages: list[dict], add_generati
         if text == "raise":
             raise InputError("the chat template raised: no such role")
         lines.append(f"{m['role']}: {text}\n")
+    if max_seq_len is not None:
+        check_prompt_text(tokenizer, "".join(lines), max_seq_len, "shorten the conversation")
     return tokenizer.encode("".join(lines))
 
 
@@ -244,8 +250,14 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
     "surrogate": ("/v1/completions", {"prompt": "a\udc80"}, 400, "prompt", "not valid UTF-8"),
     "surrogate message": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\udc80"}]}, 400,
                           "messages[0].content", "not valid UTF-8"),
-    "too long": ("/v1/completions", {"prompt": "x" * 100}, 400, "prompt", "the prompt is 101 tokens but the context holds 64"),
-    "empty ids": ("/v1/completions", {"prompt": []}, 400, "prompt", "the prompt is empty"),
+    "too long": ("/v1/completions", {"prompt": "x" * 100}, 400, "prompt",
+                 "the prompt is at least 100 tokens (100 bytes) but the context holds 64; shorten it"),
+    "too long chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 100}]}, 400, "messages",
+                      "the prompt is at least 107 tokens (107 bytes) but the context holds 64; shorten the conversation"),
+    "too many ids": ("/v1/completions", {"prompt": [3] * 65}, 400, "prompt", "the prompt is 65 tokens but the context holds 64"),
+    "empty ids": ("/v1/completions", {"prompt": []}, 400, "prompt", "the prompt is empty (no tokens); give at least one"),
+    "stop length": ("/v1/completions", {"prompt": "a", "stop": "x" * 1001}, 400, "stop[0]",
+                    "stop[0]: String should have at most 1000 characters"),
     "id range": ("/v1/completions", {"prompt": [1, 999]}, 400, "prompt", "token id 999 is outside the vocabulary"),
     "batch": ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "exactly one"),
     "echo": ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "echo is not supported"),
@@ -367,3 +379,74 @@ def test_server_start_fails_on_a_taken_port(served):
     with pytest.raises(OSError, match="in use"):
         taken.start()
     taken.stop()
+
+
+def test_a_non_streamed_client_that_leaves_mid_generation_frees_its_slot(url, backend):
+    """Tokens coming faster than the disconnect poll must not hide that the client left: a
+    non-streamed answer writes nothing that could fail until the end."""
+    backend.delay = 0.02  # 18 tokens: 0.36 s; the client leaves after 0.15 s
+    before = len(backend.requests)
+    try:
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 18},
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=0.15)
+        req = backend.requests[before]
+        assert req.cancelled.wait(2)
+    finally:
+        backend.delay = 0.0
+
+
+def test_a_body_is_json_whatever_its_content_type(url):
+    body = json.dumps({"prompt": "a", "max_tokens": 2}).encode()
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
+        r = httpx2.post(f"{url}/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}", **headers})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == REPLY[:2], (headers, r.text)
+
+
+def test_head_health(url):
+    r = httpx2.head(f"{url}/health")
+    assert (r.status_code, r.content) == (200, b"")
+
+
+def test_slow_or_too_many_connections_are_answered_and_closed(backend):
+    """Headers trickled in past the header timeout: 408 and closed; a body past the body
+    timeout: 408; a connection beyond the limit: 503 in OpenAI's shape; the server serves on."""
+    import socket
+
+    server = Server(make_app(backend, body_timeout_s=0.5), "127.0.0.1", 0, header_timeout_s=0.5, max_connections=3)
+    server.start()
+    try:
+        def connect() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+        def answer(sock: socket.socket) -> bytes:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+        slow = connect()
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the headers
+        t = time.monotonic()
+        reply = answer(slow)
+        assert reply.startswith(b"HTTP/1.1 408") and b"headers did not arrive within 0.5 s" in reply
+        assert time.monotonic() - t < 4  # closed by the server, not by the client's 5 s timeout
+
+        slow_body = connect()
+        slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        reply = answer(slow_body)
+        assert reply.startswith(b"HTTP/1.1 408") and b"body did not arrive within 0.5 s" in reply
+
+        held = [connect() for _ in range(3)]  # the limit: these three wait for their headers
+        extra = connect()
+        reply = answer(extra)
+        assert reply.startswith(b"HTTP/1.1 503") and json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"] == \
+            "the server has 3 connections open, its limit; try again shortly"
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        r = httpx2.post(f"http://127.0.0.1:{server.port}/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        server.stop()

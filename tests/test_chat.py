@@ -291,3 +291,15 @@ def test_split_special_follows_the_library() -> None:
     ids = [i for p, t in pieces for i in ([t] if t is not None else tok.encode(p, bos=False, special=False))]
     assert ids == raw.encode(text, add_special_tokens=False).ids
     assert tok.encode("a<p>", bos=False, special=False) == [1, 0, 0, 0]  # "<", "p", ">" are unknown here
+
+
+def test_a_chat_surely_too_long_is_refused_before_encoding(llama_bpe, monkeypatch) -> None:
+    """With max_seq_len, the rendered chat is bounded from its bytes first: a MiB of message
+    never reaches the BPE work; a chat that fits is encoded as without the bound."""
+    messages = CONVERSATIONS["user"]
+    assert chat.prompt_ids(llama_bpe, messages, max_seq_len=4096) == chat.prompt_ids(llama_bpe, messages)
+    monkeypatch.setattr(llama_bpe, "encode", lambda *a, **k: pytest.fail("encoded a prompt the bound refuses"))
+    huge = [{"role": "user", "content": "Once upon a time. " * 58_000}]
+    with pytest.raises(InputError, match=r"the prompt is at least \d+ tokens \(\d+ bytes\) but the context holds 4096; "
+                                         "shorten the conversation"):
+        chat.prompt_ids(llama_bpe, huge, max_seq_len=4096)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import h5py
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import SHARED_MODELS
 
 from dllama_mpi.tokenizer import HFTokenizer, SpmTokenizer, Tokenizer, from_gguf, load_tokenizer
@@ -162,3 +164,18 @@ def test_the_early_token_bound_never_exceeds_the_count(name: str, index: int) ->
     text, expected = read_cases(name)[index]
     tok = load(name)
     assert tok.min_tokens(text) <= len(tok.encode(text, bos=False))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(text=st.text(alphabet=st.sampled_from(" \n\tabcxyzé日本😀<|>_0123456789'sT"), max_size=200))
+def test_the_early_token_bound_holds_on_random_text(name: str, text: str) -> None:
+    tok = load(name)
+    assert tok.min_tokens(text) <= len(tok.encode(text, bos=False, special=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_early_token_bound_refuses_a_mebibyte(name: str) -> None:
+    """The bound is not vacuous: a prompt at the API's body limit is refused unencoded in the
+    largest default context (4096; Llama 3's longest entry covers 128 bytes)."""
+    assert load(name).min_tokens("Once upon a time. " * 58_000) > 4096
