@@ -15,9 +15,9 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest import SHARED_MODELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import SHARED_MODELS
 
 from dllama_mpi.tokenizer import HFTokenizer, SpmTokenizer, Tokenizer, from_gguf, load_tokenizer
 
