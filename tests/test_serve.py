@@ -462,6 +462,19 @@ def test_api_key_is_required_when_set(stories):
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_an_api_key_with_spaces_is_refused_at_start(stories, where):
+    """A key with a space around it could never match the header a client sends: refused before loading, and the key,
+    a secret, is not printed."""
+    key = " sesame\n"
+    args, env = (["--api-key", key], None) if where == "option" else ([], {**os.environ, "DLLAMA_API_KEY": key})
+    result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi", "serve", "--model", str(stories), "--port", "0", *args],
+                         timeout=60, env=env)
+    assert_refused(result, "--api-key (or $DLLAMA_API_KEY) holds spaces or characters other than printable ASCII "
+                           "(8 characters)")
+    assert "sesame" not in result.stderr and "loading the weights" not in result.stderr
+
+
 def test_sigterm_ends_streams_and_exits_zero(stories):
     server = Server(2, stories)
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
