@@ -106,13 +106,13 @@ def run_mpiexec(n: int, argv: list[str], timeout: float, env: dict | None = None
 
 
 def assert_refused(result, message: str, code: int = 2) -> None:
-    """The exit code, the message once (rank 0's `error:` line), no traceback, no text, quickly."""
+    """The exit code, the message once (rank 0's `error:` line), no traceback, no text (the
+    hard timeout around the job catches a hang; no clock is judged)."""
     assert result.returncode == code, result.stderr
     assert message in result.stderr, result.stderr
     assert result.stderr.count("error:") == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stdout == ""
-    assert getattr(result, "elapsed", 0) < 30
 
 
 def convert_stories(out_dir: Path, weights: str) -> Path:

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import pytest
@@ -154,8 +153,8 @@ def test_when_the_prompt_is_far_longer_than_the_context_it_is_refused_before_enc
     prompt = "Once upon a time, there was a little girl named Lily. " * 1800  # 100 KB
     result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", prompt)
     _refused(result, "the prompt is at least ")
+    # "at least N tokens (B bytes)" is said only by the bound taken before encoding
     assert f"tokens ({len(prompt)} bytes) but the context (--max-seq-len) holds 512" in result.stderr
-    assert result.elapsed < 15
 
 
 def test_when_the_prompt_is_empty(stories_models):
@@ -215,18 +214,15 @@ def _assert_fault_reported(result):
 
 
 def test_when_an_exception_is_raised_on_one_rank():
-    result = run_mpiexec(3, [PY, "-c", FAULT_ON_RANK_1], timeout=60)
+    result = run_mpiexec(3, [PY, "-c", FAULT_ON_RANK_1], timeout=60)  # ranks left in the barrier would hang it
     _assert_fault_reported(result)
-    assert result.elapsed < 10
 
 
 def test_when_a_rank_is_killed_mid_generation(slow_model):
     proc, mark, ranks = _generating(slow_model)
-    killed_at = time.monotonic()
     os.kill(ranks[1], signal.SIGKILL)
-    result = finish(proc, mark, timeout=30)
+    result = finish(proc, mark, timeout=30)  # the others, left in a collective, would hang: no clock judged here
     assert result.returncode != 0
-    assert time.monotonic() - killed_at < 10
     # mpirun names a process of the job (the first it saw end: usually, not always, the killed
     # one; under srun the task is named, tests/test_slurm.py); the start-up line maps pids to ranks
     named = re.search(r"PID (\d+) RUNNING AT", result.stdout + result.stderr)
@@ -238,11 +234,9 @@ def test_when_a_rank_is_killed_mid_generation(slow_model):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 15)], ids=["SIGINT", "SIGTERM"])
 def test_when_the_launcher_is_interrupted(slow_model, sig, code):
     proc, mark, _ = _generating(slow_model)
-    sent_at = time.monotonic()
     os.kill(proc.pid, sig)
-    result = finish(proc, mark, timeout=30)
+    result = finish(proc, mark, timeout=30)  # a hang catcher: its 3000 tokens would take far longer
     assert result.returncode == code, result.stdout + result.stderr
-    assert time.monotonic() - sent_at < 10
     assert "Traceback" not in result.stderr
     if sig == signal.SIGINT:
         assert "interrupted: stopping every rank" in result.stderr
