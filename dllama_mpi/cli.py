@@ -73,7 +73,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="0 is greedy (default 0); above 0, sampling with --top-p")
         p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
         p.add_argument("--seed", type=int, help="sampling seed (default: from the clock" +
-                       (", printed at the end)" if command is None else ")"))
+                       (", printed at the end when sampling)" if command is None else ")"))
     if command == "serve":
         p.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
@@ -251,7 +251,7 @@ def _run(comm, argv) -> int:
               f"weights {plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
               f"kernels {qmatmul.ISA}",
               file=sys.stderr)
-        print(plan.table(launch.max_seq_len), file=sys.stderr)
+        print(plan.table(launch.max_seq_len, launch.n_slots), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
               file=sys.stderr)
 
@@ -292,7 +292,7 @@ def _run(comm, argv) -> int:
     if comm.rank == 0 and result["hit_context"]:
         print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
               f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    _report(comm, job, result, n_threads, seed, startup_s, budgets)
+    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets)
     return 0
 
 
@@ -314,7 +314,24 @@ def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:
     return ids
 
 
-def _report(comm, job, result, n_threads, seed, startup_s, budgets) -> None:
+def speed_text(prompt_tokens: int, cached_tokens: int, prompt_s: float | None, generated: int,
+               decode_s: float) -> str:
+    """One request's speed, each figure with what it counts: the prompt's tokens computed (not
+    taken from a slot's cache) over the time from submission to the first token, then the
+    tokens after the first over the time from the first to the last. No rate for zero tokens:
+    it would be noise or nan."""
+    computed = prompt_tokens - cached_tokens
+    text = f"prompt: {computed} new tokens ({cached_tokens} cached)" if cached_tokens else f"prompt: {prompt_tokens} tokens"
+    if computed and prompt_s:
+        text += f" in {prompt_s:.3f} s, {computed / prompt_s:.1f} tokens/s"
+    text += f"; decode: {generated} tokens"
+    if (n_decode := generated - 1) > 0 and decode_s:
+        text += f", {n_decode / decode_s:.1f} tokens/s"
+    return text
+
+
+def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) -> None:
+    """The speed line (with the seed when sampling: greedy uses none) and each rank's figures."""
     engine, weights, n_forward = job.engine, job.weights, result["n_forward"]
 
     def per_token(value: float) -> float | None:
@@ -332,13 +349,9 @@ def _report(comm, job, result, n_threads, seed, startup_s, budgets) -> None:
     if comm.rank != 0:
         return
     r = result
-
-    def rate(n: int, seconds: float | None) -> str:  # none for zero tokens: it would be noise or nan
-        return f", {n / seconds:.1f} tokens/s" if n and seconds else ""
-
     err = sys.stderr
-    print(f"\nprompt: {r['n_prompt']} tokens{rate(r['n_prompt'], r['prompt_s'])}; decode: {len(r['generated'])} tokens"
-          f"{rate(r['n_decode'], r['decode_s'])}; startup {startup_s:.1f} s; seed {seed}", file=err)
+    print(f"\n{speed_text(r['n_prompt'], 0, r['prompt_s'], len(r['generated']), r['decode_s'])}; "
+          f"startup {startup_s:.1f} s" + (f"; seed {seed}" if seed is not None else ""), file=err)
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
           f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
 
@@ -424,7 +437,7 @@ def _dry_run(argv) -> int:
           f"weights {spec.weights_text}")
     print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
           f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
-    print(plan.table(max_seq_len))
+    print(plan.table(max_seq_len, n_slots))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
           f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")

@@ -7,10 +7,17 @@ the answer ends; the followers wait for steps with a sleeping poll meanwhile. Ct
 an answer is being written stops that answer; at the prompt (or Ctrl-D, /exit) it ends the
 chat. Followers ignore SIGINT (the launcher forwards it to every rank) and leave when
 rank 0 tells them.
+
+The transcript on stdout reads as a conversation whether the messages are typed or piped
+in: a line that was already waiting when the prompt was shown was not typed at it, so no
+terminal echoed it there, and it is echoed after the prompt (under mpirun, rank 0's stdin is
+a pipe even from a terminal, so isatty() can't tell). Each answer's speed follows on stderr.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
 
@@ -48,7 +55,7 @@ def chat(comm, args, budgets, announce) -> int:
     # step's collectives), so the followers' exit message is sent on the normal path only
     while True:
         try:
-            line = input("> ")
+            line = _read_line("> ")
         except (EOFError, KeyboardInterrupt):
             print()
             break
@@ -76,6 +83,29 @@ def chat(comm, args, budgets, announce) -> int:
     return 0
 
 
+def _read_line(prompt: str) -> str:
+    """input(prompt), with the line echoed when it was waiting before the prompt (piped in).
+    Read byte by byte from the file descriptor, so that nothing beyond this line is buffered
+    and select() sees exactly what waits; bytes that are not UTF-8 become lone surrogates, as
+    input() makes them."""
+    waiting = bool(select.select([sys.stdin], [], [], 0)[0])
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(sys.stdin.fileno(), 1)
+        if not byte:
+            if not line:
+                raise EOFError
+            break
+        line += byte
+    line = line.removesuffix(b"\n")
+    if waiting:  # the bytes as they came (text with a lone surrogate would fail a strict stdout)
+        sys.stdout.buffer.write(line + b"\n")
+        sys.stdout.buffer.flush()
+    return line.decode("utf-8", "surrogateescape")
+
+
 def _check_utf8(line: str) -> None:
     """A byte that is not UTF-8 arrives from the terminal as a lone surrogate."""
     try:
@@ -85,7 +115,9 @@ def _check_utf8(line: str) -> None:
 
 
 def _answer(scheduler, req) -> str:
-    """Run one request to its end, writing its text as it comes; Ctrl-C stops it early."""
+    """Run one request to its end, writing its text as it comes, then its speed on stderr;
+    Ctrl-C stops it early."""
+    from .cli import speed_text
     from .request import Failed, Finished, Piece
 
     events = []
@@ -103,5 +135,8 @@ def _answer(scheduler, req) -> str:
         scheduler.run(until=lambda: bool(events) and isinstance(events[-1], (Finished, Failed)))
     finally:
         signal.signal(signal.SIGINT, stop_answer)
-    print()
+    print(flush=True)  # before the speed line on stderr
+    if isinstance(end := events[-1], Finished):
+        print(speed_text(end.prompt_tokens, end.cached_tokens, end.first_token_s, end.completion_tokens, end.decode_s),
+              file=sys.stderr)
     return "".join(e.text for e in events if isinstance(e, (Piece, Finished)))

@@ -52,6 +52,9 @@ def _prepare(model_path, max_seq_len: int | None, budgets: Budgets, n_slots: int
     tokenizer = model.tokenizer()
     if check is not None:
         check(tokenizer, launch)
+    # a tokenizer builds its decode tables at its first decode (Llama 3's 128k vocabulary: about
+    # 3 s): here, as part of starting, not inside the first request's time to its first text
+    tokenizer.decode(0, 0)
     stop_ids = tuple(sorted(set(tokenizer.eos_ids)))
     return (launch, stop_ids, model.model_id, model.shard), model, tokenizer
 

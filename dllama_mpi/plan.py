@@ -204,18 +204,21 @@ class Plan:
                "ranks": [vars(s) for s in self.ranks]}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
-    def table(self, max_seq_len: int) -> str:
-        """The plan as a text table, one line per rank."""
+    def table(self, max_seq_len: int, n_slots: int = 1) -> str:
+        """The plan as a text table, one line per rank; its KV column holds every slot's cache
+        (a server's n_slots sequences), as a rank's need does, and its header says so."""
         total = sum(self.budgets)
+        kv_head = "kv MiB" if n_slots == 1 else f"kv MiB ({n_slots} slots)"
+        kv_width = max(8, len(kv_head))
         head = (f"{'rank':>4} {'budget':>6} {'share':>6} {'heads':>7} {'kv':>5} {'dim rows':>9} "
-                f"{'ffn rows':>9} {'vocab rows':>11} {'weights MiB':>11} {'kv MiB':>8}")
+                f"{'ffn rows':>9} {'vocab rows':>11} {'weights MiB':>11} {kv_head:>{kv_width}}")
         lines = [head]
         for s in self.ranks:
             lines.append(
                 f"{s.rank:>4} {s.budget:>6} {s.budget / total:>6.1%} {_count(s.q_heads):>7} "
                 f"{_count(s.kv_heads):>5} {_count(s.dim_rows):>9} {_count(s.ffn_rows):>9} "
                 f"{_count(s.vocab_rows):>11} {self.weight_bytes(s.rank) / 2**20:>11.2f} "
-                f"{self.kv_cache_bytes(s.rank, max_seq_len) / 2**20:>8.2f}"
+                f"{n_slots * self.kv_cache_bytes(s.rank, max_seq_len) / 2**20:>{kv_width}.2f}"
             )
         return "\n".join(lines)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_mpiexec
@@ -65,7 +67,8 @@ def test_bad_options_stop_every_rank_with_one_message(args, message):
 def _dry_run(*args):
     import subprocess
 
-    return subprocess.run([PY, "-m", "dllama_mpi", "--dry-run", *args], capture_output=True, text=True, timeout=120)
+    # --dry-run last: a command (serve) must come first
+    return subprocess.run([PY, "-m", "dllama_mpi", *args, "--dry-run"], capture_output=True, text=True, timeout=120)
 
 
 def _table(stdout):
@@ -92,6 +95,26 @@ def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_model
         assert float(row[3]) == pytest.approx(memory, abs=0.05)
     assert f"plan {plan.plan_hash()}" in result.stdout
     assert f"{plan.traffic('q80').wire / 1024:.1f} KiB cross between ranks" in result.stdout
+
+
+def test_serve_dry_run_counts_every_slot_s_kv_cache_and_says_so(stories_models):
+    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.plan import make_plan
+
+    result = _dry_run("serve", "--model", str(stories_models["q40"]), "--memory-budget", "3", "1",
+                      "--max-seq-len", "200", "--slots", "4")
+    assert result.returncode == 0, result.stderr
+    plan = make_plan(open_model(stories_models["q40"]).spec, [3, 1])
+    assert "KV cache 4 slots x 200 tokens" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("rank budget"))
+    assert header.endswith(" kv MiB (4 slots)"), header
+    rows = _table(result.stdout)
+    plan_rows, memory_rows = rows[:2], rows[2:]
+    for r in range(2):
+        kv = 4 * plan.kv_cache_bytes(r, 200) / 2**20
+        assert float(plan_rows[r][9]) == pytest.approx(kv, abs=0.006)
+        # the memory table's total holds the same KV cache
+        assert float(memory_rows[r][3]) == pytest.approx(plan.weight_bytes(r) / 2**20 + kv, abs=0.06)
 
 
 def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):
@@ -150,6 +173,53 @@ def test_zero_steps_print_no_rate(stories_models):
     summary = next(line for line in result.stderr.splitlines() if line.startswith("prompt:"))
     assert summary.startswith("prompt: 2 tokens; decode: 0 tokens; startup") and "tokens/s" not in summary
     assert "nan" not in result.stderr
+
+
+def _summary(result) -> str:
+    return next(line for line in result.stderr.splitlines() if line.startswith("prompt:"))
+
+
+def test_the_seed_is_printed_only_when_sampling(stories_models):
+    greedy = _cli(1, "--model", str(stories_models["q40"]), "--steps", "3")
+    sampled = _cli(1, "--model", str(stories_models["q40"]), "--steps", "3", "--temperature", "0.8")
+    assert greedy.returncode == 0 and sampled.returncode == 0, greedy.stderr + sampled.stderr
+    assert "seed" not in greedy.stderr, _summary(greedy)  # greedy uses none
+    assert re.search(r"; seed [0-9]+$", _summary(sampled)), _summary(sampled)  # from the clock: to repeat the text
+
+
+@pytest.fixture(scope="module")
+def llama3_vocab_model(tmp_path_factory) -> Path:
+    """A tiny random model with Llama 3's 128k vocabulary, whose decode tables take seconds to build."""
+    from test_llamacpp_vocab import load  # skips where the vocabulary is missing
+
+    from dllama_mpi.modelfile import write_model
+    from dllama_mpi.spec import ModelSpec
+    from dllama_mpi.synthetic import synthetic_tensors
+
+    tokenizer = load("llama-bpe")
+    spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
+    path = tmp_path_factory.mktemp("cli") / "tiny-llama3.h5"
+    write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
+    return path
+
+
+def test_the_prompt_notice_and_the_speed_line_time_the_same_work(llama3_vocab_model):
+    """`processing the prompt (N tokens) ... done in X s` and `prompt: N tokens in S s, R tokens/s` agree: the
+    tokenizer's decode tables (seconds for this vocabulary) are built while starting, not inside the first text's
+    time (which once read `done in 3 s` beside 0.02 s). The notice is forced: it waits 2 s otherwise."""
+    forced = ("import sys, dllama_mpi.job as job; job.SaidIfSlow.__init__.__defaults__ = (True, 0.0); "
+              "from dllama_mpi.cli import main; sys.exit(main())")
+    result = run_mpiexec(2, [PY, "-c", forced, "--model", str(llama3_vocab_model), "--prompt", "Once upon a time",
+                             "--steps", "4"], timeout=180)
+    assert result.returncode == 0, result.stderr
+    notice = re.search(r"processing the prompt \(([0-9]+) tokens\) \.\.\.\n(?:.*\n)*?done in ([0-9]+) s", result.stderr)
+    speed = re.search(r"prompt: ([0-9]+) tokens in ([0-9.]+) s, ([0-9.]+) tokens/s", _summary(result))
+    assert notice and speed, result.stderr
+    n, seconds, rate = int(speed[1]), float(speed[2]), float(speed[3])
+    assert int(notice[1]) == n
+    assert n / (seconds + 5e-4) - 0.05 <= rate <= n / max(seconds - 5e-4, 1e-9) + 0.05  # n / seconds, as rounded
+    assert abs(int(notice[2]) - seconds) <= 0.5 + 0.25, result.stderr  # whole seconds against the same interval
 
 
 def test_what_is_adjusted_or_doubtful_is_said(stories_models):
