@@ -322,8 +322,9 @@ def speed_text(prompt_tokens: int, cached_tokens: int, prompt_s: float | None, g
     it would be noise or nan."""
     computed = prompt_tokens - cached_tokens
     text = f"prompt: {computed} new tokens ({cached_tokens} cached)" if cached_tokens else f"prompt: {prompt_tokens} tokens"
-    if computed and prompt_s:
-        text += f" in {prompt_s:.3f} s, {computed / prompt_s:.1f} tokens/s"
+    if computed and prompt_s:  # three digits at least, so that computed / time gives the rate shown
+        took = f"{1e3 * prompt_s:.3g} ms" if prompt_s < 1 else f"{prompt_s:.2f} s"
+        text += f" in {took}, {computed / prompt_s:.1f} tokens/s"
     text += f"; decode: {generated} tokens"
     if (n_decode := generated - 1) > 0 and decode_s:
         text += f", {n_decode / decode_s:.1f} tokens/s"
