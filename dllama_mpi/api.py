@@ -93,7 +93,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 # ---------------------------------------------------------------- requests
 
-_Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+_Stop = Annotated[str, Field(min_length=1)]
 
 
 def _utf8(text: str) -> str:
@@ -120,7 +120,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1, as OpenAI
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    stop: Annotated[list[_Stop], Field(max_length=MAX_STOP_STRINGS)] | None = None  # a string is taken as a list of one
+    stop: list[_Stop] | None = None  # a string is taken as a list of one
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
@@ -140,7 +140,15 @@ class _Common(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _listed(cls, stop: Any) -> Any:
-        return [stop] if isinstance(stop, str) else stop
+        """A string as a list of one; the limits checked before any other work on the strings."""
+        stop = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(stop)} stop strings were given; at most {MAX_STOP_STRINGS}: drop some")
+        for i, s in enumerate(stop if isinstance(stop, list) else ()):
+            if isinstance(s, str) and len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop string {i + 1} of {len(stop)} is {len(s)} characters; each may have at most "
+                                 f"{MAX_STOP_CHARS}: shorten it")
+        return stop
 
     @field_validator("stop")
     @classmethod
@@ -508,10 +516,14 @@ class _Gate:
         try:
             refusal = self._refusal(scope)
             if refusal is None:
+                received = [0]  # bytes of the body so far, for the message when it is late
                 try:
-                    body = await asyncio.wait_for(self._body(scope, receive), self.body_timeout_s)
+                    body = await asyncio.wait_for(self._body(scope, receive, received), self.body_timeout_s)
                 except TimeoutError:
-                    body, refusal = None, _error(408, f"the request body did not arrive within {self.body_timeout_s:g} s")
+                    length = Headers(scope=scope).get("content-length")
+                    said = f"Content-Length said {length} bytes, " if length else ""
+                    body, refusal = None, _error(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                                      f"({said}{received[0]} arrived); send the whole body at once")
                 if body is not None:
                     if scope["path"].startswith("/v1/"):
                         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
@@ -539,9 +551,9 @@ class _Gate:
                 return _error(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
         return None
 
-    async def _body(self, scope: Scope, receive: Receive) -> bytes | None:
+    async def _body(self, scope: Scope, receive: Receive, received: list[int]) -> bytes | None:
         """The whole body, or None past the limit: a Content-Length over it is refused unread, a body sent in chunks
-        as soon as it passes it."""
+        as soon as it passes it. `received[0]` counts the bytes as they come."""
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return None
@@ -552,6 +564,7 @@ class _Gate:
                 return b"".join(chunks)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
+            received[0] = size
             if size > self.max_body_bytes:
                 return None
             if not message.get("more_body", False):
@@ -595,17 +608,17 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
                 400, f"model {model!r} is not served here: this server serves {backend.model_id!r}", "model", "model_not_found"
             )
 
-    def checked(param: str, ids: list[int]) -> list[int]:
+    def checked(param: str, ids: list[int], remedy: str) -> list[int]:
         try:
-            check_prompt_length(len(ids), backend.max_seq_len, "shorten it")
+            check_prompt_length(len(ids), backend.max_seq_len, remedy)
         except InputError as e:
             raise ApiError(400, str(e), param) from e
         return ids
 
-    async def tokenized(param: str, tokenize: Callable[..., list[int]], *args: Any) -> list[int]:
+    async def tokenized(param: str, tokenize: Callable[..., list[int]], *args: Any, remedy: str) -> list[int]:
         """`tokenize(*args)` run in a worker thread (the event loop keeps answering), its InputError a 400."""
         try:
-            return checked(param, await run_in_threadpool(tokenize, *args))
+            return checked(param, await run_in_threadpool(tokenize, *args), remedy)
         except InputError as e:
             raise ApiError(400, str(e), param) from e
 
@@ -613,7 +626,8 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
-        ids = await tokenized("messages", chat.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len)
+        ids = await tokenized("messages", chat.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len,
+                              remedy="shorten the conversation")
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -630,18 +644,19 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         tokenizer = backend.tokenizer
         if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            try:
+
+            def encode() -> list[int]:
                 check_prompt_text(tokenizer, text, backend.max_seq_len, "shorten it")
-            except InputError as e:
-                raise ApiError(400, str(e), "prompt") from e
-            # special-token text in a plain prompt is read as those tokens, by every kind of
-            # tokenizer (as llama.cpp's server and Hugging Face's tokenizers do)
-            ids = await tokenized("prompt", lambda: tokenizer.encode(text, bos=True, special=True))
+                # special-token text in a plain prompt is read as those tokens, by every kind of
+                # tokenizer (as llama.cpp's server and Hugging Face's tokenizers do)
+                return tokenizer.encode(text, bos=True, special=True)
+
+            ids = await tokenized("prompt", encode, remedy="shorten it")
         else:
             bad = [t for t in body.prompt if not 0 <= t < tokenizer.vocab_size]
             if bad:
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")
-            ids = checked("prompt", body.prompt)
+            ids = checked("prompt", body.prompt, "shorten it")
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_tokens,

@@ -323,12 +323,18 @@ def speed_text(prompt_tokens: int, cached_tokens: int, prompt_s: float | None, g
     computed = prompt_tokens - cached_tokens
     text = f"prompt: {computed} new tokens ({cached_tokens} cached)" if cached_tokens else f"prompt: {prompt_tokens} tokens"
     if computed and prompt_s:  # three digits at least, so that computed / time gives the rate shown
-        took = f"{1e3 * prompt_s:.3g} ms" if prompt_s < 1 else f"{prompt_s:.2f} s"
-        text += f" in {took}, {computed / prompt_s:.1f} tokens/s"
+        text += f" in {_three_digits(prompt_s)}, {computed / prompt_s:.1f} tokens/s"
     text += f"; decode: {generated} tokens"
     if (n_decode := generated - 1) > 0 and decode_s:
         text += f", {n_decode / decode_s:.1f} tokens/s"
     return text
+
+
+def _three_digits(seconds: float) -> str:
+    """1.58 ms, 11.0 ms, 224 ms, 2.07 s, 31.5 s: at least three significant digits, trailing zeros kept."""
+    value, unit = (1e3 * seconds, "ms") if seconds < 0.9995 else (seconds, "s")
+    decimals = 2 if value < 9.995 else 1 if value < 99.95 else 0
+    return f"{value:.{decimals}f} {unit}"
 
 
 def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) -> None:

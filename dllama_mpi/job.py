@@ -55,6 +55,7 @@ def _prepare(model_path, max_seq_len: int | None, budgets: Budgets, n_slots: int
     # a tokenizer builds its decode tables at its first decode (Llama 3's 128k vocabulary: about
     # 3 s): here, as part of starting, not inside the first request's time to its first text
     tokenizer.decode(0, 0)
+    tokenizer.min_tokens("")  # likewise its longest entry, which bounds a prompt before encoding it
     stop_ids = tuple(sorted(set(tokenizer.eos_ids)))
     return (launch, stop_ids, model.model_id, model.shard), model, tokenizer
 

@@ -81,11 +81,25 @@ def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str) -> None:
         raise InputError("the prompt is empty (no tokens); give at least one")
 
 
+PREFIX_CHARS_PER_TOKEN = 8  # a prefix this many characters a token longer than the context can't hold is encoded first
+
+
 def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str) -> None:
-    """InputError when `text` surely can't fit a context of max_seq_len tokens, known before
-    encoding it from the tokenizer's lower bound on its tokens: encoding holds Python's lock
-    (about 1 s a MiB in the tokenizers library, 10 s in ours), which the thread driving the
-    ranks then waits out, so a prompt far too long must cost no more than reading it."""
+    """InputError when `text` surely can't fit a context of max_seq_len tokens, found at a cost
+    bounded by the context rather than by the text: encoding holds Python's lock (about 1 s a
+    MiB in the tokenizers library, 3 s in ours), which the thread driving the ranks then waits
+    out. First the tokenizer's lower bound from the text's size (no encoding); then, for a text
+    longer than a context of ordinary tokens, its first part alone, cut at a space: more tokens
+    there than the context and a margin for the cut (a token may not span it) is too many."""
     if (at_least := tokenizer.min_tokens(text)) > max_seq_len:
         raise InputError(f"the prompt is at least {at_least} tokens ({len(text.encode('utf-8', 'surrogatepass'))} "
                          f"bytes) but the context holds {max_seq_len}; {remedy}")
+    limit = max_seq_len + max_seq_len // 8 + 8
+    end = PREFIX_CHARS_PER_TOKEN * limit
+    if len(text) <= end:
+        return
+    space = text.rfind(" ", 0, end)
+    end = space if space > end // 2 else end
+    if (n := len(tokenizer.encode(text[:end], bos=False, special=True))) > limit:
+        raise InputError(f"the prompt is over {max_seq_len} tokens (its first {end} characters alone are {n}) but "
+                         f"the context holds {max_seq_len}; {remedy}")

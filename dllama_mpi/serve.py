@@ -79,8 +79,6 @@ def serve(comm, args, budgets, announce) -> int:
         follow(job)
         return 0
     scheduler = Scheduler(job, backend.metrics)
-    job.tokenizer.decode(0, 0)  # builds its decoding table now (seconds for 128k tokens), not in the first request
-    job.tokenizer.min_tokens("")  # and finds its longest entry, which bounds a prompt before encoding it
     model_id = args.model_name or job.name
     backend.attach(model_id, job, scheduler)
     print(f"serving {model_id} at http://{args.host}:{server.port}/v1 ({args.slots} slots, context "

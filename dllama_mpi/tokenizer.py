@@ -964,19 +964,30 @@ class HFTokenizer:
         """A lower bound on len(encode(text, bos=False)), known without the BPE work (which
         holds Python's lock for about 1 s a MiB): the normalizer, which may shrink the text
         (NFC, Strip), runs first (a fast linear pass); then no token covers more bytes of it
-        than the longest vocabulary entry stands for."""
+        than the longest vocabulary entry stands for. 0 (no bound) where that does not hold."""
+        if self._longest_entry is None:
+            return 0
         normalizer = self.tokenizer.normalizer
         if normalizer is not None:
             text = normalizer.normalize_str(text)
         return -(-len(text.encode("utf-8", "surrogatepass")) // self._longest_entry)
 
     @functools.cached_property
-    def _longest_entry(self) -> int:
+    def _longest_entry(self) -> int | None:
         """Bytes of text the longest vocabulary entry covers (min_tokens): a byte-level entry
         spells each byte as one character; any other entry, and an added token (matched
-        whole in the text), covers its own UTF-8 bytes."""
-        decoder = self.tokenizer.decoder
-        bytelevel = decoder is not None and _decoder_kind(json.loads(decoder.__getstate__()))[0] == "bytelevel"
+        whole in the text), covers its own UTF-8 bytes. None where a token may cover more: a
+        vocabulary that can't spell every byte (its unknown token stands for any run of
+        text) or a pre-tokenizer that drops text (whitespace splitters)."""
+        def state(component) -> str:
+            return "" if component is None else component.__getstate__().decode()
+
+        decoder, pre = state(self.tokenizer.decoder), state(self.tokenizer.pre_tokenizer)
+        bytelevel = bool(decoder) and _decoder_kind(json.loads(decoder))[0] == "bytelevel"
+        every_byte = bytelevel or json.loads(state(self.tokenizer.model)).get("byte_fallback", False)
+        drops_text = any(f'"{kind}"' in pre for kind in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer", "Removed"))
+        if not every_byte or drops_text:
+            return None
         byte_chars = _byte_decoder()
         added = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
         return max(1, max(len(t) if bytelevel and t not in added and all(c in byte_chars for c in t)

@@ -271,3 +271,11 @@ def test_dry_run_checks_every_shard_not_only_shard_0(tmp_path):
     (tmp_path / "other" / "shard-1-of-2.h5").replace(shards / "shard-1-of-2.h5")
     result = _dry_run("--model", str(shards), "--memory-budget", "2", "1")
     assert result.returncode == 2 and "shard-1-of-2.h5 is a shard of another split (budgets 1 1" in result.stderr
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.00158, "1.58 ms"), (0.011, "11.0 ms"), (0.09996, "100 ms"), (0.224, "224 ms"),
+                                            (0.9994, "999 ms"), (0.9995, "1.00 s"), (2.0712, "2.07 s"), (31.5, "31.5 s")])
+def test_the_prompt_time_has_three_digits_and_its_unit(seconds, shown):
+    from dllama_mpi.cli import speed_text
+
+    assert speed_text(5, 0, seconds, 1, 0.0) == f"prompt: 5 tokens in {shown}, {5 / seconds:.1f} tokens/s; decode: 1 tokens"

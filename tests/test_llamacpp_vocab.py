@@ -179,3 +179,24 @@ def test_the_early_token_bound_refuses_a_mebibyte(name: str) -> None:
     """The bound is not vacuous: a prompt at the API's body limit is refused unencoded in the
     largest default context (4096; Llama 3's longest entry covers 128 bytes)."""
     assert load(name).min_tokens("Once upon a time. " * 58_000) > 4096
+
+
+def test_a_prompt_under_the_size_bound_but_over_the_context_costs_a_context_of_encoding(monkeypatch) -> None:
+    """Llama 2's longest piece is 48 bytes, so 20 KB of ordinary text passes the size bound for a
+    context of 512: its first part alone is encoded, cut at a space, and shows it is too long."""
+    from dllama_mpi.errors import InputError
+    from dllama_mpi.request import PREFIX_CHARS_PER_TOKEN, check_prompt_text
+
+    tok = load("llama-spm")
+    text = "Once upon a time, there was a little girl. " * 480  # 20,640 characters, 5,000+ tokens
+    assert tok.min_tokens(text) <= 512
+    encoded: list[int] = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda t, **kw: encoded.append(len(t)) or encode(t, **kw))
+    with pytest.raises(InputError, match=r"the prompt is over 512 tokens \(its first \d+ characters alone are \d+\) "
+                                         r"but the context holds 512; shorten it"):
+        check_prompt_text(tok, text, 512, "shorten it")
+    assert len(encoded) == 1 and encoded[0] <= PREFIX_CHARS_PER_TOKEN * (512 + 64 + 8)
+    fits = "Once upon a time, there was a little girl. " * 40  # about 440 tokens
+    check_prompt_text(tok, fits, 512, "shorten it")
+    check_prompt_text(tok, fits + " " + "x" * 5000, 2048, "shorten it")  # long, and no more tokens than the context
