@@ -1,7 +1,8 @@
 """Temporaries beside a target: how a writer names and marks its own, and which may be removed.
 
 Every file this program writes (a model file, a shard directory, saved logits) is written
-first to `.<name>.tmp-<host>-<pid>` beside its target and renamed over it when complete, so
+first to `.<name>.tmp-<host>-<pid>-<tag>` beside its target (the tag random: two containers
+of one hostname may run a writer of the same pid) and renamed over it when complete, so
 an interrupted write never leaves a half-written target. A writer killed with SIGKILL
 can't clean up, so the next write of the same target removes its leftover: but only that.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import secrets
 import shutil
 import socket
 from pathlib import Path
@@ -75,8 +77,12 @@ def this_writer() -> Writer:
                   os.readlink("/proc/self/ns/pid").strip("pid:[]"))
 
 
+def temporary_name(target: Path, writer: Writer, tag: str) -> str:
+    return f".{target.name}.tmp-{writer.host}-{writer.pid}-{tag}"
+
+
 def _name_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)")
+    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
 
 
 class Temporary:
@@ -88,7 +94,7 @@ class Temporary:
     def __init__(self, target: Path):
         self.target = target
         self.writer = this_writer()
-        self.path = target.with_name(f".{target.name}.tmp-{self.writer.host}-{self.writer.pid}")
+        self.path = target.with_name(temporary_name(target, self.writer, secrets.token_hex(4)))
         self.created = False
 
     def create_file(self, **h5py_options):
@@ -155,10 +161,8 @@ def remove_stale(target: Path, entries: re.Pattern | None = None) -> list[Path]:
             continue
         try:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        except FileNotFoundError:
-            pass  # another writer of the same target removed it first
-        except OSError:
-            continue  # it can't be removed (read-only): the write that follows says so, if it can't write either
+        except OSError:  # removed first by another writer of the target, or it can't be (read-only): the write
+            continue  # that follows says so, if it can't write either
         removed.append(path)
     return removed
 

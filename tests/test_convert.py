@@ -140,9 +140,9 @@ DEAD_PID = 2**22 + 1  # above Linux's pid_max: no such process
 def _temporary(target, writer, directory=False, marker=True):
     """A leftover temporary of `target` as `writer` (temporaries.Writer) would leave it: named
     after its host and pid, its record inside (a model file's half, or a shard directory)."""
-    from dllama_mpi.temporaries import MARKER
+    from dllama_mpi.temporaries import MARKER, temporary_name
 
-    path = target.with_name(f".{target.name}.tmp-{writer.host}-{writer.pid}")
+    path = target.with_name(temporary_name(target, writer, "0badc0de"))
     if directory:
         path.mkdir()
         if marker:
@@ -188,10 +188,11 @@ def test_a_users_files_named_like_temporaries_are_never_removed(tmp_path, storie
     (tmp_path / f".out.h5.tmp{DEAD_PID}").write_text("precious")
     (tmp_path / ".out.h5.tmp4").write_bytes(stories_models["q40"].read_bytes())
     (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID}").write_text("precious")
-    (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 1}").write_bytes(stories_models["q40"].read_bytes())
+    (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID}-0badc0de").write_text("precious")
+    (tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 1}-0badc0de").write_bytes(stories_models["q40"].read_bytes())
     _temporary(out, this_writer()._replace(pid=DEAD_PID + 2), directory=True, marker=False)
     disagreeing = _temporary(out, this_writer()._replace(pid=DEAD_PID + 3))
-    disagreeing.rename(tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 4}")  # its record names another pid
+    disagreeing.rename(tmp_path / f".out.h5.tmp-{host}-{DEAD_PID + 4}-0badc0de")  # its record names another pid
     crowded = _temporary(tmp_path / "shards", this_writer()._replace(pid=DEAD_PID), directory=True)
     (crowded / "thesis.tex").write_text("precious")
     before = {p.name: None if p.is_dir() else p.read_bytes() for p in tmp_path.iterdir()}
