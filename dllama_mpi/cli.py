@@ -298,19 +298,16 @@ def _run(comm, argv) -> int:
 
 def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:
     """The prompt's ids, or InputError when they can't fit the context (refused before the
-    encoding work where a bound on the length is known without encoding)."""
-    spec = launch.plan.spec
-    if (at_least := tokenizer.min_tokens(prompt)) > launch.max_seq_len:
-        raise InputError(f"the prompt is at least {at_least} tokens ({len(prompt.encode())} bytes) but the context "
-                         f"(--max-seq-len) holds {launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
-                         f"(model trained for {spec.seq_len})")
+    encoding work where that is known without it, as the API does)."""
+    from .request import check_prompt_length, check_prompt_text
+
+    fit = (launch.max_seq_len, f"shorten the prompt or raise --max-seq-len (model trained for {launch.plan.spec.seq_len})",
+           "the context (--max-seq-len)")
+    check_prompt_text(tokenizer, prompt, *fit)
     ids = tokenizer.encode(prompt, bos=True, special=True)  # special-token text is those tokens, as in the API
-    if len(ids) > launch.max_seq_len:
-        raise InputError(f"the prompt is {len(ids)} tokens but the context (--max-seq-len) holds "
-                         f"{launch.max_seq_len}; shorten the prompt or raise --max-seq-len "
-                         f"(model trained for {spec.seq_len})")
     if not ids:
         raise InputError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
+    check_prompt_length(len(ids), *fit)
     return ids
 
 

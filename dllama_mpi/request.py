@@ -71,20 +71,20 @@ class Failed:
     message: str  # the server is shutting down, or the request was cancelled
 
 
-def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str) -> None:
+def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str, context: str = "the context") -> None:
     """InputError unless a prompt of n_tokens runs in a context of max_seq_len tokens (a
     prompt that fills it still gets one token: the logits of its last position). `remedy`
-    says how to make a long prompt fit."""
+    says how to make a long prompt fit; `context` names the context as the user set it."""
     if n_tokens > max_seq_len:
-        raise InputError(f"the prompt is {n_tokens} tokens but the context holds {max_seq_len}; {remedy}")
+        raise InputError(f"the prompt is {n_tokens} tokens but {context} holds {max_seq_len}; {remedy}")
     if n_tokens == 0:
         raise InputError("the prompt is empty (no tokens); give at least one")
 
 
-PREFIX_CHARS_PER_TOKEN = 8  # a prefix this many characters a token longer than the context can't hold is encoded first
+PREFIX_CHARS_PER_TOKEN = 8  # the prefix encoded first: this many characters per context token (text averages 3-5)
 
 
-def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str) -> None:
+def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str, context: str = "the context") -> None:
     """InputError when `text` surely can't fit a context of max_seq_len tokens, found at a cost
     bounded by the context rather than by the text: encoding holds Python's lock (about 1 s a
     MiB in the tokenizers library, 3 s in ours), which the thread driving the ranks then waits
@@ -93,7 +93,7 @@ def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str) -> No
     there than the context and a margin for the cut (a token may not span it) is too many."""
     if (at_least := tokenizer.min_tokens(text)) > max_seq_len:
         raise InputError(f"the prompt is at least {at_least} tokens ({len(text.encode('utf-8', 'surrogatepass'))} "
-                         f"bytes) but the context holds {max_seq_len}; {remedy}")
+                         f"bytes) but {context} holds {max_seq_len}; {remedy}")
     limit = max_seq_len + max_seq_len // 8 + 8
     end = PREFIX_CHARS_PER_TOKEN * limit
     if len(text) <= end:
@@ -102,4 +102,4 @@ def check_prompt_text(tokenizer, text: str, max_seq_len: int, remedy: str) -> No
     end = space if space > end // 2 else end
     if (n := len(tokenizer.encode(text[:end], bos=False, special=True))) > limit:
         raise InputError(f"the prompt is over {max_seq_len} tokens (its first {end} characters alone are {n}) but "
-                         f"the context holds {max_seq_len}; {remedy}")
+                         f"{context} holds {max_seq_len}; {remedy}")

@@ -984,7 +984,7 @@ class HFTokenizer:
 
         decoder, pre = state(self.tokenizer.decoder), state(self.tokenizer.pre_tokenizer)
         bytelevel = bool(decoder) and _decoder_kind(json.loads(decoder))[0] == "bytelevel"
-        every_byte = bytelevel or json.loads(state(self.tokenizer.model)).get("byte_fallback", False)
+        every_byte = bytelevel or getattr(self.tokenizer.model, "byte_fallback", False)  # a BPE model's switch
         drops_text = any(f'"{kind}"' in pre for kind in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer", "Removed"))
         if not every_byte or drops_text:
             return None
