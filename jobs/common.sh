@@ -60,7 +60,7 @@ budgets_from_memory() {
   local counts mem budgets=() n i
   read -ra counts <<<"$(tasks_per_node)"
   mapfile -t mem < <(srun --ntasks="${#counts[@]}" --ntasks-per-node=1 --label \
-    python -c 'from dllama_mpi.budgets import available_memory as a; m = a(); m is None or print(m // 2**20)' |
+    python -c 'from dllama_mpi.parallel.budgets import available_memory as a; m = a(); m is None or print(m // 2**20)' |
     sort -n | cut -d: -f2 | tr -d ' ')
   ((${#mem[@]} == ${#counts[@]})) || die "read the memory of ${#mem[@]} node(s), expected ${#counts[@]}"
   for ((n = 0; n < ${#counts[@]}; n++)); do

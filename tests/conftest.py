@@ -62,9 +62,10 @@ def compiled_kernels() -> None:
     """Every kernel compiled once, in this process, into the suite's numba cache. On a cold cache
     every rank of a job compiles the kernels it needs at once, the same ones (a cold suite ran
     106 s longer than a warm one; this takes 40 s), and a rank under a CPU quota compiles slowly."""
-    from dllama_mpi import kernels, quant
+    from dllama_mpi.kernels import vector
+    from dllama_mpi.model import quant
 
-    kernels.warm_up(quant.K_QUANTS)
+    vector.warm_up(quant.K_QUANTS)
 
 
 def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:
@@ -116,7 +117,7 @@ def assert_refused(result, message: str, code: int = 2) -> None:
 
 
 def convert_stories(out_dir: Path, weights: str) -> Path:
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     path = out_dir / f"stories260K-{weights}.h5"
     if not path.exists():
@@ -149,9 +150,9 @@ def numpy_bytes_kept(work) -> int:
 
 def write_random_model(path: Path, spec, seed: int = 0) -> Path:
     """A model file with seeded random weights of any shape (speed and splits don't depend on values)."""
-    from dllama_mpi.modelfile import write_model
-    from dllama_mpi.synthetic import synthetic_tensors
-    from dllama_mpi.tokenizer import Tokenizer
+    from dllama_mpi.files.modelfile import write_model
+    from dllama_mpi.files.synthetic import synthetic_tensors
+    from dllama_mpi.files.tokenizer import Tokenizer
 
     write_model(path, spec, synthetic_tensors(spec, seed), Tokenizer.synthetic(max(spec.vocab_size, 259)))
     return path
@@ -159,7 +160,7 @@ def write_random_model(path: Path, spec, seed: int = 0) -> Path:
 
 def read_dense(path: Path) -> tuple:
     """(spec, {name: stored array}) of a model file, for the numpy reference."""
-    from dllama_mpi.modelfile import ModelFile, tensor_layout
+    from dllama_mpi.files.modelfile import ModelFile, tensor_layout
 
     model = ModelFile(path)
     try:

@@ -15,11 +15,11 @@ import sys
 
 import numpy as np
 
-from dllama_mpi.cli import run_guarded
-from dllama_mpi.comm import Comm
-from dllama_mpi.job import open_job
-from dllama_mpi.scheduler import generate
-from dllama_mpi.threads import set_threads
+from dllama_mpi.commands.cli import run_guarded
+from dllama_mpi.job.loading import open_job
+from dllama_mpi.parallel.comm import Comm
+from dllama_mpi.parallel.threads import set_threads
+from dllama_mpi.serving.scheduler import generate
 
 
 def main() -> int:

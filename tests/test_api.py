@@ -1,4 +1,4 @@
-"""The HTTP API (dllama_mpi.api) against a fake backend, through the official openai client with strict response
+"""The HTTP API (dllama_mpi.serving.api) against a fake backend, through the official openai client with strict response
 validation: what a real client sees, with no MPI and no model."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dllama_mpi.api import Server, make_app
 from dllama_mpi.errors import InputError
-from dllama_mpi.metrics import Metrics
-from dllama_mpi.request import Failed, Finished, GenRequest, Piece, TokenLogprob, check_prompt_text
+from dllama_mpi.serving.api import Server, make_app
+from dllama_mpi.serving.metrics import Metrics
+from dllama_mpi.serving.request import Failed, Finished, GenRequest, Piece, TokenLogprob, check_prompt_text
 
 KEY = "sk-test"
 MODEL = "fake-model"
@@ -99,7 +99,7 @@ class FakeBackend:
 def fake_chat():
     """chat.prompt_ids replaced by the fake: these tests are about HTTP, not templates."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("dllama_mpi.chat.prompt_ids", fake_prompt_ids)
+        mp.setattr("dllama_mpi.serving.templates.prompt_ids", fake_prompt_ids)
         yield
 
 

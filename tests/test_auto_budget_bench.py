@@ -16,7 +16,7 @@ spec.loader.exec_module(ab)
 
 
 def test_memory_budgets_split_the_available_memory_evenly_in_mib_as_common_sh_does():
-    from dllama_mpi.budgets import available_memory
+    from dllama_mpi.parallel.budgets import available_memory
 
     before = available_memory() // 2**20
     assert abs(ab.available_mib() - before) < 256  # what common.sh's python line prints, give or take other processes
@@ -33,7 +33,7 @@ def test_bench_command_pins_two_single_thread_ranks():
     command = ab.bench_command("/x/mpiexec", ["--shape", "tiny"], ["auto"], 16)
     assert command[:7] == ["/x/mpiexec", "-n", "2", str(ab.TOOLS / "pinned"), "0", "1", "--"]
     tail = command[7:]
-    assert tail[1:3] == ["-m", "dllama_mpi.bench"]
+    assert tail[1:3] == ["-m", "dllama_mpi", "bench"]
     for flag, value in (("--memory-budget", "auto"), ("--nthreads", "1"), ("--decode-steps", "16"), ("--repeat", "1"),
                         ("--shape", "tiny"), ("--prompt-lengths", "8")):
         assert tail[tail.index(flag) + 1] == value

@@ -20,12 +20,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from work_clock import WorkClock
 
-from dllama_mpi.autobudget import plan_shares, solve
-from dllama_mpi.budgets import Budgets, fastest_shares, parse_budgets, rank_need, share_ratios
 from dllama_mpi.errors import InputError
-from dllama_mpi.plan import make_plan
-from dllama_mpi.spec import ModelSpec
-from dllama_mpi.speed import RankSpeed, fit
+from dllama_mpi.job.autobudget import plan_shares, solve
+from dllama_mpi.job.speed import RankSpeed, fit
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.budgets import Budgets, fastest_shares, parse_budgets, rank_need, share_ratios
+from dllama_mpi.parallel.plan import make_plan
 
 MiB = 2**20
 SPEC = ModelSpec(dim=1024, hidden_dim=2816, n_layers=6, n_heads=16, n_kv_heads=4, head_dim=64, vocab_size=4096,
@@ -106,8 +106,8 @@ def test_the_solved_plan_respects_granules_and_caps(per_share, data):
 def test_one_rank_times_each_share_of_the_model_on_the_kernels_and_fits_the_line(monkeypatch):
     """On a clock that moves only by the products run, each sample is what the share's rows of
     every layer and the classifier cost, and the line through them predicts other shares."""
-    from dllama_mpi import speed
-    from dllama_mpi.comm import self_comm
+    from dllama_mpi.job import speed
+    from dllama_mpi.parallel.comm import self_comm
 
     clock = WorkClock(s_per_weight=1e-8, s_per_product=1e-4)
     monkeypatch.setattr(speed, "matmul", clock.counting(speed.matmul))
@@ -129,7 +129,7 @@ def test_auto_budgets_are_written_auto_or_auto_and_one_size_per_rank():
 
 
 def test_the_converter_refuses_auto_and_says_how_to_pre_split(tmp_path):
-    from dllama_mpi.convert import ConvertError, convert
+    from dllama_mpi.files.convert import ConvertError, convert
 
     with pytest.raises(ConvertError, match="--memory-budget auto chose 667 333"):
         convert(tmp_path / "none.bin", tmp_path / "out", None, "q40", budgets=["auto"])
@@ -207,7 +207,8 @@ def half_core(cpus):
 
 def test_a_rank_under_a_cpu_quota_reads_it_and_sleeps_at_gathers(cpus, half_core):
     probe = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{half_core}", "--", sys.executable,
-                            "-c", "import sys; from dllama_mpi.cgroups import cpu_quota; from dllama_mpi.comm import Comm; "
+                            "-c", "import sys; from dllama_mpi.cgroups import cpu_quota; "
+                                  "from dllama_mpi.parallel.comm import Comm; "
                                   "c = Comm(); q = cpu_quota(); "  # one write per rank: the ranks' lines don't interleave
                                   "sys.stdout.write(f'{c.rank} {q and q[0]} {c.wait} {c.nonblocking_gathers}\\n')"],
                         timeout=60)
@@ -222,7 +223,7 @@ def test_a_rank_under_a_cpu_quota_reads_it_and_sleeps_at_gathers(cpus, half_core
 def test_a_gather_waits_the_way_its_rank_was_told(monkeypatch, mode):
     """How a nonblocking gather is waited for (not how long): sleeping between tests, yielding
     between tests, or MPI's own wait."""
-    from dllama_mpi import comm
+    from dllama_mpi.parallel import comm
 
     class Request:  # completes at its third test
         tests, waited = 0, False
@@ -273,7 +274,7 @@ def test_a_small_cap_holds_the_fast_rank_back_and_says_so(cpus, mid_model):
 def test_auto_refuses_shards_split_for_fixed_budgets(tmp_path):
     from conftest import STORIES, assert_refused, need_stories
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
     convert(STORIES / "stories260K.bin", tmp_path / "sh", STORIES / "tok512.bin", "q40", budgets=["1", "1"])
@@ -283,7 +284,7 @@ def test_auto_refuses_shards_split_for_fixed_budgets(tmp_path):
 
 
 def test_wait_modes_block_on_own_cores_yield_when_oversubscribed_and_sleep_under_a_small_quota():
-    from dllama_mpi.comm import wait_modes
+    from dllama_mpi.parallel.comm import wait_modes
 
     # (host, pid, usable cores, the cgroup whose CPU quota binds the rank, that quota in CPUs)
     assert wait_modes([("a", 1, 2, None, None), ("a", 2, 2, None, None)]) == ["block", "block"]

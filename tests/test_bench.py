@@ -18,7 +18,7 @@ KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_pe
 
 
 def test_bench_json_under_mpiexec(tmp_path):
-    result = run_mpiexec(3, [sys.executable, "-m", "dllama_mpi.bench", "--shape", "tiny", "--memory-budget", "2", "1", "1",
+    result = run_mpiexec(3, [sys.executable, "-m", "dllama_mpi", "bench", "--shape", "tiny", "--memory-budget", "2", "1", "1",
                              "--buffer-float-type", "q80", "f32", "--prompt-lengths", "16", "40", "--decode-steps", "4",
                              "--repeat", "1", "--rows", "1", "3", "--json"], timeout=300,
                          env={"XDG_CACHE_HOME": str(tmp_path)})
@@ -41,11 +41,11 @@ def test_bench_json_under_mpiexec(tmp_path):
 
 def test_bench_model_file_table(tmp_path):
     """--model measures a given file (here of a shape no --shape has), as a table; --rows off by default."""
-    from dllama_mpi.bench import SHAPES
+    from dllama_mpi.commands.bench import SHAPES
 
     spec = dataclasses.replace(SHAPES["tiny"], vocab_size=300, n_layers=2)
     model = write_random_model(tmp_path / "other.h5", spec)
-    result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi.bench", "--model", str(model), "--prompt-lengths", "12",
+    result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi", "bench", "--model", str(model), "--prompt-lengths", "12",
                              "--decode-steps", "3", "--repeat", "1"], timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
@@ -59,12 +59,12 @@ def test_bench_model_file_table(tmp_path):
 ENCODE_KEYS = ("vocab", "tokenizer", "kib", "chars", "tokens", "seconds", "tokens_per_s", "repeats")
 SPM_GGUF = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-spm.gguf"
 # main() in a fresh interpreter, which then tells whether mpi4py was imported (importing it initialises MPI)
-MAIN_THEN_MPI = ("import sys; from dllama_mpi.bench import main; rc = main(sys.argv[1:]); "
+MAIN_THEN_MPI = ("import sys; from dllama_mpi.commands.bench import main; rc = main(sys.argv[1:]); "
                  "print('mpi4py' in sys.modules); sys.exit(rc)")
 
 
 def test_bench_encode_json_one_process(tmp_path):
-    from dllama_mpi.bench import SHAPES, encode_text, load_vocab
+    from dllama_mpi.commands.bench import SHAPES, encode_text, load_vocab
 
     vocabs = [write_random_model(tmp_path / "tiny.h5", SHAPES["tiny"])]
     vocabs += [p for p in (STORIES / "tok512.bin", SPM_GGUF) if p.exists()]  # the shared ones where present
@@ -85,14 +85,14 @@ def test_bench_encode_json_one_process(tmp_path):
 
 
 def test_bench_encode_missing_vocab(tmp_path, capsys):
-    from dllama_mpi.bench import main
+    from dllama_mpi.commands.bench import main
 
     assert main(["--encode", str(tmp_path / "nowhere.bin")]) == 2
     assert capsys.readouterr().err.startswith("error: vocabulary ")
 
 
 def test_bench_help_is_complete():
-    from dllama_mpi.bench import parser
+    from dllama_mpi.commands.bench import parser
 
     p = parser()
     assert p.description.endswith("(one process, no mpirun).")  # a whole description, not a docstring's first line
@@ -104,7 +104,7 @@ def test_bench_help_is_complete():
                                            ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan"),
                                            ("--rows", "0")])
 def test_bench_refuses_values_it_cant_measure(option, value, capsys):
-    from dllama_mpi.bench import parser
+    from dllama_mpi.commands.bench import parser
 
     with pytest.raises(SystemExit) as exit_:
         parser().parse_args([option, value])
@@ -112,7 +112,7 @@ def test_bench_refuses_values_it_cant_measure(option, value, capsys):
 
 
 def test_bench_model_and_shape_exclude_each_other(capsys):
-    from dllama_mpi.bench import parser
+    from dllama_mpi.commands.bench import parser
 
     assert parser().parse_args(["--model", "m.h5", "--rows", "1", "2", "4", "8"]).rows == [1, 2, 4, 8]
     assert parser().parse_args([]).rows is None  # the sweep is off by default
@@ -122,7 +122,7 @@ def test_bench_model_and_shape_exclude_each_other(capsys):
 
 
 def test_bench_reports_the_instruction_set_in_use():
-    from dllama_mpi import qmatmul
-    from dllama_mpi.bench import kernel_isa
+    from dllama_mpi.commands.bench import kernel_isa
+    from dllama_mpi.kernels import qmatmul
 
     assert kernel_isa() == qmatmul.ISA in qmatmul.host_isas()

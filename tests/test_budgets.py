@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from dllama_mpi.budgets import RUNTIME_BYTES, Budgets, fit_problems, parse_budgets, rank_need
 from dllama_mpi.errors import InputError
-from dllama_mpi.plan import make_plan
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.budgets import RUNTIME_BYTES, Budgets, fit_problems, parse_budgets, rank_need
+from dllama_mpi.parallel.plan import make_plan
 
 TINYLLAMA = ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
                       vocab_size=32000, seq_len=2048, weight_type="q40")
@@ -112,7 +112,7 @@ def test_a_server_needs_the_kv_cache_of_every_slot():
 
 from pathlib import Path  # noqa: E402
 
-from dllama_mpi.budgets import available_memory, memory_limit_source  # noqa: E402
+from dllama_mpi.parallel.budgets import available_memory, memory_limit_source  # noqa: E402
 
 V1_UNLIMITED = 9223372036854771712  # PAGE_COUNTER_MAX in bytes (4 KiB pages)
 
@@ -286,7 +286,8 @@ def test_no_readable_cpu_quota_is_none(tmp_path, files):
 
 
 def test_node_cores_are_the_quota_where_it_allows_fewer_than_the_affinity(monkeypatch):
-    from dllama_mpi import cgroups, threads
+    from dllama_mpi import cgroups
+    from dllama_mpi.parallel import threads
 
     affinity = len(os.sched_getaffinity(0))
     monkeypatch.setattr(cgroups, "cpu_quota", lambda root=None: None)

@@ -18,10 +18,10 @@ from test_llamacpp_vocab import load  # the vocabularies, loaded once for both m
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
-from dllama_mpi import chat
-from dllama_mpi.chat import ChatTemplateError, NoChatTemplate
 from dllama_mpi.errors import InputError
-from dllama_mpi.tokenizer import HFTokenizer, Tokenizer
+from dllama_mpi.files.tokenizer import HFTokenizer, Tokenizer
+from dllama_mpi.serving import templates
+from dllama_mpi.serving.templates import ChatTemplateError, NoChatTemplate
 
 TEMPLATE_DIR = Path(__file__).parent / "data" / "chat_templates"
 LLAMA31 = "meta-llama-Llama-3.1-8B-Instruct"
@@ -68,7 +68,7 @@ class FixedDatetime(datetime):
 @pytest.fixture(autouse=True)
 def fixed_date(monkeypatch):
     """strftime_now, ours and transformers', reads the same pinned day."""
-    monkeypatch.setattr(chat, "datetime", FixedDatetime)
+    monkeypatch.setattr(templates, "datetime", FixedDatetime)
     monkeypatch.setattr(hf_chat, "datetime", FixedDatetime)
 
 
@@ -98,7 +98,7 @@ def hf_render(raw: RawTokenizer, name: str, messages: list[dict], add_generation
 def test_render_matches_transformers(tiny_raw, name: str, conversation: str, add_generation_prompt: bool) -> None:
     messages = CONVERSATIONS[conversation]
     bos, eos = SPECIALS[name]
-    ours = chat.render(template(name), messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt)
+    ours = templates.render(template(name), messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt)
     assert ours == hf_render(tiny_raw, name, messages, add_generation_prompt)
     assert ours.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n" if name in (LLAMA31, LLAMA32) and
                          add_generation_prompt else "")
@@ -108,7 +108,7 @@ def test_render_matches_transformers(tiny_raw, name: str, conversation: str, add
 
 def test_extra_variables_reach_the_template(tiny_raw) -> None:
     messages = CONVERSATIONS["user"]
-    ours = chat.render(template(LLAMA32), messages, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+    ours = templates.render(template(LLAMA32), messages, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                        date_string="01 Jan 2030")
     assert "Today Date: 01 Jan 2030\n" in ours
     assert ours == hf_render(tiny_raw, LLAMA32, messages, True, date_string="01 Jan 2030")
@@ -116,27 +116,27 @@ def test_extra_variables_reach_the_template(tiny_raw) -> None:
 
 def test_absent_bos_is_undefined_not_none(tiny_raw) -> None:
     """transformers passes only the special tokens a tokenizer has: no BOS renders as nothing."""
-    text = chat.render("[{{ bos_token }}|{{ eos_token }}]", CONVERSATIONS["user"], bos_token=None, eos_token="</s>")
+    text = templates.render("[{{ bos_token }}|{{ eos_token }}]", CONVERSATIONS["user"], bos_token=None, eos_token="</s>")
     assert text == "[|</s>]"
 
 
 def test_reasoning_fields_are_aliased_like_transformers(tiny_raw) -> None:
     tpl = "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}/{{ m.thinking }}/{{ m.content }};{% endfor %}"
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "because"}]
-    ours = chat.render(tpl, messages, bos_token=None, eos_token=None, add_generation_prompt=False)
+    ours = templates.render(tpl, messages, bos_token=None, eos_token=None, add_generation_prompt=False)
     hf = hf_tokenizer(tiny_raw, None, None).apply_chat_template(messages, chat_template=tpl, tokenize=False)
     assert ours == hf == "user://q;assistant:because/because/a;"
 
 
 def test_tojson_keeps_html_and_unicode() -> None:
     tpl = "{{ messages[0].content | tojson }}|{{ messages | tojson(indent=1, sort_keys=true) }}"
-    text = chat.render(tpl, [{"role": "user", "content": "<b>&é"}], bos_token=None, eos_token=None)
+    text = templates.render(tpl, [{"role": "user", "content": "<b>&é"}], bos_token=None, eos_token=None)
     assert text == '"<b>&é"|[\n {\n  "content": "<b>&é",\n  "role": "user"\n }\n]'
 
 
 def test_generation_blocks_render_their_body() -> None:
     tpl = "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
-    assert chat.render(tpl, CONVERSATIONS["user"], bos_token=None, eos_token=None) == "[What is 2+2?]"
+    assert templates.render(tpl, CONVERSATIONS["user"], bos_token=None, eos_token=None) == "[What is 2+2?]"
 
 
 def test_text_parts_equal_string_content() -> None:
@@ -144,8 +144,8 @@ def test_text_parts_equal_string_content() -> None:
     plain = [{"role": "user", "content": "Hello, world"}]
     for name in (LLAMA31, QWEN25, MISTRAL):
         bos, eos = SPECIALS[name]
-        assert chat.render(template(name), parts, bos_token=bos, eos_token=eos) == \
-            chat.render(template(name), plain, bos_token=bos, eos_token=eos)
+        assert templates.render(template(name), parts, bos_token=bos, eos_token=eos) == \
+            templates.render(template(name), plain, bos_token=bos, eos_token=eos)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -154,37 +154,37 @@ def test_text_parts_equal_string_content() -> None:
 def test_raise_exception_carries_the_templates_message() -> None:
     two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ChatTemplateError, match="conversation roles must alternate user/assistant"):
-        chat.render(template(MISTRAL), two_users, bos_token="<s>", eos_token="</s>")
+        templates.render(template(MISTRAL), two_users, bos_token="<s>", eos_token="</s>")
 
 
 def test_template_failures_are_chat_template_errors() -> None:
     with pytest.raises(ChatTemplateError, match="does not compile: .*line 1"):
-        chat.render("{% if %}oops", CONVERSATIONS["user"], bos_token=None, eos_token=None)
+        templates.render("{% if %}oops", CONVERSATIONS["user"], bos_token=None, eos_token=None)
     with pytest.raises(ChatTemplateError, match="failed on these messages: UndefinedError"):
-        chat.render("{{ messages[5]['content'] }}", CONVERSATIONS["user"], bos_token=None, eos_token=None)
+        templates.render("{{ messages[5]['content'] }}", CONVERSATIONS["user"], bos_token=None, eos_token=None)
     with pytest.raises(ChatTemplateError, match="SecurityError"):  # the sandbox holds
-        chat.render("{{ messages.__class__.__subclasses__() }}", CONVERSATIONS["user"], bos_token=None, eos_token=None)
+        templates.render("{{ messages.__class__.__subclasses__() }}", CONVERSATIONS["user"], bos_token=None, eos_token=None)
     assert issubclass(ChatTemplateError, InputError) and issubclass(NoChatTemplate, InputError)
 
 
 @pytest.mark.parametrize("messages", [[], "hi", [["user", "hi"]]], ids=["empty", "string", "not-a-dict"])
 def test_malformed_messages(messages) -> None:
     with pytest.raises(ChatTemplateError, match="expected"):
-        chat.render("{{ messages }}", messages, bos_token=None, eos_token=None)
+        templates.render("{{ messages }}", messages, bos_token=None, eos_token=None)
 
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}}, "text", {"type": "text", "text": 3}])
 def test_non_text_parts_are_refused(part) -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": "see"}, part]}]
     with pytest.raises(ChatTemplateError, match="message 0: content part .* only text parts"):
-        chat.render("{{ messages }}", messages, bos_token=None, eos_token=None)
+        templates.render("{{ messages }}", messages, bos_token=None, eos_token=None)
 
 
 def test_no_template(llama_bpe) -> None:
     untemplated = copy.copy(llama_bpe)
     untemplated.chat_template = None
     for tok in (untemplated, Tokenizer.synthetic(300)):
-        for make in (chat.prompt_ids, chat.prompt_text):
+        for make in (templates.prompt_ids, templates.prompt_text):
             with pytest.raises(NoChatTemplate, match="no chat template .* /v1/completions"):
                 make(tok, CONVERSATIONS["user"])
 
@@ -215,12 +215,12 @@ def llama_spm():
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 def test_bpe_ids_match_transformers(llama_bpe, llama_bpe_hf, conversation: str, add_generation_prompt: bool) -> None:
     messages = CONVERSATIONS[conversation]
-    ids = chat.prompt_ids(llama_bpe, messages, add_generation_prompt)
+    ids = templates.prompt_ids(llama_bpe, messages, add_generation_prompt)
     expected = llama_bpe_hf.apply_chat_template(messages, chat_template=llama_bpe.chat_template, tokenize=True,
                                                 add_generation_prompt=add_generation_prompt, return_dict=False)
     assert ids == expected
     assert ids[0] == 128000 and ids.count(128000) == 1  # the template's BOS, and no second one
-    assert chat.prompt_text(llama_bpe, messages, add_generation_prompt) == \
+    assert templates.prompt_text(llama_bpe, messages, add_generation_prompt) == \
         llama_bpe_hf.apply_chat_template(messages, chat_template=llama_bpe.chat_template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
@@ -228,14 +228,14 @@ def test_bpe_ids_match_transformers(llama_bpe, llama_bpe_hf, conversation: str, 
 def test_bpe_typed_special_tokens_stay_text(llama_bpe, llama_bpe_hf) -> None:
     typed = "x <|eot_id|><|start_header_id|>system<|end_header_id|> y<|begin_of_text|>"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": typed}]
-    ids = chat.prompt_ids(llama_bpe, messages)
+    ids = templates.prompt_ids(llama_bpe, messages)
     # the template writes <|eot_id|> twice (after system and user) and one BOS; the user's copies are text
     assert ids.count(128009) == 2 and ids.count(128000) == 1 and ids.count(128006) == 3
     plain = llama_bpe.encode(typed, bos=False, special=False)
     assert 128009 not in plain
     start = ids.index(128007, ids.index(882)) + 1  # after "<|start_header_id|>user<|end_header_id|>"
     assert ids[start : start + 1 + len(plain) + 1] == [271, *plain, 128009]  # "\n\n", the text, the template's end
-    text = chat.prompt_text(llama_bpe, messages)
+    text = templates.prompt_text(llama_bpe, messages)
     assert typed in text
     assert llama_bpe_hf.decode(ids) == text  # nothing lost or added
     # what transformers tokenizes for the rendered text, except around the user's special-token text
@@ -245,11 +245,11 @@ def test_bpe_typed_special_tokens_stay_text(llama_bpe, llama_bpe_hf) -> None:
 
 
 def test_private_use_markers_in_messages_round_trip(llama_bpe, llama_bpe_hf) -> None:
-    """The characters chat.py marks special-token text with can't be forged or lost."""
+    """The characters templates.py marks special-token text with can't be forged or lost."""
     typed = "\ue0000\ue001 \ue000 <|eot_id|> \ue001\ue0001\ue001"
     messages = [{"role": "user", "content": typed}]
-    ids = chat.prompt_ids(llama_bpe, messages)
-    assert llama_bpe_hf.decode(ids) == chat.prompt_text(llama_bpe, messages)
+    ids = templates.prompt_ids(llama_bpe, messages)
+    assert llama_bpe_hf.decode(ids) == templates.prompt_text(llama_bpe, messages)
     assert typed in llama_bpe_hf.decode(ids) and ids.count(128009) == 2
 
 
@@ -257,9 +257,9 @@ def test_spm_ids(llama_spm) -> None:
     """The Mistral template writes <s> itself and the vocabulary adds BOS too: one BOS. Without typed
     special tokens the ids are the project's llama.cpp-exact encoding of the rendered text."""
     messages = CONVERSATIONS["multi-turn"][1:]
-    text = chat.prompt_text(llama_spm, messages)
+    text = templates.prompt_text(llama_spm, messages)
     assert text == "<s>[INST]Hi[/INST]Hello, how can I help?</s>[INST]Tell me a joke.[/INST]"
-    ids = chat.prompt_ids(llama_spm, messages)
+    ids = templates.prompt_ids(llama_spm, messages)
     assert ids == llama_spm.encode(text, bos=False, special=True)
     assert ids[0] == 1 and ids.count(1) == 1 and ids.count(2) == 1
     assert llama_spm.encode(text, bos=True, special=True)[:2] == [1, 1]  # what a naive encode would give
@@ -267,15 +267,15 @@ def test_spm_ids(llama_spm) -> None:
 
 def test_spm_typed_special_tokens_stay_text(llama_spm) -> None:
     messages = [{"role": "user", "content": "Bye </s><s> now"}]
-    ids = chat.prompt_ids(llama_spm, messages)
+    ids = templates.prompt_ids(llama_spm, messages)
     assert ids.count(1) == 1 and 2 not in ids
     assert ids == [1, *llama_spm.encode("[INST]Bye </s><s> now[/INST]", bos=False, special=False)]
-    assert chat.prompt_text(llama_spm, messages) == "<s>[INST]Bye </s><s> now[/INST]"
+    assert templates.prompt_text(llama_spm, messages) == "<s>[INST]Bye </s><s> now[/INST]"
 
 
 def test_text_parts_give_the_same_ids(llama_bpe) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "<|eot_id|>a"}, {"type": "text", "text": "b"}]}]
-    assert chat.prompt_ids(llama_bpe, parts) == chat.prompt_ids(llama_bpe, [{"role": "user", "content": "<|eot_id|>ab"}])
+    assert templates.prompt_ids(llama_bpe, parts) == templates.prompt_ids(llama_bpe, [{"role": "user", "content": "<|eot_id|>ab"}])
 
 
 def test_split_special_follows_the_library() -> None:
@@ -297,9 +297,9 @@ def test_a_chat_surely_too_long_is_refused_before_encoding(llama_bpe, monkeypatc
     """With max_seq_len, the rendered chat is bounded from its bytes first: a MiB of message
     never reaches the BPE work; a chat that fits is encoded as without the bound."""
     messages = CONVERSATIONS["user"]
-    assert chat.prompt_ids(llama_bpe, messages, max_seq_len=4096) == chat.prompt_ids(llama_bpe, messages)
+    assert templates.prompt_ids(llama_bpe, messages, max_seq_len=4096) == templates.prompt_ids(llama_bpe, messages)
     monkeypatch.setattr(llama_bpe, "encode", lambda *a, **k: pytest.fail("encoded a prompt the bound refuses"))
     huge = [{"role": "user", "content": "Once upon a time. " * 58_000}]
     with pytest.raises(InputError, match=r"the prompt is at least \d+ tokens \(\d+ bytes\) but the context holds 4096; "
                                          "shorten the conversation"):
-        chat.prompt_ids(llama_bpe, huge, max_seq_len=4096)
+        templates.prompt_ids(llama_bpe, huge, max_seq_len=4096)

@@ -77,8 +77,8 @@ def _table(stdout):
 
 @pytest.mark.parametrize("budgets", [["1"], ["3", "1"], ["3", "2", "2", "1"], ["1", "1", "1", "1", "1", "1", "1"]])
 def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_models, budgets):
-    from dllama_mpi.modelfile import open_model
-    from dllama_mpi.plan import make_plan
+    from dllama_mpi.files.modelfile import open_model
+    from dllama_mpi.parallel.plan import make_plan
 
     result = _dry_run("--model", str(stories_models["q40"]), "--memory-budget", *budgets, "--max-seq-len", "200")
     assert result.returncode == 0, result.stderr
@@ -98,8 +98,8 @@ def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_model
 
 
 def test_serve_dry_run_counts_every_slot_s_kv_cache_and_says_so(stories_models):
-    from dllama_mpi.modelfile import open_model
-    from dllama_mpi.plan import make_plan
+    from dllama_mpi.files.modelfile import open_model
+    from dllama_mpi.parallel.plan import make_plan
 
     result = _dry_run("serve", "--model", str(stories_models["q40"]), "--memory-budget", "3", "1",
                       "--max-seq-len", "200", "--slots", "4")
@@ -129,7 +129,7 @@ def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):
 def test_dry_run_checks_shards_against_the_budgets(tmp_path):
     from conftest import STORIES, need_stories
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
     shards = tmp_path / "shards"
@@ -144,13 +144,13 @@ def test_the_prompt_is_echoed_exactly_on_a_model_without_bos(tmp_path):
     import numpy as np
     from test_convert_gguf import hf_weights, write_hf_dir
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     hf_dir = tmp_path / "hf"
     write_hf_dir(hf_dir, "qwen2", hf_weights(np.random.default_rng(0), "qwen2"))
     model = tmp_path / "m.h5"
     convert(hf_dir, model, None, "f32")
-    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.files.modelfile import open_model
 
     tokenizer = open_model(model).tokenizer()
     prompt = "The capital of France is"
@@ -192,9 +192,9 @@ def llama3_vocab_model(tmp_path_factory) -> Path:
     """A tiny random model with Llama 3's 128k vocabulary, whose decode tables take seconds to build."""
     from test_llamacpp_vocab import load  # skips where the vocabulary is missing
 
-    from dllama_mpi.modelfile import write_model
-    from dllama_mpi.spec import ModelSpec
-    from dllama_mpi.synthetic import synthetic_tensors
+    from dllama_mpi.files.modelfile import write_model
+    from dllama_mpi.files.synthetic import synthetic_tensors
+    from dllama_mpi.model.spec import ModelSpec
 
     tokenizer = load("llama-bpe")
     spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -208,8 +208,8 @@ def test_the_prompt_notice_and_the_speed_line_time_the_same_work(llama3_vocab_mo
     """`processing the prompt (N tokens) ... done in X s` and `prompt: N tokens in T, R tokens/s` agree: the
     tokenizer's decode tables (seconds for this vocabulary) are built while starting, not inside the first text's
     time (which once read `done in 3 s` beside 0.02 s). The notice is forced: it waits 2 s otherwise."""
-    forced = ("import sys, dllama_mpi.job as job; job.SaidIfSlow.__init__.__defaults__ = (True, 0.0); "
-              "from dllama_mpi.cli import main; sys.exit(main())")
+    forced = ("import sys, dllama_mpi.job.loading as job; job.SaidIfSlow.__init__.__defaults__ = (True, 0.0); "
+              "from dllama_mpi.commands.cli import main; sys.exit(main())")
     result = run_mpiexec(2, [PY, "-c", forced, "--model", str(llama3_vocab_model), "--prompt", "Once upon a time",
                              "--steps", "4"], timeout=180)
     assert result.returncode == 0, result.stderr
@@ -236,7 +236,7 @@ def test_what_is_adjusted_or_doubtful_is_said(stories_models):
 def test_a_long_wait_says_what_it_is_for(capsys):
     import time
 
-    from dllama_mpi.job import SaidIfSlow
+    from dllama_mpi.job.loading import SaidIfSlow
 
     with SaidIfSlow("compiling kernels (once; cached in X)", after_s=0.2):
         time.sleep(0.5)
@@ -263,7 +263,7 @@ def test_options_are_never_abbreviated(stories_models):
 def test_dry_run_checks_every_shard_not_only_shard_0(tmp_path):
     from conftest import STORIES, need_stories
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
     shards = tmp_path / "shards"
@@ -277,6 +277,6 @@ def test_dry_run_checks_every_shard_not_only_shard_0(tmp_path):
 @pytest.mark.parametrize("seconds, shown", [(0.00158, "1.58 ms"), (0.011, "11.0 ms"), (0.09996, "100 ms"), (0.224, "224 ms"),
                                             (0.9994, "999 ms"), (0.9995, "1.00 s"), (2.0712, "2.07 s"), (31.5, "31.5 s")])
 def test_the_prompt_time_has_three_digits_and_its_unit(seconds, shown):
-    from dllama_mpi.cli import speed_text
+    from dllama_mpi.commands.cli import speed_text
 
     assert speed_text(5, 0, seconds, 1, 0.0) == f"prompt: 5 tokens in {shown}, {5 / seconds:.1f} tokens/s; decode: 1 tokens"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import REPO, STORIES, need_stories
 
-from dllama_mpi import quant
-from dllama_mpi.convert import main as convert_main
-from dllama_mpi.modelfile import ModelFile, ModelFileError
+from dllama_mpi.files.convert import main as convert_main
+from dllama_mpi.files.modelfile import ModelFile, ModelFileError
+from dllama_mpi.model import quant
 
 
 def test_file_is_self_describing(stories_models):
@@ -107,7 +107,7 @@ def test_killed_conversion_leaves_no_output(tmp_path):
     need_stories()
     src = _random_llama2c(tmp_path / "big.bin")
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "dllama_mpi.convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
+    cmd = [sys.executable, "-m", "dllama_mpi", "convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while sum(p.stat().st_size for p in tmp_path.glob(".out.h5.tmp-*")) < 2**20 and time.monotonic() < deadline:
@@ -138,9 +138,9 @@ DEAD_PID = 2**22 + 1  # above Linux's pid_max: no such process
 
 
 def _temporary(target, writer, directory=False, marker=True):
-    """A leftover temporary of `target` as `writer` (temporaries.Writer) would leave it: named
+    """A leftover temporary of `target` as `writer` (atomic_output.Writer) would leave it: named
     after its host and pid, its record inside (a model file's half, or a shard directory)."""
-    from dllama_mpi.temporaries import MARKER, temporary_name
+    from dllama_mpi.files.atomic_output import MARKER, temporary_name
 
     path = target.with_name(temporary_name(target, writer, "0badc0de"))
     if directory:
@@ -161,7 +161,7 @@ def _convert_stories(out, *more):
 
 
 def test_a_dead_writers_temporary_is_removed(tmp_path):
-    from dllama_mpi.temporaries import this_writer
+    from dllama_mpi.files.atomic_output import this_writer
 
     need_stories()
     dead = this_writer()._replace(pid=DEAD_PID)
@@ -181,7 +181,7 @@ def test_a_users_files_named_like_temporaries_are_never_removed(tmp_path, storie
     than shards in it: none is the converter's to remove."""
     import socket
 
-    from dllama_mpi.temporaries import this_writer
+    from dllama_mpi.files.atomic_output import this_writer
 
     need_stories()
     out, host = tmp_path / "out.h5", socket.gethostname()
@@ -207,7 +207,7 @@ def test_a_users_files_named_like_temporaries_are_never_removed(tmp_path, storie
 def test_another_hosts_temporary_is_left(tmp_path, other):
     """A node sharing the filesystem (or a container) runs writers whose pids mean nothing
     here: their temporaries are left, live or not."""
-    from dllama_mpi.temporaries import this_writer
+    from dllama_mpi.files.atomic_output import this_writer
 
     need_stories()
     field = {"host": "host", "pid-namespace": "pid_ns", "boot": "boot"}[other]
@@ -221,7 +221,7 @@ def test_another_hosts_temporary_is_left(tmp_path, other):
 def test_a_temporary_whose_pid_now_runs_another_process_is_stale(tmp_path):
     """The pid is alive, but the process started at another time than the writer did: the
     pid was reused and the writer is gone. The writer itself, alive, keeps its temporary."""
-    from dllama_mpi.temporaries import this_writer
+    from dllama_mpi.files.atomic_output import this_writer
 
     need_stories()
     alive = subprocess.Popen(["sleep", "60"])
@@ -247,7 +247,7 @@ def test_two_conversions_of_one_target_at_once(tmp_path, second):
     need_stories()
     src = _random_llama2c(tmp_path / "big.bin")
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "dllama_mpi.convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
+    cmd = [sys.executable, "-m", "dllama_mpi", "convert", str(src), str(out), "--tokenizer", str(STORIES / "tok512.bin")]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.h5.tmp-*")) and time.monotonic() < deadline:
@@ -271,7 +271,7 @@ def test_two_conversions_of_one_target_at_once(tmp_path, second):
 
 def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
     """A log (CI, Slurm) gets plain lines, at most one per PROGRESS_INTERVAL_S and one at the end."""
-    from dllama_mpi import modelfile
+    from dllama_mpi.files import modelfile
 
     need_stories()
     monkeypatch.setattr(modelfile, "PROGRESS_INTERVAL_S", 0)
@@ -305,7 +305,7 @@ def test_replacing_shards_never_loses_both_sets(tmp_path, monkeypatch):
     can't be removed, it stays whole beside the new one and the message says where."""
     from pathlib import Path
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
     args = (STORIES / "stories260K.bin", tmp_path / "shards", STORIES / "tok512.bin", "q40")
@@ -330,7 +330,7 @@ def test_replacing_shards_never_loses_both_sets(tmp_path, monkeypatch):
 def test_an_unwritable_place_is_the_users_error(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
 

@@ -1,4 +1,4 @@
-"""distributed-llama .m / .t reader (dllama_mpi.convert.dllama)."""
+"""distributed-llama .m / .t reader (dllama_mpi.files.convert.dllama)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import dllama_writer as dw
 import numpy as np
 import pytest
 
-from dllama_mpi import quant
-from dllama_mpi.convert import ConvertError, dllama
-from dllama_mpi.convert.rope import halves_to_interleaved
+from dllama_mpi.files.convert import ConvertError, dllama
+from dllama_mpi.files.convert.rope import halves_to_interleaved
+from dllama_mpi.model import quant
 
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ = 96, 160, 2, 3, 1, 300, 64
 HEAD_DIM = DIM // HEADS
@@ -194,7 +194,7 @@ def test_malformed_tokenizers(tmp_path, tokenizer_file):
 
 def _converted_q40(tmp_path, tokenizer_file, seed):
     """Random weights written as a Q40 .m, converted: (weights, HDF5 path)."""
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     w = _weights(np.random.default_rng(seed))
     path = tmp_path / "model.m"
@@ -216,9 +216,9 @@ def test_end_to_end_q40_bit_exact(tmp_path, tokenizer_file):
 def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
     """Engine logits of a converted .m equal a dense numpy forward pass over the blocks the
     distributed-llama writer produced (independent of our reader)."""
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.job import open_job
-    from dllama_mpi.reference import DenseModel
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.kernels.reference import DenseModel
+    from dllama_mpi.parallel.comm import Comm
 
     w, out = _converted_q40(tmp_path, tokenizer_file, 6)
     expected_tensors = {}
@@ -241,7 +241,7 @@ def test_converted_model_gives_the_writers_logits(tmp_path, tokenizer_file):
 def test_a_model_keeps_its_type_unless_weights_says_otherwise(tmp_path, tokenizer_file, weight_type, capsys):
     import h5py
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     path = tmp_path / "model.m"
     dw.write_model(path, PARAMS, _weights(np.random.default_rng(3)), weight_type)

@@ -1,4 +1,4 @@
-"""GGUF reader (dllama_mpi.convert.gguf_model) on small GGUF files written with gguf.GGUFWriter
+"""GGUF reader (dllama_mpi.files.convert.gguf_model) on small GGUF files written with gguf.GGUFWriter
 the way llama.cpp's convert_hf_to_gguf lays them out."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from dllama_mpi import quant  # noqa: E402
-from dllama_mpi.convert import ConvertError, gguf_model  # noqa: E402
-from dllama_mpi.convert.rope import halves_to_interleaved  # noqa: E402
+from dllama_mpi.files.convert import ConvertError, gguf_model  # noqa: E402
+from dllama_mpi.files.convert.rope import halves_to_interleaved  # noqa: E402
+from dllama_mpi.model import quant  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, CTX = 96, 160, 2, 3, 1, 300, 128
@@ -185,7 +185,7 @@ def test_q4_0_and_q8_0_pass_through_bit_exact(tmp_path, arch):
 
 
 def test_other_types_are_dequantized_and_forcing_a_type_says_what_it_changes(tmp_path, capsys):
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     hf = hf_weights(np.random.default_rng(2), "llama")
     stored = stored_layout(hf, "llama")
@@ -257,7 +257,7 @@ def test_a_truncated_gguf_is_named_with_the_bytes_missing(tmp_path, missing):
 def test_end_to_end_q40_bit_exact(tmp_path):
     import h5py
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     for arch in ("llama", "qwen2"):
         hf = hf_weights(np.random.default_rng(5), arch)
@@ -313,9 +313,9 @@ def write_hf_dir(directory, arch: str, hf: dict) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_and_hf_paths_give_the_same_logits(tmp_path, arch):
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.convert import convert
-    from dllama_mpi.job import open_job
+    from dllama_mpi.files.convert import convert
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
 
     rng = np.random.default_rng(11)
     hf = {k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
@@ -377,7 +377,7 @@ def q4km_like(tmp_path, rng, path_name="q4km.gguf"):
 
 def float_reference(tmp_path, raw, types, stored):
     """The model as gguf-py dequantizes every tensor, written as F32 and converted to f32."""
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     dense = {n: (gguf.quants.dequantize(raw[n], types[n]) if n in types else stored[n]) for n in stored}
     write_gguf(tmp_path / "ref.gguf", "llama", dense)
@@ -386,8 +386,8 @@ def float_reference(tmp_path, raw, types, stored):
 
 
 def _logits(path, tokens=(1, 5, 260, 77)):
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.job import open_job
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
 
     job = open_job(Comm(), path, (1,), buffer_type="f32", max_seq_len=8)
     return np.stack([job.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)])
@@ -399,8 +399,8 @@ def test_a_q4_k_m_file_keeps_q4_k_and_q6_k_natively_and_gives_the_float_referenc
     gguf-py's dequantization."""
     import h5py
 
-    from dllama_mpi.convert import convert, info
-    from dllama_mpi.weights import Parts
+    from dllama_mpi.files.convert import convert, info
+    from dllama_mpi.job.weights import Parts
 
     path, raw, types, stored = q4km_like(tmp_path, np.random.default_rng(14))
     convert(path, tmp_path / "m.h5", None, None)
@@ -417,8 +417,8 @@ def test_a_q4_k_m_file_keeps_q4_k_and_q6_k_natively_and_gives_the_float_referenc
             assert f[name][()].tobytes() == raw[name].tobytes(), name
     assert re.search(r"by type: f32 5 tensor\(s\) [\d.]+ MiB, q4k 13 tensor\(s\) [\d.]+ MiB, q6k 3 tensor\(s\) ",
                      info(tmp_path / "m.h5"))
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.job import open_job
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
 
     job = open_job(Comm(), tmp_path / "m.h5", (1,), max_seq_len=8)
     assert job.weights.nbytes == job.plan.weight_bytes(0)  # the memory plan counts q4k's resident bytes exactly
@@ -441,7 +441,7 @@ def test_a_q6_k_file_runs_every_matrix_natively_with_the_float_references_logits
     float reference's up to the f32 rounding of the products."""
     import h5py
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     rng = np.random.default_rng(16)
     stored = stored_layout({k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
@@ -466,7 +466,7 @@ def test_a_q4_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims)
 
     from conftest import REPO, run_mpiexec
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     path, *_ = q4km_like(tmp_path, np.random.default_rng(15))
     convert(path, tmp_path / "m.h5", None, None)
@@ -484,7 +484,7 @@ def test_a_q4_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims)
 
 
 def test_choose_types_keeps_what_runs_per_tensor():
-    from dllama_mpi.convert import choose_types
+    from dllama_mpi.files.convert import choose_types
 
     q4km = {}
     for layer in range(3):

@@ -13,8 +13,8 @@ from conftest import REPO, run_mpiexec
 torch = pytest.importorskip("torch", reason="the HF tests need torch (pip install '.[test]')")
 transformers = pytest.importorskip("transformers", reason="the HF tests need transformers (pip install '.[test]')")
 
-from dllama_mpi.convert import convert  # noqa: E402
-from dllama_mpi.synthetic import write_hf_tokenizer  # noqa: E402
+from dllama_mpi.files.convert import convert  # noqa: E402
+from dllama_mpi.files.synthetic import write_hf_tokenizer  # noqa: E402
 
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 180, 260, 11, 5, 77, 123, 64, 31, 2, 8, 200, 150, 9]  # 20 tokens
 STEPS = 32
@@ -95,7 +95,7 @@ def test_sharded_checkpoint_was_exercised(converted):
 
 
 def test_spec_records_the_architecture(converted):
-    from dllama_mpi.modelfile import ModelFile
+    from dllama_mpi.files.modelfile import ModelFile
 
     model_type, path, _, _ = converted
     spec = ModelFile(path).spec

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from conftest import numpy_bytes_kept, read_dense, write_random_model
 
-from dllama_mpi.comm import Comm
-from dllama_mpi.job import open_job
-from dllama_mpi.reference import DenseModel
-from dllama_mpi.scheduler import generate
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.job.loading import open_job
+from dllama_mpi.kernels.reference import DenseModel
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.comm import Comm
+from dllama_mpi.serving.scheduler import generate
 
 # head_dim 64 with q_dim (4 * 64) != dim (160): dims that are multiples of 32 but not of 64
 RANDOM_SPEC = ModelSpec(dim=160, hidden_dim=288, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
@@ -132,7 +132,7 @@ def test_rows_of_several_sequences_in_one_step_equal_each_sequence_alone(random_
     """Three sequences in three KV slots, fed as a server feeds them (a prompt chunk next to
     other sequences' decoding rows, in any mix): every logits row is bit for bit the one the
     sequence gets alone in a one-slot engine."""
-    from dllama_mpi.engine import Batch
+    from dllama_mpi.job.engine import Batch
 
     seqs = [TOKENS[:7], TOKENS[3:12], TOKENS[::2]]
     alone = []

@@ -14,7 +14,7 @@ import h5py
 import pytest
 from conftest import STORIES, assert_refused, finish, need_stories, run_mpiexec, start_mpiexec, write_random_model
 
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.model.spec import ModelSpec
 
 PY = sys.executable
 
@@ -104,7 +104,7 @@ def test_when_the_model_file_is_bad(stories_models, tmp_path, damage, message, c
 
 
 def test_when_a_shard_is_damaged_the_rank_reading_it_is_named(stories_models, tmp_path):
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     shards = tmp_path / "shards"
     convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["2", "1", "1"])
@@ -195,8 +195,8 @@ def _generating(slow_model):
 
 
 FAULT_ON_RANK_1 = (
-    "from dllama_mpi.comm import Comm\n"
-    "from dllama_mpi.cli import run_guarded\n"
+    "from dllama_mpi.parallel.comm import Comm\n"
+    "from dllama_mpi.commands.cli import run_guarded\n"
     "comm = Comm()\n"
     "def job():\n"
     "    if comm.rank == 1:\n"
@@ -247,7 +247,7 @@ def test_when_the_launcher_is_interrupted(slow_model, sig, code):
 
 # ------------------------------------------------------------------ converter
 def _convert(*args, timeout=120):
-    return subprocess.run([PY, "-m", "dllama_mpi.convert", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "dllama_mpi", "convert", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -392,7 +392,7 @@ def _in_small_filesystem(tmp_path, size: str, *convert_args):
     """The converter writing into a tmpfs of `size` (a mount namespace of its own)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    command = (f"mount -t tmpfs -o size={size} tmpfs {mount} && {PY} -m dllama_mpi.convert {convert_args[0]} "
+    command = (f"mount -t tmpfs -o size={size} tmpfs {mount} && {PY} -m dllama_mpi convert {convert_args[0]} "
                f"{mount}/out.h5 " + " ".join(map(str, convert_args[1:])) + f"; rc=$?; ls -A {mount}; exit $rc")
     try:
         return subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", command], capture_output=True,
@@ -425,7 +425,7 @@ def test_when_the_converter_writes_into_a_read_only_directory(tmp_path, shards):
     need_stories()
     place = tmp_path / "ro"
     place.mkdir()
-    command = (f"mount --bind -o ro {place} {place} && {PY} -m dllama_mpi.convert {STORIES / 'stories260K.bin'} "
+    command = (f"mount --bind -o ro {place} {place} && {PY} -m dllama_mpi convert {STORIES / 'stories260K.bin'} "
                f"{place}/out --tokenizer {STORIES / 'tok512.bin'} {' '.join(shards)}; rc=$?; ls -A {place}; exit $rc")
     try:
         result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", command], capture_output=True,

@@ -21,11 +21,11 @@ from conftest import STORIES, need_stories
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.convert import dllama, read_source
 from dllama_mpi.errors import InputError
-from dllama_mpi.modelfile import ModelFile
-from dllama_mpi.spec import ModelSpec
-from dllama_mpi.tokenizer import Tokenizer
+from dllama_mpi.files.convert import dllama, read_source
+from dllama_mpi.files.modelfile import ModelFile
+from dllama_mpi.files.tokenizer import Tokenizer
+from dllama_mpi.model.spec import ModelSpec
 
 PEAK_BYTES = 64 * 2**20  # far above what these small inputs need, far below what a bad size field asks for
 # 60 examples per parser in CI; DLLAMA_FUZZ_EXAMPLES=1500 for a longer campaign
@@ -232,7 +232,7 @@ def test_hf_config_and_safetensors_header(work, hf_dir, changes, header_edits, c
     def parse():
         source = read_source(path, None)
         spec = ModelSpec(**source.spec_fields, weight_type="f32")
-        from dllama_mpi.modelfile import tensor_layout
+        from dllama_mpi.files.modelfile import tensor_layout
 
         layout = tensor_layout(spec)
         for name, array in source.tensors():
@@ -247,7 +247,7 @@ SWEEP = """
 import sys, traceback
 from pathlib import Path
 from dllama_mpi.errors import InputError
-from dllama_mpi.modelfile import ModelFile, tensor_layout
+from dllama_mpi.files.modelfile import ModelFile, tensor_layout
 source, work, offsets = Path(sys.argv[1]), Path(sys.argv[2]), map(int, sys.argv[3:])
 data = source.read_bytes()
 for offset in offsets:

@@ -1,4 +1,4 @@
-"""dllama_mpi.gguf_file reads what gguf-py's GGUFReader reads: every metadata value with its
+"""dllama_mpi.files.gguf_file reads what gguf-py's GGUFReader reads: every metadata value with its
 types, every tensor's type, shape and bytes (the fuzzing of damaged files is in test_fuzz.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from dllama_mpi.gguf_file import GGUFError, GGUFFile  # noqa: E402
+from dllama_mpi.files.gguf_file import GGUFError, GGUFFile  # noqa: E402
 
 
 def _reference_value(field):

@@ -16,8 +16,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi import kernels, qmatmul, quant, reference, threads
-from dllama_mpi.weights import Matrix
+from dllama_mpi.job.weights import Matrix
+from dllama_mpi.kernels import qmatmul, reference, vector
+from dllama_mpi.model import quant
+from dllama_mpi.parallel import threads
 
 F16_MAX = 65504.0
 # weight type _ activation form: the engine's pairs (quant.ACTIVATION_TYPE with q80 buffers, f32 with f32 ones)
@@ -90,7 +92,7 @@ def _kernel_q80(x: np.ndarray):
     g = qmatmul.groups(nb)
     blocks = np.full((n_tok, nb, 34), 0xAB, np.uint8)
     xq, xsum, xd = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32), np.zeros((n_tok, 16 * g), np.float32)
-    kernels.quantize_q80(x, blocks)
+    vector.quantize_q80(x, blocks)
     qmatmul.pack_q80(blocks, xq, xsum, xd)
     return blocks, xq, xsum, xd
 
@@ -118,11 +120,11 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
     b = m.rows if b is None else b
     n_tok = x.shape[0]
     out = np.full((n_tok, b - a), np.nan, np.float32)
-    lanes = np.full((kernels.CHUNKS, 16), 77777, np.int32), np.full((kernels.CHUNKS, 16), 1e30, np.float32)
+    lanes = np.full((vector.CHUNKS, 16), 77777, np.int32), np.full((vector.CHUNKS, 16), 1e30, np.float32)
     if kind == "f32":
-        rows, args = kernels.f32_rows, (m.w[a:b], x)
+        rows, args = vector.f32_rows, (m.w[a:b], x)
     elif kind == "f16":
-        rows, args = kernels.f16_rows, (m.w[a:b], x)
+        rows, args = vector.f16_rows, (m.w[a:b], x)
     elif kind.endswith(("_q80", "_q8k")):
         xq, xsum, xd = _kernel_q8k(x) if kind.endswith("_q8k") else _kernel_q80(x)[1:]
         rows = qmatmul.ROWS[kind.split("_")[0]][0]
@@ -133,7 +135,7 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
     if serial:
         rows(0, b - a, 0, *args, out)
     else:
-        kernels.PARALLEL[rows](*args, out)
+        vector.PARALLEL[rows](*args, out)
     return out
 
 
@@ -192,7 +194,7 @@ def test_f16_bits_to_f32_matches_numpy_for_every_bit_pattern():
 @pytest.mark.parametrize("h", [0x0000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x7C00, 0x8001, 0xBC00, 0xFBFF, 0xFC00])
 def test_f16_bits_to_f32_scalar_calls(h):
     expected = np.array([h], np.uint16).view(np.float16).astype(np.float32)[0]
-    assert np.float32(kernels.f16_bits_to_f32(h)).view(np.uint32) == expected.view(np.uint32)
+    assert np.float32(vector.f16_bits_to_f32(h)).view(np.uint32) == expected.view(np.uint32)
 
 
 def _f16_bits(x: np.float32) -> int:
@@ -214,7 +216,7 @@ def test_f32_to_f16_bits_exact_values_ties_and_neighbours():
             np.nextafter(mids, np.float32(np.inf)),
         ]
     )
-    got = np.array([kernels.f32_to_f16_bits(v) for v in values], np.int64)
+    got = np.array([vector.f32_to_f16_bits(v) for v in values], np.int64)
     expected = values.astype(np.float16).view(np.uint16).astype(np.int64)
     bad = np.flatnonzero(got != expected)
     assert bad.size == 0, [(float(values[i]), int(got[i]), int(expected[i])) for i in bad[:5]]
@@ -248,7 +250,7 @@ def test_f32_to_f16_bits_exact_values_ties_and_neighbours():
 )
 def test_f32_to_f16_bits_hand_picked(x):
     v = np.float32(x)
-    assert int(kernels.f32_to_f16_bits(v)) == _f16_bits(v)
+    assert int(vector.f32_to_f16_bits(v)) == _f16_bits(v)
 
 
 @settings(max_examples=400, deadline=None)
@@ -257,14 +259,14 @@ def test_f32_to_f16_bits_hand_picked(x):
 @example(6.1035156e-05)
 def test_f32_to_f16_bits_matches_numpy(x):
     v = np.float32(x)
-    assert int(kernels.f32_to_f16_bits(v)) == _f16_bits(v)
+    assert int(vector.f32_to_f16_bits(v)) == _f16_bits(v)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.floats(min_value=0.0, max_value=2.0**-14, width=32, allow_nan=False, allow_infinity=False))
 def test_f32_to_f16_bits_matches_numpy_on_subnormals(x):
     v = np.float32(x)
-    assert int(kernels.f32_to_f16_bits(v)) == _f16_bits(v)
+    assert int(vector.f32_to_f16_bits(v)) == _f16_bits(v)
 
 
 def test_f16_row_decodes_every_value():
@@ -272,7 +274,7 @@ def test_f16_row_decodes_every_value():
     finite = np.isfinite(bits.view(np.float16))
     expected = bits.view(np.float16).astype(np.float32)
     out = np.zeros(bits.size, np.float32)
-    kernels.f16_row(bits, out)
+    vector.f16_row(bits, out)
     np.testing.assert_array_equal(out[finite], expected[finite])
 
 
@@ -287,14 +289,14 @@ def test_f16_products_decode_every_value_exactly_in_lanes_and_tail():
         x = np.zeros((1, 8), np.float32)
         x[0, j] = 1
         out = np.zeros((1, lanes.shape[0]), np.float32)
-        kernels.f16_rows(0, lanes.shape[0], 0, lanes, x, out)
+        vector.f16_rows(0, lanes.shape[0], 0, lanes, x, out)
         np.testing.assert_array_equal(out[0], expected.reshape(-1, 8)[:, j] + np.float32(0))  # -0 sums to +0
     out = np.zeros((1, bits.size), np.float32)
-    kernels.f16_rows(0, bits.size, 0, bits.reshape(-1, 1), np.ones((1, 1), np.float32), out)
+    vector.f16_rows(0, bits.size, 0, bits.reshape(-1, 1), np.ones((1, 1), np.float32), out)
     np.testing.assert_array_equal(out[0], expected + np.float32(0))
     special = np.array([[0x7C00], [0xFC00], [0x7E00]], np.uint16)  # +inf, -inf, nan
     out = np.zeros((1, 3), np.float32)
-    kernels.f16_rows(0, 3, 0, special, np.ones((1, 1), np.float32), out)
+    vector.f16_rows(0, 3, 0, special, np.ones((1, 1), np.float32), out)
     assert out[0, 0] == np.inf and out[0, 1] == -np.inf and np.isnan(out[0, 2])
 
 
@@ -367,7 +369,7 @@ def test_quantize_q80_ignores_a_trailing_partial_block():
     rng = np.random.default_rng(13)
     x = _tokens(rng, 2, 32 * 3 + 5)  # (2, 101)
     blocks = np.full((2, 3, 34), 0xAB, np.uint8)
-    kernels.quantize_q80(x, blocks)
+    vector.quantize_q80(x, blocks)
     np.testing.assert_array_equal(blocks, quant.as_bytes(quant.quantize_q80_activations(np.ascontiguousarray(x[:, :96]))))
 
 
@@ -452,7 +454,7 @@ def test_q80_values_match_numpy_dequantize(n_tok, n):
     x = _tokens(rng, n_tok, n)
     blocks, _, _, _ = _kernel_q80(x)
     out = np.full((n_tok, n), np.nan, np.float32)
-    kernels.q80_values(blocks, out)
+    vector.q80_values(blocks, out)
     _assert_bits(out, quant.dequantize_q80(quant.quantize_q80_activations(x)))
 
 
@@ -533,7 +535,7 @@ def test_matmul_q40_q80_single_block_by_hand():
     xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), np.float32)
     qmatmul.pack_q80(xblocks, xq, xsum, xd)
     out = np.zeros((1, 1), np.float32)
-    lanes = np.zeros((kernels.CHUNKS, 16), np.int32), np.zeros((kernels.CHUNKS, 16), np.float32)
+    lanes = np.zeros((vector.CHUNKS, 16), np.int32), np.zeros((vector.CHUNKS, 16), np.float32)
     qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
     exact = np.dot(qw - 8, qx.astype(np.int64)) * 0.5 * 0.25
     assert out[0, 0] == np.float32(exact)
@@ -556,7 +558,7 @@ def test_matmul_q80_q80_extreme_codes_by_hand():
     xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), np.float32)
     qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
     out = np.zeros((1, 2), np.float32)
-    lanes = np.zeros((kernels.CHUNKS, 16), np.int32), np.zeros((kernels.CHUNKS, 16), np.float32)
+    lanes = np.zeros((vector.CHUNKS, 16), np.int32), np.zeros((vector.CHUNKS, 16), np.float32)
     qmatmul.matmul_q_q80(m.qs, m.d, xq, xsum, xd, *lanes, out)
     wv = quant.dequantize_q80(w).astype(np.float64)  # (2, 96)
     np.testing.assert_array_equal(out[0], (wv @ np.full(96, -254.0)).astype(np.float32))
@@ -584,7 +586,7 @@ def test_rmsnorm_matches_reference(n, n_tok):
     x = _tokens(rng, n_tok, n)  # (T, n)
     weight = (1 + 0.5 * rng.standard_normal(n)).astype(np.float32)  # (n,)
     out = np.full((n_tok, n), np.nan, np.float32)
-    kernels.rmsnorm(x, weight, 1e-5, out)
+    vector.rmsnorm(x, weight, 1e-5, out)
     for t in range(n_tok):
         _assert_close(out[t], reference.rmsnorm(x[t], weight, 1e-5))
 
@@ -594,7 +596,7 @@ def test_rmsnorm_eps_matters_for_small_inputs():
     x = np.array([[1e-4, -2e-4, 3e-4, 0, 5e-4, -1e-4, 2e-4]], np.float32)
     weight = np.linspace(0.5, 2, 7).astype(np.float32)
     out = np.zeros((1, 7), np.float32)
-    kernels.rmsnorm(x, weight, 1e-2, out)
+    vector.rmsnorm(x, weight, 1e-2, out)
     _assert_close(out[0], reference.rmsnorm(x[0], weight, 1e-2))
     _assert_close(out[0], (weight * x[0] / np.sqrt(np.mean(x[0].astype(np.float64) ** 2) + 1e-2)).astype(np.float32))
 
@@ -606,7 +608,7 @@ def test_rmsnorm_heads_matches_reference(n_heads, head_dim, n_tok):
     vec = _tokens(rng, n_tok, n_heads * head_dim)  # (T, n_heads * head_dim)
     weight = (1 + 0.3 * rng.standard_normal(head_dim)).astype(np.float32)  # (head_dim,)
     expected = [reference.rmsnorm_heads(v, head_dim, weight, 1e-6) for v in vec]
-    kernels.rmsnorm_heads(vec, head_dim, weight, 1e-6)
+    vector.rmsnorm_heads(vec, head_dim, weight, 1e-6)
     for t in range(n_tok):
         _assert_close(vec[t], expected[t])
 
@@ -614,7 +616,7 @@ def test_rmsnorm_heads_matches_reference(n_heads, head_dim, n_tok):
 def test_rope_table_angles():
     head_dim, theta = 10, 10000.0
     freqs = theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (5,)
-    cos, sin = kernels.rope_table(freqs, 18)  # (18, 5) each
+    cos, sin = vector.rope_table(freqs, 18)  # (18, 5) each
     assert cos.shape == sin.shape == (18, 5) and cos.dtype == np.float32
     p, i = np.meshgrid(np.arange(18), np.arange(5), indexing="ij")
     angles = p * theta ** (-2.0 * i / head_dim)
@@ -631,10 +633,10 @@ def test_rope_matches_reference(head_dim, pos0, n_tok):
     n_heads = 3
     rng = np.random.default_rng(head_dim * 100 + pos0 * 10 + n_tok)
     freqs = 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
-    cos, sin = kernels.rope_table(freqs, pos0 + n_tok)  # (pos0 + T, head_dim // 2)
+    cos, sin = vector.rope_table(freqs, pos0 + n_tok)  # (pos0 + T, head_dim // 2)
     vec = _tokens(rng, n_tok, n_heads * head_dim)  # (T, n_heads * head_dim)
     expected = [reference.rope(vec[t].copy(), head_dim, cos[pos0 + t], sin[pos0 + t]) for t in range(n_tok)]
-    kernels.rope(vec, head_dim, np.ascontiguousarray(cos[pos0:]), np.ascontiguousarray(sin[pos0:]))
+    vector.rope(vec, head_dim, np.ascontiguousarray(cos[pos0:]), np.ascontiguousarray(sin[pos0:]))
     for t in range(n_tok):
         _assert_close(vec[t], expected[t])
 
@@ -650,7 +652,7 @@ def test_rope_rotates_interleaved_pairs_by_hand():
         [[-2, 1, 3 * c - 4 * s, 3 * s + 4 * c, -6, 5, 7 * c - 8 * s, 7 * s + 8 * c], [1, 2, 3, 4, 5, 6, 7, 8]],
         np.float32,
     )
-    kernels.rope(vec, 4, cos, sin)
+    vector.rope(vec, 4, cos, sin)
     np.testing.assert_allclose(vec, expected, rtol=1e-6)
 
 
@@ -664,7 +666,7 @@ def test_silu_mul_matches_reference(n, n_tok):
         h1[:, 1] = 30.0
     h3 = _tokens(rng, n_tok, n)
     out = np.full((n_tok, n), np.nan, np.float32)
-    kernels.silu_mul(np.concatenate((h1, h3), axis=1), out)  # the stacked w1/w3 product's rows
+    vector.silu_mul(np.concatenate((h1, h3), axis=1), out)  # the stacked w1/w3 product's rows
     for t in range(n_tok):
         _assert_close(out[t], reference.silu_mul(h1[t], h3[t]))
 
@@ -674,20 +676,20 @@ def test_exp_matches_numpy_within_two_ulp_and_lanes_equal_the_tail(n):
     rng = np.random.default_rng(n)
     x = np.concatenate([rng.uniform(-87, 88, n), [0.0, -1e-7, 1e-7, -20.5, 88.0, -87.0]]).astype(np.float32)
     out = np.full_like(x, np.nan)
-    kernels.exp_into(x, 1.0, 0.0, out)
+    vector.exp_into(x, 1.0, 0.0, out)
     expected = np.exp(x.astype(np.float64))
     assert np.all(np.abs(out - expected) <= 2 * np.spacing(expected.astype(np.float32)))
     # an element gives the same bits in a vector lane (the first 8s) and in the scalar tail
     for i in range(len(x)):
         one = np.full(1, np.nan, np.float32)
-        kernels.exp_into(x[i : i + 1], 1.0, 0.0, one)
+        vector.exp_into(x[i : i + 1], 1.0, 0.0, one)
         assert one.view(np.uint32)[0] == out.view(np.uint32)[i]
 
 
 def test_exp_clamps_instead_of_overflowing():
     x = np.array([-1e4, -100, 100, 1e4, -np.inf, np.inf], np.float32)
     out = np.empty_like(x)
-    kernels.exp_into(x, 1.0, 0.0, out)
+    vector.exp_into(x, 1.0, 0.0, out)
     assert np.all(np.isfinite(out)) and np.all(out[:2] < 1e-37) and np.all(out[2:4] > 1e38)
     assert out[4] < 1e-37 and out[5] > 1e38
 
@@ -721,9 +723,9 @@ def _run_attention(q, k, v, kv_of_head, pos0, slots=None, positions=None, serial
     args = (q, k, v, np.asarray(kv_of_head, np.int64), np.asarray(slots, np.int64), np.asarray(positions, np.int64),
             scores, out)
     if serial:
-        kernels.attention_heads(0, q.shape[1], *args)
+        vector.attention_heads(0, q.shape[1], *args)
     else:
-        kernels.attention(*args)
+        vector.attention(*args)
     return out
 
 
@@ -778,7 +780,7 @@ def test_store_kv_puts_each_row_in_its_slot_at_its_position():
     k_cache, v_cache = np.zeros((3, 8, 2, 4), np.float32), np.zeros((3, 8, 2, 4), np.float32)
     k, v = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
     slots, positions = np.array([1, 2, 1]), np.array([0, 7, 3])
-    kernels.store_kv(k, v, slots, positions, k_cache, v_cache)
+    vector.store_kv(k, v, slots, positions, k_cache, v_cache)
     for t, (s, p) in enumerate(zip(slots, positions)):
         assert np.array_equal(k_cache[s, p].reshape(-1), k[t]) and np.array_equal(v_cache[s, p].reshape(-1), v[t])
     assert np.count_nonzero(k_cache) == np.count_nonzero(k)
@@ -845,7 +847,7 @@ def _safe_coins(p, cut, n=400, seed=0):
 
 def _kernel_sample(logits, temperature, top_p, coin):
     n = logits.shape[0]
-    return int(kernels.sample(logits, float(temperature), float(top_p), float(coin), np.zeros(n), np.zeros(n)))
+    return int(vector.sample(logits, float(temperature), float(top_p), float(coin), np.zeros(n), np.zeros(n)))
 
 
 @pytest.mark.parametrize("n", [1, 37, 512])
@@ -972,7 +974,7 @@ def test_matmul_row_slice_bit_identical_to_full_product(a, b):
 def test_matmul_row_slice_with_more_rows_than_chunks():
     # 150 rows (> CHUNKS, so chunks hold several rows each) and 5 tokens: an uneven split
     # still gives every row exactly its value in the full product
-    assert 150 > kernels.CHUNKS
+    assert 150 > vector.CHUNKS
     run = _all_matmuls(np.random.default_rng(35), 150, 32 * 3, n_tok=5)
     full = run()
     for a, b in [(0, 71), (71, 150), (64, 65)]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from dllama_mpi.budgets import Budgets
 from dllama_mpi.errors import UsageError
-from dllama_mpi.launch import DEFAULT_MAX_SEQ_LEN, check_fit, plan_launch
-from dllama_mpi.modelfile import largest_tensor_bytes
-from dllama_mpi.plan import make_plan
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.files.modelfile import largest_tensor_bytes
+from dllama_mpi.job.launch import DEFAULT_MAX_SEQ_LEN, check_fit, plan_launch
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.budgets import Budgets
+from dllama_mpi.parallel.plan import make_plan
 
 SPEC = ModelSpec(dim=256, hidden_dim=768, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
                  seq_len=8192, weight_type="q40")

@@ -171,7 +171,7 @@ def test_run_commands(tmp_path):
     assert lc.llama_bench_command(Path("/c/llama-bench"), g, 2) == [
         "/c/llama-bench", "-m", str(g), "-t", "2", "-p", "128", "-n", "32", "-r", "1", "-o", "json"]
     assert lc.ours_command("mpiexec", h, ["3", "2", "2", "1"], python="py") == [
-        "mpiexec", "-n", "4", "py", "-m", "dllama_mpi.bench", "--model", str(h), "--memory-budget", "3", "2", "2", "1",
+        "mpiexec", "-n", "4", "py", "-m", "dllama_mpi", "bench", "--model", str(h), "--memory-budget", "3", "2", "2", "1",
         "--prompt-lengths", "128", "--decode-steps", "32", "--repeat", "1", "--json"]
     assert lc.ours_command("mpiexec", h, ["1"], python="py", nthreads=2)[-2:] == ["--nthreads", "2"]
     assert lc.parse_configs(["1", "1-1", "3-2-2-1"]) == [["1"], ["1", "1"], ["3", "2", "2", "1"]]
@@ -181,15 +181,15 @@ def test_run_commands(tmp_path):
 
 def test_the_commands_parse_under_the_bench_and_the_converter(tmp_path):
     """Our run command is one the bench's parser takes, and the converter's is its console script or module."""
-    from dllama_mpi.bench import parser
+    from dllama_mpi.commands.bench import parser
 
     command = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1", "1"], python="py")
-    args = parser().parse_args(command[command.index("dllama_mpi.bench") + 1 :])
+    args = parser().parse_args(command[command.index("dllama_mpi.commands.bench") + 1 :])
     assert args.model == str(tmp_path / "m.h5") and args.memory_budget == ["1", "1"] and args.json
     assert args.prompt_lengths == [128] and args.decode_steps == 32 and args.repeat == 1
     convert = lc.convert_command(tmp_path / "a.gguf", tmp_path / "a.h5")
     assert convert[-2:] == [str(tmp_path / "a.gguf"), str(tmp_path / "a.h5")]
-    assert convert[0].endswith("dllama-mpi-convert") or convert[1:3] == ["-m", "dllama_mpi.convert"]
+    assert convert[0].endswith("dllama-mpi-convert") or convert[1:3] == ["-m", "dllama_mpi", "convert"]
 
 
 def test_runs_are_interleaved():
@@ -308,8 +308,8 @@ def test_spm_vocab_is_unique_and_typed():
 
 
 def test_gguf_of_a_tiny_shape_reads_back_and_converts_bit_exact(tmp_path):
-    from dllama_mpi.bench import SHAPES
-    from dllama_mpi.modelfile import ModelFile
+    from dllama_mpi.commands.bench import SHAPES
+    from dllama_mpi.files.modelfile import ModelFile
 
     spec = SHAPES["tiny"]
     gguf_path, h5_path = lc.prepare_models(tmp_path, "tiny", seed=3)
@@ -352,7 +352,7 @@ def test_gguf_of_a_tiny_shape_reads_back_and_converts_bit_exact(tmp_path):
 
 
 def test_gguf_seed_decides_the_weights(tmp_path):
-    from dllama_mpi.spec import ModelSpec
+    from dllama_mpi.model.spec import ModelSpec
 
     small = ModelSpec(dim=64, hidden_dim=96, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, vocab_size=300,
                       seq_len=64, weight_type="q40", shared_classifier=False)
@@ -384,7 +384,7 @@ def test_greedy_tools_padded_stories260k_is_the_same_model(tmp_path):
 
     from conftest import STORIES, convert_stories, need_stories
 
-    from dllama_mpi.convert import convert
+    from dllama_mpi.files.convert import convert
 
     need_stories()
     sys.path.insert(0, str(REPO / "tools"))

@@ -19,7 +19,7 @@ from conftest import SHARED_MODELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.tokenizer import HFTokenizer, SpmTokenizer, Tokenizer, from_gguf, load_tokenizer
+from dllama_mpi.files.tokenizer import HFTokenizer, SpmTokenizer, Tokenizer, from_gguf, load_tokenizer
 
 VOCAB_DIR = SHARED_MODELS / "llamacpp-vocab"
 NAMES = ("llama-spm", "llama-bpe")
@@ -72,7 +72,7 @@ CASES = _params()
 
 @functools.cache
 def load(name: str):
-    from dllama_mpi.gguf_file import GGUFFile
+    from dllama_mpi.files.gguf_file import GGUFFile
 
     reason = _missing(name)
     if reason:
@@ -185,7 +185,7 @@ def test_a_prompt_under_the_size_bound_but_over_the_context_costs_a_context_of_e
     """Llama 2's longest piece is 48 bytes, so 20 KB of ordinary text passes the size bound for a
     context of 512: its first part alone is encoded, cut at a space, and shows it is too long."""
     from dllama_mpi.errors import InputError
-    from dllama_mpi.request import PREFIX_CHARS_PER_TOKEN, check_prompt_text
+    from dllama_mpi.serving.request import PREFIX_CHARS_PER_TOKEN, check_prompt_text
 
     tok = load("llama-spm")
     text = "Once upon a time, there was a little girl. " * 480  # 20,640 characters, 5,000+ tokens

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from conftest import STORIES, convert_stories, write_random_model
 
-from dllama_mpi.comm import Comm, self_comm
-from dllama_mpi.job import open_job
-from dllama_mpi.scheduler import generate
-from dllama_mpi.spec import ModelSpec
-from dllama_mpi.threads import PARALLEL_MIN_WORK, set_threads
+from dllama_mpi.job.loading import open_job
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.comm import Comm, self_comm
+from dllama_mpi.parallel.threads import PARALLEL_MIN_WORK, set_threads
+from dllama_mpi.serving.scheduler import generate
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

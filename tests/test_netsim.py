@@ -46,7 +46,7 @@ def test_ranks_talk_tcp_over_the_limited_loopback():
     problem = netsim.unavailable()
     if problem:
         pytest.skip(f"netsim can't run here: {problem}")
-    bench = [MPIEXEC, "-n", "2", sys.executable, "-m", "dllama_mpi.bench", "--shape", "tiny", "--repeat", "1",
+    bench = [MPIEXEC, "-n", "2", sys.executable, "-m", "dllama_mpi", "bench", "--shape", "tiny", "--repeat", "1",
              "--decode-steps", "8", "--prompt-lengths", "8", "--buffer-float-type", "f32", "q80", "--json"]
     result = subprocess.run([sys.executable, str(REPO / "tools" / "netsim.py"), "run", "--rate", "100mbit", "--", *bench],
                             capture_output=True, text=True, timeout=300)

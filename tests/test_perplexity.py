@@ -1,4 +1,4 @@
-"""python -m dllama_mpi.perplexity: the same PPL on any number of ranks, the dense numpy
+"""python -m dllama_mpi perplexity: the same PPL on any number of ranks, the dense numpy
 reference's PPL, KL of a model against its own saved logits exactly 0, a quantized model's
 KL against the f32 base above 0; the refusals; the engine returning every row's logits."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import REPO, assert_refused, numpy_bytes_kept, read_dense, run_mpiexec, write_random_model
 
-from dllama_mpi.perplexity import Chunks, log_softmax, make_chunks, mean_stderr
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.commands.perplexity import Chunks, log_softmax, make_chunks, mean_stderr
+from dllama_mpi.model.spec import ModelSpec
 
 TEXT = REPO / "tests" / "data" / "tinystories_sample.txt"
 CTX = 128  # 9 chunks of the sample text (1257 tokens with stories260K's tokenizer), 63 tokens scored in each
@@ -21,7 +21,7 @@ PY = sys.executable
 
 
 def _ppl(n: int, model, *args, text=TEXT, timeout: float = 120):
-    argv = [PY, "-m", "dllama_mpi.perplexity", "--model", str(model), "--text", str(text), *args]
+    argv = [PY, "-m", "dllama_mpi", "perplexity", "--model", str(model), "--text", str(text), *args]
     return run_mpiexec(n, argv, timeout=timeout)
 
 
@@ -67,7 +67,7 @@ def test_the_ppl_is_the_dense_numpy_references(stories_models, f32_base, tmp_pat
     (read back from the saved file). f32 buffers: the quantized products are bit-exact twins,
     the other kernels round differently from numpy (measured: nll within 6e-6, PPL within 1e-7
     relative)."""
-    from dllama_mpi.reference import DenseModel
+    from dllama_mpi.kernels.reference import DenseModel
 
     if weights == "f32":
         found, path, _ = f32_base
@@ -135,15 +135,15 @@ def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_
     _, base, _ = f32_base
     with h5py.File(base, "r") as f:  # our logits, written as llama.cpp would have: the same distributions
         logits, ctx, n_chunks = f["logits"][()], int(f.attrs["ctx"]), int(f.attrs["n_chunks"])
-    from dllama_mpi.modelfile import open_model
-    from dllama_mpi.perplexity import tokenize
+    from dllama_mpi.commands.perplexity import tokenize
+    from dllama_mpi.files.modelfile import open_model
 
     model = open_model(stories_models["f32"], 0, 1)
     ids, bos = tokenize(model.tokenizer(), TEXT.read_text())
     model.close()
     tokens = make_chunks(ids, bos, ctx).tokens[:n_chunks]
     _write_llama_base(tmp_path / "llama.kld", tokens, logits)
-    result = run_mpiexec(2, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]),
+    result = run_mpiexec(2, [PY, "-m", "dllama_mpi", "perplexity", "--model", str(stories_models["f32"]),
                              "--buffer-float-type", "f32", "--kl-base", str(tmp_path / "llama.kld"), "--json"],
                          timeout=120)
     r = _json(result)
@@ -155,17 +155,17 @@ def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_
     assert abs(kl["ppl_base"] - r["ppl"]) < 1e-4 * r["ppl"]
     # damaged: one byte short
     (tmp_path / "cut.kld").write_bytes((tmp_path / "llama.kld").read_bytes()[:-1])
-    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]),
+    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi", "perplexity", "--model", str(stories_models["f32"]),
                                    "--kl-base", str(tmp_path / "cut.kld")], timeout=60), "truncated or damaged")
     # token ids beyond this model's vocabulary
     bad = tokens.copy()
     bad[0, 5] = 100000
     _write_llama_base(tmp_path / "bad.kld", bad, logits)
-    refused = run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"]), "--kl-base",
+    refused = run_mpiexec(1, [PY, "-m", "dllama_mpi", "perplexity", "--model", str(stories_models["f32"]), "--kl-base",
                               str(tmp_path / "bad.kld")], timeout=60)
     assert_refused(refused, "..100000, but this model's vocabulary is 0..511")
     # without a llama.cpp base the text is required
-    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi.perplexity", "--model", str(stories_models["f32"])],
+    assert_refused(run_mpiexec(1, [PY, "-m", "dllama_mpi", "perplexity", "--model", str(stories_models["f32"])],
                                timeout=60), "--text is required")
 
 
@@ -218,7 +218,7 @@ def test_save_logits_never_overwrites_without_force_nor_replaces_what_it_did_not
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")
     assert_refused(_ppl(2, stories_models["q40"], "--save-logits", str(notes), "--force"),
-                   f"--save-logits {notes} exists and is not a logits file saved by python -m dllama_mpi.perplexity; "
+                   f"--save-logits {notes} exists and is not a logits file saved by python -m dllama_mpi perplexity; "
                    "--force replaces only a logits file this program wrote")
     assert notes.read_text() == "keep me"
     # --force replaces a logits file this program wrote, and leaves no temporary behind
@@ -251,7 +251,7 @@ def test_chunks_start_with_bos_and_score_their_second_half():
 def test_save_logits_wants_room_for_them_before_loading(monkeypatch, tmp_path):
     import shutil
 
-    from dllama_mpi import perplexity
+    from dllama_mpi.commands import perplexity
     from dllama_mpi.errors import InputError
 
     chunks = make_chunks(list(range(1, 1001)), 1, 100)  # 10 chunks, 49 scored each
@@ -278,9 +278,9 @@ def test_the_engine_returns_every_rows_logits_with_max_logits(tmp_path):
     """open_job(max_logits=...) lets one step return the logits of every row, each bit for bit
     the one of feeding the tokens one at a time, allocating nothing per step; the default
     stays one row per slot."""
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.engine import Batch
-    from dllama_mpi.job import open_job
+    from dllama_mpi.job.engine import Batch
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
 
     spec = ModelSpec(dim=64, hidden_dim=96, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, vocab_size=300,
                      seq_len=64, weight_type="q40")

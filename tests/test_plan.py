@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.plan import ROW_GRANULE, apportion, make_plan
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.plan import ROW_GRANULE, apportion, make_plan
 
 STORIES = ModelSpec(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512, seq_len=512)
 TINYLLAMA = ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
@@ -201,8 +201,8 @@ def test_wire_bytes_are_what_each_rank_lacks(case):
 def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
     from conftest import write_random_model
 
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.job import open_job
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
 
     spec = ModelSpec(dim=96, hidden_dim=160, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32, vocab_size=320,
                      seq_len=16, weight_type="q40", qkv_bias=True, qk_norm=True, shared_classifier=False)

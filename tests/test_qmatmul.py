@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from dllama_mpi import qmatmul
+from dllama_mpi.kernels import qmatmul
 
 CHECK = r"""
 import json, re, sys
 import numpy as np
 from dllama_mpi import kernels, qmatmul, quant, reference
-from dllama_mpi.weights import Matrix
+from dllama_mpi.job.weights import Matrix
 
 rng = np.random.default_rng(7)
 lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS, 16), 1e30, np.float32)
@@ -127,7 +127,7 @@ def test_an_instruction_set_the_host_lacks_is_refused_with_what_it_can_run(value
     if value in qmatmul.host_isas():
         pytest.skip(f"this CPU runs {value}")
     env = {**os.environ, "DLLAMA_ISA": value}
-    done = subprocess.run([sys.executable, "-c", "import dllama_mpi.qmatmul"], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", "import dllama_mpi.kernels.qmatmul"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode != 0
     assert message in done.stderr

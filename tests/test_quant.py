@@ -1,4 +1,4 @@
-"""Tests for the block formats and numpy codecs in dllama_mpi.quant (llama.cpp's Q4_0 / Q8_0,
+"""Tests for the block formats and numpy codecs in dllama_mpi.model.quant (llama.cpp's Q4_0 / Q8_0,
 and the k-quants Q4_K / Q6_K read from GGUF files)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dllama_mpi import quant
+from dllama_mpi.model import quant
 
 
 def _varied(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:

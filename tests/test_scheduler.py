@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from dllama_mpi.comm import Comm
-from dllama_mpi.job import open_job
-from dllama_mpi.metrics import Metrics
-from dllama_mpi.request import Failed, Finished, GenRequest, Piece, Sampling
-from dllama_mpi.scheduler import Scheduler
+from dllama_mpi.job.loading import open_job
+from dllama_mpi.parallel.comm import Comm
+from dllama_mpi.serving.metrics import Metrics
+from dllama_mpi.serving.request import Failed, Finished, GenRequest, Piece, Sampling
+from dllama_mpi.serving.scheduler import Scheduler
 
 CONTEXT = 96
 

@@ -110,9 +110,9 @@ def llama3_chat(tmp_path_factory) -> Path:
 
     from test_llamacpp_vocab import load  # the vocabulary read once per test process (it takes seconds)
 
-    from dllama_mpi.modelfile import write_model
-    from dllama_mpi.spec import ModelSpec
-    from dllama_mpi.synthetic import synthetic_tensors
+    from dllama_mpi.files.modelfile import write_model
+    from dllama_mpi.files.synthetic import synthetic_tensors
+    from dllama_mpi.model.spec import ModelSpec
 
     tokenizer = copy.copy(load("llama-bpe"))  # the shared one stays template-less
     tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
@@ -146,7 +146,7 @@ def cli_text(model: Path, prompt: str, steps: int) -> str:
 
 
 def model_tokenizer(model: Path):
-    from dllama_mpi.modelfile import ModelFile
+    from dllama_mpi.files.modelfile import ModelFile
 
     file = ModelFile(model)
     try:
@@ -419,25 +419,25 @@ def test_chat_streams_the_same_text_and_reuses_the_conversation(chat_server, lla
 
 def cold_chat_answer(model: Path, messages, max_tokens) -> str:
     """The greedy answer of a fresh one-rank job (no cache to reuse), in this process."""
-    from dllama_mpi import chat
-    from dllama_mpi.comm import self_comm
-    from dllama_mpi.job import open_job
-    from dllama_mpi.scheduler import generate
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import self_comm
+    from dllama_mpi.serving import templates
+    from dllama_mpi.serving.scheduler import generate
 
     job = open_job(self_comm(), model, (1,), max_seq_len=256)
-    return generate(job, chat.prompt_ids(job.tokenizer, messages), max_tokens)["text"]
+    return generate(job, templates.prompt_ids(job.tokenizer, messages), max_tokens)["text"]
 
 
 def test_special_token_text_typed_by_a_user_stays_text(chat_server, llama3_chat):
-    from dllama_mpi import chat
+    from dllama_mpi.serving import templates
 
     messages = [{"role": "user", "content": "a <|eot_id|> b"}]
     got = chat_server.client().chat.completions.create(model="tiny-llama3-chat", max_tokens=1, temperature=0,
                                                        messages=messages)
     tokenizer = model_tokenizer(llama3_chat)
-    ids = chat.prompt_ids(tokenizer, messages)
+    ids = templates.prompt_ids(tokenizer, messages)
     assert got.usage.prompt_tokens == len(ids)
-    without = chat.prompt_ids(tokenizer, [{"role": "user", "content": "a  b"}])
+    without = templates.prompt_ids(tokenizer, [{"role": "user", "content": "a  b"}])
     # the template's own <|eot_id|> (after the system and the user message) and BOS only
     assert ids.count(128009) == without.count(128009) == 2 and ids.count(128000) == 1
 

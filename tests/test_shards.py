@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import REPO, STORIES, assert_refused, need_stories, run_mpiexec
 
-from dllama_mpi.convert import convert, info
-from dllama_mpi.plan import make_plan
-from dllama_mpi.spec import ModelSpec
+from dllama_mpi.files.convert import convert, info
+from dllama_mpi.model.spec import ModelSpec
+from dllama_mpi.parallel.plan import make_plan
 
 TOKENS = [1, 403, 407, 261, 378, 29, 300, 12]
 PLANS = [["3", "1"], ["2", "1", "1"], ["3", "2", "2", "1"]]

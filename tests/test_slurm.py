@@ -132,7 +132,7 @@ def test_a_job_without_a_model_says_what_to_set(slurm, tmp_path):
 def test_a_rank_killed_mid_generation_is_named_by_srun(slurm, tmp_path):
     from conftest import assert_no_survivors, processes_marked, write_random_model
 
-    from dllama_mpi.spec import ModelSpec
+    from dllama_mpi.model.spec import ModelSpec
 
     spec = ModelSpec(dim=512, hidden_dim=1408, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, vocab_size=512,
                      seq_len=4096, weight_type="q40")

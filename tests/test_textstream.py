@@ -9,8 +9,8 @@ from conftest import STORIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllama_mpi.textstream import TextStream
-from dllama_mpi.tokenizer import StreamDecoder, Tokenizer
+from dllama_mpi.files.tokenizer import StreamDecoder, Tokenizer
+from dllama_mpi.serving.textstream import TextStream
 
 TOK512 = STORIES / "tok512.bin"
 

@@ -36,10 +36,10 @@ import pytest
 from conftest import compiled_kernels
 
 import dllama_mpi
-from dllama_mpi import quant
-from dllama_mpi.modelfile import tensor_layout, write_model
-from dllama_mpi.spec import ModelSpec
-from dllama_mpi.tokenizer import Tokenizer
+from dllama_mpi.files.modelfile import tensor_layout, write_model
+from dllama_mpi.files.tokenizer import Tokenizer
+from dllama_mpi.model import quant
+from dllama_mpi.model.spec import ModelSpec
 
 # TinyLlama-1.1B (bench.SHAPES["tinyllama-1.1b"]), one layer of its 22. The classifier is the
 # embedding table here (TinyLlama has its own): the same 32000 x 2048 product, a third less to
@@ -101,9 +101,9 @@ def _compiled_here() -> int:
 def _child(directory: Path, n_threads: int) -> None:
     """For every case, with `n_threads` threads: the logits after the prompt block and after
     each decode token, on one rank; saved with the count of kernels compiled here."""
-    from dllama_mpi import threads
-    from dllama_mpi.comm import Comm
-    from dllama_mpi.job import open_job
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel import threads
+    from dllama_mpi.parallel.comm import Comm
 
     assert threads.set_threads(n_threads) == n_threads  # before any engine: it sizes its pool then
     comm, found = Comm(), {}

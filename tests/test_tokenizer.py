@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dllama_mpi.errors import InputError
-from dllama_mpi.gguf_file import GGUFFile
-from dllama_mpi.tokenizer import StreamDecoder, Tokenizer
+from dllama_mpi.files.gguf_file import GGUFFile
+from dllama_mpi.files.tokenizer import StreamDecoder, Tokenizer
 
 TOK512 = STORIES / "tok512.bin"
 needs_tok512 = pytest.mark.skipif(not TOK512.exists(), reason=f"llama2.c tokenizer not found at {TOK512}")
@@ -490,13 +490,7 @@ def test_from_llama2c_bad_byte_pieces(tmp_path: Path) -> None:
 
 import json  # noqa: E402
 
-from dllama_mpi.tokenizer import (  # noqa: E402
-    HFTokenizer,
-    SpmTokenizer,
-    from_gguf,
-    from_hf_dir,
-    load_tokenizer,
-)
+from dllama_mpi.files.tokenizer import HFTokenizer, SpmTokenizer, from_gguf, from_hf_dir, load_tokenizer  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
 

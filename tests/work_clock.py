@@ -46,7 +46,8 @@ class WorkClock:
 def main() -> int:
     from mpi4py import MPI
 
-    from dllama_mpi import cli, speed
+    from dllama_mpi.commands import cli
+    from dllama_mpi.job import speed
 
     pairs = os.environ["WORK_CLOCK"].split()
     clock = WorkClock(*map(float, pairs[MPI.COMM_WORLD.Get_rank()].split(",")))

@@ -13,7 +13,7 @@ On one machine of at least 2 cores it makes ranks of unequal speed for real (--l
           kernels ran at full speed between the hog's time slices, and the slowdown landed in every rank's waits
           at the collectives, which no split can move: a poor model of a slower machine.
 
-Each run is `python -m dllama_mpi.bench --nthreads 1 --memory-budget ...` on those ranks (a random TinyLlama-1.1B-
+Each run is `python -m dllama_mpi bench --nthreads 1 --memory-budget ...` on those ranks (a random TinyLlama-1.1B-
 shape model by default, or --model), and three budget configurations are measured, interleaved over --repeat rounds
 (equal, memory, auto, equal, ...):
 
@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positive_int, run_capture, wait_for_idle
 
-from dllama_mpi.budgets import available_memory
+from dllama_mpi.parallel.budgets import available_memory
 
 TOOLS = Path(__file__).resolve().parent
 CONFIGS = ("equal", "memory", "auto")  # run order within a round; equal is the ratios' base
@@ -81,7 +81,7 @@ def check_machine() -> None:
 
 def available_mib() -> int:
     """This process's available memory in MiB as jobs/common.sh reads it for DLLAMA_BUDGETS=memory: MemAvailable,
-    or less where its cgroup leaves less (dllama_mpi.budgets.available_memory)."""
+    or less where its cgroup leaves less (dllama_mpi.parallel.budgets.available_memory)."""
     available = available_memory()
     if available is None:
         sys.exit("auto_budget_bench: could not read the available memory (/proc/meminfo, the memory cgroup)")
@@ -106,17 +106,17 @@ def bench_command(mpiexec: str, target: list[str], budgets: list[str], decode_st
                   cores: list[str] = LAYOUTS["hog"]) -> list[str]:
     """The ranks pinned by tools/pinned to `cores` (`CPUS@CGROUP` also puts the rank in that cgroup), one thread
     each; `target` is --shape S or --model PATH."""
-    return [mpiexec, "-n", str(len(cores)), str(TOOLS / "pinned"), *cores, "--", sys.executable, "-m", "dllama_mpi.bench",
+    return [mpiexec, "-n", str(len(cores)), str(TOOLS / "pinned"), *cores, "--", sys.executable, "-m", "dllama_mpi", "bench",
             *target, "--memory-budget", *budgets, "--nthreads", "1", "--prompt-lengths", "8",
             "--decode-steps", str(decode_steps), "--repeat", "1", "--json"]
 
 
 def parse_bench(stdout: str) -> dict:
-    """What a row keeps of `python -m dllama_mpi.bench --json` (its first JSON line); each rank's compute and
+    """What a row keeps of `python -m dllama_mpi bench --json` (its first JSON line); each rank's compute and
     collective ms are per forward pass, prompt ones included."""
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise ValueError("dllama_mpi.bench printed no JSON line")
+        raise ValueError("dllama_mpi.commands.bench printed no JSON line")
     r = json.loads(lines[0])
     return {"decode_tok_s": float(r["decode_tokens_per_s"]), "budgets_chosen": r["budgets_chosen"],
             "auto_predicted_ms": r["auto_predicted_ms_per_token"],
@@ -319,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
                         "on core 1; hog: rank 1 beside a busy loop (default: %(default)s)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--shape", default="tinyllama-1.1b",
-                       help="random-weight model shape of dllama_mpi.bench (default: %(default)s)")
+                       help="random-weight model shape of dllama_mpi.commands.bench (default: %(default)s)")
     which.add_argument("--model", type=Path, help="measure this model file instead (default: off)")
     p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds (default: %(default)s)")
     p.add_argument("--decode-steps", type=positive_int, default=32, help="tokens decoded per run (default: %(default)s)")

@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dllama_mpi.convert import main
+from dllama_mpi.files.convert import main
 
 sys.exit(main())

@@ -60,7 +60,7 @@ def padded_stories_gguf(path: Path, checkpoint: Path = STORIES / "stories260K.bi
     """stories260K as an F32 GGUF of dim and hidden WIDTH, the same function (see the module)."""
     import gguf
 
-    from dllama_mpi.convert import llama2c
+    from dllama_mpi.files.convert import llama2c
 
     source = llama2c.read(checkpoint, tokenizer)
     h, t = source.spec_fields, dict(source.tensors())
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize-args", default="", help="more llama-quantize arguments, e.g. "
                    "'--tensor-type blk\\.2\\.attn_q=q6_k' (one string)")
     args = p.parse_args(argv)
-    from dllama_mpi import perplexity
-    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.commands import perplexity
+    from dllama_mpi.files.modelfile import open_model
 
     cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
     build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize = [str(llama_quantize_path(cache)), *wo, *args.quantize_args.split()]
         run_capture([*quantize, str(t / "f32.gguf"), str(t / "q.gguf"), args.type, "2"], 3600, "greedy_vs_llamacpp")
         for name, extra in (("q.h5", []), ("dequantized.h5", ["--weights", "f32"])):
-            subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / name), *extra],
+            subprocess.run([sys.executable, "-m", "dllama_mpi", "convert", str(t / "q.gguf"), str(t / name), *extra],
                            check=True, capture_output=True)
         tok = open_model(t / "q.h5").tokenizer()
         text = args.text.read_text()

@@ -7,7 +7,7 @@
    llama.cpp's log-probabilities over `--text` in chunks of `--ctx`, attending in f32 as we do (no flash
    attention, an f32 KV cache) unless `--llama-attention default`;
 3. `dllama-mpi-convert` converts the same quantized GGUF (its default: each type kept where our engine runs it),
-   and `python -m dllama_mpi.perplexity --kl-base` scores llama.cpp's very tokens on `-n` ranks against them.
+   and `python -m dllama_mpi perplexity --kl-base` scores llama.cpp's very tokens on `-n` ranks against them.
 
 It prints both engines' PPL, the KL divergence of ours from llama.cpp's distributions and how often both rank the
 same token first. llama.cpp's binaries are tools/llamacpp_compare.py's (built on first use, minutes).
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.shape} {args.type}{pure} (random weights, scale {args.scale}, seed {args.seed}), text "
               f"{args.text.name}, chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}, attention "
               f"{args.llama_attention}: PPL = {final[1]} +/- {final[2]}")
-        converted = subprocess.run([sys.executable, "-m", "dllama_mpi.convert", str(t / "q.gguf"), str(t / "q.h5")],
+        converted = subprocess.run([sys.executable, "-m", "dllama_mpi", "convert", str(t / "q.gguf"), str(t / "q.h5")],
                                    capture_output=True, text=True, check=True)
         print("".join(line + "\n" for line in converted.stderr.splitlines() if line.startswith(("note:", "wrote"))),
               end="")
         for n in args.ranks:
-            out, _ = run_capture([mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi.perplexity", "--model",
+            out, _ = run_capture([mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi", "perplexity", "--model",
                                   str(t / "q.h5"), "--kl-base", str(t / "llama.kld"), "--buffer-float-type",
                                   args.buffer_float_type], 3600, "kl_vs_llamacpp")
             wanted = ("Final estimate", "Mean PPL", "Mean    KLD", "Maximum KLD", "99.0%", "Median", "Same top")

@@ -13,7 +13,7 @@ What it does, each step cached so that later runs only measure:
 4. waits until the machine is idle (no other process above --idle-cpu % for --idle-seconds),
    then runs both, interleaved (llama.cpp, ours for each --configs, llama.cpp, ...)
    --repeat times: `llama-bench -p 128 -n 32 -r 1 -o json` and
-   `mpiexec -n N python -m dllama_mpi.bench --model OUT.h5 --memory-budget ... --json`;
+   `mpiexec -n N python -m dllama_mpi bench --model OUT.h5 --memory-budget ... --json`;
 5. prints the medians (min-max) and their ratios to llama.cpp's medians of the same run.
 
     python tools/llamacpp_compare.py --build-only              # build and write the models only
@@ -209,7 +209,7 @@ def build_llama_bench(cache: Path, version: str, jobs: int, niceness: int) -> Pa
 
 
 def shapes() -> dict:
-    from dllama_mpi.bench import SHAPES
+    from dllama_mpi.commands.bench import SHAPES
 
     return SHAPES
 
@@ -340,7 +340,7 @@ def convert_command(gguf_path: Path, h5_path: Path, python: str = sys.executable
     script = Path(python).parent / "dllama-mpi-convert"
     if script.exists():
         return [str(script), str(gguf_path), str(h5_path)]
-    return [python, "-m", "dllama_mpi.convert", str(gguf_path), str(h5_path)]
+    return [python, "-m", "dllama_mpi", "convert", str(gguf_path), str(h5_path)]
 
 
 def prepare_models(cache: Path, shape: str, seed: int, quant: str = "q4_0") -> tuple[Path, Path]:
@@ -455,7 +455,7 @@ def llama_bench_command(binary: Path, gguf_path: Path, threads: int) -> list[str
 
 def ours_command(mpiexec: str, h5_path: Path, budgets: list[str], python: str = sys.executable,
                  nthreads: int | None = None) -> list[str]:
-    command = [mpiexec, "-n", str(len(budgets)), python, "-m", "dllama_mpi.bench", "--model", str(h5_path),
+    command = [mpiexec, "-n", str(len(budgets)), python, "-m", "dllama_mpi", "bench", "--model", str(h5_path),
                "--memory-budget", *budgets, "--prompt-lengths", str(PROMPT_TOKENS), "--decode-steps", str(GEN_TOKENS),
                "--repeat", "1", "--json"]
     return command + (["--nthreads", str(nthreads)] if nthreads else [])
@@ -485,10 +485,10 @@ def parse_llama_bench(text: str) -> dict:
 
 
 def parse_ours(text: str) -> dict:
-    """Decode and prefill-128 tokens/s from `python -m dllama_mpi.bench --json` (its first JSON line)."""
+    """Decode and prefill-128 tokens/s from `python -m dllama_mpi bench --json` (its first JSON line)."""
     lines = [line for line in text.splitlines() if line.startswith("{")]
     if not lines:
-        raise ValueError("dllama_mpi.bench printed no JSON line")
+        raise ValueError("dllama_mpi.commands.bench printed no JSON line")
     r = json.loads(lines[0])
     return {"decode": float(r["decode_tokens_per_s"]), "prefill": float(r["prefill_tokens_per_s"][str(PROMPT_TOKENS)]),
             "kernel_isa": r.get("kernel_isa", "unknown"), "threads": r.get("threads_per_rank"),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama_mpi.bench import SHAPES
-from dllama_mpi.synthetic import write_hf_tokenizer
+from dllama_mpi.commands.bench import SHAPES
+from dllama_mpi.files.synthetic import write_hf_tokenizer
 
 
 def hf_config(spec) -> dict:

@@ -96,7 +96,7 @@ def sweep(shape: str, ranks: list[int], rates: list[str], args: list[str], out: 
             if any(p["rate"] == rate and p["world_size"] == n for p in points):
                 continue
             print(f"netsim: {n} ranks at {rate}", file=sys.stderr, flush=True)
-            command = [mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi.bench", "--shape", shape,
+            command = [mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi", "bench", "--shape", shape,
                        "--memory-budget", *["1"] * n, "--buffer-float-type", "f32", "q80", *args, "--json"]
             result = subprocess.run([sys.executable, __file__, "run", "--rate", rate, "--", *command],
                                     capture_output=True, text=True)
@@ -110,8 +110,8 @@ def sweep(shape: str, ranks: list[int], rates: list[str], args: list[str], out: 
 
 # ------------------------------------------------------------------ the cost model
 def traffic_of(point: dict):
-    from dllama_mpi.bench import SHAPES
-    from dllama_mpi.plan import make_plan
+    from dllama_mpi.commands.bench import SHAPES
+    from dllama_mpi.parallel.plan import make_plan
 
     return make_plan(SHAPES[point["shape"]], point["budgets"]).traffic(point["buffer_float_type"])
 

@@ -87,7 +87,7 @@ def build_harness(cache: Path, work: Path) -> Path:
 def random_weights(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
     """Random stored blocks of `kind`: quantized Gaussians for Q4_0/Q8_0, random codes and scales
     (small finite fp16 d) for the k-quants."""
-    from dllama_mpi import quant
+    from dllama_mpi.model import quant
 
     if kind in ("q40", "q80"):
         return quant.encode(rng.standard_normal((rows, cols)).astype(np.float32), kind)
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cols % 256 or args.cols <= 0 or args.rows <= 0:
         p.error("--cols must be a positive multiple of 256 and --rows positive")
-    from dllama_mpi import quant, reference
+    from dllama_mpi.kernels import reference
+    from dllama_mpi.model import quant
 
     cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
     build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)

@@ -206,7 +206,7 @@ def serve_command(mpiexec: str, ranks: int, model: Path, slots: int, budgets: li
 def prompt_vocabulary(model: Path) -> int:
     """Prompt ids are drawn from [FIRST_TOKEN_ID, this): the smaller of the model's vocabulary (its embedding
     rows) and its tokenizer's (the API refuses ids past the tokenizer; a padded model vocabulary has more rows)."""
-    from dllama_mpi.modelfile import open_model
+    from dllama_mpi.files.modelfile import open_model
 
     model_file = open_model(model)
     try:
@@ -333,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
                     "token and time per output token under concurrent streamed requests; one markdown table per rank count.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path, help="model file (.h5) or shard directory")
-    which.add_argument("--shape", help="a random-weight model of this shape (dllama_mpi.bench's shapes, such as "
+    which.add_argument("--shape", help="a random-weight model of this shape (dllama_mpi.commands.bench's shapes, such as "
                                        "tinyllama-1.1b), written once into ~/.cache/dllama_mpi")
     p.add_argument("--ranks", type=positive_int, nargs="+", help="rank counts, one server each (default: 1, or the number "
                                                               "of --memory-budget values)")
@@ -367,7 +367,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def model_path(args) -> Path:
     if args.model is not None:
         return args.model
-    from dllama_mpi.bench import SHAPES, bench_model_path
+    from dllama_mpi.commands.bench import SHAPES, bench_model_path
 
     if args.shape not in SHAPES:
         sys.exit(f"serve_bench: unknown --shape {args.shape!r}; choose from {', '.join(sorted(SHAPES))}")

@@ -1,0 +1,474 @@
+"""`python -m dllama_mpi`: argument parsing, up-front validation, the abort guard, generation.
+
+Rank 0 owns the terminal: generated text on stdout, plan and statistics on stderr. Other
+ranks speak only through a rank-prefixed logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import re
+import resource
+import sys
+import time
+import traceback
+
+from ..errors import InputError, UsageError
+from ..model import quant
+
+log = logging.getLogger("dllama_mpi")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a number (nan and inf would pass float())."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number such as 0.8, got {text!r}")
+    return value
+
+
+COMMANDS = {
+    "serve": "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)",
+    "chat": "an interactive chat on rank 0's terminal, with the model's chat template",
+}
+PROGRAMS = {  # commands with options of their own: name -> (module with main(argv), what it does)
+    "bench": ("dllama_mpi.commands.bench", "decode and prefill speed on random weights of real shapes, or of --model"),
+    "perplexity": ("dllama_mpi.commands.perplexity", "perplexity of a text, and KL divergence against saved logits"),
+    "convert": ("dllama_mpi.files.convert", "convert an HF, GGUF, distributed-llama or llama2.c model to HDF5 "
+                                            "(also installed as dllama-mpi-convert)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The options of `python -m dllama_mpi` (one prompt, then exit) or of one of COMMANDS."""
+    # no abbreviations: `--dry` must not start a real run (--dry-run is recognised before parsing)
+    prog = "python -m dllama_mpi" + (f" {command}" if command else "")
+    description = (COMMANDS[command] + ". " if command else "") + (
+        "Distributed Llama inference: each MPI rank holds and computes a share of every layer "
+        "proportional to its --memory-budget. Launch with mpirun -n N.")
+    epilog = None if command else "commands: " + "; ".join(
+        [f"{c}: {d}" for c, d in COMMANDS.items()] + [f"{c}: {d}" for c, (_, d) in PROGRAMS.items()]) + \
+        " (python -m dllama_mpi COMMAND --help)"
+    p = _Parser(prog=prog, allow_abbrev=False, description=description, epilog=epilog)
+    p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert, or a directory of per-rank shards "
+                                   "(dllama-mpi-convert --memory-budget); default: a built-in synthetic model")
+    p.add_argument("--memory-budget", nargs="+", metavar="B",
+                   help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
+                        "a hard cap); or auto (auto 6GiB 2GiB ... with caps): each rank measures its speed at start and "
+                        "the model is split by it; each rank's need is checked against its cap and its node's memory "
+                        "(default: equal)")
+    if command is None:
+        p.add_argument("--prompt", help="text to start from (default: just BOS)")
+        p.add_argument("--steps", type=int, default=64,
+                       help="new tokens at most (default 64); fewer at an end-of-generation token or the end of the context")
+    elif command == "chat":
+        p.add_argument("--system", help="a system message that starts every conversation")
+        p.add_argument("--steps", type=int, help="new tokens per answer at most (default: up to the end of the context)")
+    if command in (None, "chat"):
+        p.add_argument("--temperature", type=finite_float, default=0.0,
+                       help="0 is greedy (default 0); above 0, sampling with --top-p")
+        p.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass (default 0.9)")
+        p.add_argument("--seed", type=int, help="sampling seed (default: from the clock" +
+                       (", printed at the end when sampling)" if command is None else ")"))
+    if command == "serve":
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
+        p.add_argument("--slots", type=int, default=4,
+                       help="sequences decoded together, each with its own KV cache of --max-seq-len tokens (default 4); "
+                            "more requests wait in a queue")
+        p.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: $DLLAMA_API_KEY; none: open)")
+        p.add_argument("--model-name", help="the model's name in the API (default: the model file's name)")
+    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
+    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
+                   help="activations and what travels between ranks: f32 or q80 (default q80)")
+    p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
+    if command is None:
+        p.add_argument("--ignore-eos", action="store_true",
+                       help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
+    if command in (None, "serve"):
+        p.add_argument("--dry-run", action="store_true",
+                       help="as one process without mpirun: print the plan for --memory-budget (one value per rank "
+                            "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
+                            "reads only the model's attributes")
+    return p
+
+
+def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    return (argv[0], argv[1:]) if argv and argv[0] in COMMANDS else (None, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PROGRAMS:
+        return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
+    if "--dry-run" in argv and split_command(argv)[0] != "chat":  # decided before MPI starts: one process without it
+        return _dry_run_guarded(argv)
+    from ..parallel.comm import Comm
+
+    comm = Comm()
+    return run_guarded(comm, lambda: _run(comm, argv))
+
+
+def run_guarded(comm, job) -> int:
+    """The abort guard: bad input found on every rank (UsageError) -> rank 0 prints it once,
+    every rank returns 2 through the normal exit. Bad input found by one rank alone
+    (InputError) -> that rank logs it and aborts the job, code 2; anything else raised on one
+    rank -> that rank logs its traceback and aborts the whole job, code 1, so no rank is left
+    waiting in a collective."""
+    _setup_logging(comm.rank)
+    try:
+        return job()
+    except UsageError as exc:
+        if comm.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit:
+        raise
+    except InputError as exc:
+        log.error("rank %d: %s", comm.rank, exc)
+        comm.abort(2)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C, forwarded to every rank: the first to see it ends the job
+        log.error("rank %d interrupted: stopping every rank", comm.rank)
+        comm.abort(130)
+        return 130
+    except BrokenPipeError:  # rank 0's reader went away (`| head`): end quietly, as Unix tools do
+        _silence_stdout()
+        comm.abort(141)
+        return 141
+    except BaseException:
+        log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
+        comm.abort(1)
+        return 1
+
+
+def parse_budgets(given, world_size: int):
+    """--memory-budget as Budgets, one per rank (equal shares when not given)."""
+    from ..parallel.budgets import parse_budgets as parse
+
+    try:
+        return parse(given or [1] * world_size, world_size)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _setup_logging(rank: int) -> None:
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+def _parse(comm, argv):
+    command, argv = split_command(argv)
+    parser = build_parser(command)
+    if comm is not None and comm.rank != 0:  # --help and usage text: once, from rank 0
+        parser.print_help = parser.print_usage = lambda file=None: None
+    args = parser.parse_args(argv)
+    args.command = command
+    problems = []
+    if getattr(args, "steps", None) is not None and args.steps < 0:
+        problems.append(f"--steps must be >= 0, got {args.steps}")
+    if getattr(args, "temperature", 0) < 0:
+        problems.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < getattr(args, "top_p", 1) <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if command == "serve":
+        if not 0 <= args.port <= 65535:
+            problems.append(f"--port must be in 0..65535, got {args.port}")
+        if args.slots <= 0:
+            problems.append(f"--slots must be positive, got {args.slots}")
+        if args.api_key == "":
+            problems.append("--api-key is empty; give a key, or leave it out for an open server")
+        elif args.api_key is not None and not re.fullmatch(r"[!-~]+", args.api_key):  # the key itself is not shown: a secret
+            problems.append(f"--api-key (or $DLLAMA_API_KEY) holds spaces or characters other than printable ASCII "
+                            f"({len(args.api_key)} characters), which no client can send in an Authorization header "
+                            "to match it; give the key alone")
+    if command == "chat" and args.system is not None:
+        _check_utf8(args.system, "the --system text", problems)
+    if args.max_seq_len is not None and args.max_seq_len <= 0:
+        problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.model == "":
+        problems.append("--model is empty; give a model file or a shard directory, or leave --model out")
+    if args.nthreads is not None and args.nthreads <= 0:
+        problems.append(f"--nthreads must be positive, got {args.nthreads}")
+    if getattr(args, "prompt", None) == "":
+        problems.append("the prompt is empty; give some text, or leave out --prompt to start from BOS alone")
+    elif getattr(args, "prompt", None) is not None:
+        _check_utf8(args.prompt, "the prompt", problems)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return args
+
+
+def _check_utf8(text: str, what: str, problems: list[str]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 arrive as lone surrogates
+        byte = ord(text[exc.start]) - 0xDC00
+        problems.append(f"{what} is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start}); "
+                        "give it in UTF-8 (e.g. iconv -t UTF-8)")
+
+
+def _run(comm, argv) -> int:
+    from ..job.loading import SaidIfSlow, open_job
+    from ..kernels import qmatmul
+    from ..parallel import threads
+    from ..serving.request import Sampling
+    from ..serving.scheduler import generate
+
+    t_launch = time.perf_counter()
+    args = _parse(comm, argv)
+    budgets = parse_budgets(args.memory_budget, comm.size)
+    n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
+    if args.nthreads is not None:  # numba runs at most as many threads as the node has cores
+        counts = comm.gather_obj(n_threads)
+        if comm.rank == 0 and min(counts) < args.nthreads:
+            print(f"note: --nthreads {args.nthreads} is more than this node's cores allow; threads per rank: "
+                  f"{' '.join(map(str, counts))}", file=sys.stderr)
+    if comm.rank == 0 and args.model is None:
+        print("note: no --model given: running the built-in synthetic model. Its weights are random, "
+              "so its text is meaningless; convert a real model with dllama-mpi-convert and pass --model.",
+              file=sys.stderr)
+
+    def announce(launch):
+        plan = launch.plan
+        for note in launch.notes:
+            print(f"note: {note}", file=sys.stderr)
+        kv = f"{launch.n_slots} slots x {launch.max_seq_len}" if launch.n_slots > 1 else f"{launch.max_seq_len}"
+        given = " ".join(args.memory_budget or ["1"] * comm.size)
+        if budgets.auto:
+            given += f" -> {' '.join(map(str, plan.budgets))}"
+        print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {given}, "
+              f"weights {plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
+              f"kernels {qmatmul.ISA}",
+              file=sys.stderr)
+        print(plan.table(launch.max_seq_len, launch.n_slots), file=sys.stderr)
+        print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
+              file=sys.stderr)
+
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(comm, args, budgets, announce)
+    if args.command == "chat":
+        from .chat import chat
+
+        return chat(comm, args, budgets, announce)
+    prompt_ids = []  # rank 0: the prompt's ids, checked before anything is loaded
+    job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
+                   check=lambda tokenizer, launch: prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or "")),
+                   announce=announce)
+    seed = args.seed if args.seed is not None else int(time.time()) % 2**31
+    comm.barrier()
+    startup_s = time.perf_counter() - t_launch
+    prefill = SaidIfSlow(f"processing the prompt ({len(prompt_ids)} tokens)", comm.rank == 0 and args.steps > 0)
+
+    started = []
+
+    def on_text(text: str) -> None:  # rank 0
+        if not started:  # the first text: the prompt is processed
+            started.append(True)
+            prefill.done()
+            sys.stdout.write(args.prompt or "")  # the prompt as typed, whatever the tokenizer added to it (BOS) or not
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with prefill:
+        result = generate(job, prompt_ids if comm.rank == 0 else None, args.steps,
+                          Sampling(args.temperature, args.top_p, seed), stop_ids=() if args.ignore_eos else None,
+                          on_text=on_text)
+    if comm.rank == 0:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if comm.rank == 0 and result["hit_context"]:
+        print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
+              f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
+    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets)
+    return 0
+
+
+def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:
+    """The prompt's ids, or InputError when they can't fit the context (refused before the
+    encoding work where that is known without it, as the API does)."""
+    from ..serving.request import check_prompt_length, check_prompt_text
+
+    fit = (launch.max_seq_len, f"shorten the prompt or raise --max-seq-len (model trained for {launch.plan.spec.seq_len})",
+           "the context (--max-seq-len)")
+    check_prompt_text(tokenizer, prompt, *fit)
+    ids = tokenizer.encode(prompt, bos=True, special=True)  # special-token text is those tokens, as in the API
+    if not ids:
+        raise InputError("the prompt is empty and this model's tokenizer adds no BOS token; give --prompt TEXT")
+    check_prompt_length(len(ids), *fit)
+    return ids
+
+
+def speed_text(prompt_tokens: int, cached_tokens: int, prompt_s: float | None, generated: int,
+               decode_s: float) -> str:
+    """One request's speed, each figure with what it counts: the prompt's tokens computed (not
+    taken from a slot's cache) over the time from submission to the first token, then the
+    tokens after the first over the time from the first to the last. No rate for zero tokens:
+    it would be noise or nan."""
+    computed = prompt_tokens - cached_tokens
+    text = f"prompt: {computed} new tokens ({cached_tokens} cached)" if cached_tokens else f"prompt: {prompt_tokens} tokens"
+    if computed and prompt_s:  # three digits at least, so that computed / time gives the rate shown
+        text += f" in {_three_digits(prompt_s)}, {computed / prompt_s:.1f} tokens/s"
+    text += f"; decode: {generated} tokens"
+    if (n_decode := generated - 1) > 0 and decode_s:
+        text += f", {n_decode / decode_s:.1f} tokens/s"
+    return text
+
+
+def _three_digits(seconds: float) -> str:
+    """1.58 ms, 11.0 ms, 224 ms, 2.07 s, 31.5 s: at least three significant digits, trailing zeros kept."""
+    value, unit = (1e3 * seconds, "ms") if seconds < 0.9995 else (seconds, "s")
+    decimals = 2 if value < 9.995 else 1 if value < 99.95 else 0
+    return f"{value:.{decimals}f} {unit}"
+
+
+def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) -> None:
+    """The speed line (with the seed when sampling: greedy uses none) and each rank's figures."""
+    engine, weights, n_forward = job.engine, job.weights, result["n_forward"]
+
+    def per_token(value: float) -> float | None:
+        return value / n_forward if n_forward else None
+
+    mine = {
+        "rank": comm.rank, "threads": n_threads,
+        "compute_ms": per_token(1e3 * (engine.forward_s - engine.collective_s)),
+        "collective_ms": per_token(1e3 * engine.collective_s), "sent_kb": per_token(comm.bytes_sent / 1024),
+        "weights_mib": weights.nbytes / 2**20, "kv_mib": engine.kv_cache_bytes / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cap": f"{budgets.caps[comm.rank] / 2**20:.0f}" if budgets.caps else "-",
+    }
+    rows = comm.gather_obj(mine)
+    if comm.rank != 0:
+        return
+    r = result
+    err = sys.stderr
+    print(f"\n{speed_text(r['n_prompt'], 0, r['prompt_s'], len(r['generated']), r['decode_s'])}; "
+          f"startup {startup_s:.1f} s" + (f"; seed {seed}" if seed is not None else ""), file=err)
+    print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
+          f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
+
+    def cell(value: float | None, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    for m in rows:
+        print(f"{m['rank']:>4} {m['threads']:>7} {cell(m['compute_ms'], 14, 3)} {cell(m['collective_ms'], 17, 3)} "
+              f"{cell(m['sent_kb'], 12, 2)} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
+              f"{m['cap']:>8}", file=err)
+    if job.auto is not None and r["n_decode"]:
+        auto = job.auto
+        print(f"--memory-budget auto: predicted {1e3 * auto.token_s:.1f} ms per decoded token, measured "
+              f"{1e3 * r['decode_s'] / r['n_decode']:.1f}; compute per rank predicted "
+              + " ".join(f"{1e3 * t:.1f}" for t in auto.rank_token_s) + " ms (measured: compute ms/tok above)", file=err)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: stdout goes to /dev/null, so flushing at exit can't fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _dry_run_guarded(argv) -> int:
+    _setup_logging(0)
+    try:
+        return _dry_run(argv)
+    except BrokenPipeError:  # `--dry-run | head`
+        _silence_stdout()
+        return 141
+    except InputError as exc:
+        # launched by mpirun after all: every rank got here, one prints
+        if int(os.environ.get("PMI_RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dry_run(argv) -> int:
+    """The plan, traffic and memory of a launch, from the model's attributes alone; the same
+    start-up rules as a launch (launch.plan_launch, launch.check_fit)."""
+    from ..files.modelfile import ModelFileError, open_model
+    from ..files.synthetic import SYNTHETIC_SPEC
+    from ..job.launch import check_fit, plan_launch
+    from ..parallel.budgets import RUNTIME_BYTES, format_bytes, rank_need
+
+    args = _parse(None, argv)
+    if int(os.environ.get("PMI_SIZE", "1")) > 1:
+        raise UsageError("--dry-run runs as one process: start it without mpirun (the budgets give the world size)")
+    given = args.memory_budget or ["1"]
+    auto = given[0].lower() == "auto"
+    if auto and len(given) == 1:
+        raise UsageError("--dry-run with --memory-budget auto needs the world size: give one size per rank after "
+                         "auto (auto 6GiB 2GiB); auto itself measures the ranks when the job starts")
+    budgets = parse_budgets(given, len(given) - auto)
+    if auto:
+        print("note: --memory-budget auto measures each rank when the job starts; sized here with equal budgets "
+              "and the caps given", file=sys.stderr)
+    if args.model is None:
+        spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
+    else:
+        model = open_model(args.model)
+        spec, shard, name, model_id = model.spec, model.shard, str(args.model), model.model_id
+        model.close()
+    n_slots = getattr(args, "slots", 1)  # serve: the KV cache of every slot
+    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots)
+    plan, max_seq_len = launch.plan, launch.max_seq_len
+    if shard is not None:  # every rank's shard, as the launch's ranks would check theirs
+        problems = []
+        for rank in range(plan.world_size):
+            try:
+                shard_file = open_model(args.model, rank, plan.world_size)
+                try:
+                    shard_file.check_shard(rank, plan, model_id)
+                finally:
+                    shard_file.close()
+            except ModelFileError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UsageError("; ".join(problems))
+    for note in launch.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "
+          f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
+          f"weights {spec.weights_text}")
+    print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
+          f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
+    print(plan.table(max_seq_len, n_slots))
+    by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
+    print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
+          f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
+    print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
+          + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
+    for s in plan.ranks:
+        memory = (plan.weight_bytes(s.rank) + n_slots * plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
+        need = sum(rank_need(plan, s.rank, max_seq_len, launch.load_buffer, n_slots).values()) / 2**20
+        cap = format_bytes(budgets.caps[s.rank]) if budgets.caps else "-"
+        print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
+              + f" {memory:>16.1f} {need:>9.1f} {cap:>8}")
+    for t, tr in by_type.items():
+        print(f"{t} buffers: {tr.wire / 1024:.1f} KiB cross between ranks per token in all; at 1 Gbit/s that is "
+              f"{8e3 * tr.wire / 1e9:.2f} ms of transfer if it all shared one link")
+    print(f"need = weights + KV + runtime {format_bytes(RUNTIME_BYTES)}"
+          + (f" + rank 0's load buffer {format_bytes(launch.load_buffer)} (the largest tensor)" if launch.load_buffer else ""))
+    # the nodes are not known here: each rank on a node of its own, of unknown memory
+    check_fit(launch, budgets, [f"node of rank {r}" for r in range(plan.world_size)], [None] * plan.world_size)
+    return 0

@@ -1,0 +1,190 @@
+"""Temporaries beside a target: how a writer names and marks its own, and which may be removed.
+
+Every file this program writes (a model file, a shard directory, saved logits) is written
+first to `.<name>.tmp-<host>-<pid>-<tag>` beside its target (the tag random: two containers
+of one hostname may run a writer of the same pid) and renamed over it when complete, so
+an interrupted write never leaves a half-written target. A writer killed with SIGKILL
+can't clean up, so the next write of the same target removes its leftover: but only that.
+
+A name proves nothing (a user may have a file of that name; a node sharing the filesystem,
+or another pid namespace, may run a writer with the same pid), so each temporary carries
+its writer's record inside, written before anything else: an HDF5 file the attribute
+MARKER, a directory a file MARKER. The record names the host, the pid, the process's start
+time (so a reused pid is not taken for the writer), the boot and the pid namespace (whose
+pids this host's /proc can vouch for). A temporary is removed only when its name and its
+record agree, the record is this host's, this boot's and this pid namespace's, and its
+writer is gone: no such process, or one that started at another time. Anything else (a
+user's file, another node's or container's temporary, one whose record can't be read) is
+left alone. The record is taken out before the rename, so a finished file carries none.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import secrets
+import shutil
+import socket
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import InputError
+
+MARKER = "dllama_mpi_temporary"  # the HDF5 attribute, or the file inside a directory, holding the record
+
+
+class Writer(NamedTuple):
+    """The process that writes a temporary, as its record says: `host:pid:start:boot:pidns`."""
+
+    host: str
+    pid: int
+    start: int  # the process's start time, in clock ticks after boot (field 22 of /proc/<pid>/stat)
+    boot: str  # /proc/sys/kernel/random/boot_id
+    pid_ns: str  # the inode of /proc/<pid>/ns/pid: pids mean something only within one namespace
+
+    def __str__(self) -> str:
+        return ":".join(map(str, self))
+
+    @classmethod
+    def parse(cls, record) -> Writer | None:
+        record = record.decode(errors="replace") if isinstance(record, bytes) else str(record)
+        parts = record.strip().split(":")
+        if len(parts) != 5 or not (parts[1].isdigit() and parts[2].isdigit()):
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]), parts[3], parts[4])
+
+    def is_gone(self) -> bool:
+        """Whether this writer, seen from this host, boot and pid namespace, no longer runs.
+        False (keep) wherever that can't be told from here."""
+        here = this_writer()
+        if (self.host, self.boot, self.pid_ns) != (here.host, here.boot, here.pid_ns):
+            return False
+        return _start_time(self.pid) != self.start  # None (no such process) differs too
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # after the command name, which may hold spaces and ')'
+
+
+def this_writer() -> Writer:
+    pid = os.getpid()
+    return Writer(socket.gethostname(), pid, _start_time(pid), Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                  os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+
+
+def temporary_name(target: Path, writer: Writer, tag: str) -> str:
+    return f".{target.name}.tmp-{writer.host}-{writer.pid}-{tag}"
+
+
+def _name_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+
+
+class Temporary:
+    """This process's write of `target`, in progress at `path` (a file or a directory).
+
+    create_file / create_directory make it, marked; unmark takes the record out just before
+    the rename over `target`; discard removes it if the write did not finish."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.writer = this_writer()
+        self.path = target.with_name(temporary_name(target, self.writer, secrets.token_hex(4)))
+        self.created = False
+
+    def create_file(self, **h5py_options):
+        """The temporary as a new HDF5 file, open for writing, its record written and flushed first."""
+        import h5py
+
+        try:
+            f = h5py.File(self.path, "x", **h5py_options)  # "x": never truncate a file that stands there
+        except FileExistsError:
+            raise self._in_the_way() from None
+        self.created = True
+        f.attrs[MARKER] = str(self.writer)
+        f.flush()
+        return f
+
+    def create_directory(self) -> None:
+        """The temporary as a new directory holding its record, written before anything else."""
+        try:
+            self.path.mkdir()
+        except FileExistsError:
+            raise self._in_the_way() from None
+        self.created = True
+        (self.path / MARKER).write_text(f"{self.writer}\n")
+
+    def unmark(self, hdf5_file=None) -> None:
+        """Take the record out (from `hdf5_file`, still open, or the directory): the write is
+        complete and about to be renamed over the target."""
+        if hdf5_file is not None:
+            del hdf5_file.attrs[MARKER]
+        else:
+            (self.path / MARKER).unlink()
+
+    def discard(self) -> None:
+        """Remove the temporary, if this process made it and it is still there."""
+        if not self.created:
+            return  # whatever stands at the name is not ours
+        try:
+            if self.path.is_dir() and not self.path.is_symlink():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # it stays, still marked (or renamed already): a later write of the target removes it
+
+    def _in_the_way(self) -> InputError:
+        return InputError(f"can't write {self.target}: {self.path} is in the way, a file this program did not "
+                          "write (or can't tell it wrote); move it away or write elsewhere")
+
+
+def remove_stale(target: Path, entries: re.Pattern | None = None) -> list[Path]:
+    """Remove the temporaries of earlier writes of `target` whose writer is gone (see the
+    module's docstring for when that is known). A directory is removed only if it holds
+    nothing but its record and plain files whose names match `entries`. Returns what was
+    removed."""
+    removed = []
+    pattern = _name_pattern(target)
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        named = pattern.fullmatch(path.name)
+        if named is None or path.is_symlink():
+            continue
+        writer = _record_of(path, entries)
+        if (writer is None or (writer.host, writer.pid) != (named["host"], int(named["pid"]))
+                or not writer.is_gone()):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:  # removed first by another writer of the target, or it can't be (read-only): the write
+            continue  # that follows says so, if it can't write either
+        removed.append(path)
+    return removed
+
+
+def _record_of(path: Path, entries: re.Pattern | None) -> Writer | None:
+    """The writer's record inside the temporary at `path`, or None where there is none to trust."""
+    if path.is_dir():
+        inside = list(path.iterdir())
+        if any(p.is_symlink() or not p.is_file() or (p.name != MARKER and not (entries and entries.fullmatch(p.name)))
+               for p in inside):
+            return None  # something not ours is inside
+        try:
+            return Writer.parse((path / MARKER).read_text())
+        except (OSError, UnicodeDecodeError):
+            return None
+    import h5py
+
+    if not path.is_file() or not h5py.is_hdf5(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:  # fails while a writer holds it open (HDF5's file lock): kept
+            record = f.attrs.get(MARKER)
+    except Exception:  # HDF5 that can't be read: not one to judge
+        return None
+    return None if record is None else Writer.parse(record)

@@ -1,0 +1,1 @@
+"""A loaded job: scatter the weights, run a step, sample; budgets measured on it."""

@@ -1,0 +1,1 @@
+"""Per-rank arithmetic: vector ops, quantized products, and their plain-numpy twins (reference)."""

@@ -1,0 +1,268 @@
+"""Plain-numpy twins of the kernels, and a dense single-process forward pass.
+
+Slow and obvious on purpose: tests compare the numba kernels and the distributed engine
+against these on odd sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import quant
+from ..model.spec import ModelSpec
+from ..parallel.plan import travels_q80
+from .vector import rope_table
+
+
+def matvec_f32(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+
+
+def matvec_q40_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """w_blocks: (rows, nb) Q40; x_blocks: (nb,) Q80."""
+    return matvec_f32(quant.dequantize_q40(w_blocks), quant.dequantize_q80(x_blocks))
+
+
+def lane_sum(p: np.ndarray) -> np.ndarray:
+    """The quantized products' float order (see qmatmul): p (..., nb) f32 per-block terms ->
+    (...,): lane l sums blocks l, l + 16, ... in order, then the fixed 16 -> 1 tree."""
+    nb = p.shape[-1]
+    g = -(-nb // quant.GROUP)
+    padded = np.zeros((*p.shape[:-1], g * quant.GROUP), np.float32)
+    padded[..., :nb] = p
+    acc = np.zeros((*p.shape[:-1], quant.GROUP), np.float32)
+    for i in range(g):
+        acc = acc + padded[..., i * quant.GROUP : (i + 1) * quant.GROUP]
+    half = quant.GROUP // 2
+    while half:
+        acc = acc[..., :half] + acc[..., half : 2 * half]
+        half //= 2
+    return acc[..., 0]
+
+
+def _codes(w_blocks: np.ndarray) -> np.ndarray:
+    """(rows, nb) Q40/Q80 -> (rows, nb, 32) int64 codes (Q40 without its offset of 8)."""
+    qs = w_blocks["qs"]
+    if quant.type_of(w_blocks) == "q40":
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - 8
+    return qs.astype(np.int64)
+
+
+def matvec_q_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q40/Q80 x Q80 product, bit for bit: w_blocks (rows, nb);
+    x_blocks (T, nb) Q80 -> (T, rows) f32. Exact integer block sums, then f32 terms
+    isum * (d_w * d_x) in lane order."""
+    isum = np.einsum("rbe,tbe->trb", _codes(w_blocks), x_blocks["qs"].astype(np.int64))
+    scale = w_blocks["d"].astype(np.float32)[None] * x_blocks["d"].astype(np.float32)[:, None, :]
+    return lane_sum(isum.astype(np.float32) * scale)
+
+
+def matvec_q_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q40/Q80 x f32 product, bit for bit: x (T, nb * 32) f32 ->
+    (T, rows): each block's f32 sum of its 32 products in element order, times d_w."""
+    codes = _codes(w_blocks).astype(np.float32)  # (rows, nb, 32)
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)  # (T, 1, nb, 32)
+    bsum = np.zeros((x.shape[0], *codes.shape[:2]), np.float32)
+    for e in range(quant.BLOCK):
+        bsum = bsum + codes[None, :, :, e] * xb[..., e]
+    return lane_sum(bsum * w_blocks["d"].astype(np.float32)[None])
+
+
+def _codes8(x_blocks: np.ndarray, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit activations, Q80 (T, n_sub) or Q8K (T, n_sub / 8) blocks -> their codes
+    (T, n_sub, 32) int64 and each 32-value block's scale (T, n_sub) f32 (a Q8K's, 8 times)."""
+    xq = x_blocks["qs"].astype(np.int64).reshape(x_blocks.shape[0], n_sub, quant.BLOCK)
+    xd = x_blocks["d"].astype(np.float32)
+    return xq, (np.repeat(xd, quant.QK // quant.BLOCK, axis=1) if x_blocks.dtype == quant.Q8K else xd)
+
+
+def matvec_q4k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K x 8-bit product, bit for bit: w_blocks (rows, nb) Q4K; x_blocks
+    (T, nb) Q8K or (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the exact integer
+    sum of the unsigned codes times the activation codes, then
+    f32(isum) * (s_b * d_x) - f32(xsum) * (m_b * d_x), d_x the block's activation scale."""
+    n_sub = w_blocks.shape[1] * 8
+    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], n_sub, quant.BLOCK).astype(np.int64)
+    xq, xd = _codes8(x_blocks, n_sub)
+    isum = np.einsum("rbe,tbe->trb", codes, xq).astype(np.float32)
+    xsum = xq.sum(axis=-1).astype(np.float32)[:, None, :]
+    scale, low = quant.q4k_sub_scales(w_blocks)
+    xd = xd[:, None, :]
+    return lane_sum(isum * (scale[None] * xd) - xsum * (low[None] * xd))
+
+
+def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K x f32 product, bit for bit: per sub-block the f32 sums of
+    q * x and of x in element order, then sum_qx * s_b - sum_x * m_b, in lane order."""
+    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.float32)
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)
+    qx = np.zeros((x.shape[0], *codes.shape[:2]), np.float32)
+    xs = np.zeros((x.shape[0], 1, codes.shape[1]), np.float32)
+    for e in range(quant.BLOCK):
+        qx = qx + codes[None, :, :, e] * xb[..., e]
+        xs = xs + xb[..., e]
+    scale, low = quant.q4k_sub_scales(w_blocks)
+    return lane_sum(qx * scale[None] - xs * low[None])
+
+
+def matvec_q6k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q6K x 8-bit product, bit for bit: w_blocks (rows, nb) Q6K; x_blocks
+    as matvec_q4k_q8_exact's -> (T, rows) f32. Per 32-value block b and half (elements 0..15,
+    16..31): the exact integer sum of (q - 32) times the activation codes, then
+    f32(i_lo) * (s_lo * d_x) + f32(i_hi) * (s_hi * d_x)."""
+    rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8
+    codes = quant.q6k_codes(w_blocks).reshape(rows, n_sub, 2, 16).astype(np.int64) - 32
+    xq, xd = _codes8(x_blocks, n_sub)
+    isum = np.einsum("rbhe,tbhe->trbh", codes, xq.reshape(-1, n_sub, 2, 16)).astype(np.float32)  # (T, rows, blocks, half)
+    scale = quant.q6k_scales(w_blocks).reshape(rows, n_sub, 2)
+    xd = xd[:, None, :]
+    return lane_sum(isum[..., 0] * (scale[None, ..., 0] * xd) + isum[..., 1] * (scale[None, ..., 1] * xd))
+
+
+def matvec_q6k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q6K x f32 product, bit for bit: per block each half's f32 sum of
+    f32(q - 32) * x in element order, then sum_lo * s_lo + sum_hi * s_hi, in lane order."""
+    rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8
+    codes = quant.q6k_codes(w_blocks).reshape(rows, n_sub, 2, 16).astype(np.float32) - 32
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, n_sub, 2, 16)
+    sums = np.zeros((x.shape[0], rows, n_sub, 2), np.float32)
+    for e in range(16):
+        sums = sums + codes[None, ..., e] * xb[..., e]
+    scale = quant.q6k_scales(w_blocks).reshape(rows, n_sub, 2)
+    return lane_sum(sums[..., 0] * scale[None, ..., 0] + sums[..., 1] * scale[None, ..., 1])
+
+
+# each quantized weight type's twins: (with 8-bit activations, with f32 activations)
+EXACT = {"q40": (matvec_q_q80_exact, matvec_q_f32_exact), "q80": (matvec_q_q80_exact, matvec_q_f32_exact),
+         "q4k": (matvec_q4k_q8_exact, matvec_q4k_f32_exact), "q6k": (matvec_q6k_q8_exact, matvec_q6k_f32_exact)}
+# the activations' 8-bit forms, by quant.ACTIVATION_TYPE
+QUANTIZE8 = {"q80": quant.quantize_q80_activations, "q8k": quant.quantize_q8k}
+
+
+def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return matvec_f32(quant.dequantize_q40(w_blocks), x)
+
+
+def matvec_f16(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """w: (rows, n) float16."""
+    return matvec_f32(w.astype(np.float32), x)
+
+
+def matvec_q80_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """w_blocks: (rows, nb) Q80; x_blocks: (nb,) Q80."""
+    return matvec_f32(quant.dequantize_q80(w_blocks), quant.dequantize_q80(x_blocks))
+
+
+def matvec_q80_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return matvec_f32(quant.dequantize_q80(w_blocks), x)
+
+
+def rmsnorm_heads(vec: np.ndarray, head_dim: int, weight: np.ndarray, eps: float) -> np.ndarray:
+    return np.concatenate([rmsnorm(h, weight, eps) for h in vec.reshape(-1, head_dim)])
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (weight * (x64 / np.sqrt(np.mean(x64 * x64) + eps))).astype(np.float32)
+
+
+def rope(vec: np.ndarray, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """vec: (n_heads * head_dim,) rotated by one position's cos/sin (head_dim // 2,)."""
+    pairs = vec.reshape(-1, head_dim // 2, 2).astype(np.float64)
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return out.reshape(vec.shape).astype(np.float32)
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_head) -> np.ndarray:
+    """q: (n_heads, head_dim); keys, values: (n_pos, n_kv, head_dim) -> (n_heads, head_dim)."""
+    out = np.empty(q.shape, np.float32)
+    for h, kv in enumerate(kv_of_head):
+        scores = keys[:, kv, :].astype(np.float64) @ q[h] / np.sqrt(q.shape[1])
+        p = np.exp(scores - scores.max())
+        out[h] = (p / p.sum()) @ values[:, kv, :]
+    return out
+
+
+def silu_mul(h1: np.ndarray, h3: np.ndarray) -> np.ndarray:
+    a = h1.astype(np.float64)
+    return (a / (1 + np.exp(-a)) * h3).astype(np.float32)
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) -> int:
+    """Twin of sampler.sample: greedy at temperature 0, else nucleus sampling; the nucleus is
+    every token whose probability reaches that of the smallest member of the top-p set."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    ordered = np.sort(p)[::-1]
+    cut = ordered[min(np.searchsorted(np.cumsum(ordered), top_p), len(p) - 1)] if top_p < 1 else 0.0
+    kept = np.where(p >= cut, p, 0.0)
+    cdf = np.cumsum(kept)
+    index = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
+    return index if index < len(p) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
+
+
+class DenseModel:
+    """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
+
+    buffer_type 'q80' reproduces the engine's quantization points: the input of every
+    quantized matrix is quantized to its 8-bit form (Q80 for Q40/Q80, Q8K for Q4K/Q6K), and
+    every gathered vector that travels as Q80 (plan.travels_q80) is rounded through Q80."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
+        self.spec, self.buffer_type = spec, buffer_type
+        self.t = {name: quant.decode(value) for name, value in tensors.items()}
+        # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
+        self.quantized = {name: value for name, value in tensors.items()
+                          if quant.type_of(value) in ("q40", "q80", *quant.K_QUANTS)}
+        self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
+        self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
+        self.values = np.zeros_like(self.keys)
+
+    def _round_q80(self, x: np.ndarray) -> np.ndarray:
+        return quant.dequantize_q80(quant.quantize_q80_activations(x))
+
+    def _mv(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name not in self.quantized:
+            return matvec_f32(self.t[name], x)
+        w = self.quantized[name]
+        with_8bit, with_f32 = EXACT[quant.type_of(w)]
+        if self.buffer_type == "q80":
+            return with_8bit(w, QUANTIZE8[quant.ACTIVATION_TYPE[quant.type_of(w)]](x[None]))[0]
+        return with_f32(w, x[None])[0]
+
+    def _travel(self, x: np.ndarray, vector: str) -> np.ndarray:
+        return self._round_q80(x) if travels_q80(self.spec, vector, self.buffer_type) else x
+
+    def _qk(self, p: str, which: str, xb: np.ndarray, pos: int) -> np.ndarray:
+        s = self.spec
+        out = self._mv(p + "w" + which, xb)
+        if s.qkv_bias:
+            out = out + self.t[p + "b" + which]
+        if s.qk_norm:
+            out = rmsnorm_heads(out, s.head_dim, self.t[p + which + "_norm"], s.norm_eps)
+        return rope(out, s.head_dim, self.cos[pos], self.sin[pos])
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        s = self.spec
+        x = self.t["tok_embeddings"][token].astype(np.float32)
+        kv_of_head = [h // s.group_size for h in range(s.n_heads)]
+        for layer in range(s.n_layers):
+            p = f"layers/{layer}/"
+            xb = rmsnorm(x, self.t[p + "attention_norm"], s.norm_eps)
+            q = self._qk(p, "q", xb, pos)
+            self.keys[layer, pos] = self._qk(p, "k", xb, pos).reshape(s.n_kv_heads, -1)
+            v = self._mv(p + "wv", xb) + (self.t[p + "bv"] if s.qkv_bias else 0)
+            self.values[layer, pos] = v.reshape(s.n_kv_heads, -1)
+            att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1],
+                            self.values[layer, : pos + 1], kv_of_head)
+            att = self._travel(att.reshape(-1), "att")
+            x = x + self._travel(self._mv(p + "wo", att), "dim")
+            xb = rmsnorm(x, self.t[p + "ffn_norm"], s.norm_eps)
+            hidden = self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), "ffn")
+            x = x + self._travel(self._mv(p + "w2", hidden), "dim")
+        xb = rmsnorm(x, self.t["norm"], s.norm_eps)
+        return self._mv("tok_embeddings" if s.shared_classifier else "output", xb)

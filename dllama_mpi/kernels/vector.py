@@ -1,0 +1,494 @@
+"""numba kernels for one rank's share of a layer, on blocks of T tokens (T = 1 when
+decoding). Each has a plain-numpy twin in reference.py.
+
+Determinism: every output element is produced by one sequential loop whose order depends
+only on the input length, never on the thread count, the rank's slice or T, so a split
+never changes a result bit. prange only distributes whole output rows/heads.
+
+Float operations run exactly as written (no fastmath): LLVM may not fuse, reorder or
+vectorize a reduction differently in the serial kernel and in its parallel driver, which
+made results depend on the thread count.
+
+The quantized products (Q40/Q80 weights) and their layouts are in qmatmul.py; Q80
+activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32 int8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from ..parallel import threads  # noqa: F401  (threads: the thread policy, before any kernel runs)
+from . import qmatmul
+from .qmatmul import f16_bits_to_f32
+
+BLOCK = 32
+_opts = {"cache": True, "nogil": True}
+CHUNKS = qmatmul.CHUNKS  # row chunks per parallel product
+
+
+@njit(**_opts)
+def f32_to_f16_bits(x):
+    """Round-to-nearest-even fp16 encoding of a finite non-negative float32 (a scale)."""
+    ax = np.float64(x)
+    if ax < 6.103515625e-05:  # below 2**-14: subnormal; m == 1024 encodes the smallest normal
+        return np.uint16(np.rint(ax * 16777216.0))
+    m, e = math.frexp(ax)  # ax = m * 2**e, m in [0.5, 1)
+    mant = np.int64(np.rint(m * 2048.0))  # in [1024, 2048]; 2048 carries into the exponent
+    bits = ((e + 14) << 10) + (mant - 1024)
+    return np.uint16(min(bits, 0x7C00))
+
+
+def _f16_ir(builder, bits):
+    """fp16 bits (i16 IR scalar or vector) -> f32, exactly, in integer and power-of-two
+    steps: `fpext half` needs F16C or a runtime function numba's JIT doesn't link (a CPU
+    without F16C failed with "Symbol not found: __extendhfsf2")."""
+    n_lanes = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    ity, fty = (ir.VectorType(i32, n_lanes), ir.VectorType(f32, n_lanes)) if n_lanes else (i32, f32)
+
+    def const(value, ty):
+        return ir.Constant(ty, [value] * n_lanes) if n_lanes else ir.Constant(ty, value)
+
+    h = builder.zext(bits, ity)
+    shifted = builder.shl(builder.and_(h, const(0x7FFF, ity)), const(13, ity))  # exponent and mantissa
+    # finite: the bits read as f32 are the value times 2**-112 (subnormals included): scale back
+    finite = builder.bitcast(builder.fmul(builder.bitcast(shifted, fty), const(2.0**112, fty)), ity)
+    special = builder.or_(shifted, const(0x7F800000, ity))  # inf and nan keep their mantissa
+    is_special = builder.icmp_unsigned(">=", builder.and_(h, const(0x7C00, ity)), const(0x7C00, ity))
+    magnitude = builder.select(is_special, special, finite)
+    sign = builder.shl(builder.and_(h, const(0x8000, ity)), const(16, ity))
+    return builder.bitcast(builder.or_(magnitude, sign), fty)
+
+
+@intrinsic
+def _dot_lanes(typingctx, a, b):
+    """Of 1-D contiguous a (f32, or u16 fp16 bits) and b (f32): the sum of a[i] * b[i] for
+    i < n - n % 8 as 8 lanes (lane l takes i = l mod 8, in order) added as a fixed tree,
+    then the tail in index order. Written in IR because numba's indexing keeps LLVM from vectorizing the plain loop, and
+    reassociating it (fastmath) made the order depend on how LLVM compiled each caller."""
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.layout == b.layout == "C"
+            and a.ndim == b.ndim == 1 and b.dtype == types.float32 and a.dtype in (types.float32, types.uint16)):
+        return None
+    fp16 = a.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        v8 = ir.VectorType(f32, 8)
+        arr_a, arr_b = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        n = cgutils.unpack_tuple(builder, arr_a.shape)[0]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, None))
+        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 8))) as loop:
+            i = builder.mul(loop.index, ir.Constant(i64, 8))
+            pa = builder.gep(arr_a.data, [i], source_etype=ir.IntType(16) if fp16 else f32)
+            pb = builder.gep(arr_b.data, [i], source_etype=f32)
+            va = builder.load(pa, typ=ir.VectorType(ir.IntType(16), 8) if fp16 else v8, align=1)
+            if fp16:
+                va = _f16_ir(builder, va)
+            vb = builder.load(pb, typ=v8, align=1)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(va, vb)), acc)
+        v, width = builder.load(acc), 8
+        while width > 1:  # lane i + lane i + width / 2
+            width //= 2
+            lanes = ir.VectorType(ir.IntType(32), width)
+            lo = builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+        tail = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        with cgutils.for_range_slice(builder, tail, n, ir.Constant(i64, 1)) as (i, _):
+            ea = builder.load(builder.gep(arr_a.data, [i], source_etype=ir.IntType(16) if fp16 else f32),
+                              typ=ir.IntType(16) if fp16 else f32)
+            if fp16:
+                ea = _f16_ir(builder, ea)
+            eb = builder.load(builder.gep(arr_b.data, [i], source_etype=f32), typ=f32)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(ea, eb)), total)
+        return builder.load(total)
+
+    return types.float32(a, b), codegen
+
+
+def _exp_ir(builder, x):
+    """exp of an f32 IR value (scalar or vector), Cephes' expf: n = round(x log2 e),
+    r = x - n ln 2 in two parts, a degree-5 polynomial, times 2**n by exponent bits. About
+    1 ulp; x is clamped to [-87, 88] (below: a tiny number instead of 0; above: 1.6e38, not
+    inf). The same operations on a scalar and on a vector lane: the same bits either way."""
+    ty = x.type
+    n_lanes = ty.count if isinstance(ty, ir.VectorType) else None
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+
+    def const(value, elem=f32):
+        return ir.Constant(ir.VectorType(elem, n_lanes), [value] * n_lanes) if n_lanes else ir.Constant(elem, value)
+
+    def call(name, *args):
+        suffix = f"v{n_lanes}f32" if n_lanes else "f32"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [a.type for a in args]), f"llvm.{name}.{suffix}")
+        return builder.call(fn, args)
+
+    x = call("maxnum", call("minnum", x, const(88.0)), const(-87.0))
+    n = call("floor", builder.fadd(builder.fmul(x, const(1.44269504088896341)), const(0.5)))
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, const(0.693359375))), builder.fmul(n, const(-2.12194440e-4)))
+    p = const(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = builder.fadd(builder.fmul(p, r), const(c))
+    y = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), const(1.0))
+    itype = ir.VectorType(i32, n_lanes) if n_lanes else i32
+    bits = builder.shl(builder.add(builder.fptosi(n, itype), const(127, i32)), const(23, i32))
+    return builder.fmul(y, builder.bitcast(bits, ty))
+
+
+@intrinsic
+def _exp_into(typingctx, src, scale, shift, dst):
+    """dst[i] = exp(src[i] * scale - shift) (see _exp_ir) over 1-D contiguous f32 arrays of
+    one length, 8 lanes at a time and the tail one by one; dst may be src."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.float32
+                for a in (src, dst)) and scale == shift == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        a_src, a_dst = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3))
+        n = cgutils.unpack_tuple(builder, a_src.shape)[0]
+        whole = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        for width, start, stop, step in ((8, ir.Constant(i64, 0), whole, 8), (None, whole, n, 1)):
+            if width:  # scale and shift in every lane
+                ty = ir.VectorType(f32, width)
+                mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+                undef, first = ir.Constant(ty, None), ir.Constant(ir.IntType(32), 0)
+                k, c = (builder.shuffle_vector(builder.insert_element(undef, args[i], first), undef, mask) for i in (1, 2))
+            else:
+                ty, k, c = f32, args[1], args[2]
+            with cgutils.for_range_slice(builder, start, stop, ir.Constant(i64, step)) as (i, _):
+                src_at = builder.bitcast(builder.gep(a_src.data, [i], source_etype=f32), ty.as_pointer())
+                dst_at = builder.bitcast(builder.gep(a_dst.data, [i], source_etype=f32), ty.as_pointer())
+                v = builder.load(src_at, align=4)
+                builder.store(_exp_ir(builder, builder.fsub(builder.fmul(v, k), c)), dst_at, align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, scale, shift, dst), codegen
+
+
+@njit(**_opts)
+def exp_into(src, scale, shift, dst):
+    """dst = exp(src * scale - shift), element-wise (see _exp_into)."""
+    _exp_into(src, np.float32(scale), np.float32(shift), dst)
+
+
+@njit(**_opts)
+def dot(a, b):
+    """sum a[i] * b[i] in _dot_lanes' fixed order. a: f32, or u16 fp16 bits; b: f32; both
+    1-D contiguous."""
+    return _dot_lanes(a, b)
+
+
+# --- activations ------------------------------------------------------------------------
+
+
+@njit(**_opts)
+def quantize_q80(x, out):
+    """x: (T, n) f32 -> out: (T, n // 32, 34) u8 Q80 blocks of activations, as llama.cpp's x86
+    quantize_row_q8_0 makes them for its Q4_0/Q8_0 products (the twin:
+    quant.quantize_q80_activations)."""
+    for t in range(x.shape[0]):
+        for b in range(x.shape[1] // BLOCK):
+            amax = np.float32(0.0)
+            for j in range(BLOCK):
+                amax = max(amax, abs(x[t, b * BLOCK + j]))
+            d = np.float32(amax / np.float32(127.0))
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            if inv == np.inf:  # amax below ~4e-37: its fp16 scale is 0, the codes too
+                inv = np.float32(0.0)
+            bits = f32_to_f16_bits(d)
+            out[t, b, 0] = bits & 0xFF
+            out[t, b, 1] = bits >> 8
+            for j in range(BLOCK):
+                q = np.rint(np.float32(x[t, b * BLOCK + j] * inv))
+                out[t, b, 2 + j] = np.uint8(np.int64(q) & 0xFF)
+
+
+@njit(**_opts)
+def q80_values(blocks, x):
+    """Q80 blocks (T, nb, 34) -> their values x (T, nb * 32) f32."""
+    q = blocks.view(np.int8)
+    for t in range(blocks.shape[0]):
+        for b in range(blocks.shape[1]):
+            d = f16_bits_to_f32(np.uint16(blocks[t, b, 0]) | (np.uint16(blocks[t, b, 1]) << 8))
+            for j in range(BLOCK):
+                x[t, b * BLOCK + j] = np.float32(q[t, b, 2 + j]) * d
+
+
+# --- matrix products: out (T, rows) = x (T, cols) @ w.T, on this rank's rows -------------
+# Each product is a serial `*_rows(r0, r1, c, ...)` kernel for rows [r0, r1) (c: the chunk,
+# whose scratch the quantized ones use), called directly for small matrices (no
+# parallel-region launch) and, through its `matmul_*` driver, on row chunks in parallel:
+# the same code computes every row either way.
+
+
+@njit(**_opts)
+def f32_rows(r0, r1, c, w, x, out):
+    """w: (rows, n) f32."""
+    for r in range(r0, r1):
+        for t in range(x.shape[0]):
+            out[t, r] = dot(w[r], x[t])
+
+
+@njit(**_opts)
+def f16_rows(r0, r1, c, w, x, out):
+    """w: (rows, n) u16 fp16 bits (decoded inside dot)."""
+    for r in range(r0, r1):
+        for t in range(x.shape[0]):
+            out[t, r] = dot(w[r], x[t])
+
+
+@njit(parallel=True, **_opts)
+def matmul_f32(w, x, out):
+    chunks = min(w.shape[0], CHUNKS)
+    for c in prange(chunks):
+        f32_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, x, out)
+
+
+@njit(parallel=True, **_opts)
+def matmul_f16(w, x, out):
+    chunks = min(w.shape[0], CHUNKS)
+    for c in prange(chunks):
+        f16_rows(c * w.shape[0] // chunks, (c + 1) * w.shape[0] // chunks, c, w, x, out)
+
+
+PARALLEL = {f32_rows: matmul_f32, f16_rows: matmul_f16, **qmatmul.PARALLEL}  # each rows kernel's parallel driver
+
+
+@njit(parallel=True, **_opts)
+def read_sum(buf):
+    """Sum of buf (f64): the memory read-bandwidth probe of the benchmark."""
+    total = 0.0
+    for i in prange(buf.shape[0]):
+        total += buf[i]
+    return total
+
+
+@njit(**_opts)
+def f16_row(bits, out):
+    """fp16 bits (cols,) -> out (cols,) f32 (numba has no float16 on the CPU: f16 weights
+    stay 2 bytes as their bits)."""
+    for i in range(bits.shape[0]):
+        out[i] = f16_bits_to_f32(bits[i])
+
+
+# --- element-wise and per-head -----------------------------------------------------------
+
+
+@njit(**_opts)
+def rmsnorm(x, weight, eps, out):
+    """Each row of x (T, n) -> out (T, n)."""
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        ss = dot(x[t], x[t])
+        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
+        for i in range(n):
+            out[t, i] = weight[i] * (scale * x[t, i])
+
+
+@njit(**_opts)
+def rmsnorm_heads(vec, head_dim, weight, eps):
+    """In place, RMSNorm of each head: vec (T, n_heads * head_dim), weight (head_dim,)."""
+    for t in range(vec.shape[0]):
+        for h in range(vec.shape[1] // head_dim):
+            base = h * head_dim
+            head = vec[t, base : base + head_dim]
+            ss = dot(head, head)
+            scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(head_dim) + np.float32(eps)))
+            for i in range(head_dim):
+                vec[t, base + i] = weight[i] * (scale * vec[t, base + i])
+
+
+@njit(**_opts)
+def rope(vec, head_dim, cos, sin):
+    """In place, rotate interleaved pairs (vec[t, 2i], vec[t, 2i+1]) of each head of token t by
+    that token's angles. vec: (T, n_heads * head_dim); cos, sin: (T, head_dim // 2)."""
+    for t in range(vec.shape[0]):
+        for h in range(vec.shape[1] // head_dim):
+            base = h * head_dim
+            for i in range(head_dim // 2):
+                a = vec[t, base + 2 * i]
+                b = vec[t, base + 2 * i + 1]
+                vec[t, base + 2 * i] = a * cos[t, i] - b * sin[t, i]
+                vec[t, base + 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
+
+
+@njit(**_opts)
+def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
+    """Causal attention of local query heads [h0, h1): row t (of sequence slot slots[t], at
+    position positions[t]) over its slot's positions [0, positions[t]]. q: (T, n_local_heads,
+    head_dim); k_cache, v_cache: (n_slots, max_seq, n_local_kv, head_dim), already holding the
+    rows' keys and values; kv_of_head: (n_local_heads,) local KV index; scores:
+    (n_local_heads, max_seq) scratch; out: (T, n_local_heads, head_dim)."""
+    head_dim = q.shape[2]
+    inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
+    for h in range(h0, h1):
+        kv = kv_of_head[h]
+        for t in range(q.shape[0]):
+            n_pos = positions[t] + 1
+            keys, values = k_cache[slots[t]], v_cache[slots[t]]
+            top = np.float32(-np.inf)
+            for p in range(n_pos):
+                s = dot(q[t, h], keys[p, kv]) * inv_sqrt
+                scores[h, p] = s
+                top = max(top, s)
+            row = scores[h, :n_pos]
+            exp_into(row, np.float32(1), top, row)
+            total = np.float32(0.0)
+            for p in range(n_pos):
+                total += row[p]
+            o = out[t, h]
+            o[:] = 0.0
+            for p in range(n_pos):
+                w = scores[h, p] / total
+                v = values[p, kv]
+                for i in range(head_dim):  # element-wise: vectorizes in any order, the same bits
+                    o[i] += w * v[i]
+
+
+@njit(parallel=True, **_opts)
+def attention(q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
+    """attention_heads over every local head, one head per task."""
+    for h in prange(q.shape[1]):
+        attention_heads(h, h + 1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out)
+
+
+@njit(**_opts)
+def store_kv(k, v, slots, positions, k_cache, v_cache):
+    """Row t's key and value (T, n_local_kv * head_dim) into its slot at its position:
+    k_cache, v_cache (n_slots, max_seq, n_local_kv, head_dim)."""
+    n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for t in range(k.shape[0]):
+        s, p = slots[t], positions[t]
+        for j in range(n_kv):
+            for i in range(head_dim):
+                k_cache[s, p, j, i] = k[t, j * head_dim + i]
+                v_cache[s, p, j, i] = v[t, j * head_dim + i]
+
+
+@njit(**_opts)
+def silu_mul(h13, out):
+    """out = silu(h1) * h3 where each token's row of h13 (T, 2n) is h1 (n) then h3 (n);
+    out: (T, n)."""
+    n = out.shape[1]
+    for t in range(h13.shape[0]):
+        h, o = h13[t], out[t]
+        exp_into(h[:n], np.float32(-1), np.float32(0), o)
+        for i in range(n):
+            o[i] = h[i] / (np.float32(1.0) + o[i]) * h[n + i]
+
+
+@njit(cache=True, nogil=True)
+def sample(logits, temperature, top_p, coin, probs, scratch):
+    """Greedy when temperature == 0. Otherwise softmax(logits / temperature) in float64;
+    the nucleus is every token whose probability reaches that of the smallest member of the
+    top-p set; the token is where coin * (nucleus mass) falls in index order."""
+    n = logits.shape[0]
+    best = 0
+    for i in range(1, n):
+        if logits[i] > logits[best]:
+            best = i
+    if temperature == 0:
+        return best
+    top = np.float64(logits[best])
+    total = 0.0
+    for i in range(n):
+        probs[i] = math.exp((np.float64(logits[i]) - top) / temperature)
+        total += probs[i]
+    for i in range(n):
+        probs[i] /= total
+    cut = 0.0
+    if top_p < 1:
+        scratch[:] = probs
+        scratch.sort()
+        cum = 0.0
+        for i in range(n - 1, -1, -1):
+            cum += scratch[i]
+            if cum >= top_p:
+                cut = scratch[i]
+                break
+    kept = 0.0
+    for i in range(n):
+        if probs[i] >= cut:
+            kept += probs[i]
+    target = coin * kept
+    cdf = 0.0
+    last = best
+    for i in range(n):
+        if probs[i] >= cut:
+            cdf += probs[i]
+            last = i
+            if target < cdf:
+                return i
+    return last
+
+
+def rope_table(freqs: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, (n_pos, head_dim // 2) f32, of angle p * freqs[i] (spec.rope_freqs()).
+    Computed in float64 once, so every rank and the reference share the same table."""
+    angles = np.outer(np.arange(n_pos, dtype=np.float64), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def cache_dir() -> str:
+    """Where numba keeps the compiled kernels."""
+    return matmul_f32._cache.cache_path
+
+
+def warm_up(weight_types: tuple[str, ...] = ()) -> None:
+    """Compile (or load from numba's cache) every kernel for the types the engine uses; the
+    k-quant products (q4k, q6k) only for those among `weight_types`, the model's: most models
+    have none, and compiling them costs seconds on a cold cache."""
+    f32 = np.float32
+    x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
+    blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
+    xq, xsum, xd = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32), np.zeros((1, 16), f32)
+    xt = np.zeros((1, 512), f32)
+    quantize_q80(x, blocks)
+    qmatmul.pack_q80(blocks, xq, xsum, xd)
+    q80_values(blocks, out)
+    qmatmul.pack_f32(x, xt)
+    lanes = (np.zeros((CHUNKS, 16), np.int32), np.zeros((CHUNKS, 16), f32))
+    wd = np.zeros((3, 16), np.uint16)
+    q4, q8, w16 = np.zeros((3, 256), np.uint8), np.zeros((3, 512), np.int8), np.zeros((3, 64), np.uint16)
+    w32 = np.ones((3, 64), f32)
+    q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
+    products = [
+        (f32_rows, (w32, x)), (f16_rows, (w16, x)),
+        (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
+        (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
+    ]
+    if set(weight_types) & {"q4k", "q6k"}:
+        qmatmul.pack_q8k(np.zeros((1, 256), f32), xq, xsum, xd)
+    if "q4k" in weight_types:  # 6-bit scales and mins, fp16 d and dmin
+        kd = np.zeros((3, qmatmul.Q4K_SCALES), np.uint8)
+        products += [(qmatmul.k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q4, kd, xt, *lanes))]
+        qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
+    if "q6k" in weight_types:  # nibbles and high bit pairs; int8 scales and fp16 d
+        q6, q6d = np.zeros((3, 384), np.uint8), np.zeros((3, qmatmul.Q6K_SCALES), np.int8)
+        products += [(qmatmul.k_q80_rows, (q6, q6d, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q6, q6d, xt, *lanes))]
+        qmatmul.dequantize_row_q6k(q6[0], q6d[0], 2, out[0])
+    for serial, args in products:
+        PARALLEL[serial](*args, out[:, :3])
+        serial(0, 3, 0, *args, out[:, :3])
+    f16_row(w16[0], out[0])
+    qmatmul.dequantize_row(q4[0], wd[0], 2, out[0])
+    qmatmul.dequantize_row(q8[0], wd[0], 2, out[0])
+    rmsnorm(x, x[0], 1e-5, out)
+    rmsnorm_heads(out, 32, x[0, :32], 1e-5)
+    rope(out, 32, x[:, :16], x[:, :16])
+    cache, rows = np.zeros((1, 4, 1, 32), f32), np.zeros(1, np.int64)
+    store_kv(out[:, :32], out[:, :32], rows, rows, cache, cache)
+    att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), rows, rows + 1, np.zeros((2, 4), f32),
+           out.reshape(1, 2, 32))
+    attention(*att)
+    attention_heads(0, 2, *att)
+    silu_mul(np.concatenate((x, x), axis=1), out)
+    sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))

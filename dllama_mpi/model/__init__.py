@@ -1,0 +1,1 @@
+"""What a model is: its hyperparameters (spec) and its weight types (quant)."""
