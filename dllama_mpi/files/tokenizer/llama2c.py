@@ -70,7 +70,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 HDF5_TYPE = "llama2c-score-bpe"
 BYTE_FALLBACK_OFFSET = 3
