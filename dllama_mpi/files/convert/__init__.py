@@ -222,7 +222,7 @@ def info(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dllama-mpi-convert", allow_abbrev=False,
         description="Convert a model (Hugging Face directory, GGUF, distributed-llama .m, llama2.c .bin) "
@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUTPUT, only if the converter wrote it (a model file, a directory of shards)")
     p.add_argument("--info", action="store_true", help="print a model file's (or shard directory's) contents and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)  # options may stand between INPUT and OUTPUT
     for name, value in (("INPUT", args.input), ("OUTPUT", args.output), ("--tokenizer", args.tokenizer)):
         if value == "":  # Path("") would be the current directory
