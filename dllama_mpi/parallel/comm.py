@@ -150,19 +150,15 @@ def wait_modes(where: list[tuple]) -> list[str]:
     "block": MPICH's blocking Allgatherv, which spins on the rank's core: the fastest way when
       the core is the rank's own.
     "yield": more ranks on its node than cores the rank may use; it gives its core to the rank
-      it waits for (sched_yield between tests of a nonblocking Allgatherv). Measured
-      2026-11-30, TinyLlama shape, ranks 1 and 2 sharing a core beside rank 0 alone
-      (tools/auto_budget_bench.py --layout shared, medians of 3 rounds): decode with auto
-      budgets 17.7 tok/s yielding against 14.4 spinning, equal budgets 14.8 against 13.1; 4
-      ranks on 2 cores (two runs each): 15.0 and 15.2 against 13.7 and 15.7.
+      it waits for (sched_yield between tests of a nonblocking Allgatherv): spinning there
+      takes the core from the rank everyone waits for.
     "sleep": the CPU quota that binds it is below the ranks on its node that it binds (a
       container's --cpus, a Kubernetes limit; ranks in sibling cgroups under one limited
       parent share the parent's). Spinning or yielding there spends the quota the
       rank's kernels need, and the kernel then stops the rank for the rest of the period, right
-      when the others wait for it; it sleeps between tests instead. Measured 2026-12-01, rank 1
-      under half a core's quota beside rank 0 (--layout quota, TinyLlama shape, single runs):
-      auto budgets 13.7 tok/s yielding against 15.6-16.2 sleeping; equal budgets 10.7 against
-      11.5-11.9.
+      when the others wait for it; it sleeps between tests instead.
+    Each was measured faster than the way it replaced there (yielding than spinning, sleeping
+    than yielding): docs/performance.md, "Waiting at a gather".
     """
     modes = []
     for host, _, cores, group, quota in where:

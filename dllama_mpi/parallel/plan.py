@@ -257,8 +257,8 @@ def travels_q80(spec: ModelSpec, vector: str, buffer_type: str) -> bool:
     as f32: with q80 buffers where it is q80_aligned, except in a model with k-quant weights
     (a GGUF's), which keeps llama.cpp's arithmetic: a vector a k-quant product takes arrives
     whole, for its Q8K scale of 256 values, and the residual's increments ("dim") stay exact
-    (quantized, they alone moved a Q4_K_M model's log-probabilities 0.19 nats from
-    llama.cpp's: tools/greedy_vs_llamacpp.py)."""
+    (quantized, they alone moved a Q4_K_M model's log-probabilities measurably away from
+    llama.cpp's: docs/architecture.md, "Numerics and bit-identity")."""
     if buffer_type != "q80" or not q80_aligned(spec, vector):
         return False
     if vector == "dim":
