@@ -6,6 +6,10 @@ array, and Llama 3's vocabulary (128,256 tokens, 280,147 merges) took it 14 s to
 per conversion. This walk takes a fraction of a second. gguf-py still supplies the tensor types
 (GGMLQuantizationType, GGML_QUANT_SIZES) and dequantization.
 
+Metadata is read by kind (`string`, `integer`, `number`, `boolean`, and arrays of them): a GGUF
+file declares whatever type it likes, and a key holding another is refused with its name, the
+kind expected and the type found.
+
 Tensors come as GGUFReader hands them over: `shape` in GGUF's order (ne[0], the row length,
 first), `data` in numpy's (rows, cols), F32/F16/F64 and integer types as their values,
 every other type (quantized, BF16) as (rows, row bytes) uint8.
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .text import utf8
 
 MAGIC = b"GGUF"
 # GGUFValueType: name and numpy dtype of each fixed-size value type (8 STRING, 9 ARRAY vary)
@@ -32,6 +37,14 @@ STRING, ARRAY = 8, 9
 # element types GGUFReader hands over as values; every other tensor type as bytes
 ELEMENT_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# GGUF value types a metadata key of each kind may have; llama.cpp refuses others too
+_INTEGERS = frozenset({"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"})
+KINDS = {
+    "string": frozenset({"STRING"}),
+    "integer": _INTEGERS,
+    "number": _INTEGERS | {"FLOAT32", "FLOAT64"},
+    "boolean": frozenset({"BOOL"}),
+}
 
 
 class GGUFError(InputError):
@@ -177,5 +190,44 @@ class GGUFFile:
                 array = raw.reshape(*rows, dims[0] // block * block_bytes)
             self.tensors.append(Tensor(name, kind, dims, array))
 
-    def get_field(self, key: str) -> Field | None:
-        return self.fields.get(key)
+    def field(self, key: str, kind: str, array: bool | None = False) -> Field | None:
+        """The metadata field `key` (None if absent), checked to hold a `kind` value (KINDS), an array
+        of them (`array` True) or either (None: a per-layer value given once or per layer)."""
+        f = self.fields.get(key)
+        if f is None:
+            return None
+        types, allowed = list(f.types), KINDS[kind]
+        scalar = len(types) == 1 and types[0] in allowed
+        listed = types[:1] == ["ARRAY"] and (len(types) == 1 or (len(types) == 2 and types[1] in allowed))  # [] has no element type
+        if not (listed if array else scalar if array is False else scalar or listed):
+            one = ("an " if kind == "integer" else "a ") + kind
+            expected = f"an array of {kind}s" if array else one if array is False else f"{one} or an array of {kind}s"
+            raise InputError(f"GGUF metadata {key!r} must be {expected}, found type {'/'.join(types) or 'none'}")
+        return f
+
+    def string(self, key: str) -> str | None:
+        f = self.field(key, "string")
+        return None if f is None else utf8(f.value, f"GGUF metadata {key!r}")
+
+    def scalar(self, key: str, kind: str, default=None) -> int | float | bool | None:
+        """An integer, number or boolean as its Python value; `default` if absent."""
+        f = self.field(key, kind)
+        return default if f is None else f.value
+
+    def strings(self, key: str, exact: bool = False) -> list[str] | None:
+        """A string array; `exact`: refuse invalid UTF-8 (else kept as surrogate escapes, the bytes as they are)."""
+        f = self.field(key, "string", array=True)
+        if f is None:
+            return None
+        if exact:
+            return [utf8(raw, f"GGUF metadata {key!r} item {k}") for k, raw in enumerate(f.value)]
+        return [raw.decode("utf-8", "surrogateescape") for raw in f.value]
+
+    def per_token(self, key: str, kind: str, n_tokens: int) -> np.ndarray | None:
+        """A numeric array with one value per token of the vocabulary; None if absent."""
+        f = self.field(key, kind, array=True)
+        if f is None:
+            return None
+        if len(f.value) != n_tokens:
+            raise InputError(f"GGUF metadata {key!r} has {len(f.value)} values for {n_tokens} tokens")
+        return np.asarray(f.value)

@@ -66,27 +66,6 @@ def open_gguf(path: Path) -> GGUFFile:
         raise ConvertError(str(exc)) from None
 
 
-def _field(reader: GGUFFile, key: str, default=None, required: bool = False):
-    """A metadata value, typed as the file declares it: str for a string, a Python number
-    for a scalar, a list of numbers for a numeric array; ConvertError for anything else."""
-    field = reader.get_field(key)
-    if field is None:
-        if required:
-            raise ConvertError(f"GGUF metadata lacks {key!r}")
-        return default
-    kinds, compound = field.types, ("ARRAY", "STRING")
-    if kinds == ("STRING",):
-        try:
-            return field.value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConvertError(f"GGUF metadata {key!r} is not valid UTF-8") from None
-    if len(kinds) == 1 and kinds[0] not in compound:
-        return field.value
-    if len(kinds) == 2 and kinds[0] == "ARRAY" and kinds[1] not in compound:
-        return field.value.tolist()
-    raise ConvertError(f"GGUF metadata {key!r} is of type {'/'.join(kinds)}, not what this key holds")
-
-
 def _map_name(name: str) -> str | None:
     """Our tensor name for a llama.cpp one; None for tensors read but not stored."""
     if name in _GLOBAL_TENSORS:
@@ -153,8 +132,8 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> di
 
 
 def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict:
-    kind = _field(reader, f"{arch}.rope.scaling.type")
-    factor = _field(reader, f"{arch}.rope.scaling.factor", 1.0)
+    kind = reader.string(f"{arch}.rope.scaling.type")
+    factor = reader.scalar(f"{arch}.rope.scaling.factor", "number", 1.0)
     if kind not in (None, "none") and not (kind == "linear" and _number(factor, "rope.scaling.factor", float) == 1.0):
         raise ConvertError(f"GGUF RoPE scaling type {kind!r} (factor {factor}) is not supported; "
                          "supported: none, llama3 (rope_freqs)")
@@ -175,7 +154,9 @@ def _dense(t) -> np.ndarray:
 
 
 def _spec_fields(reader, path: Path) -> dict:
-    arch = _field(reader, "general.architecture", required=True)
+    arch = reader.string("general.architecture")
+    if arch is None:
+        raise ConvertError(f"{path}: GGUF metadata lacks 'general.architecture'")
     if arch not in ARCHITECTURES:
         raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
@@ -184,10 +165,19 @@ def _spec_fields(reader, path: Path) -> dict:
                            "has no weights to convert")
     if "token_embd.weight" not in tensors or len(tensors["token_embd.weight"].shape) != 2:
         raise ConvertError(f"{path}: GGUF file has no 2-D token_embd.weight tensor")
-    get = lambda key, default=None, required=True: _field(reader, f"{arch}.{key}", default, required and default is None)  # noqa: E731
+
+    def get(key: str, default=None, per_layer: bool = False):
+        """Metadata `arch.key`, a number (`per_layer`: or a list, one per layer); required without a default."""
+        field = reader.field(f"{arch}.{key}", "number", array=None if per_layer else False)
+        if field is None:
+            if default is None:
+                raise ConvertError(f"{path}: GGUF metadata lacks {arch + '.' + key!r}")
+            return default
+        return field.value.tolist() if isinstance(field.value, np.ndarray) else field.value
+
     dim = _number(get("embedding_length"), "embedding_length", int)
-    n_heads = _scalar(get("attention.head_count"), "attention.head_count")
-    n_kv = _scalar(get("attention.head_count_kv", n_heads), "attention.head_count_kv")
+    n_heads = _scalar(get("attention.head_count", per_layer=True), "attention.head_count")
+    n_kv = _scalar(get("attention.head_count_kv", n_heads, per_layer=True), "attention.head_count_kv")
     head_dim = _number(get("attention.key_length", dim // n_heads), "attention.key_length", int)
     value_length = _number(get("attention.value_length", head_dim), "attention.value_length", int)
     if value_length != head_dim:
