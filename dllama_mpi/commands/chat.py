@@ -28,7 +28,7 @@ HELP = "type a message; /clear starts a new conversation, /exit (or Ctrl-D) ends
 
 def chat(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
-    from ..serving.request import GenRequest, Sampling, check_prompt_length
+    from ..serving.request import GenRequest, Sampling, check_prompt_length, check_utf8
     from ..serving.scheduler import Scheduler, follow
 
     if comm.rank != 0:
@@ -68,7 +68,7 @@ def chat(comm, args, budgets, announce) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            _check_utf8(line)
+            check_utf8(line, "the message", "type it again")
             ids = templates.prompt_ids(job.tokenizer, history)
             check_prompt_length(len(ids), job.engine.max_seq_len, "/clear to start a new conversation, or raise "
                                 "--max-seq-len")
@@ -104,14 +104,6 @@ def _read_line(prompt: str) -> str:
         sys.stdout.buffer.write(line + b"\n")
         sys.stdout.buffer.flush()
     return line.decode("utf-8", "surrogateescape")
-
-
-def _check_utf8(line: str) -> None:
-    """A byte that is not UTF-8 arrives from the terminal as a lone surrogate."""
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputError(f"the message is not valid UTF-8 (at character {exc.start}); type it again") from None
 
 
 def _answer(scheduler, req) -> str:

@@ -71,6 +71,18 @@ class Failed:
     message: str  # the server is shutting down, or the request was cancelled
 
 
+def check_utf8(text: str, what: str, remedy: str) -> None:
+    """InputError unless `text` is valid UTF-8, which every tokenizer takes: bytes that were not
+    UTF-8 reach a str as lone surrogates (the command line, a terminal: Python's surrogateescape),
+    and so may JSON's "\\udc80". `what` names the text, `remedy` says what to do."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise InputError(f"{what} is not valid UTF-8 ({found} at character {exc.start}); {remedy}") from None
+
+
 def check_prompt_length(n_tokens: int, max_seq_len: int, remedy: str, context: str = "the context") -> None:
     """InputError unless a prompt of n_tokens runs in a context of max_seq_len tokens (a
     prompt that fills it still gets one token: the logits of its last position). `remedy`

@@ -1,0 +1,224 @@
+"""What the OpenAI-compatible API accepts and how it refuses: the request bodies as pydantic
+models (as in vLLM and llama-cpp-python) with their limits, and OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}`, in which every refusal is answered.
+
+A field that would change the output but isn't implemented is refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
+
+from ..errors import InputError
+from .request import Sampling, check_utf8
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000  # OpenAI's count; a length that bounds a request's stop-matching work
+_UNSUPPORTED_ABOVE_ONE = {"n": "send one request per choice", "best_of": "leave it out"}  # field: what to do instead
+
+
+# ---------------------------------------------------------------- errors
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape, raised from anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 made a 400 that names the field: `temperature: Input should be a valid number ...`, param "temperature"."""
+    problems, params = [], []
+    for err in exc.errors():
+        loc = err["loc"][1:]
+        if err["type"] == "json_invalid":
+            return error(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])} (character {loc[0]})")
+        if not loc:
+            return error(400, "the request body must be a JSON object")
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        if f"{param}: {msg}" not in problems:
+            problems.append(f"{param}: {msg}")
+            params.append(param)
+    return error(400, "; ".join(problems[:3]), params[0])
+
+# ---------------------------------------------------------------- requests
+
+_Stop = Annotated[str, Field(min_length=1)]
+
+
+def _utf8(text: str) -> str:
+    """JSON may carry lone surrogates ("\\udc80"), which are not text: refuse them here rather
+    than fail in a tokenizer."""
+    try:
+        check_utf8(text, "the text", "send it as UTF-8")
+    except InputError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+class _StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class CommonRequest(BaseModel):
+    """The fields both endpoints share. Unknown fields are ignored (clients send many); a field that would change the
+    output but isn't implemented is refused rather than silently ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # None: 1, as OpenAI
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[_Stop] | None = None  # a string is taken as a list of one
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # refused when given (tools and structured output are not implemented): answering without
+    # them would look like success
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+    best_of: int | None = None
+    ignore_eos: bool | None = False  # not OpenAI's (llama.cpp's server and vLLM take it): run on to max_tokens past EOS
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _listed(cls, stop: Any) -> Any:
+        """A string as a list of one; the limits checked before any other work on the strings."""
+        stop = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(stop)} stop strings were given; at most {MAX_STOP_STRINGS}: drop some")
+        for i, s in enumerate(stop if isinstance(stop, list) else ()):
+            if isinstance(s, str) and len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop string {i + 1} of {len(stop)} is {len(s)} characters; each may have at most "
+                                 f"{MAX_STOP_CHARS}: shorten it")
+        return stop
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_text(cls, stop: list[str] | None) -> list[str] | None:
+        return stop and [_utf8(s) for s in stop]
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _at_most_one(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError(f"{info.field_name} > 1 is not supported: {_UNSUPPORTED_ABOVE_ONE[info.field_name]}")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice", "functions",
+                     "function_call")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and value != "none":
+            raise ValueError(f"{info.field_name} is not supported (leave it out)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported; only text")
+        return value
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+        )
+
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    def stop_ids(self) -> tuple[int, ...] | None:
+        """No end-of-generation tokens with ignore_eos; else None, the model's."""
+        return () if self.ignore_eos else None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    role: str
+    content: str | list[_TextPart]
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _text(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> str | list[_TextPart]:
+        """One message for what pydantic reports per member of the union."""
+        try:
+            content = handler(content)
+        except ValidationError:
+            raise ValueError('must be a string or a list of text parts {"type": "text", "text": "..."}') from None
+        for text in [content] if isinstance(content, str) else [part.text for part in content]:
+            _utf8(text)
+        return content
+
+
+class ChatRequest(CommonRequest):
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[int] | list[str]  # a list of token ids is taken as it is (no BOS added)
+    max_tokens: int | None = Field(16, ge=1)  # 16 as OpenAI; null: up to the end of the context
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> str | list[int] | list[str]:
+        try:
+            prompt = handler(prompt)
+        except ValidationError:
+            raise ValueError("must be a string, a list of one string or a list of token ids") from None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
+            raise ValueError(f"a list of prompts must hold exactly one (batches are not supported), got {len(prompt)}")
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+            _utf8(prompt if isinstance(prompt, str) else prompt[0])
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool | None) -> bool | None:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
