@@ -3,11 +3,14 @@ types, every tensor's type, shape and bytes (the fuzzing of damaged files is in 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from dllama_mpi.errors import InputError  # noqa: E402
 from dllama_mpi.files.gguf_file import GGUFError, GGUFFile  # noqa: E402
 
 
@@ -70,3 +73,37 @@ def test_what_is_not_a_gguf_is_refused_by_name(tmp_path):
         path.write_bytes(data)
         with pytest.raises(GGUFError, match=says.replace("(", r"\(").replace(")", r"\)")):
             GGUFFile(path)
+
+
+def test_metadata_is_read_by_kind_and_a_key_of_another_type_is_refused_by_name(tmp_path):
+    path = tmp_path / "kinds.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("count", 7)
+    w.add_float32("scale", 0.5)
+    w.add_bool("flag", True)
+    w.add_string("name", "llama")
+    w.add_key_value("heads", [8, 8, 4], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+    w.add_key_value("words", ["a", "b"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(path)
+    assert f.scalar("count", "integer") == 7 and f.scalar("scale", "number") == 0.5 and f.scalar("flag", "boolean") is True
+    assert f.scalar("absent", "integer", 3) == 3 and f.string("absent") is None
+    assert f.string("name") == "llama" and f.strings("words") == ["a", "b"]
+    assert f.per_token("heads", "integer", 3).tolist() == [8, 8, 4]
+    assert f.field("heads", "number", array=None).types == ("ARRAY", "INT32")
+    assert f.field("count", "number", array=None).value == 7
+    refusals = [
+        (lambda: f.scalar("scale", "integer"), "GGUF metadata 'scale' must be an integer, found type FLOAT32"),
+        (lambda: f.scalar("count", "boolean"), "GGUF metadata 'count' must be a boolean, found type UINT32"),
+        (lambda: f.string("heads"), "GGUF metadata 'heads' must be a string, found type ARRAY/INT32"),
+        (lambda: f.strings("name"), "GGUF metadata 'name' must be an array of strings, found type STRING"),
+        (lambda: f.field("words", "number", array=None),
+         "GGUF metadata 'words' must be a number or an array of numbers, found type ARRAY/STRING"),
+        (lambda: f.per_token("heads", "integer", 4), "GGUF metadata 'heads' has 3 values for 4 tokens"),
+    ]
+    for read, message in refusals:
+        with pytest.raises(InputError, match=re.escape(message)):
+            read()
