@@ -1,8 +1,6 @@
 """What the OpenAI-compatible API accepts and how it refuses: the request bodies as pydantic
 models (as in vLLM and llama-cpp-python) with their limits, and OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`, in which every refusal is answered.
-
-A field that would change the output but isn't implemented is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -55,6 +53,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
             problems.append(f"{param}: {msg}")
             params.append(param)
     return error(400, "; ".join(problems[:3]), params[0])
+
 
 # ---------------------------------------------------------------- requests
 
