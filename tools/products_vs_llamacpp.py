@@ -5,7 +5,7 @@ A small C program linked against the static libraries of the llama.cpp that tool
 own `from_float` of each weight type's `vec_dot_type` (Q8_0 for Q8_0 and Q4_0 weights, Q8_K for Q4_K and
 Q6_K) and multiplies them through `ggml_mul_mat` (1, 4 and 128 tokens: its vector and its batched paths) on
 random weight blocks. The same operands go through our quantizers (quant.quantize_q80 / quantize_q8k, the
-kernels' twins) and our products' numpy twins (reference.EXACT, bit for bit the kernels'). It prints, per
+kernels' twins) and our products' numpy twins (reference.twin_8bit, bit for bit the kernels'). It prints, per
 weight type, how many activation bytes differ and the largest difference of the outputs relative to the
 largest output: f32 rounding (about 1e-7) means the same arithmetic in another order.
 
@@ -24,8 +24,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import LLAMA_CPP_PYTHON_VERSION, build_llama_bench, default_cache_dir
-
-GGML_TYPE = {"q40": 2, "q80": 8, "q4k": 12, "q6k": 14}
 
 HARNESS = r"""
 #include <stdio.h>
@@ -84,16 +82,13 @@ def build_harness(cache: Path, work: Path) -> Path:
     return work / "harness"
 
 
-def random_weights(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
-    """Random stored blocks of `kind`: quantized Gaussians for Q4_0/Q8_0, random codes and scales
-    (small finite fp16 d) for the k-quants."""
-    from dllama_mpi.model import quant
-
-    if kind in ("q40", "q80"):
-        return quant.encode(rng.standard_normal((rows, cols)).astype(np.float32), kind)
-    dtype = quant.stored_dtype(kind)
-    stored = np.frombuffer(rng.bytes(rows * cols // quant.QK * dtype.itemsize), dtype).reshape(rows, -1).copy()
-    for field in ("d", "dmin") if kind == "q4k" else ("d",):
+def random_weights(rng: np.random.Generator, t, rows: int, cols: int) -> np.ndarray:
+    """Random stored blocks of weight type `t` (a quant.WeightType): quantized Gaussians for the types
+    we quantize (Q4_0/Q8_0), random codes and scales (small finite fp16 d) for the others (the k-quants)."""
+    if t.encode is not None:
+        return t.encode(rng.standard_normal((rows, cols)).astype(np.float32))
+    stored = np.frombuffer(rng.bytes(rows * cols // t.block_values * t.dtype.itemsize), t.dtype).reshape(rows, -1).copy()
+    for field in (f for f in t.dtype.names if t.dtype[f] == np.float16):
         stored[field] = rng.uniform(1e-3, 1e-2, stored.shape).astype(np.float16)
     return stored
 
@@ -107,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cols % 256 or args.cols <= 0 or args.rows <= 0:
         p.error("--cols must be a positive multiple of 256 and --rows positive")
+    import gguf
+
     from dllama_mpi.kernels import reference
     from dllama_mpi.model import quant
 
@@ -117,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         harness = build_harness(cache, t)
-        for kind in ("q40", "q80", "q4k", "q6k"):
-            w = random_weights(rng, kind, args.rows, args.cols)
-            act_type = quant.ACTIVATION_TYPE[kind]
+        for weight_type in (t for t in quant.WEIGHTS.values() if t.quantized):
+            kind, act = weight_type.name, quant.ACTIVATIONS[weight_type.activation]
+            ggml_type = gguf.GGMLQuantizationType[weight_type.gguf].value
+            their_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[act.gguf]][1]
+            w = random_weights(rng, weight_type, args.rows, args.cols)
             worst, act_bytes, act_differ = 0.0, 0, 0
             for n_tok in (1, 4, 128):
                 # activations of mixed scales, and "nice" values (multiples of 1/8) whose codes may fall on a half step
@@ -127,19 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 x[:, ::7] = np.round(x[:, ::7] * 8) / 8
                 np.ascontiguousarray(quant.as_bytes(w)).tofile(t / "w.bin")
                 x.tofile(t / "x.bin")
-                subprocess.run([str(harness), str(GGML_TYPE[kind]), str(args.cols), str(args.rows), str(n_tok),
+                subprocess.run([str(harness), str(ggml_type), str(args.cols), str(args.rows), str(n_tok),
                                 str(t / "w.bin"), str(t / "x.bin"), str(t / "out.bin"), str(t / "act.bin")], check=True)
                 theirs = np.fromfile(t / "out.bin", np.float32).reshape(n_tok, args.rows)
-                ours_act = reference.QUANTIZE8[act_type](x)
-                mine = reference.EXACT[kind][0](w, ours_act)
+                ours_act = act.quantize(x)
+                mine = reference.twin_8bit(w, x)
                 worst = max(worst, float(np.abs(mine - theirs).max() / np.abs(theirs).max()))
-                their_act = np.fromfile(t / "act.bin", np.uint8)
-                if act_type == "q8k":  # block_q8_K: f32 d, 256 codes, 16 int16 block sums (ours keeps none)
-                    their_act = their_act.reshape(-1, 4 + 256 + 32)[:, : 4 + 256]
+                # block_q8_K: f32 d, 256 codes, then 16 int16 block sums (ours keeps none)
+                their_act = np.fromfile(t / "act.bin", np.uint8).reshape(-1, their_block)[:, : act.dtype.itemsize]
                 mine_act = np.ascontiguousarray(ours_act).view(np.uint8).reshape(their_act.shape)
                 act_bytes += their_act.size
                 act_differ += int((their_act != mine_act).sum())
-            print(f"{kind} weights x {act_type} activations: activation bytes differing {act_differ} of {act_bytes}; "
+            print(f"{kind} weights x {act.name} activations: activation bytes differing {act_differ} of {act_bytes}; "
                   f"products, |ours - llama.cpp| / max |llama.cpp|: {worst:.2g} (1, 4, 128 tokens)")
     return 0
 
