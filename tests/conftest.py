@@ -65,7 +65,7 @@ def compiled_kernels() -> None:
     from dllama_mpi.kernels import vector
     from dllama_mpi.model import quant
 
-    vector.warm_up(quant.K_QUANTS)
+    vector.warm_up(quant.WEIGHT_TYPES)
 
 
 def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:

@@ -60,7 +60,7 @@ def _flat(weights):
     return out
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "q40", "q80"])
+@pytest.mark.parametrize("weight_type", [t.name for t in quant.WEIGHTS.values() if t.dllama_code is not None])
 def test_llama_round_trip(tmp_path, tokenizer_file, weight_type):
     rng = np.random.default_rng(1)
     w = _weights(rng)
@@ -78,13 +78,11 @@ def test_llama_round_trip(tmp_path, tokenizer_file, weight_type):
         src_array = expected[name]
         kind = weight_type if (name.rsplit("/", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")) else "f32"
         assert quant.type_of(array) == kind, name
-        if kind in ("q40", "q80"):
+        if quant.WEIGHTS[kind].quantized:
             assert array.shape == (src_array.shape[0], src_array.shape[1] // 32)
             assert array.tobytes() == dw.tensor_bytes(src_array, kind), name  # bit-exact blocks
-        elif kind == "f16":
-            np.testing.assert_array_equal(array, src_array.astype(np.float16))
-        else:
-            np.testing.assert_array_equal(array, src_array, err_msg=name)
+        else:  # f32, or f16 as the values rounded
+            np.testing.assert_array_equal(array, src_array.astype(quant.stored_dtype(kind)), err_msg=name)
 
 
 def test_q40_blocks_decode_like_the_writer_quantized(tmp_path, tokenizer_file):

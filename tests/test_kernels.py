@@ -17,13 +17,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dllama_mpi.job.weights import Matrix
-from dllama_mpi.kernels import qmatmul, reference, vector
+from dllama_mpi.kernels import qmatmul, reference, resolve, vector
 from dllama_mpi.model import quant
 from dllama_mpi.parallel import threads
 
 F16_MAX = 65504.0
-# weight type _ activation form: the engine's pairs (quant.ACTIVATION_TYPE with q80 buffers, f32 with f32 ones)
-MATMULS = ("f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32", "q4k_q8k", "q4k_f32", "q6k_q8k", "q6k_f32")
+# weight type _ activation form: the engine's pairs (each quantized type's activation form with q80 buffers, f32 with
+# f32 ones): f32, f16, q40_q80, q40_f32, q80_q80, q80_f32, q4k_q8k, q4k_f32, q6k_q8k, q6k_f32
+MATMULS = tuple(pair for t in quant.WEIGHTS.values()
+                for pair in ((f"{t.name}_{t.activation}", f"{t.name}_f32") if t.quantized else (t.name,)))
 
 
 
@@ -69,19 +71,16 @@ def _q6k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return blocks
 
 
+# random blocks of the types no quantizer makes (kept from GGUF files)
+KEPT_BLOCKS = {quant.Q4K: _q4k_blocks, quant.Q6K: _q6k_blocks}
+
+
 def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
     """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q80 / Q4K / Q6K blocks."""
-    if kind.startswith("q4k"):
-        return _q4k_blocks(rng, rows, cols)
-    if kind.startswith("q6k"):
-        return _q6k_blocks(rng, rows, cols)
-    w = _matrix(rng, rows, cols)
-    wtype = kind.split("_")[0]
-    if wtype == "q40":
-        return quant.quantize_q40(w)
-    if wtype == "q80":
-        return quant.quantize_q80(w)
-    return w.astype(np.float16) if wtype == "f16" else w
+    t = quant.WEIGHTS[kind.split("_")[0]]
+    if t.encode is None:
+        return KEPT_BLOCKS[t.dtype](rng, rows, cols)
+    return t.encode(_matrix(rng, rows, cols))
 
 
 def _kernel_q80(x: np.ndarray):
@@ -106,6 +105,11 @@ def _kernel_q8k(x: np.ndarray):
     return xq, xsum, xd
 
 
+def _kernel_8bit(form: str, x: np.ndarray):
+    """x: (T, n) f32 -> its packed 8-bit activation `form` (quant.ACTIVATIONS) xq, xsum, xd."""
+    return _kernel_q8k(x) if quant.ACTIVATIONS[form].pack else _kernel_q80(x)[1:]
+
+
 def _kernel_xt(x: np.ndarray) -> np.ndarray:
     """x: (T, nb * 32) -> xt (T, 512 G), the packed f32 input of quantized weights."""
     xt = np.zeros((x.shape[0], 512 * qmatmul.groups(x.shape[1] // 32)), np.float32)
@@ -121,16 +125,15 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
     n_tok = x.shape[0]
     out = np.full((n_tok, b - a), np.nan, np.float32)
     lanes = np.full((vector.CHUNKS, 16), 77777, np.int32), np.full((vector.CHUNKS, 16), 1e30, np.float32)
-    if kind == "f32":
-        rows, args = vector.f32_rows, (m.w[a:b], x)
-    elif kind == "f16":
-        rows, args = vector.f16_rows, (m.w[a:b], x)
-    elif kind.endswith(("_q80", "_q8k")):
-        xq, xsum, xd = _kernel_q8k(x) if kind.endswith("_q8k") else _kernel_q80(x)[1:]
-        rows = qmatmul.ROWS[kind.split("_")[0]][0]
+    t, form = quant.WEIGHTS[m.type], kind.partition("_")[2]
+    if not t.quantized:
+        rows, args = resolve(t.kernels.rows_f32), (m.w[a:b], x)
+    elif form in quant.ACTIVATIONS:
+        xq, xsum, xd = _kernel_8bit(form, x)
+        rows = resolve(t.kernels.rows_8bit)
         args = (m.qs[a:b], m.d[a:b], xq, xsum, xd, *lanes)
     else:
-        rows = qmatmul.ROWS[kind.split("_")[0]][1]
+        rows = resolve(t.kernels.rows_f32)
         args = (m.qs[a:b], m.d[a:b], _kernel_xt(x), *lanes)
     if serial:
         rows(0, b - a, 0, *args, out)
@@ -141,10 +144,10 @@ def _matmul(kind: str, m: Matrix, x: np.ndarray, a: int = 0, b: int | None = Non
 
 def _reference_matvec(kind: str, stored: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The numpy twin of `kind` on one token x (cols,) -> (rows,)."""
-    if kind.endswith(("_q80", "_q8k")):
-        return reference.EXACT[kind.split("_")[0]][0](stored, reference.QUANTIZE8[kind.split("_")[1]](x[None]))[0]
-    if kind.startswith("q"):
-        return reference.EXACT[kind.split("_")[0]][1](stored, x[None])[0]
+    if kind.partition("_")[2] in quant.ACTIVATIONS:
+        return reference.twin_8bit(stored, x[None])[0]
+    if quant.WEIGHTS[quant.type_of(stored)].quantized:
+        return reference.twin_f32(stored, x[None])[0]
     return getattr(reference, f"matvec_{kind}")(stored, x)
 
 
@@ -471,16 +474,16 @@ def test_pack_f32_layout(n_tok, nb):
 # ---------------------------------------------------------------- weight rows (embedding lookups)
 
 
-@pytest.mark.parametrize("kind", ["q40", "q80", "q4k", "q6k"])
+@pytest.mark.parametrize("kind", [t.name for t in quant.WEIGHTS.values() if t.quantized])
 @pytest.mark.parametrize("rows, cols", [(13, 32 * 7), (7, 32 * 13), (17, 32), (1, 96), (3, 256 * 3)])
 def test_dequantize_row_matches_numpy(kind, rows, cols):
-    if kind in quant.K_QUANTS and cols % quant.QK:
+    if cols % quant.WEIGHTS[kind].block_values:
         pytest.skip("k-quant rows are whole 256-value super-blocks")
     rng = np.random.default_rng(rows * 7 + cols)
     stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80 / Q4K / Q6K
     m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G); Q4K, Q6K: see qmatmul
     expected = quant.decode(stored)  # (rows, cols)
-    dequantize_row = {"q4k": qmatmul.dequantize_row_q4k, "q6k": qmatmul.dequantize_row_q6k}.get(kind, qmatmul.dequantize_row)
+    dequantize_row = resolve(quant.WEIGHTS[kind].kernels.row)
     for r in range(rows):
         out = np.full(cols, np.nan, np.float32)
         dequantize_row(m.qs[r], m.d[r], cols // 32, out)
@@ -513,7 +516,7 @@ def test_matmul_matches_reference_and_single_tokens(kind, rows, cols, n_tok):
     x = _tokens(rng, n_tok, cols)  # (T, cols)
     out = _matmul(kind, m, x)  # (T, rows)
     for t in range(n_tok):
-        if kind.startswith("q"):  # the quantized products equal their twins exactly
+        if m.weight_type.quantized:  # the quantized products equal their twins exactly
             _assert_bits(out[t], _reference_matvec(kind, stored, x[t]))
         else:
             _assert_close(out[t], _reference_matvec(kind, stored, x[t]))
@@ -568,7 +571,8 @@ def test_matmul_q80_q80_extreme_codes_by_hand():
 def test_matmul_zero_rows(kind):
     # a rank whose share of a matrix is empty: (0, cols)
     rng = np.random.default_rng(0)
-    cols = 256 if kind.split("_")[0] in quant.K_QUANTS else 32 * 7
+    block = quant.WEIGHTS[kind.split("_")[0]].block_values
+    cols = 32 * 7 if 32 * 7 % block == 0 else block
     stored = _stored(rng, kind, 1, cols)[:0]  # (0, cols) or (0, nb): quant can't quantize 0 rows (-1 reshape)
     m = Matrix.from_stored(stored, cols)
     out = _matmul(kind, m, _tokens(rng, 3, cols))
@@ -927,7 +931,8 @@ def test_sample_coin_just_below_one_stays_in_nucleus():
 def _all_matmuls(rng, rows, cols, n_tok=3):
     """Every matmul kind on one (rows, cols) shape and T tokens; run(a, b) -> the six
     (T, b - a) products of rows [a, b)."""
-    width = {kind: 256 * -(-cols // 256) if kind.split("_")[0] in quant.K_QUANTS else cols for kind in MATMULS}
+    blocks = {kind: quant.WEIGHTS[kind.split("_")[0]].block_values for kind in MATMULS}
+    width = {kind: blocks[kind] * -(-cols // blocks[kind]) for kind in MATMULS}
     mats = {kind: Matrix.from_stored(_stored(rng, kind, rows, width[kind]), width[kind]) for kind in MATMULS}
     x = {w: _tokens(rng, n_tok, w) for w in set(width.values())}  # (T, cols)
 
@@ -993,7 +998,7 @@ def test_attention_head_slice_bit_identical_to_full():
     _assert_bits(part, np.ascontiguousarray(full[:, 3:]))
 
 
-@pytest.mark.parametrize("kind", ["f32", "f16", "q40_q80", "q40_f32", "q80_q80", "q80_f32"])
+@pytest.mark.parametrize("kind", [kind for kind in MATMULS if 96 % quant.WEIGHTS[kind.split("_")[0]].block_values == 0])
 @pytest.mark.parametrize("rows, n_tok", [(150, 1), (7, 3), (1, 1)])
 def test_serial_rows_kernel_bit_identical_to_parallel_driver(restore_threads, kind, rows, n_tok):
     """Small products run the rows kernel on the calling thread, big ones its parallel driver:

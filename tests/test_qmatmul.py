@@ -14,53 +14,55 @@ import sys
 import pytest
 
 from dllama_mpi.kernels import qmatmul
+from dllama_mpi.model import quant
 
 CHECK = r"""
 import json, re, sys
 import numpy as np
-from dllama_mpi import kernels, qmatmul, quant, reference
 from dllama_mpi.job.weights import Matrix
+from dllama_mpi.kernels import qmatmul, reference, resolve
+from dllama_mpi.kernels import vector as kernels
+from dllama_mpi.model import quant
 
 rng = np.random.default_rng(7)
 lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS, 16), 1e30, np.float32)
 checked = 0
-SHAPES = {"q40": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),  # (rows, blocks of 32, tokens)
-          "q80": ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4)),
-          "q4k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4)),  # whole 256-value super-blocks
-          "q6k": ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))}
+SHAPES = ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4))  # (rows, blocks of 32, tokens)
+SUPER_SHAPES = ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))  # whole 256-value super-blocks
+QUANTIZED = [t for t in quant.WEIGHTS.values() if t.quantized]
+FIRST = QUANTIZED[0].name  # the type whose products also run through the parallel driver
 
 
-def weights(kind, rows, nb):
-    if kind in ("q40", "q80"):
+def weights(t, rows, nb):
+    if t.encode is not None:
         w = (rng.standard_normal((rows, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
-        return quant.encode(w, kind)
-    # k-quant weights (kept from GGUF files, never quantized here): random super-blocks, small finite scales
-    dtype = quant.stored_dtype(kind)
-    stored = np.frombuffer(rng.bytes(rows * nb // 8 * dtype.itemsize), dtype).reshape(rows, nb // 8).copy()
-    for field in ("d", "dmin") if kind == "q4k" else ("d",):
+        return t.encode(w)
+    # weights kept from GGUF files, never quantized here: random super-blocks, small finite fp16 scales
+    n = nb * 32 // t.block_values
+    stored = np.frombuffer(rng.bytes(rows * n * t.dtype.itemsize), t.dtype).reshape(rows, n).copy()
+    for field in (f for f in t.dtype.names if t.dtype[f] == np.float16):
         stored[field] = (rng.uniform(0.5, 1.5, stored.shape) * 10.0 ** rng.uniform(-3, -1, (rows, 1))).astype(np.float16)
     return stored
 
 
-for kind, shapes in SHAPES.items():
-    serial = qmatmul.ROWS[kind][0]
-    twin = reference.EXACT[kind][0]
-    for rows, nb, n_tok in shapes:
-        stored = weights(kind, rows, nb)
+for t in QUANTIZED:
+    kind, serial, act = t.name, resolve(t.kernels.rows_8bit), quant.ACTIVATIONS[t.activation]
+    for rows, nb, n_tok in SHAPES if t.block_values == 32 else SUPER_SHAPES:
+        stored = weights(t, rows, nb)
         m = Matrix.from_stored(stored, nb * 32)
         x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
-        xb = reference.QUANTIZE8[quant.ACTIVATION_TYPE[kind]](x)  # Q80, or Q8K for the k-quants (the engine's)
+        xb = act.quantize(x)  # Q80, or Q8K for the k-quants (the engine's)
         g = qmatmul.groups(nb)
         xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
         xd = np.zeros((n_tok, 16 * g), np.float32)
-        if kind in quant.K_QUANTS:
-            qmatmul.pack_q8k(x, xq, xsum, xd)
+        if act.pack:
+            resolve(act.pack)(x, xq, xsum, xd)
         else:
             qmatmul.pack_q80(np.ascontiguousarray(quant.as_bytes(xb)), xq, xsum, xd)
-        expected = twin(stored, xb)
+        expected = reference.twin_8bit(stored, x)
         # the parallel driver once (compiling one costs seconds per weight kind; test_kernels runs every kind's
         # on the native instruction set)
-        for parallel in (False, True) if kind == "q40" else (False,):
+        for parallel in (False, True) if kind == FIRST else (False,):
             out = np.full((n_tok, rows), np.nan, np.float32)
             if parallel:
                 kernels.PARALLEL[serial](m.qs, m.d, xq, xsum, xd, *lanes, out)
@@ -73,7 +75,7 @@ if qmatmul.ISA == "portable":  # the rest of the suite compiles for the native C
 f16 = np.array([0x3C00, 0x0001, 0x8400, 0x7BFF, 0xC000, 0x3555, 0x0400, 0x03FF, 0x5A5A], np.uint16)
 x = np.arange(1, 10, dtype=np.float32)
 assert kernels.dot(f16, x) == np.float32(kernels.dot(f16.view(np.float16).astype(np.float32), x))
-asm = "".join(f.inspect_asm(sig) for f in {qmatmul.ROWS[k][0] for k in SHAPES} for sig in f.signatures)
+asm = "".join(f.inspect_asm(sig) for f in {resolve(t.kernels.rows_8bit) for t in QUANTIZED} for sig in f.signatures)
 counts = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "vfmadd231ps")}
 print(json.dumps({"isa": qmatmul.ISA, "checked": checked, "asm": counts}))
 """
@@ -103,7 +105,8 @@ def test_each_instruction_set_equals_the_exact_twin(isa, checks):
     assert checks[isa].returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
-    assert result["checked"] == 25  # 20 (kind, shape) cases, q40's 5 through the parallel driver too
+    quantized = sum(t.quantized for t in quant.WEIGHTS.values())
+    assert result["checked"] == 5 * quantized + 5  # 5 shapes a quantized type, the first one's through the parallel driver too
     asm = result["asm"]
     if isa == "avx512vnni":
         assert asm["vpdpbusd"] > 0

@@ -68,7 +68,10 @@ def test_resident_row_bytes(tensor_type, cols, expected):
     assert quant.resident_row_bytes(tensor_type, cols) == expected
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+KEPT_ONLY = [t for t in quant.WEIGHTS.values() if t.encode is None]  # the k-quants
+
+
+@pytest.mark.parametrize("kind", [t.gguf for t in KEPT_ONLY])
 def test_k_quants_dequantize_as_gguf_py_bit_for_bit(kind):
     import gguf
 
@@ -77,20 +80,35 @@ def test_k_quants_dequantize_as_gguf_py_bit_for_bit(kind):
     rng = np.random.default_rng(5)
     raw = rng.integers(0, 256, (7, 3, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(1 / 2048).tobytes(), np.uint8)
-    if kind == "Q6_K":  # the fp16 scales small and finite
-        raw[..., size - 2 :] = scale
-    else:
-        raw[..., 0:2] = raw[..., 2:4] = scale
-    ours = quant.decode(raw.reshape(7, -1).view(quant.stored_dtype(kind.lower().replace("_", ""))))
+    dtype = next(t.dtype for t in KEPT_ONLY if t.gguf == kind)
+    for field_dtype, at in dtype.fields.values():  # the fp16 scales small and finite
+        if field_dtype == np.float16:
+            raw[..., at : at + 2] = scale
+    ours = quant.decode(raw.reshape(7, -1).view(dtype))
     expected = gguf.quants.dequantize(raw.reshape(7, -1), ggml).astype(np.float32)
     assert ours.shape == (7, 3 * block)
     np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
 
 
 def test_k_quants_are_never_made_by_quantizing():
-    for kind in quant.K_QUANTS:
+    assert [t.name for t in KEPT_ONLY] == list(quant.K_QUANTS) and KEPT_ONLY
+    for t in KEPT_ONLY:
         with pytest.raises(ValueError, match="kept from GGUF files as stored"):
-            quant.encode(np.zeros((1, 256), np.float32), kind)
+            quant.encode(np.zeros((1, 256), np.float32), t.name)
+
+
+def test_each_type_has_its_own_names_codes_and_kernel_layout():
+    types = list(quant.WEIGHTS.values())
+    for field in ("name", "gguf", "dllama_code"):
+        values = [getattr(t, field) for t in types if getattr(t, field) is not None]
+        assert len(set(values)) == len(values), field
+    packed = [t.layout.packed for t in types if t.quantized]
+    assert len(set(packed)) == len(packed)  # the x86 tiles tell the types apart by these
+    for t in types:
+        assert quant.packed_type(*t.layout.packed) is t if t.quantized else t.kernels.rows_8bit is None
+        assert (t.activation in quant.ACTIVATIONS) == t.quantized
+        assert t.fallback is None or t.block_values % quant.WEIGHTS[t.fallback].block_values == 0
+        assert quant.type_of(np.zeros(1, t.dtype)) == t.name
 
 
 def test_row_bytes_rejects_unknown_type():

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from ..kernels import qmatmul, vector
+from ..kernels import qmatmul, resolve, vector
 from ..model import quant
 from ..parallel import threads
 from ..parallel.comm import Comm
@@ -34,21 +34,22 @@ BLOCK, GROUP = qmatmul.BLOCK, qmatmul.GROUP
 class Activations:
     """A full-width activation of up to t_max tokens, identical on every rank, with the forms
     its quantized products take (plan.activation_forms) whenever the width is whole blocks:
-    q80, packed Q80 (Q40/Q80 weights with q80 buffers); q8k, packed Q8K (k-quant weights with
-    q80 buffers); f32, packed f32 (quantized weights with f32 buffers). See qmatmul."""
+    with q80 buffers each 8-bit form of quant.ACTIVATIONS its weights take, packed (q80: Q40/Q80
+    weights, packed from the Q80 blocks that also travel; q8k: the k-quants); with f32 buffers
+    "f32", packed f32. See qmatmul."""
 
     def __init__(self, n: int, t_max: int, forms: frozenset[str]):
         self.n = n
         self.f32 = np.zeros((t_max, n), F32)  # (T, n)
         nb = n // BLOCK if n % BLOCK == 0 else 0
         g = qmatmul.groups(nb)
-        self.q80 = "q80" in forms and nb > 0
-        self.packs_f32 = "f32" in forms and nb > 0
+        self.q80 = quant.Q80_ACTIVATIONS.name in forms and nb > 0
+        self.packs_f32 = quant.F32_TYPE.name in forms and nb > 0
         self.blocks = np.zeros((t_max, nb if self.q80 else 0, 34), np.uint8)  # Q80 as it travels
         # 8-bit forms: codes xq (T, 512 G) i8, their block sums xsum and block scales xd (T, 16 G);
         # padding blocks stay zero: only this width is ever packed here
         self.codes8 = {form: (np.zeros((t_max, 512 * g), np.int8), np.zeros((t_max, GROUP * g), np.int32),
-                              np.zeros((t_max, GROUP * g), F32)) for form in ("q80", "q8k") if form in forms and nb}
+                              np.zeros((t_max, GROUP * g), F32)) for form in quant.ACTIVATIONS if form in forms and nb}
         self.xt = np.zeros((t_max, 512 * g if self.packs_f32 else 0), F32)
 
     def prepare(self, n_tok: int) -> None:
@@ -56,13 +57,14 @@ class Activations:
         if self.q80:
             vector.quantize_q80(self.f32[:n_tok], self.blocks[:n_tok])
             self.pack(n_tok)
-        if "q8k" in self.codes8:
-            qmatmul.pack_q8k(self.f32[:n_tok], *(a[:n_tok] for a in self.codes8["q8k"]))
+        for form, codes in self.codes8.items():
+            if pack := quant.ACTIVATIONS[form].pack:  # else packed from the blocks (above)
+                resolve(pack)(self.f32[:n_tok], *(a[:n_tok] for a in codes))
         if self.packs_f32:
             qmatmul.pack_f32(self.f32[:n_tok], self.xt[:n_tok])
 
     def pack(self, n_tok: int) -> None:
-        qmatmul.pack_q80(self.blocks[:n_tok], *(a[:n_tok] for a in self.codes8["q80"]))
+        qmatmul.pack_q80(self.blocks[:n_tok], *(a[:n_tok] for a in self.codes8[quant.Q80_ACTIVATIONS.name]))
 
 
 class GatheredActivations(Activations):
@@ -121,17 +123,16 @@ class GatheredActivations(Activations):
 
 def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
     """out (T, own rows) = x[:T] @ m.T; quantized weights take x's 8-bit form for their type
-    (quant.ACTIVATION_TYPE) when it has one, else its packed f32.
+    (WeightType.activation) when it has one, else its packed f32.
     lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
-    if m.type == "f32":
-        kernel, args = vector.f32_rows, (m.w, x.f32[:n_tok])
-    elif m.type == "f16":
-        kernel, args = vector.f16_rows, (m.w, x.f32[:n_tok])
-    elif quant.ACTIVATION_TYPE[m.type] in x.codes8:
-        xq, xsum, xd = x.codes8[quant.ACTIVATION_TYPE[m.type]]
-        kernel, args = qmatmul.ROWS[m.type][0], (m.qs, m.d, xq[:n_tok], xsum[:n_tok], xd[:n_tok], *lanes)
+    t = m.weight_type
+    if not t.quantized:
+        kernel, args = resolve(t.kernels.rows_f32), (m.w, x.f32[:n_tok])
+    elif t.activation in x.codes8:
+        xq, xsum, xd = x.codes8[t.activation]
+        kernel, args = resolve(t.kernels.rows_8bit), (m.qs, m.d, xq[:n_tok], xsum[:n_tok], xd[:n_tok], *lanes)
     else:
-        kernel, args = qmatmul.ROWS[m.type][1], (m.qs, m.d, x.xt[:n_tok], *lanes)
+        kernel, args = resolve(t.kernels.rows_f32), (m.qs, m.d, x.xt[:n_tok], *lanes)
     if pool.parallel(m.rows * m.cols * n_tok):
         vector.PARALLEL[kernel](*args, out)
     else:

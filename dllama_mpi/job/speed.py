@@ -44,21 +44,18 @@ class RankSpeed:
 
 
 def _matrix(kind: str, rows: int, cols: int) -> Matrix:
-    """A matrix in the kernels' layout with arbitrary contents (fp16 scales of 2**-10)."""
-    kind = quant.storage_type(kind, cols)
-    if kind == "f32":
-        return Matrix(kind, rows, cols, w=np.full((rows, cols), 0.01, np.float32))
-    if kind == "f16":
-        return Matrix(kind, rows, cols, w=np.full((rows, cols), 0x1400, np.uint16))
-    g = qmatmul.groups(cols // quant.BLOCK)
-    qs = np.full((rows, {"q80": 512, "q6k": 384}.get(kind, 256) * g), 0x5A, np.uint8)
-    if kind in quant.K_QUANTS:  # 8-bit scales (and mins) of 1, fp16 d (and dmin) of 2**-10
-        size = qmatmul.Q4K_SCALES if kind == "q4k" else qmatmul.Q6K_SCALES
-        d = np.ones((rows, g, size), np.uint8)
-        d[:, :, 2 * GROUP :] = np.frombuffer(np.float16(2**-10).tobytes() * ((size - 2 * GROUP) // 2), np.uint8)
-        return Matrix(kind, rows, cols, d=d.reshape(rows, -1).view(np.int8 if kind == "q6k" else np.uint8), qs=qs)
-    return Matrix(kind, rows, cols, d=np.full((rows, GROUP * g), 0x1400, np.uint16),
-                  qs=qs if kind == "q40" else qs.view(np.int8))
+    """A matrix as the kernels hold it with arbitrary contents (fp16 scales of 2**-10)."""
+    t = quant.WEIGHTS[quant.storage_type(kind, cols)]
+    if not t.quantized:  # values of 2**-10 (f16's as their bits)
+        return Matrix.from_stored(np.full((rows, cols), 2**-10, t.dtype), cols)
+    layout, g = t.layout, qmatmul.groups(cols // quant.BLOCK)
+    qs = np.full((rows, layout.code_bytes * g), 0x5A, np.uint8).view(layout.packed[0])
+    if layout.super_scales:  # 8-bit scales (and mins) of 1, fp16 d (and dmin) of 2**-10
+        d = np.ones((rows, g, layout.scale_bytes), np.uint8)
+        d[:, :, 2 * GROUP :] = np.frombuffer(np.float16(2**-10).tobytes() * ((layout.scale_bytes - 2 * GROUP) // 2), np.uint8)
+    else:  # an fp16 d a block
+        d = np.full((rows, g, GROUP), 0x1400, np.uint16)
+    return Matrix(t.name, rows, cols, d=d.reshape(rows, -1).view(layout.packed[1]), qs=qs)
 
 
 def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files.modelfile import ModelFile, ModelFileError, stored_shape, stored_type, tensor_layout
-from ..kernels import qmatmul, vector
+from ..kernels import resolve
 from ..model import quant
 from ..model.spec import STACKED_KINDS
 from ..parallel.comm import Comm
@@ -25,7 +25,7 @@ from ..parallel.plan import Plan
 class Matrix:
     """Local rows of one weight matrix in the kernels' layout."""
 
-    type: str  # 'f32', 'f16', 'q40', 'q80', 'q4k' or 'q6k'
+    type: str  # a weight type's name (quant.WEIGHTS)
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
@@ -36,29 +36,28 @@ class Matrix:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.w, self.d, self.qs) if a is not None)
 
+    @property
+    def weight_type(self) -> quant.WeightType:
+        return quant.WEIGHTS[self.type]
+
     @classmethod
     def from_stored(cls, stored: np.ndarray, cols: int) -> Matrix:
-        kind = quant.type_of(stored)
-        if kind in ("q40", "q80", "q4k", "q6k"):
-            pack = {"q4k": qmatmul.pack_q4k, "q6k": qmatmul.pack_q6k}.get(kind, qmatmul.pack_weights)
-            qs, d = pack(stored)
-            return cls(kind, stored.shape[0], cols, d=d, qs=qs)
-        if kind == "f16":
-            return cls(kind, stored.shape[0], cols, w=stored.view(np.uint16))
-        return cls(kind, stored.shape[0], cols, w=stored)
+        t = quant.WEIGHTS[quant.type_of(stored)]
+        held = resolve(t.kernels.pack)(stored) if t.kernels.pack else stored
+        if t.quantized:
+            qs, d = held
+            return cls(t.name, stored.shape[0], cols, d=d, qs=qs)
+        return cls(t.name, stored.shape[0], cols, w=held)
 
     def row_to(self, row: int, out: np.ndarray) -> None:
         """Dequantize one local row into out (cols,) f32 (an embedding lookup)."""
-        if self.type == "f32":
+        kernels = self.weight_type.kernels
+        if kernels.row is None:
             out[:] = self.w[row]
-        elif self.type == "f16":
-            vector.f16_row(self.w[row], out)
-        elif self.type == "q4k":
-            qmatmul.dequantize_row_q4k(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
-        elif self.type == "q6k":
-            qmatmul.dequantize_row_q6k(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
+        elif self.weight_type.quantized:
+            resolve(kernels.row)(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
         else:
-            qmatmul.dequantize_row(self.qs[row], self.d[row], self.cols // quant.BLOCK, out)
+            resolve(kernels.row)(self.w[row], out)
 
 
 @dataclass(frozen=True)

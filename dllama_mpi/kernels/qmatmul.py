@@ -140,8 +140,8 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 PACK_ROWS = 256  # rows of k-quants unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
-Q4K_SCALES = quant.K_SCALE_BYTES["q4k"]  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
-Q6K_SCALES = quant.K_SCALE_BYTES["q6k"]  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
+Q4K_SCALES = quant.Q4K_TYPE.layout.scale_bytes  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
+Q6K_SCALES = quant.Q6K_TYPE.layout.scale_bytes  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
 
 
 def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -547,9 +547,10 @@ def _halves(builder, v, n):
 CHAINS = 2  # vpdpbusd accumulators per token: one chain of 8 dependent ones ran at 2/3 of the speed
 
 
-def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
+def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
     """The exact per-block integer sums of one lane group for one token, as vectors of
-    int32 lanes: one <16 x i32> (avx512vnni) or two <8 x i32> halves (avx2).
+    int32 lanes: one <16 x i32> (avx512vnni) or two <8 x i32> halves (avx2), of a type whose
+    codes are nibbles or bytes (quant.Layout: Q40, Q80, Q4K).
     w_at(offset, vtype) / x_at(offset, vtype) load weight / activation bytes of the group;
     seed_at(offset, vtype) loads xsum lanes (int32)."""
     # (byte offset within a quad, bytes): a lane is 4 code bytes and one int32 xsum, so the
@@ -558,17 +559,17 @@ def _int_sums(builder, kind, isa, w_at, x_at, seed_at):
     sums = []
     for h, width in parts:
         lanes = width // 4
-        if kind == "q40":
-            acc = builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -8))
+        if layout.nibbles and layout.offset:  # the offset through the sum of the activation codes
+            acc = builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -layout.offset))
             quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
-        elif kind == "q4k":  # unsigned codes: the min is applied in f32 (see _tile)
+        elif layout.nibbles:  # unsigned codes (Q4K's min is applied in f32: see _tile)
             acc = ir.Constant(_vec(_I32, lanes), None)
             quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
         else:
             acc = (builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -128)) if isa == "avx512vnni"
                    else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
-        nibbles = kind in ("q40", "q4k")
+        nibbles = layout.nibbles
         if isa == "avx2" and nibbles:
             s16 = ir.Constant(_vec(_I16, 16), None)
         chains = [acc] + [ir.Constant(_vec(_I32, lanes), None)] * (CHAINS - 1)
@@ -617,7 +618,7 @@ def _super_scaled(builder, d_row, base, codes_at, d_at, signed, halves):
     return [scales] if halves == 1 else list(_halves(builder, scales, GROUP // 2))
 
 
-def _q6k_int_sums(builder, isa, w_at, x_at, seed_at):
+def _q6k_int_sums(builder, layout, isa, w_at, x_at, seed_at):
     """Q6K's exact integer sums of one lane group for one token: per part (one <16 x i32>
     on avx512vnni, two <8 x i32> halves on avx2) the pair (i_lo, i_hi), the sums of
     (q - 32) * x over each block's elements 0..15 and 16..31. The codes are rebuilt from their
@@ -659,23 +660,22 @@ def _q6k_int_sums(builder, isa, w_at, x_at, seed_at):
         if isa == "avx2":
             xs_lo = _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [xs16, _splat(_I16, 16, 1)])
         xs_hi = builder.sub(seed_at(h, i32v), xs_lo)
-        thirty_two = _splat(_I32, lanes, 32)
-        out.append((builder.sub(a_lo, builder.mul(xs_lo, thirty_two)), builder.sub(a_hi, builder.mul(xs_hi, thirty_two))))
+        offset = _splat(_I32, lanes, layout.offset)
+        out.append((builder.sub(a_lo, builder.mul(xs_lo, offset)), builder.sub(a_hi, builder.mul(xs_hi, offset))))
     return out
 
 
 def _tile(n_tok: int):
     """An intrinsic tile(wq, wd, r, xq, xsum, xd, t0, out): out[t0 + t, r] for t < n_tok,
-    row r of packed weights (Q40 when wq is u8 and wd u16, Q4K when wd is u8, Q6K when wd is
-    i8, Q80 when wq is i8) times Q80 activations, on ISA."""
+    row r of packed weights times 8-bit activations, on ISA; the weight type is the one whose
+    layout packs wq's and wd's dtypes (quant.Layout.packed), its code generation its layout's."""
     isa = ISA
     halves = 1 if isa == "avx512vnni" else 2
     lanes = GROUP // halves
 
     @intrinsic
     def tile(typingctx, wq, wd, r, xq, xsum, xd, t0, out):
-        kind = ("q80" if wq.dtype != types.uint8 else "q4k" if wd.dtype == types.uint8
-                else "q6k" if wd.dtype == types.int8 else "q40")
+        layout = quant.packed_type(str(wq.dtype), str(wd.dtype)).layout
 
         def codegen(context, builder, sig, args):
             arys = [context.make_array(ty)(context, builder, a) if isinstance(ty, types.Array) else None
@@ -695,7 +695,7 @@ def _tile(n_tok: int):
             x_rows = [at(3, xq_a, [tok(t), zero]) for t in range(n_tok)]
             s_rows = [at(4, xsum_a, [tok(t), zero]) for t in range(n_tok)]
             d_rows = [at(5, xd_a, [tok(t), zero]) for t in range(n_tok)]
-            w_group = {"q80": 512, "q6k": 384}.get(kind, 256)
+            w_group = layout.code_bytes
             n_groups = builder.udiv(cgutils.unpack_tuple(builder, wq_a.shape)[1], ir.Constant(i64, w_group))
             fvec = _vec(_F32, lanes)
             accs = [[cgutils.alloca_once(builder, fvec) for _ in range(halves)] for _ in range(n_tok)]
@@ -708,16 +708,16 @@ def _tile(n_tok: int):
                 x_base = builder.mul(g, ir.Constant(i64, 512))
                 s_base = builder.mul(g, ir.Constant(i64, GROUP * 4))  # int32 / f32 lanes
                 h_base = builder.mul(g, ir.Constant(i64, GROUP * 2))  # fp16 scales
-                if kind in ("q4k", "q6k"):  # 8-bit codes times their super-block's fp16 d (or dmin)
-                    k_base = builder.mul(g, ir.Constant(i64, Q4K_SCALES if kind == "q4k" else Q6K_SCALES))
+                if layout.super_scales:  # 8-bit codes times their super-block's fp16 d (or dmin)
+                    k_base = builder.mul(g, ir.Constant(i64, layout.scale_bytes))
 
-                    def scaled(codes_at, d_at, signed):
-                        return _super_scaled(builder, d_row, k_base, codes_at, d_at, signed, halves)
+                    def scaled(codes_at, d_at):
+                        return _super_scaled(builder, d_row, k_base, codes_at, d_at, layout.signed_scales, halves)
 
-                    if kind == "q4k":  # scales and mins: 6-bit, unsigned
-                        w_scales, w_mins = scaled(0, 2 * GROUP, False), scaled(GROUP, 2 * GROUP + 4, False)
-                    else:  # the two halves' scales: int8
-                        w_scales, w_scales_hi = scaled(0, 2 * GROUP, True), scaled(GROUP, 2 * GROUP, True)
+                    if layout.min_term:  # scales, then mins, then the fp16 d and dmin
+                        w_scales, w_mins = scaled(0, 2 * GROUP), scaled(GROUP, 2 * GROUP + 4)
+                    else:  # the two halves' scales, then the fp16 d
+                        w_scales, w_scales_hi = scaled(0, 2 * GROUP), scaled(GROUP, 2 * GROUP)
                 else:
                     w_scales = [builder.fpext(_load(builder, d_row, builder.add(h_base, ir.Constant(i64, h * lanes * 2)),
                                                     _vec(ir.HalfType(), lanes)), fvec) for h in range(halves)]
@@ -732,19 +732,19 @@ def _tile(n_tok: int):
                     def seed_at(off, vtype, t=t):
                         return _load(builder, s_rows[t], builder.add(s_base, ir.Constant(i64, off)), vtype)
 
-                    if kind == "q6k":
-                        sums = _q6k_int_sums(builder, isa, w_at, x_at, seed_at)
+                    if layout.high_bits:
+                        sums = _q6k_int_sums(builder, layout, isa, w_at, x_at, seed_at)
                     else:
-                        sums = _int_sums(builder, kind, isa, w_at, x_at, seed_at)
+                        sums = _int_sums(builder, layout, isa, w_at, x_at, seed_at)
                     for h in range(halves):
                         x_scale = _load(builder, d_rows[t], builder.add(s_base, ir.Constant(i64, h * lanes * 4)), fvec)
-                        if kind == "q6k":
+                        if layout.half_scales:
                             lo, hi = sums[h]
                             p = builder.fadd(builder.fmul(builder.sitofp(lo, fvec), builder.fmul(w_scales[h], x_scale)),
                                              builder.fmul(builder.sitofp(hi, fvec), builder.fmul(w_scales_hi[h], x_scale)))
                         else:
                             p = builder.fmul(builder.sitofp(sums[h], fvec), builder.fmul(w_scales[h], x_scale))
-                        if kind == "q4k":
+                        if layout.min_term:
                             xs = seed_at(h * lanes * 4, _vec(_I32, lanes))
                             p = builder.fsub(p, builder.fmul(builder.sitofp(xs, fvec), builder.fmul(w_mins[h], x_scale)))
                         builder.store(builder.fadd(builder.load(accs[t][h]), p), accs[t][h])
@@ -830,9 +830,7 @@ def matmul_k_f32(wq, wd, xt, lanes_i, lanes_f, out):
         k_f32_rows(c * wq.shape[0] // chunks, (c + 1) * wq.shape[0] // chunks, c, wq, wd, xt, lanes_i, lanes_f, out)
 
 
-# the kernels' rows functions by weight type and activation form; the parallel driver of each
-ROWS = {"q40": (q_q80_rows, q_f32_rows), "q80": (q_q80_rows, q_f32_rows), "q4k": (k_q80_rows, k_f32_rows),
-        "q6k": (k_q80_rows, k_f32_rows)}
+# the parallel driver of each rows kernel (the weight types' records name their rows kernels: quant.Kernels)
 PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, k_f32_rows: matmul_k_f32}
 if k_q80_rows is not q_q80_rows:  # portable: the k-quants have their own; the x86 tiles take every weight kind
     PARALLEL[k_q80_rows] = matmul_k_q80

@@ -11,6 +11,7 @@ import numpy as np
 from ..model import quant
 from ..model.spec import ModelSpec
 from ..parallel.plan import travels_q80
+from . import resolve
 from .vector import rope_table
 
 
@@ -43,8 +44,9 @@ def lane_sum(p: np.ndarray) -> np.ndarray:
 def _codes(w_blocks: np.ndarray) -> np.ndarray:
     """(rows, nb) Q40/Q80 -> (rows, nb, 32) int64 codes (Q40 without its offset of 8)."""
     qs = w_blocks["qs"]
-    if quant.type_of(w_blocks) == "q40":
-        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - 8
+    layout = quant.WEIGHTS[quant.type_of(w_blocks)].layout
+    if layout.nibbles:
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - layout.offset
     return qs.astype(np.int64)
 
 
@@ -132,11 +134,17 @@ def matvec_q6k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lane_sum(sums[..., 0] * scale[None, ..., 0] + sums[..., 1] * scale[None, ..., 1])
 
 
-# each quantized weight type's twins: (with 8-bit activations, with f32 activations)
-EXACT = {"q40": (matvec_q_q80_exact, matvec_q_f32_exact), "q80": (matvec_q_q80_exact, matvec_q_f32_exact),
-         "q4k": (matvec_q4k_q8_exact, matvec_q4k_f32_exact), "q6k": (matvec_q6k_q8_exact, matvec_q6k_f32_exact)}
-# the activations' 8-bit forms, by quant.ACTIVATION_TYPE
-QUANTIZE8 = {"q80": quant.quantize_q80_activations, "q8k": quant.quantize_q8k}
+def twin_8bit(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The product of quantized weights w_blocks (rows, nb) and x (T, cols) f32 quantized to their
+    8-bit activation form, bit for bit the kernels' -> (T, rows)."""
+    t = quant.WEIGHTS[quant.type_of(w_blocks)]
+    return resolve(t.kernels.twins[0])(w_blocks, quant.ACTIVATIONS[t.activation].quantize(x))
+
+
+def twin_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The product of quantized weights w_blocks (rows, nb) and x (T, cols) f32, bit for bit the
+    kernels' -> (T, rows)."""
+    return resolve(quant.WEIGHTS[quant.type_of(w_blocks)].kernels.twins[1])(w_blocks, x)
 
 
 def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -209,15 +217,14 @@ class DenseModel:
     """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 
     buffer_type 'q80' reproduces the engine's quantization points: the input of every
-    quantized matrix is quantized to its 8-bit form (Q80 for Q40/Q80, Q8K for Q4K/Q6K), and
+    quantized matrix is quantized to its 8-bit form (WeightType.activation), and
     every gathered vector that travels as Q80 (plan.travels_q80) is rounded through Q80."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
         self.spec, self.buffer_type = spec, buffer_type
         self.t = {name: quant.decode(value) for name, value in tensors.items()}
         # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
-        self.quantized = {name: value for name, value in tensors.items()
-                          if quant.type_of(value) in ("q40", "q80", *quant.K_QUANTS)}
+        self.quantized = {name: value for name, value in tensors.items() if quant.WEIGHTS[quant.type_of(value)].quantized}
         self.cos, self.sin = rope_table(spec.rope_freqs(), spec.seq_len)
         self.keys = np.zeros((spec.n_layers, spec.seq_len, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
@@ -229,10 +236,9 @@ class DenseModel:
         if name not in self.quantized:
             return matvec_f32(self.t[name], x)
         w = self.quantized[name]
-        with_8bit, with_f32 = EXACT[quant.type_of(w)]
-        if self.buffer_type == "q80":
-            return with_8bit(w, QUANTIZE8[quant.ACTIVATION_TYPE[quant.type_of(w)]](x[None]))[0]
-        return with_f32(w, x[None])[0]
+        if self.buffer_type == quant.Q80_ACTIVATIONS.name:
+            return twin_8bit(w, x[None])[0]
+        return twin_f32(w, x[None])[0]
 
     def _travel(self, x: np.ndarray, vector: str) -> np.ndarray:
         return self._round_q80(x) if travels_q80(self.spec, vector, self.buffer_type) else x

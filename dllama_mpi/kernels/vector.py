@@ -23,8 +23,9 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from ..model import quant
 from ..parallel import threads  # noqa: F401  (threads: the thread policy, before any kernel runs)
-from . import qmatmul
+from . import qmatmul, resolve
 from .qmatmul import f16_bits_to_f32
 
 BLOCK = 32
@@ -271,6 +272,11 @@ def read_sum(buf):
     return total
 
 
+def f16_bits(stored: np.ndarray) -> np.ndarray:
+    """Stored f16 rows -> the u16 bits f16 kernels take (numba has no float16 on the CPU)."""
+    return stored.view(np.uint16)
+
+
 @njit(**_opts)
 def f16_row(bits, out):
     """fp16 bits (cols,) -> out (cols,) f32 (numba has no float16 on the CPU: f16 weights
@@ -443,9 +449,10 @@ def cache_dir() -> str:
 
 
 def warm_up(weight_types: tuple[str, ...] = ()) -> None:
-    """Compile (or load from numba's cache) every kernel for the types the engine uses; the
-    k-quant products (q4k, q6k) only for those among `weight_types`, the model's: most models
-    have none, and compiling them costs seconds on a cold cache."""
+    """Compile (or load from numba's cache) every kernel the engine uses: the products of the
+    types the converter can make from any source always, of the others (the k-quants, kept from
+    GGUF files) only among `weight_types`, the model's: most models have none, and compiling
+    them costs seconds on a cold cache."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
     blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
@@ -456,31 +463,28 @@ def warm_up(weight_types: tuple[str, ...] = ()) -> None:
     q80_values(blocks, out)
     qmatmul.pack_f32(x, xt)
     lanes = (np.zeros((CHUNKS, 16), np.int32), np.zeros((CHUNKS, 16), f32))
-    wd = np.zeros((3, 16), np.uint16)
-    q4, q8, w16 = np.zeros((3, 256), np.uint8), np.zeros((3, 512), np.int8), np.zeros((3, 64), np.uint16)
-    w32 = np.ones((3, 64), f32)
-    q_rows, f_rows = qmatmul.q_q80_rows, qmatmul.q_f32_rows
-    products = [
-        (f32_rows, (w32, x)), (f16_rows, (w16, x)),
-        (q_rows, (q4, wd, xq, xsum, xd, *lanes)), (q_rows, (q8, wd, xq, xsum, xd, *lanes)),
-        (f_rows, (q4, wd, xt, *lanes)), (f_rows, (q8, wd, xt, *lanes)),
-    ]
-    if set(weight_types) & {"q4k", "q6k"}:
-        qmatmul.pack_q8k(np.zeros((1, 256), f32), xq, xsum, xd)
-    if "q4k" in weight_types:  # 6-bit scales and mins, fp16 d and dmin
-        kd = np.zeros((3, qmatmul.Q4K_SCALES), np.uint8)
-        products += [(qmatmul.k_q80_rows, (q4, kd, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q4, kd, xt, *lanes))]
-        qmatmul.dequantize_row_q4k(q4[0], kd[0], 2, out[0])
-    if "q6k" in weight_types:  # nibbles and high bit pairs; int8 scales and fp16 d
-        q6, q6d = np.zeros((3, 384), np.uint8), np.zeros((3, qmatmul.Q6K_SCALES), np.int8)
-        products += [(qmatmul.k_q80_rows, (q6, q6d, xq, xsum, xd, *lanes)), (qmatmul.k_f32_rows, (q6, q6d, xt, *lanes))]
-        qmatmul.dequantize_row_q6k(q6[0], q6d[0], 2, out[0])
+    products = []
+    for t in quant.WEIGHTS.values():
+        if t.encode is None and t.name not in weight_types:
+            continue
+        k = t.kernels
+        if t.layout is None:  # float values: (3, 64) as the kernels hold them
+            stored = np.ones((3, 64), t.dtype)
+            w = resolve(k.pack)(stored) if k.pack else stored
+            products.append((resolve(k.rows_f32), (w, x)))
+            if k.row:
+                resolve(k.row)(w[0], out[0])
+            continue
+        # one lane group of two blocks' codes and zero scales, in the layout's dtypes
+        qs = np.zeros((3, t.layout.code_bytes), t.layout.packed[0])
+        wd = np.zeros((3, t.layout.scale_bytes), np.uint8).view(t.layout.packed[1])
+        products += [(resolve(k.rows_8bit), (qs, wd, xq, xsum, xd, *lanes)), (resolve(k.rows_f32), (qs, wd, xt, *lanes))]
+        resolve(k.row)(qs[0], wd[0], 2, out[0])
+        if pack := quant.ACTIVATIONS[t.activation].pack:
+            resolve(pack)(np.zeros((1, quant.ACTIVATIONS[t.activation].block_values), f32), xq, xsum, xd)
     for serial, args in products:
         PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])
-    f16_row(w16[0], out[0])
-    qmatmul.dequantize_row(q4[0], wd[0], 2, out[0])
-    qmatmul.dequantize_row(q8[0], wd[0], 2, out[0])
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])

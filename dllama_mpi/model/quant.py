@@ -1,4 +1,12 @@
-"""Block formats, declared once, and their plain-numpy (reference) codecs.
+"""The weight types, one record each (WEIGHTS: WeightType, at the end), their block formats
+and plain-numpy (reference) codecs, and the activations' 8-bit forms (ACTIVATIONS).
+
+A record says, as ggml's type traits do, everything that differs between types: the stored
+element and its values, the numpy decoder and encoder, the kernel layout (Layout: what the
+x86 code generation reads too), its kernels and numpy twins by name (Kernels), the activation
+form its products take, the type a row that is not whole elements falls back to, and the
+converter's names (ggml's, distributed-llama's code). Every other module reads the records;
+adding a type is one record plus its codecs and kernels.
 
 The formats match llama.cpp's:
   Q40 (block_q4_0): fp16 scale d + 16 bytes; element j is the low nibble of byte j,
@@ -14,11 +22,15 @@ The formats match llama.cpp's:
   Q8K (block_q8_K less its bsums, activations only: what k-quant weights multiply, as in
       llama.cpp): 256 int8 codes and an f32 scale d; value = q * d.
 The converter, the loader, the kernels (through `as_bytes`) and the tests all use these
-definitions. numba has no float16 on the CPU, so kernels read the scale from the two
-leading bytes of each block (see kernels.f16_bits_to_f32).
+definitions; a record's name is what model files store, so the names never change.
+numba has no float16 on the CPU, so kernels read the scale from the two leading bytes of each
+block (see kernels.f16_bits_to_f32).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,31 +44,91 @@ Q4K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "
 Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "i1", (QK // 16,)), ("d", "<f2")])  # 210 B
 Q8K = np.dtype([("d", "<f4"), ("qs", "i1", (QK,))])  # 260 B / 256
 
-# q4k, q6k: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
-WEIGHT_TYPES = ("f32", "f16", "q40", "q80", "q4k", "q6k")
-K_QUANTS = ("q4k", "q6k")
-# a lane group of 16 blocks of 32 as the kernels hold it (qmatmul's layouts), codes and scales apart.
-# Q4K: 256 bytes of nibbles; 16 scales, 16 mins, 2 super-blocks' fp16 d and dmin. Q6K: 256 bytes of
-# nibbles and 128 of high bit pairs; 2 x 16 int8 scales, 2 super-blocks' fp16 d
-K_CODE_BYTES = {"q4k": 256, "q6k": 384}
-K_SCALE_BYTES = {"q4k": 2 * GROUP + 8, "q6k": 2 * GROUP + 4}
-QUANTIZABLE = ("f32", "f16", "q40", "q80")  # what the converter's --weights can make from any source
-BUFFER_TYPES = ("f32", "q80")
-# with q80 buffers, the 8-bit form of the activations each quantized weight type multiplies: the
-# k-quants take Q8K (one f32 scale per 256 values), as llama.cpp does, the others Q80
-ACTIVATION_TYPE = {"q40": "q80", "q80": "q80", "q4k": "q8k", "q6k": "q8k"}
+@dataclass(frozen=True)
+class Layout:
+    """A quantized type as the kernels hold it (qmatmul's layouts): per lane group of GROUP blocks
+    of 32 values, its codes qs and its scales d, and what the x86 tiles' code generation reads."""
+
+    code_bytes: int  # qs bytes per lane group
+    scale_bytes: int  # d bytes per lane group
+    packed: tuple[str, str]  # the dtypes of qs and d: how numba's typing of a tile tells the type (one pair a type)
+    nibbles: bool  # 4-bit codes (quad k: elements 4k..4k+3 low, 16+4k..16+4k+3 high), else an int8 code a byte
+    offset: int = 0  # taken from every code (Q40's 8, Q6K's 32)
+    high_bits: int = 0  # bits of each code above its nibble, packed after the nibbles (Q6K's 2)
+    super_scales: bool = False  # 8-bit scales times their super-block's fp16 d (k-quants), else an fp16 d a block
+    signed_scales: bool = False  # those 8-bit scales are int8, else unsigned 6-bit
+    half_scales: bool = False  # a scale per 16 values (Q6K), else per block
+    min_term: bool = False  # value s * q - m: a 6-bit min a block after the scales, an fp16 dmin per super-block (Q4K)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A type's kernels and numpy twins by name, "module.function" under dllama_mpi.kernels
+    (kernels.resolve): that package imports numba, this module does not."""
+
+    rows_f32: str  # the product with f32 activations (float weights' only one)
+    rows_8bit: str | None = None  # the product with its 8-bit activation form
+    pack: str | None = None  # stored rows -> as the kernels hold them: (qs, d), or f16's bits; None: as stored
+    row: str | None = None  # one row as held -> f32 (an embedding lookup); None: the values themselves
+    twins: tuple[str, str] | None = None  # the products' numpy twins, bit for bit: 8-bit, f32 activations
+
+
+@dataclass(frozen=True)
+class WeightType:
+    """One weight type, as llama.cpp's type traits: how it is stored, held, made, read and multiplied."""
+
+    name: str  # as stored in model files (a dataset's "type" attribute, weight_type, tensor_types)
+    dtype: np.dtype  # element of a stored row: a value or a block
+    block_values: int  # values per element
+    kernels: Kernels
+    decode: Callable[[np.ndarray], np.ndarray]  # stored -> f32 values (the numpy dequantizer)
+    encode: Callable[[np.ndarray], np.ndarray] | None = None  # dense float -> stored; None: kept from GGUF files only
+    layout: Layout | None = None  # None: float values, held as stored
+    activation: str | None = None  # with q80 buffers, the 8-bit form of the activations it multiplies (ACTIVATIONS)
+    fallback: str | None = None  # the type of a matrix whose rows are not whole elements
+    gguf: str | None = None  # ggml's name of the same type: the converter keeps it bit-exact
+    widens: tuple[str, ...] = ()  # ggml types the converter widens to this one losslessly
+    dllama_code: int | None = None  # distributed-llama's float type code
+
+    @property
+    def quantized(self) -> bool:
+        return self.layout is not None
+
+    @property
+    def bits(self) -> float:
+        """Stored bits per value."""
+        return 8 * self.dtype.itemsize / self.block_values
+
+
+@dataclass(frozen=True)
+class ActivationType:
+    """An 8-bit form of the activations, which quantized products take with q80 buffers."""
+
+    name: str
+    dtype: np.dtype  # a block
+    block_values: int  # values per block: one scale
+    quantize: Callable[[np.ndarray], np.ndarray]  # (..., n) f32 -> blocks: the numpy twin
+    pack: str | None  # kernel packing (T, n) f32 into the products' codes (qmatmul); None: from the Q80 blocks that travel
+    gguf: str  # ggml's name of the same blocks (the vec_dot_type of the weight types that take it)
+
+
+def weight_type(name: str) -> WeightType:
+    """The record of type `name`; ValueError for a name no record has."""
+    try:
+        return WEIGHTS[name]
+    except KeyError:
+        raise ValueError(f"unknown tensor type {name!r}; types are {WEIGHT_TYPES}") from None
 
 
 def storage_type(weight_type: str, cols: int) -> str:
-    """The type a weight matrix is stored in: q40 and q80 need whole blocks along each row,
-    so a matrix whose row length is not a multiple of 32 (stories260K's w2, 172 wide)
-    stays f32. The one place this decision is made."""
-    if weight_type not in WEIGHT_TYPES:
+    """The type a weight matrix is stored in: rows must be whole elements of the type, so a
+    matrix whose rows are not takes the type's fallback (q40 and q80: f32, as stories260K's w2,
+    172 wide; the k-quants: q80, never from a GGUF, whose rows are whole super-blocks). The one
+    place this decision is made."""
+    if weight_type not in WEIGHTS:
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
-    if weight_type in K_QUANTS and cols % QK:  # never from a GGUF (k-quant rows are whole super-blocks)
-        weight_type = "q80"
-    if weight_type in ("q40", "q80") and cols % BLOCK:
-        return "f32"
+    while cols % WEIGHTS[weight_type].block_values:
+        weight_type = WEIGHTS[weight_type].fallback
     return weight_type
 
 
@@ -66,66 +138,50 @@ def row_bytes(tensor_type: str, cols: int) -> int:
 
 
 def resident_row_bytes(tensor_type: str, cols: int) -> int:
-    """Bytes of one row as the kernels hold it in memory: a quantized row is padded with
-    zero blocks to a multiple of GROUP blocks (qmatmul's lane groups); a Q4K row is held as
-    its nibbles, 6-bit scales and mins a byte each, fp16 d and dmin per super-block (148
-    bytes per 256 against the file's 144; qmatmul.pack_q4k); a Q6K row as its codes' nibbles
-    and high bit pairs, int8 scales and fp16 d: the file's 210 bytes per 256 (qmatmul.pack_q6k)."""
-    if tensor_type in K_QUANTS:
-        return (K_CODE_BYTES[tensor_type] + K_SCALE_BYTES[tensor_type]) * (-(-(cols // BLOCK) // GROUP))
-    if tensor_type in ("q40", "q80"):
-        blocks = stored_cols(tensor_type, cols)
-        return stored_dtype(tensor_type).itemsize * (-(-blocks // GROUP) * GROUP)
-    return row_bytes(tensor_type, cols)
+    """Bytes of one row as the kernels hold it in memory: a quantized row is padded with zero
+    blocks to a multiple of GROUP blocks (qmatmul's lane groups), each group its layout's codes
+    and scales (Q4K: 148 bytes per 256 values against the file's 144, its 6-bit scales and mins a
+    byte each; Q6K: the file's 210)."""
+    layout = weight_type(tensor_type).layout
+    if layout is None:
+        return row_bytes(tensor_type, cols)
+    return (layout.code_bytes + layout.scale_bytes) * (-(-(cols // BLOCK) // GROUP))
 
 
 def stored_dtype(tensor_type: str) -> np.dtype:
-    """The element dtype of a stored row: a value (f32, f16) or a block (q40, q80)."""
-    try:
-        return {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q40": Q40, "q80": Q80, "q4k": Q4K,
-                "q6k": Q6K}[tensor_type]
-    except KeyError:
-        raise ValueError(f"unknown tensor type {tensor_type!r}") from None
+    """The element dtype of a stored row: a value (f32, f16) or a block."""
+    return weight_type(tensor_type).dtype
 
 
 def stored_cols(tensor_type: str, cols: int) -> int:
-    """Elements per stored row: values, blocks of 32 for Q40/Q80, super-blocks of 256 for Q4K/Q6K."""
-    if tensor_type in K_QUANTS:
-        return cols // QK
-    return cols // BLOCK if tensor_type in ("q40", "q80") else cols
+    """Elements per stored row: values, blocks of 32 (Q40, Q80), super-blocks of 256 (Q4K, Q6K)."""
+    return cols // weight_type(tensor_type).block_values
 
 
 def type_of(array: np.ndarray) -> str:
     """The tensor type of a stored array (inverse of stored_dtype)."""
-    for name in WEIGHT_TYPES:
-        if array.dtype == stored_dtype(name):
+    for name, t in WEIGHTS.items():
+        if array.dtype == t.dtype:
             return name
     raise ValueError(f"no tensor type stores dtype {array.dtype}")
 
 
+def packed_type(qs_dtype: str, d_dtype: str) -> WeightType:
+    """The quantized type whose kernel layout holds codes and scales of these dtypes (Layout.packed)."""
+    return next(t for t in WEIGHTS.values() if t.layout is not None and t.layout.packed == (qs_dtype, d_dtype))
+
+
 def encode(dense: np.ndarray, tensor_type: str) -> np.ndarray:
     """(rows, cols) float -> stored form of `tensor_type`."""
-    if tensor_type == "q40":
-        return quantize_q40(dense)
-    if tensor_type == "q80":
-        return quantize_q80(np.asarray(dense, np.float32))
-    if tensor_type in K_QUANTS:
+    t = weight_type(tensor_type)
+    if t.encode is None:
         raise ValueError(f"{tensor_type} is kept from GGUF files as stored, never made by quantizing")
-    return np.asarray(dense, dtype=stored_dtype(tensor_type))
+    return t.encode(dense)
 
 
 def decode(stored: np.ndarray) -> np.ndarray:
     """Stored form of any type -> float32 values."""
-    kind = type_of(stored)
-    if kind == "q40":
-        return dequantize_q40(stored)
-    if kind == "q80":
-        return dequantize_q80(stored)
-    if kind == "q4k":
-        return dequantize_q4k(stored)
-    if kind == "q6k":
-        return dequantize_q6k(stored)
-    return stored.astype(np.float32)
+    return WEIGHTS[type_of(stored)].decode(stored)
 
 
 def convert(stored: np.ndarray, tensor_type: str) -> np.ndarray:
@@ -134,6 +190,14 @@ def convert(stored: np.ndarray, tensor_type: str) -> np.ndarray:
     if type_of(stored) == tensor_type:
         return stored
     return encode(decode(stored), tensor_type)
+
+
+def _values(dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda dense: np.asarray(dense, dtype=dtype)
+
+
+def _float32(stored: np.ndarray) -> np.ndarray:
+    return stored.astype(np.float32)
 
 
 def quantize_q40(x: np.ndarray) -> np.ndarray:
@@ -275,3 +339,50 @@ def as_bytes(blocks: np.ndarray) -> np.ndarray:
     """A structured block array viewed as raw bytes (..., nb, itemsize), the form
     kernels and MPI take."""
     return blocks.view(np.uint8).reshape(*blocks.shape, blocks.dtype.itemsize)
+
+
+# --- the registry: one record a type ------------------------------------------------------
+
+F32_TYPE = WeightType("f32", np.dtype(np.float32), 1, Kernels(rows_f32="vector.f32_rows"), decode=_float32,
+                      encode=_values(np.dtype(np.float32)), gguf="F32", widens=("BF16",), dllama_code=0)
+F16_TYPE = WeightType("f16", np.dtype(np.float16), 1,
+                      Kernels(rows_f32="vector.f16_rows", pack="vector.f16_bits", row="vector.f16_row"), decode=_float32,
+                      encode=_values(np.dtype(np.float16)), gguf="F16", dllama_code=1)
+_Q_KERNELS = dict(rows_8bit="qmatmul.q_q80_rows", rows_f32="qmatmul.q_f32_rows", pack="qmatmul.pack_weights",
+                  row="qmatmul.dequantize_row", twins=("reference.matvec_q_q80_exact", "reference.matvec_q_f32_exact"))
+Q40_TYPE = WeightType("q40", Q40, BLOCK, Kernels(**_Q_KERNELS), decode=dequantize_q40, encode=quantize_q40,
+                      layout=Layout(256, 2 * GROUP, ("uint8", "uint16"), nibbles=True, offset=8),
+                      activation="q80", fallback="f32", gguf="Q4_0", dllama_code=2)
+Q80_TYPE = WeightType("q80", Q80, BLOCK, Kernels(**_Q_KERNELS), decode=dequantize_q80, encode=quantize_q80,
+                      layout=Layout(512, 2 * GROUP, ("int8", "uint16"), nibbles=False),
+                      activation="q80", fallback="f32", gguf="Q8_0", dllama_code=3)
+# the k-quants: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
+Q4K_TYPE = WeightType("q4k", Q4K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows",
+                                              pack="qmatmul.pack_q4k", row="qmatmul.dequantize_row_q4k",
+                                              twins=("reference.matvec_q4k_q8_exact", "reference.matvec_q4k_f32_exact")),
+                      decode=dequantize_q4k,
+                      # 256 bytes of nibbles; 16 scales, 16 mins, 2 super-blocks' fp16 d and dmin
+                      layout=Layout(256, 2 * GROUP + 8, ("uint8", "uint8"), nibbles=True, super_scales=True, min_term=True),
+                      activation="q8k", fallback="q80", gguf="Q4_K")
+Q6K_TYPE = WeightType("q6k", Q6K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows",
+                                              pack="qmatmul.pack_q6k", row="qmatmul.dequantize_row_q6k",
+                                              twins=("reference.matvec_q6k_q8_exact", "reference.matvec_q6k_f32_exact")),
+                      decode=dequantize_q6k,
+                      # 256 bytes of nibbles and 128 of high bit pairs; 2 x 16 int8 scales, 2 super-blocks' fp16 d
+                      layout=Layout(384, 2 * GROUP + 4, ("uint8", "int8"), nibbles=True, offset=32, high_bits=2,
+                                    super_scales=True, signed_scales=True, half_scales=True),
+                      activation="q8k", fallback="q80", gguf="Q6_K")
+WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q6K_TYPE)}
+
+# with q80 buffers, what each quantized weight type's products take: the k-quants Q8K (one f32
+# scale per 256 values), as llama.cpp does, the others Q80
+Q80_ACTIVATIONS = ActivationType("q80", Q80, BLOCK, quantize_q80_activations, pack=None, gguf="Q8_0")
+Q8K_ACTIVATIONS = ActivationType("q8k", Q8K, QK, quantize_q8k, pack="qmatmul.pack_q8k", gguf="Q8_K")  # less ggml's bsums
+ACTIVATIONS = {a.name: a for a in (Q80_ACTIVATIONS, Q8K_ACTIVATIONS)}
+
+# views of the registry
+WEIGHT_TYPES = tuple(WEIGHTS)
+K_QUANTS = tuple(t.name for t in WEIGHTS.values() if t.block_values == QK)  # llama.cpp's k-quants: super-blocks of 256
+QUANTIZABLE = tuple(t.name for t in WEIGHTS.values() if t.encode is not None)  # what --weights can make from any source
+ACTIVATION_TYPE = {t.name: t.activation for t in WEIGHTS.values() if t.activation is not None}
+BUFFER_TYPES = (F32_TYPE.name, Q80_ACTIVATIONS.name)  # activations between products: f32, or Q80 blocks

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import cgroups
 from ..errors import InputError
+from ..model import quant
 from .plan import Plan
 
 UNITS = {"mb": 10**6, "gb": 10**9, "mib": 2**20, "gib": 2**30}
@@ -166,7 +167,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         share = ("give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)"
                  if len(ranks) < len(hosts) else "")
         # only from float weights: re-quantizing a quantized model to q40 damages it (issue 14)
-        smaller_type = "convert the model to q40 weights" if plan.spec.weight_type in ("f32", "f16") else ""
+        smaller_type = "convert the model to q40 weights" if not quant.WEIGHTS[plan.spec.weight_type].quantized else ""
         fewer_slots = "serve fewer sequences at once (--slots)" if n_slots > 1 else ""
         ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), fewer_slots, smaller_type,
                             "run some of the ranks on other nodes") if w]

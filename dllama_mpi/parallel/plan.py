@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ..model.quant import ACTIVATION_TYPE, BLOCK, K_QUANTS, Q80
+from ..model.quant import ACTIVATION_TYPE, ACTIVATIONS, BLOCK, K_QUANTS, Q80
 from ..model.spec import ModelSpec
 
 ROW_GRANULE = 32
@@ -263,7 +263,7 @@ def travels_q80(spec: ModelSpec, vector: str, buffer_type: str) -> bool:
         return False
     if vector == "dim":
         return not spec.weight_types() & set(K_QUANTS)
-    return "q8k" not in activation_forms(spec, vector, buffer_type)
+    return all(ACTIVATIONS[form].block_values == BLOCK for form in activation_forms(spec, vector, buffer_type))
 
 
 def _count(span: Span) -> int:

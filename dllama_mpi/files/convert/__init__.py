@@ -49,13 +49,20 @@ class Source:
 MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output")  # ModelSpec.matrix_cols' kinds
 
 # What each stored type becomes when no --weights is given: the type itself where the engine
-# runs it, otherwise the nearest that loses nothing measurable. BF16 widens to f32 (f16 would
-# clip its range); every other quantized type (Q4_1, Q5_0/1, Q5_K, ...) is re-quantized to
-# 8-bit blocks: its values carry at most 6 bits, which 8-bit blocks of 32 hold to within half
-# a step of 1/127 of each block's largest value (4-bit blocks would quantize them a second
-# time, coarser than they are: issue 14's damaged answers).
-KEPT = {"Q4_0": "q40", "Q4_K": "q4k", "Q6_K": "q6k", "Q8_0": "q80", "F16": "f16", "F32": "f32", "BF16": "f32"}
-WIDER = ("q40", "q4k", "q6k", "q80", "f16", "f32")  # narrowest first: the most common type's tie-break
+# runs it (a record's gguf name), otherwise the nearest that loses nothing measurable. BF16
+# widens to f32 (a record's widens: f16 would clip its range); every other quantized type (Q4_1,
+# Q5_0/1, Q5_K, ...) is re-quantized to 8-bit blocks (REQUANTIZED): its values carry at most 6
+# bits, which 8-bit blocks of 32 hold to within half a step of 1/127 of each block's largest
+# value (4-bit blocks would quantize them a second time, coarser than they are: issue 14's
+# damaged answers).
+KEPT = {name: t.name for t in quant.WEIGHTS.values() for name in (t.gguf, *t.widens) if name is not None}
+REQUANTIZED = quant.Q80_TYPE.name
+WIDER = tuple(sorted(quant.WEIGHTS, key=lambda name: quant.WEIGHTS[name].bits))  # narrowest first: the tie-break
+
+
+def _bit_exact(stored: str, ours: str) -> bool:
+    """Whether ggml type `stored` becomes our type `ours` unchanged."""
+    return quant.WEIGHTS[ours].gguf == stored
 
 
 def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
@@ -68,7 +75,7 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
         parts = name.split("/")
         return (int(parts[1]), parts[2]) if len(parts) == 3 else (None, name)
 
-    ours = {where(name): KEPT.get(stored, "q80") for name, stored in native.items()}
+    ours = {where(name): KEPT.get(stored, REQUANTIZED) for name, stored in native.items()}
     in_layers = [t for (layer, _), t in ours.items() if layer is not None] or list(ours.values())
     weight_type = max(WIDER, key=lambda t: (in_layers.count(t), -WIDER.index(t)))
     entries = []
@@ -82,9 +89,9 @@ def choose_types(native: dict[str, str]) -> tuple[str, str, list[str]]:
     notes = []
     for stored, became in sorted({(t, ours[where(n)]) for n, t in native.items()}):
         names = [n for n, t in native.items() if t == stored and ours[where(n)] == became]
-        if became == KEPT.get(stored) and stored != "BF16":
+        if _bit_exact(stored, became):
             how = "kept bit-exact"
-        elif became in ("f16", "f32"):
+        elif not quant.WEIGHTS[became].quantized:
             how = "widened"
         else:
             how = "re-quantized to 8-bit blocks (no native kernels for it yet)"
@@ -96,11 +103,11 @@ def forced_notes(native: dict[str, str], weights: str) -> list[str]:
     """What --weights does to a quantized source's tensors: one note per stored type it changes."""
     notes = []
     for stored in sorted(set(native.values())):
-        if KEPT.get(stored) == weights and stored != "BF16":
-            continue  # kept bit-exact
+        if _bit_exact(stored, weights):
+            continue
         count = sum(t == stored for t in native.values())
-        floats = stored in ("F32", "F16", "BF16")
-        how = "converted" if weights in ("f16", "f32") else "quantized" if floats else "re-quantized"
+        floats = stored in KEPT and not quant.WEIGHTS[KEPT[stored]].quantized
+        how = "converted" if not quant.WEIGHTS[weights].quantized else "quantized" if floats else "re-quantized"
         notes.append(f"{stored} x {count} tensor(s) -> {weights}: {how} (--weights {weights})")
     return notes
 
@@ -179,11 +186,13 @@ def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str
     write_model(output_path, spec, source.tensors(), source.tokenizer, attrs, plan=plan, progress=progress)
     for note in type_notes + source.notes:
         print(f"note: {note}", file=sys.stderr)
-    kept_f32 = sorted(k for k in spec.matrix_cols()
-                      if spec.tensor_type(k) == "f32" and spec.type_overrides().get(k, spec.weight_type) != "f32")
-    if kept_f32:
-        print(f"note: {', '.join(kept_f32)} kept as f32: their rows are not whole {quant.BLOCK}-value blocks",
-              file=sys.stderr)
+    fell_back = {}  # (stored type, values of the asked type's block): matrices quant.storage_type gave another type
+    for k in sorted(spec.matrix_cols()):
+        asked = spec.type_overrides().get(k, spec.weight_type)
+        if spec.tensor_type(k) != asked:
+            fell_back.setdefault((spec.tensor_type(k), quant.WEIGHTS[asked].block_values), []).append(k)
+    for (kind, values), names in sorted(fell_back.items()):
+        print(f"note: {', '.join(names)} kept as {kind}: their rows are not whole {values}-value blocks", file=sys.stderr)
     return spec
 
 

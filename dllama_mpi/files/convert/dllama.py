@@ -57,7 +57,7 @@ HEADER_KEYS = {
 }
 ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE = 0xABCD00, 0xABCD01, 0xABCD02
 ARCH_NAMES = {ARCH_LLAMA: "llama", ARCH_QWEN3: "qwen3"}
-FLOAT_TYPES = {0: "f32", 1: "f16", 2: "q40", 3: "q80"}
+FLOAT_TYPES = {t.dllama_code: t.name for t in quant.WEIGHTS.values() if t.dllama_code is not None}
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
 NORM_EPSILONS = {5: 1e-5, 6: 1e-6}
 TOKENIZER_KEYS = {0: "version", 1: "vocab_size", 2: "max_token_length", 3: "bos_id", 4: "eos_id",
@@ -147,12 +147,16 @@ def _layout(info: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     return out
 
 
+def _stored_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of a tensor of dense `shape`: its rows in elements of type `kind`."""
+    values = quant.WEIGHTS[kind].block_values
+    if shape[-1] % values:
+        raise ConvertError(f"a {kind} tensor of shape {shape} has rows that are not whole {values}-value blocks")
+    return (*shape[:-1], quant.stored_cols(kind, shape[-1]))
+
+
 def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
-    if kind in ("q40", "q80"):
-        if shape[-1] % quant.BLOCK:
-            raise ConvertError(f"a {kind} tensor of shape {shape} has rows that are not whole 32-value blocks")
-        return quant.row_bytes(kind, shape[-1]) * int(np.prod(shape[:-1]))
-    return quant.stored_dtype(kind).itemsize * int(np.prod(shape))
+    return quant.stored_dtype(kind).itemsize * int(np.prod(_stored_shape(kind, shape)))
 
 
 def sniff(path: Path) -> bool:
@@ -274,15 +278,12 @@ def read(path: Path, tokenizer_path):
             n = _nbytes(kind, shape)
             raw = data[offset : offset + n]
             offset += n
-            if kind in ("q40", "q80"):
-                array = np.array(raw).view(quant.stored_dtype(kind)).reshape(shape[0], shape[1] // quant.BLOCK)
-            else:
-                array = np.array(raw).view(quant.stored_dtype(kind)).reshape(shape)
+            array = np.array(raw).view(quant.stored_dtype(kind)).reshape(_stored_shape(kind, shape))
             if halves and name.rsplit("/", 1)[-1] in ("wq", "wk", "q_norm", "k_norm"):
                 array = halves_to_interleaved(array, head_dim)
             yield name, array
 
-    ggml_names = {"f32": "F32", "f16": "F16", "q40": "Q4_0", "q80": "Q8_0"}  # the types choose_types reads
-    native_types = {name: ggml_names[kind] for name, kind, _ in layout if name.rsplit("/", 1)[-1] in MATRICES}
+    native_types = {name: quant.WEIGHTS[kind].gguf for name, kind, _ in layout  # the names choose_types reads
+                    if name.rsplit("/", 1)[-1] in MATRICES}
     return Source(fields, tensors, tokenizer, f"distributed-llama {fields['architecture']} model {path.name} "
                   f"({info['weight_type']})", files=[path, tokenizer_path], notes=notes, native_types=native_types)
