@@ -221,12 +221,12 @@ def _parse(comm, argv):
 
 
 def _check_utf8(text: str, what: str, problems: list[str]) -> None:
+    from ..serving.request import check_utf8
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 arrive as lone surrogates
-        byte = ord(text[exc.start]) - 0xDC00
-        problems.append(f"{what} is not valid UTF-8 (byte 0x{byte & 0xFF:02x} at character {exc.start}); "
-                        "give it in UTF-8 (e.g. iconv -t UTF-8)")
+        check_utf8(text, what, "give it in UTF-8 (e.g. iconv -t UTF-8)")
+    except InputError as exc:
+        problems.append(str(exc))
 
 
 def _run(comm, argv) -> int:
