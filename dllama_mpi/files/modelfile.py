@@ -219,9 +219,9 @@ def _to_stored(name: str, source, spec: ModelSpec, info: TensorInfo) -> np.ndarr
     array, or any object with .shape, .dtype and row slicing (a lazily read tensor), holding
     floats of the dense shape or Q40/Q80/Q4K/Q6K blocks."""
     kind = stored_type(spec, info)
-    block_values = {quant.Q40: quant.BLOCK, quant.Q80: quant.BLOCK, quant.Q4K: quant.QK, quant.Q6K: quant.QK}.get(source.dtype)
-    blocks = block_values is not None
-    found = (source.shape[0], source.shape[1] * block_values) if blocks else tuple(source.shape)
+    block = quant.block_type(source.dtype)
+    blocks = block is not None
+    found = (source.shape[0], source.shape[1] * block.block_values) if blocks else tuple(source.shape)
     if found != info.shape:
         raise ModelFileError(f"tensor {name}: expected shape {info.shape}, got {found}")
     rows = info.shape[0]
