@@ -166,6 +166,16 @@ def type_of(array: np.ndarray) -> str:
     raise ValueError(f"no tensor type stores dtype {array.dtype}")
 
 
+def block_type(dtype: np.dtype) -> WeightType | None:
+    """The quantized type whose blocks are `dtype`; None for any other dtype (float values)."""
+    return next((t for t in WEIGHTS.values() if t.quantized and t.dtype == dtype), None)
+
+
+def gguf_type(name: str) -> WeightType | None:
+    """Our type of ggml's type `name` ("Q4_0"), kept bit-exact; None where we have none."""
+    return next((t for t in WEIGHTS.values() if t.gguf == name), None)
+
+
 def packed_type(qs_dtype: str, d_dtype: str) -> WeightType:
     """The quantized type whose kernel layout holds codes and scales of these dtypes (Layout.packed)."""
     return next(t for t in WEIGHTS.values() if t.layout is not None and t.layout.packed == (qs_dtype, d_dtype))

@@ -226,14 +226,9 @@ def _convert(t, name: str, arch: str, head_dim: int) -> np.ndarray:
 
     kind = t.tensor_type
     Q = gguf.GGMLQuantizationType
-    if kind == Q.Q4_0:
-        array = np.ascontiguousarray(t.data).view(quant.Q40)
-    elif kind == Q.Q8_0:
-        array = np.ascontiguousarray(t.data).view(quant.Q80)
-    elif kind == Q.Q4_K:
-        array = np.ascontiguousarray(t.data).view(quant.Q4K)
-    elif kind == Q.Q6_K:
-        array = np.ascontiguousarray(t.data).view(quant.Q6K)
+    ours = quant.gguf_type(kind.name)
+    if ours is not None and ours.quantized:  # our blocks are ggml's: passed through bit-exact
+        array = np.ascontiguousarray(t.data).view(ours.dtype)
     elif kind in (Q.F32, Q.F16):
         array = np.array(t.data)
     elif kind == Q.BF16:
