@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import InputError
+from .attributes import attribute_text
 
 MARKER = "dllama_mpi_temporary"  # the HDF5 attribute, or the file inside a directory, holding the record
 
@@ -47,8 +48,7 @@ class Writer(NamedTuple):
         return ":".join(map(str, self))
 
     @classmethod
-    def parse(cls, record) -> Writer | None:
-        record = record.decode(errors="replace") if isinstance(record, bytes) else str(record)
+    def parse(cls, record: str) -> Writer | None:
         parts = record.strip().split(":")
         if len(parts) != 5 or not (parts[1].isdigit() and parts[2].isdigit()):
             return None
@@ -79,6 +79,14 @@ def this_writer() -> Writer:
 
 def temporary_name(target: Path, writer: Writer, tag: str) -> str:
     return f".{target.name}.tmp-{writer.host}-{writer.pid}-{tag}"
+
+
+def aside_path(target: Path) -> Path:
+    """Where what stands at `target` waits while its replacement takes the name, until it is
+    removed: `.<name>.replaced-<host>-<pid>-<tag>`, this writer's alone. Not a temporary's name:
+    no later write removes it (it is what the user had)."""
+    writer = this_writer()
+    return target.with_name(f".{target.name}.replaced-{writer.host}-{writer.pid}-{secrets.token_hex(4)}")
 
 
 def _name_pattern(target: Path) -> re.Pattern:
@@ -184,7 +192,7 @@ def _record_of(path: Path, entries: re.Pattern | None) -> Writer | None:
         return None
     try:
         with h5py.File(path, "r") as f:  # fails while a writer holds it open (HDF5's file lock): kept
-            record = f.attrs.get(MARKER)
+            record = attribute_text(f.attrs.get(MARKER))
     except Exception:  # HDF5 that can't be read: not one to judge
         return None
     return None if record is None else Writer.parse(record)

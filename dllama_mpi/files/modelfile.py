@@ -30,7 +30,8 @@ from ..errors import InputError
 from ..model import quant
 from ..model.spec import FORMAT_NAME, FORMAT_VERSION, ModelSpec
 from ..parallel.plan import Plan
-from .atomic_output import Temporary, remove_stale
+from .atomic_output import Temporary, aside_path, remove_stale
+from .attributes import attribute_text, decoded, plain
 
 
 class ModelFileError(InputError):
@@ -128,7 +129,7 @@ def is_hdf5_of(path: Path, format_name: str) -> bool:
         return False
     try:
         with h5py.File(path, "r") as f:
-            return _str(f.attrs.get("format")) == format_name
+            return attribute_text(f.attrs.get("format")) == format_name
     except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
         return False
 
@@ -349,7 +350,7 @@ def _install(tmp: Path, path: Path) -> None:
         with _writable(path.parent), _raced(path):
             os.replace(tmp, path)
         return
-    old = path.with_name(f".{path.name}.replaced{os.getpid()}")
+    old = aside_path(path)
     with _writable(path.parent), _raced(path):
         os.rename(path, old)
     try:
@@ -460,8 +461,8 @@ class ModelFile:
             raise ModelFileError(f"{self.path} is damaged ({what}: {type(exc).__name__}: {exc}); convert it again") from None
 
     def _validate(self) -> None:
-        attrs = self._hdf5("its attributes", lambda: dict(self._file.attrs.items()))
-        found = (_str(attrs.get("format")), attrs.get("format_version"))
+        attrs = self._hdf5("its attributes", lambda: decoded(self._file.attrs))
+        found = (attrs.get("format"), attrs.get("format_version"))
         if found[0] != FORMAT_NAME or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION):
             raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version "
                                  f"{FORMAT_VERSION}, found format={found[0]!r} version={_plain(found[1])!r}; "
@@ -470,7 +471,7 @@ class ModelFile:
             self.spec = ModelSpec.from_attrs(attrs)
         except InputError as exc:  # the spec's own message, with the file named
             raise ModelFileError(f"{self.path}: {exc}") from exc
-        self.model_id = _str(attrs.get("model_id"))
+        self.model_id = attribute_text(attrs.get("model_id"))
         self.shard = None  # (rank, count, budgets, plan_hash) for a shard
         if "shard_rank" in attrs:
             self.shard = self._shard_attrs(attrs)
@@ -482,8 +483,8 @@ class ModelFile:
         whole = (int, np.integer)
         if (isinstance(rank, whole) and isinstance(count, whole) and 0 <= rank < count <= 2**16
                 and isinstance(budgets, np.ndarray) and budgets.shape == (count,) and budgets.dtype.kind in "iu"
-                and (budgets > 0).all() and isinstance(_str(plan_hash), str)):
-            return int(rank), int(count), tuple(int(b) for b in budgets), _str(plan_hash)
+                and (budgets > 0).all() and isinstance(plan_hash, str)):
+            return int(rank), int(count), tuple(int(b) for b in budgets), plan_hash
         raise ModelFileError(f"{self.path}: malformed shard attributes (shard_rank={_plain(rank)!r}, "
                              f"shard_count={_plain(count)!r}, plan_budgets={budgets!r}); convert the shards again")
 
@@ -555,8 +556,7 @@ class ModelFile:
             memory.close()
 
     def attrs(self) -> dict:
-        return self._hdf5("its attributes", lambda: {k: (v.tolist() if hasattr(v, "tolist") else v)
-                                                      for k, v in self._file.attrs.items()})
+        return self._hdf5("its attributes", lambda: plain(self._file.attrs))
 
     def datasets(self) -> list[tuple[str, int, str, tuple[int, ...]]]:
         """(name, bytes stored, type attribute, shape) of every dataset."""
@@ -594,7 +594,3 @@ def open_model(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> M
 def _plain(value):
     """An attribute as Python shows it (numpy scalars as their values) for messages."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _str(value) -> str | None:
-    return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))

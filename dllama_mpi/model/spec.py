@@ -189,7 +189,8 @@ class ModelSpec:
 
     @classmethod
     def from_attrs(cls, attrs) -> ModelSpec:
-        """Build from HDF5 root attributes (extra attributes are ignored)."""
+        """Build from HDF5 root attributes, their text decoded (files.attributes.decoded; extra
+        attributes are ignored)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in attrs]
         if missing:
@@ -209,11 +210,6 @@ def _attribute(name: str, value, kind: str):
         value = value.reshape(())
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
         value = value.item()
-    if isinstance(value, bytes):
-        try:
-            value = value.decode()
-        except UnicodeDecodeError:
-            value = None
     if kind == "str" and isinstance(value, str):
         return value
     if kind == "bool" and isinstance(value, (bool, int)) and value in (0, 1):
