@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from dllama_mpi.commands.cli import run_guarded
+from dllama_mpi.commands.launcher import run_guarded
 from dllama_mpi.job.loading import open_job
 from dllama_mpi.parallel.comm import Comm
 from dllama_mpi.parallel.threads import set_threads

@@ -92,9 +92,9 @@ def test_bench_encode_missing_vocab(tmp_path, capsys):
 
 
 def test_bench_help_is_complete():
-    from dllama_mpi.commands.bench import parser
+    from dllama_mpi.commands.bench import build_parser
 
-    p = parser()
+    p = build_parser()
     assert p.description.endswith("(one process, no mpirun).")  # a whole description, not a docstring's first line
     for action in p._actions:
         assert action.dest == "help" or "default" in action.help, action.dest
@@ -104,20 +104,20 @@ def test_bench_help_is_complete():
                                            ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan"),
                                            ("--rows", "0")])
 def test_bench_refuses_values_it_cant_measure(option, value, capsys):
-    from dllama_mpi.commands.bench import parser
+    from dllama_mpi.commands.bench import build_parser
 
     with pytest.raises(SystemExit) as exit_:
-        parser().parse_args([option, value])
+        build_parser().parse_args([option, value])
     assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err
 
 
 def test_bench_model_and_shape_exclude_each_other(capsys):
-    from dllama_mpi.commands.bench import parser
+    from dllama_mpi.commands.bench import build_parser
 
-    assert parser().parse_args(["--model", "m.h5", "--rows", "1", "2", "4", "8"]).rows == [1, 2, 4, 8]
-    assert parser().parse_args([]).rows is None  # the sweep is off by default
+    assert build_parser().parse_args(["--model", "m.h5", "--rows", "1", "2", "4", "8"]).rows == [1, 2, 4, 8]
+    assert build_parser().parse_args([]).rows is None  # the sweep is off by default
     with pytest.raises(SystemExit) as exit_:
-        parser().parse_args(["--model", "m.h5", "--shape", "tiny"])
+        build_parser().parse_args(["--model", "m.h5", "--shape", "tiny"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 

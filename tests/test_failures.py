@@ -196,7 +196,7 @@ def _generating(slow_model):
 
 FAULT_ON_RANK_1 = (
     "from dllama_mpi.parallel.comm import Comm\n"
-    "from dllama_mpi.commands.cli import run_guarded\n"
+    "from dllama_mpi.commands.launcher import run_guarded\n"
     "comm = Comm()\n"
     "def job():\n"
     "    if comm.rank == 1:\n"

@@ -4,7 +4,6 @@ llama-bench's JSON, the table, the idle check's /proc parsing, and the GGUF it w
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import time
@@ -14,11 +13,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-gguf = pytest.importorskip("gguf")
+import llamacpp_compare as lc
 
-spec = importlib.util.spec_from_file_location("llamacpp_compare", REPO / "tools" / "llamacpp_compare.py")
-lc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lc)
+gguf = pytest.importorskip("gguf")
 
 # `llama-bench -m models/tinyllama-1.1b-q4_0-seed0-v1.gguf -t 2 -p 128 -n 32 -r 1 -o json` (stdout), llama-cpp-python
 # 0.3.36's llama.cpp as the tool builds it, on this project's 2-core machine (captured 2026-11-30)
@@ -181,10 +178,11 @@ def test_run_commands(tmp_path):
 
 def test_the_commands_parse_under_the_bench_and_the_converter(tmp_path):
     """Our run command is one the bench's parser takes, and the converter's is its console script or module."""
-    from dllama_mpi.commands.bench import parser
+    from dllama_mpi.commands.bench import build_parser
 
     command = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1", "1"], python="py")
-    args = parser().parse_args(command[command.index("dllama_mpi.commands.bench") + 1 :])
+    assert command[3:7] == ["py", "-m", "dllama_mpi", "bench"]
+    args = build_parser().parse_args(command[7:])
     assert args.model == str(tmp_path / "m.h5") and args.memory_budget == ["1", "1"] and args.json
     assert args.prompt_lengths == [128] and args.decode_steps == 32 and args.repeat == 1
     convert = lc.convert_command(tmp_path / "a.gguf", tmp_path / "a.h5")
@@ -380,18 +378,12 @@ def test_runs_capture_stdout_and_end_whole_sessions(tmp_path):
 def test_greedy_tools_padded_stories260k_is_the_same_model(tmp_path):
     """tools/greedy_vs_llamacpp.py's trained model for k-quants: stories260K zero-padded to 256-wide rows
     gives stories260K's logits (f32 rounding apart: RMSNorm sums 4x the width) and its greedy text."""
-    import sys
-
     from conftest import STORIES, convert_stories, need_stories
 
     from dllama_mpi.files.convert import convert
+    from greedy_vs_llamacpp import padded_stories_gguf
 
     need_stories()
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from greedy_vs_llamacpp import padded_stories_gguf
-    finally:
-        sys.path.remove(str(REPO / "tools"))
     padded_stories_gguf(tmp_path / "padded.gguf", STORIES / "stories260K.bin", STORIES / "tok512.bin")
     convert(tmp_path / "padded.gguf", tmp_path / "padded.h5", None, "f32")
     tokens = [1, 403, 407, 261, 378, 432, 383, 286]  # BOS "Once upon a time, there was"

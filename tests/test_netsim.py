@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,9 +10,7 @@ import sys
 import pytest
 from conftest import MPIEXEC, REPO
 
-spec = importlib.util.spec_from_file_location("netsim", REPO / "tools" / "netsim.py")
-netsim = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(netsim)
+import netsim
 
 
 def test_rates_parse_and_bad_ones_say_how():

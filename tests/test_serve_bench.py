@@ -3,7 +3,6 @@ stories260K server under mpiexec."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, assert_no_survivors, convert_stories, need_stories
 
-spec = importlib.util.spec_from_file_location("serve_bench", REPO / "tools" / "serve_bench.py")
-sb = importlib.util.module_from_spec(spec)
-sys.modules["serve_bench"] = sb  # its dataclass looks its module up there
-spec.loader.exec_module(sb)
+import serve_bench as sb
 
 
 def test_percentile_interpolates_linearly_as_numpy_does():

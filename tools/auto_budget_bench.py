@@ -50,10 +50,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, positive_int, run_capture, wait_for_idle
-
+from dllama_mpi.commands.launcher import positive_int
 from dllama_mpi.parallel.budgets import available_memory
+from llamacpp_compare import busy_processes, cpu_model_name, cpu_sample, run_capture, wait_for_idle
 
 TOOLS = Path(__file__).resolve().parent
 CONFIGS = ("equal", "memory", "auto")  # run order within a round; equal is the ratios' base

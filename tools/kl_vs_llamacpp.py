@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dllama_mpi.commands.launcher import positive_int
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
     LLAMA_F32_ATTENTION,
@@ -36,7 +36,6 @@ from llamacpp_compare import (
     default_cache_dir,
     gguf_tensors,
     llama_quantize_path,
-    positive_int,
     run_capture,
     shapes,
 )

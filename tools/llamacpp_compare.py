@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dllama_mpi.commands.launcher import positive_int
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
 # llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
@@ -251,14 +253,11 @@ def gguf_tensors(spec) -> list[tuple[str, tuple[int, ...], bool]]:
 
 
 def _random_tensor(rng, shape: tuple[int, ...], quantized: bool) -> np.ndarray:
-    if not quantized:
-        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    rows, cols = shape
-    blocks = np.empty((rows, cols // Q4_0_BLOCK), Q4_0)
-    raw = blocks.view(np.uint8).reshape(rows, -1)
-    raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # random nibbles
-    blocks["d"] = (rng.random(blocks.shape, dtype=np.float32) * 0.02 / np.sqrt(cols)).astype(np.float16)
-    return raw  # (rows, row bytes) uint8, as GGUF stores a Q4_0 matrix
+    """The bench's random weights (its Q40 blocks are Q4_0's): a matrix as (rows, row bytes) uint8, as GGUF stores it."""
+    from dllama_mpi.commands.bench import random_tensor
+
+    tensor = random_tensor(rng, shape, quantized)
+    return tensor.view(np.uint8).reshape(shape[0], -1) if quantized else tensor
 
 
 def add_llama_metadata(w, spec) -> None:
@@ -580,13 +579,6 @@ def report(summary: list[dict], facts: dict) -> str:
 
 
 # ===================================================================== main
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (serve_bench.py uses it too)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:

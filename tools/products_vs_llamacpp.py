@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_compare import LLAMA_CPP_PYTHON_VERSION, build_llama_bench, default_cache_dir
 
 HARNESS = r"""

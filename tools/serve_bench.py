@@ -49,8 +49,8 @@ from pathlib import Path
 
 import httpx2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp_compare import cpu_model_name, positive_int, wait_for_idle
+from dllama_mpi.commands.launcher import positive_int
+from llamacpp_compare import cpu_model_name, wait_for_idle
 
 # Prompt ids start here: every id costs the same to embed and attend to, so random ids measure what real text would;
 # 0-2 are <unk>, BOS and EOS in llama2.c-style vocabularies, left out so that a prompt holds ordinary tokens

@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 from numba import get_num_threads as numba_threads  # noqa: E402
 
 from ..errors import InputError, UsageError  # noqa: E402
+from ..model import quant  # noqa: E402
 from ..model.spec import ModelSpec  # noqa: E402
+from .launcher import add_job_options, parse_budgets, positive_int, run_alone, run_job  # noqa: E402
 
 SHAPES = {
     "tiny": ModelSpec(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
@@ -57,23 +59,23 @@ def bench_model_path(shape: str):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-
-    def tensors():
-        from ..model import quant
-
-        for name, info in tensor_layout(spec).items():
-            if not info.matrix:
-                yield name, (1 + 0.1 * rng.standard_normal(info.shape)).astype(np.float32)
-                continue
-            blocks = np.empty((info.shape[0], info.shape[1] // quant.BLOCK), quant.Q40)
-            raw = quant.as_bytes(blocks)
-            raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # random nibbles
-            blocks["d"] = (rng.random(blocks.shape, dtype=np.float32) * 0.02 / np.sqrt(info.shape[1])).astype(np.float16)
-            yield name, blocks
-
-    write_model(path, spec, tensors(), Tokenizer.synthetic(max(spec.vocab_size, 259)),
+    tensors = ((name, random_tensor(rng, info.shape, info.matrix)) for name, info in tensor_layout(spec).items())
+    write_model(path, spec, tensors, Tokenizer.synthetic(max(spec.vocab_size, 259)),
                 {"source": f"random weights, {shape} shape (benchmark)"})
     return path
+
+
+def random_tensor(rng, shape: tuple[int, ...], matrix: bool) -> np.ndarray:
+    """Random weights of `shape`, drawn from `rng`: a norm's float32 values near 1, or a
+    matrix's Q40 blocks of random nibbles, scaled so that activations stay in range."""
+    if not matrix:
+        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    rows, cols = shape
+    blocks = np.empty((rows, cols // quant.BLOCK), quant.Q40)
+    raw = quant.as_bytes(blocks)
+    raw[...] = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # random nibbles
+    blocks["d"] = (rng.random(blocks.shape, dtype=np.float32) * 0.02 / np.sqrt(cols)).astype(np.float16)
+    return blocks
 
 
 def _read_bandwidth(comm) -> float:
@@ -134,7 +136,6 @@ def run(comm, args) -> dict | None:
     from ..job.loading import open_job
     from ..parallel import threads
     from ..serving.scheduler import generate
-    from .cli import parse_budgets
 
     budgets = parse_budgets(args.memory_budget, comm.size)
     n_threads = threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
@@ -345,39 +346,24 @@ def encode_table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.encode:  # one process: importing .cli or .comm would initialise MPI
-        return _encode_main(args)
-    from ..parallel.comm import Comm
-    from .cli import run_guarded
+    args = build_parser().parse_args(argv)
+    if args.encode:  # one process: run_job would initialise MPI
+        return run_alone(lambda: _encode(args))
 
-    comm = Comm()
-
-    def job():
+    def job(comm):
         results = run(comm, args)
         if comm.rank == 0:
             for result in results.values():
                 print(json.dumps(result) if args.json else table(result), flush=True)
         return 0
 
-    return run_guarded(comm, job)
+    return run_job(job)
 
 
-def _encode_main(args) -> int:
-    try:
-        results = run_encode(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for result in results:
+def _encode(args) -> int:
+    for result in run_encode(args):
         print(json.dumps(result) if args.json else encode_table(result), flush=True)
     return 0
-
-
-def _at_least_one(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 MAX_ENCODE_KIB = 100 * 1024  # the text is built in memory: 100 MiB is far beyond any prompt
@@ -393,7 +379,7 @@ def _encode_kib(text: str) -> float:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dllama_mpi bench", allow_abbrev=False,
         description="Measure decode and prefill speed of a model shape with random weights, under any "
@@ -402,23 +388,17 @@ def parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b",
                        help="model shape to measure, with random weights (default: %(default)s)")
-    which.add_argument("--model", metavar="PATH",
-                       help="measure this model file (or shard directory) instead of a shape (default: off)")
-    p.add_argument("--memory-budget", nargs="+", metavar="B", help="one per rank (default: equal shares)")
-    p.add_argument("--buffer-float-type", nargs="+", choices=("f32", "q80"), default=["q80"],
-                   help="activation buffer types to measure, one run each (default: q80)")
-    p.add_argument("--prompt-lengths", nargs="+", type=_at_least_one, default=[128, 512], metavar="N",
+    add_job_options(p, "the random weights of --shape", model_in=which, measure_buffer_types=True)
+    p.add_argument("--prompt-lengths", nargs="+", type=positive_int, default=[128, 512], metavar="N",
                    help="prompt lengths whose prefill speed is measured (default: 128 512)")
-    p.add_argument("--decode-steps", type=_at_least_one, default=32, metavar="N",
+    p.add_argument("--decode-steps", type=positive_int, default=32, metavar="N",
                    help="tokens decoded per decode measurement (default: %(default)s)")
-    p.add_argument("--repeat", type=_at_least_one, default=3, metavar="N",
+    p.add_argument("--repeat", type=positive_int, default=3, metavar="N",
                    help="runs of each measurement; medians are reported (default: %(default)s)")
-    p.add_argument("--rows", nargs="+", type=_at_least_one, metavar="R",
+    p.add_argument("--rows", nargs="+", type=positive_int, metavar="R",
                    help="also time forward passes of R tokens at one position, --decode-steps of them per run, for "
                         "each R (R sequences decoding together; the logits of one row) and report R x steps / time "
                         "(default: off)")
-    p.add_argument("--nthreads", type=_at_least_one, metavar="N",
-                   help="threads per rank (default: the rank's share of the node's cores)")
     p.add_argument("--encode", nargs="+", metavar="VOCAB",
                    help="measure encoding with these vocabularies instead (model .h5, GGUF or llama2.c tokenizer.bin; "
                         "default: off)")

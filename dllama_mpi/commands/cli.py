@@ -1,4 +1,4 @@
-"""`python -m dllama_mpi`: argument parsing, up-front validation, the abort guard, generation.
+"""`python -m dllama_mpi`: the commands, argument parsing, up-front validation, generation.
 
 Rank 0 owns the terminal: generated text on stdout, plan and statistics on stderr. Other
 ranks speak only through a rank-prefixed logger.
@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import math
 import os
 import re
 import resource
 import sys
 import time
-import traceback
 
 from ..errors import InputError, UsageError
 from ..model import quant
-
-log = logging.getLogger("dllama_mpi")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_alone, run_job
 
 
 def finite_float(text: str) -> float:
@@ -61,14 +53,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     epilog = None if command else "commands: " + "; ".join(
         [f"{c}: {d}" for c, d in COMMANDS.items()] + [f"{c}: {d}" for c, (_, d) in PROGRAMS.items()]) + \
         " (python -m dllama_mpi COMMAND --help)"
-    p = _Parser(prog=prog, allow_abbrev=False, description=description, epilog=epilog)
-    p.add_argument("--model", help="model file (.h5) made by dllama-mpi-convert, or a directory of per-rank shards "
-                                   "(dllama-mpi-convert --memory-budget); default: a built-in synthetic model")
-    p.add_argument("--memory-budget", nargs="+", metavar="B",
-                   help="one per rank: ratios (3 2 2 1) or sizes (6GiB 2GiB 2GiB 1GiB, also MB/GB/MiB: the ratio and "
-                        "a hard cap); or auto (auto 6GiB 2GiB ... with caps): each rank measures its speed at start and "
-                        "the model is split by it; each rank's need is checked against its cap and its node's memory "
-                        "(default: equal)")
+    p = Parser(prog=prog, allow_abbrev=False, description=description, epilog=epilog)
+    add_job_options(p, model_default="a built-in synthetic model")
+    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
     if command is None:
         p.add_argument("--prompt", help="text to start from (default: just BOS)")
         p.add_argument("--steps", type=int, default=64,
@@ -92,10 +79,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on every request (default: $DLLAMA_API_KEY; none: open)")
         p.add_argument("--model-name", help="the model's name in the API (default: the model file's name)")
-    p.add_argument("--max-seq-len", type=int, help="KV cache length in tokens (default: the model's seq_len, at most 4096)")
-    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
-                   help="activations and what travels between ranks: f32 or q80 (default q80)")
-    p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
     if command is None:
         p.add_argument("--ignore-eos", action="store_true",
                        help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
@@ -116,72 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PROGRAMS:
         return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
     if "--dry-run" in argv and split_command(argv)[0] != "chat":  # decided before MPI starts: one process without it
-        return _dry_run_guarded(argv)
-    from ..parallel.comm import Comm
-
-    comm = Comm()
-    return run_guarded(comm, lambda: _run(comm, argv))
-
-
-def run_guarded(comm, job) -> int:
-    """The abort guard: bad input found on every rank (UsageError) -> rank 0 prints it once,
-    every rank returns 2 through the normal exit. Bad input found by one rank alone
-    (InputError) -> that rank logs it and aborts the job, code 2; anything else raised on one
-    rank -> that rank logs its traceback and aborts the whole job, code 1, so no rank is left
-    waiting in a collective."""
-    _setup_logging(comm.rank)
-    try:
-        return job()
-    except UsageError as exc:
-        if comm.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit:
-        raise
-    except InputError as exc:
-        log.error("rank %d: %s", comm.rank, exc)
-        comm.abort(2)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C, forwarded to every rank: the first to see it ends the job
-        log.error("rank %d interrupted: stopping every rank", comm.rank)
-        comm.abort(130)
-        return 130
-    except BrokenPipeError:  # rank 0's reader went away (`| head`): end quietly, as Unix tools do
-        _silence_stdout()
-        comm.abort(141)
-        return 141
-    except BaseException:
-        log.error("rank %d failed:\n%s", comm.rank, traceback.format_exc().rstrip())
-        comm.abort(1)
-        return 1
-
-
-def parse_budgets(given, world_size: int):
-    """--memory-budget as Budgets, one per rank (equal shares when not given)."""
-    from ..parallel.budgets import parse_budgets as parse
-
-    try:
-        return parse(given or [1] * world_size, world_size)
-    except InputError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _setup_logging(rank: int) -> None:
-    if log.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
+        return run_alone(lambda: _dry_run(argv))
+    return run_job(lambda comm: _run(comm, argv))
 
 
 def _parse(comm, argv):
     command, argv = split_command(argv)
-    parser = build_parser(command)
-    if comm is not None and comm.rank != 0:  # --help and usage text: once, from rank 0
-        parser.print_help = parser.print_usage = lambda file=None: None
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(command), argv, 0 if comm is None else comm.rank)
     args.command = command
     problems = []
     if getattr(args, "steps", None) is not None and args.steps < 0:
@@ -209,8 +133,6 @@ def _parse(comm, argv):
         problems.append(f"--seed must be >= 0, got {args.seed}")
     if args.model == "":
         problems.append("--model is empty; give a model file or a shard directory, or leave --model out")
-    if args.nthreads is not None and args.nthreads <= 0:
-        problems.append(f"--nthreads must be positive, got {args.nthreads}")
     if getattr(args, "prompt", None) == "":
         problems.append("the prompt is empty; give some text, or leave out --prompt to start from BOS alone")
     elif getattr(args, "prompt", None) is not None:
@@ -382,25 +304,6 @@ def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) 
         print(f"--memory-budget auto: predicted {1e3 * auto.token_s:.1f} ms per decoded token, measured "
               f"{1e3 * r['decode_s'] / r['n_decode']:.1f}; compute per rank predicted "
               + " ".join(f"{1e3 * t:.1f}" for t in auto.rank_token_s) + " ms (measured: compute ms/tok above)", file=err)
-
-
-def _silence_stdout() -> None:
-    """After a broken pipe: stdout goes to /dev/null, so flushing at exit can't fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _dry_run_guarded(argv) -> int:
-    _setup_logging(0)
-    try:
-        return _dry_run(argv)
-    except BrokenPipeError:  # `--dry-run | head`
-        _silence_stdout()
-        return 141
-    except InputError as exc:
-        # launched by mpirun after all: every rank got here, one prints
-        if int(os.environ.get("PMI_RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 def _dry_run(argv) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, UsageError
-from ..model import quant
+from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_job
 
 DEFAULT_CTX = 512  # chunk length unless --ctx (or a --kl-base file) says otherwise, at most the model's seq_len
 MIN_CTX = 3  # a chunk of 3 scores one token (position 1 predicting token 2)
@@ -191,10 +191,6 @@ def kl_summary(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top:
 
 
 # --------------------------------------------------------------------------- logits files
-def _h5str(value) -> str | None:
-    return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
-
-
 def is_logits_file(path: Path) -> bool:
     """A plain file holding logits this program saved (what --force may replace)."""
     from ..files.modelfile import is_hdf5_of
@@ -284,6 +280,8 @@ def read_base(path: Path) -> BaseInfo:
     llama-perplexity's --kl-divergence-base file."""
     import h5py
 
+    from ..files.attributes import plain
+
     if not path.exists():
         raise InputError(f"--kl-base {path} does not exist; save one first with --save-logits {path} "
                          "(running the base model on the same text)")
@@ -296,8 +294,7 @@ def read_base(path: Path) -> BaseInfo:
                          "--save-logits or by llama-perplexity --kl-divergence-base")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: (v.tolist() if hasattr(v, "tolist") else _h5str(v) if isinstance(v, bytes) else v)
-                     for k, v in f.attrs.items()}
+            attrs = plain(f.attrs)
             shape, dtype = f["logits"].shape, f["logits"].dtype
             nll_shape = f["nll"].shape
     except Exception as exc:  # the HDF5 library reports damage as any of several exceptions
@@ -483,7 +480,7 @@ def score(job, chunks: Chunks | None, base: BaseInfo | None = None, writer: Logi
     finally:
         if base_rows is not None:
             base_rows.close()
-    # only after the last step: a rank 0 that fails mid-way ends the job (cli.run_guarded's abort)
+    # only after the last step: a rank 0 that fails mid-way ends the job (launcher.run_guarded's abort)
     batch.clear(OP_EXIT)
     comm.bcast_idle(batch.wire)
     return scores
@@ -509,18 +506,15 @@ class Progress:
 
 # --------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="python -m dllama_mpi perplexity", allow_abbrev=False,
-                description="Perplexity of a model over a text, and with --kl-base the KL divergence of its "
-                            "next-token distributions from a base model's saved logits (llama.cpp's llama-perplexity "
-                            "and its --kl-divergence). The text's tokens are cut into chunks of --ctx tokens, each "
-                            "starting with BOS (where the model has one); as llama.cpp does, only the second "
-                            "half of each chunk's positions is scored (every scored token sees at least half a chunk "
-                            "of context); tokens after the last whole chunk are not scored. A text shorter than one "
-                            "chunk is scored as one shorter chunk. Runs under any mpirun -n N.")
-    p.add_argument("--model", required=True, help="model file (.h5) made by dllama-mpi-convert, or a directory of "
-                                                  "per-rank shards")
+    p = Parser(prog="python -m dllama_mpi perplexity", allow_abbrev=False,
+              description="Perplexity of a model over a text, and with --kl-base the KL divergence of its "
+                          "next-token distributions from a base model's saved logits (llama.cpp's llama-perplexity "
+                          "and its --kl-divergence). The text's tokens are cut into chunks of --ctx tokens, each "
+                          "starting with BOS (where the model has one); as llama.cpp does, only the second "
+                          "half of each chunk's positions is scored (every scored token sees at least half a chunk "
+                          "of context); tokens after the last whole chunk are not scored. A text shorter than one "
+                          "chunk is scored as one shorter chunk. Runs under any mpirun -n N.")
+    add_job_options(p, model_default=None)
     p.add_argument("--text", metavar="FILE", help="UTF-8 text file to score (required, unless --kl-base is a "
                                                   "llama.cpp file: its token ids are scored)")
     p.add_argument("--ctx", type=int, metavar="N",
@@ -541,27 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --save-logits replace a logits file saved before (never any other file)")
     p.add_argument("--json", action="store_true",
                    help="print the results as one JSON object on stdout (the human-readable report goes to stderr)")
-    p.add_argument("--memory-budget", nargs="+", metavar="B",
-                   help="one per rank: ratios (3 2 2 1), sizes (6GiB 2GiB ...) or auto, as for python -m dllama_mpi "
-                        "(default: equal)")
-    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
-                   help="activations and what travels between ranks: f32 or q80 (default q80)")
-    p.add_argument("--nthreads", type=int, help="numba threads for this rank (default: its share of the node's cores)")
     return p
 
 
-def parse_args(comm, argv) -> argparse.Namespace:
-    parser = build_parser()
-    if comm.rank != 0:  # --help and usage text: once, from rank 0
-        parser.print_help = parser.print_usage = lambda file=None: None
-    args = parser.parse_args(argv)
+def checked_args(comm, argv) -> argparse.Namespace:
+    args = parse_args(build_parser(), argv, comm.rank)
     problems = []
     if args.ctx is not None and args.ctx < MIN_CTX:
         problems.append(f"--ctx must be at least {MIN_CTX} (the second half of a chunk is scored), got {args.ctx}")
     if args.chunks is not None and args.chunks < 1:
         problems.append(f"--chunks must be at least 1, got {args.chunks}")
-    if args.nthreads is not None and args.nthreads <= 0:
-        problems.append(f"--nthreads must be positive, got {args.nthreads}")
     for name in ("model", "text", "save_logits", "kl_base"):
         if getattr(args, name) == "":
             problems.append(f"--{name.replace('_', '-')} is empty; give a path")
@@ -607,7 +590,6 @@ def run(comm, args) -> dict | None:
     from ..job.loading import open_job
     from ..kernels import qmatmul
     from ..parallel import threads
-    from .cli import parse_budgets
 
     budgets = parse_budgets(args.memory_budget, comm.size)
     threads.for_rank(comm.local_rank, comm.local_size, args.nthreads)
@@ -746,14 +728,10 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..parallel.comm import Comm
-    from .cli import run_guarded
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    comm = Comm()
 
-    def job() -> int:
-        args = parse_args(comm, argv)
+    def job(comm) -> int:
+        args = checked_args(comm, argv)
         result = run(comm, args)
         if comm.rank == 0:
             if args.json:
@@ -763,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(report(result), flush=True)
         return 0
 
-    return run_guarded(comm, job)
+    return run_job(job)
 
 
 if __name__ == "__main__":
