@@ -463,9 +463,10 @@ class ModelFile:
     def _validate(self) -> None:
         attrs = self._hdf5("its attributes", lambda: decoded(self._file.attrs))
         found = (attrs.get("format"), attrs.get("format_version"))
-        if found[0] != FORMAT_NAME or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION):
+        if (attribute_text(found[0]) != FORMAT_NAME
+                or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION)):
             raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version "
-                                 f"{FORMAT_VERSION}, found format={found[0]!r} version={_plain(found[1])!r}; "
+                                 f"{FORMAT_VERSION}, found format={_plain(found[0])!r} version={_plain(found[1])!r}; "
                                  "re-convert it with this version's dllama-mpi-convert")
         try:
             self.spec = ModelSpec.from_attrs(attrs)
