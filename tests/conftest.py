@@ -68,10 +68,33 @@ def compiled_kernels() -> None:
     vector.warm_up(quant.WEIGHT_TYPES)
 
 
+JOB_TIERS = ("jobs", "serve", "slurm", "tools")  # pyproject.toml's markers; a test in none of them is a unit test
+_running: list[pytest.Item] = []  # the test now running (a list: set by the hook below)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in JOB_TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # setup, call and teardown: a fixture's job counts too
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
 def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:
     """`mpiexec -n n argv` started in a session of its own, its processes marked; with
-    `stdin`, rank 0 reads what the test writes to proc.stdin. The kernels are compiled first."""
+    `stdin`, rank 0 reads what the test writes to proc.stdin. The kernels are compiled first.
+    Only a test of a job tier may start one: the unit tier stays the quick inner loop."""
     assert MPIEXEC, "mpiexec not found next to the Python interpreter or on PATH"
+    for item in _running:
+        assert not item.get_closest_marker("unit"), \
+            f"{item.nodeid} starts an MPI job: mark it @pytest.mark.jobs (or serve, slurm, tools)"
     compiled_kernels()
     mark = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}

@@ -8,6 +8,8 @@ import pytest
 
 import auto_budget_bench as ab
 
+pytestmark = pytest.mark.tools  # every test here runs a tool of tools/
+
 
 def test_memory_budgets_split_the_available_memory_evenly_in_mib_as_common_sh_does():
     from dllama_mpi.parallel.budgets import available_memory

@@ -205,6 +205,7 @@ def half_core(cpus):
         made.__exit__(None, None, None)
 
 
+@pytest.mark.jobs
 def test_a_rank_under_a_cpu_quota_reads_it_and_sleeps_at_gathers(cpus, half_core):
     probe = run_mpiexec(2, [str(REPO / "tools" / "pinned"), cpus[0], f"{cpus[1]}@{half_core}", "--", sys.executable,
                             "-c", "import sys; from dllama_mpi.cgroups import cpu_quota; "
@@ -245,6 +246,7 @@ def test_a_gather_waits_the_way_its_rank_was_told(monkeypatch, mode):
     assert request.waited == (mode == "block")
 
 
+@pytest.mark.jobs
 def test_the_split_is_the_solvers_for_what_each_rank_measured(cpus, half_core, mid_model):
     """Rank 1, under the quota, measures 4x rank 0's time per weight on its work clock: the job
     prints those figures and chooses the solver's budgets for them."""
@@ -264,6 +266,7 @@ def test_the_split_is_the_solvers_for_what_each_rank_measured(cpus, half_core, m
     assert f"--memory-budget auto chose 800 200 (shares {shares})" in result.stderr, result.stderr
 
 
+@pytest.mark.jobs
 def test_a_small_cap_holds_the_fast_rank_back_and_says_so(cpus, mid_model):
     cap = 400 * MiB  # the runtime's 384 MiB, the load buffer, and a part of the model
     result, shares, measured = _auto_run(cpus, mid_model, ["auto", f"{cap // MiB}MiB", "4GiB", "4GiB"])
@@ -271,6 +274,7 @@ def test_a_small_cap_holds_the_fast_rank_back_and_says_so(cpus, mid_model):
     assert shares[0] < 0.34, f"the fast rank was not held back by its cap: {shares}\n{result.stderr}"
 
 
+@pytest.mark.jobs
 def test_auto_refuses_shards_split_for_fixed_budgets(tmp_path):
     from conftest import STORIES, assert_refused, need_stories
 

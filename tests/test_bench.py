@@ -17,6 +17,7 @@ KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_pe
         "model", "rows_per_step", "kernel_isa")
 
 
+@pytest.mark.jobs
 def test_bench_json_under_mpiexec(tmp_path):
     result = run_mpiexec(3, [sys.executable, "-m", "dllama_mpi", "bench", "--shape", "tiny", "--memory-budget", "2", "1", "1",
                              "--buffer-float-type", "q80", "f32", "--prompt-lengths", "16", "40", "--decode-steps", "4",
@@ -39,6 +40,7 @@ def test_bench_json_under_mpiexec(tmp_path):
     assert sum(lines[0]["bytes_sent_per_token"]) < sum(lines[1]["bytes_sent_per_token"])
 
 
+@pytest.mark.jobs
 def test_bench_model_file_table(tmp_path):
     """--model measures a given file (here of a shape no --shape has), as a table; --rows off by default."""
     from dllama_mpi.commands.bench import SHAPES

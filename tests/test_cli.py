@@ -16,6 +16,7 @@ def _cli(n, *args, timeout=180):
     return run_mpiexec(n, [PY, "-m", "dllama_mpi", *args], timeout=timeout)
 
 
+@pytest.mark.jobs
 def test_main_job_on_the_builtin_model():
     result = _cli(4, "--memory-budget", "3", "2", "2", "1", "--steps", "12", "--prompt", "Once upon a time")
     assert result.returncode == 0, result.stderr
@@ -28,6 +29,7 @@ def test_main_job_on_the_builtin_model():
     assert err.count("Traceback") == 0
 
 
+@pytest.mark.jobs
 def test_stories260k_text_is_the_same_at_every_world_size(stories_models):
     outputs = {}
     for n, budgets in ((1, ["1"]), (2, ["3", "1"]), (3, ["2", "1", "1"]), (4, ["5", "1", "1", "1"])):
@@ -39,6 +41,7 @@ def test_stories260k_text_is_the_same_at_every_world_size(stories_models):
     assert outputs[1].startswith("Once upon a time") and len(outputs[1].split()) > 30
 
 
+@pytest.mark.jobs
 def test_sampling_is_reproducible_with_a_seed(stories_models):
     args = ["--model", str(stories_models["f32"]), "--steps", "40", "--temperature", "0.9", "--top-p", "0.9"]
     a = _cli(2, *args, "--seed", "7").stdout
@@ -47,6 +50,7 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
     assert a == b and a != c
 
 
+@pytest.mark.jobs
 @pytest.mark.parametrize("args, message", [
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
@@ -139,6 +143,7 @@ def test_dry_run_checks_shards_against_the_budgets(tmp_path):
     assert wrong.returncode == 2 and "split for 2 rank(s) with budgets 3 1" in wrong.stderr
 
 
+@pytest.mark.jobs
 def test_the_prompt_is_echoed_exactly_on_a_model_without_bos(tmp_path):
     """A BOS-less tokenizer (Qwen-style): the first prompt token is text, not BOS."""
     import numpy as np
@@ -161,12 +166,14 @@ def test_the_prompt_is_echoed_exactly_on_a_model_without_bos(tmp_path):
         assert result.stdout.startswith(prompt), result.stdout
 
 
+@pytest.mark.jobs
 def test_the_prompt_is_echoed_exactly_with_bos(stories_models):
     prompt = "Once upon a time, in a land"
     result = _cli(1, "--model", str(stories_models["q40"]), "--prompt", prompt, "--steps", "0")
     assert result.returncode == 0 and result.stdout == prompt + "\n", result.stdout
 
 
+@pytest.mark.jobs
 def test_zero_steps_print_no_rate(stories_models):
     result = _cli(2, "--model", str(stories_models["q40"]), "--prompt", "Once", "--steps", "0")
     assert result.returncode == 0, result.stderr
@@ -179,6 +186,7 @@ def _summary(result) -> str:
     return next(line for line in result.stderr.splitlines() if line.startswith("prompt:"))
 
 
+@pytest.mark.jobs
 def test_the_seed_is_printed_only_when_sampling(stories_models):
     greedy = _cli(1, "--model", str(stories_models["q40"]), "--steps", "3")
     sampled = _cli(1, "--model", str(stories_models["q40"]), "--steps", "3", "--temperature", "0.8")
@@ -204,6 +212,7 @@ def llama3_vocab_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.jobs
 def test_the_prompt_notice_and_the_speed_line_time_the_same_work(llama3_vocab_model):
     """`processing the prompt (N tokens) ... done in X s` and `prompt: N tokens in T, R tokens/s` agree: the
     tokenizer's decode tables (seconds for this vocabulary) are built while starting, not inside the first text's
@@ -223,6 +232,7 @@ def test_the_prompt_notice_and_the_speed_line_time_the_same_work(llama3_vocab_mo
     assert abs(int(notice[2]) - seconds) <= 0.5 + 1.0, result.stderr
 
 
+@pytest.mark.jobs
 def test_what_is_adjusted_or_doubtful_is_said(stories_models):
     result = _cli(2, "--model", str(stories_models["q40"]), "--nthreads", "999", "--max-seq-len", "1024", "--steps", "2")
     assert result.returncode == 0, result.stderr
@@ -249,12 +259,14 @@ def test_a_long_wait_says_what_it_is_for(capsys):
     assert "not this rank's" not in err
 
 
+@pytest.mark.jobs
 def test_dry_run_under_mpirun_says_so_once():
     result = _cli(2, "--dry-run", "--memory-budget", "1", "1", timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("error: --dry-run runs as one process: start it without mpirun") == 1, result.stderr
 
 
+@pytest.mark.jobs
 def test_options_are_never_abbreviated(stories_models):
     result = _cli(1, "--dry", "--model", str(stories_models["q40"]), timeout=60)  # must not start a real run
     assert result.returncode == 2 and "unrecognized arguments: --dry" in result.stderr and result.stdout == ""

@@ -460,6 +460,7 @@ def test_a_q6_k_file_runs_every_matrix_natively_with_the_float_references_logits
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
+@pytest.mark.jobs
 def test_a_q4_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims):
     """With q80 buffers (Q8K activations, a stack of mixed types in parts, whole vectors in transit)."""
     import sys

@@ -74,6 +74,7 @@ def converted(request, tmp_path_factory):
     return request.param, out, logits, greedy
 
 
+@pytest.mark.jobs
 @pytest.mark.parametrize("n, budgets", [(1, ["1"]), (3, ["3", "1", "2"])])
 def test_engine_matches_transformers(converted, n, budgets, tmp_path):
     model_type, path, expected, expected_greedy = converted

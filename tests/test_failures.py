@@ -16,6 +16,8 @@ from conftest import STORIES, assert_refused, finish, need_stories, run_mpiexec,
 
 from dllama_mpi.model.spec import ModelSpec
 
+pytestmark = pytest.mark.jobs  # every test here starts MPI jobs
+
 PY = sys.executable
 
 

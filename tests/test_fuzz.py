@@ -277,6 +277,7 @@ def _lines_into(stream, lines) -> None:
     lines.put(None)
 
 
+@pytest.mark.jobs
 def test_a_flipped_byte_in_the_metadata_is_refused_as_damaged(work, stories_h5):
     """Every 41st byte of the first 12 KB (attributes, object headers, the tokenizer) flipped:
     read or refused with InputError, never another exception. The HDF5 library itself loops

@@ -15,6 +15,8 @@ from conftest import REPO
 
 import llamacpp_compare as lc
 
+pytestmark = pytest.mark.tools  # every test here runs a tool of tools/
+
 gguf = pytest.importorskip("gguf")
 
 # `llama-bench -m models/tinyllama-1.1b-q4_0-seed0-v1.gguf -t 2 -p 128 -n 32 -r 1 -o json` (stdout), llama-cpp-python

@@ -12,6 +12,8 @@ from conftest import MPIEXEC, REPO
 
 import netsim
 
+pytestmark = pytest.mark.tools  # every test here runs a tool of tools/
+
 
 def test_rates_parse_and_bad_ones_say_how():
     assert netsim.rate_bits("100mbit") == 1e8 and netsim.rate_bits("1gbit") == 1e9

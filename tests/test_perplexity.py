@@ -44,6 +44,7 @@ def f32_base(stories_models, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.jobs
 def test_the_ppl_is_the_same_on_1_and_3_ranks_and_kl_against_its_own_logits_is_zero(stories_models, f32_base):
     one, base, one_err = f32_base
     assert one["n_chunks"] == 9 and one["ctx"] == CTX and one["n_scored"] == 9 * 63 and one["dropped_tokens"] == 105
@@ -61,6 +62,7 @@ def test_the_ppl_is_the_same_on_1_and_3_ranks_and_kl_against_its_own_logits_is_z
     assert "Same top p: 100.000" in result.stderr
 
 
+@pytest.mark.jobs
 @pytest.mark.parametrize("weights", ["f32"])  # the engine against DenseModel for every type: test_engine.py
 def test_the_ppl_is_the_dense_numpy_references(stories_models, f32_base, tmp_path, weights):
     """reference.DenseModel's float forward pass, position by position, on the chunks as fed
@@ -93,6 +95,7 @@ def test_the_ppl_is_the_dense_numpy_references(stories_models, f32_base, tmp_pat
     assert found["ppl"] == pytest.approx(np.exp(nll.mean()), rel=1e-12)
 
 
+@pytest.mark.jobs
 def test_q40_against_the_f32_base_on_1_and_3_ranks(stories_models, f32_base):
     base_result, base, _ = f32_base
     runs = [_ppl(n, stories_models["q40"], "--ctx", str(CTX), "--kl-base", str(base), "--json") for n in (1, 3)]
@@ -130,6 +133,7 @@ def _write_llama_base(path, tokens: np.ndarray, logits: np.ndarray) -> None:
         f.write(rows.tobytes())
 
 
+@pytest.mark.jobs
 def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_against_the_same_logits(
         stories_models, f32_base, tmp_path):
     _, base, _ = f32_base
@@ -169,6 +173,7 @@ def test_a_llama_cpp_base_file_is_read_its_tokens_scored_and_gives_kl_near_zero_
                                timeout=60), "--text is required")
 
 
+@pytest.mark.jobs
 def test_a_text_shorter_than_a_chunk_is_one_shorter_chunk(stories_models, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text(TEXT.read_text()[:300])
@@ -180,17 +185,20 @@ def test_a_text_shorter_than_a_chunk_is_one_shorter_chunk(stories_models, tmp_pa
 
 
 # ------------------------------------------------------------------ refusals (before loading, one message, exit 2)
+@pytest.mark.jobs
 def test_a_missing_text_file_is_refused(stories_models, tmp_path):
     assert_refused(_ppl(2, stories_models["q40"], text=tmp_path / "nowhere.txt"),
                    f"error: text file {tmp_path / 'nowhere.txt'} does not exist")
 
 
+@pytest.mark.jobs
 def test_a_text_too_short_to_score_is_refused(stories_models, tmp_path):
     text = tmp_path / "empty.txt"
     text.write_text("")
     assert_refused(_ppl(2, stories_models["q40"], text=text), "the text is 1 token(s) with BOS; scoring needs at least 3")
 
 
+@pytest.mark.jobs
 def test_a_kl_base_of_another_vocabulary_or_text_is_refused(stories_models, f32_base, tmp_path):
     spec = ModelSpec(dim=64, hidden_dim=128, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, vocab_size=416,
                      seq_len=64, weight_type="f32")
@@ -208,6 +216,7 @@ def test_a_kl_base_of_another_vocabulary_or_text_is_refused(stories_models, f32_
                    f"--kl-base {base} was saved with chunks of {CTX} tokens, this run's are 100; pass --ctx {CTX}")
 
 
+@pytest.mark.jobs
 def test_save_logits_never_overwrites_without_force_nor_replaces_what_it_did_not_write(stories_models, f32_base, tmp_path):
     _, base, _ = f32_base
     saved = tmp_path / "saved.h5"

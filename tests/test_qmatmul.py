@@ -97,6 +97,7 @@ def checks(tmp_path_factory) -> dict[str, subprocess.Popen]:
             proc.communicate()
 
 
+@pytest.mark.jobs
 @pytest.mark.parametrize("isa", qmatmul.ISAS)
 def test_each_instruction_set_equals_the_exact_twin(isa, checks):
     if isa not in checks:

@@ -32,6 +32,8 @@ from conftest import (
     start_mpiexec,
 )
 
+pytestmark = pytest.mark.serve  # every test here talks to a server job
+
 LLAMA3_TEMPLATE = REPO / "tests" / "data" / "chat_templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
 BPE_VOCAB = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-bpe.gguf"
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went", "One day, a bird", "The sun was",

@@ -15,6 +15,8 @@ from conftest import REPO, assert_no_survivors, convert_stories, need_stories
 
 import serve_bench as sb
 
+pytestmark = pytest.mark.tools  # every test here runs a tool of tools/
+
 
 def test_percentile_interpolates_linearly_as_numpy_does():
     assert sb.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5

@@ -14,6 +14,8 @@ from dllama_mpi.files.convert import convert, info
 from dllama_mpi.model.spec import ModelSpec
 from dllama_mpi.parallel.plan import make_plan
 
+pytestmark = pytest.mark.jobs  # every test here starts MPI jobs
+
 TOKENS = [1, 403, 407, 261, 378, 29, 300, 12]
 PLANS = [["3", "1"], ["2", "1", "1"], ["3", "2", "2", "1"]]
 

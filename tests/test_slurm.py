@@ -19,6 +19,8 @@ import uuid
 import pytest
 from conftest import NUMBA_CACHE, REPO, STORIES, need_stories, run_mpiexec
 
+pytestmark = pytest.mark.slurm  # every test here submits to Slurm
+
 PROMPT = "Once upon a time"
 GENERATE = ["--temperature", "0", "--steps", "60", "--prompt", PROMPT]
 

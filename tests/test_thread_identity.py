@@ -155,6 +155,7 @@ def logits(tmp_path_factory) -> dict[int, dict[str, np.ndarray]]:
     return found
 
 
+@pytest.mark.jobs
 @needs_two_threads
 @pytest.mark.parametrize(("weights", "buffer_type"), CASES)
 def test_tinyllama_layer_logits_bit_identical_for_one_and_two_threads(logits, weights, buffer_type):

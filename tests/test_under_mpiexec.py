@@ -7,6 +7,8 @@ import sys
 import pytest
 from conftest import REPO, run_mpiexec
 
+pytestmark = pytest.mark.jobs  # every test here starts MPI jobs
+
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_mpi_suite_passes_under_mpiexec(n):
