@@ -411,6 +411,7 @@ def test_a_q4_k_m_file_keeps_q4_k_and_q6_k_natively_and_gives_the_float_referenc
     with h5py.File(tmp_path / "m.h5", "r") as f:
         # the most common type is the model's; the others are listed, per layer where a kind's types differ
         assert (f.attrs["weight_type"], f.attrs["tensor_types"]) == ("q4k", "output=q6k,layers/0/w2=q6k,layers/0/wv=q6k")
+        assert f.attrs["format_version"] == 2  # a reader from before k-quants says the file is newer than it
         for name in ("layers/1/w1", "layers/0/wo", "layers/1/w2", "layers/1/wv", "tok_embeddings", "layers/0/w2",
                      "layers/0/wq", "layers/0/wv", "output"):
             assert f[name].attrs["type"] == ("q6k" if types[name] == Q.Q6_K else "q4k"), name
@@ -453,6 +454,7 @@ def test_a_q6_k_file_runs_every_matrix_natively_with_the_float_references_logits
     convert(tmp_path / "q6k.gguf", tmp_path / "m.h5", None, None)
     with h5py.File(tmp_path / "m.h5", "r") as f:
         assert (f.attrs["weight_type"], f.attrs.get("tensor_types", "")) == ("q6k", "")
+        assert f.attrs["format_version"] == 2
     got, expected = _logits(tmp_path / "m.h5"), _logits(float_reference(tmp_path, raw, types, stored))
     # f32 products in another order than the reference's: 7.9e-7 of the largest logit measured; 1e-5 allowed
     error = np.abs(got - expected).max() / np.abs(expected).max()

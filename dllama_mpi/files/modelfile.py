@@ -251,7 +251,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     n_files = 1 if plan is None else plan.world_size
     remove_stale(path, entries=SHARD_NAME)
     tmp = Temporary(path)
-    attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **spec.to_attrs(), **(extra_attrs or {})}
+    attrs = {"format": FORMAT_NAME, "format_version": spec.format_version(), **spec.to_attrs(), **(extra_attrs or {})}
     attrs["model_id"] = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     need, free = model_bytes(spec), shutil.disk_usage(path.parent).free
     if need > free:
@@ -464,8 +464,8 @@ class ModelFile:
         attrs = self._hdf5("its attributes", lambda: decoded(self._file.attrs))
         found = (attrs.get("format"), attrs.get("format_version"))
         if (attribute_text(found[0]) != FORMAT_NAME
-                or not (isinstance(found[1], (int, np.integer)) and found[1] == FORMAT_VERSION)):
-            raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version "
+                or not (isinstance(found[1], (int, np.integer)) and 1 <= found[1] <= FORMAT_VERSION)):
+            raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version 1 to "
                                  f"{FORMAT_VERSION}, found format={_plain(found[0])!r} version={_plain(found[1])!r}; "
                                  "re-convert it with this version's dllama-mpi-convert")
         try:

@@ -89,6 +89,7 @@ class WeightType:
     gguf: str | None = None  # ggml's name of the same type: the converter keeps it bit-exact
     widens: tuple[str, ...] = ()  # ggml types the converter widens to this one losslessly
     dllama_code: int | None = None  # distributed-llama's float type code
+    format_version: int = 1  # the first model-file format version that may hold it (docs/model-format.md)
 
     @property
     def quantized(self) -> bool:
@@ -373,7 +374,7 @@ Q4K_TYPE = WeightType("q4k", Q4K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", ro
                       decode=dequantize_q4k,
                       # 256 bytes of nibbles; 16 scales, 16 mins, 2 super-blocks' fp16 d and dmin
                       layout=Layout(256, 2 * GROUP + 8, ("uint8", "uint8"), nibbles=True, super_scales=True, min_term=True),
-                      activation="q8k", fallback="q80", gguf="Q4_K")
+                      activation="q8k", fallback="q80", gguf="Q4_K", format_version=2)
 Q6K_TYPE = WeightType("q6k", Q6K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows",
                                               pack="qmatmul.pack_q6k", row="qmatmul.dequantize_row_q6k",
                                               twins=("reference.matvec_q6k_q8_exact", "reference.matvec_q6k_f32_exact")),
@@ -381,7 +382,7 @@ Q6K_TYPE = WeightType("q6k", Q6K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", ro
                       # 256 bytes of nibbles and 128 of high bit pairs; 2 x 16 int8 scales, 2 super-blocks' fp16 d
                       layout=Layout(384, 2 * GROUP + 4, ("uint8", "int8"), nibbles=True, offset=32, high_bits=2,
                                     super_scales=True, signed_scales=True, half_scales=True),
-                      activation="q8k", fallback="q80", gguf="Q6_K")
+                      activation="q8k", fallback="q80", gguf="Q6_K", format_version=2)
 WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q6K_TYPE)}
 
 # with q80 buffers, what each quantized weight type's products take: the k-quants Q8K (one f32

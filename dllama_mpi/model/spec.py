@@ -16,7 +16,7 @@ from ..errors import InputError
 from . import quant
 
 FORMAT_NAME = "dllama_mpi"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this program writes and reads; a file takes the oldest that holds it
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -180,6 +180,12 @@ class ModelSpec:
         smooth = (old_len / wavelen - low) / (high - low)
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+    def format_version(self) -> int:
+        """The oldest model-file format version that holds this model: 2 for per-tensor types or a
+        type that came with them (k-quants), so that an older reader says the file is newer than
+        it instead of misreading it; 1 for the rest, whose files stay as they were."""
+        return max([2 if self.tensor_types else 1] + [quant.weight_type(t).format_version for t in self.weight_types()])
 
     def to_attrs(self) -> dict:
         attrs = dataclasses.asdict(self)

@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from ...errors import InputError
+from ..attributes import attribute_text
 from ..text import utf8
 from .hf import HFTokenizer, from_json
 from .llama2c import Tokenizer
@@ -136,15 +137,15 @@ _READERS = {LLAMA2C_TYPE: _read_llama2c, SPM_TYPE: _read_spm, HF_TYPE: _read_hf}
 
 
 def _attr_str(group: h5py.Group, name: str, where: str) -> str | None:
-    """A string attribute, None if absent."""
+    """A string attribute, None if absent; read as every attribute is (attribute_text), with
+    the reason when it is not text."""
     value = group.attrs.get(name)
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value.item()
+    text = attribute_text(value)
+    if value is None or text is not None:
+        return text
     if isinstance(value, bytes):
-        value = utf8(value, f"{where}: attribute {name!r}")
-    if value is not None and not isinstance(value, str):
-        raise InputError(f"{where}: attribute {name!r} must be a string, found {_describe(value)}")
-    return value
+        utf8(value, f"{where}: attribute {name!r}")  # raises, naming the byte that is not UTF-8
+    raise InputError(f"{where}: attribute {name!r} must be a string, found {_describe(value)}")
 
 
 def _attr_int(group: h5py.Group, name: str, where: str) -> int:
