@@ -23,15 +23,14 @@ import resource
 import sys
 import time
 
-T_LAUNCH = time.perf_counter()
+import numpy as np
+from numba import get_num_threads as numba_threads
 
-import numpy as np  # noqa: E402
-from numba import get_num_threads as numba_threads  # noqa: E402
-
-from ..errors import InputError, UsageError  # noqa: E402
-from ..model import quant  # noqa: E402
-from ..model.spec import ModelSpec  # noqa: E402
-from .launcher import add_job_options, parse_budgets, positive_int, run_alone, run_job  # noqa: E402
+from .. import LAUNCHED
+from ..errors import InputError, UsageError
+from ..model import quant
+from ..model.spec import ModelSpec
+from .launcher import add_job_options, parse_budgets, positive_int, run_alone, run_job
 
 SHAPES = {
     "tiny": ModelSpec(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
@@ -163,7 +162,7 @@ def run(comm, args) -> dict | None:
                 r = generate(job, prompt if comm.rank == 0 else None, 1, stop_ids=())
                 rates.append(length / r["prompt_s"])
                 if ttft is None:
-                    ttft = time.perf_counter() - T_LAUNCH
+                    ttft = time.perf_counter() - LAUNCHED
             prefill[str(length)] = float(np.median(rates))
         decode, per_rank = [], []
         loopback_0 = _loopback_bytes() if comm.rank == 0 else None
