@@ -144,13 +144,14 @@ def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict:
 
 
 def _dense(t) -> np.ndarray:
-    """A tensor as float values of its numpy shape (f16 kept, bf16 and quantized -> f32)."""
+    """A tensor as float values of its numpy shape (the float types we keep, f32 and f16, as
+    stored; bf16 and quantized -> f32)."""
     import gguf
 
-    kind = t.tensor_type
-    if kind == gguf.GGMLQuantizationType.F32 or kind == gguf.GGMLQuantizationType.F16:
+    ours = quant.gguf_type(t.tensor_type.name)
+    if ours is not None and not ours.quantized:
         return np.array(t.data)
-    return np.asarray(gguf.quants.dequantize(np.asarray(t.data), kind), dtype=np.float32)
+    return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
 
 
 def _spec_fields(reader, path: Path) -> dict:
@@ -222,18 +223,10 @@ def _number(value, key: str, kind):
 
 
 def _convert(t, name: str, arch: str, head_dim: int) -> np.ndarray:
-    import gguf
-
-    kind = t.tensor_type
-    Q = gguf.GGMLQuantizationType
-    ours = quant.gguf_type(kind.name)
-    if ours is not None and ours.quantized:  # our blocks are ggml's: passed through bit-exact
+    ours = quant.gguf_type(t.tensor_type.name)
+    if ours is not None:  # a type we keep (f32, f16, our blocks are ggml's): passed through bit-exact
         array = np.ascontiguousarray(t.data).view(ours.dtype)
-    elif kind in (Q.F32, Q.F16):
-        array = np.array(t.data)
-    elif kind == Q.BF16:
-        array = _dense(t)
-    else:  # dequantized here; the writer makes it the type the converter chose
+    else:  # widened or dequantized to f32 here; the writer makes it the type the converter chose
         array = _dense(t)
     if array.ndim == 2 and array.shape[0] == 1 and len(t.shape) == 1:
         array = array[0]
