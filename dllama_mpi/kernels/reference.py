@@ -19,11 +19,6 @@ def matvec_f32(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
 
 
-def matvec_q40_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """w_blocks: (rows, nb) Q40; x_blocks: (nb,) Q80."""
-    return matvec_f32(quant.dequantize_q40(w_blocks), quant.dequantize_q80(x_blocks))
-
-
 def lane_sum(p: np.ndarray) -> np.ndarray:
     """The quantized products' float order (see qmatmul): p (..., nb) f32 per-block terms ->
     (...,): lane l sums blocks l, l + 16, ... in order, then the fixed 16 -> 1 tree."""
@@ -74,8 +69,8 @@ def _codes8(x_blocks: np.ndarray, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
     """8-bit activations, Q80 (T, n_sub) or Q8K (T, n_sub / 8) blocks -> their codes
     (T, n_sub, 32) int64 and each 32-value block's scale (T, n_sub) f32 (a Q8K's, 8 times)."""
     xq = x_blocks["qs"].astype(np.int64).reshape(x_blocks.shape[0], n_sub, quant.BLOCK)
-    xd = x_blocks["d"].astype(np.float32)
-    return xq, (np.repeat(xd, quant.QK // quant.BLOCK, axis=1) if x_blocks.dtype == quant.Q8K else xd)
+    values = next(a.block_values for a in quant.ACTIVATIONS.values() if a.dtype == x_blocks.dtype)  # per scale
+    return xq, np.repeat(x_blocks["d"].astype(np.float32), values // quant.BLOCK, axis=1)
 
 
 def matvec_q4k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
@@ -147,22 +142,9 @@ def twin_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return resolve(quant.WEIGHTS[quant.type_of(w_blocks)].kernels.twins[1])(w_blocks, x)
 
 
-def matvec_q40_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return matvec_f32(quant.dequantize_q40(w_blocks), x)
-
-
 def matvec_f16(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """w: (rows, n) float16."""
+    """w: (rows, n) float16 (the f16 weights' twin: tests look it up as matvec_<type>)."""
     return matvec_f32(w.astype(np.float32), x)
-
-
-def matvec_q80_q80(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """w_blocks: (rows, nb) Q80; x_blocks: (nb,) Q80."""
-    return matvec_f32(quant.dequantize_q80(w_blocks), quant.dequantize_q80(x_blocks))
-
-
-def matvec_q80_f32(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return matvec_f32(quant.dequantize_q80(w_blocks), x)
 
 
 def rmsnorm_heads(vec: np.ndarray, head_dim: int, weight: np.ndarray, eps: float) -> np.ndarray:
