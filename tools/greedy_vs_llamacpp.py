@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dllama_mpi.model import quant
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
     LLAMA_F32_ATTENTION,
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/greedy_vs_llamacpp.py", allow_abbrev=False,
                                 description="Our greedy steps against llama.cpp's on one k-quant GGUF of a trained model.")
     p.add_argument("--type", default="Q4_K_M", help="llama-quantize's type (default: %(default)s)")
-    p.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", help="ours (default: %(default)s)")
+    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default=quant.Q80_ACTIVATIONS.name,
+                   help="ours (default: %(default)s)")
     p.add_argument("--text", type=Path, default=REPO / "tests" / "data" / "tinystories_sample.txt",
                    help="the prompt is its first tokens")
     p.add_argument("--wo-type", default="q8_0", help="llama-quantize's type for the 64-wide attn_output, or "

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama_mpi.commands.launcher import positive_int
+from dllama_mpi.model import quant
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
     LLAMA_F32_ATTENTION,
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", type=Path, default=REPO / "tests" / "data" / "tinystories_sample.txt")
     p.add_argument("--ctx", type=positive_int, default=128)
-    p.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", help="ours (default: %(default)s)")
+    p.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default=quant.Q80_ACTIVATIONS.name,
+                   help="ours (default: %(default)s)")
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2], help="our rank counts (default: 1 2)")
     p.add_argument("--llama-attention", choices=("f32", "default"), default="f32",
                    help="llama.cpp's attention: in f32 as ours, or its defaults (flash attention with f16 internals, "

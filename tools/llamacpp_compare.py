@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from dllama_mpi.commands.launcher import positive_int
+from dllama_mpi.model import quant
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
@@ -53,9 +54,7 @@ DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")
 LLAMA = "llama.cpp"
 OURS = "dllama_mpi"
 
-# llama.cpp's block_q4_0: an f16 scale and 32 4-bit values, 18 bytes per 32 weights
-Q4_0_BLOCK = 32
-Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+Q4_0 = quant.gguf_type("Q4_0")  # llama.cpp's block_q4_0: our q40 record
 # llama.cpp token types (llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
 
@@ -292,8 +291,8 @@ def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
     under a temporary name, then renamed."""
     import gguf
 
-    if spec.dim % Q4_0_BLOCK or spec.hidden_dim % Q4_0_BLOCK:
-        raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0_BLOCK}")
+    if spec.dim % Q4_0.block_values or spec.hidden_dim % Q4_0.block_values:
+        raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0.block_values}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
@@ -303,7 +302,7 @@ def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
     layout = gguf_tensors(spec)
     for tname, shape, quantized in layout:
         if quantized:
-            byte_shape = (shape[0], shape[1] // Q4_0_BLOCK * Q4_0.itemsize)
+            byte_shape = (shape[0], quant.row_bytes(Q4_0.name, shape[1]))
             w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                               raw_dtype=gguf.GGMLQuantizationType.Q4_0)
         else:

@@ -357,7 +357,7 @@ def _dry_run(argv) -> int:
           f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
     print(plan.table(max_seq_len, n_slots))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
-    print(f"\nper decoded token: {by_type['q80'].collectives} collectives "
+    print(f"\nper decoded token: {by_type[quant.Q80_ACTIVATIONS.name].collectives} collectives "
           f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
           + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")

@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ..model.quant import ACTIVATION_TYPE, ACTIVATIONS, BLOCK, K_QUANTS, Q80
+from ..model.quant import ACTIVATION_TYPE, ACTIVATIONS, BLOCK, K_QUANTS, Q80, Q80_ACTIVATIONS
 from ..model.spec import ModelSpec
 
 ROW_GRANULE = 32
@@ -236,7 +236,7 @@ def activation_forms(spec: ModelSpec, vector: str, buffer_type: str) -> frozense
     kinds = ["tok_embeddings" if k == "output" and spec.shared_classifier else k for k in FEEDS[vector]]
     types = {spec.tensor_type(k, layer) for k in kinds for layer in range(spec.n_layers)}
     quantized = types & set(ACTIVATION_TYPE)
-    if buffer_type == "q80":
+    if buffer_type == Q80_ACTIVATIONS.name:
         return frozenset(ACTIVATION_TYPE[t] for t in quantized)
     return frozenset(("f32",) if quantized else ())
 
@@ -259,7 +259,7 @@ def travels_q80(spec: ModelSpec, vector: str, buffer_type: str) -> bool:
     whole, for its Q8K scale of 256 values, and the residual's increments ("dim") stay exact
     (quantized, they alone moved a Q4_K_M model's log-probabilities measurably away from
     llama.cpp's: docs/architecture.md, "Numerics and bit-identity")."""
-    if buffer_type != "q80" or not q80_aligned(spec, vector):
+    if buffer_type != Q80_ACTIVATIONS.name or not q80_aligned(spec, vector):
         return False
     if vector == "dim":
         return not spec.weight_types() & set(K_QUANTS)
