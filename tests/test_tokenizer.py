@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from dllama_mpi.errors import InputError
 from dllama_mpi.files.gguf_file import GGUFFile
-from dllama_mpi.files.tokenizer import StreamDecoder, Tokenizer
+from dllama_mpi.files.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from dllama_mpi.files.tokenizer.hdf5 import LLAMA2C_TYPE
 
 TOK512 = STORIES / "tok512.bin"
 needs_tok512 = pytest.mark.skipif(not TOK512.exists(), reason=f"llama2.c tokenizer not found at {TOK512}")
@@ -348,7 +349,7 @@ def test_hdf5_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:
         g = f["tokenizer"]
         assert g.attrs["type"] == "llama2c-score-bpe"
         assert g["piece_offsets"].shape == (tokenizer.vocab_size + 1,)
-        loaded = Tokenizer.read_hdf5(g)
+        loaded = load_tokenizer(g)
     assert loaded.pieces == tokenizer.pieces
     assert np.array_equal(loaded.scores, tokenizer.scores)
     assert (loaded.bos_id, loaded.eos_id, loaded.add_dummy_prefix) == (
@@ -451,7 +452,7 @@ def test_hdf5_corrupt_group(synthetic: Tokenizer, tmp_path: Path, corrupt, messa
         synthetic.write_hdf5(g)
         corrupt(g)
     with h5py.File(path, "r") as f, pytest.raises(InputError, match=message):
-        Tokenizer.read_hdf5(f["tokenizer"])
+        load_tokenizer(f["tokenizer"], expected=LLAMA2C_TYPE)
 
 
 # --------------------------------------------------------- llama2.c loading
@@ -490,7 +491,7 @@ def test_from_llama2c_bad_byte_pieces(tmp_path: Path) -> None:
 
 import json  # noqa: E402
 
-from dllama_mpi.files.tokenizer import HFTokenizer, SpmTokenizer, from_gguf, from_hf_dir, load_tokenizer  # noqa: E402
+from dllama_mpi.files.tokenizer import HFTokenizer, SpmTokenizer, from_gguf, from_hf_dir  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -808,7 +809,7 @@ def test_hf_hdf5_round_trip(hf_dir: Path, tmp_path: Path) -> None:
         assert g.attrs["type"] == "hf-tokenizers"
         assert g["tokenizer_json"].dtype == np.uint8
         assert list(g.attrs["eos_ids"]) == [1, 2] and g.attrs["chat_template"] == CHAT_TEMPLATE
-        assert isinstance(Tokenizer.read_hdf5(g), HFTokenizer)
+        assert isinstance(load_tokenizer(g), HFTokenizer)
     assert isinstance(loaded, HFTokenizer)
     assert (loaded.bos_id, loaded.eos_id, loaded.eos_ids, loaded.add_bos, loaded.chat_template) == (
         tok.bos_id, tok.eos_id, tok.eos_ids, tok.add_bos, tok.chat_template

@@ -166,13 +166,6 @@ class Tokenizer:
 
         write(self, group)
 
-    @classmethod
-    def read_hdf5(cls, group: h5py.Group) -> Tokenizer:
-        """The tokenizer of a model file's group, whichever kind it names (hdf5.py)."""
-        from .hdf5 import LLAMA2C_TYPE, load_tokenizer
-
-        return load_tokenizer(group, expected=LLAMA2C_TYPE)
-
     # ------------------------------------------------------------ encode/decode
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = False) -> list[int]:
