@@ -3,10 +3,9 @@
 Ranks oversubscribe cores (4 ranks on 2 cores is normal), so an idle worker thread must
 sleep, not spin. Each rank's pool is sized to its share of the node's cores. When the
 node's ranks x threads fit its cores, OpenMP workers spin briefly (GOMP_SPINCOUNT 20000,
-some tens of microseconds: the gap between two kernels of one token) before sleeping, which
-saves a futex wake-up per kernel (decode at 2 threads: ~55 -> ~42 ms/token measured on
-TinyLlama's shape); when they don't fit, workers sleep at once (a bounded spin made 4 ranks
-x 2 threads on 2 cores 4.8x slower). libgomp reads this when numba first starts its pool,
+about the gap between two kernels of one token) before sleeping, which saves a futex wake-up
+per kernel; when they don't fit, workers sleep at once (a spinning worker holds the core that
+another rank's thread is waiting for). libgomp reads this when numba first starts its pool,
 which set_threads does.
 """
 
@@ -52,10 +51,9 @@ def set_threads(n: int, ranks_on_node: int = 1) -> int:
     return n
 
 
-# Waking a sleeping worker costs tens of microseconds (about 45 us per parallel region
-# measured on 2 cores), the time of roughly 2**17 Q40 multiply-adds; a product with less than
-# twice that work runs serially on the calling thread (no parallel region at all). Which
-# thread computes a row never changes its value, only the time.
+# A parallel region wakes sleeping workers, which costs as much time as a small product's
+# multiply-adds; a product with less work than this runs serially on the calling thread (no
+# parallel region at all). Which thread computes a row never changes its value, only the time.
 PARALLEL_MIN_WORK = 2**18
 
 

@@ -336,7 +336,7 @@ class Server:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET  # as uvicorn chooses
         # IPPROTO_TCP named, not 0 as socket.create_server leaves it: asyncio sets TCP_NODELAY
         # only on connections of a socket whose proto says TCP; without it, Nagle's algorithm
-        # and the client's delayed ACK held every keep-alive response for 40 ms (measured)
+        # and the client's delayed ACK held back every keep-alive response
         self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
