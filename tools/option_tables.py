@@ -17,11 +17,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from dllama_mpi.commands import cli
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dllama_mpi.commands import cli  # noqa: E402 (the repository on the path first, as tools/convert.py)
-
 OPTIONS_MD = REPO / "docs" / "options.md"
 STALE = f"{OPTIONS_MD.relative_to(REPO)} differs from the parsers: run python tools/option_tables.py"
 
