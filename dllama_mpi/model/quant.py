@@ -24,7 +24,7 @@ The formats match llama.cpp's:
 The converter, the loader, the kernels (through `as_bytes`) and the tests all use these
 definitions; a record's name is what model files store, so the names never change.
 numba has no float16 on the CPU, so kernels read the scale from the two leading bytes of each
-block (see kernels.f16_bits_to_f32).
+block (see kernels.qmatmul.f16_bits_to_f32).
 """
 
 from __future__ import annotations
