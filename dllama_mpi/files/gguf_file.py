@@ -2,8 +2,8 @@
 Python values, its tensors as numpy views of a memory map.
 
 Not gguf-py's GGUFReader: that one makes a numpy view of every element of every metadata
-array, and Llama 3's vocabulary (128,256 tokens, 280,147 merges) took it 14 s to open, twice
-per conversion. This walk takes a fraction of a second. gguf-py still supplies the tensor types
+array, which for a vocabulary of 128,256 tokens and 280,147 merges (Llama 3's) is seconds
+per open, twice per conversion; this walk reads each array once. gguf-py still supplies the tensor types
 (GGMLQuantizationType, GGML_QUANT_SIZES) and dequantization.
 
 Metadata is read by kind (`string`, `integer`, `number`, `boolean`, and arrays of them): a GGUF
