@@ -2,8 +2,8 @@
 Python values, its tensors as numpy views of a memory map.
 
 Not gguf-py's GGUFReader: that one makes a numpy view of every element of every metadata
-array, which for a vocabulary of 128,256 tokens and 280,147 merges (Llama 3's) is seconds
-per open, twice per conversion; this walk reads each array once. gguf-py still supplies the tensor types
+array: a Python object per token and merge of a vocabulary (280,147 merges in Llama 3's),
+twice per conversion; this walk reads each array once. gguf-py still supplies the tensor types
 (GGMLQuantizationType, GGML_QUANT_SIZES) and dequantization.
 
 Metadata is read by kind (`string`, `integer`, `number`, `boolean`, and arrays of them): a GGUF
