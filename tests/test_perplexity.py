@@ -272,6 +272,53 @@ def test_save_logits_wants_room_for_them_before_loading(monkeypatch, tmp_path):
         perplexity.check_room(tmp_path / "x.h5", chunks, 32000)
 
 
+def test_a_text_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path):
+    from dllama_mpi.commands.perplexity import read_text
+    from dllama_mpi.errors import InputError
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("Mia's caf\u00e9".encode("latin-1"))
+    with pytest.raises(InputError, match=rf"--text {text} is not valid UTF-8 \(byte 0xe9 at offset 9: .*\); "
+                                         r"convert it \(e\.g\. iconv -t UTF-8\)"):
+        read_text(str(text))
+
+
+def test_saved_logits_are_not_renamed_over_what_was_put_there_meanwhile(tmp_path):
+    """The final rename checks the target again: a file (or directory) put there while the
+    logits were written is refused, left as it is, and the temporary is removed."""
+    from dllama_mpi.commands.perplexity import LogitsWriter
+    from dllama_mpi.errors import InputError
+
+    chunks = make_chunks(list(range(1, 21)), 1, 10)
+    path = tmp_path / "logits.h5"
+    for meanwhile, message in ((lambda: path.write_text("keep me"), "exists and is not a logits file"),
+                               (path.mkdir, "is a directory")):
+        writer = LogitsWriter(path, chunks, 8, {"model_id": "m"})
+        writer.write(0, np.zeros((chunks.n_scored, 8), np.float32))
+        meanwhile()
+        with pytest.raises(InputError, match=message):
+            writer.finish(np.zeros(chunks.n_scored))
+        assert [p.name for p in tmp_path.iterdir()] == ["logits.h5"]
+        assert path.is_dir() or path.read_text() == "keep me"
+        path.unlink() if path.is_file() else path.rmdir()
+
+
+def test_saved_logits_whose_target_changes_after_the_last_check_replace_nothing(tmp_path, monkeypatch):
+    """Between install's check and its rename: a directory put there then is refused as a race."""
+    from dllama_mpi.commands.perplexity import LogitsWriter
+    from dllama_mpi.errors import InputError
+    from dllama_mpi.files import atomic_output
+
+    chunks = make_chunks(list(range(1, 21)), 1, 10)
+    path = tmp_path / "logits.h5"
+    writer = LogitsWriter(path, chunks, 8, {"model_id": "m"})
+    monkeypatch.setattr(atomic_output, "check_target", lambda *a, **k: path.mkdir())
+    with pytest.raises(InputError, match=f"{path} changed while the logits were saved .* this run "
+                                         "replaced nothing"):
+        writer.finish(np.zeros(chunks.n_scored))
+    assert [p.name for p in tmp_path.iterdir()] == ["logits.h5"] and path.is_dir()
+
+
 def test_the_statistics():
     mean, err = mean_stderr(np.array([1.0, 2.0, 3.0, 4.0]))
     assert mean == 2.5 and err == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)

@@ -36,6 +36,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError, UsageError
+from ..files.atomic_output import Owner, Temporary, check_target, install, is_hdf5_of, remove_stale
+from ..files.text import utf8
 from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_job
 
 DEFAULT_CTX = 512  # chunk length unless --ctx (or a --kl-base file) says otherwise, at most the model's seq_len
@@ -124,11 +126,7 @@ def read_text(path: str) -> str:
         raw = p.read_bytes()
     except OSError as exc:
         raise InputError(f"can't read {p}: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                         "convert it (e.g. iconv -t UTF-8)") from None
+    return utf8(raw, f"--text {p}", "convert it (e.g. iconv -t UTF-8)")
 
 
 def tokenize(tokenizer, text: str) -> tuple[list[int], int | None]:
@@ -193,31 +191,30 @@ def kl_summary(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top:
 # --------------------------------------------------------------------------- logits files
 def is_logits_file(path: Path) -> bool:
     """A plain file holding logits this program saved (what --force may replace)."""
-    from ..files.modelfile import is_hdf5_of
-
     return is_hdf5_of(path, LOGITS_FORMAT)
 
 
+def _not_logits(path: Path) -> str | None:
+    """Why what stands at --save-logits `path` (not a link) is not a logits file to replace, or None."""
+    if path.is_dir():
+        return f"--save-logits {path} is a directory; give a file name, e.g. {path / 'base-logits.h5'}"
+    if not is_logits_file(path):
+        return (f"--save-logits {path} exists and is not a logits file saved by python -m dllama_mpi perplexity; "
+                f"{SAVED_LOGITS.only}: remove it yourself or choose another name")
+    return None
+
+
+SAVED_LOGITS = Owner("--save-logits", "--force replaces only a logits file this program wrote", _not_logits,
+                     "changed while the logits were saved (another run saving them at the same time?); this run "
+                     "replaced nothing: check what is there, or run again")
+
+
 def check_save_path(path: Path, force: bool) -> None:
-    """Whether --save-logits may write `path`: its directory exists and may be written, and
-    what stands there is replaced only with --force and only if this program wrote it."""
-    parent = path.parent
-    ours = "--force replaces only a logits file this program wrote"
-    if not parent.is_dir():
-        raise InputError(f"can't write {path}: {parent} is not a directory; create it first (mkdir -p {parent}) "
-                         "or write elsewhere")
-    if path.is_symlink():
-        raise InputError(f"--save-logits {path} is a symbolic link; {ours}: remove the link or choose another name")
-    if path.exists():
-        if path.is_dir():
-            raise InputError(f"--save-logits {path} is a directory; give a file name, e.g. {path / 'base-logits.h5'}")
-        if not is_logits_file(path):
-            raise InputError(f"--save-logits {path} exists and is not a logits file saved by "
-                             f"python -m dllama_mpi perplexity; {ours}: remove it yourself or choose another name")
-        if not force:
-            raise InputError(f"--save-logits {path} exists; pass --force to overwrite it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"can't write in {parent}: permission denied; save the logits somewhere you may write to")
+    """Whether --save-logits may write `path` (atomic_output.check_target), and in advance, as
+    the model is loaded before anything is written: whether its directory may be written."""
+    check_target(path, force, SAVED_LOGITS)
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"can't write in {path.parent}: permission denied; save the logits somewhere you may write to")
 
 
 def logits_bytes(chunks: Chunks, vocab_size: int) -> int:
@@ -365,8 +362,6 @@ class LogitsWriter:
     existing file is replaced only then, and only if it is still one this program wrote)."""
 
     def __init__(self, path: Path, chunks: Chunks, vocab_size: int, attrs: dict):
-        from ..files.atomic_output import Temporary, remove_stale
-
         self.path = path
         remove_stale(path)
         self.tmp = Temporary(path)
@@ -392,8 +387,7 @@ class LogitsWriter:
             self.file.create_dataset("nll", data=nll)
             self.tmp.unmark(self.file)
             self.file.close()
-            check_save_path(self.path, force=True)  # again: something else may have been put there meanwhile
-            os.replace(self.tmp.path, self.path)
+            install(self.tmp.path, self.path, SAVED_LOGITS)
         except BaseException:
             self.discard()
             raise

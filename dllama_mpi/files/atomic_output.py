@@ -16,16 +16,23 @@ record agree, the record is this host's, this boot's and this pid namespace's, a
 writer is gone: no such process, or one that started at another time. Anything else (a
 user's file, another node's or container's temporary, one whose record can't be read) is
 left alone. The record is taken out before the rename, so a finished file carries none.
+
+What stands at the target is replaced only with --force, and only if this program wrote it
+(check_target, with the writer's own test of that: an Owner); install checks again just
+before the rename, and a target that changed even then is refused, not replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import os
 import re
 import secrets
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -196,3 +203,96 @@ def _record_of(path: Path, entries: re.Pattern | None) -> Writer | None:
     except Exception:  # HDF5 that can't be read: not one to judge
         return None
     return None if record is None else Writer.parse(record)
+
+
+def is_hdf5_of(path: Path, format_name: str) -> bool:
+    """Whether `path` is a plain HDF5 file whose `format` attribute is `format_name`: a file of
+    that kind this program wrote (what --force may replace)."""
+    import h5py
+
+    if path.is_symlink() or not path.is_file() or not h5py.is_hdf5(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return attribute_text(f.attrs.get("format")) == format_name
+    except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
+        return False
+
+
+class Owner(NamedTuple):
+    """A writer, as check_target and install see it: how its messages name its target, and its
+    own test of whether what stands there is one it wrote."""
+
+    label: str  # names the target in messages: "output", "--save-logits"
+    only: str  # what --force replaces, as messages say it: "--force replaces only what the converter wrote"
+    foreign: Callable[[Path], str | None]  # why what stands at the target (not a link) is not this writer's, or None
+    race: str  # after the target's path: that it changed under the final rename, and what to do
+    error: type[InputError] = InputError  # what its refusals are raised as
+    replaced: str = "files"  # what a directory it replaces held, in messages: "shards"
+
+
+def check_target(path: Path, force: bool, owner: Owner, directory: bool = False) -> None:
+    """Whether a write may put its result at `path`: its directory exists, and whatever stands
+    there is replaced only with `force` and only if `owner` wrote it. A write of a `directory`
+    takes an empty one without `force` (nothing there to lose). owner.error says what stands
+    in the way."""
+    parent = path.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.is_dir() and missing.parent != missing:
+            missing = missing.parent
+        if missing.exists():
+            raise owner.error(f"can't write {path}: {missing} is a file, not a directory; write elsewhere")
+        raise owner.error(f"can't write {path}: {missing} does not exist; create the directory first "
+                          f"(mkdir -p {parent}) or write elsewhere")
+    if not path.exists() and not path.is_symlink():
+        return
+    if directory and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if path.is_symlink():
+        raise owner.error(f"{owner.label} {path} is a symbolic link; {owner.only}: remove the link or choose another name")
+    if problem := owner.foreign(path):
+        raise owner.error(problem)
+    if not force:
+        raise owner.error(f"{owner.label} {path} exists; pass --force to overwrite it")
+
+
+def install(tmp: Path, path: Path, owner: Owner) -> None:
+    """Move a finished write (`tmp`, a file or a directory) to `path`, checked again first:
+    something may have been put there meanwhile (by hand, or another write of the same
+    target). A file replaces what stands there atomically. A directory replacing a directory
+    first moves it aside, takes its name, and only then are the old files removed one by one
+    and the old directory with rmdir: a failure at any step leaves one complete set at
+    `path`, and nothing else is ever deleted."""
+    check_target(path, True, owner, directory=tmp.is_dir())
+    if not (tmp.is_dir() and path.is_dir()):
+        with _raced(path, owner):
+            os.replace(tmp, path)
+        return
+    old = aside_path(path)
+    with _raced(path, owner):
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    try:
+        for entry in old.iterdir():
+            entry.unlink()
+        old.rmdir()
+    except OSError as exc:
+        raise owner.error(f"wrote {path}; the {owner.replaced} it replaced were moved to {old} but can't be removed "
+                          f"({exc.strerror or exc}): remove {old} yourself") from None
+
+
+@contextlib.contextmanager
+def _raced(path: Path, owner: Owner):
+    """A rename that found `path` changed since install checked it (another write of the same
+    target got there first) as owner.error: nothing was replaced."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            raise
+        raise owner.error(f"{path} {owner.race}") from None

@@ -27,7 +27,14 @@ def decoded(attrs) -> dict:
     return {name: value if (text := attribute_text(value)) is None else text for name, value in attrs.items()}
 
 
+def plain_value(value):
+    """One attribute as plain Python: its text as str (attribute_text), numpy scalars and
+    arrays as numbers and lists; to print, or to compare."""
+    if (text := attribute_text(value)) is not None:
+        return text
+    return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
+
+
 def plain(attrs) -> dict:
-    """decoded, with numpy scalars and arrays as Python numbers and lists: to print, or to compare."""
-    return {name: value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
-            for name, value in decoded(attrs).items()}
+    """Every attribute as plain_value."""
+    return {name: plain_value(value) for name, value in attrs.items()}

@@ -30,8 +30,8 @@ from ..errors import InputError
 from ..model import quant
 from ..model.spec import FORMAT_NAME, FORMAT_VERSION, ModelSpec
 from ..parallel.plan import Plan
-from .atomic_output import Temporary, aside_path, remove_stale
-from .attributes import attribute_text, decoded, plain
+from .atomic_output import Owner, Temporary, check_target, install, is_hdf5_of, remove_stale
+from .attributes import attribute_text, decoded, plain, plain_value
 
 
 class ModelFileError(InputError):
@@ -122,18 +122,6 @@ def shard_files(directory: Path) -> tuple[int, dict[int, Path]]:
     return count, {rank: p for p, (rank, _) in found.items()}
 
 
-def is_hdf5_of(path: Path, format_name: str) -> bool:
-    """Whether `path` is a plain HDF5 file whose `format` attribute is `format_name`: a file of
-    that kind this program wrote (what --force may replace)."""
-    if path.is_symlink() or not path.is_file() or not h5py.is_hdf5(path):
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            return attribute_text(f.attrs.get("format")) == format_name
-    except Exception:  # HDF5 that can't be read (truncated, damaged): not one to replace either
-        return False
-
-
 def is_model_file(path: Path) -> bool:
     """Whether `path` is a plain file holding a dllama_mpi model (what this converter writes)."""
     return is_hdf5_of(path, FORMAT_NAME)
@@ -151,49 +139,39 @@ def check_not_a_loop(path: Path, fix: str) -> None:
         raise ModelFileError(f"{path} {where} that loops (ELOOP); {fix}") from None
 
 
+ONLY_OURS = "--force replaces only what the converter wrote"
+
+
 def check_output(path: Path, shards: bool, force: bool) -> None:
-    """Whether a model file (or, with `shards`, a shard directory) may be written at `path`:
-    its directory exists, and whatever stands there is replaced only with `force` and only
-    if this converter wrote it (a model file; a directory holding nothing but shard files).
-    An empty directory takes shards without --force. ModelFileError says what stands in the
-    way."""
+    """Whether a model file (or, with `shards`, a shard directory) may be written at `path`
+    (atomic_output.check_target): what stands there is replaced only with `force` and only if
+    this converter wrote it (a model file; a directory holding nothing but shard files).
+    ModelFileError says what stands in the way."""
     check_not_a_loop(path, "remove the link or choose another output name")
-    parent = path.parent
-    if not parent.is_dir():
-        missing = parent
-        while not missing.parent.is_dir() and missing.parent != missing:
-            missing = missing.parent
-        if missing.exists():
-            raise ModelFileError(f"can't write {path}: {missing} is a file, not a directory; write elsewhere")
-        raise ModelFileError(f"can't write {path}: {missing} does not exist; create the directory first "
-                             f"(mkdir -p {parent}) or write elsewhere")
-    if not path.exists() and not path.is_symlink():
-        return
-    if shards and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return
-    if problem := _not_replaceable(path, shards):
-        raise ModelFileError(problem)
-    if not force:
-        raise ModelFileError(f"output {path} exists; pass --force to overwrite it")
+    check_target(path, force, _owner(shards), directory=shards)
+
+
+def _owner(shards: bool) -> Owner:
+    """The converter as atomic_output.check_target and install see it, writing a file or shards."""
+    return Owner("output", ONLY_OURS, lambda path: _not_replaceable(path, shards),
+                 "changed while converting (another conversion of it at the same time?); this conversion replaced "
+                 "nothing: check what is there, or convert again", error=ModelFileError, replaced="shards")
 
 
 def _not_replaceable(path: Path, shards: bool) -> str | None:
-    """Why what stands at `path` may not be replaced by a model file (or shards), or None."""
-    ours = "--force replaces only what the converter wrote"
-    if path.is_symlink():
-        return f"{path} is a symbolic link; {ours}: remove the link or choose another name"
+    """Why what stands at `path` (not a link) may not be replaced by a model file (or shards), or None."""
     if not shards:
         if path.is_dir():
             return (f"{path} is a directory; give the model file's path, e.g. {path / 'model.h5'} "
                     "(or add --memory-budget to write per-rank shards into a directory)")
         if not is_model_file(path):
-            return f"{path} is not a dllama_mpi model file; {ours}: remove it yourself or choose another name"
+            return f"{path} is not a dllama_mpi model file; {ONLY_OURS}: remove it yourself or choose another name"
         return None
     if not path.is_dir():
         return f"{path} is a file; shards are written into a directory: choose a directory name"
     if foreign := _foreign_entries(path):
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        return (f"{path} holds entries the converter did not write ({', '.join(foreign[:5])}{more}); {ours} "
+        return (f"{path} holds entries the converter did not write ({', '.join(foreign[:5])}{more}); {ONLY_OURS} "
                 "(a directory of shard files alone): choose another directory or move them away")
     return None
 
@@ -310,7 +288,8 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
         finally:
             for f in files:
                 f.close()
-        _install(tmp.path, path)
+        with _writable(path.parent):
+            install(tmp.path, path, _owner(plan is not None))
     finally:
         tmp.discard()
 
@@ -337,47 +316,6 @@ def _writable(directory: Path):
             raise
         reason = os.strerror(exc.errno) if exc.errno else str(exc)  # h5py's strerror is a paragraph
         raise ModelFileError(f"can't write in {directory}: {reason}; write the model somewhere you may write to") from None
-
-
-def _install(tmp: Path, path: Path) -> None:
-    """Move a finished write into place. A file replaces a model file atomically. An existing
-    shard directory is first moved aside, the new one takes its name, and only then are the
-    old shard files removed one by one and the old directory with rmdir: a failure at any
-    step leaves one complete set of shards at `path`, and nothing else is ever deleted."""
-    # check again: something may have been put at `path` while converting (by hand, or another conversion)
-    check_output(path, shards=tmp.is_dir(), force=True)
-    if not (tmp.is_dir() and path.is_dir()):
-        with _writable(path.parent), _raced(path):
-            os.replace(tmp, path)
-        return
-    old = aside_path(path)
-    with _writable(path.parent), _raced(path):
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    try:
-        for entry in old.iterdir():
-            entry.unlink()
-        old.rmdir()
-    except OSError as exc:
-        raise ModelFileError(f"wrote {path}; the shards it replaced were moved to {old} but can't be removed "
-                             f"({exc.strerror or exc}): remove {old} yourself") from None
-
-
-@contextlib.contextmanager
-def _raced(path: Path):
-    """A rename that found `path` changed since it was checked (another conversion of the same
-    target got there first) as the user's ModelFileError: nothing was replaced."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
-            raise
-        raise ModelFileError(f"{path} changed while converting (another conversion of it at the same time?); "
-                             "this conversion replaced nothing: check what is there, or convert again") from None
 
 
 PROGRESS_INTERVAL_S = 5.0  # at most this long between plain progress lines (stderr not a terminal)
@@ -466,7 +404,8 @@ class ModelFile:
         if (attribute_text(found[0]) != FORMAT_NAME
                 or not (isinstance(found[1], (int, np.integer)) and 1 <= found[1] <= FORMAT_VERSION)):
             raise ModelFileError(f"{self.path}: expected a {FORMAT_NAME} model file of format version 1 to "
-                                 f"{FORMAT_VERSION}, found format={_plain(found[0])!r} version={_plain(found[1])!r}; "
+                                 f"{FORMAT_VERSION}, found format={plain_value(found[0])!r} "
+                                 f"version={plain_value(found[1])!r}; "
                                  "re-convert it with this version's dllama-mpi-convert")
         try:
             self.spec = ModelSpec.from_attrs(attrs)
@@ -486,8 +425,9 @@ class ModelFile:
                 and isinstance(budgets, np.ndarray) and budgets.shape == (count,) and budgets.dtype.kind in "iu"
                 and (budgets > 0).all() and isinstance(plan_hash, str)):
             return int(rank), int(count), tuple(int(b) for b in budgets), plan_hash
-        raise ModelFileError(f"{self.path}: malformed shard attributes (shard_rank={_plain(rank)!r}, "
-                             f"shard_count={_plain(count)!r}, plan_budgets={budgets!r}); convert the shards again")
+        raise ModelFileError(f"{self.path}: malformed shard attributes (shard_rank={plain_value(rank)!r}, "
+                             f"shard_count={plain_value(count)!r}, plan_budgets={plain_value(budgets)!r}); "
+                             "convert the shards again")
 
     def check_shard(self, rank: int, plan: Plan, model_id: str) -> None:
         """This file is shard `rank` of `plan`'s split of the model `model_id` (shard 0's),
@@ -590,8 +530,3 @@ def open_model(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> M
                                  "the shards again")
         return ModelFile(shards[rank])
     return ModelFile(path)
-
-
-def _plain(value):
-    """An attribute as Python shows it (numpy scalars as their values) for messages."""
-    return value.item() if isinstance(value, np.generic) else value
