@@ -56,6 +56,44 @@ def test_bench_model_file_table(tmp_path):
     assert not list(tmp_path.glob("dllama_mpi/bench-*.h5"))  # no shape's model written
 
 
+@pytest.mark.jobs
+def test_bench_decode_at_depths_and_a_depth_beyond_the_context(tmp_path):
+    """--depths: decode after N tokens in the KV cache, for each N, in the JSON and the table; a depth
+    whose measurement does not fit the model's context is refused before loading."""
+    from dllama_mpi.commands.bench import SHAPES, largest_depth
+
+    bench = [sys.executable, "-m", "dllama_mpi", "bench", "--shape", "tiny", "--prompt-lengths", "8",
+             "--decode-steps", "3", "--repeat", "1"]
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    result = run_mpiexec(1, bench + ["--depths", "64", "0", "200", "--json"], timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert list(r["decode_tokens_per_s_at_depth"]) == ["0", "64", "200"]
+    assert r["decode_tokens_per_s_at_depth"]["0"] == r["decode_tokens_per_s"]
+    assert all(v > 0 for v in r["decode_tokens_per_s_at_depth"].values())
+
+    deepest = largest_depth(SHAPES["tiny"].seq_len, 3)
+    result = run_mpiexec(1, bench + ["--depths", str(deepest + 1)], timeout=300, env=env)
+    assert result.returncode != 0 and "decode at depth" not in result.stdout
+    assert (f"--depths {deepest + 1}: the model's context is {SHAPES['tiny'].seq_len} tokens" in result.stderr
+            and f"give depths of at most {deepest}" in result.stderr), result.stderr
+
+
+def test_bench_table_shows_decode_at_each_depth():
+    from dllama_mpi.commands.bench import table
+
+    r = {"shape": "tiny", "world_size": 1, "budgets": [1], "budgets_chosen": [1], "auto_predicted_ms_per_token": None,
+         "buffer_float_type": "q80", "threads_per_rank": [2], "kernel_isa": "avx2", "decode_tokens_per_s": 50.0,
+         "roofline_fraction": 0.5, "weight_bytes_per_token": 1e6, "bandwidth_gb_s": 10.0,
+         "prefill_tokens_per_s": {"8": 100.0}, "prefill_to_decode_ratio": {"8": 2.0}, "time_to_first_token_s": 1.0,
+         "load_s": 0.1, "load_gb_s": 1.0, "rows_per_step": [], "compute_s_per_token": [0.01],
+         "collective_s_per_token": [0.0], "wait_s_per_token": [0.0], "bytes_sent_per_token": [0.0],
+         "peak_rss_mb": [100.0], "planned_mb": [50.0], "decode_tokens_per_s_at_depth": {"0": 50.0}}
+    assert "decode at depth" not in table(r)  # depth 0 alone: the decode line says it
+    deep = table({**r, "decode_tokens_per_s_at_depth": {"0": 50.0, "2048": 40.125}}).splitlines()
+    assert "  decode at depth 0: 50.00, 2048: 40.12 tokens/s (tokens in the KV cache; 0: after the 8-token prompt)" in deep
+
+
 # --------------------------------------------------------------------- --encode
 
 ENCODE_KEYS = ("vocab", "tokenizer", "kib", "chars", "tokens", "seconds", "tokens_per_s", "repeats")
@@ -104,7 +142,7 @@ def test_bench_help_is_complete():
 
 @pytest.mark.parametrize("option, value", [("--decode-steps", "0"), ("--prompt-lengths", "-5"), ("--nthreads", "0"),
                                            ("--repeat", "0"), ("--encode-kib", "1e9"), ("--encode-kib", "nan"),
-                                           ("--rows", "0")])
+                                           ("--rows", "0"), ("--depths", "-1")])
 def test_bench_refuses_values_it_cant_measure(option, value, capsys):
     from dllama_mpi.commands.bench import build_parser
 

@@ -5,6 +5,7 @@ The models have random Q40 weights (speed does not depend on values), generated 
 cached on disk; or --model measures a given model file (or shard directory). Besides
 tokens/s it measures, in the same run, the node's memory read bandwidth, and reports the
 decode roofline fraction = tokens/s x weight bytes read per token / bandwidth. With
+--depths N ..., it also measures decode after a prompt of N tokens (N in the KV cache). With
 --rows R ..., it also times forward passes of R tokens at one position (what R sequences
 decoding together cost per step) and reports R x steps / time for each R.
 
@@ -44,6 +45,13 @@ SHAPES = {
                             shared_classifier=False),
 }
 BENCH_MODEL_VERSION = 1
+SHORT_PROMPT = 8  # the prompt before a depth-0 decode measurement, and the position --rows is timed at
+
+
+def largest_depth(seq_len: int, decode_steps: int) -> int:
+    """The largest depth whose decode measurement fits a context of `seq_len` tokens: the prompt,
+    the decoded tokens and one spare position, as the bench's max_seq_len."""
+    return seq_len - decode_steps - 1
 
 
 def bench_model_path(shape: str):
@@ -114,7 +122,7 @@ def _rows_per_step(comm, engine, rows: list[int], steps: int, repeat: int, rng, 
     time, the median. The logits are those of the last row only (one classifier product)."""
     if rows and max(rows) > engine.max_rows:
         raise UsageError(f"--rows {max(rows)}: a forward pass takes at most {engine.max_rows} tokens")
-    pos = 8  # as after a short prompt
+    pos = SHORT_PROMPT
     out = []
     for r in rows:
         tokens = rng.integers(3, vocab_size, r).astype(np.int64)
@@ -131,6 +139,32 @@ def _rows_per_step(comm, engine, rows: list[int], steps: int, repeat: int, rng, 
     return out
 
 
+def _decode_at_depth(comm, job, depth: int, decode_steps: int, repeat: int, rng, vocab_size: int) -> float:
+    """Collective: decode tokens/s after a prompt of `depth` random tokens, the median of `repeat`
+    runs; the prompt's time is not counted."""
+    from ..serving.scheduler import generate
+
+    rates = []
+    for _ in range(repeat):
+        prompt = rng.integers(3, vocab_size, depth).tolist()  # every rank draws it: the rng stays in step
+        comm.barrier()
+        r = generate(job, prompt if comm.rank == 0 else None, decode_steps + 1, stop_ids=())
+        rates.append(r["n_decode"] / r["decode_s"])
+    return float(np.median(rates))
+
+
+def _refuse_depths_beyond(depths: list[int], decode_steps: int):
+    """open_job's check: refuses, before loading, a depth whose measurement does not fit the model's context."""
+    def check(tokenizer, launch) -> None:
+        seq_len = launch.plan.spec.seq_len
+        beyond = [d for d in depths if d > largest_depth(seq_len, decode_steps)]
+        if beyond:
+            raise InputError(f"--depths {' '.join(map(str, beyond))}: the model's context is {seq_len} tokens, and a "
+                             f"measurement at depth N needs N + {decode_steps + 1} (--decode-steps {decode_steps} and "
+                             f"one spare); give depths of at most {largest_depth(seq_len, decode_steps)}")
+    return check
+
+
 def run(comm, args) -> dict | None:
     from ..job.loading import open_job
     from ..parallel import threads
@@ -145,11 +179,13 @@ def run(comm, args) -> dict | None:
         path, label = comm.bcast_obj(str(path) if path else None), args.shape
     rng = np.random.default_rng(1)
     row_counts = args.rows or []
+    depths = sorted(set(args.depths) - {0})  # depth 0 is the decode measurement every run makes
     isa = kernel_isa()
     results = {}
     for buffer_type in args.buffer_float_type:
-        job = open_job(comm, path, budgets, buffer_type=buffer_type,
-                       max_seq_len=max(args.prompt_lengths + [8 + max(row_counts, default=0)]) + args.decode_steps + 1)
+        longest = max(args.prompt_lengths + [SHORT_PROMPT + max(row_counts, default=0)] + depths)
+        job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=longest + args.decode_steps + 1,
+                       check=_refuse_depths_beyond(depths, args.decode_steps))
         load_s = job.load_s
         engine, spec = job.engine, job.plan.spec
         prefill = {}
@@ -167,15 +203,17 @@ def run(comm, args) -> dict | None:
         decode, per_rank = [], []
         loopback_0 = _loopback_bytes() if comm.rank == 0 else None
         for _ in range(args.repeat):
-            prompt = rng.integers(3, spec.vocab_size, 8).tolist()
+            prompt = rng.integers(3, spec.vocab_size, SHORT_PROMPT).tolist()
             comm.barrier()
             c0, f0, s0 = engine.collective_s, engine.forward_s, comm.bytes_sent
             r = generate(job, prompt if comm.rank == 0 else None, args.decode_steps + 1, stop_ids=())
-            n_forward = 8 + args.decode_steps
+            n_forward = SHORT_PROMPT + args.decode_steps
             decode.append(r["n_decode"] / r["decode_s"])
             per_rank.append(((engine.forward_s - f0) / n_forward, (engine.collective_s - c0) / n_forward,
                              (comm.bytes_sent - s0) / n_forward))
         loopback_1 = _loopback_bytes() if comm.rank == 0 else None
+        at_depth = {depth: _decode_at_depth(comm, job, depth, args.decode_steps, args.repeat, rng, spec.vocab_size)
+                    for depth in depths}
         rows_per_step = _rows_per_step(comm, engine, row_counts, args.decode_steps, args.repeat, rng, spec.vocab_size)
         fwd, coll, sent = np.median(np.array(per_rank), axis=0)
         mine = {
@@ -196,6 +234,7 @@ def run(comm, args) -> dict | None:
                 "buffer_float_type": buffer_type,
                 "threads_per_rank": [m["threads"] for m in rows],
                 "decode_tokens_per_s": tps, "prefill_tokens_per_s": prefill,
+                "decode_tokens_per_s_at_depth": {str(d): v for d, v in {0: tps, **at_depth}.items()},
                 "prefill_to_decode_ratio": {k: v / tps for k, v in prefill.items()},
                 "time_to_first_token_s": ttft, "load_s": load_s,
                 "load_gb_s": weight_bytes / load_s / 1e9,
@@ -203,7 +242,7 @@ def run(comm, args) -> dict | None:
                 "roofline_fraction": tps * weight_bytes / (bandwidth * 1e9),
                 "bytes_sent_per_token": [m["sent"] for m in rows],
                 "loopback_bytes_per_token": None if loopback_0 is None or loopback_1 is None
-                else (loopback_1 - loopback_0) / (args.repeat * (8 + args.decode_steps)),
+                else (loopback_1 - loopback_0) / (args.repeat * (SHORT_PROMPT + args.decode_steps)),
                 "compute_s_per_token": [m["compute"] for m in rows],
                 "collective_s_per_token": [m["collective"] for m in rows],
                 "wait_s_per_token": [m["collective"] - min(r["collective"] for r in rows) for m in rows],
@@ -248,6 +287,9 @@ def table(result: dict) -> str:
         f"  time to first token {r['time_to_first_token_s']:.1f} s from launch; load {r['load_s']:.1f} s "
         f"({r['load_gb_s']:.2f} GB/s)",
     ]
+    if len(r["decode_tokens_per_s_at_depth"]) > 1:
+        lines.append("  decode at depth " + ", ".join(f"{d}: {v:.2f}" for d, v in r["decode_tokens_per_s_at_depth"].items())
+                     + f" tokens/s (tokens in the KV cache; 0: after the {SHORT_PROMPT}-token prompt)")
     if r["rows_per_step"]:
         lines.append("  rows per step: " + ", ".join(f"{x['rows']}: {x['tok_s']:.2f} tokens/s" for x in r["rows_per_step"]))
     lines += [
@@ -378,6 +420,13 @@ def _encode_kib(text: str) -> float:
     return value
 
 
+def depth(text: str) -> int:
+    """argparse type of a depth: tokens already in the KV cache, a whole number of at least 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, at least 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dllama_mpi bench", allow_abbrev=False,
@@ -392,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths whose prefill speed is measured (default: 128 512)")
     p.add_argument("--decode-steps", type=positive_int, default=32, metavar="N",
                    help="tokens decoded per decode measurement (default: %(default)s)")
+    p.add_argument("--depths", nargs="+", type=depth, default=[0], metavar="N",
+                   help="also measure decode after a prompt of N tokens already in the KV cache, for each N "
+                        f"(llama-bench's -d; 0 is the usual decode measurement, after {SHORT_PROMPT} tokens; "
+                        "default: 0)")
     p.add_argument("--repeat", type=positive_int, default=3, metavar="N",
                    help="runs of each measurement; medians are reported (default: %(default)s)")
     p.add_argument("--rows", nargs="+", type=positive_int, metavar="R",
