@@ -1,10 +1,12 @@
 """tools/llamacpp_compare.py's pure parts (no build, no llama.cpp): the commands, the run order,
-llama-bench's JSON, the table, the idle check's /proc parsing, and the GGUF it writes."""
+llama-bench's JSON, the table (decode at depths too), --gguf's options and cache key, the idle
+check's /proc parsing, and the GGUF it writes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -119,6 +121,19 @@ LLAMA_BENCH_JSON = """\
 """
 
 
+
+
+def llama_bench_json_at_depths(depths: list[int]) -> str:
+    """LLAMA_BENCH_JSON as `-d` makes it: for each depth a pp row and a tg row carrying that n_depth (llama-bench
+    measures prefill at each depth too), with made-up speeds that fall with depth."""
+    pp, tg = json.loads(LLAMA_BENCH_JSON)
+    rows = []
+    for d in depths:
+        rows += [{**pp, "n_depth": d, "avg_ts": pp["avg_ts"] / (1 + d / 1024)},
+                 {**tg, "n_depth": d, "avg_ts": tg["avg_ts"] / (1 + d / 1024)}]
+    return json.dumps(rows)
+
+
 # --------------------------------------------------------------------- commands and order
 
 
@@ -173,6 +188,12 @@ def test_run_commands(tmp_path):
         "mpiexec", "-n", "4", "py", "-m", "dllama_mpi", "bench", "--model", str(h), "--memory-budget", "3", "2", "2", "1",
         "--prompt-lengths", "128", "--decode-steps", "32", "--repeat", "1", "--json"]
     assert lc.ours_command("mpiexec", h, ["1"], python="py", nthreads=2)[-2:] == ["--nthreads", "2"]
+    # depth 0 alone leaves the commands as they were; deeper depths go to llama-bench's -d and our --depths
+    assert lc.llama_bench_command(Path("b"), g, 2, [0]) == lc.llama_bench_command(Path("b"), g, 2)
+    assert lc.llama_bench_command(Path("b"), g, 2, [0, 2048, 8192])[-2:] == ["-d", "0,2048,8192"]
+    assert lc.ours_command("mpiexec", h, ["1"], python="py", depths=[0]) == lc.ours_command("mpiexec", h, ["1"], python="py")
+    assert lc.ours_command("mpiexec", h, ["1"], python="py", nthreads=2, depths=[0, 2048])[-5:] == [
+        "--depths", "0", "2048", "--nthreads", "2"]
     assert lc.parse_configs(["1", "1-1", "3-2-2-1"]) == [["1"], ["1", "1"], ["3", "2", "2", "1"]]
     with pytest.raises(ValueError, match="joined by '-'"):
         lc.parse_configs(["3--1"])
@@ -182,11 +203,11 @@ def test_the_commands_parse_under_the_bench_and_the_converter(tmp_path):
     """Our run command is one the bench's parser takes, and the converter's is its console script or module."""
     from dllama_mpi.commands.bench import build_parser
 
-    command = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1", "1"], python="py")
+    command = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1", "1"], python="py", depths=[0, 2048])
     assert command[3:7] == ["py", "-m", "dllama_mpi", "bench"]
     args = build_parser().parse_args(command[7:])
     assert args.model == str(tmp_path / "m.h5") and args.memory_budget == ["1", "1"] and args.json
-    assert args.prompt_lengths == [128] and args.decode_steps == 32 and args.repeat == 1
+    assert args.prompt_lengths == [128] and args.decode_steps == 32 and args.repeat == 1 and args.depths == [0, 2048]
     convert = lc.convert_command(tmp_path / "a.gguf", tmp_path / "a.h5")
     assert convert[-2:] == [str(tmp_path / "a.gguf"), str(tmp_path / "a.h5")]
     assert convert[0].endswith("dllama-mpi-convert") or convert[1:3] == ["-m", "dllama_mpi", "convert"]
@@ -210,25 +231,56 @@ def test_parse_llama_bench_json_of_a_real_run():
     assert r["decode"] == next(x["avg_ts"] for x in rows if x["n_gen"] == 32) > 0
     assert r["n_prompt"] == 128 and r["n_gen"] == 32 and r["threads"] == 2 and r["build_commit"] == "unknown"  # an sdist
     assert r["model_type"] == "llama 1B Q4_0" and r["cpu_info"] == "Intel(R) Xeon(R) Processor"
-    with pytest.raises(ValueError, match="one pp and one tg row"):
+    assert r["decode_at_depth"] == {"0": r["decode"]}
+    with pytest.raises(ValueError, match=r"one pp row at depth 0 and one tg row at each depth of \[0\], found 1 pp "
+                                         r"row\(s\) at depth 0 and tg rows at depths \[\]"):
         lc.parse_llama_bench(json.dumps(rows[:1]))
+
+
+def test_parse_llama_bench_json_at_depths():
+    text = llama_bench_json_at_depths([0, 2048, 8192])
+    tg = {x["n_depth"]: x["avg_ts"] for x in json.loads(text) if x["n_gen"]}
+    r = lc.parse_llama_bench(text, [0, 2048, 8192])
+    assert r["decode_at_depth"] == {"0": tg[0], "2048": tg[2048], "8192": tg[8192]} and r["decode"] == tg[0]
+    assert r["prefill"] == json.loads(LLAMA_BENCH_JSON)[0]["avg_ts"]  # depth 0's, not the deeper pp rows'
+    with pytest.raises(ValueError, match=r"each depth of \[0, 2048, 4096\], found 1 pp row\(s\) at depth 0 and tg "
+                                         r"rows at depths \[0, 2048, 8192\]"):
+        lc.parse_llama_bench(text, [0, 2048, 4096])
 
 
 def test_parse_our_bench_json():
     line = json.dumps({"decode_tokens_per_s": 10.5, "prefill_tokens_per_s": {"128": 30.25}, "kernel_isa": "avx2",
-                       "threads_per_rank": [2], "world_size": 1})
+                       "threads_per_rank": [2], "world_size": 1, "decode_tokens_per_s_at_depth": {"0": 10.5}})
     r = lc.parse_ours("loading ...\n" + line + "\n")
     assert (r["decode"], r["prefill"], r["kernel_isa"], r["world_size"]) == (10.5, 30.25, "avx2", 1)
-    old = json.dumps({"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": {"128": 2.0}})
-    assert lc.parse_ours(old)["kernel_isa"] == "unknown"
+    assert r["decode_at_depth"] == {"0": 10.5}
+    no_isa = json.dumps({"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": {"128": 2.0},
+                         "decode_tokens_per_s_at_depth": {"0": 1.0}})
+    assert lc.parse_ours(no_isa)["kernel_isa"] == "unknown"
     with pytest.raises(ValueError, match="no JSON line"):
         lc.parse_ours("error: something\n")
 
 
+def test_parse_our_bench_json_at_depths():
+    line = json.dumps({"decode_tokens_per_s": 10.5, "prefill_tokens_per_s": {"128": 30.25},
+                       "decode_tokens_per_s_at_depth": {"0": 10.5, "2048": 8.0, "8192": 5.5}})
+    assert lc.parse_ours(line, [0, 2048, 8192])["decode_at_depth"] == {"0": 10.5, "2048": 8.0, "8192": 5.5}
+    with pytest.raises(ValueError, match=r"expected decode at depths \[0, 4096\], found it at \[0, 2048, 8192\]"):
+        lc.parse_ours(line, [0, 4096])
+    without = json.dumps({"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": {"128": 2.0}})
+    with pytest.raises(ValueError, match=r"expected decode at depths \[0\], found it at \[\]"):
+        lc.parse_ours(without)
+
+
+def _rows(system: str, config: str, runs) -> list[dict]:
+    """Parsed runs of (decode, prefill) at depth 0 only, as the default invocation makes them."""
+    return [{"system": system, "config": config, "decode": d, "prefill": p, "decode_at_depth": {"0": d}} for d, p in runs]
+
+
 def test_medians_ranges_and_ratios_table():
-    rows = [{"system": "llama.cpp", "config": "-", "decode": d, "prefill": p} for d, p in ((20, 100), (22, 90), (21, 95))]
-    rows += [{"system": "dllama_mpi", "config": "1", "decode": d, "prefill": p} for d, p in ((10, 40), (11, 50), (9, 45))]
-    rows += [{"system": "dllama_mpi", "config": "1-1", "decode": d, "prefill": p} for d, p in ((7, 30), (8, 38))]
+    rows = _rows("llama.cpp", "-", ((20, 100), (22, 90), (21, 95)))
+    rows += _rows("dllama_mpi", "1", ((10, 40), (11, 50), (9, 45)))
+    rows += _rows("dllama_mpi", "1-1", ((7, 30), (8, 38)))
     summary = lc.summarize(rows)
     assert [(s["system"], s["config"], s["runs"]) for s in summary] == [
         ("llama.cpp", "-", 3), ("dllama_mpi", "1", 3), ("dllama_mpi", "1-1", 2)]
@@ -253,6 +305,40 @@ def test_medians_ranges_and_ratios_table():
         summary, {**facts, "disturbed_runs": 2, "runs": 8})
     without = lc.summarize(rows[3:])  # no llama.cpp row: no ratios
     assert without[0]["decode_ratio"] is None and lc.markdown_table(without).splitlines()[2].endswith("| - | - |")
+
+
+def test_decode_at_depths_summary_table_and_report():
+    def runs(system, config, values):  # (decode at depth 0, at 2048, prefill)
+        return [{"system": system, "config": config, "decode": d0, "prefill": p, "decode_at_depth": {"0": d0, "2048": d}}
+                for d0, d, p in values]
+
+    rows = runs("llama.cpp", "-", ((20, 16, 100), (22, 18, 90))) + runs("dllama_mpi", "1", ((10, 4, 40), (12, 6, 50)))
+    summary = lc.summarize(rows)
+    assert summary[1]["decode_at_depth"]["2048"] == {"median": 5, "min": 4, "max": 6}
+    assert summary[1]["decode_ratio_at_depth"] == {"0": 11 / 21, "2048": 5 / 17} and summary[1]["decode_ratio"] == 11 / 21
+    assert summary[0]["decode_ratio_at_depth"] == {"0": 1, "2048": 1}
+    table = lc.markdown_table(summary).splitlines()
+    assert table[0].endswith("| prefill ratio | decode @ d2048 tok/s median (min-max) | decode ratio @ d2048 |")
+    assert table[1] == "|---|---|---|---|---|---|---|"
+    assert table[3] == "| dllama_mpi 1 | 11.00 (10.00-12.00) | 45.00 (40.00-50.00) | 0.52 | 0.47 | 5.00 (4.00-6.00) | 0.29 |"
+    facts = {"cpu": "Some CPU", "cores": 2, "kernel_isa": "avx512", "shape": None, "seed": None, "quant": None,
+             "gguf": "/models/llama.gguf", "version": "0.3.36", "llama_build": "unknown", "llama_threads": 2,
+             "our_threads": None, "repeat": 2, "idle": True, "depths": [0, 2048], "skipped_depths": [8192],
+             "seq_len": 4096}
+    head = lc.report(summary, facts).splitlines()[1]
+    assert head.startswith("model /models/llama.gguf (converted with dllama-mpi-convert's defaults); llama.cpp from ")
+    assert "; decode @ dN: after N tokens in the KV cache (llama-bench -d; ours: bench --depths" in head
+    assert head.endswith("; depth(s) 8192 skipped: a decode measurement at depth N needs N + 33 tokens of the "
+                         "model's 4096-token context")
+
+
+def test_depths_beyond_the_context_are_skipped():
+    from dllama_mpi.commands.bench import largest_depth
+
+    assert lc.split_depths([0], 2048) == ([0], [])
+    assert lc.split_depths([8192, 2048], 4096) == ([0, 2048], [8192])  # depth 0 always, sorted
+    deepest = largest_depth(2048, lc.GEN_TOKENS)
+    assert lc.split_depths([deepest, deepest + 1], 2048) == ([0, deepest], [deepest + 1])
 
 
 def test_cpu_model_name():
@@ -282,6 +368,44 @@ def test_busy_processes_from_two_samples():
     busy = lc.busy_processes(before, after, seconds=2.0, threshold_pct=10, ticks_per_s=100)
     assert busy == [(2, "make", 75.0), (4, "new", 15.0)]  # 1 at 1% is quiet; 3's 10 ticks = 5%
     assert lc.busy_processes(before, before, 1.0, 10, 100) == []
+
+
+def test_gguf_option_replaces_the_random_model(tmp_path, capsys):
+    p = lc.parser()
+    args = p.parse_args([])
+    lc.model_options(p, args)
+    assert (args.shape, args.seed, args.quant, args.gguf, args.depth) == ("tinyllama-1.1b", 0, "q4_0", None, [0])
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    args = p.parse_args(["--gguf", str(model), "--depth", "0", "2048", "8192"])
+    lc.model_options(p, args)
+    assert (args.shape, args.seed, args.quant, args.gguf, args.depth) == (None, None, None, model, [0, 2048, 8192])
+    for given, said in ((["--seed", "0"], "--seed: "), (["--shape", "tiny", "--quant", "q4_0"], "--shape --quant: ")):
+        args = p.parse_args(["--gguf", str(model), *given])
+        with pytest.raises(SystemExit):
+            lc.model_options(p, args)
+        assert said + "these choose the random model's weights, and --gguf measures" in capsys.readouterr().err
+    for path, found in ((tmp_path / "nowhere.gguf", "nothing"), (tmp_path, "a directory")):
+        with pytest.raises(SystemExit):
+            lc.model_options(p, p.parse_args(["--gguf", str(path)]))
+        assert f"--gguf {path}: expected a GGUF file, found {found} there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--depth", "-1"])
+    assert "argument --depth: must be a whole number" in capsys.readouterr().err
+
+
+def test_a_given_gguf_is_converted_again_only_when_it_changes(tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF one")
+    key = lc.given_model_path(tmp_path / "cache", model)
+    assert key.parent == tmp_path / "cache" / "models" / "given" and key.name.startswith("model-8-")
+    assert key.name.endswith(f"-c{lc.CONVERSION_VERSION}.h5") and lc.given_model_path(tmp_path / "cache", model) == key
+    model.write_bytes(b"GGUF two!")  # another size
+    assert lc.given_model_path(tmp_path / "cache", model) != key
+    stat = model.stat()
+    touched = lc.given_model_path(tmp_path / "cache", model)
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same size, modified again
+    assert lc.given_model_path(tmp_path / "cache", model) != touched
 
 
 @pytest.mark.parametrize("option", ["--repeat", "--threads", "--nthreads", "--build-jobs"])
@@ -347,6 +471,13 @@ def test_gguf_of_a_tiny_shape_reads_back_and_converts_bit_exact(tmp_path):
     mtimes = gguf_path.stat().st_mtime_ns, h5_path.stat().st_mtime_ns
     assert lc.prepare_models(tmp_path, "tiny", seed=3) == (gguf_path, h5_path)  # cached: not written again
     assert (gguf_path.stat().st_mtime_ns, h5_path.stat().st_mtime_ns) == mtimes
+    assert lc.model_context(h5_path) == spec.seq_len
+    # the same file given with --gguf: converted into its own cache entry, once
+    given, given_h5 = lc.prepare_given_model(tmp_path / "given-cache", Path(os.path.relpath(gguf_path)))
+    assert given == gguf_path.resolve() and given_h5 == lc.given_model_path(tmp_path / "given-cache", gguf_path)
+    assert lc.model_context(given_h5) == spec.seq_len
+    converted_at = given_h5.stat().st_mtime_ns
+    assert lc.prepare_given_model(tmp_path / "given-cache", gguf_path)[1].stat().st_mtime_ns == converted_at
     other, _ = lc.model_paths(tmp_path, "tiny", 4)
     assert other != gguf_path
 

@@ -8,16 +8,19 @@ What it does, each step cached so that later runs only measure:
    (default ~/.cache/dllama_mpi/llama.cpp/<version>/); this takes minutes;
 2. writes a GGUF of a named shape with random weights (every matrix Q4_0, norms F32,
    architecture llama, a minimal SentencePiece vocabulary llama.cpp loads), keyed by shape
-   and seed;
+   and seed; or, with --gguf FILE, measures that file instead;
 3. converts it with dllama-mpi-convert (the Q4_0 blocks are carried over bit-exact);
 4. waits until the machine is idle (no other process above --idle-cpu % for --idle-seconds),
    then runs both, interleaved (llama.cpp, ours for each --configs, llama.cpp, ...)
    --repeat times: `llama-bench -p 128 -n 32 -r 1 -o json` and
    `mpiexec -n N python -m dllama_mpi bench --model OUT.h5 --memory-budget ... --json`;
+   with --depth N ..., decode is also measured after N tokens in the KV cache
+   (`llama-bench -d 0,N,...`, our bench's `--depths N ...`), at each depth the model's context allows;
 5. prints the medians (min-max) and their ratios to llama.cpp's medians of the same run.
 
     python tools/llamacpp_compare.py --build-only              # build and write the models only
     python tools/llamacpp_compare.py --shape llama-3.2-1b --repeat 5 --json rows.json
+    python tools/llamacpp_compare.py --gguf model.gguf --depth 0 2048 8192 --configs 1
 
 Not run in CI (it compiles C++ for minutes); its pure parts are tested in
 tests/test_llamacpp_compare.py.
@@ -36,10 +39,12 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from dllama_mpi.commands.bench import SHORT_PROMPT, depth, largest_depth
 from dllama_mpi.commands.launcher import positive_int
 from dllama_mpi.model import quant
 
@@ -51,6 +56,7 @@ CONVERSION_VERSION = 3  # bump when the converter makes another file of these GG
 PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
 GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
 DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")
+DEFAULT_SHAPE, DEFAULT_SEED, DEFAULT_QUANT = "tinyllama-1.1b", 0, "q4_0"  # the random model's, without --gguf
 LLAMA = "llama.cpp"
 OURS = "dllama_mpi"
 
@@ -355,12 +361,53 @@ def prepare_models(cache: Path, shape: str, seed: int, quant: str = "q4_0") -> t
         _run_logged(quantize_command(llama_quantize_path(cache), base, tmp, len(os.sched_getaffinity(0))),
                     cache / "quantize.log")
         tmp.replace(gguf_path)
+    convert_once(gguf_path, h5_path)
+    return gguf_path, h5_path
+
+
+def convert_once(gguf_path: Path, h5_path: Path) -> None:
+    """`gguf_path` converted to `h5_path` with the converter's defaults, unless that was done before."""
     if not h5_path.exists():
-        log(f"converting it with dllama-mpi-convert to {h5_path} ...")
+        log(f"converting {gguf_path} with dllama-mpi-convert to {h5_path} ...")
         code = subprocess.call(convert_command(gguf_path, h5_path))  # it writes atomically
         if code:
             sys.exit(f"llamacpp_compare: dllama-mpi-convert failed ({code}) on {gguf_path}")
+
+
+def given_model_path(cache: Path, gguf_path: Path) -> Path:
+    """Where --gguf FILE's conversion is kept: keyed by the file's name, size and modification time
+    (hashing a file of a gigabyte would take longer than many runs) and CONVERSION_VERSION."""
+    stat = gguf_path.stat()
+    return cache / "models" / "given" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-c{CONVERSION_VERSION}.h5"
+
+
+def prepare_given_model(cache: Path, gguf_path: Path) -> tuple[Path, Path]:
+    """--gguf FILE (absolute) and its conversion, converted on first use."""
+    gguf_path = gguf_path.resolve()
+    h5_path = given_model_path(cache, gguf_path)
+    h5_path.parent.mkdir(parents=True, exist_ok=True)
+    convert_once(gguf_path, h5_path)
     return gguf_path, h5_path
+
+
+def model_context(h5_path: Path) -> int:
+    """The converted model's context length in tokens (its seq_len)."""
+    from dllama_mpi.files.modelfile import ModelFile
+
+    model = ModelFile(h5_path)
+    try:
+        return model.spec.seq_len
+    finally:
+        model.close()
+
+
+def split_depths(requested: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """(measured, skipped): the requested depths and depth 0 (the usual decode, always measured),
+    sorted, and those whose decode measurement does not fit a context of `seq_len` tokens (our
+    bench's rule, applied to both systems alike)."""
+    deepest = largest_depth(seq_len, GEN_TOKENS)
+    wanted = sorted(set(requested) | {0})
+    return [d for d in wanted if d <= deepest], [d for d in wanted if d > deepest]
 
 
 # ===================================================================== idle machine
@@ -446,16 +493,19 @@ def parse_configs(configs: list[str]) -> list[list[str]]:
     return out
 
 
-def llama_bench_command(binary: Path, gguf_path: Path, threads: int) -> list[str]:
-    return [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS),
-            "-r", "1", "-o", "json"]
+def llama_bench_command(binary: Path, gguf_path: Path, threads: int, depths: Sequence[int] = (0,)) -> list[str]:
+    """`depths`: split_depths' measured ones; only depth 0 (the default) leaves -d out, as before there were depths."""
+    command = [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS),
+               "-r", "1", "-o", "json"]
+    return command + (["-d", ",".join(map(str, depths))] if max(depths) > 0 else [])
 
 
 def ours_command(mpiexec: str, h5_path: Path, budgets: list[str], python: str = sys.executable,
-                 nthreads: int | None = None) -> list[str]:
+                 nthreads: int | None = None, depths: Sequence[int] = (0,)) -> list[str]:
     command = [mpiexec, "-n", str(len(budgets)), python, "-m", "dllama_mpi", "bench", "--model", str(h5_path),
                "--memory-budget", *budgets, "--prompt-lengths", str(PROMPT_TOKENS), "--decode-steps", str(GEN_TOKENS),
                "--repeat", "1", "--json"]
+    command += ["--depths", *map(str, depths)] if max(depths) > 0 else []
     return command + (["--nthreads", str(nthreads)] if nthreads else [])
 
 
@@ -468,27 +518,39 @@ def schedule(configs: list[str], repeat: int) -> list[tuple[int, str, str]]:
     return order
 
 
-def parse_llama_bench(text: str) -> dict:
-    """Decode (tg) and prefill (pp) tokens/s and facts about the build from llama-bench -o json."""
+def parse_llama_bench(text: str, depths: Sequence[int] = (0,)) -> dict:
+    """Decode (tg) tokens/s at each of `depths` (n_depth), prefill (pp) tokens/s at depth 0 and facts
+    about the build from llama-bench -o json. With -d, llama-bench also measures prefill at each depth:
+    those rows are left out, as our bench measures prefill from an empty cache only."""
     rows = json.loads(text)
-    pp = [r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0]
-    tg = [r for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
-    if len(pp) != 1 or len(tg) != 1:
-        raise ValueError(f"llama-bench JSON: expected one pp and one tg row, found {len(pp)} and {len(tg)}")
+    pp = [r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and r.get("n_depth", 0) == 0]
+    tg_rows = [r for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
+    tg_depths = sorted(r.get("n_depth", 0) for r in tg_rows)
+    if len(pp) != 1 or tg_depths != sorted(depths):
+        raise ValueError(f"llama-bench JSON: expected one pp row at depth 0 and one tg row at each depth of "
+                         f"{sorted(depths)}, found {len(pp)} pp row(s) at depth 0 and tg rows at depths {tg_depths}")
+    tg = {r.get("n_depth", 0): r for r in tg_rows}
     first = rows[0]
     return {"decode": float(tg[0]["avg_ts"]), "prefill": float(pp[0]["avg_ts"]),
+            "decode_at_depth": {str(d): float(tg[d]["avg_ts"]) for d in sorted(depths)},
             "n_prompt": pp[0]["n_prompt"], "n_gen": tg[0]["n_gen"], "threads": first.get("n_threads"),
             "build_commit": first.get("build_commit"), "build_number": first.get("build_number"),
             "cpu_info": first.get("cpu_info"), "backends": first.get("backends"), "model_type": first.get("model_type")}
 
 
-def parse_ours(text: str) -> dict:
-    """Decode and prefill-128 tokens/s from `python -m dllama_mpi bench --json` (its first JSON line)."""
+def parse_ours(text: str, depths: Sequence[int] = (0,)) -> dict:
+    """Decode tokens/s at each of `depths` and prefill-128 tokens/s from `python -m dllama_mpi bench --json`
+    (its first JSON line)."""
     lines = [line for line in text.splitlines() if line.startswith("{")]
     if not lines:
         raise ValueError("dllama_mpi.commands.bench printed no JSON line")
     r = json.loads(lines[0])
+    at_depth = r.get("decode_tokens_per_s_at_depth", {})
+    if sorted(map(int, at_depth)) != sorted(depths):
+        raise ValueError(f"dllama_mpi.commands.bench: expected decode at depths {sorted(depths)}, found it at "
+                         f"{sorted(map(int, at_depth))}")
     return {"decode": float(r["decode_tokens_per_s"]), "prefill": float(r["prefill_tokens_per_s"][str(PROMPT_TOKENS)]),
+            "decode_at_depth": {str(d): float(at_depth[str(d)]) for d in sorted(depths)},
             "kernel_isa": r.get("kernel_isa", "unknown"), "threads": r.get("threads_per_rank"),
             "world_size": r.get("world_size")}
 
@@ -512,9 +574,13 @@ def run_capture(command: list[str], timeout: float, tool: str = "llamacpp_compar
 # ===================================================================== the table
 
 
+def _stat(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (system, config), in first-run order: median, min and max of decode and prefill
-    tokens/s, and our medians' ratios to llama.cpp's."""
+    """Per (system, config), in first-run order: median, min and max of decode (at each depth)
+    and prefill tokens/s, and our medians' ratios to llama.cpp's (at the same depth)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["system"], r["config"]), []).append(r)
@@ -522,13 +588,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (system, config), runs in groups.items():
         s = {"system": system, "config": config, "runs": len(runs)}
         for key in ("decode", "prefill"):
-            values = [r[key] for r in runs]
-            s[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            s[key] = _stat([r[key] for r in runs])
+        s["decode_at_depth"] = {d: _stat([r["decode_at_depth"][d] for r in runs]) for d in runs[0]["decode_at_depth"]}
         out.append(s)
     base = next((s for s in out if s["system"] == LLAMA), None)
     for s in out:
         for key in ("decode", "prefill"):
             s[f"{key}_ratio"] = s[key]["median"] / base[key]["median"] if base else None
+        s["decode_ratio_at_depth"] = {d: stat["median"] / base["decode_at_depth"][d]["median"] if base else None
+                                      for d, stat in s["decode_at_depth"].items()}
     return out
 
 
@@ -536,14 +604,23 @@ def _cell(stat: dict) -> str:
     return f"{stat['median']:.2f} ({stat['min']:.2f}-{stat['max']:.2f})"
 
 
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
 def markdown_table(summary: list[dict]) -> str:
+    """Decode and prefill at depth 0 as before --depth, then for each deeper depth its decode and ratio."""
+    deeper = [d for d in summary[0]["decode_at_depth"] if d != "0"]
     lines = [f"| config | decode tok/s median (min-max) | prefill-{PROMPT_TOKENS} tok/s median (min-max) "
-             "| decode ratio | prefill ratio |",
-             "|---|---|---|---|---|"]
+             "| decode ratio | prefill ratio |" + "".join(f" decode @ d{d} tok/s median (min-max) | decode ratio @ d{d} |"
+                                                          for d in deeper),
+             "|---|---|---|---|---|" + "---|---|" * len(deeper)]
     for s in summary:
         name = LLAMA if s["system"] == LLAMA else f"{OURS} {s['config']}"
-        ratios = [f"{s[k]:.2f}" if s[k] is not None else "-" for k in ("decode_ratio", "prefill_ratio")]
-        lines.append(f"| {name} | {_cell(s['decode'])} | {_cell(s['prefill'])} | {ratios[0]} | {ratios[1]} |")
+        lines.append(f"| {name} | {_cell(s['decode'])} | {_cell(s['prefill'])} | {_ratio(s['decode_ratio'])} "
+                     f"| {_ratio(s['prefill_ratio'])} |"
+                     + "".join(f" {_cell(s['decode_at_depth'][d])} | {_ratio(s['decode_ratio_at_depth'][d])} |"
+                               for d in deeper))
     return "\n".join(lines)
 
 
@@ -563,15 +640,23 @@ def cpu_model_name(cpuinfo: str | None = None) -> str:
 def report(summary: list[dict], facts: dict) -> str:
     commit = facts.get("llama_build")
     build = f" (build {commit})" if commit and commit != "unknown" else ""  # an sdist has no git commit
+    model = (f"model {facts['gguf']} (converted with dllama-mpi-convert's defaults)" if facts.get("gguf")
+             else f"shape {facts['shape']} ({QUANT_TEXT[facts.get('quant', 'q4_0')]}, seed {facts['seed']})")
+    deeper = [d for d in facts.get("depths", [0]) if d > 0]
+    skipped = facts.get("skipped_depths")
     head = [
         f"CPU: {facts['cpu']} ({facts['cores']} cores); our kernels' instruction set: {facts['kernel_isa']}",
-        f"shape {facts['shape']} ({QUANT_TEXT[facts.get('quant', 'q4_0')]}, seed {facts['seed']}); llama.cpp from llama-cpp-python "
+        f"{model}; llama.cpp from llama-cpp-python "
         f"{facts['version']}{build}{' without AMX (see X86_NO_AMX)' if facts.get('no_amx') else ''}, "
         f"{facts['llama_threads']} threads; "
         f"ours: threads per rank {facts.get('our_threads') or 'the bench default'}; {facts['repeat']} interleaved "
         f"round(s); ratios = our median / llama.cpp's median{'' if facts['idle'] else '; MACHINE NOT IDLE'}"
         + (f"; {facts['disturbed_runs']} of {facts['runs']} runs had another process above the idle threshold beside "
-           "them" if facts.get("disturbed_runs") else ""),
+           "them" if facts.get("disturbed_runs") else "")
+        + ("; decode @ dN: after N tokens in the KV cache (llama-bench -d; ours: bench --depths, whose depth 0 "
+           f"decodes after a {SHORT_PROMPT}-token prompt)" if deeper else "")
+        + (f"; depth(s) {', '.join(map(str, skipped))} skipped: a decode measurement at depth N needs N + "
+           f"{GEN_TOKENS + 1} tokens of the model's {facts['seq_len']}-token context" if skipped else ""),
         "",
     ]
     return "\n".join(head) + markdown_table(summary)
@@ -583,15 +668,23 @@ def report(summary: list[dict], facts: dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tools/llamacpp_compare.py", allow_abbrev=False,
-        description="Build llama.cpp's llama-bench once, write a random Q4_0 GGUF of a model shape and convert it, "
+        description="Build llama.cpp's llama-bench once, write a random Q4_0 GGUF of a model shape (or take --gguf) "
+                    "and convert it, "
                     "then measure llama.cpp and this engine interleaved on the same weights and print one markdown "
                     "table of medians and ratios.")
-    p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(shapes()),
-                   help="model shape (the bench's shapes; default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
-    p.add_argument("--quant", choices=QUANTS, default="q4_0",
+    # --shape, --seed and --quant default to None so that giving one beside --gguf can be refused (model_options)
+    p.add_argument("--shape", choices=sorted(shapes()),
+                   help=f"model shape (the bench's shapes; default: {DEFAULT_SHAPE})")
+    p.add_argument("--seed", type=int, help=f"seed of the random weights (default: {DEFAULT_SEED})")
+    p.add_argument("--quant", choices=QUANTS,
                    help="the GGUF's weights: every matrix Q4_0, or llama-quantize's Q4_K_M (Q4_K and Q6_K) of it, "
-                        "converted with the converter's default (default: %(default)s)")
+                        f"converted with the converter's default (default: {DEFAULT_QUANT})")
+    p.add_argument("--gguf", type=Path, metavar="FILE",
+                   help="measure this GGUF file (any types the converter takes; converted once into the cache) "
+                        "instead of random weights of --shape (default: off)")
+    p.add_argument("--depth", nargs="+", type=depth, default=[0], metavar="N",
+                   help="also measure decode after N tokens in the KV cache, for each N (llama-bench -d; ours: bench "
+                        "--depths); depths beyond the model's context are skipped, saying so (default: 0)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="B-B-...",
                    help="our configurations: memory budgets joined by '-', one per rank (default: %(default)s)")
     p.add_argument("--repeat", type=positive_int, default=5, help="interleaved rounds (default: %(default)s)")
@@ -616,15 +709,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--gguf, or the random model's --shape, --seed and --quant with their defaults filled in;
+    exits through `p` when both are given or the file is missing."""
+    random_options = [f"--{name}" for name in ("shape", "seed", "quant") if getattr(args, name) is not None]
+    if args.gguf is None:
+        args.shape = args.shape or DEFAULT_SHAPE
+        args.seed = DEFAULT_SEED if args.seed is None else args.seed
+        args.quant = args.quant or DEFAULT_QUANT
+    elif random_options:
+        p.error(f"{' '.join(random_options)}: these choose the random model's weights, and --gguf measures the "
+                "given file instead; leave them out, or leave out --gguf")
+    elif not args.gguf.is_file():
+        p.error(f"--gguf {args.gguf}: expected a GGUF file, found {'a directory' if args.gguf.is_dir() else 'nothing'} "
+                "there; give the path of a .gguf model")
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    model_options(p, args)
     try:
         configs = parse_configs(args.configs)
     except ValueError as exc:
-        parser().error(str(exc))
+        p.error(str(exc))
     cache = args.cache_dir or default_cache_dir(args.llama_cpp_python)
     binary = build_llama_bench(cache, args.llama_cpp_python, args.build_jobs, args.build_nice)
-    gguf_path, h5_path = prepare_models(cache, args.shape, args.seed, args.quant)
+    if args.gguf is not None:
+        gguf_path, h5_path = prepare_given_model(cache, args.gguf)
+    else:
+        gguf_path, h5_path = prepare_models(cache, args.shape, args.seed, args.quant)
+    seq_len = model_context(h5_path)
+    depths, skipped = split_depths(args.depth, seq_len)
+    if skipped:
+        log(f"skipping depth(s) {', '.join(map(str, skipped))}: a decode measurement at depth N needs N + "
+            f"{GEN_TOKENS + 1} tokens, and the model's context is {seq_len} tokens")
     if args.build_only:
         print(f"{binary}\n{gguf_path}\n{h5_path}")
         return 0
@@ -637,25 +756,27 @@ def main(argv=None) -> int:
     me, ticks = {os.getpid()}, os.sysconf("SC_CLK_TCK")
     for i, system, config in schedule(args.configs, args.repeat):
         if system == LLAMA:
-            command = llama_bench_command(binary, gguf_path, args.threads)
+            command = llama_bench_command(binary, gguf_path, args.threads, depths)
         else:
-            command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads)
+            command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads, depths=depths)
         log(f"round {i + 1}/{args.repeat}: {system} {config}")
         before, t0 = cpu_sample(me), time.monotonic()
         out, _ = run_capture(command, args.run_timeout)
         seconds = time.monotonic() - t0
         # the run's own processes have ended: whatever the sample after it holds ran beside it
         others = busy_processes(before, cpu_sample(me), seconds, args.idle_cpu, ticks)
-        parsed = parse_llama_bench(out) if system == LLAMA else parse_ours(out)
+        parsed = parse_llama_bench(out, depths) if system == LLAMA else parse_ours(out, depths)
         (llama_facts if system == LLAMA else our_facts).update(parsed)
         rows.append({"round": i, "system": system, "config": config, "seconds": seconds, "command": command,
                      "disturbed_by": [f"{name} (pid {pid}) {pct:.0f}%" for pid, name, pct in others], **parsed})
         log(f"  decode {parsed['decode']:.2f} tok/s, prefill-{PROMPT_TOKENS} {parsed['prefill']:.2f} tok/s"
+            + "".join(f", decode @ d{d} {v:.2f} tok/s" for d, v in parsed["decode_at_depth"].items() if d != "0")
             + (f"; disturbed by {', '.join(rows[-1]['disturbed_by'][:3])}" if others else ""))
     summary = summarize(rows)
     facts = {"cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)),
              "kernel_isa": our_facts.get("kernel_isa", "unknown"), "shape": args.shape, "seed": args.seed,
-             "quant": args.quant,
+             "quant": args.quant, "gguf": str(gguf_path) if args.gguf is not None else None,
+             "depths": depths, "skipped_depths": skipped, "seq_len": seq_len,
              "version": args.llama_cpp_python, "llama_build": llama_facts.get("build_commit"),
              "llama_threads": args.threads, "our_threads": args.nthreads, "repeat": args.repeat, "idle": idle,
              "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows),
