@@ -43,7 +43,7 @@ class RankSpeed:
         return self.per_share_s * share + self.fixed_s
 
 
-def _matrix(kind: str, rows: int, cols: int) -> Matrix:
+def held_matrix(kind: str, rows: int, cols: int) -> Matrix:
     """A matrix as the kernels hold it with arbitrary contents (fp16 scales of 2**-10)."""
     t = quant.WEIGHTS[quant.storage_type(kind, cols)]
     if not t.quantized:  # values of 2**-10 (f16's as their bits)
@@ -58,7 +58,7 @@ def _matrix(kind: str, rows: int, cols: int) -> Matrix:
     return Matrix(t.name, rows, cols, d=d.reshape(rows, -1).view(layout.packed[1]), qs=qs)
 
 
-def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:
+def layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:
     """(rows of the whole model, cols, input, matrix kind) of each product of a layer; the
     input names which full-width vector it reads, the kind the stored type."""
     qkv = spec.q_dim + 2 * spec.n_kv_heads * spec.head_dim
@@ -92,10 +92,10 @@ class _Workload:
         def rows(n: int) -> int:
             return max(1, round(share * n))
 
-        shapes = _layer_shapes(spec)
+        shapes = layer_shapes(spec)
 
         def layer(i: int):  # layer i's products, in its own types
-            return [(_matrix(spec.tensor_type(kind, i), rows(r), c), inputs[x]) for r, c, x, kind in shapes]
+            return [(held_matrix(spec.tensor_type(kind, i), rows(r), c), inputs[x]) for r, c, x, kind in shapes]
 
         first = layer(0)
         layer_bytes = sum(m.nbytes for m, _ in first)
@@ -104,7 +104,7 @@ class _Workload:
         self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in first]
         # the full-width vectors every rank prepares per layer, whatever its share
         self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
-        self.classifier = _matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),
+        self.classifier = held_matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),
                                   rows(spec.vocab_size), spec.dim)
         self.logits = np.zeros((1, self.classifier.rows), np.float32)
         self.x = inputs["dim"]

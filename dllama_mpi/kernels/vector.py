@@ -263,9 +263,11 @@ def matmul_f16(w, x, out):
 PARALLEL = {f32_rows: matmul_f32, f16_rows: matmul_f16, **qmatmul.PARALLEL}  # each rows kernel's parallel driver
 
 
-@njit(parallel=True, **_opts)
+@njit(parallel=True, fastmath=True, **_opts)
 def read_sum(buf):
-    """Sum of buf (f64): the memory read-bandwidth probe of the benchmark."""
+    """Sum of buf (f64): the memory read-bandwidth probe of the benchmark. fastmath lets each
+    thread keep several vector accumulators: in order, one add's latency per element bounds it
+    below the bandwidth it is there to measure (its sum's bits don't matter)."""
     total = 0.0
     for i in prange(buf.shape[0]):
         total += buf[i]
