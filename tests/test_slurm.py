@@ -185,7 +185,7 @@ def test_serve_job_answers_and_stops_cleanly_on_scancel(slurm, stories_models, m
     finally:
         subprocess.run(["scancel", f"--name={name}"], timeout=30)
     deadline = time.monotonic() + 60
-    while subprocess.run(["squeue", "-h", "-n", name], capture_output=True, text=True).stdout.strip():
+    while subprocess.run(["squeue", "-h", "-n", name], capture_output=True, text=True, timeout=30).stdout.strip():
         assert time.monotonic() < deadline, "the serve job still runs 60 s after scancel"
         time.sleep(0.5)
     log = err.read_text()

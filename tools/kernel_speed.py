@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dllama_mpi.commands.bench import SHAPES
+from dllama_mpi.commands.bench import SHAPES, read_bandwidth
 from dllama_mpi.commands.launcher import positive_int
 from dllama_mpi.job.engine import GROUP, Activations, matmul
 from dllama_mpi.job.speed import held_matrix, layer_shapes
@@ -33,19 +33,6 @@ from dllama_mpi.parallel import threads
 from llamacpp_compare import cpu_model_name
 
 PRODUCT_NAMES = ("wq+wk+wv", "wo", "w1+w3", "w2")  # layer_shapes' order
-
-
-def read_bandwidth(seconds: float) -> float:
-    """GB/s of a plain read of 1 GiB with the pool's threads (vector.read_sum), best of the runs in `seconds`."""
-    buf = np.ones((1 << 30) // 8, np.float64)
-    vector.read_sum(buf)  # compile, and fault the pages in
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        vector.read_sum(buf)
-        best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
-        if time.perf_counter() >= t_end:
-            return best
 
 
 def product_speed(kind: str, rows: int, cols: int, stream_bytes: int, seconds: float) -> dict:
@@ -87,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
                    help="numba threads (default: the node's cores, %(default)s)")
     p.add_argument("--stream-mib", type=positive_int, default=256,
                    help="MiB of copies each product streams per pass, to read from memory and not a cache (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=1.0, help="timing per product and for the probe (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=1.0, help="seconds of timing per product (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and the facts to FILE")
     return p
 
@@ -105,10 +92,10 @@ def main(argv=None) -> int:
     threads.set_threads(args.threads)
     shapes = [(r, c, name) for (r, c, _, _), name in zip(layer_shapes(spec), PRODUCT_NAMES)]
     shapes.append((spec.vocab_size, spec.dim, "classifier"))
-    bandwidth = read_bandwidth(args.seconds)
+    bandwidth = read_bandwidth()
     rows = []
     print(f"{label}: {args.threads} thread(s), kernels on {qmatmul.ISA}, read bandwidth {bandwidth:.1f} GB/s "
-          f"(vector.read_sum, best of {args.seconds:g} s)")
+          "(vector.read_sum, best of 3)")
     print(f"{'type':>5} {'product':>10} {'rows':>7} {'cols':>6} {'MiB':>7} {'us':>9} {'GB/s':>6} {'of probe':>8}")
     for kind in args.types:
         for r, c, name in shapes:

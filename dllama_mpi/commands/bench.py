@@ -89,7 +89,6 @@ def _read_bandwidth(comm) -> float:
     """The node's memory read bandwidth in GB/s: rank 0 streams 1 GiB with as many threads
     as the node has cores while the other ranks sleep (they don't compete for the cores);
     best of 3."""
-    from ..kernels import vector
     from ..parallel import threads
 
     best = 0.0
@@ -97,16 +96,24 @@ def _read_bandwidth(comm) -> float:
     if comm.rank == 0:
         previous = numba_threads()
         threads.set_threads(threads.node_cores())
-        buf = np.ones((1 << 30) // 8, np.float64)
-        vector.read_sum(buf)  # compile, and fault the pages in
-        for _ in range(3):
-            t0 = time.perf_counter()
-            vector.read_sum(buf)
-            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
-        del buf
+        best = read_bandwidth()
         threads.set_threads(previous)
     comm.sleeping_barrier()
     return comm.bcast_obj(best)
+
+
+def read_bandwidth(runs: int = 3) -> float:
+    """GB/s of a plain read of 1 GiB with this process's threads (vector.read_sum), best of `runs`."""
+    from ..kernels import vector
+
+    buf = np.ones((1 << 30) // 8, np.float64)
+    vector.read_sum(buf)  # compile, and fault the pages in
+    best = 0.0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        vector.read_sum(buf)
+        best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def kernel_isa() -> str:
