@@ -29,6 +29,7 @@ block (see kernels.qmatmul.f16_bits_to_f32).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -397,3 +398,71 @@ K_QUANTS = tuple(t.name for t in WEIGHTS.values() if t.block_values == QK)  # ll
 QUANTIZABLE = tuple(t.name for t in WEIGHTS.values() if t.encode is not None)  # what --weights can make from any source
 ACTIVATION_TYPE = {t.name: t.activation for t in WEIGHTS.values() if t.activation is not None}
 BUFFER_TYPES = (F32_TYPE.name, Q80_ACTIVATIONS.name)  # activations between products: f32, or Q80 blocks
+
+
+# --- the KV cache's types (--kv-type) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVType:
+    """How the KV cache holds one head's key (or value) row of head_dim values at a position:
+    codes of `code_dtype`, and for a scaled type one fp16 scale (its bits, u16) per block of
+    `block(head_dim)` values; value = code * scale. The kernels' encoders and decoders are in
+    kernels.vector (kv_encode, kv_decode), chosen by code_dtype; `encode` and `decode` are their
+    numpy twins."""
+
+    name: str
+    code_dtype: np.dtype
+    scaled: bool
+    encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (..., head_dim) f32 -> codes, scale bits
+    decode: Callable[[np.ndarray, np.ndarray], np.ndarray]  # codes, scale bits -> (..., head_dim) f32
+
+    def block(self, head_dim: int) -> int:
+        """Values per scale: 32 as Q8_0 where head_dim allows; else the largest power of two
+        dividing head_dim (stories260K's heads are 8 wide), so a block never spans two heads
+        and a split never changes a code."""
+        return math.gcd(head_dim, BLOCK) if self.scaled else head_dim
+
+    def scales_per_row(self, head_dim: int) -> int:
+        return head_dim // self.block(head_dim) if self.scaled else 0
+
+    def row_bytes(self, head_dim: int) -> int:
+        """Bytes of one head's key (or value) at one position."""
+        return head_dim * self.code_dtype.itemsize + 2 * self.scales_per_row(head_dim)
+
+
+def _no_scales(x: np.ndarray) -> np.ndarray:
+    return np.zeros((*x.shape[:-1], 0), np.uint16)
+
+
+def encode_kv_q80(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., head_dim) f32 -> int8 codes (..., head_dim) and fp16 scale bits (..., head_dim /
+    block), each block as llama.cpp's x86 quantize_row_q8_0 (what its q8_0 KV cache stores;
+    quantize_q80_activations) quantizes 32 values, at KV_Q80.block(head_dim) values."""
+    x = np.asarray(x, np.float32)
+    block = KV_Q80.block(x.shape[-1])
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = np.abs(xb).max(axis=-1)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        d = (amax / np.float32(127)).astype(np.float32).astype(np.float16)
+    inv[np.isinf(inv)] = 0
+    codes = np.rint(xb * inv[..., None]).astype(np.int8).reshape(x.shape)
+    return codes, d.view(np.uint16)
+
+
+def decode_kv_q80(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    block = codes.shape[-1] // scales.shape[-1]
+    d = scales.view(np.float16).astype(np.float32)
+    qb = codes.reshape(*codes.shape[:-1], scales.shape[-1], block).astype(np.float32)
+    return (qb * d[..., None]).reshape(codes.shape)
+
+
+KV_F32 = KVType("f32", np.dtype(np.float32), False, lambda x: (np.asarray(x, np.float32).copy(), _no_scales(x)),
+                lambda codes, scales: codes.astype(np.float32))
+KV_F16 = KVType("f16", np.dtype(np.uint16), False,  # fp16 bits, rounded to nearest even as numpy rounds
+                lambda x: (np.asarray(x, np.float32).astype(np.float16).view(np.uint16), _no_scales(x)),
+                lambda codes, scales: codes.view(np.float16).astype(np.float32))
+KV_Q80 = KVType("q8_0", np.dtype(np.int8), True, encode_kv_q80, decode_kv_q80)
+KV_TYPES = {t.name: t for t in (KV_F32, KV_F16, KV_Q80)}
+DEFAULT_KV_TYPE = KV_F16.name  # as llama.cpp: half the memory and the attention reads of f32
