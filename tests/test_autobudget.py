@@ -21,10 +21,18 @@ from hypothesis import strategies as st
 from work_clock import WorkClock
 
 from dllama_mpi.errors import InputError
+from dllama_mpi.files.modelfile import largest_tensor_bytes
 from dllama_mpi.job.autobudget import plan_shares, solve
 from dllama_mpi.job.speed import RankSpeed, fit
 from dllama_mpi.model.spec import ModelSpec
-from dllama_mpi.parallel.budgets import Budgets, fastest_shares, parse_budgets, rank_need, share_ratios
+from dllama_mpi.parallel.budgets import (
+    RUNTIME_BYTES,
+    Budgets,
+    fastest_shares,
+    parse_budgets,
+    rank_need,
+    share_ratios,
+)
 from dllama_mpi.parallel.plan import make_plan
 
 MiB = 2**20
@@ -87,20 +95,33 @@ def test_the_solved_plan_respects_granules_and_caps(per_share, data):
     caps = data if isinstance(data, list) else data.draw(
         st.lists(st.one_of(st.none(), st.integers(400 * MiB, 460 * MiB)), min_size=n, max_size=n))
     ranks = [RankSpeed(a, 0.001, ()) for a in per_share]
-    ratios, plan = solve(SPEC, ranks, caps, 256, 1, 0)
+    ratios, plan = solve(SPEC, ranks, caps, 256, 1, 0, kv_type="f32")  # the examples' caps were found for f32
     assert len(ratios) == n and plan == make_plan(SPEC, ratios)  # the plan rounds the ratios to its granules
     for s in plan.ranks:
         assert s.dim_rows[0] % 32 == 0 and s.ffn_rows[0] % 32 == 0  # whole 32-row blocks
     room = sum(1.0 if c is None else c for c in caps)
     for rank, cap in enumerate(caps):
         if cap is not None and room > 0:
-            need = sum(rank_need(plan, rank, 256, 0).values())
+            need = sum(rank_need(plan, rank, 256, 0, kv_type="f32").values())
             # within the cap, unless the caps together can't hold the model and its KV cache with a granule to
             # spare per rank (a head is 1/16 of the attention rows, about 1/32 of this model): the memory check
             # then says so
-            held = sum(rank_need(plan, r, 256, 0)[part] for r in range(n) for part in ("weights", "kv"))
+            held = sum(rank_need(plan, r, 256, 0, kv_type="f32")[part] for r in range(n) for part in ("weights", "kv"))
             assert need <= cap or held + n * held // 32 > sum((c or 2**40) - 384 * MiB for c in caps)
     assert abs(sum(plan_shares(plan)) - 1) < 1e-9
+
+
+def test_the_kv_cache_is_counted_in_its_type():
+    """A rank capped below half the model: a smaller KV type leaves room for a larger share."""
+    ranks = [RankSpeed(0.01, 0.001, ())] * 2
+    load = largest_tensor_bytes(SPEC)
+    cap = RUNTIME_BYTES + load + 22 * MiB  # 0.43 of the weights and an f32 cache of 1024 tokens; 0.48 with f16
+    shares = {}
+    for kv_type in ("f32", "f16"):
+        _, plan = solve(SPEC, ranks, [cap, None], 1024, 1, load, kv_type=kv_type)
+        assert sum(rank_need(plan, 0, 1024, load, kv_type=kv_type).values()) <= cap
+        shares[kv_type] = plan_shares(plan)[0]
+    assert shares["f32"] < shares["f16"] < 0.5
 
 
 def test_one_rank_times_each_share_of_the_model_on_the_kernels_and_fits_the_line(monkeypatch):

@@ -14,7 +14,7 @@ from conftest import SHARED_MODELS, STORIES, run_mpiexec, write_random_model
 KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_per_s", "prefill_tokens_per_s",
         "bandwidth_gb_s", "roofline_fraction", "bytes_sent_per_token", "compute_s_per_token",
         "collective_s_per_token", "peak_rss_mb", "time_to_first_token_s", "load_gb_s", "wait_s_per_token",
-        "model", "rows_per_step", "kernel_isa")
+        "model", "rows_per_step", "kernel_isa", "kv_type", "planned_mb")
 
 
 @pytest.mark.jobs
@@ -31,7 +31,7 @@ def test_bench_json_under_mpiexec(tmp_path):
         assert r["world_size"] == 3 and r["budgets"] == [2, 1, 1] and r["shape"] == "tiny"
         assert r["model"].endswith("bench-tiny-q40-v1.h5") and r["model"].startswith(str(tmp_path))
         assert [x["rows"] for x in r["rows_per_step"]] == [1, 3] and all(x["tok_s"] > 0 for x in r["rows_per_step"])
-        assert r["kernel_isa"] in ("avx512vnni", "avx2", "portable")
+        assert r["kernel_isa"] in ("avx512vnni", "avx2", "portable") and r["kv_type"] == "f16"
         assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"16", "40"}
         assert 0 < r["roofline_fraction"] < 1 and r["bandwidth_gb_s"] > 0
         assert len(r["bytes_sent_per_token"]) == len(r["peak_rss_mb"]) == len(r["collective_s_per_token"]) == 3
@@ -42,16 +42,18 @@ def test_bench_json_under_mpiexec(tmp_path):
 
 @pytest.mark.jobs
 def test_bench_model_file_table(tmp_path):
-    """--model measures a given file (here of a shape no --shape has), as a table; --rows off by default."""
+    """--model measures a given file (here of a shape no --shape has), as a table, in the KV type asked for;
+    --rows off by default."""
     from dllama_mpi.commands.bench import SHAPES
 
     spec = dataclasses.replace(SHAPES["tiny"], vocab_size=300, n_layers=2)
     model = write_random_model(tmp_path / "other.h5", spec)
     result = run_mpiexec(2, [sys.executable, "-m", "dllama_mpi", "bench", "--model", str(model), "--prompt-lengths", "12",
-                             "--decode-steps", "3", "--repeat", "1"], timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+                             "--decode-steps", "3", "--repeat", "1", "--kv-type", "q8_0"], timeout=300,
+                         env={"XDG_CACHE_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert first.startswith(f"{model}: 2 rank(s), budgets 1 1, buffers q80, ") and ", kernels " in first
+    assert first.startswith(f"{model}: 2 rank(s), budgets 1 1, buffers q80, KV cache q8_0, ") and ", kernels " in first
     assert "rows per step" not in result.stdout and "prefill 12 tokens: " in result.stdout
     assert not list(tmp_path.glob("dllama_mpi/bench-*.h5"))  # no shape's model written
 
@@ -83,12 +85,13 @@ def test_bench_table_shows_decode_at_each_depth():
     from dllama_mpi.commands.bench import table
 
     r = {"shape": "tiny", "world_size": 1, "budgets": [1], "budgets_chosen": [1], "auto_predicted_ms_per_token": None,
-         "buffer_float_type": "q80", "threads_per_rank": [2], "kernel_isa": "avx2", "decode_tokens_per_s": 50.0,
+         "buffer_float_type": "q80", "kv_type": "q8_0", "threads_per_rank": [2], "kernel_isa": "avx2", "decode_tokens_per_s": 50.0,
          "roofline_fraction": 0.5, "weight_bytes_per_token": 1e6, "bandwidth_gb_s": 10.0,
          "prefill_tokens_per_s": {"8": 100.0}, "prefill_to_decode_ratio": {"8": 2.0}, "time_to_first_token_s": 1.0,
          "load_s": 0.1, "load_gb_s": 1.0, "rows_per_step": [], "compute_s_per_token": [0.01],
          "collective_s_per_token": [0.0], "wait_s_per_token": [0.0], "bytes_sent_per_token": [0.0],
          "peak_rss_mb": [100.0], "planned_mb": [50.0], "decode_tokens_per_s_at_depth": {"0": 50.0}}
+    assert table(r).startswith("tiny: 1 rank(s), budgets 1, buffers q80, KV cache q8_0, threads [2], kernels avx2\n")
     assert "decode at depth" not in table(r)  # depth 0 alone: the decode line says it
     deep = table({**r, "decode_tokens_per_s_at_depth": {"0": 50.0, "2048": 40.125}}).splitlines()
     assert "  decode at depth 0: 50.00, 2048: 40.12 tokens/s (tokens in the KV cache; 0: after the 8-token prompt)" in deep

@@ -48,8 +48,8 @@ def test_bad_budgets_say_what_and_how(values, message):
 
 def test_need_is_weights_kv_runtime_and_rank_0s_load_buffer():
     plan = make_plan(TINYLLAMA, [3, 1])
-    need0, need1 = rank_need(plan, 0, 2048, 10 * MiB), rank_need(plan, 1, 2048, 10 * MiB)
-    assert need0 == {"weights": plan.weight_bytes(0), "kv": plan.kv_cache_bytes(0, 2048), "runtime": RUNTIME_BYTES,
+    need0, need1 = rank_need(plan, 0, 2048, 10 * MiB, kv_type="f16"), rank_need(plan, 1, 2048, 10 * MiB, kv_type="f16")
+    assert need0 == {"weights": plan.weight_bytes(0), "kv": plan.kv_cache_bytes(0, 2048, "f16"), "runtime": RUNTIME_BYTES,
                      "load": 10 * MiB}
     assert "load" not in need1
 
@@ -57,53 +57,55 @@ def test_need_is_weights_kv_runtime_and_rank_0s_load_buffer():
 def test_a_rank_over_its_cap_is_named_with_a_fitting_context_and_fitting_budgets():
     plan = make_plan(ModelSpec(**{**TINYLLAMA.to_attrs(), "seq_len": 10**6}), [1, 1])  # a context of 200k is no stretch
     budgets = Budgets((GiB, GiB), (GiB, GiB))
-    assert fit_problems(plan, budgets, 2048, 0, ["a", "b"], [None, None]) == []
-    problems = fit_problems(plan, budgets, 200_000, 0, ["a", "b"], [None, None])
+    assert fit_problems(plan, budgets, 2048, 0, ["a", "b"], [None, None], kv_type="f16") == []
+    problems = fit_problems(plan, budgets, 200_000, 0, ["a", "b"], [None, None], kv_type="f16")
     assert len(problems) == 3 and problems[0].startswith("rank 0 needs") and problems[1].startswith("rank 1 needs")
-    seq = int(problems[0].split("--max-seq-len ")[1])
-    assert not fit_problems(plan, budgets, seq, 0, ["a", "b"], [None, None])  # the suggested context fits
-    assert fit_problems(plan, budgets, seq + 1, 0, ["a", "b"], [None, None])
+    seq = int(problems[0].split("--max-seq-len ")[1].split(",")[0])
+    assert not fit_problems(plan, budgets, seq, 0, ["a", "b"], [None, None], kv_type="f16")  # the suggested context fits
+    assert fit_problems(plan, budgets, seq + 1, 0, ["a", "b"], [None, None], kv_type="f16")
     suggested = [int(s[:-3]) * MiB for s in problems[2].split("--memory-budget ")[1].split()]
-    assert not fit_problems(plan, Budgets(tuple(suggested), tuple(suggested)), 200_000, 0, ["a", "b"], [None, None])
+    assert not fit_problems(plan, Budgets(tuple(suggested), tuple(suggested)), 200_000, 0, ["a", "b"], [None, None],
+                            kv_type="f16")
 
 
 def test_ranks_sharing_a_node_share_its_memory():
     plan = make_plan(TINYLLAMA, [1, 1, 1])
-    need = [sum(rank_need(plan, r, 2048, 0).values()) for r in range(3)]
+    need = [sum(rank_need(plan, r, 2048, 0, kv_type="f16").values()) for r in range(3)]
     ratios = Budgets((1, 1, 1), None)
     room = need[0] + need[1] - 1  # ranks 0 and 1 on node "a": one byte short
-    problems = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room, room, need[2]])
+    problems = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room, room, need[2]], kv_type="f16")
     assert len(problems) == 1 and problems[0].startswith("ranks 0, 1 on a need")
-    assert not fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room + 1, room + 1, need[2]])
+    assert not fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [room + 1, room + 1, need[2]], kv_type="f16")
 
 
 def test_a_full_node_is_told_only_what_can_help():
     plan = make_plan(TINYLLAMA, [1, 1, 1])
-    need = [sum(rank_need(plan, r, 2048, 0).values()) for r in range(3)]
+    need = [sum(rank_need(plan, r, 2048, 0, kv_type="q8_0").values()) for r in range(3)]
     ratios = Budgets((1, 1, 1), None)
-    alone = fit_problems(plan, ratios, 2048, 0, ["a", "a", "a"], [sum(need) - 1] * 3)
-    assert len(alone) == 1 and "smaller share" not in alone[0] and "q40" not in alone[0]  # one node, q40 already
+    alone = fit_problems(plan, ratios, 2048, 0, ["a", "a", "a"], [sum(need) - 1] * 3, kv_type="q8_0")
+    # one node, q40 already, the smallest KV cache already
+    assert len(alone) == 1 and "smaller share" not in alone[0] and "q40" not in alone[0] and "--kv-type" not in alone[0]
     assert alone[0].endswith("use a shorter context (--max-seq-len 2047), or run some of the ranks on other nodes")
-    shared = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [need[0] + need[1] - 1] * 2 + [None])
+    shared = fit_problems(plan, ratios, 2048, 0, ["a", "a", "b"], [need[0] + need[1] - 1] * 2 + [None], kv_type="f16")
     assert "give the ranks there a smaller share of --memory-budget (the ranks on other nodes more)" in shared[0]
     f32 = make_plan(ModelSpec(**{**TINYLLAMA.to_attrs(), "weight_type": "f32"}), [1])
-    assert "convert the model to q40 weights" in fit_problems(f32, Budgets((1,), None), 2048, 0, ["a"], [GiB])[0]
+    assert "convert the model to q40 weights" in fit_problems(f32, Budgets((1,), None), 2048, 0, ["a"], [GiB], kv_type="f16")[0]
 
 
 def test_a_context_beyond_the_trained_length_is_never_suggested():
     plan = make_plan(TINYLLAMA, [1])  # trained for 2048
-    room = sum(rank_need(plan, 0, 4096, 0).values()) - 1  # 4095 tokens would fit
-    problems = fit_problems(plan, Budgets((1,), None), 10**7, 0, ["a"], [room])
+    room = sum(rank_need(plan, 0, 4096, 0, kv_type="f16").values()) - 1  # 4095 tokens would fit
+    problems = fit_problems(plan, Budgets((1,), None), 10**7, 0, ["a"], [room], kv_type="f16")
     assert "--max-seq-len 2048, the length the model was trained for" in problems[0]
 
 
 def test_a_server_needs_the_kv_cache_of_every_slot():
     plan = make_plan(TINYLLAMA, [1])
-    one, four = rank_need(plan, 0, 2048, 0), rank_need(plan, 0, 2048, 0, n_slots=4)
+    one, four = rank_need(plan, 0, 2048, 0, kv_type="f16"), rank_need(plan, 0, 2048, 0, n_slots=4, kv_type="f16")
     assert four["kv"] == 4 * one["kv"] and four["weights"] == one["weights"]
     room = sum(one.values())  # the node holds one slot's cache, not four
-    assert not fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room])
-    problems = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room], n_slots=4)
+    assert not fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room], kv_type="f16")
+    problems = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [room], n_slots=4, kv_type="f16")
     assert len(problems) == 1 and "KV cache for 4 slots x 2048 tokens" in problems[0]
     assert "serve fewer sequences at once (--slots)" in problems[0]
 
@@ -296,3 +298,19 @@ def test_node_cores_are_the_quota_where_it_allows_fewer_than_the_affinity(monkey
     assert threads.node_cores() == 1  # at least one
     monkeypatch.setattr(cgroups, "cpu_quota", lambda root=None: (affinity + 0.9, "cgroup /x"))
     assert threads.node_cores() == affinity
+
+
+def test_the_kv_cache_is_counted_in_its_type_and_a_smaller_one_is_suggested():
+    """A cap between the f16 and the f32 need: f16 fits, f32 is refused, the message naming the type
+    of the KV cache it counted and the smaller type that would help."""
+    plan = make_plan(TINYLLAMA, [1])
+    f16, f32 = (rank_need(plan, 0, 2048, 0, kv_type=t) for t in ("f16", "f32"))
+    assert f32["kv"] == 2 * f16["kv"] and f32["weights"] == f16["weights"]
+    cap = sum(f16.values()) + f16["kv"] // 2
+    budgets = Budgets((cap,), (cap,))
+    assert not fit_problems(plan, budgets, 2048, 0, ["a"], [None], kv_type="f16")
+    problems = fit_problems(plan, budgets, 2048, 0, ["a"], [None], kv_type="f32")
+    assert problems[0].startswith("rank 0 needs") and "f32 KV cache for 2048 tokens 88.0MiB" in problems[0]
+    assert problems[0].endswith(", or --kv-type q8_0")
+    node = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [cap], kv_type="f32")
+    assert "store the KV cache smaller (--kv-type q8_0)" in node[0]

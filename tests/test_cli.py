@@ -95,7 +95,7 @@ def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_model
     for r, row in enumerate(traffic_rows):
         assert float(row[1]) == pytest.approx(plan.traffic("f32").payload[r] / 1024, abs=0.05)
         assert float(row[2]) == pytest.approx(plan.traffic("q80").payload[r] / 1024, abs=0.05)
-        memory = (plan.weight_bytes(r) + plan.kv_cache_bytes(r, 200)) / 2**20
+        memory = (plan.weight_bytes(r) + plan.kv_cache_bytes(r, 200, "f16")) / 2**20  # f16: the default
         assert float(row[3]) == pytest.approx(memory, abs=0.05)
     assert f"plan {plan.plan_hash()}" in result.stdout
     assert f"{plan.traffic('q80').wire / 1024:.1f} KiB cross between ranks" in result.stdout
@@ -109,16 +109,54 @@ def test_serve_dry_run_counts_every_slot_s_kv_cache_and_says_so(stories_models):
                       "--max-seq-len", "200", "--slots", "4")
     assert result.returncode == 0, result.stderr
     plan = make_plan(open_model(stories_models["q40"]).spec, [3, 1])
-    assert "KV cache 4 slots x 200 tokens" in result.stdout
+    assert "KV cache 4 slots x 200 tokens in f16" in result.stdout
     header = next(line for line in result.stdout.splitlines() if line.startswith("rank budget"))
-    assert header.endswith(" kv MiB (4 slots)"), header
+    assert header.endswith(" kv MiB f16 (4 slots)"), header
     rows = _table(result.stdout)
     plan_rows, memory_rows = rows[:2], rows[2:]
     for r in range(2):
-        kv = 4 * plan.kv_cache_bytes(r, 200) / 2**20
+        kv = 4 * plan.kv_cache_bytes(r, 200, "f16") / 2**20
         assert float(plan_rows[r][9]) == pytest.approx(kv, abs=0.006)
         # the memory table's total holds the same KV cache
         assert float(memory_rows[r][3]) == pytest.approx(plan.weight_bytes(r) / 2**20 + kv, abs=0.06)
+
+
+def test_dry_run_counts_and_names_the_kv_type_and_refuses_an_unknown_one():
+    """--kv-type: the plan line, the table's KV column and the memory table count the cache in
+    that type; the default f16 is half of f32; a cap between the two refuses f32 alone."""
+    from dllama_mpi.files.modelfile import largest_tensor_bytes
+    from dllama_mpi.files.synthetic import SYNTHETIC_SPEC
+    from dllama_mpi.parallel.budgets import rank_need
+    from dllama_mpi.parallel.plan import make_plan
+
+    plan = make_plan(SYNTHETIC_SPEC, [3, 1])
+    runs = {t: _dry_run("--memory-budget", "3", "1", "--max-seq-len", "4096", *(["--kv-type", t] if t else []))
+            for t in ("f32", "q8_0", None)}
+    for kv_type, result in runs.items():
+        assert result.returncode == 0, result.stderr
+        kv_type = kv_type or "f16"
+        assert "KV cache 4096 tokens in " + kv_type in result.stdout
+        header = next(line for line in result.stdout.splitlines() if line.startswith("rank budget"))
+        assert header.endswith(f" kv MiB {kv_type}"), header
+        rows = _table(result.stdout)
+        for r in range(2):
+            kv = plan.kv_cache_bytes(r, 4096, kv_type) / 2**20
+            assert float(rows[r][9]) == pytest.approx(kv, abs=0.006)
+            assert float(rows[2 + r][3]) == pytest.approx(plan.weight_bytes(r) / 2**20 + kv, abs=0.06)
+    f16_kv, f32_kv = (float(_table(runs[t].stdout)[0][9]) for t in (None, "f32"))
+    assert f16_kv == pytest.approx(f32_kv / 2, abs=0.006)
+    row = SYNTHETIC_SPEC.head_dim + 2 * SYNTHETIC_SPEC.head_dim // 32  # int8 codes, an fp16 scale per 32
+    assert f"x {row} bytes (a head's row of {SYNTHETIC_SPEC.head_dim} values in q8_0" in runs["q8_0"].stdout
+    # one rank capped between its f16 and its f32 need: f16 fits, f32 is refused naming its KV cache
+    one = make_plan(SYNTHETIC_SPEC, [1])
+    need = [sum(rank_need(one, 0, 4096, largest_tensor_bytes(SYNTHETIC_SPEC), kv_type=t).values()) for t in ("f16", "f32")]
+    cap = f"{(need[0] + need[1]) / 2 / 2**20:.0f}MiB"
+    assert _dry_run("--memory-budget", cap, "--max-seq-len", "4096").returncode == 0
+    refused = _dry_run("--memory-budget", cap, "--max-seq-len", "4096", "--kv-type", "f32")
+    assert refused.returncode == 2 and "f32 KV cache for 4096 tokens" in refused.stderr, refused.stderr
+    bad = _dry_run("--kv-type", "q4")
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "error: argument --kv-type: invalid choice: 'q4' (choose from 'f32', 'f16', 'q8_0')"), bad.stderr
 
 
 def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):

@@ -183,10 +183,11 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 def test_run_commands(tmp_path):
     g, h = tmp_path / "m.gguf", tmp_path / "m.h5"
     assert lc.llama_bench_command(Path("/c/llama-bench"), g, 2) == [
-        "/c/llama-bench", "-m", str(g), "-t", "2", "-p", "128", "-n", "32", "-r", "1", "-o", "json"]
+        "/c/llama-bench", "-m", str(g), "-t", "2", "-p", "128", "-n", "32", "-r", "1", "-o", "json", "-ctk", "f16",
+        "-ctv", "f16"]
     assert lc.ours_command("mpiexec", h, ["3", "2", "2", "1"], python="py") == [
         "mpiexec", "-n", "4", "py", "-m", "dllama_mpi", "bench", "--model", str(h), "--memory-budget", "3", "2", "2", "1",
-        "--prompt-lengths", "128", "--decode-steps", "32", "--repeat", "1", "--json"]
+        "--prompt-lengths", "128", "--decode-steps", "32", "--repeat", "1", "--kv-type", "f16", "--json"]
     assert lc.ours_command("mpiexec", h, ["1"], python="py", nthreads=2)[-2:] == ["--nthreads", "2"]
     # depth 0 alone leaves the commands as they were; deeper depths go to llama-bench's -d and our --depths
     assert lc.llama_bench_command(Path("b"), g, 2, [0]) == lc.llama_bench_command(Path("b"), g, 2)
@@ -197,6 +198,22 @@ def test_run_commands(tmp_path):
     assert lc.parse_configs(["1", "1-1", "3-2-2-1"]) == [["1"], ["1", "1"], ["3", "2", "2", "1"]]
     with pytest.raises(ValueError, match="joined by '-'"):
         lc.parse_configs(["3--1"])
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_the_kv_type_is_the_same_on_both_sides(tmp_path, kv_type):
+    """--kv-type goes to our bench as itself and to llama-bench as -ctk and -ctv of ggml's same-named type;
+    every type the bench takes has its llama.cpp twin."""
+    from dllama_mpi.commands.bench import build_parser
+    from dllama_mpi.model import quant
+
+    assert set(lc.LLAMA_KV_TYPES) == set(quant.KV_TYPES)
+    llama = lc.llama_bench_command(Path("b"), tmp_path / "m.gguf", 2, [0, 2048], kv_type)
+    assert llama[llama.index("-ctk") + 1] == llama[llama.index("-ctv") + 1] == kv_type
+    ours = lc.ours_command("mpiexec", tmp_path / "m.h5", ["1"], python="py", kv_type=kv_type)
+    assert build_parser().parse_args(ours[7:]).kv_type == kv_type
+    assert lc.parser().parse_args(["--kv-type", kv_type]).kv_type == kv_type
+    assert lc.parser().parse_args([]).kv_type == "f16"
 
 
 def test_the_commands_parse_under_the_bench_and_the_converter(tmp_path):
@@ -295,12 +312,13 @@ def test_medians_ranges_and_ratios_table():
     assert table[3] == "| dllama_mpi 1 | 10.00 (9.00-11.00) | 45.00 (40.00-50.00) | 0.48 | 0.47 |"
     assert table[4] == "| dllama_mpi 1-1 | 7.50 (7.00-8.00) | 34.00 (30.00-38.00) | 0.36 | 0.36 |"
     facts = {"cpu": "Some CPU", "cores": 2, "kernel_isa": "avx512", "shape": "tiny", "seed": 0, "version": "0.3.36",
-             "llama_build": "abc", "llama_threads": 2, "our_threads": None, "repeat": 3, "idle": False}
+             "llama_build": "abc", "llama_threads": 2, "our_threads": None, "repeat": 3, "idle": False, "kv_type": "f16"}
     text = lc.report(summary, facts)
     assert text.startswith("CPU: Some CPU (2 cores); our kernels' instruction set: avx512\n")
     assert "MACHINE NOT IDLE" in text and text.endswith("\n".join(table))
     assert "runs had another process" not in text and "AMX" not in text
     assert "0.3.36 (build abc) without AMX (see X86_NO_AMX), 2 threads;" in lc.report(summary, {**facts, "no_amx": True})
+    assert "; KV cache q8_0 on both (llama-bench -ctk/-ctv, our --kv-type);" in lc.report(summary, {**facts, "kv_type": "q8_0"})
     assert "; 2 of 8 runs had another process above the idle threshold beside them\n" in lc.report(
         summary, {**facts, "disturbed_runs": 2, "runs": 8})
     without = lc.summarize(rows[3:])  # no llama.cpp row: no ratios
@@ -324,7 +342,7 @@ def test_decode_at_depths_summary_table_and_report():
     facts = {"cpu": "Some CPU", "cores": 2, "kernel_isa": "avx512", "shape": None, "seed": None, "quant": None,
              "gguf": "/models/llama.gguf", "version": "0.3.36", "llama_build": "unknown", "llama_threads": 2,
              "our_threads": None, "repeat": 2, "idle": True, "depths": [0, 2048], "skipped_depths": [8192],
-             "seq_len": 4096}
+             "seq_len": 4096, "kv_type": "f16"}
     head = lc.report(summary, facts).splitlines()[1]
     assert head.startswith("model /models/llama.gguf (converted with dllama-mpi-convert's defaults); llama.cpp from ")
     assert "; decode @ dN: after N tokens in the KV cache (llama-bench -d; ours: bench --depths" in head

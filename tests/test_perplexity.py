@@ -36,10 +36,11 @@ def _final_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def f32_base(stories_models, tmp_path_factory):
-    """stories260K f32 with f32 buffers on one rank, its logits saved: (results, logits file, stderr)."""
+    """stories260K f32 with f32 buffers and an f32 KV cache on one rank, its logits saved: (results, logits
+    file, stderr)."""
     path = tmp_path_factory.mktemp("logits") / "base-f32.h5"
-    result = _ppl(1, stories_models["f32"], "--ctx", str(CTX), "--buffer-float-type", "f32", "--save-logits",
-                  str(path), "--json")
+    result = _ppl(1, stories_models["f32"], "--ctx", str(CTX), "--buffer-float-type", "f32", "--kv-type", "f32",
+                  "--save-logits", str(path), "--json")
     return _json(result), path, result.stderr
 
 
@@ -49,10 +50,13 @@ def test_the_ppl_is_the_same_on_1_and_3_ranks_and_kl_against_its_own_logits_is_z
     one, base, one_err = f32_base
     assert one["n_chunks"] == 9 and one["ctx"] == CTX and one["n_scored"] == 9 * 63 and one["dropped_tokens"] == 105
     assert 1 < one["ppl"] < 20 and 0 < one["ppl_stderr"] < one["ppl"]
-    result = _ppl(3, stories_models["f32"], "--ctx", str(CTX), "--buffer-float-type", "f32",
+    result = _ppl(3, stories_models["f32"], "--ctx", str(CTX), "--buffer-float-type", "f32", "--kv-type", "f32",
                   "--memory-budget", "2", "1", "1", "--kl-base", str(base), "--json")
     three = _json(result)
     assert three["world_size"] == 3 and three["budgets"] == [2, 1, 1]
+    assert one["kv_type"] == three["kv_type"] == "f32" and "f32 buffers, f32 KV cache, 3 rank(s)" in result.stderr
+    with h5py.File(base, "r") as f:
+        assert f.attrs["kv_type"] == "f32"
     # bit for bit: JSON floats round-trip exactly
     assert (three["ppl"], three["ppl_stderr"], three["n_scored"]) == (one["ppl"], one["ppl_stderr"], one["n_scored"])
     assert _final_line(result.stderr) == _final_line(one_err)

@@ -107,14 +107,31 @@ def test_tinyllama_3221_example():
     assert [s.ffn_rows[1] - s.ffn_rows[0] for s in plan.ranks] == [2112, 1408, 1408, 704]
     assert [s.dim_rows[1] - s.dim_rows[0] for s in plan.ranks] == [768, 512, 512, 256]
     # KV head 1 serves query heads 8..15, split between ranks 0 and 1: it is cached on both
-    assert plan.kv_cache_bytes(0, 100) == 2 * 4 * 22 * 100 * 2 * 64
+    assert plan.kv_cache_bytes(0, 100, "f32") == 2 * 4 * 22 * 100 * 2 * 64
+
+
+def test_kv_bytes_are_each_types_row_per_head_layer_and_position():
+    plan = make_plan(TINYLLAMA, [3, 2, 2, 1])  # head_dim 64: two Q8_0 blocks of 32 per row
+    f32, f16, q80 = (plan.kv_cache_bytes(0, 100, t) for t in ("f32", "f16", "q8_0"))
+    assert f16 == 2 * 2 * 22 * 100 * 2 * 64 and f32 == 2 * f16
+    assert q80 == 2 * 22 * 100 * 2 * (64 + 2 * 64 // 32)  # int8 codes and an fp16 scale per 32 values
+    assert plan.kv_cache_bytes(3, 100, "q8_0") == q80 // 2  # rank 3 caches one KV head
+    # stories260K's heads are 8 wide: one block (and one scale) per row, so a block never spans two heads
+    stories = make_plan(STORIES, [1])
+    assert stories.kv_cache_bytes(0, 10, "q8_0") == 2 * 5 * 10 * 4 * (8 + 2)
+    assert stories.kv_cache_bytes(0, 10, "f16") == 2 * 5 * 10 * 4 * 16
 
 
 def test_plan_table_lists_every_rank_with_memory():
-    table = make_plan(TINYLLAMA, [3, 2, 2, 1]).table(2048)
-    lines = table.splitlines()
-    assert len(lines) == 5 and "weights MiB" in lines[0] and "kv MiB" in lines[0]
+    plan = make_plan(TINYLLAMA, [3, 2, 2, 1])
+    lines = plan.table(2048, 1, "f16").splitlines()
+    assert len(lines) == 5 and "weights MiB" in lines[0] and lines[0].endswith(" kv MiB f16")
     assert lines[1].split()[:5] == ["0", "3", "37.5%", "12", "2"]
+    assert float(lines[1].split()[-1]) == pytest.approx(plan.kv_cache_bytes(0, 2048, "f16") / 2**20, abs=0.005)
+    q80 = plan.table(2048, 4, "q8_0").splitlines()
+    assert q80[0].endswith(" kv MiB q8_0 (4 slots)")
+    assert plan.table(2048) == plan.table(2048, 1, "f16")  # the converter's --info: a launch's default
+    assert float(q80[1].split()[-1]) == pytest.approx(4 * plan.kv_cache_bytes(0, 2048, "q8_0") / 2**20, abs=0.005)
 
 
 def test_weight_bytes_add_up_to_the_model():

@@ -12,8 +12,9 @@ What it does, each step cached so that later runs only measure:
 3. converts it with dllama-mpi-convert (the Q4_0 blocks are carried over bit-exact);
 4. waits until the machine is idle (no other process above --idle-cpu % for --idle-seconds),
    then runs both, interleaved (llama.cpp, ours for each --configs, llama.cpp, ...)
-   --repeat times: `llama-bench -p 128 -n 32 -r 1 -o json` and
-   `mpiexec -n N python -m dllama_mpi bench --model OUT.h5 --memory-budget ... --json`;
+   --repeat times: `llama-bench -p 128 -n 32 -r 1 -o json -ctk T -ctv T` and
+   `mpiexec -n N python -m dllama_mpi bench --model OUT.h5 --memory-budget ... --kv-type T --json`,
+   both with the KV cache in --kv-type T (default f16, llama.cpp's own default);
    with --depth N ..., decode is also measured after N tokens in the KV cache
    (`llama-bench -d 0,N,...`, our bench's `--depths N ...`), at each depth the model's context allows;
 5. prints the medians (min-max) and their ratios to llama.cpp's medians of the same run.
@@ -52,6 +53,9 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
 # llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
 LLAMA_F32_ATTENTION = ("-fa", "off", "-ctk", "f32", "-ctv", "f32")
+# our --kv-type -> llama-bench's -ctk and -ctv (ggml's type names); its flash attention stays at its
+# default, auto, which llama.cpp needs on for a quantized V cache (q8_0)
+LLAMA_KV_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0"}
 CONVERSION_VERSION = 3  # bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k; 3: mixed stacks kept)
 PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
 GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
@@ -493,18 +497,21 @@ def parse_configs(configs: list[str]) -> list[list[str]]:
     return out
 
 
-def llama_bench_command(binary: Path, gguf_path: Path, threads: int, depths: Sequence[int] = (0,)) -> list[str]:
-    """`depths`: split_depths' measured ones; only depth 0 (the default) leaves -d out, as before there were depths."""
+def llama_bench_command(binary: Path, gguf_path: Path, threads: int, depths: Sequence[int] = (0,),
+                        kv_type: str = quant.DEFAULT_KV_TYPE) -> list[str]:
+    """`depths`: split_depths' measured ones; only depth 0 (the default) leaves -d out, as before there were depths.
+    The KV cache's type is always given, so that the command recorded says what was measured."""
+    kv = LLAMA_KV_TYPES[kv_type]
     command = [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS),
-               "-r", "1", "-o", "json"]
+               "-r", "1", "-o", "json", "-ctk", kv, "-ctv", kv]
     return command + (["-d", ",".join(map(str, depths))] if max(depths) > 0 else [])
 
 
 def ours_command(mpiexec: str, h5_path: Path, budgets: list[str], python: str = sys.executable,
-                 nthreads: int | None = None, depths: Sequence[int] = (0,)) -> list[str]:
+                 nthreads: int | None = None, depths: Sequence[int] = (0,), kv_type: str = quant.DEFAULT_KV_TYPE) -> list[str]:
     command = [mpiexec, "-n", str(len(budgets)), python, "-m", "dllama_mpi", "bench", "--model", str(h5_path),
                "--memory-budget", *budgets, "--prompt-lengths", str(PROMPT_TOKENS), "--decode-steps", str(GEN_TOKENS),
-               "--repeat", "1", "--json"]
+               "--repeat", "1", "--kv-type", kv_type, "--json"]
     command += ["--depths", *map(str, depths)] if max(depths) > 0 else []
     return command + (["--nthreads", str(nthreads)] if nthreads else [])
 
@@ -648,7 +655,7 @@ def report(summary: list[dict], facts: dict) -> str:
         f"CPU: {facts['cpu']} ({facts['cores']} cores); our kernels' instruction set: {facts['kernel_isa']}",
         f"{model}; llama.cpp from llama-cpp-python "
         f"{facts['version']}{build}{' without AMX (see X86_NO_AMX)' if facts.get('no_amx') else ''}, "
-        f"{facts['llama_threads']} threads; "
+        f"{facts['llama_threads']} threads; KV cache {facts['kv_type']} on both (llama-bench -ctk/-ctv, our --kv-type); "
         f"ours: threads per rank {facts.get('our_threads') or 'the bench default'}; {facts['repeat']} interleaved "
         f"round(s); ratios = our median / llama.cpp's median{'' if facts['idle'] else '; MACHINE NOT IDLE'}"
         + (f"; {facts['disturbed_runs']} of {facts['runs']} runs had another process above the idle threshold beside "
@@ -685,6 +692,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", nargs="+", type=depth, default=[0], metavar="N",
                    help="also measure decode after N tokens in the KV cache, for each N (llama-bench -d; ours: bench "
                         "--depths); depths beyond the model's context are skipped, saying so (default: 0)")
+    p.add_argument("--kv-type", choices=list(LLAMA_KV_TYPES), default=quant.DEFAULT_KV_TYPE,
+                   help="the KV cache's type on both sides: our bench's --kv-type, llama-bench's -ctk and -ctv "
+                        "(default: %(default)s, the default of both)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="B-B-...",
                    help="our configurations: memory budgets joined by '-', one per rank (default: %(default)s)")
     p.add_argument("--repeat", type=positive_int, default=5, help="interleaved rounds (default: %(default)s)")
@@ -756,9 +766,10 @@ def main(argv=None) -> int:
     me, ticks = {os.getpid()}, os.sysconf("SC_CLK_TCK")
     for i, system, config in schedule(args.configs, args.repeat):
         if system == LLAMA:
-            command = llama_bench_command(binary, gguf_path, args.threads, depths)
+            command = llama_bench_command(binary, gguf_path, args.threads, depths, args.kv_type)
         else:
-            command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads, depths=depths)
+            command = ours_command(mpiexec, h5_path, by_config[config], nthreads=args.nthreads, depths=depths,
+                                   kv_type=args.kv_type)
         log(f"round {i + 1}/{args.repeat}: {system} {config}")
         before, t0 = cpu_sample(me), time.monotonic()
         out, _ = run_capture(command, args.run_timeout)
@@ -767,7 +778,8 @@ def main(argv=None) -> int:
         others = busy_processes(before, cpu_sample(me), seconds, args.idle_cpu, ticks)
         parsed = parse_llama_bench(out, depths) if system == LLAMA else parse_ours(out, depths)
         (llama_facts if system == LLAMA else our_facts).update(parsed)
-        rows.append({"round": i, "system": system, "config": config, "seconds": seconds, "command": command,
+        rows.append({"round": i, "system": system, "config": config, "kv_type": args.kv_type, "seconds": seconds,
+                     "command": command,
                      "disturbed_by": [f"{name} (pid {pid}) {pct:.0f}%" for pid, name, pct in others], **parsed})
         log(f"  decode {parsed['decode']:.2f} tok/s, prefill-{PROMPT_TOKENS} {parsed['prefill']:.2f} tok/s"
             + "".join(f", decode @ d{d} {v:.2f} tok/s" for d, v in parsed["decode_at_depth"].items() if d != "0")
@@ -776,7 +788,7 @@ def main(argv=None) -> int:
     facts = {"cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)),
              "kernel_isa": our_facts.get("kernel_isa", "unknown"), "shape": args.shape, "seed": args.seed,
              "quant": args.quant, "gguf": str(gguf_path) if args.gguf is not None else None,
-             "depths": depths, "skipped_depths": skipped, "seq_len": seq_len,
+             "depths": depths, "skipped_depths": skipped, "seq_len": seq_len, "kv_type": args.kv_type,
              "version": args.llama_cpp_python, "llama_build": llama_facts.get("build_commit"),
              "llama_threads": args.threads, "our_threads": args.nthreads, "repeat": args.repeat, "idle": idle,
              "disturbed_runs": sum(bool(r["disturbed_by"]) for r in rows), "runs": len(rows),

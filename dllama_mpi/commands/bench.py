@@ -192,7 +192,7 @@ def run(comm, args) -> dict | None:
     for buffer_type in args.buffer_float_type:
         longest = max(args.prompt_lengths + [SHORT_PROMPT + max(row_counts, default=0)] + depths)
         job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=longest + args.decode_steps + 1,
-                       check=_refuse_depths_beyond(depths, args.decode_steps))
+                       kv_type=args.kv_type, check=_refuse_depths_beyond(depths, args.decode_steps))
         load_s = job.load_s
         engine, spec = job.engine, job.plan.spec
         prefill = {}
@@ -226,7 +226,9 @@ def run(comm, args) -> dict | None:
         mine = {
             "compute": float(fwd - coll), "collective": float(coll), "sent": float(sent),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "planned_mb": (job.plan.weight_bytes(comm.rank) + engine.kv_cache_bytes) / 2**20,
+            # what the memory check counted: the weights and one slot's KV cache in --kv-type
+            "planned_mb": (job.plan.weight_bytes(comm.rank)
+                           + job.plan.kv_cache_bytes(comm.rank, engine.max_seq_len, args.kv_type)) / 2**20,
             "weight_bytes": job.weights.nbytes - (job.weights.embedding.nbytes
                                                       if not spec.shared_classifier else 0),
             "threads": n_threads,
@@ -238,7 +240,7 @@ def run(comm, args) -> dict | None:
             tps = float(np.median(decode))
             results[buffer_type] = {
                 "shape": label, "model": str(path), "world_size": comm.size, "budgets": list(budgets.ratios),
-                "buffer_float_type": buffer_type,
+                "buffer_float_type": buffer_type, "kv_type": args.kv_type,
                 "threads_per_rank": [m["threads"] for m in rows],
                 "decode_tokens_per_s": tps, "prefill_tokens_per_s": prefill,
                 "decode_tokens_per_s_at_depth": {str(d): v for d, v in {0: tps, **at_depth}.items()},
@@ -286,7 +288,8 @@ def table(result: dict) -> str:
         f"{r['shape']}: {r['world_size']} rank(s), budgets "
         + (f"auto: {' '.join(map(str, r['budgets_chosen']))}" if r["auto_predicted_ms_per_token"] is not None
            else " ".join(map(str, r["budgets"]))) + ", "
-        f"buffers {r['buffer_float_type']}, threads {r['threads_per_rank']}, kernels {r['kernel_isa']}",
+        f"buffers {r['buffer_float_type']}, KV cache {r['kv_type']}, threads {r['threads_per_rank']}, "
+        f"kernels {r['kernel_isa']}",
         f"  decode {r['decode_tokens_per_s']:.2f} tokens/s; roofline fraction {r['roofline_fraction']:.2f} "
         f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token over {r['bandwidth_gb_s']:.1f} GB/s measured)",
         "  prefill " + ", ".join(f"{k} tokens: {v:.2f} tokens/s ({r['prefill_to_decode_ratio'][k]:.2f}x decode)"

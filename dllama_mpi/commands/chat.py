@@ -41,7 +41,7 @@ def chat(comm, args, budgets, announce) -> int:
                              "plain text generation")
 
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                   check=check, announce=announce)
+                   kv_type=args.kv_type, check=check, announce=announce)
     if comm.rank != 0:
         follow(job)
         return 0

@@ -181,10 +181,10 @@ def _run(comm, argv) -> int:
         if budgets.auto:
             given += f" -> {' '.join(map(str, plan.budgets))}"
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {given}, "
-              f"weights {plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {kv} tokens, "
+              f"weights {plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {kv} tokens in {launch.kv_type}, "
               f"kernels {qmatmul.ISA}",
               file=sys.stderr)
-        print(plan.table(launch.max_seq_len, launch.n_slots), file=sys.stderr)
+        print(plan.table(launch.max_seq_len, launch.n_slots, launch.kv_type), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
               file=sys.stderr)
 
@@ -198,6 +198,7 @@ def _run(comm, argv) -> int:
         return chat(comm, args, budgets, announce)
     prompt_ids = []  # rank 0: the prompt's ids, checked before anything is loaded
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
+                   kv_type=args.kv_type,
                    check=lambda tokenizer, launch: prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or "")),
                    announce=announce)
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
@@ -225,7 +226,7 @@ def _run(comm, argv) -> int:
     if comm.rank == 0 and result["hit_context"]:
         print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
               f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets)
+    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets, args.kv_type)
     return 0
 
 
@@ -267,8 +268,9 @@ def _three_digits(seconds: float) -> str:
     return f"{value:.{decimals}f} {unit}"
 
 
-def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) -> None:
-    """The speed line (with the seed when sampling: greedy uses none) and each rank's figures."""
+def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets, kv_type: str) -> None:
+    """The speed line (with the seed when sampling: greedy uses none) and each rank's figures,
+    its KV cache's column headed by the type it holds."""
     engine, weights, n_forward = job.engine, job.weights, result["n_forward"]
 
     def per_token(value: float) -> float | None:
@@ -289,15 +291,17 @@ def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) 
     err = sys.stderr
     print(f"\n{speed_text(r['n_prompt'], 0, r['prompt_s'], len(r['generated']), r['decode_s'])}; "
           f"startup {startup_s:.1f} s" + (f"; seed {seed}" if seed is not None else ""), file=err)
+    kv_head = f"kv MiB {kv_type}"
+    kv_width = max(8, len(kv_head))
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
-          f"{'weights MiB':>11} {'kv MiB':>8} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
+          f"{'weights MiB':>11} {kv_head:>{kv_width}} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)
 
     def cell(value: float | None, width: int, digits: int) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
     for m in rows:
         print(f"{m['rank']:>4} {m['threads']:>7} {cell(m['compute_ms'], 14, 3)} {cell(m['collective_ms'], 17, 3)} "
-              f"{cell(m['sent_kb'], 12, 2)} {m['weights_mib']:>11.2f} {m['kv_mib']:>8.2f} {m['peak_rss_mib']:>12.1f} "
+              f"{cell(m['sent_kb'], 12, 2)} {m['weights_mib']:>11.2f} {m['kv_mib']:>{kv_width}.2f} {m['peak_rss_mib']:>12.1f} "
               f"{m['cap']:>8}", file=err)
     if job.auto is not None and r["n_decode"]:
         auto = job.auto
@@ -333,7 +337,7 @@ def _dry_run(argv) -> int:
         spec, shard, name, model_id = model.spec, model.shard, str(args.model), model.model_id
         model.close()
     n_slots = getattr(args, "slots", 1)  # serve: the KV cache of every slot
-    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots)
+    launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots, kv_type=args.kv_type)
     plan, max_seq_len = launch.plan, launch.max_seq_len
     if shard is not None:  # every rank's shard, as the launch's ranks would check theirs
         problems = []
@@ -354,22 +358,26 @@ def _dry_run(argv) -> int:
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
           f"weights {spec.weights_text}")
     print(f"plan {plan.plan_hash()}: {plan.world_size} rank(s), budgets {' '.join(map(str, plan.budgets))}, "
-          f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens")
-    print(plan.table(max_seq_len, n_slots))
+          f"KV cache {f'{n_slots} slots x ' if n_slots > 1 else ''}{max_seq_len} tokens in {launch.kv_type}")
+    print(plan.table(max_seq_len, n_slots, launch.kv_type))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type[quant.Q80_ACTIVATIONS.name].collectives} collectives "
           f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
           + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
     for s in plan.ranks:
-        memory = (plan.weight_bytes(s.rank) + n_slots * plan.kv_cache_bytes(s.rank, max_seq_len)) / 2**20
-        need = sum(rank_need(plan, s.rank, max_seq_len, launch.load_buffer, n_slots).values()) / 2**20
+        parts = rank_need(plan, s.rank, max_seq_len, launch.load_buffer, n_slots, kv_type=launch.kv_type)
+        memory, need = (parts["weights"] + parts["kv"]) / 2**20, sum(parts.values()) / 2**20
         cap = format_bytes(budgets.caps[s.rank]) if budgets.caps else "-"
         print(f"{s.rank:>4} " + " ".join(f"{tr.payload[s.rank] / 1024:>17.1f}" for tr in by_type.values())
               + f" {memory:>16.1f} {need:>9.1f} {cap:>8}")
     for t, tr in by_type.items():
         print(f"{t} buffers: {tr.wire / 1024:.1f} KiB cross between ranks per token in all; at 1 Gbit/s that is "
               f"{8e3 * tr.wire / 1e9:.2f} ms of transfer if it all shared one link")
+    kv_row = quant.KV_TYPES[launch.kv_type].row_bytes(spec.head_dim)
+    print(f"KV = 2 (key and value) x {spec.n_layers} layers x the rank's KV heads x {max_seq_len} tokens"
+          + (f" x {n_slots} slots" if n_slots > 1 else "") + f" x {kv_row} bytes (a head's row of {spec.head_dim} "
+          f"values in {launch.kv_type}; --kv-type)")
     print(f"need = weights + KV + runtime {format_bytes(RUNTIME_BYTES)}"
           + (f" + rank 0's load buffer {format_bytes(launch.load_buffer)} (the largest tensor)" if launch.load_buffer else ""))
     # the nodes are not known here: each rank on a node of its own, of unknown memory

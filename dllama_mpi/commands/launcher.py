@@ -43,8 +43,8 @@ MODEL_FILE = "model file (.h5) made by dllama-mpi-convert, or a directory of per
 
 def add_job_options(parser: argparse.ArgumentParser, model_default: str | None, model_in=None,
                     measure_buffer_types: bool = False) -> None:
-    """--model, --memory-budget, --buffer-float-type and --nthreads, as every command that loads
-    a model takes them. model_default: what leaving out --model means (None: it is required);
+    """--model, --memory-budget, --buffer-float-type, --kv-type and --nthreads, as every command
+    that loads a model takes them. model_default: what leaving out --model means (None: it is required);
     model_in: the group --model belongs to (bench: beside --shape); measure_buffer_types: bench
     measures each buffer type given, one run each."""
     (model_in or parser).add_argument(
@@ -61,6 +61,10 @@ def add_job_options(parser: argparse.ArgumentParser, model_default: str | None, 
     else:
         parser.add_argument("--buffer-float-type", choices=quant.BUFFER_TYPES, default="q80",
                             help="activations and what travels between ranks: f32 or q80 (default q80)")
+    parser.add_argument("--kv-type", choices=list(quant.KV_TYPES), default=quant.DEFAULT_KV_TYPE,
+                        help="what the KV cache holds keys and values in: f32 (4 bytes a value), f16 (2, the default, "
+                             "as llama.cpp's), q8_0 (8-bit codes with an fp16 scale per 32 values, about 1.06); "
+                             "counted in the memory check and --dry-run")
     parser.add_argument("--nthreads", type=positive_int, metavar="N",
                         help="numba threads per rank (default: the rank's share of the node's cores)")
 

@@ -631,21 +631,22 @@ def run(comm, args) -> dict | None:
             print(f"note: the text is {chunks.n_text} tokens, fewer than a chunk of {ctx}: scoring it as one chunk "
                   f"of {chunks.n_ctx}", file=sys.stderr)
         print(f"plan {plan.plan_hash()}: {comm.size} rank(s), budgets {' '.join(map(str, plan.budgets))}, weights "
-              f"{plan.spec.weights_text}, buffers {args.buffer_float_type}, kernels {qmatmul.ISA}", file=sys.stderr)
+              f"{plan.spec.weights_text}, buffers {args.buffer_float_type}, KV cache {launch.kv_type}, kernels {qmatmul.ISA}",
+              file=sys.stderr)
         source = f"text {args.text}" if args.text is not None else f"llama.cpp's tokens in {args.kl_base}"
         print(f"{source}: {chunks.describe()}", file=sys.stderr)
 
     # every row of a step may be scored: the engine returns the logits of up to max_rows rows at once
-    job = open_job(comm, args.model, budgets, max_seq_len=ctx, buffer_type=args.buffer_float_type, check=check,
-                   announce=announce, max_logits=ctx)
+    job = open_job(comm, args.model, budgets, max_seq_len=ctx, buffer_type=args.buffer_float_type,
+                   kv_type=args.kv_type, check=check, announce=announce, max_logits=ctx)
     chunks = found.get("chunks")
     writer = None
     spec = job.plan.spec
     if comm.rank == 0 and args.save_logits:
         writer = LogitsWriter(Path(args.save_logits), chunks, spec.vocab_size, {
             "model": str(args.model), "model_id": job.model_id or "", "weight_type": spec.weight_type,
-            "buffer_float_type": args.buffer_float_type, "vocab_size": spec.vocab_size, "ctx": chunks.n_ctx,
-            "n_chunks": chunks.n_chunks, "first_scored": chunks.first, "n_scored": chunks.n_scored,
+            "buffer_float_type": args.buffer_float_type, "kv_type": args.kv_type, "vocab_size": spec.vocab_size,
+            "ctx": chunks.n_ctx, "n_chunks": chunks.n_chunks, "first_scored": chunks.first, "n_scored": chunks.n_scored,
             "tokens_sha256": chunks.digest(), "text": str(args.text or ""), "world_size": comm.size,
             "written_by": f"python -m dllama_mpi perplexity (dllama_mpi {__version__})"})
     t0 = time.perf_counter()
@@ -662,7 +663,8 @@ def run(comm, args) -> dict | None:
         writer.finish(scores.nll)
     result = {
         "model": str(args.model), "model_id": job.model_id, "weight_type": spec.weights_text,
-        "buffer_float_type": args.buffer_float_type, "world_size": comm.size, "budgets": list(job.plan.budgets),
+        "buffer_float_type": args.buffer_float_type, "kv_type": args.kv_type, "world_size": comm.size,
+        "budgets": list(job.plan.budgets),
         "text": args.text, "n_text_tokens": chunks.n_text, "ctx": chunks.n_ctx, "n_chunks": chunks.n_chunks,
         "first_scored": chunks.first, "dropped_tokens": chunks.dropped, **ppl_summary(scores.nll),
         "seconds": seconds, "tokens_per_s": chunks.n_chunks * chunks.n_ctx / seconds if seconds else None,
@@ -683,9 +685,9 @@ def _num(value: float | None, fmt: str) -> str:
 def report(r: dict) -> str:
     """The human-readable results (llama-perplexity's layout)."""
     scored = r["text"] or "the --kl-base file's tokens"
-    lines = [f"{r['model']} ({r['weight_type']} weights, {r['buffer_float_type']} buffers, {r['world_size']} rank(s)) "
-             f"on {scored}: {r['n_chunks']} chunk(s) of {r['ctx']} tokens, {r['n_scored']} tokens scored "
-             f"in {r['seconds']:.1f} s",
+    lines = [f"{r['model']} ({r['weight_type']} weights, {r['buffer_float_type']} buffers, {r['kv_type']} KV cache, "
+             f"{r['world_size']} rank(s)) on {scored}: {r['n_chunks']} chunk(s) of {r['ctx']} tokens, "
+             f"{r['n_scored']} tokens scored in {r['seconds']:.1f} s",
              f"Final estimate: PPL = {r['ppl']:.4f} +/- {_num(r['ppl_stderr'], '.5f')}"]
     k = r["kl_base"]
     if k is not None:

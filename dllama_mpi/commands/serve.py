@@ -74,7 +74,7 @@ def serve(comm, args, budgets, announce) -> int:
 
     # a failed launch leaves the HTTP server's daemon thread to end with the process
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                   n_slots=args.slots, check=listen, announce=announce)
+                   kv_type=args.kv_type, n_slots=args.slots, check=listen, announce=announce)
     if comm.rank != 0:
         follow(job)
         return 0

@@ -78,11 +78,11 @@ def _spec_of(comm: Comm, model_path) -> ModelSpec:
     return spec
 
 
-def _max_shares(spec: ModelSpec, caps: list[int | None], max_seq_len: int, n_slots: int) -> list[float]:
+def _max_shares(spec: ModelSpec, caps: list[int | None], max_seq_len: int, n_slots: int, kv_type: str) -> list[float]:
     """The largest share each rank's memory allows (need grows with the share: weights and
     KV cache; the runtime and rank 0's load buffer do not)."""
     whole = make_plan(spec, (1,))
-    per_share = whole.weight_bytes(0) + n_slots * whole.kv_cache_bytes(0, max_seq_len)
+    per_share = whole.weight_bytes(0) + n_slots * whole.kv_cache_bytes(0, max_seq_len, kv_type)
     out = []
     for rank, cap in enumerate(caps):
         fixed = RUNTIME_BYTES + (largest_tensor_bytes(spec) if rank == 0 else 0)
@@ -104,19 +104,19 @@ def _caps(budgets: Budgets, hosts: list[str], available: list[int | None]) -> li
 
 
 def solve(spec: ModelSpec, speeds, caps: list[int | None], max_seq_len: int, n_slots: int,
-          load_buffer: int) -> tuple[tuple[int, ...], Plan]:
+          load_buffer: int, *, kv_type: str) -> tuple[tuple[int, ...], Plan]:
     """The budgets (integer ratios) and their plan: the fastest split of measured `speeds`
-    within `caps`, rounded to the plan's granules, re-solved with tighter limits while the
-    rounding leaves a rank over its cap. Pure."""
+    within `caps` (the KV cache counted in `kv_type`), rounded to the plan's granules,
+    re-solved with tighter limits while the rounding leaves a rank over its cap. Pure."""
     a = [s.per_share_s for s in speeds]
     o = [s.fixed_s for s in speeds]
-    limits = _max_shares(spec, caps, max_seq_len, n_slots)
+    limits = _max_shares(spec, caps, max_seq_len, n_slots, kv_type)
     for _ in range(REFIT_ROUNDS):
         ratios = share_ratios(fastest_shares(a, o, limits))
         plan = make_plan(spec, ratios)
         over = False
         for rank, cap in enumerate(caps):
-            need = sum(rank_need(plan, rank, max_seq_len, load_buffer, n_slots).values())
+            need = sum(rank_need(plan, rank, max_seq_len, load_buffer, n_slots, kv_type=kv_type).values())
             if cap is not None and need > cap:
                 # from the smaller of the limit and the share the plan rounded to: a plan that rounds a
                 # share up to its granule (a head) takes a lower limit each round until it steps down
@@ -128,8 +128,9 @@ def solve(spec: ModelSpec, speeds, caps: list[int | None], max_seq_len: int, n_s
 
 
 def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, buffer_type: str,
-           n_slots: int) -> AutoChoice:
-    """Collective: measure every rank, then the budgets for this launch (see the module)."""
+           n_slots: int, kv_type: str) -> AutoChoice:
+    """Collective: measure every rank, then the budgets for this launch, its KV cache in
+    `kv_type` (see the module)."""
     spec = _spec_of(comm, model_path)
     max_seq_len = max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
     if comm.rank == 0:  # numba compiles once, on rank 0, into its cache; the others then load it
@@ -148,7 +149,7 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
         available, limited_by = zip(*memory)
         caps = _caps(budgets, comm.hosts, list(available))
         load_buffer = largest_tensor_bytes(spec)
-        ratios, plan = solve(spec, speeds, caps, max_seq_len, n_slots, load_buffer)
+        ratios, plan = solve(spec, speeds, caps, max_seq_len, n_slots, load_buffer, kv_type=kv_type)
         shares = plan_shares(plan)
         equal = plan_shares(make_plan(spec, (1,) * comm.size))
         choice = AutoChoice(Budgets(ratios, budgets.caps), tuple(speeds), collective_s,

@@ -24,15 +24,16 @@ class Launch:
     plan: Plan
     max_seq_len: int  # KV cache length in tokens, per slot
     n_slots: int  # sequences the KV cache holds at once
+    kv_type: str  # what the KV cache holds its keys and values in (quant.KV_TYPES)
     load_buffer: int  # bytes rank 0 holds at once while scattering an unsplit file (0 for shards)
     notes: tuple[str, ...]  # what rank 0 tells the user before loading
 
 
 def plan_launch(spec: ModelSpec, shard, model_path, budgets: Budgets, max_seq_len: int | None,
-                n_slots: int = 1) -> Launch:
-    """The plan and context of a launch over len(budgets.ratios) ranks. `shard` is the model
-    file's (rank, count, budgets, plan_hash), or None for a whole model file. UsageError
-    when shards can't serve this launch."""
+                n_slots: int = 1, *, kv_type: str) -> Launch:
+    """The plan and context of a launch over len(budgets.ratios) ranks, its KV cache in
+    `kv_type`. `shard` is the model file's (rank, count, budgets, plan_hash), or None for a
+    whole model file. UsageError when shards can't serve this launch."""
     plan = make_plan(spec, budgets.ratios)
     if shard is not None:
         if model_path is not None and Path(model_path).is_file() and shard[1] > 1:
@@ -46,7 +47,8 @@ def plan_launch(spec: ModelSpec, shard, model_path, budgets: Budgets, max_seq_le
     elif max_seq_len > spec.seq_len:
         notes.append(f"--max-seq-len {max_seq_len} is beyond the {spec.seq_len} tokens the model was trained for; "
                      "what it writes past that length is undefined")
-    return Launch(plan, max_seq_len, n_slots, 0 if shard is not None else largest_tensor_bytes(spec), tuple(notes))
+    return Launch(plan, max_seq_len, n_slots, kv_type, 0 if shard is not None else largest_tensor_bytes(spec),
+                  tuple(notes))
 
 
 def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
@@ -63,6 +65,6 @@ def shard_mismatch(model_path, shard, plan: Plan) -> str | None:
 def check_fit(launch: Launch, budgets: Budgets, hosts: list[str], available: list[int | None]) -> None:
     """UsageError naming every rank and node whose need exceeds its cap or memory."""
     problems = fit_problems(launch.plan, budgets, launch.max_seq_len, launch.load_buffer, hosts, available,
-                            launch.n_slots)
+                            launch.n_slots, kv_type=launch.kv_type)
     if problems:
         raise UsageError("the plan does not fit in memory:\n  " + "\n  ".join(problems))

@@ -18,6 +18,7 @@ from ..errors import InputError, UsageError
 from ..files.modelfile import ModelFile, ModelFileError, open_model
 from ..files.tokenizer import Tokenizer
 from ..kernels import vector
+from ..model import quant
 from ..parallel.budgets import Budgets, available_memory
 from ..parallel.comm import Comm
 from ..parallel.plan import Plan
@@ -42,14 +43,14 @@ class Job:
     auto: AutoChoice | None = None  # with --memory-budget auto: the measurement and its prediction
 
 
-def _prepare(model_path, max_seq_len: int | None, budgets: Budgets, n_slots: int, check):
+def _prepare(model_path, max_seq_len: int | None, budgets: Budgets, n_slots: int, kv_type: str, check):
     """Rank 0: open and validate the model (or its shard 0), decide the launch and run
     `check(tokenizer, launch)`, which refuses what it must with InputError."""
     from ..files.synthetic import synthetic_model_path
 
     world_size = len(budgets.ratios)
     model = open_model(model_path if model_path is not None else synthetic_model_path(), 0, world_size)
-    launch = plan_launch(model.spec, model.shard, model_path, budgets, max_seq_len, n_slots)
+    launch = plan_launch(model.spec, model.shard, model_path, budgets, max_seq_len, n_slots, kv_type=kv_type)
     tokenizer = model.tokenizer()
     if check is not None:
         check(tokenizer, launch)
@@ -80,24 +81,25 @@ def _check_shards(comm: Comm, model_path, plan: Plan, model_id: str, model: Mode
 
 def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple[int, ...], *,
              max_seq_len: int | None = None, buffer_type: str = "q80", n_slots: int = 1,
-             check=None, announce=None, max_logits: int | None = None) -> Job:
+             check=None, announce=None, max_logits: int | None = None, kv_type: str = quant.DEFAULT_KV_TYPE) -> Job:
     """Collective. `model_path` None means the built-in synthetic model; a directory means
     per-rank shards. Plain tuples are ratios without caps. `n_slots`: sequences the KV cache
-    holds at once. Before anything is loaded, every rank's need (the KV cache of every slot
-    included) is checked against its cap and its node's available memory. On rank 0,
-    `check(tokenizer, launch)` may refuse the launch with InputError (the CLI checks its
-    prompt there) and `announce(launch)` runs once the launch is decided, before loading.
-    `max_logits`: rows of one step that may return logits (Engine's; default one per slot)."""
+    holds at once; `kv_type`: what it holds them in (quant.KV_TYPES). Before anything is
+    loaded, every rank's need (the KV cache of every slot included) is checked against its cap
+    and its node's available memory. On rank 0, `check(tokenizer, launch)` may refuse the
+    launch with InputError (the CLI checks its prompt there) and `announce(launch)` runs once
+    the launch is decided, before loading. `max_logits`: rows of one step that may return
+    logits (Engine's; default one per slot)."""
     if not isinstance(budgets, Budgets):
         budgets = Budgets(tuple(budgets), None)
     auto = None
     if budgets.auto:
-        auto = autobudget.choose(comm, model_path, budgets, max_seq_len, buffer_type, n_slots)
+        auto = autobudget.choose(comm, model_path, budgets, max_seq_len, buffer_type, n_slots, kv_type)
         budgets = auto.budgets
     setup, model, tokenizer = None, None, None
     if comm.rank == 0:
         try:
-            setup, model, tokenizer = _prepare(model_path, max_seq_len, budgets, n_slots, check)
+            setup, model, tokenizer = _prepare(model_path, max_seq_len, budgets, n_slots, kv_type, check)
         except InputError as exc:
             setup = str(exc)
     comm.sleeping_barrier()  # the others sleep while rank 0 reads the model (a collective would spin)

@@ -110,11 +110,12 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**20:.2f}MiB"
 
 
-def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int, n_slots: int = 1) -> dict[str, int]:
+def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int, n_slots: int = 1, *,
+              kv_type: str) -> dict[str, int]:
     """Bytes rank `rank` holds at its peak: weights, KV cache (of every slot: a server holds
-    n_slots sequences), runtime, and (rank 0 loading an unsplit file) the largest tensor as
-    read before it is scattered."""
-    need = {"weights": plan.weight_bytes(rank), "kv": n_slots * plan.kv_cache_bytes(rank, max_seq_len),
+    n_slots sequences; in `kv_type`), runtime, and (rank 0 loading an unsplit file) the largest
+    tensor as read before it is scattered."""
+    need = {"weights": plan.weight_bytes(rank), "kv": n_slots * plan.kv_cache_bytes(rank, max_seq_len, kv_type),
             "runtime": RUNTIME_BYTES}
     if rank == 0 and load_buffer:
         need["load"] = load_buffer
@@ -122,12 +123,13 @@ def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int, n_slots
 
 
 def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: int,
-                 hosts: list[str], available: list[int | None], n_slots: int = 1) -> list[str]:
+                 hosts: list[str], available: list[int | None], n_slots: int = 1, *, kv_type: str) -> list[str]:
     """Why the plan does not fit, one line per rank or node (empty when it fits). `hosts` and
-    `available` (bytes, None if unknown): each rank's node and that node's available memory."""
-    needs = [rank_need(plan, r, max_seq_len, load_buffer, n_slots) for r in range(plan.world_size)]
+    `available` (bytes, None if unknown): each rank's node and that node's available memory;
+    the KV cache is counted in `kv_type`."""
+    needs = [rank_need(plan, r, max_seq_len, load_buffer, n_slots, kv_type=kv_type) for r in range(plan.world_size)]
     totals = [sum(n.values()) for n in needs]
-    kv_per_token = [n_slots * plan.kv_cache_bytes(r, 1) for r in range(plan.world_size)]  # per token of context
+    kv_per_token = [n_slots * plan.kv_cache_bytes(r, 1, kv_type) for r in range(plan.world_size)]  # per token of context
     problems = []
 
     def longest_context(fixed: int, kv_per_token: int, room: int) -> int:
@@ -142,13 +144,17 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
             return text.format(f"--max-seq-len {plan.spec.seq_len}, the length the model was trained for")
         return text.format(f"--max-seq-len {seq}")
 
+    # the smallest KV type, where another is asked for: q8_0 trades a little precision for memory
+    smallest_kv = min(quant.KV_TYPES, key=lambda t: quant.KV_TYPES[t].row_bytes(plan.spec.head_dim))
+    smaller_kv = f"--kv-type {smallest_kv}" if smallest_kv != kv_type else ""
+
     if budgets.caps:
         for r, (total, cap) in enumerate(zip(totals, budgets.caps)):
             if total > cap:
                 seq = longest_context(total - needs[r]["kv"], kv_per_token[r], cap)
-                problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len, n_slots)}) but its budget "
-                                f"caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}"
-                                + context_hint(seq, ", or {}"))
+                problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len, n_slots, kv_type)}) "
+                                f"but its budget caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}"
+                                + context_hint(seq, ", or {}") + (f", or {smaller_kv}" if smaller_kv and needs[r]["kv"] else ""))
         scale = max(t / c for t, c in zip(totals, budgets.caps))
         if scale > 1:  # the same ratios give the same plan, so scaling every cap keeps the needs
             fitting = " ".join(f"{-(-int(c * scale) // 2**20)}MiB" for c in budgets.caps)
@@ -160,7 +166,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         if room is None or need <= room:
             continue
         names = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
-        parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len, n_slots)}" for r in ranks)
+        parts = "; ".join(f"rank {r}: {_parts(needs[r], max_seq_len, n_slots, kv_type)}" for r in ranks)
         kv = sum(kv_per_token[r] for r in ranks)
         seq = longest_context(need - sum(needs[r]["kv"] for r in ranks), kv, room) if kv else 0
         # the split decides how much lands here: a smaller share helps only if other nodes take the rest
@@ -169,16 +175,17 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         # only from float weights: re-quantizing a quantized model to q40 damages it (issue 14)
         smaller_type = "convert the model to q40 weights" if not quant.WEIGHTS[plan.spec.weight_type].quantized else ""
         fewer_slots = "serve fewer sequences at once (--slots)" if n_slots > 1 else ""
-        ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), fewer_slots, smaller_type,
+        kv_way = f"store the KV cache smaller ({smaller_kv})" if smaller_kv and kv else ""
+        ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), kv_way, fewer_slots, smaller_type,
                             "run some of the ranks on other nodes") if w]
         problems.append(f"{names} on {host} need{'s' * (len(ranks) == 1)} {format_bytes(need)} ({parts}) but the node has "
                         f"{format_bytes(room)} available; " + ", ".join(ways[:-1]) + ", or " * (len(ways) > 1) + ways[-1])
     return problems
 
 
-def _parts(need: dict[str, int], max_seq_len: int, n_slots: int = 1) -> str:
+def _parts(need: dict[str, int], max_seq_len: int, n_slots: int, kv_type: str) -> str:
     kv = f"{n_slots} slots x {max_seq_len} tokens" if n_slots > 1 else f"{max_seq_len} tokens"
-    names = {"weights": "weights", "kv": f"KV cache for {kv}", "runtime": "runtime",
+    names = {"weights": "weights", "kv": f"{kv_type} KV cache for {kv}", "runtime": "runtime",
              "load": "load buffer"}
     return " + ".join(f"{names[k]} {format_bytes(v)}" for k, v in need.items())
 

@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ..model.quant import ACTIVATION_TYPE, ACTIVATIONS, BLOCK, K_QUANTS, Q80, Q80_ACTIVATIONS
+from ..model.quant import ACTIVATION_TYPE, ACTIVATIONS, BLOCK, DEFAULT_KV_TYPE, K_QUANTS, KV_TYPES, Q80, Q80_ACTIVATIONS
 from ..model.spec import ModelSpec
 
 ROW_GRANULE = 32
@@ -195,20 +195,24 @@ class Plan:
         tables = (vocab[1] - vocab[0]) * per_row
         return layers + spec.n_layers * vectors + tables + 4 * spec.dim
 
-    def kv_cache_bytes(self, rank: int, max_seq_len: int) -> int:
+    def kv_cache_bytes(self, rank: int, max_seq_len: int, kv_type: str) -> int:
+        """One slot's KV cache on `rank`: a key and a value row of each own KV head, at every
+        layer and position, in `kv_type` (quant.KV_TYPES)."""
         s = self.ranks[rank]
-        return 2 * 4 * self.spec.n_layers * max_seq_len * s.n_local_kv_heads * self.spec.head_dim
+        row = KV_TYPES[kv_type].row_bytes(self.spec.head_dim)
+        return 2 * self.spec.n_layers * max_seq_len * s.n_local_kv_heads * row
 
     def plan_hash(self) -> str:
         doc = {"spec": self.spec.to_attrs(), "budgets": self.budgets,
                "ranks": [vars(s) for s in self.ranks]}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
-    def table(self, max_seq_len: int, n_slots: int = 1) -> str:
+    def table(self, max_seq_len: int, n_slots: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> str:
         """The plan as a text table, one line per rank; its KV column holds every slot's cache
-        (a server's n_slots sequences), as a rank's need does, and its header says so."""
+        (a server's n_slots sequences) in `kv_type`, as a rank's need does, and its header says
+        both. (The converter's --info, which knows no launch, shows the default type.)"""
         total = sum(self.budgets)
-        kv_head = "kv MiB" if n_slots == 1 else f"kv MiB ({n_slots} slots)"
+        kv_head = f"kv MiB {kv_type}" + (f" ({n_slots} slots)" if n_slots > 1 else "")
         kv_width = max(8, len(kv_head))
         head = (f"{'rank':>4} {'budget':>6} {'share':>6} {'heads':>7} {'kv':>5} {'dim rows':>9} "
                 f"{'ffn rows':>9} {'vocab rows':>11} {'weights MiB':>11} {kv_head:>{kv_width}}")
@@ -218,7 +222,7 @@ class Plan:
                 f"{s.rank:>4} {s.budget:>6} {s.budget / total:>6.1%} {_count(s.q_heads):>7} "
                 f"{_count(s.kv_heads):>5} {_count(s.dim_rows):>9} {_count(s.ffn_rows):>9} "
                 f"{_count(s.vocab_rows):>11} {self.weight_bytes(s.rank) / 2**20:>11.2f} "
-                f"{n_slots * self.kv_cache_bytes(s.rank, max_seq_len) / 2**20:>{kv_width}.2f}"
+                f"{n_slots * self.kv_cache_bytes(s.rank, max_seq_len, kv_type) / 2**20:>{kv_width}.2f}"
             )
         return "\n".join(lines)
 
