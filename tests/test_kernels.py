@@ -701,6 +701,12 @@ def test_exp_clamps_instead_of_overflowing():
 # ---------------------------------------------------------------- attention
 
 
+KV_TYPES = tuple(quant.KV_TYPES)
+# the largest error of attention over a cache in each type, against attention over the f32 keys and values
+# it was given, relative to the largest output value: fp16 rounding (2**-11 per value) and 8-bit codes
+KV_TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "q8_0": 4e-2}
+
+
 def _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok, extra=4):
     """T tokens at positions pos0 .. pos0 + T - 1: q (T, n_heads, head_dim); caches
     (pos0 + T + extra, n_kv, head_dim) holding the block's keys and values, whose rows past
@@ -711,83 +717,150 @@ def _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok, extra=4):
     k = (rng.standard_normal((max_seq, n_kv, head_dim)) * 1.5).astype(np.float32)
     v = (rng.standard_normal((max_seq, n_kv, head_dim)) * 10.0 ** rng.uniform(-1, 1, (1, n_kv, head_dim))).astype(np.float32)
     k[n_pos:] = 1e4
-    v[n_pos:] = -1e6
+    v[n_pos:] = -6e4
     return q, k, v
 
 
-def _run_attention(q, k, v, kv_of_head, pos0, slots=None, positions=None, serial=False):
-    """q (T, n_heads, head_dim) -> out (T, n_heads, head_dim). k, v: one sequence's cache
-    (max_seq, n_kv, head_dim) at positions pos0...; or, with `slots` and `positions`, caches of
-    several sequences (n_slots, max_seq, n_kv, head_dim) and each row's own slot and position."""
+def _cache(k, v, kv_type):
+    """f32 keys and values (..., n_kv, head_dim) -> the cache (k codes, k scales, v codes, v
+    scales) in kv_type, by the numpy encoders."""
+    kv = quant.KV_TYPES[kv_type]
+    return (*kv.encode(k), *kv.encode(v))
+
+
+def _run_attention(q, k, v, kv_of_head, pos0, slots=None, positions=None, chunks=None, kv_type="f32"):
+    """q (T, n_heads, head_dim) -> out (T, n_heads, head_dim). k, v: one sequence's f32 keys and
+    values (max_seq, n_kv, head_dim) at positions pos0...; or, with `slots` and `positions`,
+    several sequences' (n_slots, max_seq, n_kv, head_dim) and each row's own slot and position.
+    chunks: attention's chunk count (the threads), None: attention_chunk alone (serial)."""
     if slots is None:
         k, v = k[None], v[None]
         slots, positions = np.zeros(q.shape[0], np.int64), pos0 + np.arange(q.shape[0])
-    scores = np.full((q.shape[1], k.shape[1] + 3), np.nan, np.float32)  # wider than any n_pos
     out = np.full(q.shape, np.nan, np.float32)
-    args = (q, k, v, np.asarray(kv_of_head, np.int64), np.asarray(slots, np.int64), np.asarray(positions, np.int64),
-            scores, out)
-    if serial:
-        vector.attention_heads(0, q.shape[1], *args)
+    scratch = vector.attention_scratch(q.shape[1], q.shape[2], chunks or 1)
+    for a in scratch:
+        a[...] = np.nan  # nothing is read before it is written
+    args = (q, *_cache(k, v, kv_type), np.asarray(kv_of_head, np.int64), np.asarray(slots, np.int64),
+            np.asarray(positions, np.int64), *scratch, out)
+    if chunks is None:
+        vector.attention_chunk(0, 1, *args)
     else:
         vector.attention(*args)
     return out
 
 
-def _reference_attention(q, k, v, kv_of_head, pos0):
-    """Token t over positions [0, pos0 + t] -> (T, n_heads, head_dim)."""
+def _reference_attention(q, k, v, kv_of_head, pos0, kv_type="f32"):
+    """Token t over positions [0, pos0 + t] of the cache as kv_type holds it -> (T, n_heads, head_dim)."""
+    kv = quant.KV_TYPES[kv_type]
+    k, v = (kv.decode(*kv.encode(a)) for a in (k, v))
     return np.stack([reference.attention(q[t], k[: pos0 + t + 1], v[: pos0 + t + 1], kv_of_head) for t in range(q.shape[0])])
 
 
+@pytest.mark.parametrize("kv_type", KV_TYPES)
 @pytest.mark.parametrize("group", [2, 3])
-@pytest.mark.parametrize("head_dim", [6, 10, 64])
-@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (4, 1), (16, 1), (0, 3), (2, 5), (14, 3)])
-def test_attention_gqa_matches_reference(group, head_dim, pos0, n_tok):
+@pytest.mark.parametrize("head_dim", [8, 10, 64])
+@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (4, 1), (16, 1), (0, 3), (2, 5), (14, 3), (62, 3), (130, 2)])
+def test_attention_gqa_matches_reference(kv_type, group, head_dim, pos0, n_tok):
+    # (130, 2) and (62, 3) cross the online softmax's blocks of ATT_BLOCK positions
+    if kv_type == "q8_0" and head_dim == 10:
+        head_dim = 80  # blocks of 16: gcd(80, 32)
     n_kv = 2
     n_heads = n_kv * group
     rng = np.random.default_rng(group * 1000 + head_dim * 10 + pos0 + 100000 * n_tok)
     q, k, v = _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok)
     kv_of_head = [h // group for h in range(n_heads)]
-    got = _run_attention(q, k, v, kv_of_head, pos0)
-    expected = _reference_attention(q, k, v, kv_of_head, pos0)
+    got = _run_attention(q, k, v, kv_of_head, pos0, chunks=2, kv_type=kv_type)
+    expected = _reference_attention(q, k, v, kv_of_head, pos0, kv_type)
     for t in range(n_tok):
         _assert_close(got[t], expected[t])
 
 
-@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (0, 4), (3, 5), (13, 4)])
-def test_attention_block_bit_identical_to_tokens_alone(pos0, n_tok):
-    # a block of T tokens gives each token exactly what it gets alone at its position
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_attention_over_a_smaller_cache_stays_within_its_tolerance_of_f32(kv_type):
+    rng = np.random.default_rng(77)
+    q, k, v = _attention_case(rng, 8, 2, 64, 300, 2)
+    kv_of_head = [h // 4 for h in range(8)]
+    got = _run_attention(q, k, v, kv_of_head, 300, chunks=2, kv_type=kv_type)
+    exact = _reference_attention(q, k, v, kv_of_head, 300)
+    for t in range(2):
+        err = np.abs(got[t] - exact[t]).max() / np.abs(exact[t]).max()
+        assert 0 < err <= KV_TOLERANCE[kv_type], err
+
+
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+@pytest.mark.parametrize("pos0, n_tok", [(0, 1), (0, 4), (3, 5), (13, 4), (61, 6), (127, 3)])
+def test_attention_block_bit_identical_to_tokens_alone_and_any_chunking(kv_type, pos0, n_tok):
+    # a block of T tokens gives each token exactly what it gets alone at its position, on one
+    # chunk or several (threads)
     rng = np.random.default_rng(40 + pos0 + n_tok)
-    q, k, v = _attention_case(rng, 6, 2, 10, pos0, n_tok)
+    q, k, v = _attention_case(rng, 6, 2, 32, pos0, n_tok)
     kv_of_head = [0, 1, 0, 1, 1, 0]
-    block = _run_attention(q, k, v, kv_of_head, pos0)
+    block = _run_attention(q, k, v, kv_of_head, pos0, kv_type=kv_type)
+    for chunks in (1, 2, 3, 5):
+        _assert_bits(_run_attention(q, k, v, kv_of_head, pos0, chunks=chunks, kv_type=kv_type), block)
     for t in range(n_tok):
-        _assert_bits(block[t], _run_attention(q[t : t + 1], k, v, kv_of_head, pos0 + t)[0])
+        _assert_bits(block[t], _run_attention(q[t : t + 1], k, v, kv_of_head, pos0 + t, kv_type=kv_type)[0])
+
+
+def test_attention_of_a_head_does_not_depend_on_the_other_heads():
+    # a split gives a rank some of the heads: each head's output is what it is among all of them
+    rng = np.random.default_rng(45)
+    q, k, v = _attention_case(rng, 6, 3, 32, 90, 2)
+    kv_of_head = [0, 0, 1, 1, 2, 2]
+    whole = _run_attention(q, k, v, kv_of_head, 90, chunks=2, kv_type="f16")
+    part = _run_attention(np.ascontiguousarray(q[:, 2:5]), k[:, 1:], v[:, 1:], [0, 0, 1], 90, chunks=2, kv_type="f16")
+    _assert_bits(part, whole[:, 2:5])
 
 
 def test_attention_rows_of_several_sequences_each_equal_their_own_alone():
     # one step holding rows of 3 sequences (slots 2, 0, 2, 1 at their own positions) gives each
     # row exactly what its sequence gets alone, on the parallel and the serial path
     rng = np.random.default_rng(43)
-    n_slots, max_seq, kv_of_head = 3, 20, [0, 1, 0, 1, 1, 0]
+    n_slots, max_seq, kv_of_head = 3, 80, [0, 1, 0, 1, 1, 0]
     k = (rng.standard_normal((n_slots, max_seq, 2, 10)) * 1.5).astype(np.float32)
     v = rng.standard_normal((n_slots, max_seq, 2, 10)).astype(np.float32)
     q = (rng.standard_normal((4, 6, 10)) * 1.5).astype(np.float32)
-    slots, positions = [2, 0, 2, 1], [5, 13, 6, 0]
-    for serial in (False, True):
-        got = _run_attention(q, k, v, kv_of_head, None, slots, positions, serial)
+    slots, positions = [2, 0, 2, 1], [5, 70, 6, 0]
+    for chunks in (None, 2):
+        got = _run_attention(q, k, v, kv_of_head, None, slots, positions, chunks, kv_type="f16")
         for t, (s, p) in enumerate(zip(slots, positions)):
-            _assert_bits(got[t], _run_attention(q[t : t + 1], k[s], v[s], kv_of_head, p)[0])
+            _assert_bits(got[t], _run_attention(q[t : t + 1], k[s], v[s], kv_of_head, p, kv_type="f16")[0])
 
 
-def test_store_kv_puts_each_row_in_its_slot_at_its_position():
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+def test_store_kv_puts_each_row_in_its_slot_at_its_position_as_the_twin_encodes_it(kv_type):
+    kv = quant.KV_TYPES[kv_type]
     rng = np.random.default_rng(44)
-    k_cache, v_cache = np.zeros((3, 8, 2, 4), np.float32), np.zeros((3, 8, 2, 4), np.float32)
-    k, v = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    n_kv, head_dim = 2, 40  # q8_0: blocks of 8
+    codes = np.zeros((3, 8, n_kv, head_dim), kv.code_dtype)
+    scales = np.zeros((3, 8, n_kv, kv.scales_per_row(head_dim)), np.uint16)
+    k_codes, k_scales, v_codes, v_scales = codes, scales, codes.copy(), scales.copy()
+    k, v = (_tokens(rng, 3, n_kv * head_dim) for _ in range(2))
     slots, positions = np.array([1, 2, 1]), np.array([0, 7, 3])
-    vector.store_kv(k, v, slots, positions, k_cache, v_cache)
+    vector.store_kv(k, v, slots, positions, k_codes, k_scales, v_codes, v_scales)
     for t, (s, p) in enumerate(zip(slots, positions)):
-        assert np.array_equal(k_cache[s, p].reshape(-1), k[t]) and np.array_equal(v_cache[s, p].reshape(-1), v[t])
-    assert np.count_nonzero(k_cache) == np.count_nonzero(k)
+        for x, c, sc in ((k, k_codes, k_scales), (v, v_codes, v_scales)):
+            want_codes, want_scales = kv.encode(x[t].reshape(n_kv, head_dim))
+            assert np.array_equal(c[s, p], want_codes) and np.array_equal(sc[s, p], want_scales)
+    assert np.count_nonzero(k_codes) == np.count_nonzero(kv.encode(k.reshape(3, n_kv, head_dim))[0])
+
+
+def test_f16_encoding_equals_numpys_on_edges_and_random_bits():
+    rng = np.random.default_rng(46)
+    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFF800001, 0x477FE000,
+                      0x477FF000, 0x477FEFFF, 0x47800000, 0x38800000, 0x38000000, 0x387FE000, 0x387FF000, 0x33000000,
+                      0x33000001, 0x32FFFFFF, 0x00000001], np.uint32)
+    halfway = (np.arange(2**16, dtype=np.uint32) << 16) | 0x1000  # ties and near-ties of every exponent
+    bits = np.concatenate([edges, edges | 0x80000000, halfway, rng.integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32)])
+    x = bits.view(np.float32)
+    codes = np.zeros(x.size, np.uint16)
+    vector.store_kv(x[None], x[None], np.zeros(1, np.int64), np.zeros(1, np.int64), codes.reshape(1, 1, 1, -1),
+                    np.zeros((1, 1, 1, 0), np.uint16), np.zeros((1, 1, 1, x.size), np.uint16), np.zeros((1, 1, 1, 0), np.uint16))
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(codes[~nan], want[~nan])
+    assert np.all(np.isnan(codes[nan].view(np.float16)))  # a NaN stays a NaN (numpy keeps its payload's top bits too)
 
 
 def test_attention_is_causal_within_the_block():
@@ -815,7 +888,7 @@ def test_attention_uses_the_given_kv_mapping_not_h_div_group():
     rng = np.random.default_rng(22)
     q, k, v = _attention_case(rng, 5, 3, 10, 16, 2)
     kv_of_head = [2, 0, 2, 1, 0]
-    got = _run_attention(q, k, v, kv_of_head, 16)
+    got = _run_attention(q, k, v, kv_of_head, 16, chunks=2)
     expected = _reference_attention(q, k, v, kv_of_head, 16)
     for t in range(2):
         _assert_close(got[t], expected[t])
@@ -1016,4 +1089,6 @@ def test_serial_attention_bit_identical_to_parallel(restore_threads):
     q, k, v = _attention_case(rng, 6, 2, 64, 9, 3)
     kv_of_head = np.array([0, 0, 0, 1, 1, 1], np.int64)
     threads.set_threads(2)
-    _assert_bits(_run_attention(q, k, v, kv_of_head, 9, serial=True), _run_attention(q, k, v, kv_of_head, 9))
+    for kv_type in KV_TYPES:
+        _assert_bits(_run_attention(q, k, v, kv_of_head, 9, kv_type=kv_type),
+                     _run_attention(q, k, v, kv_of_head, 9, chunks=2, kv_type=kv_type))

@@ -179,10 +179,12 @@ class Batch:
 
 class Engine:
     def __init__(self, comm: Comm, plan: Plan, weights: LocalWeights, max_seq_len: int, buffer_type: str,
-                 n_slots: int = 1, max_rows: int = 64, max_logits: int | None = None):
+                 n_slots: int = 1, max_rows: int = 64, max_logits: int | None = None,
+                 kv_type: str = quant.DEFAULT_KV_TYPE):
         """max_logits: rows of one step that may want logits; by default n_slots (one row per
         sequence: its next token), more (at most max_rows, which larger values mean) where every
-        row of a prompt block wants its logits (perplexity.py). Their buffers are allocated here."""
+        row of a prompt block wants its logits (perplexity.py). Their buffers are allocated here.
+        kv_type: how the KV cache holds keys and values (quant.KV_TYPES)."""
         spec, me = plan.spec, plan.ranks[comm.rank]
         self.comm, self.plan, self.w, self.spec = comm, plan, weights, spec
         self.pool = threads.Pool()  # the rank's thread count as set at launch
@@ -200,15 +202,19 @@ class Engine:
         self.k = np.zeros((t_max, nkv * hd), F32)  # own KV heads, before they go to the cache
         self.v = np.zeros((t_max, nkv * hd), F32)
         self.att = GatheredActivations(comm, plan, "att", spec.q_dim, t_max, buffer_type)  # (T, n_heads * hd)
-        self.scores = np.zeros((nh, max_seq_len), F32)
+        self.att_scratch = vector.attention_scratch(nh, hd, self.pool.n_threads)
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
         self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, buffer_type)  # wo / w2 output
         a, b = me.ffn_rows
         self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
         self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
-        # KV cache of own KV heads, per layer: (n_slots, max_seq, n_local_kv, head_dim)
-        self.k_cache = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, hd), F32)
+        # KV cache of own KV heads, per layer: codes (n_slots, max_seq, n_local_kv, head_dim) and
+        # fp16 scale bits (n_slots, max_seq, n_local_kv, scales per row) in kv_type
+        self.kv_type = kv = quant.KV_TYPES[kv_type]
+        self.k_cache = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, hd), kv.code_dtype)
         self.v_cache = np.zeros_like(self.k_cache)
+        self.k_scales = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, kv.scales_per_row(hd)), np.uint16)
+        self.v_scales = np.zeros_like(self.k_scales)
         self.cos, self.sin = vector.rope_table(spec.rope_freqs(), max_seq_len)  # (max_seq, hd / 2)
         self.cos_rows, self.sin_rows = np.zeros((t_max, self.cos.shape[1]), F32), np.zeros((t_max, self.sin.shape[1]), F32)
         self.lanes = (np.zeros((vector.CHUNKS, GROUP), np.int32), np.zeros((vector.CHUNKS, GROUP), F32))
@@ -233,7 +239,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return self.k_cache.nbytes + self.v_cache.nbytes + self.k_scales.nbytes + self.v_scales.nbytes
 
     def new_batch(self) -> Batch:
         return Batch(self.max_rows, self.max_logits)
@@ -306,13 +312,14 @@ class Engine:
                 vector.rmsnorm_heads(k, hd, lw["k_norm"], spec.norm_eps)
             vector.rope(q, hd, cos, sin)
             vector.rope(k, hd, cos, sin)
-            vector.store_kv(k, v, slots, positions, self.k_cache[layer], self.v_cache[layer])
-            att = (q.reshape(n, -1, hd), self.k_cache[layer], self.v_cache[layer], self.kv_of_head, slots, positions,
-                   self.scores, self.att.local[:n].reshape(n, -1, hd))
+            cache = (self.k_cache[layer], self.k_scales[layer], self.v_cache[layer], self.v_scales[layer])
+            vector.store_kv(k, v, slots, positions, *cache)
+            att = (q.reshape(n, -1, hd), *cache, self.kv_of_head, slots, positions, *self.att_scratch,
+                   self.att.local[:n].reshape(n, -1, hd))
             if self.pool.parallel(q.size * (int(positions.max()) + 1) * 2):
                 vector.attention(*att)
             else:
-                vector.attention_heads(0, q.shape[1] // hd, *att)
+                vector.attention_chunk(0, 1, *att)
             self.att.gather(n)
             self.matmul(lw["wo"], self.att, n, self.dim_out.local[:n])
             self.dim_out.gather(n)

@@ -200,10 +200,12 @@ class DenseModel:
 
     buffer_type 'q80' reproduces the engine's quantization points: the input of every
     quantized matrix is quantized to its 8-bit form (WeightType.activation), and
-    every gathered vector that travels as Q80 (plan.travels_q80) is rounded through Q80."""
+    every gathered vector that travels as Q80 (plan.travels_q80) is rounded through Q80.
+    Keys and values are held as a KV cache of `kv_type` holds them (quant.KV_TYPES)."""
 
-    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32"):
-        self.spec, self.buffer_type = spec, buffer_type
+    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], buffer_type: str = "f32",
+                 kv_type: str = quant.DEFAULT_KV_TYPE):
+        self.spec, self.buffer_type, self.kv = spec, buffer_type, quant.KV_TYPES[kv_type]
         self.t = {name: quant.decode(value) for name, value in tensors.items()}
         # quantized matrices multiply as the engine does, bit for bit (qmatmul's twins)
         self.quantized = {name: value for name, value in tensors.items() if quant.WEIGHTS[quant.type_of(value)].quantized}
@@ -234,6 +236,10 @@ class DenseModel:
             out = rmsnorm_heads(out, s.head_dim, self.t[p + which + "_norm"], s.norm_eps)
         return rope(out, s.head_dim, self.cos[pos], self.sin[pos])
 
+    def _cached(self, x: np.ndarray) -> np.ndarray:
+        """A position's keys or values (n_kv * head_dim,) -> (n_kv, head_dim) as the cache holds them."""
+        return self.kv.decode(*self.kv.encode(x.astype(np.float32).reshape(self.spec.n_kv_heads, -1)))
+
     def forward(self, token: int, pos: int) -> np.ndarray:
         s = self.spec
         x = self.t["tok_embeddings"][token].astype(np.float32)
@@ -242,9 +248,9 @@ class DenseModel:
             p = f"layers/{layer}/"
             xb = rmsnorm(x, self.t[p + "attention_norm"], s.norm_eps)
             q = self._qk(p, "q", xb, pos)
-            self.keys[layer, pos] = self._qk(p, "k", xb, pos).reshape(s.n_kv_heads, -1)
+            self.keys[layer, pos] = self._cached(self._qk(p, "k", xb, pos))
             v = self._mv(p + "wv", xb) + (self.t[p + "bv"] if s.qkv_bias else 0)
-            self.values[layer, pos] = v.reshape(s.n_kv_heads, -1)
+            self.values[layer, pos] = self._cached(v)
             att = attention(q.reshape(s.n_heads, -1), self.keys[layer, : pos + 1],
                             self.values[layer, : pos + 1], kv_of_head)
             att = self._travel(att.reshape(-1), "att")

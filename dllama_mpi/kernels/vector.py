@@ -21,7 +21,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..model import quant
 from ..parallel import threads  # noqa: F401  (threads: the thread policy, before any kernel runs)
@@ -328,57 +328,230 @@ def rope(vec, head_dim, cos, sin):
                 vec[t, base + 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
 
 
-@njit(**_opts)
-def attention_heads(h0, h1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
-    """Causal attention of local query heads [h0, h1): row t (of sequence slot slots[t], at
-    position positions[t]) over its slot's positions [0, positions[t]]. q: (T, n_local_heads,
-    head_dim); k_cache, v_cache: (n_slots, max_seq, n_local_kv, head_dim), already holding the
-    rows' keys and values; kv_of_head: (n_local_heads,) local KV index; scores:
-    (n_local_heads, max_seq) scratch; out: (T, n_local_heads, head_dim)."""
-    head_dim = q.shape[2]
-    inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
-    for h in range(h0, h1):
-        kv = kv_of_head[h]
-        for t in range(q.shape[0]):
-            n_pos = positions[t] + 1
-            keys, values = k_cache[slots[t]], v_cache[slots[t]]
-            top = np.float32(-np.inf)
-            for p in range(n_pos):
-                s = dot(q[t, h], keys[p, kv]) * inv_sqrt
-                scores[h, p] = s
-                top = max(top, s)
-            row = scores[h, :n_pos]
-            exp_into(row, np.float32(1), top, row)
-            total = np.float32(0.0)
-            for p in range(n_pos):
-                total += row[p]
-            o = out[t, h]
-            o[:] = 0.0
-            for p in range(n_pos):
-                w = scores[h, p] / total
-                v = values[p, kv]
-                for i in range(head_dim):  # element-wise: vectorizes in any order, the same bits
-                    o[i] += w * v[i]
-
-
-@njit(parallel=True, **_opts)
-def attention(q, k_cache, v_cache, kv_of_head, slots, positions, scores, out):
-    """attention_heads over every local head, one head per task."""
-    for h in prange(q.shape[1]):
-        attention_heads(h, h + 1, q, k_cache, v_cache, kv_of_head, slots, positions, scores, out)
+# --- the KV cache (quant.KV_TYPES) and attention ------------------------------------------
+# A cache holds, per layer, codes (n_slots, max_seq, n_local_kv, head_dim) of the type's
+# code dtype and fp16 scale bits (n_slots, max_seq, n_local_kv, scales per row; 0 wide for
+# unscaled types). kv_encode and kv_decode are chosen by the codes' dtype when a kernel
+# compiles: f32 values, u16 fp16 bits, or int8 codes with a scale per block.
 
 
 @njit(**_opts)
-def store_kv(k, v, slots, positions, k_cache, v_cache):
-    """Row t's key and value (T, n_local_kv * head_dim) into its slot at its position:
-    k_cache, v_cache (n_slots, max_seq, n_local_kv, head_dim)."""
-    n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+def f32_to_f16_bits_signed(bits):
+    """fp16 bits of the f32 whose bits (u32) are given, rounded to nearest even, as numpy's
+    float32 -> float16 (npy_floatbits_to_halfbits): overflow to inf, NaN kept NaN, tiny to
+    a signed zero or a subnormal."""
+    f = np.uint32(bits)
+    sign = np.uint32((f & np.uint32(0x80000000)) >> np.uint32(16))
+    f_exp = f & np.uint32(0x7F800000)
+    f_sig = f & np.uint32(0x007FFFFF)
+    if f_exp >= np.uint32(0x47800000):  # beyond fp16's range, inf or NaN
+        if f_exp == np.uint32(0x7F800000) and f_sig != 0:
+            nan = np.uint32(0x7C00) + (f_sig >> np.uint32(13))
+            return np.uint16(sign + (nan + np.uint32(1) if nan == np.uint32(0x7C00) else nan))
+        return np.uint16(sign + np.uint32(0x7C00))
+    if f_exp <= np.uint32(0x38000000):  # a subnormal half, or zero
+        if f_exp < np.uint32(0x33000000):
+            return np.uint16(sign)
+        e = f_exp >> np.uint32(23)
+        sig = (np.uint32(0x00800000) + f_sig) >> (np.uint32(113) - e)
+        if (sig & np.uint32(0x3FFF)) != np.uint32(0x1000) or (f & np.uint32(0x7FF)) != 0:
+            sig += np.uint32(0x1000)
+        return np.uint16(sign + (sig >> np.uint32(13)))
+    h_exp = (f_exp - np.uint32(0x38000000)) >> np.uint32(13)
+    if (f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000):
+        f_sig += np.uint32(0x1000)
+    return np.uint16(sign + h_exp + (f_sig >> np.uint32(13)))  # a carry into the exponent is right
+
+
+@intrinsic
+def _f16_into(typingctx, bits, dst):
+    """dst[i] = the f32 of fp16 bits[i] (exact), over 1-D contiguous arrays of one length,
+    8 lanes at a time and the tail one by one (as _f16_ir: no F16C needed)."""
+    if not (isinstance(bits, types.Array) and isinstance(dst, types.Array) and bits.ndim == dst.ndim == 1
+            and bits.layout == dst.layout == "C" and bits.dtype == types.uint16 and dst.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i16, f32, i64 = ir.IntType(16), ir.FloatType(), ir.IntType(64)
+        a_src, a_dst = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        n = cgutils.unpack_tuple(builder, a_src.shape)[0]
+        whole = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        for src_ty, dst_ty, start, stop, step in ((ir.VectorType(i16, 8), ir.VectorType(f32, 8), ir.Constant(i64, 0), whole, 8),
+                                                  (i16, f32, whole, n, 1)):
+            with cgutils.for_range_slice(builder, start, stop, ir.Constant(i64, step)) as (i, _):
+                src_at = builder.bitcast(builder.gep(a_src.data, [i], source_etype=i16), src_ty.as_pointer())
+                dst_at = builder.bitcast(builder.gep(a_dst.data, [i], source_etype=f32), dst_ty.as_pointer())
+                builder.store(_f16_ir(builder, builder.load(src_at, align=2)), dst_at, align=4)
+        return context.get_dummy_value()
+
+    return types.void(bits, dst), codegen
+
+
+def kv_encode(x, codes, scales):
+    """One head's row x (head_dim,) f32 -> its codes (head_dim,) and scale bits (n,) in the
+    cache's type (compiled per codes dtype; twins: quant.KV_TYPES[...].encode)."""
+
+
+def kv_decode(codes, scales, p0, n, j, tile):
+    """Head j's rows at positions p0 .. p0 + n - 1 of one slot's codes (max_seq, n_kv,
+    head_dim) and scale bits (max_seq, n_kv, k) -> tile[:n] f32 (twins:
+    quant.KV_TYPES[...].decode)."""
+
+
+@overload(kv_encode, jit_options=_opts)
+def _kv_encode(x, codes, scales):
+    if codes.dtype == types.float32:
+        def encode_f32(x, codes, scales):
+            codes[:] = x
+        return encode_f32
+    if codes.dtype == types.uint16:
+        def encode_f16(x, codes, scales):
+            bits = x.view(np.uint32)
+            for i in range(x.shape[0]):
+                codes[i] = f32_to_f16_bits_signed(bits[i])
+        return encode_f16
+    if codes.dtype == types.int8:
+        def encode_q80(x, codes, scales):  # each block as quantize_q80 (llama.cpp's x86 quantize_row_q8_0)
+            block = x.shape[0] // scales.shape[0]
+            for b in range(scales.shape[0]):
+                amax = np.float32(0.0)
+                for j in range(b * block, (b + 1) * block):
+                    amax = max(amax, abs(x[j]))
+                inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+                if inv == np.inf:
+                    inv = np.float32(0.0)
+                scales[b] = f32_to_f16_bits(np.float32(amax / np.float32(127.0)))
+                for j in range(b * block, (b + 1) * block):
+                    codes[j] = np.int8(np.rint(np.float32(x[j] * inv)))
+        return encode_q80
+    return None
+
+
+@overload(kv_decode, jit_options=_opts)
+def _kv_decode(codes, scales, p0, n, j, tile):
+    if codes.dtype == types.float32:
+        def decode_f32(codes, scales, p0, n, j, tile):
+            for p in range(n):
+                tile[p] = codes[p0 + p, j]
+        return decode_f32
+    if codes.dtype == types.uint16:
+        def decode_f16(codes, scales, p0, n, j, tile):
+            for p in range(n):
+                _f16_into(codes[p0 + p, j], tile[p])
+        return decode_f16
+    if codes.dtype == types.int8:
+        def decode_q80(codes, scales, p0, n, j, tile):
+            n_scales = scales.shape[2]
+            block = codes.shape[2] // n_scales
+            for p in range(n):
+                for b in range(n_scales):
+                    d = f16_bits_to_f32(scales[p0 + p, j, b])
+                    for i in range(b * block, (b + 1) * block):
+                        tile[p, i] = np.float32(codes[p0 + p, j, i]) * d
+        return decode_q80
+    return None
+
+
+@njit(**_opts)
+def store_kv(k, v, slots, positions, k_codes, k_scales, v_codes, v_scales):
+    """Row t's keys and values (T, n_local_kv * head_dim) f32, one head at a time, into its
+    slot at its position, in the cache's type."""
+    n_kv, head_dim = k_codes.shape[2], k_codes.shape[3]
     for t in range(k.shape[0]):
         s, p = slots[t], positions[t]
         for j in range(n_kv):
-            for i in range(head_dim):
-                k_cache[s, p, j, i] = k[t, j * head_dim + i]
-                v_cache[s, p, j, i] = v[t, j * head_dim + i]
+            kv_encode(k[t, j * head_dim : (j + 1) * head_dim], k_codes[s, p, j], k_scales[s, p, j])
+            kv_encode(v[t, j * head_dim : (j + 1) * head_dim], v_codes[s, p, j], v_scales[s, p, j])
+
+
+ATT_BLOCK = 64  # positions per online-softmax step: their keys and values decoded once, into f32 tiles
+
+
+@intrinsic
+def _exp_scalar(typingctx, x):
+    """exp(x) of an f32, as _exp_ir (the bits exp_into gives)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _exp_ir(builder, args[0])
+
+    return types.float32(x), codegen
+
+
+def attention_scratch(n_heads: int, head_dim: int, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """attention's scratch for n_chunks chunks (the rank's threads: one chunk each): key and value
+    tiles (n_chunks, 2, ATT_BLOCK, head_dim), scores (n_chunks, n_heads, ATT_BLOCK), and each
+    head's running max and sum (n_chunks, n_heads, 2)."""
+    f32 = np.float32
+    return (np.zeros((n_chunks, 2, ATT_BLOCK, head_dim), f32), np.zeros((n_chunks, n_heads, ATT_BLOCK), f32),
+            np.zeros((n_chunks, n_heads, 2), f32))
+
+
+@njit(**_opts)
+def attention_chunk(c, n_chunks, q, k_codes, k_scales, v_codes, v_scales, kv_of_head, slots, positions, tiles, scores,
+                    state, out):
+    """Causal attention, flash-attention style, of the tasks c, c + n_chunks, ... of T x n_kv:
+    task (t, j) is row t (of sequence slot slots[t], at position positions[t]) over its slot's
+    positions [0, positions[t]], for every local query head h reading KV head j
+    (kv_of_head[h] == j). Positions go in blocks of ATT_BLOCK from 0: a block's keys and values
+    are decoded once into f32 tiles (each KV row is read once per row and KV head, whatever
+    the group size), each head's scores over the block, then its running max, sum and output
+    are rescaled (online softmax). q: (T, n_local_heads, head_dim); the caches (see above)
+    already hold the rows' keys and values; out: (T, n_local_heads, head_dim). Block bounds
+    depend on the position only, so a row's result never depends on T, the split or the
+    thread count. tiles, scores, state: attention_scratch's, chunk c's row used."""
+    n_tok, n_heads, head_dim = q.shape
+    n_kv = k_codes.shape[2]
+    inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
+    k_tile, v_tile, s, st = tiles[c, 0], tiles[c, 1], scores[c], state[c]
+    for task in range(c, n_tok * n_kv, n_chunks):
+        t, j = task // n_kv, task % n_kv
+        slot, n_pos = slots[t], positions[t] + 1
+        for h in range(n_heads):
+            if kv_of_head[h] == j:
+                st[h, 0], st[h, 1] = -np.inf, 0.0  # running max, running sum
+                out[t, h] = 0.0
+        for p0 in range(0, n_pos, ATT_BLOCK):
+            n = min(ATT_BLOCK, n_pos - p0)
+            kv_decode(k_codes[slot], k_scales[slot], p0, n, j, k_tile)
+            kv_decode(v_codes[slot], v_scales[slot], p0, n, j, v_tile)
+            for h in range(n_heads):
+                if kv_of_head[h] != j:
+                    continue
+                row, o = s[h, :n], out[t, h]
+                top = st[h, 0]
+                for p in range(n):
+                    row[p] = dot(k_tile[p], q[t, h]) * inv_sqrt
+                    top = max(top, row[p])
+                exp_into(row, np.float32(1), top, row)
+                total = st[h, 1]
+                if top > st[h, 0]:  # a new max: what came before shrinks by exp(old - new)
+                    alpha = _exp_scalar(np.float32(st[h, 0] - top))
+                    total *= alpha
+                    for i in range(head_dim):
+                        o[i] *= alpha
+                for p in range(n):
+                    total += row[p]
+                for p in range(n):
+                    w, v = row[p], v_tile[p]
+                    for i in range(head_dim):  # element-wise: vectorizes in any order, the same bits
+                        o[i] += w * v[i]
+                st[h, 0], st[h, 1] = top, total
+        for h in range(n_heads):
+            if kv_of_head[h] == j:
+                o, total = out[t, h], st[h, 1]
+                for i in range(head_dim):
+                    o[i] /= total
+
+
+@njit(parallel=True, **_opts)
+def attention(q, k_codes, k_scales, v_codes, v_scales, kv_of_head, slots, positions, tiles, scores, state, out):
+    """attention_chunk over the scratch's chunks, one per thread (attention_scratch)."""
+    n_chunks = tiles.shape[0]
+    for c in prange(n_chunks):
+        attention_chunk(c, n_chunks, q, k_codes, k_scales, v_codes, v_scales, kv_of_head, slots, positions, tiles,
+                        scores, state, out)
 
 
 @njit(**_opts)
@@ -450,11 +623,11 @@ def cache_dir() -> str:
     return matmul_f32._cache.cache_path
 
 
-def warm_up(weight_types: tuple[str, ...] = ()) -> None:
+def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (quant.DEFAULT_KV_TYPE,)) -> None:
     """Compile (or load from numba's cache) every kernel the engine uses: the products of the
     types the converter can make from any source always, of the others (the k-quants, kept from
     GGUF files) only among `weight_types`, the model's: most models have none, and compiling
-    them costs seconds on a cold cache."""
+    them costs seconds on a cold cache; the attention of the KV cache types `kv_types`."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
     blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
@@ -490,11 +663,14 @@ def warm_up(weight_types: tuple[str, ...] = ()) -> None:
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])
-    cache, rows = np.zeros((1, 4, 1, 32), f32), np.zeros(1, np.int64)
-    store_kv(out[:, :32], out[:, :32], rows, rows, cache, cache)
-    att = (out.reshape(1, 2, 32), cache, cache, np.zeros(2, np.int64), rows, rows + 1, np.zeros((2, 4), f32),
-           out.reshape(1, 2, 32))
-    attention(*att)
-    attention_heads(0, 2, *att)
+    rows = np.zeros(1, np.int64)
+    for name in kv_types:
+        kv = quant.KV_TYPES[name]
+        codes, scales = np.zeros((1, 4, 1, 32), kv.code_dtype), np.zeros((1, 4, 1, kv.scales_per_row(32)), np.uint16)
+        store_kv(out[:, :32], out[:, :32], rows, rows, codes, scales, codes, scales)
+        att = (out.reshape(1, 2, 32), codes, scales, codes, scales, np.zeros(2, np.int64), rows, rows + 1,
+               *attention_scratch(2, 32, 1), out.reshape(1, 2, 32))
+        attention(*att)
+        attention_chunk(0, 1, *att)
     silu_mul(np.concatenate((x, x), axis=1), out)
     sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))
