@@ -300,9 +300,10 @@ def test_node_cores_are_the_quota_where_it_allows_fewer_than_the_affinity(monkey
     assert threads.node_cores() == affinity
 
 
-def test_the_kv_cache_is_counted_in_its_type_and_a_smaller_one_is_suggested():
+def test_the_kv_cache_is_counted_in_its_type_and_a_smaller_one_suggested_where_it_fits():
     """A cap between the f16 and the f32 need: f16 fits, f32 is refused, the message naming the type
-    of the KV cache it counted and the smaller type that would help."""
+    of the KV cache it counted and the smallest type, which fits; a cap that not even q8_0 fits is
+    not told to use it."""
     plan = make_plan(TINYLLAMA, [1])
     f16, f32 = (rank_need(plan, 0, 2048, 0, kv_type=t) for t in ("f16", "f32"))
     assert f32["kv"] == 2 * f16["kv"] and f32["weights"] == f16["weights"]
@@ -313,4 +314,7 @@ def test_the_kv_cache_is_counted_in_its_type_and_a_smaller_one_is_suggested():
     assert problems[0].startswith("rank 0 needs") and "f32 KV cache for 2048 tokens 88.0MiB" in problems[0]
     assert problems[0].endswith(", or --kv-type q8_0")
     node = fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [cap], kv_type="f32")
-    assert "store the KV cache smaller (--kv-type q8_0)" in node[0]
+    assert "store the KV cache in q8_0 (--kv-type q8_0)" in node[0]
+    small = sum(f16.values()) - f16["kv"] // 2  # below q8_0's need (about 0.53 of f16's KV cache)
+    assert "--kv-type" not in fit_problems(plan, Budgets((small,), (small,)), 2048, 0, ["a"], [small], kv_type="f32")[0]
+    assert "--kv-type" not in " ".join(fit_problems(plan, Budgets((1,), None), 2048, 0, ["a"], [small], kv_type="f32"))

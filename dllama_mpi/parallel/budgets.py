@@ -144,9 +144,11 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
             return text.format(f"--max-seq-len {plan.spec.seq_len}, the length the model was trained for")
         return text.format(f"--max-seq-len {seq}")
 
-    # the smallest KV type, where another is asked for: q8_0 trades a little precision for memory
+    # the smallest KV type (q8_0: a little precision for memory), suggested where it alone makes the need fit
     smallest_kv = min(quant.KV_TYPES, key=lambda t: quant.KV_TYPES[t].row_bytes(plan.spec.head_dim))
-    smaller_kv = f"--kv-type {smallest_kv}" if smallest_kv != kv_type else ""
+
+    def kv_saving(ranks) -> int:
+        return sum(needs[r]["kv"] - n_slots * plan.kv_cache_bytes(r, max_seq_len, smallest_kv) for r in ranks)
 
     if budgets.caps:
         for r, (total, cap) in enumerate(zip(totals, budgets.caps)):
@@ -154,7 +156,8 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
                 seq = longest_context(total - needs[r]["kv"], kv_per_token[r], cap)
                 problems.append(f"rank {r} needs {format_bytes(total)} ({_parts(needs[r], max_seq_len, n_slots, kv_type)}) "
                                 f"but its budget caps it at {format_bytes(cap)}; give it at least {format_bytes(total)}"
-                                + context_hint(seq, ", or {}") + (f", or {smaller_kv}" if smaller_kv and needs[r]["kv"] else ""))
+                                + context_hint(seq, ", or {}")
+                                + (f", or --kv-type {smallest_kv}" if total - kv_saving([r]) <= cap else ""))
         scale = max(t / c for t, c in zip(totals, budgets.caps))
         if scale > 1:  # the same ratios give the same plan, so scaling every cap keeps the needs
             fitting = " ".join(f"{-(-int(c * scale) // 2**20)}MiB" for c in budgets.caps)
@@ -175,7 +178,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
         # only from float weights: re-quantizing a quantized model to q40 damages it (issue 14)
         smaller_type = "convert the model to q40 weights" if not quant.WEIGHTS[plan.spec.weight_type].quantized else ""
         fewer_slots = "serve fewer sequences at once (--slots)" if n_slots > 1 else ""
-        kv_way = f"store the KV cache smaller ({smaller_kv})" if smaller_kv and kv else ""
+        kv_way = f"store the KV cache in {smallest_kv} (--kv-type {smallest_kv})" if need - kv_saving(ranks) <= room else ""
         ways = [w for w in (share, context_hint(seq, "use a shorter context ({})"), kv_way, fewer_slots, smaller_type,
                             "run some of the ranks on other nodes") if w]
         problems.append(f"{names} on {host} need{'s' * (len(ranks) == 1)} {format_bytes(need)} ({parts}) but the node has "
