@@ -109,7 +109,7 @@ def test_forward_allocates_no_array_memory(random_models):
 def test_kv_cache_is_sized_by_max_seq_len(random_models):
     job = open_job(Comm(), random_models["f32"], (1,), max_seq_len=20, n_slots=3)
     assert job.engine.k_cache.shape == (2, 3, 20, 2, 64)  # (layers, slots, positions, KV heads, head_dim)
-    assert job.engine.kv_cache_bytes == 2 * 4 * 2 * 3 * 20 * 2 * 64
+    assert job.engine.kv_cache_bytes == 3 * job.plan.kv_cache_bytes(0, 20, "f16") == 2 * 2 * 2 * 3 * 20 * 2 * 64  # f16
 
 
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])

@@ -228,6 +228,19 @@ def test_planned_weight_bytes_equal_what_a_rank_loads(tmp_path):
     assert job.weights.nbytes == job.plan.weight_bytes(0)
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_planned_kv_bytes_equal_what_the_engine_allocates(tmp_path, kv_type):
+    """open_job's kv_type reaches the engine, whose cache (codes and scales, every slot) is what the plan counts."""
+    from conftest import write_random_model
+
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.parallel.comm import Comm
+
+    path = write_random_model(tmp_path / "m.h5", dataclasses.replace(STORIES, n_layers=2))  # heads 8 wide: q8_0 blocks of 8
+    job = open_job(Comm(), path, (1,), max_seq_len=12, n_slots=2, kv_type=kv_type)
+    assert job.engine.kv_cache_bytes == 2 * job.plan.kv_cache_bytes(0, 12, kv_type)
+
+
 def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans_bytes():
 
     from dllama_mpi.errors import InputError

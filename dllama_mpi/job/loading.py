@@ -127,7 +127,8 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
         model.close()
     comm.barrier()
     load_s = time.perf_counter() - t_load
-    engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type, n_slots=n_slots, max_logits=max_logits)
+    engine = Engine(comm, plan, weights, launch.max_seq_len, buffer_type, n_slots=n_slots, max_logits=max_logits,
+                    kv_type=kv_type)
     name = Path(model_path).stem if model_path is not None else "synthetic"
     return Job(comm, plan, weights, engine, tokenizer, stop_ids, model_id, name, load_s, auto)
 
