@@ -40,21 +40,22 @@ def variant_models(tmp_path_factory):
             for v, extra in VARIANTS.items()}
 
 
-def _engine_logits(path, buffer_type, tokens):
-    job = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
+def _engine_logits(path, buffer_type, tokens, kv_type="f32"):
+    job = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32, kv_type=kv_type)
     return [job.engine.forward(t, pos).copy() for pos, t in enumerate(tokens)]
 
 
-def _check_against_dense(path, buffer_type):
+def _check_against_dense(path, buffer_type, kv_type="f32"):
     spec, tensors = read_dense(path)
-    dense = DenseModel(spec, tensors, buffer_type)
+    dense = DenseModel(spec, tensors, buffer_type, kv_type)
     expected = [dense.forward(t, pos) for pos, t in enumerate(TOKENS)]
-    got = _engine_logits(path, buffer_type, TOKENS)
+    got = _engine_logits(path, buffer_type, TOKENS, kv_type)
     # Quantized matrices multiply bit for bit as the engine does (reference.matvec_q_*_exact),
     # but the other kernels round differently from numpy; with q80 buffers such a last-bit
     # difference can flip one Q80 code, whose effect on the logits is up to about 1.5%
-    # of their scale (seen with qwen3's head norms, 10 positions in).
-    tolerance = 2e-2 if buffer_type == "q80" else 1e-4
+    # of their scale (seen with qwen3's head norms, 10 positions in). A key or value rounded
+    # to fp16 or 8 bits can flip the same way.
+    tolerance = 2e-2 if buffer_type == "q80" or kv_type != "f32" else 1e-4
     for pos, (e, g) in enumerate(zip(expected, got)):
         scale = np.abs(e).max()
         assert scale > 0.1  # the test would be meaningless on vanishing logits
@@ -71,6 +72,24 @@ def test_engine_logits_match_the_dense_reference(random_models, weights, buffer_
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
 def test_architecture_features_match_the_dense_reference(variant_models, variant, buffer_type):
     _check_against_dense(variant_models[variant], buffer_type)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_each_kv_type_matches_the_dense_reference_holding_keys_and_values_alike(random_models, kv_type):
+    _check_against_dense(random_models["q40"], "f32", kv_type)
+
+
+# the largest logit difference, relative to the logits' scale, that a KV cache in each type
+# may make against the f32 cache over TOKENS (measured 2026-12-06: f16 4.4e-4, q8_0 1.1e-2)
+KV_LOGIT_TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2}
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_a_smaller_kv_cache_stays_within_its_tolerance_of_the_f32_cache(random_models, kv_type):
+    exact = _engine_logits(random_models["q40"], "f32", TOKENS)
+    got = _engine_logits(random_models["q40"], "f32", TOKENS, kv_type)
+    worst = max(np.abs(g - e).max() / np.abs(e).max() for e, g in zip(exact, got))
+    assert 0 < worst <= KV_LOGIT_TOLERANCE[kv_type]
 
 
 def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):
