@@ -86,7 +86,7 @@ def test_the_ppl_is_the_dense_numpy_references(stories_models, f32_base, tmp_pat
         assert f.attrs["model_id"] == found["model_id"] and f.attrs["n_scored"] == len(nll) == found["n_scored"]
     assert tokens.shape == (9, CTX) and (tokens[:, 0] == 1).all()  # every chunk starts with BOS
     spec, tensors = read_dense(stories_models[weights])
-    dense = DenseModel(spec, tensors, "f32")
+    dense = DenseModel(spec, tensors, "f32", "f32")  # f32 buffers and KV cache, as the base was scored
     expected = []
     for row in tokens:
         for pos in range(CTX - 1):
