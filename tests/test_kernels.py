@@ -23,7 +23,7 @@ from dllama_mpi.parallel import threads
 
 F16_MAX = 65504.0
 # weight type _ activation form: the engine's pairs (each quantized type's activation form with q80 buffers, f32 with
-# f32 ones): f32, f16, q40_q80, q40_f32, q80_q80, q80_f32, q4k_q8k, q4k_f32, q6k_q8k, q6k_f32
+# f32 ones): f32, f16, q40_q80, q40_f32, q80_q80, q80_f32, q4k_q8k, q4k_f32, q6k_q8k, q6k_f32, q50_q80, q50_f32
 MATMULS = tuple(pair for t in quant.WEIGHTS.values()
                 for pair in ((f"{t.name}_{t.activation}", f"{t.name}_f32") if t.quantized else (t.name,)))
 
@@ -71,12 +71,21 @@ def _q6k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return blocks
 
 
+def _q50_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols // 32) Q50 blocks of random codes (5th bits included), rows of different
+    magnitudes."""
+    nb = cols // quant.BLOCK
+    blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q50.itemsize), quant.Q50).reshape(rows, nb).copy()
+    blocks["d"] = (10.0 ** rng.uniform(-1, 1, size=(rows, 1)) / 16 * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
+    return blocks
+
+
 # random blocks of the types no quantizer makes (kept from GGUF files)
-KEPT_BLOCKS = {quant.Q4K: _q4k_blocks, quant.Q6K: _q6k_blocks}
+KEPT_BLOCKS = {quant.Q4K: _q4k_blocks, quant.Q6K: _q6k_blocks, quant.Q50: _q50_blocks}
 
 
 def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
-    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q80 / Q4K / Q6K blocks."""
+    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q50 / Q80 / Q4K / Q6K blocks."""
     t = quant.WEIGHTS[kind.split("_")[0]]
     if t.encode is None:
         return KEPT_BLOCKS[t.dtype](rng, rows, cols)
@@ -501,6 +510,7 @@ SHAPES = {
     "f16": [(13, 7), (17, 64), (7, 224), (1, 13)],
     "q40": [(13, 32 * 7), (17, 32 * 13), (7, 32), (1, 32 * 13), (5, 32 * 33)],
     "q80": [(13, 224), (17, 32), (7, 416), (1, 96), (5, 32 * 33)],
+    "q50": [(13, 32 * 7), (17, 32 * 28), (7, 32), (1, 32 * 13), (5, 32 * 33)],  # 28 blocks: Qwen2.5-0.5B's 896
     "q4k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],  # 8 to 72 sub-blocks
     "q6k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],
 }

@@ -29,6 +29,7 @@ lanes = np.full((qmatmul.CHUNKS, 16), 12345, np.int32), np.full((qmatmul.CHUNKS,
 checked = 0
 SHAPES = ((13, 7, 1), (5, 16, 6), (7, 33, 3), (1, 17, 9), (3, 2, 4))  # (rows, blocks of 32, tokens)
 SUPER_SHAPES = ((13, 8, 1), (5, 16, 6), (7, 40, 3), (1, 24, 9), (3, 8, 4))  # whole 256-value super-blocks
+LARGEST = (3, 16, 2)  # the shape of the largest codes' case
 QUANTIZED = [t for t in quant.WEIGHTS.values() if t.quantized]
 FIRST = QUANTIZED[0].name  # the type whose products also run through the parallel driver
 
@@ -37,7 +38,7 @@ def weights(t, rows, nb):
     if t.encode is not None:
         w = (rng.standard_normal((rows, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(np.float32)
         return t.encode(w)
-    # weights kept from GGUF files, never quantized here: random super-blocks, small finite fp16 scales
+    # weights kept from GGUF files, never quantized here: random blocks, small finite fp16 scales
     n = nb * 32 // t.block_values
     stored = np.frombuffer(rng.bytes(rows * n * t.dtype.itemsize), t.dtype).reshape(rows, n).copy()
     for field in (f for f in t.dtype.names if t.dtype[f] == np.float16):
@@ -45,12 +46,26 @@ def weights(t, rows, nb):
     return stored
 
 
+def largest(t, rows, nb):
+    # every byte but the fp16 scales' 0xFF: the nibble types' largest codes (Q40's 15, Q50's 31), where
+    # avx2's int16 sums of pmaddubsw pairs come nearest to overflowing
+    stored = weights(t, rows, nb)
+    raw = stored.view(np.uint8).reshape(*stored.shape, t.dtype.itemsize)
+    for field, at in t.dtype.fields.values():
+        if field != np.float16:
+            raw[..., at : at + field.itemsize] = 0xFF
+    return stored
+
+
 for t in QUANTIZED:
     kind, serial, act = t.name, resolve(t.kernels.rows_8bit), quant.ACTIVATIONS[t.activation]
-    for rows, nb, n_tok in SHAPES if t.block_values == 32 else SUPER_SHAPES:
-        stored = weights(t, rows, nb)
+    shapes = SHAPES if t.block_values == 32 else SUPER_SHAPES
+    for make, (rows, nb, n_tok) in [(weights, shape) for shape in shapes] + [(largest, LARGEST)]:
+        stored = make(t, rows, nb)
         m = Matrix.from_stored(stored, nb * 32)
         x = (rng.standard_normal((n_tok, nb * 32)) * 10.0 ** rng.uniform(-2, 2, (n_tok, 1))).astype(np.float32)
+        if make is largest:  # every activation code 127 (Q8K: -127) with them
+            x = np.ones((n_tok, nb * 32), np.float32)
         xb = act.quantize(x)  # Q80, or Q8K for the k-quants (the engine's)
         g = qmatmul.groups(nb)
         xq, xsum = np.zeros((n_tok, 512 * g), np.int8), np.zeros((n_tok, 16 * g), np.int32)
@@ -107,7 +122,7 @@ def test_each_instruction_set_equals_the_exact_twin(isa, checks):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
     quantized = sum(t.quantized for t in quant.WEIGHTS.values())
-    assert result["checked"] == 5 * quantized + 5  # 5 shapes a quantized type, the first one's through the parallel driver too
+    assert result["checked"] == 6 * quantized + 6  # 5 shapes and the largest codes a type; the first type's in parallel too
     asm = result["asm"]
     if isa == "avx512vnni":
         assert asm["vpdpbusd"] > 0

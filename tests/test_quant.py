@@ -1,5 +1,5 @@
 """Tests for the block formats and numpy codecs in dllama_mpi.model.quant (llama.cpp's Q4_0 / Q8_0,
-and the k-quants Q4_K / Q6_K read from GGUF files)."""
+and Q5_0 and the k-quants Q4_K / Q6_K read from GGUF files)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def test_block_dtypes_have_llama_cpp_sizes():
     assert quant.Q40.fields["d"][0] == np.dtype("<f2") and quant.Q40.fields["d"][1] == 0
     assert quant.Q80.fields["d"][0] == np.dtype("<f2") and quant.Q80.fields["d"][1] == 0
     assert quant.Q40.fields["qs"][1] == 2 and quant.Q80.fields["qs"][1] == 2
+    assert quant.Q50.itemsize == 22  # ggml's block_q5_0: d, qh[4], qs[16]
+    assert [quant.Q50.fields[f][1] for f in ("d", "qh", "qs")] == [0, 2, 6]
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,8 @@ def test_block_dtypes_have_llama_cpp_sizes():
         ("q40", 33, "f32"),
         ("f32", 288, "f32"),
         ("f32", 172, "f32"),
+        ("q50", 896, "q50"),
+        ("q50", 172, "f32"),
     ],
 )
 def test_storage_type_uses_q40_only_for_whole_blocks(weight_type, cols, expected):
@@ -53,7 +57,7 @@ def test_storage_type_rejects_unknown_weight_type():
 @pytest.mark.parametrize(
     "tensor_type, cols, expected",
     [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18),
-     ("f16", 172, 344), ("q80", 64, 68), ("q4k", 512, 288), ("q6k", 768, 630)],
+     ("f16", 172, 344), ("q80", 64, 68), ("q4k", 512, 288), ("q6k", 768, 630), ("q50", 896, 28 * 22)],
 )
 def test_row_bytes(tensor_type, cols, expected):
     assert quant.row_bytes(tensor_type, cols) == expected
@@ -63,16 +67,17 @@ def test_row_bytes(tensor_type, cols, expected):
     ("q40", 32 * 17, 32 * 18),  # padded to a lane group of 16 blocks
     ("q4k", 512, 296), ("q4k", 256, 296),  # nibbles, 6-bit scales and mins, fp16 d and dmin (a group padded)
     ("q6k", 512, 420), ("q6k", 768, 2 * 420),  # the file's 210 bytes per 256 (a group padded with zeros)
+    ("q50", 32 * 16, 16 * 22), ("q50", 896, 32 * 22),  # the file's 22 bytes per 32 (Qwen2.5-0.5B's 28 blocks padded)
 ])
 def test_resident_row_bytes(tensor_type, cols, expected):
     assert quant.resident_row_bytes(tensor_type, cols) == expected
 
 
-KEPT_ONLY = [t for t in quant.WEIGHTS.values() if t.encode is None]  # the k-quants
+KEPT_ONLY = [t for t in quant.WEIGHTS.values() if t.encode is None]  # the k-quants and Q5_0
 
 
 @pytest.mark.parametrize("kind", [t.gguf for t in KEPT_ONLY])
-def test_k_quants_dequantize_as_gguf_py_bit_for_bit(kind):
+def test_kept_types_dequantize_as_gguf_py_bit_for_bit(kind):
     import gguf
 
     ggml = gguf.GGMLQuantizationType[kind]
@@ -90,8 +95,9 @@ def test_k_quants_dequantize_as_gguf_py_bit_for_bit(kind):
     np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
 
 
-def test_k_quants_are_never_made_by_quantizing():
-    assert [t.name for t in KEPT_ONLY] == list(quant.K_QUANTS) and KEPT_ONLY
+def test_k_quants_and_q50_are_never_made_by_quantizing():
+    assert [t.name for t in KEPT_ONLY] == [*quant.K_QUANTS, "q50"]
+    assert not set(quant.QUANTIZABLE) & {t.name for t in KEPT_ONLY}  # --weights can't ask for them
     for t in KEPT_ONLY:
         with pytest.raises(ValueError, match="kept from GGUF files as stored"):
             quant.encode(np.zeros((1, 256), np.float32), t.name)
@@ -208,6 +214,31 @@ def test_q40_element_of_largest_magnitude_maps_to_minus_8():
     idx = np.abs(x.reshape(5, 4, 32)).argmax(axis=-1)
     np.testing.assert_array_equal(np.take_along_axis(q, idx[..., None], axis=-1), 0)
     assert q.max() <= 15
+
+
+# ---------------------------------------------------------------- Q50
+
+
+def test_q50_hand_built_block_reads_as_ggmls_block_q5_0():
+    # bytes 0-1 fp16 d; 2-5 qh, a little-endian u32 whose bit j is element j's 5th bit; 6-21 qs,
+    # element j the low nibble of qs[j], j + 16 the high one; value ((nibble | bit << 4) - 16) * d
+    q = (np.arange(32) * 11 + 5) % 32  # (32,) every code 0..31, 5th bits not symmetric
+    raw = np.zeros(22, np.uint8)
+    raw[:2] = np.frombuffer(np.float16(-0.375).tobytes(), np.uint8)
+    raw[2:6] = np.frombuffer(np.uint32(sum(int(v >> 4) << j for j, v in enumerate(q))).tobytes(), np.uint8)  # "<u4"
+    raw[6:] = (q[:16] & 15) | ((q[16:] & 15) << 4)
+    block = raw.view(quant.Q50).reshape(1, 1)
+    np.testing.assert_array_equal(quant.q50_codes(block)[0, 0], q)
+    np.testing.assert_array_equal(quant.dequantize_q50(block)[0], (q - 16).astype(np.float32) * np.float32(-0.375))
+    np.testing.assert_array_equal(quant.decode(block), quant.dequantize_q50(block))
+
+
+def test_q50_extremes_are_minus_16_and_15_steps():
+    block = np.zeros((2, 1), quant.Q50)
+    block["d"] = np.float16(2.0)
+    block["qh"][1] = 0xFF  # every 5th bit set
+    block["qs"][1] = 0xFF  # and every nibble
+    np.testing.assert_array_equal(quant.dequantize_q50(block), [[-32.0] * 32, [30.0] * 32])
 
 
 # ---------------------------------------------------------------- Q80

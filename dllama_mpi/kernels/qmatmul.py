@@ -1,6 +1,6 @@
 """Quantized matrix products, out (T, rows) = x (T, cols) @ w.T on a rank's rows, with
-Q40, Q80, Q4K or Q6K weights and 8-bit (Q80 or Q8K) or f32 activations; their layouts; the
-instruction set.
+Q40, Q50, Q80, Q4K or Q6K weights and 8-bit (Q80 or Q8K) or f32 activations; their
+layouts; the instruction set.
 
 One arithmetic, whatever computes it. For a row and a token, per block b (32 values) the
 integer dot product of the codes, isum_b, is exact. Blocks are taken in lane groups of 16
@@ -12,8 +12,9 @@ The SIMD paths (below) compute exactly this, and so does the portable fallback, 
 result is the same bits on every path, thread count and split (the numpy twins:
 reference.matvec_q_q80_exact, matvec_q_f32_exact). With f32 activations (portable code on
 every CPU), isum_b is instead the f32 sum of the block's 32 products in element order, then
-the same lanes and tree. Q4K weights (sub-blocks of 32 with a scale s_b and a min m_b,
-value s_b * q - m_b, q in 0..15) take the same integer sums of their unsigned codes and
+the same lanes and tree (the codes taken less their offset: Q40's q - 8, Q50's q - 16 with
+q in 0..31, its 5th bit above the nibble). Q4K weights (sub-blocks of 32 with a scale s_b
+and a min m_b, value s_b * q - m_b, q in 0..15) take the same integer sums of their unsigned codes and
 p_b = f32(isum_b) * (s_b * d_x_b) - f32(xsum_b) * (m_b * d_x_b), the min folded through
 the sum of the activation codes (with f32 activations: the block's f32 sum of q * x in
 element order times s_b, minus the f32 sum of x in element order times m_b). Q6K weights
@@ -37,6 +38,11 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
   Q40 weights: qs (rows, G * 256) u8: quad k (k < 4) of every block holds the nibble
       pairs of elements 4k..4k+3 (low) and 16+4k..16+4k+3 (high); d (rows, 16 G) u16, the
       fp16 scales as stored in the file (18 bytes per 32 weights, as llama.cpp).
+  Q50 weights: qs (rows, G * 320) u8: the codes' low nibbles as Q40's quads, then 64
+      bytes of their 5th bits: byte [256 + 4 l + i] holds at bit 2 k + h that of element
+      16 h + 4 k + i, so one load of the 64 (or of a half's 32) lines up lane for lane with
+      every quad k's nibble bytes (made by `pack_q50`); d (rows, 16 G) i16, the fp16 scales'
+      bits (f16_bits_to_f32 takes them sign-extended): the file's 22 bytes per 32 weights.
   Q80 weights: qs (rows, G * 512) i8, 8 quads; d as above.
   Q4K weights: qs as Q40's, of each 32-value sub-block's codes (made by `pack_q4k`); d
       (rows, 40 G) u8: per lane group the 16 sub-blocks' 6-bit scales, their 6-bit mins,
@@ -50,7 +56,7 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
       scales, then the fp16 d of the group's two super-blocks (4 bytes): the file's 210
       bytes per 256 weights.
   8-bit activations: xq (T, G * 512) i8, xsum (T, 16 G) i32 (the sum of a block's codes:
-      it folds Q40's -8 and the unsigned offset of vpdpbusd out of the inner loop),
+      it folds Q40's -8, Q50's -16 and the unsigned offset of vpdpbusd out of the inner loop),
       xd (T, 16 G) f32, the block's scale d_x: its Q80 scale, or its Q8K super-block's (the
       form k-quant weights take, as in llama.cpp: `pack_q8k`); activation codes lie in
       [-127, 127] (our quantizers' range). Everything above that says Q80 activations holds
@@ -142,6 +148,33 @@ def pack_weights(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 PACK_ROWS = 256  # rows of k-quants unpacked at a time: the unpacked codes and scales of a few MB, not a whole matrix
 Q4K_SCALES = quant.Q4K_TYPE.layout.scale_bytes  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
 Q6K_SCALES = quant.Q6K_TYPE.layout.scale_bytes  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
+Q50_CODES = quant.Q50_TYPE.layout.code_bytes  # bytes of a Q50 lane group's qs: 256 of nibbles, 64 of their 5th bits
+
+
+def pack_q50(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q50 blocks (rows, nb) -> (qs, d) in the kernel layout (see above), a block of
+    rows at a time."""
+    rows, nb = stored.shape
+    g = groups(nb)
+    qs = np.empty((rows, g, Q50_CODES), np.uint8)
+    d = np.zeros((rows, g * GROUP), np.int16)
+    d[:, :nb] = stored["d"].view(np.int16)
+    for a in range(0, rows, PACK_ROWS):
+        part = stored[a : a + PACK_ROWS]
+        n = len(part)
+        codes = np.zeros((n, g * GROUP, BLOCK), np.uint8)  # padding blocks: code 0, scale 0
+        codes[:, :nb] = quant.q50_codes(part)
+        low = codes & 15
+        as_q40 = np.zeros((n, g * GROUP), quant.Q40)
+        as_q40["qs"] = low[..., :16] | (low[..., 16:] << 4)
+        qs[a : a + n, :, :256] = pack_weights(as_q40)[0].reshape(n, g, 256)
+        high = (codes >> 4).reshape(n, g, GROUP, 2, 4, 4)  # (lane, h, k, i): element 16 h + 4 k + i
+        bits = np.zeros((n, g, GROUP, 4), np.uint8)  # (lane, i)
+        for h in range(2):
+            for k in range(4):
+                bits |= high[:, :, :, h, k, :] << np.uint8(2 * k + h)
+        qs[a : a + n, :, 256:] = bits.reshape(n, g, 64)
+    return qs.reshape(rows, g * Q50_CODES), d
 
 
 def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,19 +305,35 @@ def pack_f32(x, xt):
 
 
 @njit(**_opts)
+def _code_bytes(wq, wd):
+    """Code bytes a block of packed Q40, Q50 or Q80 weights (rows or one row): 16, 20 or 32,
+    which tells the types apart (every type has an fp16 d a block)."""
+    return wq.shape[-1] // max(wd.shape[-1], 1)
+
+
+@njit(**_opts)
+def _q_code(w, width, lane, e):
+    """The code less its offset (Q40's 8, Q50's 16) of element e of block `lane` of a packed
+    Q40, Q50 or Q80 lane group w, `width` code bytes a block."""
+    if width == 32:
+        return np.int32(w[(e // 4) * 64 + lane * 4 + e % 4])
+    k, i, h = (e % 16) // 4, e % 4, e // 16
+    nibble = (np.int32(w[k * 64 + lane * 4 + i]) >> (4 * h)) & 15
+    if width == 16:
+        return nibble - 8
+    return (nibble | (((np.int32(w[256 + lane * 4 + i]) >> (2 * k + h)) & 1) << 4)) - 16
+
+
+@njit(**_opts)
 def dequantize_row(wq, wd, nb, out):
-    """One packed weight row (Q40 when wq is u8, Q80 when i8) -> out (nb * 32,) f32."""
-    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    """One packed Q40, Q50 or Q80 weight row -> out (nb * 32,) f32."""
+    width = _code_bytes(wq, wd)
     for b in range(nb):
         g, lane = b // GROUP, b % GROUP
         d = f16_bits_to_f32(wd[b])
+        w = wq[g * GROUP * width : (g + 1) * GROUP * width]
         for e in range(BLOCK):
-            if q40:
-                byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
-                code = (byte & 15) - 8 if e < 16 else (byte >> 4) - 8
-            else:
-                code = np.int32(wq[g * 512 + (e // 4) * 64 + lane * 4 + e % 4])
-            out[b * BLOCK + e] = np.float32(code) * d
+            out[b * BLOCK + e] = np.float32(_q_code(w, width, lane, e)) * d
 
 
 @njit(**_opts)
@@ -351,27 +400,32 @@ def _lane_tree(acc):
 
 @njit(**_opts)
 def _q_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    """Q40, Q50 or Q80 weights x Q80 activations (portable)."""
+    width = _code_bytes(wq, wd)
+    offset = 8 if width == 16 else 16  # of the nibble types' codes
     isum, acc = lanes_i[c], lanes_f[c]
     for r in range(r0, r1):
         for t in range(xq.shape[0]):
             acc[:] = 0
             for g in range(wd.shape[1] // GROUP):
                 x = xq[t, g * 512 : (g + 1) * 512]
-                if q40:
-                    w = wq[r, g * 256 : (g + 1) * 256]
+                w = wq[r, g * GROUP * width : (g + 1) * GROUP * width]
+                if width != 32:  # unsigned nibble codes, the offset through the sum of the activation codes
                     for lane in range(GROUP):
-                        isum[lane] = -8 * xsum[t, g * GROUP + lane]
+                        isum[lane] = -offset * xsum[t, g * GROUP + lane]
                     for k in range(4):
                         for lane in range(GROUP):
                             s = np.int32(0)
                             for i in range(4):
-                                byte = np.int32(w[k * 64 + lane * 4 + i])
                                 o = k * 64 + lane * 4 + i
-                                s += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
+                                byte = np.int32(w[o])
+                                lo, hi = byte & 15, byte >> 4
+                                if width == 20:  # Q50: their 5th bits are bits 2k, 2k + 1 of the lane's byte i
+                                    high = np.int32(w[256 + lane * 4 + i]) >> (2 * k)
+                                    lo, hi = lo | ((high & 1) << 4), hi | ((high & 2) << 3)
+                                s += lo * np.int32(x[o]) + hi * np.int32(x[256 + o])
                             isum[lane] += s
                 else:
-                    w = wq[r, g * 512 : (g + 1) * 512]
                     for lane in range(GROUP):
                         isum[lane] = 0
                     for j in range(8):
@@ -491,24 +545,19 @@ def _k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
 
 @njit(**_opts)
 def _q_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
-    """Q40/Q80 weights x f32 activations (every instruction set: plain loops)."""
-    q40 = wq.shape[-1] == 16 * wd.shape[-1]  # Q40: 16 code bytes per block, Q80: 32
+    """Q40, Q50 or Q80 weights x f32 activations (every instruction set: plain loops)."""
+    width = _code_bytes(wq, wd)
     acc = lanes_f[c]
     for r in range(r0, r1):
         for t in range(xt.shape[0]):
             acc[:] = 0
             for g in range(wd.shape[1] // GROUP):
                 x = xt[t, g * 512 : (g + 1) * 512]
+                w = wq[r, g * GROUP * width : (g + 1) * GROUP * width]
                 for lane in range(GROUP):
                     s = np.float32(0)
                     for e in range(BLOCK):
-                        o = (e // 4) * 64 + lane * 4 + e % 4
-                        if q40:
-                            byte = np.int32(wq[r, g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
-                            code = (byte & 15) - 8 if e < 16 else (byte >> 4) - 8
-                        else:
-                            code = np.int32(wq[r, g * 512 + o])
-                        s = s + np.float32(code) * x[o]
+                        s = s + np.float32(_q_code(w, width, lane, e)) * x[(e // 4) * 64 + lane * 4 + e % 4]
                     acc[lane] = acc[lane] + s * f16_bits_to_f32(wd[r, g * GROUP + lane])
             out[t, r] = _lane_tree(acc)
 
@@ -547,10 +596,19 @@ def _halves(builder, v, n):
 CHAINS = 2  # vpdpbusd accumulators per token: one chain of 8 dependent ones ran at 2/3 of the speed
 
 
+def _bit_to(builder, v, bit, to, width):
+    """Bit `bit` of each byte of v (<width x i8>) moved to bit `to`, every other bit cleared."""
+    if bit < to:
+        v = builder.shl(v, _splat(_I8, width, to - bit))
+    elif bit > to:
+        v = builder.lshr(v, _splat(_I8, width, bit - to))
+    return builder.and_(v, _splat(_I8, width, 1 << to))
+
+
 def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
     """The exact per-block integer sums of one lane group for one token, as vectors of
     int32 lanes: one <16 x i32> (avx512vnni) or two <8 x i32> halves (avx2), of a type whose
-    codes are nibbles or bytes (quant.Layout: Q40, Q80, Q4K).
+    codes are nibbles (Q50's with a 5th bit) or bytes (quant.Layout: Q40, Q50, Q80, Q4K).
     w_at(offset, vtype) / x_at(offset, vtype) load weight / activation bytes of the group;
     seed_at(offset, vtype) loads xsum lanes (int32)."""
     # (byte offset within a quad, bytes): a lane is 4 code bytes and one int32 xsum, so the
@@ -570,14 +628,23 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
                    else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
         nibbles = layout.nibbles
+        if layout.high_bits:  # Q50: the byte of 5th bits of each lane and i, lane for lane with every quad's
+            fifth = w_at(256 + h, _vec(_I8, width))
         if isa == "avx2" and nibbles:
-            s16 = ir.Constant(_vec(_I16, 16), None)
+            # |two products| <= 2 * largest code * 128: one int16 sum holds 8 of Q40's (codes to 15) or
+            # 4 of Q50's (to 31), so Q50 takes two
+            per_s16 = 32767 // (2 * ((16 << layout.high_bits) - 1) * 128)
+            s16s = [ir.Constant(_vec(_I16, 16), None)] * -(-2 * len(quads) // per_s16)
+            n_pairs = 0
         chains = [acc] + [ir.Constant(_vec(_I32, lanes), None)] * (CHAINS - 1)
         for k, x_lo, x_hi in quads:
             wv = w_at(k * 64 + h, _vec(_I8, width))
             if nibbles:
-                pairs = [(builder.and_(wv, _splat(_I8, width, 15)), x_at(x_lo + h, _vec(_I8, width))),
-                         (builder.lshr(wv, _splat(_I8, width, 4)), x_at(x_hi + h, _vec(_I8, width)))]
+                codes = [builder.and_(wv, _splat(_I8, width, 15)), builder.lshr(wv, _splat(_I8, width, 4))]
+                if layout.high_bits:  # element 16 half + 4 k + i's 5th bit is bit 2 k + half
+                    codes = [builder.or_(code, _bit_to(builder, fifth, 2 * k + half, 4, width))
+                             for half, code in enumerate(codes)]
+                pairs = list(zip(codes, (x_at(x_lo + h, _vec(_I8, width)), x_at(x_hi + h, _vec(_I8, width)))))
             else:
                 xv = x_at(x_lo + h, _vec(_I8, width))
                 if isa == "avx512vnni":  # w + 128 as the unsigned side; -128 * xsum seeded above
@@ -589,8 +656,10 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
                 if isa == "avx512vnni":  # several accumulators: independent dependency chains
                     chains[0] = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _vec(_I32, 16), [chains[0], u, s])
                     chains.append(chains.pop(0))
-                elif nibbles:  # |two products| <= 2 * 15 * 128; 8 of them fit int16
-                    s16 = builder.add(s16, _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s]))
+                elif nibbles:
+                    at = n_pairs % len(s16s)
+                    s16s[at] = builder.add(s16s[at], _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s]))
+                    n_pairs += 1
                 else:
                     pair = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
                     acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pair, _splat(_I16, 16, 1)]))
@@ -599,7 +668,8 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
             for chain in chains[1:]:
                 acc = builder.add(acc, chain)
         if isa == "avx2" and nibbles:
-            acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [s16, _splat(_I16, 16, 1)]))
+            for s16 in s16s:
+                acc = builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [s16, _splat(_I16, 16, 1)]))
         sums.append(acc)
     return sums
 
@@ -732,7 +802,7 @@ def _tile(n_tok: int):
                     def seed_at(off, vtype, t=t):
                         return _load(builder, s_rows[t], builder.add(s_base, ir.Constant(i64, off)), vtype)
 
-                    if layout.high_bits:
+                    if layout.half_scales:  # a pair of sums a block, one a scale (Q6K)
                         sums = _q6k_int_sums(builder, layout, isa, w_at, x_at, seed_at)
                     else:
                         sums = _int_sums(builder, layout, isa, w_at, x_at, seed_at)
@@ -773,9 +843,10 @@ ROW_BLOCK = 32  # rows whose weights stay in L2 while every token tile passes ov
 
 @njit(**_opts)
 def _q_q80_tiled(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    """Q40/Q80 weights x Q80 activations on an x86 ISA. Tiles of 4 tokens (each weight
-    vector unpacked once per tile, the tile's activations in L1) pass over blocks of
-    ROW_BLOCK rows (in L2), then the rest of the tokens."""
+    """Quantized weights (every type: the tile's code generation reads its layout) x 8-bit
+    activations on an x86 ISA. Tiles of 4 tokens (each weight vector unpacked once per tile,
+    the tile's activations in L1) pass over blocks of ROW_BLOCK rows (in L2), then the rest
+    of the tokens."""
     n_tok = xq.shape[0]
     for b0 in range(r0, r1, ROW_BLOCK):
         b1 = min(b0 + ROW_BLOCK, r1)

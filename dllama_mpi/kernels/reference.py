@@ -37,16 +37,18 @@ def lane_sum(p: np.ndarray) -> np.ndarray:
 
 
 def _codes(w_blocks: np.ndarray) -> np.ndarray:
-    """(rows, nb) Q40/Q80 -> (rows, nb, 32) int64 codes (Q40 without its offset of 8)."""
+    """(rows, nb) Q40/Q50/Q80 -> (rows, nb, 32) int64 codes less their offset (Q40's 8, Q50's 16)."""
     qs = w_blocks["qs"]
     layout = quant.WEIGHTS[quant.type_of(w_blocks)].layout
+    if layout.high_bits:  # Q50: a 5th bit above each nibble
+        return quant.q50_codes(w_blocks).astype(np.int64) - layout.offset
     if layout.nibbles:
         return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - layout.offset
     return qs.astype(np.int64)
 
 
 def matvec_q_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q40/Q80 x Q80 product, bit for bit: w_blocks (rows, nb);
+    """The twin of qmatmul's Q40/Q50/Q80 x Q80 product, bit for bit: w_blocks (rows, nb);
     x_blocks (T, nb) Q80 -> (T, rows) f32. Exact integer block sums, then f32 terms
     isum * (d_w * d_x) in lane order."""
     isum = np.einsum("rbe,tbe->trb", _codes(w_blocks), x_blocks["qs"].astype(np.int64))
@@ -55,7 +57,7 @@ def matvec_q_q80_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray
 
 
 def matvec_q_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q40/Q80 x f32 product, bit for bit: x (T, nb * 32) f32 ->
+    """The twin of qmatmul's Q40/Q50/Q80 x f32 product, bit for bit: x (T, nb * 32) f32 ->
     (T, rows): each block's f32 sum of its 32 products in element order, times d_w."""
     codes = _codes(w_blocks).astype(np.float32)  # (rows, nb, 32)
     xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)  # (T, 1, nb, 32)

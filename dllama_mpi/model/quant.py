@@ -11,6 +11,9 @@ adding a type is one record plus its codecs and kernels.
 The formats match llama.cpp's:
   Q40 (block_q4_0): fp16 scale d + 16 bytes; element j is the low nibble of byte j,
       element j + 16 its high nibble; value = (q - 8) * d.
+  Q50 (block_q5_0, weights only, read from GGUF files): fp16 scale d, 4 bytes qh (a
+      little-endian u32 whose bit j is element j's 5th bit), 16 bytes qs as Q40's nibbles;
+      value = ((nibble | high bit << 4) - 16) * d (see q50_codes).
   Q80 (block_q8_0): fp16 scale d + 32 int8; value = q * d.
   Q4K (block_q4_K, weights only, read from GGUF files): 256 values in 8 sub-blocks of 32;
       fp16 d and dmin, 12 bytes of 6-bit sub-block scales sc_j and mins m_j, 128 bytes of
@@ -38,6 +41,7 @@ import numpy as np
 BLOCK = 32
 GROUP = 16  # blocks per lane group of the quantized products (qmatmul); rows are padded to it
 Q40 = np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))])  # 18 bytes / 32 values
+Q50 = np.dtype([("d", "<f2"), ("qh", "u1", (4,)), ("qs", "u1", (BLOCK // 2,))])  # 22 bytes / 32 values
 Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
 QK = 256  # values per k-quant super-block
@@ -54,8 +58,8 @@ class Layout:
     scale_bytes: int  # d bytes per lane group
     packed: tuple[str, str]  # the dtypes of qs and d: how numba's typing of a tile tells the type (one pair a type)
     nibbles: bool  # 4-bit codes (quad k: elements 4k..4k+3 low, 16+4k..16+4k+3 high), else an int8 code a byte
-    offset: int = 0  # taken from every code (Q40's 8, Q6K's 32)
-    high_bits: int = 0  # bits of each code above its nibble, packed after the nibbles (Q6K's 2)
+    offset: int = 0  # taken from every code (Q40's 8, Q50's 16, Q6K's 32)
+    high_bits: int = 0  # bits of each code above its nibble, packed after the nibbles (Q50's 1, Q6K's 2)
     super_scales: bool = False  # 8-bit scales times their super-block's fp16 d (k-quants), else an fp16 d a block
     signed_scales: bool = False  # those 8-bit scales are int8, else unsigned 6-bit
     half_scales: bool = False  # a scale per 16 values (Q6K), else per block
@@ -124,8 +128,8 @@ def weight_type(name: str) -> WeightType:
 
 def storage_type(weight_type: str, cols: int) -> str:
     """The type a weight matrix is stored in: rows must be whole elements of the type, so a
-    matrix whose rows are not takes the type's fallback (q40 and q80: f32, as stories260K's w2,
-    172 wide; the k-quants: q80, never from a GGUF, whose rows are whole super-blocks). The one
+    matrix whose rows are not takes the type's fallback (q40, q50 and q80: f32, as stories260K's
+    w2, 172 wide; the k-quants: q80, never from a GGUF, whose rows are whole super-blocks). The one
     place this decision is made."""
     if weight_type not in WEIGHTS:
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
@@ -143,7 +147,7 @@ def resident_row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row as the kernels hold it in memory: a quantized row is padded with zero
     blocks to a multiple of GROUP blocks (qmatmul's lane groups), each group its layout's codes
     and scales (Q4K: 148 bytes per 256 values against the file's 144, its 6-bit scales and mins a
-    byte each; Q6K: the file's 210)."""
+    byte each; Q50 and Q6K: the file's 22 per 32 and 210 per 256)."""
     layout = weight_type(tensor_type).layout
     if layout is None:
         return row_bytes(tensor_type, cols)
@@ -156,7 +160,7 @@ def stored_dtype(tensor_type: str) -> np.dtype:
 
 
 def stored_cols(tensor_type: str, cols: int) -> int:
-    """Elements per stored row: values, blocks of 32 (Q40, Q80), super-blocks of 256 (Q4K, Q6K)."""
+    """Elements per stored row: values, blocks of 32 (Q40, Q50, Q80), super-blocks of 256 (Q4K, Q6K)."""
     return cols // weight_type(tensor_type).block_values
 
 
@@ -236,6 +240,21 @@ def dequantize_q40(blocks: np.ndarray) -> np.ndarray:
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32) - 8
     x = q * blocks["d"].astype(np.float32)[..., None]
     return x.reshape(*blocks.shape[:-1], -1)
+
+
+def q50_codes(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q50 -> (..., nb, 32) uint8 codes 0..31 in value order: element j's nibble
+    (Q40's: low nibble of qs[j], j + 16 the high one) with bit j of the little-endian u32 qh
+    above it, as llama.cpp's dequantize_row_q5_0."""
+    qs = blocks["qs"]
+    high = np.unpackbits(blocks["qh"], axis=-1, bitorder="little")  # (..., nb, 32): bit j of the u32
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (high << 4)
+
+
+def dequantize_q50(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q50 -> (..., nb * 32) float32: (q - 16) * d, as llama.cpp."""
+    q = q50_codes(blocks).astype(np.float32) - 16
+    return (q * blocks["d"].astype(np.float32)[..., None]).reshape(*blocks.shape[:-1], -1)
 
 
 def quantize_q80(x: np.ndarray) -> np.ndarray:
@@ -384,7 +403,12 @@ Q6K_TYPE = WeightType("q6k", Q6K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", ro
                       layout=Layout(384, 2 * GROUP + 4, ("uint8", "int8"), nibbles=True, offset=32, high_bits=2,
                                     super_scales=True, signed_scales=True, half_scales=True),
                       activation="q8k", fallback="q80", gguf="Q6_K", format_version=2)
-WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q6K_TYPE)}
+# kept from a GGUF's Q5_0 (a Q4_K_M file's matrices whose rows are not whole super-blocks), never made by quantizing
+Q50_TYPE = WeightType("q50", Q50, BLOCK, Kernels(**{**_Q_KERNELS, "pack": "qmatmul.pack_q50"}), decode=dequantize_q50,
+                      # 256 bytes of nibbles as Q40's, 64 of their high bits (see qmatmul); 16 fp16 d as int16 bits
+                      layout=Layout(320, 2 * GROUP, ("uint8", "int16"), nibbles=True, offset=16, high_bits=1),
+                      activation="q80", fallback="f32", gguf="Q5_0", format_version=2)
+WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q6K_TYPE, Q50_TYPE)}
 
 # with q80 buffers, what each quantized weight type's products take: the k-quants Q8K (one f32
 # scale per 256 values), as llama.cpp does, the others Q80
