@@ -226,7 +226,7 @@ def _run(comm, argv) -> int:
     if comm.rank == 0 and result["hit_context"]:
         print(f"note: stopped after {len(result['generated'])} new tokens at the end of the context "
               f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
-    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets, args.kv_type)
+    _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets)
     return 0
 
 
@@ -268,9 +268,9 @@ def _three_digits(seconds: float) -> str:
     return f"{value:.{decimals}f} {unit}"
 
 
-def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets, kv_type: str) -> None:
+def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) -> None:
     """The speed line (with the seed when sampling: greedy uses none) and each rank's figures,
-    its KV cache's column headed by the type it holds."""
+    the KV cache's column headed by the type the engine holds it in."""
     engine, weights, n_forward = job.engine, job.weights, result["n_forward"]
 
     def per_token(value: float) -> float | None:
@@ -291,7 +291,7 @@ def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets, 
     err = sys.stderr
     print(f"\n{speed_text(r['n_prompt'], 0, r['prompt_s'], len(r['generated']), r['decode_s'])}; "
           f"startup {startup_s:.1f} s" + (f"; seed {seed}" if seed is not None else ""), file=err)
-    kv_head = f"kv MiB {kv_type}"
+    kv_head = f"kv MiB {engine.kv_type.name}"
     kv_width = max(8, len(kv_head))
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
           f"{'weights MiB':>11} {kv_head:>{kv_width}} {'peak RSS MiB':>12} {'cap MiB':>8}", file=err)

@@ -44,9 +44,9 @@ MODEL_FILE = "model file (.h5) made by dllama-mpi-convert, or a directory of per
 def add_job_options(parser: argparse.ArgumentParser, model_default: str | None, model_in=None,
                     measure_buffer_types: bool = False) -> None:
     """--model, --memory-budget, --buffer-float-type, --kv-type and --nthreads, as every command
-    that loads a model takes them. model_default: what leaving out --model means (None: it is required);
-    model_in: the group --model belongs to (bench: beside --shape); measure_buffer_types: bench
-    measures each buffer type given, one run each."""
+    that loads a model takes them. model_default: what leaving out --model means (None: it is
+    required); model_in: the group --model belongs to (bench: beside --shape);
+    measure_buffer_types: bench measures each buffer type given, one run each."""
     (model_in or parser).add_argument(
         "--model", required=model_default is None,
         help=f"{MODEL_FILE} (dllama-mpi-convert --memory-budget)" + (f"; default: {model_default}" if model_default else ""))
