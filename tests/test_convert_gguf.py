@@ -189,18 +189,18 @@ def test_other_types_are_dequantized_and_forcing_a_type_says_what_it_changes(tmp
 
     hf = hf_weights(np.random.default_rng(2), "llama")
     stored = stored_layout(hf, "llama")
-    types = {"layers/0/w2": Q.Q5_0, "layers/1/w1": Q.Q5_0, "layers/0/wo": Q.BF16, "layers/1/w3": Q.F16,
+    types = {"layers/0/w2": Q.Q5_1, "layers/1/w1": Q.Q5_1, "layers/0/wo": Q.BF16, "layers/1/w3": Q.F16,
              "layers/1/wq": Q.Q8_0}
     path = tmp_path / "k.gguf"
     write_gguf(path, "llama", stored, types)
     src = gguf_model.read(path, None)
-    assert src.native_types["layers/0/w2"] == "Q5_0" and src.native_types["layers/0/wq"] == "F32"
+    assert src.native_types["layers/0/w2"] == "Q5_1" and src.native_types["layers/0/wq"] == "F32"
     convert(path, tmp_path / "q40.h5", None, "q40")
     assert capsys.readouterr().err.splitlines() == [  # every type --weights changed, Q8_0 included
         "note: BF16 x 1 tensor(s) -> q40: quantized (--weights q40)",
         "note: F16 x 1 tensor(s) -> q40: quantized (--weights q40)",
         "note: F32 x 11 tensor(s) -> q40: quantized (--weights q40)",
-        "note: Q5_0 x 2 tensor(s) -> q40: re-quantized (--weights q40)",
+        "note: Q5_1 x 2 tensor(s) -> q40: re-quantized (--weights q40)",
         "note: Q8_0 x 1 tensor(s) -> q40: re-quantized (--weights q40)"]
     got = dict(src.tensors())
     for name in ("layers/0/w2", "layers/1/w1"):
@@ -375,12 +375,12 @@ def q4km_like(tmp_path, rng, path_name="q4km.gguf"):
     return tmp_path / path_name, raw, types, stored
 
 
-def float_reference(tmp_path, raw, types, stored):
+def float_reference(tmp_path, raw, types, stored, arch="llama"):
     """The model as gguf-py dequantizes every tensor, written as F32 and converted to f32."""
     from dllama_mpi.files.convert import convert
 
     dense = {n: (gguf.quants.dequantize(raw[n], types[n]) if n in types else stored[n]) for n in stored}
-    write_gguf(tmp_path / "ref.gguf", "llama", dense)
+    write_gguf(tmp_path / "ref.gguf", arch, dense)
     convert(tmp_path / "ref.gguf", tmp_path / "ref.h5", None, "f32")
     return tmp_path / "ref.h5"
 
@@ -462,6 +462,53 @@ def test_a_q6_k_file_runs_every_matrix_natively_with_the_float_references_logits
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
+def test_q5_0_is_kept_bit_exact_and_gives_the_float_references_and_the_dense_twins_logits(tmp_path, capsys):
+    """As llama-quantize's Q4_K_M lays out Qwen2.5-0.5B, whose 896-wide rows are not whole
+    super-blocks: Q5_0 matrices, Q8_0 wv and output (qwen2: wq and wk rows move whole into the
+    interleaved layout). Q5_0 kept bit-exact and run by its own kernels: the logits those of
+    gguf-py's dequantization with f32 buffers, the dense twin's with q80 buffers."""
+    import h5py
+    from conftest import read_dense
+
+    from dllama_mpi.files.convert import convert
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.kernels.reference import DenseModel
+    from dllama_mpi.parallel.comm import Comm
+
+    rng = np.random.default_rng(22)
+    stored = stored_layout({k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
+                            for k, v in hf_weights(rng, "qwen2").items()}, "qwen2")
+    types = {n: Q.Q5_0 for n, v in stored.items() if v.ndim == 2}
+    types.update({"layers/0/wv": Q.Q8_0, "layers/1/wv": Q.Q8_0, "output": Q.Q8_0})
+    raw = write_gguf(tmp_path / "q5.gguf", "qwen2", stored, types)
+    convert(tmp_path / "q5.gguf", tmp_path / "m.h5", None, None)
+    err = capsys.readouterr().err
+    assert "note: Q5_0 x 13 tensor(s) -> q50: kept bit-exact" in err, err  # 6 a layer and the embedding
+    assert "re-quantized" not in err, err
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert (f.attrs["weight_type"], f.attrs["tensor_types"]) == ("q50", "output=q80,wv=q80")
+        assert f.attrs["format_version"] == 2  # a reader from before q50 says the file is newer than it
+        for name, kind in types.items():
+            expected = raw[name]
+            if name.rsplit("/", 1)[-1] in ("wq", "wk"):
+                expected = halves_to_interleaved(expected, HEAD_DIM)
+            assert f[name].attrs["type"] == ("q50" if kind == Q.Q5_0 else "q80"), name
+            assert f[name][()].tobytes() == np.ascontiguousarray(expected).tobytes(), name
+    got, expected = _logits(tmp_path / "m.h5"), _logits(float_reference(tmp_path, raw, types, stored, "qwen2"))
+    # every product exact up to f32 rounding: 3.1e-7 of the largest logit measured; 1e-5 allowed
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert error < 1e-5, error
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    spec, tensors = read_dense(tmp_path / "m.h5")
+    dense = DenseModel(spec, tensors, "q80", "f32")
+    job = open_job(Comm(), tmp_path / "m.h5", (1,), buffer_type="q80", max_seq_len=8, kv_type="f32")
+    for pos, token in enumerate((1, 5, 260, 77)):
+        got, expected = job.engine.forward(token, pos), dense.forward(token, pos)
+        # the products are their twins' bit for bit (the logits were equal when measured); numpy's norms and
+        # attention may round otherwise and move an 8-bit activation code by one: test_engine's tolerance
+        assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max(), pos
+
+
 @pytest.mark.jobs
 def test_a_q4_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims):
     """With q80 buffers (Q8K activations, a stack of mixed types in parts, whole vectors in transit)."""
@@ -503,6 +550,9 @@ def test_choose_types_keeps_what_runs_per_tensor():
     q40 = {f"layers/0/{k}": "Q4_0" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
     assert choose_types({**q40, "output": "Q6_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q6k")
     assert choose_types({**q40, "output": "Q5_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q80")
+    # Q4_K_M's Q5_0 where rows are not whole super-blocks (Qwen2.5-0.5B's 896): kept
+    assert choose_types({**q40, "layers/0/w1": "Q5_0"}) == ("q40", "w1=q50", ["Q4_0 x 6 tensor(s) -> q40: kept bit-exact",
+                                                                          "Q5_0 x 1 tensor(s) -> q50: kept bit-exact"])
     assert choose_types({**q40, "layers/0/wv": "Q8_0"})[:2] == ("q40", "wv=q80")
     bf16 = {f"layers/0/{k}": "BF16" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
     assert choose_types(bf16) == ("f32", "", ["BF16 x 7 tensor(s) -> f32: widened"])
