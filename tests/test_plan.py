@@ -262,7 +262,7 @@ def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans
     assert extra > 0 and make_plan(layered, (1,)).weight_bytes(0) == make_plan(TINYLLAMA, (1,)).weight_bytes(0) + extra
     # a stack's parts may differ (the engine runs them as Parts): a Q4_K_M file's Q6_K wv beside Q4_K wq and wk
     assert dataclasses.replace(TINYLLAMA, tensor_types="layers/2/wv=q80,w1=q80").tensor_type("wv", 2) == "q80"
-    for bad, says in (("w9=q80", "names 'w9'"), ("w2=q50", "gives w2 the type 'q50'"),
+    for bad, says in (("w9=q80", "names 'w9'"), ("w2=q3k", "gives w2 the type 'q3k'"),
                       ("layers/22/w2=q80", "names 'layers/22/w2'"), ("layers/0/output=q80", "names 'layers/0/output'"),
                       ("layers/03/w2=q80", "names 'layers/03/w2'"), ("layers/\u0663/w2=q80", "names 'layers/"),
                       ("w2", "must read kind=type")):
