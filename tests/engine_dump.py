@@ -17,6 +17,7 @@ import numpy as np
 
 from dllama_mpi.commands.launcher import run_guarded
 from dllama_mpi.job.loading import open_job
+from dllama_mpi.model import quant
 from dllama_mpi.parallel.comm import Comm
 from dllama_mpi.parallel.threads import set_threads
 from dllama_mpi.serving.scheduler import generate
@@ -30,13 +31,14 @@ def main() -> int:
     p.add_argument("--tokens", nargs="+", type=int, required=True)
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--buffer", default="f32")
+    p.add_argument("--kv-type", default=quant.DEFAULT_KV_TYPE, choices=quant.KV_TYPES)
     args = p.parse_args()
     comm = Comm()
     set_threads(1)
 
     def job():
         job = open_job(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
-                       max_seq_len=len(args.tokens) + args.steps + 1)
+                       max_seq_len=len(args.tokens) + args.steps + 1, kv_type=args.kv_type)
         rows = []
         for pos, t in enumerate(args.tokens):
             out = job.engine.forward(t, pos)

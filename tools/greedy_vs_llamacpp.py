@@ -14,8 +14,8 @@ whose rows llama-quantize can make k-quants of (256-value super-blocks); stories
 4. `llama-perplexity --kl-divergence-base --chunks 1` scores that very token sequence (checked to tokenize to our
    ids): its log-probabilities at the 63 positions it scores (the second half of the chunk) give llama.cpp's
    greedy choice after each of our steps. Equal at every step = the same greedy run. By default llama.cpp
-   attends in f32 as we do (`-fa off -ctk f32 -ctv f32`); `--llama-attention default` leaves it its own
-   (flash attention with f16 internals, an f16 KV cache).
+   attends in f32 (`-fa off -ctk f32 -ctv f32`) and ours with `--kv-type f32`; `--llama-attention default`
+   leaves llama.cpp its own (flash attention with f16 internals, an f16 KV cache) and ours its f16 KV cache.
 It prints how many steps agree, the first that does not, and the largest difference between our log-probabilities
 and llama.cpp's over the tokens within 8 nats of each position's top (llama.cpp saves them to within 1.2e-4).
 At a step where they differ it prints both log-probabilities (the margin) and what an f32 engine run of the
@@ -39,6 +39,7 @@ from dllama_mpi.model import quant
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
     LLAMA_F32_ATTENTION,
+    OUR_KV_TYPE,
     TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -122,11 +123,11 @@ def padded_stories_gguf(path: Path, checkpoint: Path = STORIES / "stories260K.bi
     w.close()
 
 
-def engine_dump(model: Path, out: Path, tokens: list[int], steps: int, buffer: str) -> dict:
+def engine_dump(model: Path, out: Path, tokens: list[int], steps: int, buffer: str, kv_type: str) -> dict:
     """tests/engine_dump.py on one rank: logits of `tokens` and `steps` greedy ids after them."""
     subprocess.run([sys.executable, str(REPO / "tests" / "engine_dump.py"), str(model), str(out), "--budgets", "1",
-                    "--tokens", *map(str, tokens), "--steps", str(steps), "--buffer", buffer], check=True,
-                   capture_output=True)
+                    "--tokens", *map(str, tokens), "--steps", str(steps), "--buffer", buffer, "--kv-type", kv_type],
+                   check=True, capture_output=True)
     return dict(np.load(out))
 
 
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wo-type", default="q8_0", help="llama-quantize's type for the 64-wide attn_output, or "
                    "'fallback' for its own choice (default: %(default)s)")
     p.add_argument("--llama-attention", choices=("f32", "default"), default="f32",
-                   help="llama.cpp's attention: in f32 as ours, or its defaults (default: %(default)s)")
+                   help="llama.cpp's attention: in f32 (ours then --kv-type f32), or its defaults (an f16 KV cache, "
+                        "as ours by default) (default: %(default)s)")
     p.add_argument("--quantize-args", default="", help="more llama-quantize arguments, e.g. "
                    "'--tensor-type blk\\.2\\.attn_q=q6_k' (one string)")
     args = p.parse_args(argv)
@@ -165,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         tok = open_model(t / "q.h5").tokenizer()
         text = args.text.read_text()
         prompt = tok.encode(text, bos=True)[: CTX // 2]
+        kv = OUR_KV_TYPE[args.llama_attention]
         run = prompt + engine_dump(t / "q.h5", t / "ours.npz", prompt, CTX + 8 - len(prompt),
-                                   args.buffer_float_type)["greedy"].tolist()
+                                   args.buffer_float_type, kv)["greedy"].tolist()
         # llama-perplexity wants two chunks of text; it scores the first alone (--chunks 1)
         (t / "run.txt").write_bytes(b"".join(tok.decode(a, b) for a, b in zip(run, run[1:])) + b"\n" + text.encode())
         attention = LLAMA_F32_ATTENTION if args.llama_attention == "f32" else ()
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = np.array(run[CTX // 2 + 1 : CTX])
         theirs = log_probs.argmax(axis=1)
         ranked = np.sort(log_probs, axis=1)
-        logits = engine_dump(t / "q.h5", t / "scored.npz", run[:CTX], 0, args.buffer_float_type)["logits"]
+        logits = engine_dump(t / "q.h5", t / "scored.npz", run[:CTX], 0, args.buffer_float_type, kv)["logits"]
         our_log_probs = perplexity.log_softmax(logits[CTX // 2 : CTX - 1].astype(np.float64))
         near_top = log_probs > ranked[:, -1:] - 8
         gap = np.abs(np.where(near_top, our_log_probs - log_probs, 0)).max(axis=1)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"log-probabilities within 8 nats of the top, |ours - llama.cpp|: max {gap.max():.2g}, median over "
               f"positions of each one's max {np.median(gap):.2g} nats")
         if differing.size:
-            reference = engine_dump(t / "dequantized.h5", t / "reference.npz", run[:CTX], 0, "f32")["logits"]
+            reference = engine_dump(t / "dequantized.h5", t / "reference.npz", run[:CTX], 0, "f32", kv)["logits"]
         for step in differing:
             pos = CTX // 2 + step
             top, mine = log_probs[step, theirs[step]], log_probs[step, ours[step]]

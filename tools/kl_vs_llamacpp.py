@@ -32,6 +32,7 @@ from dllama_mpi.model import quant
 from llamacpp_compare import (
     LLAMA_CPP_PYTHON_VERSION,
     LLAMA_F32_ATTENTION,
+    OUR_KV_TYPE,
     add_llama_metadata,
     build_llama_bench,
     default_cache_dir,
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ours (default: %(default)s)")
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2], help="our rank counts (default: 1 2)")
     p.add_argument("--llama-attention", choices=("f32", "default"), default="f32",
-                   help="llama.cpp's attention: in f32 as ours, or its defaults (flash attention with f16 internals, "
-                        "an f16 KV cache) (default: %(default)s)")
+                   help="llama.cpp's attention: in f32 (ours then --kv-type f32), or its defaults (flash attention "
+                        "with f16 internals, an f16 KV cache; ours then its default f16 cache) (default: %(default)s)")
     args = p.parse_args(argv)
     cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
     bench = build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.ranks:
             out, _ = run_capture([mpiexec, "-n", str(n), sys.executable, "-m", "dllama_mpi", "perplexity", "--model",
                                   str(t / "q.h5"), "--kl-base", str(t / "llama.kld"), "--buffer-float-type",
-                                  args.buffer_float_type], 3600, "kl_vs_llamacpp")
+                                  args.buffer_float_type, "--kv-type", OUR_KV_TYPE[args.llama_attention]], 3600,
+                                 "kl_vs_llamacpp")
             wanted = ("Final estimate", "Mean PPL", "Mean    KLD", "Maximum KLD", "99.0%", "Median", "Same top")
             print(f"ours, -n {n}, {args.buffer_float_type} buffers:")
             print("".join(f"  {line}\n" for line in out.splitlines() if line.startswith(wanted)), end="")

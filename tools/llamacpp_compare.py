@@ -53,6 +53,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
 # llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
 LLAMA_F32_ATTENTION = ("-fa", "off", "-ctk", "f32", "-ctv", "f32")
+# the tools' --llama-attention (f32: LLAMA_F32_ATTENTION; default: llama.cpp's own, an f16 cache) -> our --kv-type
+OUR_KV_TYPE = {"f32": "f32", "default": "f16"}
 # our --kv-type -> llama-bench's -ctk and -ctv (ggml's type names); its flash attention stays at its
 # default, auto, which llama.cpp needs on for a quantized V cache (q8_0)
 LLAMA_KV_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0"}
