@@ -628,7 +628,7 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
                    else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
         nibbles = layout.nibbles
-        if layout.high_bits:  # Q50: the byte of 5th bits of each lane and i, lane for lane with every quad's
+        if layout.high_bits:  # Q50's 5th bits: a byte per lane and i, lined up with every quad's nibble bytes
             fifth = w_at(256 + h, _vec(_I8, width))
         if isa == "avx2" and nibbles:
             # |two products| <= 2 * largest code * 128: one int16 sum holds 8 of Q40's (codes to 15) or
