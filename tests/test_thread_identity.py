@@ -51,7 +51,7 @@ DECODE = [306, 763, 2]  # then one token at a time
 STEPS = ["prefill"] + [f"decode {i}" for i in range(len(DECODE))]
 # the k-quants run through q40's tiles (the same intrinsic, other scales and codes): test_kernels.py checks
 # their products with 1 and 2 threads; a TinyLlama-layer model more here would cost the suite ~20 s each
-WEIGHTS = tuple(w for w in quant.WEIGHT_TYPES if w not in quant.K_QUANTS)
+WEIGHTS = quant.QUANTIZABLE  # what a model can be made of from random floats (the k-quants and q50 come from GGUF files)
 CASES = [(w, b) for w in WEIGHTS for b in quant.BUFFER_TYPES]
 
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")

@@ -7,8 +7,8 @@ whose rows llama-quantize can make k-quants of (256-value super-blocks); stories
    dimensions stay 0 through every layer; RMSNorm's mean over 4x the width is undone by halving its weights and
    quartering its epsilon), with tok512's vocabulary (`padded_stories_gguf`);
 2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M). Its `wo` stays 64 wide, too narrow for a
-   k-quant: llama-quantize's fallback for it is Q5_0, which our converter re-quantizes to Q8_0 (no kernel runs
-   Q5_0), so by default it is asked for Q8_0 (`--wo-type`), the same tensor on both sides;
+   k-quant: llama-quantize's fallback for it is Q5_0 (our converter keeps it, as q50); by default it is asked for
+   Q8_0 (`--wo-type`), as in the measurements of docs/quality.md;
 3. `dllama-mpi-convert` converts that GGUF; ours generates greedily after a 64-token prompt (BOS and the start of
    the sample text) to fill a context of 128;
 4. `llama-perplexity --kl-divergence-base --chunks 1` scores that very token sequence (checked to tokenize to our

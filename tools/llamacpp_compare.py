@@ -58,7 +58,8 @@ OUR_KV_TYPE = {"f32": "f32", "default": "f16"}
 # our --kv-type -> llama-bench's -ctk and -ctv (ggml's type names); its flash attention stays at its
 # default, auto, which llama.cpp needs on for a quantized V cache (q8_0)
 LLAMA_KV_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0"}
-CONVERSION_VERSION = 3  # bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k; 3: mixed stacks kept)
+# bump when the converter makes another file of these GGUFs (2: Q6_K kept as q6k; 3: mixed stacks kept; 4: Q5_0 kept as q50)
+CONVERSION_VERSION = 4
 PROMPT_TOKENS = 128  # prefill length measured (llama-bench -p, our --prompt-lengths)
 GEN_TOKENS = 32  # decode length measured (llama-bench -n, our --decode-steps)
 DEFAULT_CONFIGS = ("1", "1-1", "3-2-2-1")
