@@ -127,7 +127,7 @@ def test_forward_allocates_no_array_memory(random_models):
 
 def test_kv_cache_is_sized_by_max_seq_len(random_models):
     job = open_job(Comm(), random_models["f32"], (1,), max_seq_len=20, n_slots=3)
-    assert job.engine.k_cache.shape == (2, 3, 20, 2, 64)  # (layers, slots, positions, KV heads, head_dim)
+    assert job.engine.k_cache.shape == (2, 3, 2, 20, 64)  # (layers, slots, KV heads, positions, head_dim)
     assert job.engine.kv_cache_bytes == 3 * job.plan.kv_cache_bytes(0, 20, "f16") == 2 * 2 * 2 * 3 * 20 * 2 * 64  # f16
 
 
@@ -143,7 +143,7 @@ def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
     got = block.engine.forward_block(np.array(TOKENS[5:]), 5)
     assert got is not None and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     n = len(TOKENS)
-    assert np.array_equal(block.engine.k_cache[:, :, :n], one.engine.k_cache[:, :, :n])
+    assert np.array_equal(block.engine.k_cache[:, :, :, :n], one.engine.k_cache[:, :, :, :n])
 
 
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])

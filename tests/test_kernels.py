@@ -732,10 +732,10 @@ def _attention_case(rng, n_heads, n_kv, head_dim, pos0, n_tok, extra=4):
 
 
 def _cache(k, v, kv_type):
-    """f32 keys and values (..., n_kv, head_dim) -> the cache (k codes, k scales, v codes, v
-    scales) in kv_type, by the numpy encoders."""
+    """f32 keys and values (n_slots, max_seq, n_kv, head_dim) -> the cache (k codes, k scales,
+    v codes, v scales; each (n_slots, n_kv, max_seq, ...)) in kv_type, by the numpy encoders."""
     kv = quant.KV_TYPES[kv_type]
-    return (*kv.encode(k), *kv.encode(v))
+    return tuple(np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (*kv.encode(k), *kv.encode(v)))
 
 
 def _run_attention(q, k, v, kv_of_head, pos0, slots=None, positions=None, chunks=None, kv_type="f32"):
@@ -842,8 +842,8 @@ def test_store_kv_puts_each_row_in_its_slot_at_its_position_as_the_twin_encodes_
     kv = quant.KV_TYPES[kv_type]
     rng = np.random.default_rng(44)
     n_kv, head_dim = 2, 40  # q8_0: blocks of 8
-    codes = np.zeros((3, 8, n_kv, head_dim), kv.code_dtype)
-    scales = np.zeros((3, 8, n_kv, kv.scales_per_row(head_dim)), np.uint16)
+    codes = np.zeros((3, n_kv, 8, head_dim), kv.code_dtype)  # (slots, KV heads, positions, head_dim)
+    scales = np.zeros((3, n_kv, 8, kv.scales_per_row(head_dim)), np.uint16)
     k_codes, k_scales, v_codes, v_scales = codes, scales, codes.copy(), scales.copy()
     k, v = (_tokens(rng, 3, n_kv * head_dim) for _ in range(2))
     slots, positions = np.array([1, 2, 1]), np.array([0, 7, 3])
@@ -851,7 +851,7 @@ def test_store_kv_puts_each_row_in_its_slot_at_its_position_as_the_twin_encodes_
     for t, (s, p) in enumerate(zip(slots, positions)):
         for x, c, sc in ((k, k_codes, k_scales), (v, v_codes, v_scales)):
             want_codes, want_scales = kv.encode(x[t].reshape(n_kv, head_dim))
-            assert np.array_equal(c[s, p], want_codes) and np.array_equal(sc[s, p], want_scales)
+            assert np.array_equal(c[s, :, p], want_codes) and np.array_equal(sc[s, :, p], want_scales)
     assert np.count_nonzero(k_codes) == np.count_nonzero(kv.encode(k.reshape(3, n_kv, head_dim))[0])
 
 

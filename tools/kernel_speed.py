@@ -70,7 +70,7 @@ def attention_speed(spec, kv_type: str, depth: int, stream_bytes: int, seconds: 
     kv = quant.KV_TYPES[kv_type]
     n_heads, n_kv, hd, n_pos = spec.n_heads, spec.n_kv_heads, spec.head_dim, depth + 1
     rng = np.random.default_rng(0)
-    one = kv.encode(rng.standard_normal((1, n_pos, n_kv, hd), dtype=np.float32))  # codes, scales of one slot
+    one = kv.encode(rng.standard_normal((1, n_kv, n_pos, hd), dtype=np.float32))  # codes, scales of one slot
     cache_bytes = 2 * sum(a.nbytes for a in one)  # keys and values
     copies = [tuple(a.copy() for a in (*one, *one)) for _ in range(max(1, -(-stream_bytes // cache_bytes)))]
     q = rng.standard_normal((1, n_heads, hd), dtype=np.float32)

@@ -208,12 +208,12 @@ class Engine:
         a, b = me.ffn_rows
         self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
         self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
-        # KV cache of own KV heads, per layer: codes (n_slots, max_seq, n_local_kv, head_dim) and
-        # fp16 scale bits (n_slots, max_seq, n_local_kv, scales per row) in kv_type
+        # KV cache of own KV heads, per layer: codes (n_slots, n_local_kv, max_seq, head_dim) and
+        # fp16 scale bits (n_slots, n_local_kv, max_seq, scales per row) in kv_type (vector.store_kv)
         self.kv_type = kv = quant.KV_TYPES[kv_type]
-        self.k_cache = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, hd), kv.code_dtype)
+        self.k_cache = np.zeros((spec.n_layers, n_slots, nkv, max_seq_len, hd), kv.code_dtype)
         self.v_cache = np.zeros_like(self.k_cache)
-        self.k_scales = np.zeros((spec.n_layers, n_slots, max_seq_len, nkv, kv.scales_per_row(hd)), np.uint16)
+        self.k_scales = np.zeros((spec.n_layers, n_slots, nkv, max_seq_len, kv.scales_per_row(hd)), np.uint16)
         self.v_scales = np.zeros_like(self.k_scales)
         self.cos, self.sin = vector.rope_table(spec.rope_freqs(), max_seq_len)  # (max_seq, hd / 2)
         self.cos_rows, self.sin_rows = np.zeros((t_max, self.cos.shape[1]), F32), np.zeros((t_max, self.sin.shape[1]), F32)
