@@ -390,6 +390,34 @@ def _f16_into(typingctx, bits, dst):
     return types.void(bits, dst), codegen
 
 
+@intrinsic
+def _scaled_i8_into(typingctx, codes, scale, dst):
+    """dst[i] = f32(codes[i]) * scale over 1-D contiguous arrays of one length (int8, f32), 8
+    lanes at a time and the tail one by one: one exact conversion and one multiply each."""
+    if not (isinstance(codes, types.Array) and isinstance(dst, types.Array) and codes.ndim == dst.ndim == 1
+            and codes.layout == dst.layout == "C" and codes.dtype == types.int8 and dst.dtype == types.float32
+            and scale == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8, f32, i64 = ir.IntType(8), ir.FloatType(), ir.IntType(64)
+        a_src, a_dst = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2))
+        n = cgutils.unpack_tuple(builder, a_src.shape)[0]
+        whole = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
+        undef = ir.Constant(ir.VectorType(f32, 8), None)
+        lanes = builder.shuffle_vector(builder.insert_element(undef, args[1], ir.Constant(ir.IntType(32), 0)), undef,
+                                       ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+        for src_ty, dst_ty, k, start, stop, step in ((ir.VectorType(i8, 8), ir.VectorType(f32, 8), lanes, ir.Constant(i64, 0),
+                                                      whole, 8), (i8, f32, args[1], whole, n, 1)):
+            with cgutils.for_range_slice(builder, start, stop, ir.Constant(i64, step)) as (i, _):
+                src_at = builder.bitcast(builder.gep(a_src.data, [i], source_etype=i8), src_ty.as_pointer())
+                dst_at = builder.bitcast(builder.gep(a_dst.data, [i], source_etype=f32), dst_ty.as_pointer())
+                builder.store(builder.fmul(builder.sitofp(builder.load(src_at, align=1), dst_ty), k), dst_at, align=4)
+        return context.get_dummy_value()
+
+    return types.void(codes, scale, dst), codegen
+
+
 def kv_encode(x, codes, scales):
     """One head's row x (head_dim,) f32 -> its codes (head_dim,) and scale bits (n,) in the
     cache's type (compiled per codes dtype; twins: quant.KV_TYPES[...].encode)."""
@@ -447,9 +475,8 @@ def _kv_decode(codes, scales, p0, n, tile):
             block = codes.shape[1] // n_scales
             for p in range(n):
                 for b in range(n_scales):
-                    d = f16_bits_to_f32(scales[p0 + p, b])
-                    for i in range(b * block, (b + 1) * block):
-                        tile[p, i] = np.float32(codes[p0 + p, i]) * d
+                    lo, hi = b * block, (b + 1) * block
+                    _scaled_i8_into(codes[p0 + p, lo:hi], f16_bits_to_f32(scales[p0 + p, b]), tile[p, lo:hi])
         return decode_q80
     return None
 
