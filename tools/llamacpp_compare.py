@@ -50,7 +50,7 @@ from dllama_mpi.commands.launcher import positive_int
 from dllama_mpi.model import quant
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
-GGUF_MODEL_VERSION = 1  # bump when the written GGUF changes: the cache key has it
+GGUF_MODEL_VERSION = 2  # bump when the written GGUF changes: the cache key has it (2: the Llama shapes' published contexts)
 # llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
 LLAMA_F32_ATTENTION = ("-fa", "off", "-ctk", "f32", "-ctv", "f32")
 # the tools' --llama-attention (f32: LLAMA_F32_ATTENTION; default: llama.cpp's own, an f16 cache) -> our --kv-type

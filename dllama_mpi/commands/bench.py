@@ -33,18 +33,20 @@ from ..model import quant
 from ..model.spec import ModelSpec
 from .launcher import add_job_options, parse_budgets, positive_int, run_alone, run_job
 
+# the published models' shapes and contexts (a context bounds the depths a decode can be measured at; the
+# KV cache the bench allocates is --max-seq-len's, by default at most 4096)
 SHAPES = {
     "tiny": ModelSpec(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
                       seq_len=1024, weight_type="q40"),
     "tinyllama-1.1b": ModelSpec(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
                                 vocab_size=32000, seq_len=2048, weight_type="q40", shared_classifier=False),
     "llama-3.2-1b": ModelSpec(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                              vocab_size=128256, seq_len=4096, rope_theta=500000.0, weight_type="q40"),
+                              vocab_size=128256, seq_len=131072, rope_theta=500000.0, weight_type="q40"),
     "llama-3-8b": ModelSpec(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                            vocab_size=128256, seq_len=4096, rope_theta=500000.0, weight_type="q40",
+                            vocab_size=128256, seq_len=8192, rope_theta=500000.0, weight_type="q40",
                             shared_classifier=False),
 }
-BENCH_MODEL_VERSION = 1
+BENCH_MODEL_VERSION = 2  # 2: the Llama shapes' published contexts
 SHORT_PROMPT = 8  # the prompt before a depth-0 decode measurement, and the position --rows is timed at
 
 
