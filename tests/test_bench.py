@@ -11,6 +11,8 @@ import sys
 import pytest
 from conftest import SHARED_MODELS, STORIES, run_mpiexec, write_random_model
 
+from dllama_mpi.commands.bench import BENCH_MODEL_VERSION
+
 KEYS = ("shape", "world_size", "budgets", "buffer_float_type", "decode_tokens_per_s", "prefill_tokens_per_s",
         "bandwidth_gb_s", "roofline_fraction", "bytes_sent_per_token", "compute_s_per_token",
         "collective_s_per_token", "peak_rss_mb", "time_to_first_token_s", "load_gb_s", "wait_s_per_token",
@@ -29,7 +31,7 @@ def test_bench_json_under_mpiexec(tmp_path):
     for r in lines:
         assert all(k in r for k in KEYS), set(KEYS) - set(r)
         assert r["world_size"] == 3 and r["budgets"] == [2, 1, 1] and r["shape"] == "tiny"
-        assert r["model"].endswith("bench-tiny-q40-v1.h5") and r["model"].startswith(str(tmp_path))
+        assert r["model"].endswith(f"bench-tiny-q40-v{BENCH_MODEL_VERSION}.h5") and r["model"].startswith(str(tmp_path))
         assert [x["rows"] for x in r["rows_per_step"]] == [1, 3] and all(x["tok_s"] > 0 for x in r["rows_per_step"])
         assert r["kernel_isa"] in ("avx512vnni", "avx2", "portable") and r["kv_type"] == "f16"
         assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"16", "40"}

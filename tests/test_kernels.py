@@ -773,7 +773,7 @@ def _reference_attention(q, k, v, kv_of_head, pos0, kv_type="f32"):
 def test_attention_gqa_matches_reference(kv_type, group, head_dim, pos0, n_tok):
     # (130, 2) and (62, 3) cross the online softmax's blocks of ATT_BLOCK positions
     if kv_type == "q8_0" and head_dim == 10:
-        head_dim = 80  # blocks of 16: gcd(80, 32)
+        head_dim = 80 if group == 2 else 12  # blocks of 16: gcd(80, 32); of 4, shorter than a vector
     n_kv = 2
     n_heads = n_kv * group
     rng = np.random.default_rng(group * 1000 + head_dim * 10 + pos0 + 100000 * n_tok)
@@ -838,10 +838,11 @@ def test_attention_rows_of_several_sequences_each_equal_their_own_alone():
 
 
 @pytest.mark.parametrize("kv_type", KV_TYPES)
-def test_store_kv_puts_each_row_in_its_slot_at_its_position_as_the_twin_encodes_it(kv_type):
+@pytest.mark.parametrize("head_dim", [40, 12])
+def test_store_kv_puts_each_row_in_its_slot_at_its_position_as_the_twin_encodes_it(kv_type, head_dim):
     kv = quant.KV_TYPES[kv_type]
     rng = np.random.default_rng(44)
-    n_kv, head_dim = 2, 40  # q8_0: blocks of 8
+    n_kv = 2  # q8_0: blocks of 8 and 4
     codes = np.zeros((3, n_kv, 8, head_dim), kv.code_dtype)  # (slots, KV heads, positions, head_dim)
     scales = np.zeros((3, n_kv, 8, kv.scales_per_row(head_dim)), np.uint16)
     k_codes, k_scales, v_codes, v_scales = codes, scales, codes.copy(), scales.copy()
@@ -1041,11 +1042,16 @@ def test_attention_bit_identical_for_one_and_two_threads(restore_threads):
     rng = np.random.default_rng(32)
     q, k, v = _attention_case(rng, 6, 2, 64, 14, 3)
     kv_of_head = [0, 0, 0, 1, 1, 1]
+    serial = _run_attention(q, k, v, kv_of_head, 14)
     threads.set_threads(1)
-    one = _run_attention(q, k, v, kv_of_head, 14)
+    one = _run_attention(q, k, v, kv_of_head, 14, chunks=1)
     threads.set_threads(2)
-    two = _run_attention(q, k, v, kv_of_head, 14)
-    _assert_bits(one, two)
+    two = _run_attention(q, k, v, kv_of_head, 14, chunks=2)
+    _assert_bits(one, serial)
+    _assert_bits(two, serial)
+    # one row over one KV head: its query heads are shared out between the two threads
+    shared = _run_attention(q[:1], k[:, :1], v[:, :1], [0, 0, 0], 14, chunks=2)
+    _assert_bits(shared, _run_attention(q[:1], k[:, :1], v[:, :1], [0, 0, 0], 14))
 
 
 @pytest.mark.parametrize("a, b", [(0, 5), (5, 13), (3, 4), (12, 13), (0, 13), (7, 7)])

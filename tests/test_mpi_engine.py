@@ -90,8 +90,8 @@ def test_stories260k_greedy_ids_identical_for_every_split(comm, shared_dir, weig
         agree(comm, len(got) == GREEDY_STEPS, f"budgets {budgets}: {len(got)} tokens")
 
 
-def _logits(comm, path, budgets, buffer_type):
-    job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+def _logits(comm, path, budgets, buffer_type, kv_type="f16"):
+    job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16, kv_type=kv_type)
     return [None if (out := job.engine.forward(t, pos)) is None else out.copy() for pos, t in enumerate(TOKENS)]
 
 
@@ -99,12 +99,12 @@ def _same_bits(a, b) -> bool:
     return all(x.view(np.uint32).tolist() == y.view(np.uint32).tolist() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
-def test_random_model_logits_bit_identical_for_every_split(comm, shared_dir, buffer_type):
+@pytest.mark.parametrize(("buffer_type", "kv_type"), [("f32", "f16"), ("q80", "f16"), ("f32", "f32"), ("q80", "q8_0")])
+def test_random_model_logits_bit_identical_for_every_split(comm, shared_dir, buffer_type, kv_type):
     path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-hd64.h5", RANDOM_SPEC))
-    expected = on_rank_0(comm, lambda: _logits(self_comm(), path, (1,), buffer_type))
+    expected = on_rank_0(comm, lambda: _logits(self_comm(), path, (1,), buffer_type, kv_type))
     for budgets in budgets_for(comm):
-        got = _logits(comm, path, budgets, buffer_type)
+        got = _logits(comm, path, budgets, buffer_type, kv_type)
         agree(comm, comm.rank != 0 or _same_bits(got, expected), f"budgets {budgets}: logits differ")
 
 

@@ -63,7 +63,8 @@ def add_job_options(parser: argparse.ArgumentParser, model_default: str | None, 
                             help="activations and what travels between ranks: f32 or q80 (default q80)")
     parser.add_argument("--kv-type", choices=list(quant.KV_TYPES), default=quant.DEFAULT_KV_TYPE,
                         help="what the KV cache holds keys and values in: f32 (4 bytes a value), f16 (2, the default, "
-                             "as llama.cpp's), q8_0 (8-bit codes with an fp16 scale per 32 values, about 1.06); "
+                             "as llama.cpp's), q8_0 (8-bit codes with an fp16 scale per 32 values, or per gcd(head_dim, 32), about "
+                             "1.06); "
                              "counted in the memory check and --dry-run")
     parser.add_argument("--nthreads", type=positive_int, metavar="N",
                         help="numba threads per rank (default: the rank's share of the node's cores)")

@@ -628,7 +628,7 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
                    else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
         nibbles = layout.nibbles
-        if layout.high_bits:  # Q50's 5th bits: a byte per lane and i, lined up with every quad's nibble bytes
+        if layout.high_bits == 1:  # Q50's 5th bits: a byte per lane and i, lined up with every quad's nibble bytes
             fifth = w_at(256 + h, _vec(_I8, width))
         if isa == "avx2" and nibbles:
             # |two products| <= 2 * largest code * 128: one int16 sum holds 8 of Q40's (codes to 15) or
@@ -641,7 +641,7 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
             wv = w_at(k * 64 + h, _vec(_I8, width))
             if nibbles:
                 codes = [builder.and_(wv, _splat(_I8, width, 15)), builder.lshr(wv, _splat(_I8, width, 4))]
-                if layout.high_bits:  # element 16 half + 4 k + i's 5th bit is bit 2 k + half
+                if layout.high_bits == 1:  # element 16 half + 4 k + i's 5th bit is bit 2 k + half
                     codes = [builder.or_(code, _bit_to(builder, fifth, 2 * k + half, 4, width))
                              for half, code in enumerate(codes)]
                 pairs = list(zip(codes, (x_at(x_lo + h, _vec(_I8, width)), x_at(x_hi + h, _vec(_I8, width)))))

@@ -40,7 +40,7 @@ def _codes(w_blocks: np.ndarray) -> np.ndarray:
     """(rows, nb) Q40/Q50/Q80 -> (rows, nb, 32) int64 codes less their offset (Q40's 8, Q50's 16)."""
     qs = w_blocks["qs"]
     layout = quant.WEIGHTS[quant.type_of(w_blocks)].layout
-    if layout.high_bits:  # Q50: a 5th bit above each nibble
+    if layout.high_bits == 1:  # Q50: a 5th bit above each nibble
         return quant.q50_codes(w_blocks).astype(np.int64) - layout.offset
     if layout.nibbles:
         return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64) - layout.offset

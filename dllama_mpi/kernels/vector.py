@@ -9,7 +9,7 @@ Float operations run exactly as written (no fastmath): LLVM may not fuse, reorde
 vectorize a reduction differently in the serial kernel and in its parallel driver, which
 made results depend on the thread count.
 
-The quantized products (Q40/Q80 weights) and their layouts are in qmatmul.py; Q80
+The quantized products (Q40/Q50/Q80/Q4K/Q6K weights) and their layouts are in qmatmul.py; Q80
 activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32 int8).
 """
 
@@ -511,42 +511,60 @@ def _exp_scalar(typingctx, x):
 def attention_scratch(n_heads: int, head_dim: int, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """attention's scratch for n_chunks chunks (the rank's threads: one chunk each): key and value
     tiles (n_chunks, 2, ATT_BLOCK, head_dim), scores (n_chunks, n_heads, ATT_BLOCK), and each
-    head's running max and sum (n_chunks, n_heads, 2)."""
+    head's running max and sum and whether the task has it (n_chunks, n_heads, 3)."""
     f32 = np.float32
     return (np.zeros((n_chunks, 2, ATT_BLOCK, head_dim), f32), np.zeros((n_chunks, n_heads, ATT_BLOCK), f32),
-            np.zeros((n_chunks, n_heads, 2), f32))
+            np.zeros((n_chunks, n_heads, 3), f32))
 
 
 @njit(**_opts)
 def attention_chunk(c, n_chunks, q, k_codes, k_scales, v_codes, v_scales, kv_of_head, slots, positions, tiles, scores,
                     state, out):
-    """Causal attention, flash-attention style, of the tasks c, c + n_chunks, ... of T x n_kv:
-    task (t, j) is row t (of sequence slot slots[t], at position positions[t]) over its slot's
-    positions [0, positions[t]], for every local query head h reading KV head j
-    (kv_of_head[h] == j). Positions go in blocks of ATT_BLOCK from 0: a block's keys and values
-    are decoded once into f32 tiles (each KV row is read once per row and KV head, whatever
-    the group size), each head's scores over the block, then its running max, sum and output
-    are rescaled (online softmax). q: (T, n_local_heads, head_dim); the caches (see above)
-    already hold the rows' keys and values; out: (T, n_local_heads, head_dim). Block bounds
+    """Causal attention, flash-attention style, of the tasks c, c + n_chunks, ... of T x n_kv x
+    parts: task (t, j, part) is row t (of sequence slot slots[t], at position positions[t]) over
+    its slot's positions [0, positions[t]], for the local query heads h reading KV head j
+    (kv_of_head[h] == j) whose index among them is part modulo parts. parts is 1 unless there
+    are fewer rows x KV heads than chunks (decoding on a rank that holds one or two KV heads):
+    then a KV head's query heads are shared out, so that every thread has work. Positions go
+    in blocks of ATT_BLOCK from 0: a block's keys and values are decoded once into f32 tiles
+    (each KV row is read once per task, whatever the group size), each head's scores over the
+    block, then its running max, sum and output are rescaled (online softmax).
+    q: (T, n_local_heads, head_dim); the caches (see above) already hold the rows' keys and
+    values; out: (T, n_local_heads, head_dim). Block bounds
     depend on the position only, so a row's result never depends on T, the split or the
     thread count. tiles, scores, state: attention_scratch's, chunk c's row used."""
     n_tok, n_heads, head_dim = q.shape
     n_kv = k_codes.shape[1]
     inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
     k_tile, v_tile, s, st = tiles[c, 0], tiles[c, 1], scores[c], state[c]
-    for task in range(c, n_tok * n_kv, n_chunks):
-        t, j = task // n_kv, task % n_kv
+    parts = 1
+    if n_tok * n_kv < n_chunks:
+        largest_group = 0
+        for j in range(n_kv):
+            size = 0
+            for h in range(n_heads):
+                size += kv_of_head[h] == j
+            largest_group = max(largest_group, size)
+        parts = max(1, min(largest_group, n_chunks // (n_tok * n_kv)))
+    for task in range(c, n_tok * n_kv * parts, n_chunks):
+        t, j, part = task // (n_kv * parts), (task // parts) % n_kv, task % parts
         slot, n_pos = slots[t], positions[t] + 1
+        mine = st[:, 2]  # 1 where head h is this task's
+        k = 0
         for h in range(n_heads):
+            mine[h] = 0.0
             if kv_of_head[h] == j:
-                st[h, 0], st[h, 1] = -np.inf, 0.0  # running max, running sum
-                out[t, h] = 0.0
+                if k % parts == part:
+                    mine[h] = 1.0
+                    st[h, 0], st[h, 1] = -np.inf, 0.0  # running max, running sum
+                    out[t, h] = 0.0
+                k += 1
         for p0 in range(0, n_pos, ATT_BLOCK):
             n = min(ATT_BLOCK, n_pos - p0)
             kv_decode(k_codes[slot, j], k_scales[slot, j], p0, n, k_tile)
             kv_decode(v_codes[slot, j], v_scales[slot, j], p0, n, v_tile)
             for h in range(n_heads):
-                if kv_of_head[h] != j:
+                if mine[h] == 0.0:
                     continue
                 row, o = s[h, :n], out[t, h]
                 top = st[h, 0]
@@ -568,7 +586,7 @@ def attention_chunk(c, n_chunks, q, k_codes, k_scales, v_codes, v_scales, kv_of_
                         o[i] += w * v[i]
                 st[h, 0], st[h, 1] = top, total
         for h in range(n_heads):
-            if kv_of_head[h] == j:
+            if mine[h] != 0.0:
                 o, total = out[t, h], st[h, 1]
                 for i in range(head_dim):
                     o[i] /= total
