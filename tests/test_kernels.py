@@ -62,22 +62,24 @@ def _q4k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return blocks
 
 
-def _q6k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols // 256) Q6K super-blocks of random int8 scales and codes, rows of different
-    magnitudes."""
-    nb = cols // quant.QK
-    blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q6K.itemsize), quant.Q6K).reshape(rows, nb).copy()
-    blocks["d"] = (10.0 ** rng.uniform(-1, 1, size=(rows, 1)) / 2048 * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
+def _random_codes(rng: np.random.Generator, dtype: np.dtype, block_values: int, rows: int, cols: int,
+                  d_scale: float) -> np.ndarray:
+    """(rows, cols // block_values) blocks of `dtype` of random bytes (codes and any 8-bit scales)
+    whose fp16 d gives rows of different magnitudes: 10**U(-1, 1) * d_scale, each block within 2x."""
+    nb = cols // block_values
+    blocks = np.frombuffer(rng.bytes(rows * nb * dtype.itemsize), dtype).reshape(rows, nb).copy()
+    blocks["d"] = (10.0 ** rng.uniform(-1, 1, size=(rows, 1)) * d_scale * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
     return blocks
+
+
+def _q6k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Q6K super-blocks of random int8 scales and codes."""
+    return _random_codes(rng, quant.Q6K, quant.QK, rows, cols, 1 / 2048)
 
 
 def _q50_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols // 32) Q50 blocks of random codes (5th bits included), rows of different
-    magnitudes."""
-    nb = cols // quant.BLOCK
-    blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q50.itemsize), quant.Q50).reshape(rows, nb).copy()
-    blocks["d"] = (10.0 ** rng.uniform(-1, 1, size=(rows, 1)) / 16 * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
-    return blocks
+    """Q50 blocks of random codes (5th bits included)."""
+    return _random_codes(rng, quant.Q50, quant.BLOCK, rows, cols, 1 / 16)
 
 
 # random blocks of the types no quantizer makes (kept from GGUF files)

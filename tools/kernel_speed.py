@@ -38,6 +38,18 @@ from llamacpp_compare import cpu_model_name
 PRODUCT_NAMES = ("wq+wk+wv", "wo", "w1+w3", "w2")  # layer_shapes' order
 
 
+def median_seconds(stream, seconds: float) -> float:
+    """The median time of stream() over `seconds` of runs (at least one), after one run that
+    compiles and warms."""
+    stream()
+    runs, t_end = [], time.perf_counter() + seconds
+    while not runs or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        stream()
+        runs.append(time.perf_counter() - t0)
+    return float(np.median(runs))
+
+
 def product_speed(kind: str, rows: int, cols: int, stream_bytes: int, seconds: float) -> dict:
     """One token's product of a (rows, cols) matrix of type `kind`, timed over copies that
     stream `stream_bytes` at least."""
@@ -53,13 +65,7 @@ def product_speed(kind: str, rows: int, cols: int, stream_bytes: int, seconds: f
         for m in copies:
             matmul(pool, lanes, m, x, 1, out)
 
-    stream()  # compile and warm
-    runs, t_end = [], time.perf_counter() + seconds
-    while not runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        stream()
-        runs.append(time.perf_counter() - t0)
-    per_product = float(np.median(runs)) / len(copies)
+    per_product = median_seconds(stream, seconds) / len(copies)
     return {"type": kind, "rows": rows, "cols": cols, "bytes": first.nbytes, "us": per_product * 1e6,
             "gb_s": first.nbytes / per_product / 1e9}
 
@@ -82,13 +88,7 @@ def attention_speed(spec, kv_type: str, depth: int, stream_bytes: int, seconds: 
         for k_codes, k_scales, v_codes, v_scales in copies:
             vector.attention(q, k_codes, k_scales, v_codes, v_scales, kv_of_head, slots, positions, *scratch, out)
 
-    stream()  # compile and warm
-    runs, t_end = [], time.perf_counter() + seconds
-    while not runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        stream()
-        runs.append(time.perf_counter() - t0)
-    per_layer = float(np.median(runs)) / len(copies)
+    per_layer = median_seconds(stream, seconds) / len(copies)
     return {"kv_type": kv_type, "depth": depth, "bytes": cache_bytes, "us": per_layer * 1e6,
             "gb_s": cache_bytes / per_layer / 1e9}
 
