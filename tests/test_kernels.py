@@ -814,6 +814,13 @@ def test_attention_block_bit_identical_to_tokens_alone_and_any_chunking(kv_type,
         _assert_bits(block[t], _run_attention(q[t : t + 1], k, v, kv_of_head, pos0 + t, kv_type=kv_type)[0])
 
 
+def test_attention_on_a_rank_without_heads_does_nothing():
+    # more ranks than query heads: a rank holds no head and no KV head, and its threads have nothing to share
+    rng = np.random.default_rng(47)
+    q, k, v = _attention_case(rng, 0, 0, 32, 5, 2)
+    assert _run_attention(q, k, v, [], 5, chunks=2).shape == (2, 0, 32)
+
+
 def test_attention_of_a_head_does_not_depend_on_the_other_heads():
     # a split gives a rank some of the heads: each head's output is what it is among all of them
     rng = np.random.default_rng(45)

@@ -538,7 +538,7 @@ def attention_chunk(c, n_chunks, q, k_codes, k_scales, v_codes, v_scales, kv_of_
     inv_sqrt = np.float32(1.0 / math.sqrt(head_dim))
     k_tile, v_tile, s, st = tiles[c, 0], tiles[c, 1], scores[c], state[c]
     parts = 1
-    if n_tok * n_kv < n_chunks:
+    if 0 < n_tok * n_kv < n_chunks:  # a rank may hold no head at all
         largest_group = 0
         for j in range(n_kv):
             size = 0
