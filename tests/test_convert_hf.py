@@ -34,7 +34,16 @@ MODELS = {
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=320,
                   tie_word_embeddings=False, max_position_embeddings=128),
+    # mixtures of experts: the experts' hidden width (64, 96) beside the dense width config.json also has
+    "qwen3_moe": dict(cls="Qwen3MoeForCausalLM", cfg="Qwen3MoeConfig", hidden_size=96, intermediate_size=160,
+                      moe_intermediate_size=64, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=320,
+                      tie_word_embeddings=False, max_position_embeddings=128),
+    "mixtral": dict(cls="MixtralForCausalLM", cfg="MixtralConfig", hidden_size=128, intermediate_size=96,
+                    num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=320, tie_word_embeddings=False, max_position_embeddings=128),
 }
+ARCHITECTURE = {"qwen3_moe": "qwen3moe"}  # ours, where it differs from model_type
 
 
 def _build(model_type: str, directory: Path):
@@ -47,6 +56,8 @@ def _build(model_type: str, directory: Path):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
+            if name.endswith(".gate.weight"):  # a router: logits far apart, so no near-tie decides a choice
+                p.mul_(50)
     # llama: several safetensors files with model.safetensors.index.json
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB" if model_type == "llama" else "1GB")
     write_hf_tokenizer(directory, 300, ["Once upon a time there was a tiny model.", "It ran on three ranks."] * 20)
@@ -101,6 +112,7 @@ def test_spec_records_the_architecture(converted):
 
     model_type, path, _, _ = converted
     spec = ModelFile(path).spec
-    assert spec.architecture == model_type and spec.rope_style == "interleaved"
-    assert spec.qkv_bias == (model_type == "qwen2") and spec.qk_norm == (model_type == "qwen3")
+    assert spec.architecture == ARCHITECTURE.get(model_type, model_type) and spec.rope_style == "interleaved"
+    assert spec.qkv_bias == (model_type == "qwen2") and spec.qk_norm == (model_type in ("qwen3", "qwen3_moe"))
+    assert (spec.n_experts, spec.n_experts_used) == {"qwen3_moe": (6, 2), "mixtral": (4, 2)}.get(model_type, (0, 0))
     assert (spec.rope_scaling == "llama3") == (model_type == "llama")

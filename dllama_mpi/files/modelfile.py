@@ -66,6 +66,12 @@ def tensor_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
             layout[p + "q_norm"] = TensorInfo(None, (spec.head_dim,), False)
             layout[p + "k_norm"] = TensorInfo(None, (spec.head_dim,), False)
         layout[p + "ffn_norm"] = TensorInfo(None, (spec.dim,), False)
+        if spec.moe:  # the router, replicated, then each expert's FFN, split as a dense FFN is
+            del layout[p + "w1"], layout[p + "w2"], layout[p + "w3"]
+            layout[p + "router"] = TensorInfo(None, (spec.n_experts, spec.dim), False)
+            for e in range(spec.n_experts):
+                for kind in ("w1", "w2", "w3"):
+                    layout[f"{p}experts/{e}/{kind}"] = TensorInfo(kind, matrices[kind], True, layer)
     layout["norm"] = TensorInfo(None, (spec.dim,), False)
     if not spec.shared_classifier:
         layout["output"] = TensorInfo("output", (spec.vocab_size, spec.dim), True)

@@ -12,6 +12,8 @@ in Engine.__init__; a step allocates nothing. Per layer (x replicated on every r
   x -> rmsnorm -> own w1/w3 rows (stacked) -> silu*mul -> Allgatherv(ffn) -> own w2 rows
     -> Allgatherv(dim) -> x +=
 then own classifier rows for the rows that want logits -> Gatherv(logits) to rank 0.
+In a mixture of experts the FFN half routes each row to its experts and runs own rows of each
+(experts_ffn), with the same two collectives.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from ..model import quant
 from ..parallel import threads
 from ..parallel.comm import Comm
 from ..parallel.plan import Plan
-from .weights import LocalWeights, Matrix, Parts
+from .weights import Experts, LocalWeights, Matrix, Parts
 
 F32 = np.float32
 BLOCK, GROUP = qmatmul.BLOCK, qmatmul.GROUP
+
+
+def _count(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
 
 
 class Activations:
@@ -65,6 +71,17 @@ class Activations:
 
     def pack(self, n_tok: int) -> None:
         qmatmul.pack_q80(self.blocks[:n_tok], *(a[:n_tok] for a in self.codes8[quant.Q80_ACTIVATIONS.name]))
+
+    def take_rows(self, source: Activations, rows: np.ndarray) -> None:
+        """Rows `rows` of source's values and product forms into this one's first len(rows)
+        (an expert's tokens of a step). mode="clip": the rows are valid, and "raise" buffers."""
+        n = len(rows)
+        np.take(source.f32, rows, axis=0, out=self.f32[:n], mode="clip")
+        for form, codes in self.codes8.items():
+            for mine, theirs in zip(codes, source.codes8[form], strict=True):
+                np.take(theirs, rows, axis=0, out=mine[:n], mode="clip")
+        if self.packs_f32:
+            np.take(source.xt, rows, axis=0, out=self.xt[:n], mode="clip")
 
 
 class GatheredActivations(Activations):
@@ -121,18 +138,18 @@ class GatheredActivations(Activations):
             self.prepare(n_tok)
 
 
-def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
-    """out (T, own rows) = x[:T] @ m.T; quantized weights take x's 8-bit form for their type
-    (WeightType.activation) when it has one, else its packed f32.
+def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray, row0: int = 0) -> None:
+    """out (T, own rows) = x[row0 : row0 + T] @ m.T; quantized weights take x's 8-bit form for
+    their type (WeightType.activation) when it has one, else its packed f32.
     lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
-    t = m.weight_type
+    t, rows = m.weight_type, slice(row0, row0 + n_tok)
     if not t.quantized:
-        kernel, args = resolve(t.kernels.rows_f32), (m.w, x.f32[:n_tok])
+        kernel, args = resolve(t.kernels.rows_f32), (m.w, x.f32[rows])
     elif t.activation in x.codes8:
         xq, xsum, xd = x.codes8[t.activation]
-        kernel, args = resolve(t.kernels.rows_8bit), (m.qs, m.d, xq[:n_tok], xsum[:n_tok], xd[:n_tok], *lanes)
+        kernel, args = resolve(t.kernels.rows_8bit), (m.qs, m.d, xq[rows], xsum[rows], xd[rows], *lanes)
     else:
-        kernel, args = resolve(t.kernels.rows_f32), (m.qs, m.d, x.xt[:n_tok], *lanes)
+        kernel, args = resolve(t.kernels.rows_f32), (m.qs, m.d, x.xt[rows], *lanes)
     if pool.parallel(m.rows * m.cols * n_tok):
         vector.PARALLEL[kernel](*args, out)
     else:
@@ -207,7 +224,20 @@ class Engine:
         self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, buffer_type)  # wo / w2 output
         a, b = me.ffn_rows
         self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
-        self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, t_max, buffer_type)  # (T, hidden)
+        # a mixture of experts gathers k = n_experts_used hidden vectors a row, one per (row, choice)
+        # pair, in the routing's order (vector.route): expert by expert, so each expert's pairs are
+        # contiguous rows here, as its w2 product takes them
+        k = spec.n_experts_used if spec.moe else 1
+        self.ffn = GatheredActivations(comm, plan, "ffn", spec.hidden_dim, k * t_max, buffer_type)  # (k T, hidden)
+        if spec.moe:
+            e = spec.n_experts
+            self.routers = [Matrix("f32", e, spec.dim, w=lw["router"]) for lw in weights.layers]  # replicated
+            self.router_logits = np.zeros((t_max, e), F32)  # (T, E)
+            self.chosen, self.expert_weights = np.zeros((t_max, k), np.int64), np.zeros((t_max, k), F32)
+            self.pair_order, self.pair_rows = np.zeros(k * t_max, np.int64), np.zeros(k * t_max, np.int64)
+            self.expert_starts, self.used_experts = np.zeros(e + 1, np.int64), np.zeros(e, np.int64)
+            self.expert_x = Activations(spec.dim, t_max, plan.activation_forms("xb", buffer_type))  # an expert's rows
+            self.expert_out = np.zeros((k * t_max, _count(me.dim_rows)), F32)  # (k T, own dim rows), in routing order
         # KV cache of own KV heads, per layer: codes (n_slots, n_local_kv, max_seq, head_dim) and
         # fp16 scale bits (n_slots, n_local_kv, max_seq, scales per row) in kv_type (vector.store_kv)
         self.kv_type = kv = quant.KV_TYPES[kv_type]
@@ -219,8 +249,10 @@ class Engine:
         self.cos_rows, self.sin_rows = np.zeros((t_max, self.cos.shape[1]), F32), np.zeros((t_max, self.sin.shape[1]), F32)
         self.lanes = (np.zeros((vector.CHUNKS, GROUP), np.int32), np.zeros((vector.CHUNKS, GROUP), F32))
         # a stacked product of Parts: each part's output, by its row count, before it takes its columns
-        self._part_out = {m.rows: np.zeros((t_max, m.rows), F32) for layer in weights.layers
-                          for stacked in ("wqkv", "w13") if isinstance(layer[stacked], Parts) for m in layer[stacked].parts}
+        stacks = [layer[k] for layer in weights.layers for k in ("wqkv", "w13") if k in layer]
+        stacks += [m for layer in weights.layers if "experts" in layer for m in layer["experts"].w13]
+        self._part_out = {m.rows: np.zeros((t_max, m.rows), F32) for stack in stacks if isinstance(stack, Parts)
+                          for m in stack.parts}
         # logits: rank 0 gets (m, vocab) for the m rows that want them. Each rank computes its
         # vocabulary span for the m rows, contiguous (m, own); they travel rank-major.
         vocab_spans = plan.segments("vocab")
@@ -244,8 +276,8 @@ class Engine:
     def new_batch(self) -> Batch:
         return Batch(self.max_rows, self.max_logits)
 
-    def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
-        matmul(self.pool, self.lanes, m, x, n_tok, out)
+    def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray, row0: int = 0) -> None:
+        matmul(self.pool, self.lanes, m, x, n_tok, out, row0)
 
     def matmul_stacked(self, m: Matrix | Parts, x: Activations, n_tok: int, out: np.ndarray) -> None:
         """A stacked product: one, or one per part where the parts' types differ, each part's
@@ -258,6 +290,37 @@ class Engine:
             self.matmul(part, x, n_tok, part_out)
             out[:, col : col + part.rows] = part_out
             col += part.rows
+
+    def experts_ffn(self, layer: int, experts: Experts, n: int) -> None:
+        """A mixture of experts' FFN of the normed rows xb[:n] into dim_out.local[:n] (own dim
+        rows), with the collectives of a dense FFN: every rank routes alike (the router is
+        replicated), runs its rows of each chosen expert on that expert's rows of the step
+        (each expert's weights read once a step, as llama.cpp's mul_mat_id), gathers the
+        hidden vectors of all (row, choice) pairs at once, then its dim rows of each chosen
+        expert's w2, summed per row in choice order with the routing weights."""
+        spec, k = self.spec, self.spec.n_experts_used
+        self.matmul(self.routers[layer], self.xb, n, self.router_logits[:n])
+        n_chosen = vector.route(self.router_logits[:n], k, spec.expert_weights_norm, self.chosen[:n],
+                                self.expert_weights[:n], self.pair_order[: k * n], self.pair_rows[: k * n],
+                                self.expert_starts, self.used_experts)
+        for i in range(n_chosen):
+            e = int(self.used_experts[i])
+            a, b = int(self.expert_starts[e]), int(self.expert_starts[e + 1])
+            if b - a == n:  # every row chose it (always, decoding one sequence): its rows are xb's
+                x = self.xb
+            else:
+                x = self.expert_x
+                x.take_rows(self.xb, self.pair_rows[a:b])
+            h13 = self.h13[: b - a]
+            self.matmul_stacked(experts.w13[e], x, b - a, h13)
+            vector.silu_mul(h13, self.ffn.local[a:b])
+        self.ffn.gather(k * n)
+        for i in range(n_chosen):
+            e = int(self.used_experts[i])
+            a, b = int(self.expert_starts[e]), int(self.expert_starts[e + 1])
+            self.matmul(experts.w2[e], self.ffn, b - a, self.expert_out[a:b], row0=a)
+        vector.combine_experts(self.expert_out[: k * n], self.pair_order[: k * n], self.expert_weights[:n],
+                               self.dim_out.local[:n])
 
     def forward(self, token: int, pos: int, logits: bool = True) -> np.ndarray | None:
         """Advance slot 0 by one token at `pos`; rank 0 returns the logits (vocab,) when asked."""
@@ -327,11 +390,14 @@ class Engine:
 
             vector.rmsnorm(x, lw["ffn_norm"], spec.norm_eps, self.xb.f32[:n])
             self.xb.prepare(n)
-            h13 = self.h13[:n]
-            self.matmul_stacked(lw["w13"], self.xb, n, h13)
-            vector.silu_mul(h13, self.ffn.local[:n])
-            self.ffn.gather(n)
-            self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
+            if spec.moe:
+                self.experts_ffn(layer, lw["experts"], n)
+            else:
+                h13 = self.h13[:n]
+                self.matmul_stacked(lw["w13"], self.xb, n, h13)
+                vector.silu_mul(h13, self.ffn.local[:n])
+                self.ffn.gather(n)
+                self.matmul(lw["w2"], self.ffn, n, self.dim_out.local[:n])
             self.dim_out.gather(n)
             np.add(x, self.dim_out.f32[:n], out=x)
         result, m = None, batch.n_logits

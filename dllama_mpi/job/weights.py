@@ -77,8 +77,22 @@ class Parts:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts FFN's local rows: every expert's stacked w1/w3 rows and its w2 rows
+    (the plan's ffn and dim rows of each expert, as of a dense FFN)."""
+
+    w13: tuple[Matrix | Parts, ...]  # (n_experts,)
+    w2: tuple[Matrix, ...]  # (n_experts,)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.w13 + self.w2)
+
+
+@dataclass(frozen=True)
 class LocalWeights:
-    layers: tuple[dict[str, np.ndarray | Matrix | Parts], ...]  # per layer: vectors (f32) and matrices
+    # per layer: vectors (f32; a mixture of experts' router (n_experts, dim)), matrices, and Experts
+    layers: tuple[dict[str, np.ndarray | Matrix | Parts | Experts], ...]
     norm: np.ndarray  # (dim,)
     embedding: Matrix  # local vocab rows of tok_embeddings
     classifier: Matrix  # local vocab rows of output (the embedding's when shared)
@@ -113,11 +127,20 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         tensors = {}
         for name, info in layout.items():
             _put(tensors, name, _scattered(comm, plan, model, name, info), info)
-    names = [n.split("/")[-1] for n in tensors if n.startswith("layers/0/")]
-    layers = tuple({k: tensors.pop(f"layers/{i}/{k}") for k in names} for i in range(spec.n_layers))
+    layers = tuple(_layer(tensors, f"layers/{i}/", spec.n_experts) for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
     return LocalWeights(layers, tensors["norm"], embedding, classifier)
+
+
+def _layer(tensors: dict, prefix: str, n_experts: int) -> dict:
+    """One layer's local tensors, taken out of `tensors` (an expert's under "experts/E/")."""
+    names = [n for n in tensors if n.startswith(prefix)]
+    layer = {n[len(prefix):]: tensors.pop(n) for n in names if not n.startswith(prefix + "experts/")}
+    if n_experts:
+        expert = [f"{prefix}experts/{e}/" for e in range(n_experts)]
+        layer["experts"] = Experts(tuple(tensors.pop(p + "w13") for p in expert), tuple(tensors.pop(p + "w2") for p in expert))
+    return layer
 
 
 # products that read the same input, stacked into one matrix (one product, one parallel

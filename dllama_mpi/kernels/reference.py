@@ -238,6 +238,19 @@ class DenseModel:
             out = rmsnorm_heads(out, s.head_dim, self.t[p + which + "_norm"], s.norm_eps)
         return rope(out, s.head_dim, self.cos[pos], self.sin[pos])
 
+    def _ffn(self, p: str, xb: np.ndarray) -> np.ndarray:
+        """A dense FFN (p: "layers/N/"), or one expert's (p: "layers/N/experts/E/")."""
+        return self._mv(p + "w2", self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), "ffn"))
+
+    def _experts(self, p: str, xb: np.ndarray) -> np.ndarray:
+        """A mixture of experts: the chosen experts' FFNs, weighted, added in choice order."""
+        chosen, weights = route(matvec_f32(self.t[p + "router"], xb), self.spec.n_experts_used,
+                                self.spec.expert_weights_norm)
+        out = np.zeros(self.spec.dim, np.float32)
+        for e, w in zip(chosen, weights, strict=True):
+            out = out + w * self._ffn(f"{p}experts/{e}/", xb)
+        return out
+
     def _cached(self, x: np.ndarray) -> np.ndarray:
         """A position's keys or values (n_kv * head_dim,) -> (n_kv, head_dim) as the cache holds them."""
         return self.kv.decode(*self.kv.encode(x.astype(np.float32).reshape(self.spec.n_kv_heads, -1)))
@@ -258,7 +271,21 @@ class DenseModel:
             att = self._travel(att.reshape(-1), "att")
             x = x + self._travel(self._mv(p + "wo", att), "dim")
             xb = rmsnorm(x, self.t[p + "ffn_norm"], s.norm_eps)
-            hidden = self._travel(silu_mul(self._mv(p + "w1", xb), self._mv(p + "w3", xb)), "ffn")
-            x = x + self._travel(self._mv(p + "w2", hidden), "dim")
+            if s.moe:
+                x = x + self._travel(self._experts(p, xb), "dim")
+            else:
+                x = x + self._travel(self._ffn(p, xb), "dim")
         xb = rmsnorm(x, self.t["norm"], s.norm_eps)
         return self._mv("tok_embeddings" if s.shared_classifier else "output", xb)
+
+
+def route(logits: np.ndarray, n_used: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Twin of vector.route for one row: the n_used experts of the largest router logits (E,)
+    (a tie: the lower expert first) and their softmax probabilities, divided by their sum when
+    `normalize` (float64 here: the engine's f32 differs in the last bits)."""
+    chosen = np.argsort(-logits.astype(np.float64), kind="stable")[:n_used]
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    weights = p[chosen] / p.sum()
+    if normalize:
+        weights = weights / max(weights.sum(), 6.103515625e-05)
+    return chosen, weights.astype(np.float32)

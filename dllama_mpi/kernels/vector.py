@@ -613,6 +613,78 @@ def silu_mul(h13, out):
             o[i] = h[i] / (np.float32(1.0) + o[i]) * h[n + i]
 
 
+@njit(**_opts)
+def route(logits, n_used, normalize, chosen, weights, order, rows, starts, used):
+    """A mixture of experts' routing of T rows, as llama.cpp's: softmax over every expert's
+    router logit (f32, experts in order), the n_used largest (a tie: the lower expert first),
+    their probabilities, divided by their sum when `normalize`.
+    logits (T, E) f32 -> chosen (T, k) i64, weights (T, k) f32. Then the step's (row, choice)
+    pairs expert by expert, so each chosen expert's weights are read once per step: order
+    (T k,) the pairs t k + j, experts ascending, rows ascending within one; rows (T k,) their
+    row t; starts (E + 1,) each expert's first index in order. Returns the number of experts
+    chosen by any row, listed ascending in used (E,)."""
+    n_tok, n_exp = logits.shape
+    for t in range(n_tok):
+        top = logits[t, 0]
+        for e in range(1, n_exp):
+            top = max(top, logits[t, e])
+        total = np.float32(0)
+        for e in range(n_exp):
+            total += np.float32(math.exp(logits[t, e] - top))
+        picked = np.float32(0)
+        for j in range(n_used):
+            best = -1
+            for e in range(n_exp):
+                taken = False
+                for i in range(j):
+                    taken = taken or chosen[t, i] == e
+                if not taken and (best < 0 or logits[t, e] > logits[t, best]):
+                    best = e
+            chosen[t, j] = best
+            weights[t, j] = np.float32(math.exp(logits[t, best] - top)) / total
+            picked += weights[t, j]
+        if normalize:
+            picked = max(picked, np.float32(6.103515625e-05))  # as llama.cpp's clamp of the sum
+            for j in range(n_used):
+                weights[t, j] = weights[t, j] / picked
+    starts[:] = 0
+    for t in range(n_tok):
+        for j in range(n_used):
+            starts[chosen[t, j] + 1] += 1
+    n_chosen = 0
+    for e in range(n_exp):
+        if starts[e + 1]:
+            used[n_chosen] = e
+            n_chosen += 1
+        starts[e + 1] += starts[e]
+    for e in range(n_exp):  # each expert's next free index, from its start
+        used_to = starts[e]
+        for t in range(n_tok):
+            for j in range(n_used):
+                if chosen[t, j] == e:
+                    order[used_to], rows[used_to] = t * n_used + j, t
+                    used_to += 1
+    return n_chosen
+
+
+@njit(**_opts)
+def combine_experts(y, order, weights, out):
+    """out[t] = sum over j of weights[t, j] * (the output of row t's j-th expert), j in order
+    (as llama.cpp adds them), whatever the order the experts ran in.
+    y (T k, n): the experts' outputs in route's order; out (T, n)."""
+    n_used = weights.shape[1]
+    for t in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[t, c] = np.float32(0)
+    for j in range(n_used):
+        for i in range(order.shape[0]):
+            if order[i] % n_used == j:
+                t = order[i] // n_used
+                w = weights[t, j]
+                for c in range(out.shape[1]):
+                    out[t, c] = out[t, c] + w * y[i, c]
+
+
 @njit(cache=True, nogil=True)
 def sample(logits, temperature, top_p, coin, probs, scratch):
     """Greedy when temperature == 0. Otherwise softmax(logits / temperature) in float64;

@@ -16,8 +16,10 @@ from ..errors import InputError
 from . import quant
 
 FORMAT_NAME = "dllama_mpi"
-FORMAT_VERSION = 2  # the newest this program writes and reads; a file takes the oldest that holds it
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+FORMAT_VERSION = 3  # the newest this program writes and reads; a file takes the oldest that holds it
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "mixtral")
+# the mixture-of-experts fields: absent from a dense model's attributes, so its files and ids stay as they were
+MOE_FIELDS = ("n_experts", "n_experts_used", "expert_weights_norm")
 
 
 # matrices the engine joins into one product, part by part where their types differ (weights.STACKED)
@@ -69,7 +71,13 @@ class ModelSpec:
     # per-matrix exceptions to weight_type, "output=q80,w2=q80" (what a GGUF's mix became); the
     # matrices the engine stacks (wq wk wv; w1 w3) share one type
     tensor_types: str = ""
-    architecture: str = "llama"  # llama, mistral, qwen2, qwen3: one data path, the flags above
+    architecture: str = "llama"  # llama, mistral, qwen2, qwen3, qwen3moe, mixtral: one data path, the flags above
+    # mixture of experts (qwen3moe, mixtral): every layer's FFN is n_experts experts of hidden_dim rows
+    # each, a router (n_experts, dim) picks n_experts_used per token, weighted by the softmax over all
+    # experts' router logits, renormalised over the chosen ones when expert_weights_norm (as llama.cpp)
+    n_experts: int = 0  # 0: a dense FFN
+    n_experts_used: int = 0
+    expert_weights_norm: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +96,13 @@ class ModelSpec:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a positive finite number, got {value!r}")
+        if self.n_experts or self.n_experts_used:
+            if not (isinstance(self.n_experts, int) and isinstance(self.n_experts_used, int)
+                    and 1 <= self.n_experts_used <= self.n_experts <= MAX_SIZE):
+                problems.append(f"a mixture of experts needs 1 <= n_experts_used <= n_experts, got n_experts_used "
+                                f"{self.n_experts_used!r} of n_experts {self.n_experts!r}")
+        elif self.expert_weights_norm:
+            problems.append("expert_weights_norm is set but the model has no experts (n_experts 0)")
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.rope_scaling not in ("none", "llama3"):
@@ -130,6 +145,16 @@ class ModelSpec:
     def type_overrides(self) -> Mapping[str, str]:
         """tensor_types as {"kind" or "layers/N/kind": type} (read-only; parsed once per text)."""
         return _parse_overrides(self.tensor_types)
+
+    @property
+    def moe(self) -> bool:
+        """Whether every layer's FFN is a mixture of experts."""
+        return self.n_experts > 0
+
+    @property
+    def ffn_rows_per_token(self) -> int:
+        """Hidden values one token computes per layer: hidden_dim, times the experts it uses."""
+        return self.hidden_dim * max(1, self.n_experts_used)
 
     @property
     def q_dim(self) -> int:
@@ -182,15 +207,20 @@ class ModelSpec:
         return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
     def format_version(self) -> int:
-        """The oldest model-file format version that holds this model: 2 for per-tensor types or a
-        type that came with them (k-quants), so that an older reader says the file is newer than
-        it instead of misreading it; 1 for the rest, whose files stay as they were."""
-        return max([2 if self.tensor_types else 1] + [quant.weight_type(t).format_version for t in self.weight_types()])
+        """The oldest model-file format version that holds this model: 3 for a mixture of experts,
+        2 for per-tensor types or a type that came with them (k-quants), so that an older reader
+        says the file is newer than it instead of misreading it; 1 for the rest, whose files stay
+        as they were."""
+        return max([3 if self.moe else 2 if self.tensor_types else 1]
+                   + [quant.weight_type(t).format_version for t in self.weight_types()])
 
     def to_attrs(self) -> dict:
         attrs = dataclasses.asdict(self)
         if not self.tensor_types:  # files, model ids and plan hashes of uniform models stay as they were
             del attrs["tensor_types"]
+        if not self.moe:  # ... and those of dense models
+            for name in MOE_FIELDS:
+                del attrs[name]
         return attrs
 
     @classmethod

@@ -9,7 +9,8 @@ cumulative share to a granule, see _spans):
   kv heads follow q heads: a rank computes and caches every KV head any of its query
            heads reads, so a KV head is duplicated only where its group is split
   dim      granule 32 rows  -> wo and w2 rows (model-dim outputs)
-  ffn      granule 32 rows  -> w1/w3 rows (hidden outputs, w2's gathered input)
+  ffn      granule 32 rows  -> w1/w3 rows (hidden outputs, w2's gathered input); in a mixture of
+           experts, the same rows of every expert (any routing keeps each rank's share of the work)
   vocab    granule 32 rows  -> classifier and embedding rows
 """
 
@@ -89,7 +90,8 @@ class Traffic:
     fewer, larger messages).
 
     collectives: 4 Allgatherv per layer (att, dim, ffn, dim), the embedding row's Bcast and
-        the logits' Gatherv.
+        the logits' Gatherv (a mixture of experts gathers the hidden values of each token's
+        n_experts_used experts as its ffn vector: the same collectives).
     payload[r]: bytes rank r hands to those collectives: its parts of the gathered vectors,
         its logits (ranks > 0), and on average its vocabulary share of the embedding row.
         The engine counts the same quantity (Comm.bytes_sent).
@@ -156,7 +158,9 @@ class Plan:
     def traffic(self, buffer_type: str) -> Traffic:
         """What crosses between ranks per decoded token (see Traffic)."""
         n, spec = self.world_size, self.spec
-        per_layer = [sum(self.transit_bytes(v, buffer_type, r) for v in ("att", "dim", "ffn", "dim")) for r in range(n)]
+        # a mixture of experts gathers each token's hidden values of every expert it uses
+        per_layer = [sum(self.transit_bytes(v, buffer_type, r) * (spec.n_experts_used if v == "ffn" and spec.moe else 1)
+                         for v in ("att", "dim", "ffn", "dim")) for r in range(n)]
         logits = [0] + [4 * _count(s.vocab_rows) for s in self.ranks[1:]]  # Gatherv to rank 0, as f32
         embedding = 4 * spec.dim  # the token's row, broadcast by the rank holding it
         embedding_share = [embedding * _count(s.vocab_rows) / spec.vocab_size for s in self.ranks]
@@ -189,6 +193,9 @@ class Plan:
             vectors += 4 * (rows["wq"] + rows["wk"] + rows["wv"])
         if spec.qk_norm:
             vectors += 2 * 4 * spec.head_dim
+        if spec.moe:  # every expert's share of rows, and the replicated router
+            rows.update({k: spec.n_experts * rows[k] for k in ("w1", "w2", "w3")})
+            vectors += 4 * spec.n_experts * spec.dim
         layers = sum(n * spec.resident_row_bytes(k, layer) for layer in range(spec.n_layers) for k, n in rows.items())
         vocab = self.rows("output", rank)
         per_row = spec.resident_row_bytes("tok_embeddings") + (0 if spec.shared_classifier else spec.resident_row_bytes("output"))

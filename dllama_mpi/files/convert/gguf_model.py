@@ -1,4 +1,5 @@
-"""GGUF models (llama.cpp), architectures llama, qwen2 and qwen3.
+"""GGUF models (llama.cpp), architectures llama, qwen2, qwen3 and the mixtures of experts qwen3moe
+and llama with experts (Mixtral).
 
 Read memory-mapped by gguf_file.GGUFFile. Layout facts (checked in llama.cpp's source,
 convert_hf_to_gguf.py and llama_model_rope_type):
@@ -17,6 +18,10 @@ convert_hf_to_gguf.py and llama_model_rope_type):
   bit-exact (quant.gguf_type); other quantized types are dequantized to f32 here. Each
   matrix's GGUF type goes to the converter (Source.native_types), which decides and says
   what it becomes (convert.choose_types).
+* A mixture of experts stores each FFN matrix of a layer as one tensor of every expert,
+  ne (cols, rows, experts) -> (experts, rows, ...): it is written as one matrix per expert
+  (layers/N/experts/E/w1), typed as the layer's kind (layers/N/w1); the router ffn_gate_inp
+  (experts, dim) is an f32 vector of the layer.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from . import MATRICES, ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "GGUF (llama.cpp)"
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
-HALVES_ARCHS = ("qwen2", "qwen3")  # llama.cpp rotates these with NEOX RoPE (halves)
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")  # llama with experts: Mixtral
+HALVES_ARCHS = ("qwen2", "qwen3", "qwen3moe")  # llama.cpp rotates these with NEOX RoPE (halves)
 
 _GLOBAL_TENSORS = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
 _LAYER_TENSORS = {
@@ -44,6 +49,9 @@ _LAYER_TENSORS = {
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
     "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
 }
+# a mixture of experts' tensors: the router, and each FFN matrix of every expert as one (E, rows, cols) tensor
+_EXPERT_TENSORS = {"ffn_gate_exps.weight": "w1", "ffn_down_exps.weight": "w2", "ffn_up_exps.weight": "w3"}
+_LAYER_TENSORS["ffn_gate_inp.weight"] = "router"
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _ROPE_ROWS = {"wq", "wk", "bq", "bk", "q_norm", "k_norm"}
 # Llama 3.1 / 3.2 rope_scaling defaults (low, high, original context), tried before a fit
@@ -76,6 +84,11 @@ def _map_name(name: str) -> str | None:
     m = _LAYER_RE.fullmatch(name)
     if m and m.group(2) in _LAYER_TENSORS:
         return f"layers/{int(m.group(1))}/{_LAYER_TENSORS[m.group(2)]}"
+    if m and m.group(2) in _EXPERT_TENSORS:  # "layers/N/w1": its experts' kind, as the converter types it
+        return f"layers/{int(m.group(1))}/{_EXPERT_TENSORS[m.group(2)]}"
+    if m and re.fullmatch(r"ffn_(gate|down|up)\.\d+\.weight", m.group(2)):
+        raise ConvertError(f"GGUF tensor {name!r}: experts stored one tensor each (an old Mixtral GGUF) are not "
+                           "supported; convert the model again with a current llama.cpp (ffn_*_exps tensors)")
     raise ConvertError(f"GGUF tensor {name!r} has no counterpart in this engine (unsupported model variant)")
 
 
@@ -144,15 +157,16 @@ def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict:
     return {}
 
 
-def _dense(t) -> np.ndarray:
-    """A tensor as float values of its numpy shape (the float types we keep, f32 and f16, as
-    stored; bf16 and quantized -> f32)."""
+def _dense(t, data=None) -> np.ndarray:
+    """A tensor (or `data`, part of its rows) as float values of its numpy shape (the float
+    types we keep, f32 and f16, as stored; bf16 and quantized -> f32)."""
     import gguf
 
+    data = t.data if data is None else data
     ours = quant.gguf_type(t.tensor_type.name)
     if ours is not None and not ours.quantized:
-        return np.array(t.data)
-    return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
+        return np.array(data)
+    return np.asarray(gguf.quants.dequantize(np.asarray(data), t.tensor_type), dtype=np.float32)
 
 
 def _spec_fields(reader, path: Path) -> dict:
@@ -187,11 +201,14 @@ def _spec_fields(reader, path: Path) -> dict:
     rope_dims = _number(get("rope.dimension_count", head_dim), "rope.dimension_count", int)
     if rope_dims != head_dim:
         raise ConvertError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-    if _number(get("expert_count", 0), "expert_count", int):
-        raise ConvertError(f"{path}: mixture-of-experts GGUF models are not supported")
+    n_experts = _number(get("expert_count", 0), "expert_count", int)
+    moe = {}
+    if n_experts or arch == "qwen3moe":
+        moe = _experts(get, path, arch, n_experts)
     theta = _number(get("rope.freq_base", 10000.0), "rope.freq_base", float)
+    hidden_key = "expert_feed_forward_length" if arch == "qwen3moe" else "feed_forward_length"
     fields = dict(
-        dim=dim, hidden_dim=_number(get("feed_forward_length"), "feed_forward_length", int),
+        dim=dim, hidden_dim=_number(get(hidden_key), hidden_key, int), **moe,
         n_layers=_number(get("block_count"), "block_count", int),
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # shape is ne: (dim, vocab)
@@ -201,10 +218,29 @@ def _spec_fields(reader, path: Path) -> dict:
     )
     if arch == "qwen2":
         fields["qkv_bias"] = True
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         fields["qk_norm"] = True
+    if arch == "llama" and moe:
+        fields["architecture"] = "mixtral"
     fields.update(_rope_scaling(reader, arch, head_dim, theta))
     return fields
+
+
+def _experts(get, path: Path, arch: str, n_experts: int) -> dict:
+    """A mixture of experts' spec fields, as llama.cpp runs qwen3moe and Mixtral: softmax
+    gating, the chosen experts' weights renormalised (unless the file says otherwise), no
+    shared experts."""
+    used = _number(get("expert_used_count", 0), "expert_used_count", int)
+    if not 1 <= used <= n_experts:
+        raise ConvertError(f"{path}: a mixture of experts needs 1 <= {arch}.expert_used_count <= {arch}.expert_count, "
+                           f"found {used} of {n_experts}")
+    if _number(get("expert_shared_count", 0), "expert_shared_count", int):
+        raise ConvertError(f"{path}: shared experts (qwen2moe, deepseek) are not supported")
+    gating = _number(get("expert_gating_func", 1), "expert_gating_func", int)
+    if gating != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise ConvertError(f"{path}: expert gating function {gating} is not supported (only softmax, 1)")
+    norm = get("expert_weights_norm", 1)
+    return dict(n_experts=n_experts, n_experts_used=used, expert_weights_norm=bool(norm))
 
 
 def _scalar(value, key: str) -> int:
@@ -223,12 +259,14 @@ def _number(value, key: str, kind):
     return kind(value)
 
 
-def _convert(t, name: str, arch: str, head_dim: int) -> np.ndarray:
+def _convert(t, name: str, arch: str, head_dim: int, data=None) -> np.ndarray:
+    """Tensor t (or `data`, one expert's rows of it) as the writer takes it."""
     ours = quant.gguf_type(t.tensor_type.name)
+    data = t.data if data is None else data
     if ours is not None:  # a type we keep (f32, f16, our blocks are ggml's): passed through bit-exact
-        array = np.ascontiguousarray(t.data).view(ours.dtype)
+        array = np.ascontiguousarray(data).view(ours.dtype)
     else:  # widened or dequantized to f32 here; the writer makes it the type the converter chose
-        array = _dense(t)
+        array = _dense(t, data)
     if array.ndim == 2 and array.shape[0] == 1 and len(t.shape) == 1:
         array = array[0]
     if arch in HALVES_ARCHS and name.rsplit("/", 1)[-1] in _ROPE_ROWS:
@@ -255,11 +293,22 @@ def read(path: Path, tokenizer_path=None):
     native_types = {names[t.name]: t.tensor_type.name for t in reader.tensors
                     if t.name in names and names[t.name].rsplit("/", 1)[-1] in MATRICES}
 
+    experts = fields.get("n_experts", 0)
+
     def tensors():
         r = open_gguf(path)
         for t in r.tensors:
             ours = names.get(t.name)
-            if ours is not None:
+            if ours is None:
+                continue
+            m = _LAYER_RE.fullmatch(t.name)
+            if m and m.group(2) in _EXPERT_TENSORS:
+                prefix, kind = ours.rsplit("/", 1)
+                if t.data.shape[0] != experts:
+                    raise ConvertError(f"GGUF tensor {t.name!r} holds {t.data.shape[0]} experts, expected {experts}")
+                for e in range(experts):  # one expert at a time: the writer holds one expert's rows
+                    yield f"{prefix}/experts/{e}/{kind}", _convert(t, ours, arch, head_dim, t.data[e])
+            else:
                 yield ours, _convert(t, ours, arch, head_dim)
 
     return Source(fields, tensors, tokenizer, f"GGUF {arch} model {path.name}", files=[path],

@@ -1,6 +1,7 @@
 """Hugging Face model directories: config.json + *.safetensors (+ tokenizer files).
 
-model_type llama, mistral, qwen2 (q/k/v biases), qwen3 (per-head q/k RMSNorm). Tensors are
+model_type llama, mistral, qwen2 (q/k/v biases), qwen3 (per-head q/k RMSNorm), and the
+mixtures of experts qwen3_moe and mixtral (experts one tensor each, as the Hub holds them). Tensors are
 memory-mapped and read one at a time; q/k rows are permuted from HF's rotate-halves RoPE
 layout to the engine's interleaved pairs.
 """
@@ -18,7 +19,8 @@ from . import ConvertError
 from .rope import halves_to_interleaved
 
 FORMAT_NAME = "Hugging Face model directory (config.json + safetensors)"
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+ARCHITECTURE = {"qwen3_moe": "qwen3moe"}  # our name where it differs from model_type
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -161,15 +163,18 @@ def _spec_fields(config: dict, path: Path) -> dict:
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     dim, n_heads = number("hidden_size", int), number("num_attention_heads", int)
+    hidden_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
     fields = {
-        "architecture": model_type, "dim": dim, "hidden_dim": number("intermediate_size", int),
+        "architecture": ARCHITECTURE.get(model_type, model_type), "dim": dim, "hidden_dim": number(hidden_key, int),
         "n_layers": number("num_hidden_layers", int), "n_heads": n_heads,
         "n_kv_heads": number("num_key_value_heads", int, n_heads),
         "head_dim": number("head_dim", int, dim // n_heads if n_heads > 0 else 0),
         "vocab_size": number("vocab_size", int), "seq_len": number("max_position_embeddings", int, 2048),
         "norm_eps": number("rms_norm_eps", float, 1e-6), "rope_theta": number("rope_theta", float, 10000.0, rope),
-        "qkv_bias": model_type == "qwen2", "qk_norm": model_type == "qwen3",
+        "qkv_bias": model_type == "qwen2", "qk_norm": model_type in ("qwen3", "qwen3_moe"),
     }
+    if model_type in ("qwen3_moe", "mixtral"):
+        fields.update(_experts(config, path, number))
     kind = rope.get("rope_type", rope.get("type"))
     if kind == "llama3":
         fields.update(rope_scaling="llama3", rope_scaling_factor=number("factor", float, where=rope),
@@ -179,6 +184,20 @@ def _spec_fields(config: dict, path: Path) -> dict:
     elif kind not in (None, "default"):
         raise ConvertError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
     return fields
+
+
+def _experts(config: dict, path: Path, number) -> dict:
+    """A mixture of experts' spec fields: Qwen3-MoE's and Mixtral's softmax over the router
+    logits, top-k, renormalised (Mixtral always, Qwen3-MoE with norm_topk_prob); every layer
+    sparse."""
+    qwen = config["model_type"] == "qwen3_moe"
+    # the Hub's Qwen3-MoE configs say num_experts, transformers >= 5 writes num_local_experts for both
+    n_experts = number("num_experts" if qwen and "num_experts" in config else "num_local_experts", int)
+    if qwen and (config.get("mlp_only_layers") or number("decoder_sparse_step", int, 1) != 1):
+        raise ConvertError(f"{path}: dense layers among the expert layers (mlp_only_layers, decoder_sparse_step) "
+                           "are not supported")
+    return {"n_experts": n_experts, "n_experts_used": number("num_experts_per_tok", int),
+            "expert_weights_norm": bool(config.get("norm_topk_prob", True)) if qwen else True}
 
 
 def read(path: Path, tokenizer_path=None):
@@ -195,6 +214,9 @@ def read(path: Path, tokenizer_path=None):
     tokenizer = from_hf_dir(Path(tokenizer_path) if tokenizer_path else path)
     hd = fields["head_dim"]
     layout = tensor_layout(ModelSpec(**fields))
+    n_experts = fields.get("n_experts", 0)
+    expert_names = (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")) \
+        if fields["architecture"] == "qwen3moe" else (("w1", "w1"), ("w2", "w2"), ("w3", "w3"))
 
     def tensors():
         def get(hf_name: str, ours: str):
@@ -219,9 +241,16 @@ def read(path: Path, tokenizer_path=None):
                 yield ours + "q_norm", interleaved(hf + "self_attn.q_norm.weight", ours + "q_norm")
                 yield ours + "k_norm", interleaved(hf + "self_attn.k_norm.weight", ours + "k_norm")
             yield ours + "ffn_norm", get(hf + "post_attention_layernorm.weight", ours + "ffn_norm")
-            yield ours + "w1", get(hf + "mlp.gate_proj.weight", ours + "w1")
-            yield ours + "w2", get(hf + "mlp.down_proj.weight", ours + "w2")
-            yield ours + "w3", get(hf + "mlp.up_proj.weight", ours + "w3")
+            if not n_experts:
+                yield ours + "w1", get(hf + "mlp.gate_proj.weight", ours + "w1")
+                yield ours + "w2", get(hf + "mlp.down_proj.weight", ours + "w2")
+                yield ours + "w3", get(hf + "mlp.up_proj.weight", ours + "w3")
+                continue
+            moe = hf + ("mlp." if fields["architecture"] == "qwen3moe" else "block_sparse_moe.")
+            yield ours + "router", get(moe + "gate.weight", ours + "router")
+            for e in range(n_experts):
+                for kind, name in expert_names:
+                    yield f"{ours}experts/{e}/{kind}", get(f"{moe}experts.{e}.{name}.weight", f"{ours}experts/{e}/{kind}")
         yield "norm", get("model.norm.weight", "norm")
         if not tied:
             yield "output", get("lm_head.weight", "output")
