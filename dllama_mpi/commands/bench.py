@@ -17,6 +17,7 @@ GGUF file) and reports the median time of --repeat runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -35,6 +36,10 @@ from .launcher import add_job_options, parse_budgets, positive_int, run_alone, r
 
 # the published models' shapes and contexts (a context bounds the depths a decode can be measured at; the
 # bench allocates the KV cache its longest measurement needs, no more)
+_QWEN3_30B_A3B = ModelSpec(dim=2048, hidden_dim=768, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                           vocab_size=151936, seq_len=40960, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+                           architecture="qwen3moe", n_experts=128, n_experts_used=8, expert_weights_norm=True,
+                           weight_type="q40", shared_classifier=False)
 SHAPES = {
     "tiny": ModelSpec(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=1024,
                       seq_len=1024, weight_type="q40"),
@@ -45,6 +50,10 @@ SHAPES = {
     "llama-3-8b": ModelSpec(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                             vocab_size=128256, seq_len=8192, rope_theta=500000.0, weight_type="q40",
                             shared_classifier=False),
+    # mixture of experts: 128 experts of 768 rows a layer, 8 chosen a token (3.3B of 30.5B parameters active)
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
+    # its first 8 of 48 layers: what fits this 24 GiB machine beside llama.cpp's copy, for the benchmark
+    "qwen3-30b-a3b-8l": dataclasses.replace(_QWEN3_30B_A3B, n_layers=8),
 }
 BENCH_MODEL_VERSION = 2  # 2: the Llama shapes' published contexts
 SHORT_PROMPT = 8  # the prompt before a depth-0 decode measurement, and the position --rows is timed at
@@ -75,8 +84,11 @@ def bench_model_path(shape: str):
 
 
 def random_tensor(rng, shape: tuple[int, ...], matrix: bool) -> np.ndarray:
-    """Random weights of `shape`, drawn from `rng`: a norm's float32 values near 1, or a
-    matrix's Q40 blocks of random nibbles, scaled so that activations stay in range."""
+    """Random weights of `shape`, drawn from `rng`: a norm's float32 values near 1, a router's
+    (experts, dim) normal values, or a matrix's Q40 blocks of random nibbles, scaled so that
+    activations stay in range."""
+    if not matrix and len(shape) == 2:
+        return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])).astype(np.float32)
     if not matrix:
         return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     rows, cols = shape

@@ -30,7 +30,9 @@ def synthetic_tensors(spec: ModelSpec, seed: int):
     rng = np.random.default_rng(seed)
     for name, info in tensor_layout(spec).items():
         if not info.matrix:
-            if name.rsplit("/", 1)[-1] in ("bq", "bk", "bv"):
+            if name.endswith("/router"):  # a mixture of experts' (experts, dim): logits of order 1
+                yield name, (rng.standard_normal(info.shape) / np.sqrt(info.shape[1])).astype(np.float32)
+            elif name.rsplit("/", 1)[-1] in ("bq", "bk", "bv"):
                 yield name, (0.1 * rng.standard_normal(info.shape)).astype(np.float32)
             else:  # a norm weight
                 yield name, (1 + 0.1 * rng.standard_normal(info.shape)).astype(np.float32)
