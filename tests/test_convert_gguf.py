@@ -549,7 +549,8 @@ def test_choose_types_keeps_what_runs_per_tensor():
     assert notes == ["Q4_K x 19 tensor(s) -> q4k: kept bit-exact", "Q6_K x 4 tensor(s) -> q6k: kept bit-exact"]
     q40 = {f"layers/0/{k}": "Q4_0" for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
     assert choose_types({**q40, "output": "Q6_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q6k")
-    assert choose_types({**q40, "output": "Q5_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q80")
+    assert choose_types({**q40, "output": "Q5_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q5k")
+    assert choose_types({**q40, "output": "Q3_K", "tok_embeddings": "Q4_0"})[:2] == ("q40", "output=q80")  # no kernels: q80
     # Q4_K_M's Q5_0 where rows are not whole super-blocks (Qwen2.5-0.5B's 896): kept
     assert choose_types({**q40, "layers/0/w1": "Q5_0"}) == ("q40", "w1=q50", ["Q4_0 x 6 tensor(s) -> q40: kept bit-exact",
                                                                           "Q5_0 x 1 tensor(s) -> q50: kept bit-exact"])

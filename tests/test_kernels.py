@@ -23,7 +23,8 @@ from dllama_mpi.parallel import threads
 
 F16_MAX = 65504.0
 # weight type _ activation form: the engine's pairs (each quantized type's activation form with q80 buffers, f32 with
-# f32 ones): f32, f16, q40_q80, q40_f32, q80_q80, q80_f32, q4k_q8k, q4k_f32, q6k_q8k, q6k_f32, q50_q80, q50_f32
+# f32 ones): f32, f16, q40_q80, q40_f32, q80_q80, q80_f32, q4k_q8k, q4k_f32, q5k_q8k, q5k_f32, q6k_q8k, q6k_f32, q50_q80,
+# q50_f32
 MATMULS = tuple(pair for t in quant.WEIGHTS.values()
                 for pair in ((f"{t.name}_{t.activation}", f"{t.name}_f32") if t.quantized else (t.name,)))
 
@@ -51,15 +52,24 @@ def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
 
 
-def _q4k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols // 256) Q4K super-blocks of random sub-scales, mins and codes, rows of
-    different magnitudes (no quantizer makes Q4K here: the converter keeps GGUF's)."""
+def _min_blocks(rng: np.random.Generator, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    """(rows, cols // 256) Q4K or Q5K super-blocks of random sub-scales, mins and codes, rows of
+    different magnitudes (no quantizer makes them here: the converter keeps GGUF's)."""
     nb = cols // quant.QK
-    blocks = np.frombuffer(rng.bytes(rows * nb * quant.Q4K.itemsize), quant.Q4K).reshape(rows, nb).copy()
+    blocks = np.frombuffer(rng.bytes(rows * nb * dtype.itemsize), dtype).reshape(rows, nb).copy()
     scale = 10.0 ** rng.uniform(-1, 1, size=(rows, 1)) / 32
     blocks["d"] = (scale * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
     blocks["dmin"] = (8 * scale * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
     return blocks
+
+
+def _q4k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return _min_blocks(rng, rows, cols, quant.Q4K)
+
+
+def _q5k_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """As _q4k_blocks, random 5th bits too."""
+    return _min_blocks(rng, rows, cols, quant.Q5K)
 
 
 def _random_codes(rng: np.random.Generator, dtype: np.dtype, block_values: int, rows: int, cols: int,
@@ -83,11 +93,11 @@ def _q50_blocks(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
 
 
 # random blocks of the types no quantizer makes (kept from GGUF files)
-KEPT_BLOCKS = {quant.Q4K: _q4k_blocks, quant.Q6K: _q6k_blocks, quant.Q50: _q50_blocks}
+KEPT_BLOCKS = {quant.Q4K: _q4k_blocks, quant.Q5K: _q5k_blocks, quant.Q6K: _q6k_blocks, quant.Q50: _q50_blocks}
 
 
 def _stored(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
-    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q50 / Q80 / Q4K / Q6K blocks."""
+    """Stored weights of the matmul `kind`: (rows, cols) f32 / f16, or (rows, nb) Q40 / Q50 / Q80 / Q4K / Q5K / Q6K blocks."""
     t = quant.WEIGHTS[kind.split("_")[0]]
     if t.encode is None:
         return KEPT_BLOCKS[t.dtype](rng, rows, cols)
@@ -491,8 +501,8 @@ def test_dequantize_row_matches_numpy(kind, rows, cols):
     if cols % quant.WEIGHTS[kind].block_values:
         pytest.skip("k-quant rows are whole 256-value super-blocks")
     rng = np.random.default_rng(rows * 7 + cols)
-    stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q80 / Q4K / Q6K
-    m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G); Q4K, Q6K: see qmatmul
+    stored = _stored(rng, kind, rows, cols)  # (rows, nb) Q40 / Q50 / Q80 / Q4K / Q5K / Q6K
+    m = Matrix.from_stored(stored, cols)  # d (rows, 16 G), qs (rows, 256 G or 512 G); Q50 and the k-quants: see qmatmul
     expected = quant.decode(stored)  # (rows, cols)
     dequantize_row = resolve(quant.WEIGHTS[kind].kernels.row)
     for r in range(rows):
@@ -514,6 +524,7 @@ SHAPES = {
     "q80": [(13, 224), (17, 32), (7, 416), (1, 96), (5, 32 * 33)],
     "q50": [(13, 32 * 7), (17, 32 * 28), (7, 32), (1, 32 * 13), (5, 32 * 33)],  # 28 blocks: Qwen2.5-0.5B's 896
     "q4k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],  # 8 to 72 sub-blocks
+    "q5k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],
     "q6k": [(13, 256), (17, 256 * 3), (7, 256 * 5), (1, 256 * 2), (5, 256 * 9)],
 }
 MATMUL_CASES = [(kind, rows, cols) for kind in MATMULS for rows, cols in SHAPES[kind.split("_")[0]]]

@@ -1,5 +1,5 @@
 """Tests for the block formats and numpy codecs in dllama_mpi.model.quant (llama.cpp's Q4_0 / Q8_0,
-and Q5_0 and the k-quants Q4_K / Q6_K read from GGUF files)."""
+and Q5_0 and the k-quants Q4_K / Q5_K / Q6_K read from GGUF files)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def test_block_dtypes_have_llama_cpp_sizes():
     assert quant.Q40.fields["qs"][1] == 2 and quant.Q80.fields["qs"][1] == 2
     assert quant.Q50.itemsize == 22  # ggml's block_q5_0: d, qh[4], qs[16]
     assert [quant.Q50.fields[f][1] for f in ("d", "qh", "qs")] == [0, 2, 6]
+    assert quant.Q5K.itemsize == 176  # ggml's block_q5_K: d, dmin, scales[12], qh[32], qs[128]
+    assert [quant.Q5K.fields[f][1] for f in ("d", "dmin", "scales", "qh", "qs")] == [0, 2, 4, 16, 48]
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,8 @@ def test_block_dtypes_have_llama_cpp_sizes():
         ("f32", 172, "f32"),
         ("q50", 896, "q50"),
         ("q50", 172, "f32"),
+        ("q5k", 512, "q5k"),
+        ("q5k", 896, "q80"),  # the k-quants' rows are whole super-blocks
     ],
 )
 def test_storage_type_uses_q40_only_for_whole_blocks(weight_type, cols, expected):
@@ -57,7 +61,7 @@ def test_storage_type_rejects_unknown_weight_type():
 @pytest.mark.parametrize(
     "tensor_type, cols, expected",
     [("f32", 172, 688), ("f32", 1, 4), ("q40", 32, 18), ("q40", 32 * 7, 7 * 18), ("q40", 288, 9 * 18),
-     ("f16", 172, 344), ("q80", 64, 68), ("q4k", 512, 288), ("q6k", 768, 630), ("q50", 896, 28 * 22)],
+     ("f16", 172, 344), ("q80", 64, 68), ("q4k", 512, 288), ("q5k", 512, 352), ("q6k", 768, 630), ("q50", 896, 28 * 22)],
 )
 def test_row_bytes(tensor_type, cols, expected):
     assert quant.row_bytes(tensor_type, cols) == expected
@@ -66,6 +70,7 @@ def test_row_bytes(tensor_type, cols, expected):
 @pytest.mark.parametrize("tensor_type, cols, expected", [
     ("q40", 32 * 17, 32 * 18),  # padded to a lane group of 16 blocks
     ("q4k", 512, 296), ("q4k", 256, 296),  # nibbles, 6-bit scales and mins, fp16 d and dmin (a group padded)
+    ("q5k", 512, 360), ("q5k", 768, 2 * 360),  # Q4K's and 64 bytes of 5th bits a group
     ("q6k", 512, 420), ("q6k", 768, 2 * 420),  # the file's 210 bytes per 256 (a group padded with zeros)
     ("q50", 32 * 16, 16 * 22), ("q50", 896, 32 * 22),  # the file's 22 bytes per 32 (Qwen2.5-0.5B's 28 blocks padded)
 ])
@@ -239,6 +244,30 @@ def test_q50_extremes_are_minus_16_and_15_steps():
     block["qh"][1] = 0xFF  # every 5th bit set
     block["qs"][1] = 0xFF  # and every nibble
     np.testing.assert_array_equal(quant.dequantize_q50(block), [[-32.0] * 32, [30.0] * 32])
+
+
+# ---------------------------------------------------------------- Q5K
+
+
+def test_q5k_hand_built_block_reads_as_ggmls_block_q5_k():
+    # bytes 0-3 fp16 d and dmin; 4-15 the 6-bit scales and mins as Q4_K's (get_scale_min_k4); 16-47 qh,
+    # bit j of qh[l] sub-block j's element l's 5th bit; 48-175 qs, byte 32 c + l holding sub-block 2c's
+    # element l low and 2c + 1's high; value (d * sc_j) * q - dmin * m_j
+    q = (np.arange(256).reshape(8, 32) * 13 + 7) % 32  # (sub-block, element): every code 0..31
+    sc, m = np.array([1, 63, 7, 32, 40, 17, 5, 62]), np.array([0, 9, 63, 33, 48, 1, 16, 31])
+    raw = np.zeros(176, np.uint8)
+    raw[0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    raw[2:4] = np.frombuffer(np.float16(0.25).tobytes(), np.uint8)
+    raw[4:8] = sc[:4] | ((sc[4:] >> 4) << 6)
+    raw[8:12] = m[:4] | ((m[4:] >> 4) << 6)
+    raw[12:16] = (sc[4:] & 15) | ((m[4:] & 15) << 4)
+    raw[16:48] = sum((q[j] >> 4) << j for j in range(8))
+    raw[48:] = ((q[0::2] & 15) | ((q[1::2] & 15) << 4)).reshape(128)
+    block = raw.view(quant.Q5K).reshape(1, 1)
+    np.testing.assert_array_equal(quant.q5k_codes(block)[0, 0], q)
+    expected = 0.5 * sc[:, None] * q - 0.25 * m[:, None]  # exact: small dyadic numbers
+    np.testing.assert_array_equal(quant.dequantize_q5k(block)[0], expected.reshape(256).astype(np.float32))
+    np.testing.assert_array_equal(quant.decode(block), quant.dequantize_q5k(block))
 
 
 # ---------------------------------------------------------------- Q80

@@ -1,5 +1,5 @@
 """Quantized matrix products, out (T, rows) = x (T, cols) @ w.T on a rank's rows, with
-Q40, Q50, Q80, Q4K or Q6K weights and 8-bit (Q80 or Q8K) or f32 activations; their
+Q40, Q50, Q80, Q4K, Q5K or Q6K weights and 8-bit (Q80 or Q8K) or f32 activations; their
 layouts; the instruction set.
 
 One arithmetic, whatever computes it. For a row and a token, per block b (32 values) the
@@ -17,7 +17,8 @@ q in 0..31, its 5th bit above the nibble). Q4K weights (sub-blocks of 32 with a 
 and a min m_b, value s_b * q - m_b, q in 0..15) take the same integer sums of their unsigned codes and
 p_b = f32(isum_b) * (s_b * d_x_b) - f32(xsum_b) * (m_b * d_x_b), the min folded through
 the sum of the activation codes (with f32 activations: the block's f32 sum of q * x in
-element order times s_b, minus the f32 sum of x in element order times m_b). Q6K weights
+element order times s_b, minus the f32 sum of x in element order times m_b); Q5K weights the
+same, of their codes q in 0..31 (the 5th bit above the nibble, as Q50's). Q6K weights
 (codes q in 0..63, a scale per 16 values: s_lo for elements 0..15 of block b, s_hi for
 16..31, each an fp16 d times an int8, exact in f32) take the exact integer sums of
 (q - 32) * x over each half, i_lo and i_hi, and p_b = f32(i_lo) * (s_lo * d_x_b) +
@@ -49,6 +50,9 @@ groups per row, element e of block b = 16 g + l at [g, e // 4, l, e % 4] ("quad"
       then the fp16 d of the group's two super-blocks and their fp16 dmin (8 bytes); the
       kernels take s_b = d * sc_b and m_b = dmin * m_b in f32 (exact): 18.5 bytes per 32
       weights against the file's 18.
+  Q5K weights: qs (rows, G * 320) i8 (raw bytes: the dtype tells Q5K from Q4K): Q4K's 256
+      bytes of nibbles, then 64 of the codes' 5th bits as Q50's (made by `pack_q5k`); d as
+      Q4K's: 22.5 bytes per 32 weights against the file's 22.
   Q6K weights: qs (rows, G * 384) u8: the codes' low nibbles as Q40's quads, then 128
       bytes of their high bit pairs: byte [256 + 64 (k // 2) + 4 l + i] holds, at bits
       2 (2 (k % 2) + h), those of element 16 h + 4 k + i (the nibbles of quad k's byte);
@@ -149,6 +153,30 @@ PACK_ROWS = 256  # rows of k-quants unpacked at a time: the unpacked codes and s
 Q4K_SCALES = quant.Q4K_TYPE.layout.scale_bytes  # bytes of a Q4K lane group's d: 16 6-bit scales, 16 mins, 2 fp16 d, 2 fp16 dmin
 Q6K_SCALES = quant.Q6K_TYPE.layout.scale_bytes  # bytes of a Q6K lane group's d: 2 x 16 int8 scales, 2 fp16 d
 Q50_CODES = quant.Q50_TYPE.layout.code_bytes  # bytes of a Q50 lane group's qs: 256 of nibbles, 64 of their 5th bits
+Q5K_CODES = quant.Q5K_TYPE.layout.code_bytes  # bytes of a Q5K lane group's qs: Q50's
+
+
+def _low_quads(codes: np.ndarray, g: int) -> np.ndarray:
+    """Codes (n, blocks, 32) u8 -> their low nibbles in Q40's quads, (n, g, 256) u8; the blocks
+    past the codes' (padding) zero."""
+    n, nb = codes.shape[:2]
+    as_q40 = np.zeros((n, g * GROUP), quant.Q40)
+    as_q40["qs"][:, :nb] = (codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)
+    return pack_weights(as_q40)[0].reshape(n, g, 256)
+
+
+def _fifth_bits(codes: np.ndarray, g: int) -> np.ndarray:
+    """Codes (n, blocks, 32) u8 0..31 -> their 5th bits as Q50's and Q5K's layouts hold them,
+    (n, g, 64) u8: byte 4 l + i, bit 2 k + h, that of block l's element 16 h + 4 k + i."""
+    n, nb = codes.shape[:2]
+    high = np.zeros((n, g * GROUP, BLOCK), np.uint8)  # padding blocks: 0
+    high[:, :nb] = codes >> 4
+    high = high.reshape(n, g, GROUP, 2, 4, 4)  # (lane, h, k, i): element 16 h + 4 k + i
+    bits = np.zeros((n, g, GROUP, 4), np.uint8)  # (lane, i)
+    for h in range(2):
+        for k in range(4):
+            bits |= high[:, :, :, h, k, :] << np.uint8(2 * k + h)
+    return bits.reshape(n, g, 64)
 
 
 def pack_q50(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,38 +188,28 @@ def pack_q50(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.zeros((rows, g * GROUP), np.int16)
     d[:, :nb] = stored["d"].view(np.int16)
     for a in range(0, rows, PACK_ROWS):
-        part = stored[a : a + PACK_ROWS]
-        n = len(part)
-        codes = np.zeros((n, g * GROUP, BLOCK), np.uint8)  # padding blocks: code 0, scale 0
-        codes[:, :nb] = quant.q50_codes(part)
-        low = codes & 15
-        as_q40 = np.zeros((n, g * GROUP), quant.Q40)
-        as_q40["qs"] = low[..., :16] | (low[..., 16:] << 4)
-        qs[a : a + n, :, :256] = pack_weights(as_q40)[0].reshape(n, g, 256)
-        high = (codes >> 4).reshape(n, g, GROUP, 2, 4, 4)  # (lane, h, k, i): element 16 h + 4 k + i
-        bits = np.zeros((n, g, GROUP, 4), np.uint8)  # (lane, i)
-        for h in range(2):
-            for k in range(4):
-                bits |= high[:, :, :, h, k, :] << np.uint8(2 * k + h)
-        qs[a : a + n, :, 256:] = bits.reshape(n, g, 64)
+        codes = quant.q50_codes(stored[a : a + PACK_ROWS])  # (rows, nb, 32)
+        qs[a : a + len(codes), :, :256] = _low_quads(codes, g)
+        qs[a : a + len(codes), :, 256:] = _fifth_bits(codes, g)
     return qs.reshape(rows, g * Q50_CODES), d
 
 
-def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above), a block
-    of rows at a time."""
+def _pack_kmin(stored: np.ndarray, five: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q4K or (five) Q5K super-blocks (rows, nb) -> (qs u8, d) in the kernel layout (see
+    above), a block of rows at a time."""
     rows, nb = stored.shape
     n_sub = nb * (quant.QK // BLOCK)
     g = groups(n_sub)
-    qs = np.empty((rows, g * 256), np.uint8)
+    code_bytes = Q5K_CODES if five else 256
+    qs = np.empty((rows, g, code_bytes), np.uint8)
     d = np.zeros((rows, g, Q4K_SCALES), np.uint8)
     for a in range(0, rows, PACK_ROWS):
         part = stored[a : a + PACK_ROWS]
         n = len(part)
-        codes = quant.q4k_codes(part).reshape(n, n_sub, BLOCK)  # (rows, sub-blocks, 32)
-        as_q40 = np.zeros(codes.shape[:2], quant.Q40)
-        as_q40["qs"] = codes[..., :16] | (codes[..., 16:] << 4)
-        qs[a : a + n] = pack_weights(as_q40)[0]
+        codes = (quant.q5k_codes if five else quant.q4k_codes)(part).reshape(n, n_sub, BLOCK)  # (rows, sub-blocks, 32)
+        qs[a : a + n, :, :256] = _low_quads(codes, g)
+        if five:
+            qs[a : a + n, :, 256:] = _fifth_bits(codes, g)
         for at, values in zip((0, GROUP), quant.q4k_scales_mins(part)):  # (rows, nb, 8) each
             padded = np.zeros((n, g * GROUP), np.uint8)
             padded[:, :n_sub] = values.reshape(n, n_sub)
@@ -200,7 +218,18 @@ def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             per_super = np.zeros((n, 2 * g), np.float16)
             per_super[:, :nb] = part[field]
             d[a : a + n, :, at : at + 4] = per_super.reshape(n, g, 2).view(np.uint8).reshape(n, g, 4)
-    return qs, d.reshape(rows, g * Q4K_SCALES)
+    return qs.reshape(rows, g * code_bytes), d.reshape(rows, g * Q4K_SCALES)
+
+
+def pack_q4k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q4K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above)."""
+    return _pack_kmin(stored, five=False)
+
+
+def pack_q5k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q5K super-blocks (rows, nb) -> (qs, d) in the kernel layout (see above)."""
+    qs, d = _pack_kmin(stored, five=True)
+    return qs.view(np.int8), d
 
 
 def pack_q6k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,10 +245,7 @@ def pack_q6k(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(part)
         codes = np.zeros((n, g * GROUP, BLOCK), np.uint8)  # padding blocks: code 0, scale 0
         codes[:, :n_sub] = quant.q6k_codes(part).reshape(n, n_sub, BLOCK)
-        low = codes & 15
-        as_q40 = np.zeros((n, g * GROUP), quant.Q40)
-        as_q40["qs"] = low[..., :16] | (low[..., 16:] << 4)
-        qs[a : a + n, :, :256] = pack_weights(as_q40)[0].reshape(n, g, 256)
+        qs[a : a + n, :, :256] = _low_quads(codes, g)
         high = (codes >> 4).reshape(n, g, GROUP, 2, 2, 2, 4)  # (lane, h, k // 2, k % 2, i): element 16 h + 4 k + i
         pairs = np.zeros((n, g, 2, GROUP, 4), np.uint8)  # (k // 2, lane, i)
         for h in range(2):
@@ -343,23 +369,41 @@ def _f16_at(sd, o):
 
 
 @njit(**_opts)
-def _q4k_scale_min(sd, lane):
-    """Sub-block `lane`'s scale d * sc and min dmin * m (f32, exact) from a packed Q4K group's d bytes."""
+def _kmin_scale_min(sd, lane):
+    """Sub-block `lane`'s scale d * sc and min dmin * m (f32, exact) from a packed Q4K or Q5K group's d bytes."""
     at = 2 * (lane // 8)  # the fp16 of the lane's super-block: the group's first or second
     return (_f16_at(sd, 2 * GROUP + at) * np.float32(sd[lane]),
             _f16_at(sd, 2 * GROUP + 4 + at) * np.float32(sd[GROUP + lane]))
 
 
 @njit(**_opts)
-def dequantize_row_q4k(wq, wd, nb, out):
-    """One packed Q4K weight row -> out (nb * 32,) f32: s_b * q - m_b."""
+def _kmin_code(w, k, lane, i, half, five):
+    """Code of element 16 half + 4 k + i of a packed Q4K lane group w (0..15), or with `five` of a
+    Q5K one (0..31: its 5th bit, as Q50's, above the nibble). The masks read u8 or i8 bytes alike."""
+    code = (np.int32(w[k * 64 + lane * 4 + i]) >> (4 * half)) & 15
+    if five:
+        code |= ((np.int32(w[256 + lane * 4 + i]) >> (2 * k + half)) & 1) << 4
+    return code
+
+
+@njit(**_opts)
+def _kmin_codes(wq, wd):
+    """(Q5K?, code bytes per lane group) of packed Q4K or Q5K weights (rows or one row), told
+    apart by their widths: d bytes are Q4K_SCALES a group for both."""
+    five = wq.shape[-1] * Q4K_SCALES == wd.shape[-1] * Q5K_CODES
+    return five, (Q5K_CODES if five else 256)
+
+
+@njit(**_opts)
+def dequantize_row_kmin(wq, wd, nb, out):
+    """One packed Q4K or Q5K weight row -> out (nb * 32,) f32: s_b * q - m_b."""
+    five, w_bytes = _kmin_codes(wq, wd)
     for b in range(nb):
         g, lane = b // GROUP, b % GROUP
-        scale, low = _q4k_scale_min(wd[g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
+        scale, low = _kmin_scale_min(wd[g * Q4K_SCALES : (g + 1) * Q4K_SCALES], lane)
+        w = wq[g * w_bytes : (g + 1) * w_bytes]
         for e in range(BLOCK):
-            byte = np.int32(wq[g * 256 + ((e % 16) // 4) * 64 + lane * 4 + e % 4])
-            code = byte & 15 if e < 16 else byte >> 4
-            out[b * BLOCK + e] = scale * np.float32(code) - low
+            out[b * BLOCK + e] = scale * np.float32(_kmin_code(w, (e % 16) // 4, lane, e % 4, e // 16, five)) - low
 
 
 @njit(**_opts)
@@ -442,16 +486,15 @@ def _q_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
 
 
 @njit(**_opts)
-def _q4k_q80_block(w, sd, x, xsum_b, dx, lane):
-    """Block `lane` of a packed Q4K lane group (codes w, d bytes sd) times its Q80 activations
-    (x the group's 512 codes; xsum_b, dx the block's): its term p_b."""
+def _kmin_q80_block(w, sd, x, xsum_b, dx, lane, five):
+    """Block `lane` of a packed Q4K (or, five, Q5K) lane group (codes w, d bytes sd) times its
+    8-bit activations (x the group's 512 codes; xsum_b, dx the block's): its term p_b."""
     isum = np.int32(0)
     for k in range(4):
         for i in range(4):
-            byte = np.int32(w[k * 64 + lane * 4 + i])
             o = k * 64 + lane * 4 + i
-            isum += (byte & 15) * np.int32(x[o]) + (byte >> 4) * np.int32(x[256 + o])
-    scale, low = _q4k_scale_min(sd, lane)
+            isum += _kmin_code(w, k, lane, i, 0, five) * np.int32(x[o]) + _kmin_code(w, k, lane, i, 1, five) * np.int32(x[256 + o])
+    scale, low = _kmin_scale_min(sd, lane)
     return np.float32(isum) * (scale * dx) - np.float32(xsum_b) * (low * dx)
 
 
@@ -469,17 +512,15 @@ def _q6k_q80_block(w, sd, x, xsum_b, dx, lane):
 
 
 @njit(**_opts)
-def _q4k_f32_block(w, sd, x, lane):
-    """Block `lane` of a packed Q4K lane group times f32 activations (x the group's 512)."""
+def _kmin_f32_block(w, sd, x, lane, five):
+    """Block `lane` of a packed Q4K (or, five, Q5K) lane group times f32 activations (x the group's 512)."""
     s = np.float32(0)
     xs = np.float32(0)
     for e in range(BLOCK):
         o = (e // 4) * 64 + lane * 4 + e % 4
-        byte = np.int32(w[((e % 16) // 4) * 64 + lane * 4 + e % 4])
-        code = byte & 15 if e < 16 else byte >> 4
-        s = s + np.float32(code) * x[o]
+        s = s + np.float32(_kmin_code(w, (e % 16) // 4, lane, e % 4, e // 16, five)) * x[o]
         xs = xs + x[o]
-    scale, low = _q4k_scale_min(sd, lane)
+    scale, low = _kmin_scale_min(sd, lane)
     return s * scale - xs * low
 
 
@@ -499,16 +540,18 @@ def _q6k_f32_block(w, sd, x, lane):
 
 @njit(**_opts)
 def _k_layout(wq, wd):
-    """(Q6K?, bytes of codes and of d per lane group) of packed k-quant weights: Q4K and Q6K
-    are told apart by their widths."""
-    q6k = wd.shape[1] * 384 == wq.shape[1] * Q6K_SCALES
-    return q6k, (384 if q6k else 256), (Q6K_SCALES if q6k else Q4K_SCALES)
+    """(Q6K?, Q5K?, bytes of codes and of d per lane group) of packed k-quant weights: Q4K, Q5K
+    and Q6K are told apart by their widths."""
+    if wd.shape[1] * 384 == wq.shape[1] * Q6K_SCALES:
+        return True, False, 384, Q6K_SCALES
+    five, w_bytes = _kmin_codes(wq, wd)
+    return False, five, w_bytes, Q4K_SCALES
 
 
 @njit(**_opts)
 def _k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
-    """Q4K or Q6K weights x Q80 activations (portable)."""
-    q6k, w_bytes, d_bytes = _k_layout(wq, wd)
+    """Q4K, Q5K or Q6K weights x 8-bit activations (portable)."""
+    q6k, five, w_bytes, d_bytes = _k_layout(wq, wd)
     acc = lanes_f[c]
     for r in range(r0, r1):
         for t in range(xq.shape[0]):
@@ -521,15 +564,15 @@ def _k_q80_portable(r0, r1, c, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
                     if q6k:
                         p = _q6k_q80_block(w, sd, x, xsum[t, b], xd[t, b], lane)
                     else:
-                        p = _q4k_q80_block(w, sd, x, xsum[t, b], xd[t, b], lane)
+                        p = _kmin_q80_block(w, sd, x, xsum[t, b], xd[t, b], lane, five)
                     acc[lane] = acc[lane] + p
             out[t, r] = _lane_tree(acc)
 
 
 @njit(**_opts)
 def _k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
-    """Q4K or Q6K weights x f32 activations (every instruction set: plain loops)."""
-    q6k, w_bytes, d_bytes = _k_layout(wq, wd)
+    """Q4K, Q5K or Q6K weights x f32 activations (every instruction set: plain loops)."""
+    q6k, five, w_bytes, d_bytes = _k_layout(wq, wd)
     acc = lanes_f[c]
     for r in range(r0, r1):
         for t in range(xt.shape[0]):
@@ -538,7 +581,7 @@ def _k_f32_rows(r0, r1, c, wq, wd, xt, lanes_i, lanes_f, out):
                 x = xt[t, g * 512 : (g + 1) * 512]
                 w, sd = wq[r, g * w_bytes : (g + 1) * w_bytes], wd[r, g * d_bytes : (g + 1) * d_bytes]
                 for lane in range(GROUP):
-                    p = _q6k_f32_block(w, sd, x, lane) if q6k else _q4k_f32_block(w, sd, x, lane)
+                    p = _q6k_f32_block(w, sd, x, lane) if q6k else _kmin_f32_block(w, sd, x, lane, five)
                     acc[lane] = acc[lane] + p
             out[t, r] = _lane_tree(acc)
 
@@ -608,7 +651,7 @@ def _bit_to(builder, v, bit, to, width):
 def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
     """The exact per-block integer sums of one lane group for one token, as vectors of
     int32 lanes: one <16 x i32> (avx512vnni) or two <8 x i32> halves (avx2), of a type whose
-    codes are nibbles (Q50's with a 5th bit) or bytes (quant.Layout: Q40, Q50, Q80, Q4K).
+    codes are nibbles (Q50's and Q5K's with a 5th bit) or bytes (quant.Layout: Q40, Q50, Q80, Q4K, Q5K).
     w_at(offset, vtype) / x_at(offset, vtype) load weight / activation bytes of the group;
     seed_at(offset, vtype) loads xsum lanes (int32)."""
     # (byte offset within a quad, bytes): a lane is 4 code bytes and one int32 xsum, so the
@@ -620,7 +663,7 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
         if layout.nibbles and layout.offset:  # the offset through the sum of the activation codes
             acc = builder.mul(seed_at(h, _vec(_I32, lanes)), _splat(_I32, lanes, -layout.offset))
             quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
-        elif layout.nibbles:  # unsigned codes (Q4K's min is applied in f32: see _tile)
+        elif layout.nibbles:  # unsigned codes (Q4K's and Q5K's min is applied in f32: see _tile)
             acc = ir.Constant(_vec(_I32, lanes), None)
             quads = [(k, k * 64, (4 + k) * 64) for k in range(4)]
         else:
@@ -628,11 +671,11 @@ def _int_sums(builder, layout, isa, w_at, x_at, seed_at):
                    else ir.Constant(_vec(_I32, lanes), None))
             quads = [(j, j * 64, None) for j in range(8)]
         nibbles = layout.nibbles
-        if layout.high_bits == 1:  # Q50's 5th bits: a byte per lane and i, lined up with every quad's nibble bytes
+        if layout.high_bits == 1:  # Q50's and Q5K's 5th bits: a byte per lane and i, lined up with every quad's nibble bytes
             fifth = w_at(256 + h, _vec(_I8, width))
         if isa == "avx2" and nibbles:
             # |two products| <= 2 * largest code * 128: one int16 sum holds 8 of Q40's (codes to 15) or
-            # 4 of Q50's (to 31), so Q50 takes two
+            # 4 of Q50's and Q5K's (to 31), so they take two
             per_s16 = 32767 // (2 * ((16 << layout.high_bits) - 1) * 128)
             s16s = [ir.Constant(_vec(_I16, 16), None)] * -(-2 * len(quads) // per_s16)
             n_pairs = 0

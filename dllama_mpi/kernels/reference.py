@@ -75,13 +75,21 @@ def _codes8(x_blocks: np.ndarray, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
     return xq, np.repeat(x_blocks["d"].astype(np.float32), values // quant.BLOCK, axis=1)
 
 
-def matvec_q4k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q4K x 8-bit product, bit for bit: w_blocks (rows, nb) Q4K; x_blocks
-    (T, nb) Q8K or (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the exact integer
-    sum of the unsigned codes times the activation codes, then
+def _kmin_codes(w_blocks: np.ndarray) -> np.ndarray:
+    """(rows, nb) Q4K or Q5K -> (rows, nb * 8, 32) int64 unsigned codes by 32-value sub-block
+    (Q5K's with their 5th bit)."""
+    five = quant.WEIGHTS[quant.type_of(w_blocks)].layout.high_bits == 1
+    codes = quant.q5k_codes(w_blocks) if five else quant.q4k_codes(w_blocks)
+    return codes.reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.int64)
+
+
+def matvec_kmin_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K or Q5K x 8-bit product, bit for bit: w_blocks (rows, nb) Q4K or
+    Q5K; x_blocks (T, nb) Q8K or (T, nb * 8) Q80 -> (T, rows) f32. Per 32-value sub-block b: the
+    exact integer sum of the unsigned codes times the activation codes, then
     f32(isum) * (s_b * d_x) - f32(xsum) * (m_b * d_x), d_x the block's activation scale."""
     n_sub = w_blocks.shape[1] * 8
-    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], n_sub, quant.BLOCK).astype(np.int64)
+    codes = _kmin_codes(w_blocks)
     xq, xd = _codes8(x_blocks, n_sub)
     isum = np.einsum("rbe,tbe->trb", codes, xq).astype(np.float32)
     xsum = xq.sum(axis=-1).astype(np.float32)[:, None, :]
@@ -90,10 +98,10 @@ def matvec_q4k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarra
     return lane_sum(isum * (scale[None] * xd) - xsum * (low[None] * xd))
 
 
-def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The twin of qmatmul's Q4K x f32 product, bit for bit: per sub-block the f32 sums of
+def matvec_kmin_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The twin of qmatmul's Q4K or Q5K x f32 product, bit for bit: per sub-block the f32 sums of
     q * x and of x in element order, then sum_qx * s_b - sum_x * m_b, in lane order."""
-    codes = quant.q4k_codes(w_blocks).reshape(w_blocks.shape[0], w_blocks.shape[1] * 8, quant.BLOCK).astype(np.float32)
+    codes = _kmin_codes(w_blocks).astype(np.float32)
     xb = np.asarray(x, np.float32).reshape(x.shape[0], 1, -1, quant.BLOCK)
     qx = np.zeros((x.shape[0], *codes.shape[:2]), np.float32)
     xs = np.zeros((x.shape[0], 1, codes.shape[1]), np.float32)
@@ -106,7 +114,7 @@ def matvec_q4k_f32_exact(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def matvec_q6k_q8_exact(w_blocks: np.ndarray, x_blocks: np.ndarray) -> np.ndarray:
     """The twin of qmatmul's Q6K x 8-bit product, bit for bit: w_blocks (rows, nb) Q6K; x_blocks
-    as matvec_q4k_q8_exact's -> (T, rows) f32. Per 32-value block b and half (elements 0..15,
+    as matvec_kmin_q8_exact's -> (T, rows) f32. Per 32-value block b and half (elements 0..15,
     16..31): the exact integer sum of (q - 32) times the activation codes, then
     f32(i_lo) * (s_lo * d_x) + f32(i_hi) * (s_hi * d_x)."""
     rows, n_sub = w_blocks.shape[0], w_blocks.shape[1] * 8

@@ -19,6 +19,9 @@ The formats match llama.cpp's:
       fp16 d and dmin, 12 bytes of 6-bit sub-block scales sc_j and mins m_j, 128 bytes of
       nibbles (chunk c of 64 values: byte 32 c + l holds sub-block 2c's element l low and
       sub-block 2c + 1's element l high); value = (d * sc_j) * q - (dmin * m_j).
+  Q5K (block_q5_K, weights only, read from GGUF files): Q4K's with 5-bit codes q in 0..31: fp16
+      d and dmin, Q4K's 12 bytes of scales and mins, 32 bytes qh (bit j of qh[l] is sub-block j's
+      element l's 5th bit), then Q4K's 128 bytes of nibbles (see q5k_codes); value as Q4K's.
   Q6K (block_q6_K, weights only, read from GGUF files): 256 values, 6-bit codes q in 0..63
       as 128 bytes of low nibbles and 64 of high bit pairs (see q6k_codes), 16 int8 scales
       sc_j (one per 16 values), fp16 d; value = (d * sc_j) * (q - 32).
@@ -46,6 +49,8 @@ Q80 = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))])  # 34 bytes / 32 values
 
 QK = 256  # values per k-quant super-block
 Q4K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK // 2,))])  # 144 B / 256
+Q5K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qh", "u1", (QK // 8,)),
+                ("qs", "u1", (QK // 2,))])  # 176 B / 256
 Q6K = np.dtype([("ql", "u1", (QK // 2,)), ("qh", "u1", (QK // 4,)), ("scales", "i1", (QK // 16,)), ("d", "<f2")])  # 210 B
 Q8K = np.dtype([("d", "<f4"), ("qs", "i1", (QK,))])  # 260 B / 256
 
@@ -59,11 +64,11 @@ class Layout:
     packed: tuple[str, str]  # the dtypes of qs and d: how numba's typing of a tile tells the type (one pair a type)
     nibbles: bool  # 4-bit codes (quad k: elements 4k..4k+3 low, 16+4k..16+4k+3 high), else an int8 code a byte
     offset: int = 0  # taken from every code (Q40's 8, Q50's 16, Q6K's 32)
-    high_bits: int = 0  # bits of each code above its nibble, packed after the nibbles (Q50's 1, Q6K's 2)
+    high_bits: int = 0  # bits of each code above its nibble, packed after the nibbles (Q50's and Q5K's 1, Q6K's 2)
     super_scales: bool = False  # 8-bit scales times their super-block's fp16 d (k-quants), else an fp16 d a block
     signed_scales: bool = False  # those 8-bit scales are int8, else unsigned 6-bit
     half_scales: bool = False  # a scale per 16 values (Q6K), else per block
-    min_term: bool = False  # value s * q - m: a 6-bit min a block after the scales, an fp16 dmin per super-block (Q4K)
+    min_term: bool = False  # value s * q - m: a 6-bit min a block after the scales, an fp16 dmin per super-block (Q4K, Q5K)
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ def resident_row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row as the kernels hold it in memory: a quantized row is padded with zero
     blocks to a multiple of GROUP blocks (qmatmul's lane groups), each group its layout's codes
     and scales (Q4K: 148 bytes per 256 values against the file's 144, its 6-bit scales and mins a
-    byte each; Q50 and Q6K: the file's 22 per 32 and 210 per 256)."""
+    byte each, Q5K: 180 against 176; Q50 and Q6K: the file's 22 per 32 and 210 per 256)."""
     layout = weight_type(tensor_type).layout
     if layout is None:
         return row_bytes(tensor_type, cols)
@@ -160,7 +165,7 @@ def stored_dtype(tensor_type: str) -> np.dtype:
 
 
 def stored_cols(tensor_type: str, cols: int) -> int:
-    """Elements per stored row: values, blocks of 32 (Q40, Q50, Q80), super-blocks of 256 (Q4K, Q6K)."""
+    """Elements per stored row: values, blocks of 32 (Q40, Q50, Q80), super-blocks of 256 (Q4K, Q5K, Q6K)."""
     return cols // weight_type(tensor_type).block_values
 
 
@@ -311,7 +316,7 @@ def dequantize_q80(blocks: np.ndarray) -> np.ndarray:
 
 
 def q4k_scales_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(..., nb) Q4K -> the 6-bit sub-block scales and mins, each (..., nb, 8) int64, unpacked
+    """(..., nb) Q4K or Q5K -> the 6-bit sub-block scales and mins, each (..., nb, 8) int64, unpacked
     as llama.cpp's get_scale_min_k4."""
     q = blocks["scales"].astype(np.int64)  # (..., nb, 12)
     sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], axis=-1)
@@ -320,13 +325,20 @@ def q4k_scales_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def q4k_codes(blocks: np.ndarray) -> np.ndarray:
-    """(..., nb) Q4K -> (..., nb, 8, 32) uint8 nibble codes, by sub-block and element."""
+    """(..., nb) Q4K (or Q5K) -> (..., nb, 8, 32) uint8 nibble codes, by sub-block and element."""
     qs = blocks["qs"].reshape(*blocks.shape, 4, 32)  # chunks of 64 values
     return np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*blocks.shape, 8, 32)
 
 
+def q5k_codes(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q5K -> (..., nb, 8, 32) uint8 codes 0..31, by sub-block and element: Q4K's nibble
+    with bit j of qh[l] above sub-block j's element l, as llama.cpp's dequantize_row_q5_K."""
+    high = (blocks["qh"][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (..., nb, 8, 32)
+    return q4k_codes(blocks) | (high << 4)
+
+
 def q4k_sub_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(..., nb) Q4K -> f32 (..., nb * 8) per 32-value sub-block: scale d * sc_j and min
+    """(..., nb) Q4K or Q5K -> f32 (..., nb * 8) per 32-value sub-block: scale d * sc_j and min
     dmin * m_j, each exact in f32 (an fp16 times a 6-bit integer)."""
     sc, m = q4k_scales_mins(blocks)
     d, dmin = blocks["d"].astype(np.float32)[..., None], blocks["dmin"].astype(np.float32)[..., None]
@@ -339,6 +351,14 @@ def dequantize_q4k(blocks: np.ndarray) -> np.ndarray:
     (d * sc) * q - dmin * m in f32."""
     scale, low = q4k_sub_scales(blocks)
     codes = q4k_codes(blocks).reshape(*scale.shape, 32).astype(np.float32)
+    return (scale[..., None] * codes - low[..., None]).reshape(*blocks.shape[:-1], -1)
+
+
+def dequantize_q5k(blocks: np.ndarray) -> np.ndarray:
+    """(..., nb) Q5K -> (..., nb * 256) float32, as llama.cpp's dequantize_row_q5_K: Q4K's
+    (d * sc) * q - dmin * m in f32, of the 5-bit codes."""
+    scale, low = q4k_sub_scales(blocks)
+    codes = q5k_codes(blocks).reshape(*scale.shape, 32).astype(np.float32)
     return (scale[..., None] * codes - low[..., None]).reshape(*blocks.shape[:-1], -1)
 
 
@@ -387,14 +407,19 @@ Q40_TYPE = WeightType("q40", Q40, BLOCK, Kernels(**_Q_KERNELS), decode=dequantiz
 Q80_TYPE = WeightType("q80", Q80, BLOCK, Kernels(**_Q_KERNELS), decode=dequantize_q80, encode=quantize_q80,
                       layout=Layout(512, 2 * GROUP, ("int8", "uint16"), nibbles=False),
                       activation="q80", fallback="f32", gguf="Q8_0", dllama_code=3)
-# the k-quants: kept from a GGUF's Q4_K / Q6_K, never made by quantizing
-Q4K_TYPE = WeightType("q4k", Q4K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows",
-                                              pack="qmatmul.pack_q4k", row="qmatmul.dequantize_row_q4k",
-                                              twins=("reference.matvec_q4k_q8_exact", "reference.matvec_q4k_f32_exact")),
-                      decode=dequantize_q4k,
+# the k-quants: kept from a GGUF's Q4_K / Q5_K / Q6_K, never made by quantizing
+_KMIN_KERNELS = dict(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows", row="qmatmul.dequantize_row_kmin",
+                     twins=("reference.matvec_kmin_q8_exact", "reference.matvec_kmin_f32_exact"))  # Q4K's and Q5K's
+Q4K_TYPE = WeightType("q4k", Q4K, QK, Kernels(**_KMIN_KERNELS, pack="qmatmul.pack_q4k"), decode=dequantize_q4k,
                       # 256 bytes of nibbles; 16 scales, 16 mins, 2 super-blocks' fp16 d and dmin
                       layout=Layout(256, 2 * GROUP + 8, ("uint8", "uint8"), nibbles=True, super_scales=True, min_term=True),
                       activation="q8k", fallback="q80", gguf="Q4_K", format_version=2)
+Q5K_TYPE = WeightType("q5k", Q5K, QK, Kernels(**_KMIN_KERNELS, pack="qmatmul.pack_q5k"), decode=dequantize_q5k,
+                      # Q4K's nibbles and d bytes, then 64 bytes of the codes' 5th bits as Q50's; the codes as int8
+                      # (raw bytes to the kernels): the dtype that tells Q5K from Q4K
+                      layout=Layout(320, 2 * GROUP + 8, ("int8", "uint8"), nibbles=True, high_bits=1, super_scales=True,
+                                    min_term=True),
+                      activation="q8k", fallback="q80", gguf="Q5_K", format_version=2)
 Q6K_TYPE = WeightType("q6k", Q6K, QK, Kernels(rows_8bit="qmatmul.k_q80_rows", rows_f32="qmatmul.k_f32_rows",
                                               pack="qmatmul.pack_q6k", row="qmatmul.dequantize_row_q6k",
                                               twins=("reference.matvec_q6k_q8_exact", "reference.matvec_q6k_f32_exact")),
@@ -408,7 +433,7 @@ Q50_TYPE = WeightType("q50", Q50, BLOCK, Kernels(**{**_Q_KERNELS, "pack": "qmatm
                       # 256 bytes of nibbles as Q40's, 64 of their high bits (see qmatmul); 16 fp16 d as int16 bits
                       layout=Layout(320, 2 * GROUP, ("uint8", "int16"), nibbles=True, offset=16, high_bits=1),
                       activation="q80", fallback="f32", gguf="Q5_0", format_version=2)
-WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q6K_TYPE, Q50_TYPE)}
+WEIGHTS = {t.name: t for t in (F32_TYPE, F16_TYPE, Q40_TYPE, Q80_TYPE, Q4K_TYPE, Q5K_TYPE, Q6K_TYPE, Q50_TYPE)}
 
 # with q80 buffers, what each quantized weight type's products take: the k-quants Q8K (one f32
 # scale per 256 values), as llama.cpp does, the others Q80
