@@ -23,6 +23,10 @@ VARIANTS = {  # the architecture features, each on top of RANDOM_SPEC
     "qwen2-bias": {"architecture": "qwen2", "qkv_bias": True},
     "qwen3-qknorm": {"architecture": "qwen3", "qk_norm": True, "shared_classifier": False},
     "llama3-rope": {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_original_max_position": 16},
+    # mixtures of experts: 2 of 6 experts a token (qwen3moe renormalises their weights), 3 of 4 (not)
+    "qwen3moe": {"architecture": "qwen3moe", "qk_norm": True, "hidden_dim": 96, "n_experts": 6, "n_experts_used": 2,
+                 "expert_weights_norm": True},
+    "moe-unnormalised": {"architecture": "mixtral", "hidden_dim": 64, "n_experts": 4, "n_experts_used": 3},
 }
 
 
@@ -113,8 +117,9 @@ def test_stories260k_greedy_matches_reference_and_tells_a_story(stories_models):
     assert sum(w in common for w in words) > 0.3 * len(words), text
 
 
-def test_forward_allocates_no_array_memory(random_models):
-    job = open_job(Comm(), random_models["q40"], (1,), buffer_type="q80", max_seq_len=32)
+@pytest.mark.parametrize("model", ["q40", "qwen3moe"])
+def test_forward_allocates_no_array_memory(random_models, variant_models, model):
+    job = open_job(Comm(), random_models.get(model) or variant_models[model], (1,), buffer_type="q80", max_seq_len=32)
     engine = job.engine
     engine.forward(1, 0)
     def decode() -> None:
@@ -131,12 +136,15 @@ def test_kv_cache_is_sized_by_max_seq_len(random_models):
     assert job.engine.kv_cache_bytes == 3 * job.plan.kv_cache_bytes(0, 20, "f16") == 2 * 2 * 2 * 3 * 20 * 2 * 64  # f16
 
 
+@pytest.mark.parametrize("model", ["q40", "qwen3moe"])
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
-def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
+def test_batched_prefill_equals_token_by_token(random_models, variant_models, buffer_type, model):
     """A block of tokens through forward_block gives the last token's logits bit for bit as
-    feeding the tokens one at a time (and fills the same KV cache)."""
-    one = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
-    block = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32)
+    feeding the tokens one at a time (and fills the same KV cache); in a mixture of experts
+    the block's rows go to their experts expert by expert, each expert's rows in one product."""
+    path = random_models.get(model) or variant_models[model]
+    one = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
+    block = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32)
     for pos, t in enumerate(TOKENS):
         expected = one.engine.forward(t, pos)
     got = block.engine.forward_block(np.array(TOKENS[:5]), 0, logits=False)
@@ -146,19 +154,21 @@ def test_batched_prefill_equals_token_by_token(random_models, buffer_type):
     assert np.array_equal(block.engine.k_cache[:, :, :, :n], one.engine.k_cache[:, :, :, :n])
 
 
+@pytest.mark.parametrize("model", ["q40", "qwen3moe"])
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
-def test_rows_of_several_sequences_in_one_step_equal_each_sequence_alone(random_models, buffer_type):
+def test_rows_of_several_sequences_in_one_step_equal_each_sequence_alone(random_models, variant_models, buffer_type, model):
     """Three sequences in three KV slots, fed as a server feeds them (a prompt chunk next to
     other sequences' decoding rows, in any mix): every logits row is bit for bit the one the
     sequence gets alone in a one-slot engine."""
     from dllama_mpi.job.engine import Batch
 
+    path = random_models.get(model) or variant_models[model]
     seqs = [TOKENS[:7], TOKENS[3:12], TOKENS[::2]]
     alone = []
     for tokens in seqs:
-        engine = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32).engine
+        engine = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32).engine
         alone.append([engine.forward(t, pos).copy() for pos, t in enumerate(tokens)])
-    engine = open_job(Comm(), random_models["q40"], (1,), buffer_type=buffer_type, max_seq_len=32, n_slots=3).engine
+    engine = open_job(Comm(), path, (1,), buffer_type=buffer_type, max_seq_len=32, n_slots=3).engine
     batch = Batch(engine.max_rows, engine.max_logits)
     fed = [0, 0, 0]
     # (sequence, rows) per step: chunks of different lengths beside single rows

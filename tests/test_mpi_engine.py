@@ -121,9 +121,49 @@ def test_logits_bit_identical_for_any_thread_count(comm, shared_dir):
     agree(comm, comm.rank != 0 or _same_bits(one, two), "1 and 2 threads give different logits")
 
 
+# a mixture of experts: 3 of 8 experts a token, each expert's hidden rows split as a dense FFN's
+MOE_SPEC = ModelSpec(**{**RANDOM_SPEC.to_attrs(), "architecture": "qwen3moe", "qk_norm": True, "hidden_dim": 96,
+                        "n_experts": 8, "n_experts_used": 3, "expert_weights_norm": True})
+
+
+def _block_logits(comm, path, budgets, buffer_type):
+    """The last row's logits of TOKENS as one prefill block: its rows grouped by expert."""
+    job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
+    out = job.engine.forward_block(np.array(TOKENS), 0)
+    return None if out is None else [out.copy()]
+
+
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
-def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_type):
-    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-traffic.h5", RANDOM_SPEC))
+def test_mixture_of_experts_logits_bit_identical_for_every_split(comm, shared_dir, buffer_type):
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-moe.h5", MOE_SPEC))
+    expected = on_rank_0(comm, lambda: _logits(self_comm(), path, (1,), buffer_type))
+    expected_block = on_rank_0(comm, lambda: _block_logits(self_comm(), path, (1,), buffer_type))
+    agree(comm, _same_bits(expected_block, expected[-1:]), "a prefill block differs from token by token")
+    for budgets in budgets_for(comm):
+        got = _logits(comm, path, budgets, buffer_type)
+        agree(comm, comm.rank != 0 or _same_bits(got, expected), f"budgets {budgets}: logits differ")
+        block = _block_logits(comm, path, budgets, buffer_type)
+        agree(comm, comm.rank != 0 or _same_bits(block, expected_block), f"budgets {budgets}: prefill logits differ")
+
+
+def test_mixture_of_experts_bit_identical_for_any_thread_count(comm, shared_dir):
+    # big enough that every rank's rows of an expert run multi-threaded
+    spec = ModelSpec(**{**MOE_SPEC.to_attrs(), "dim": 256, "hidden_dim": 2048, "n_experts": 4, "n_experts_used": 2})
+    budgets = (1,) * comm.size
+    agree(comm, 2 * 2048 // comm.size * 256 >= PARALLEL_MIN_WORK, "the test model is too small to use threads")
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-moe-threads.h5", spec))
+    set_threads(2, comm.local_size)
+    two = _logits(comm, path, budgets, "q80") + (_block_logits(comm, path, budgets, "q80") or [])
+    set_threads(1, comm.local_size)
+    one = _logits(comm, path, budgets, "q80") + (_block_logits(comm, path, budgets, "q80") or [])
+    agree(comm, comm.rank != 0 or _same_bits(one, two), "1 and 2 threads give different logits")
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+@pytest.mark.parametrize("buffer_type", ["f32", "q80"])
+def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_type, model):
+    spec = {"dense": RANDOM_SPEC, "moe": MOE_SPEC}[model]
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / f"random-traffic-{model}.h5", spec))
     for budgets in budgets_for(comm):
         job = open_job(comm, path, budgets, buffer_type=buffer_type, max_seq_len=16)
         plan, spec = job.plan, job.plan.spec
