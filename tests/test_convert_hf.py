@@ -116,3 +116,117 @@ def test_spec_records_the_architecture(converted):
     assert spec.qkv_bias == (model_type == "qwen2") and spec.qk_norm == (model_type in ("qwen3", "qwen3_moe"))
     assert (spec.n_experts, spec.n_experts_used) == {"qwen3_moe": (6, 2), "mixtral": (4, 2)}.get(model_type, (0, 0))
     assert (spec.rope_scaling == "llama3") == (model_type == "llama")
+
+
+def _gguf_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"\u2581w{i}" for i in range(n - len(tokens))]
+    return tokens, [0.0] * 259 + [-float(i) for i in range(n - 259)], [2, 3, 3] + [6] * 256 + [1] * (n - 259)
+
+
+def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_type) -> dict:
+    """The transformers model saved in hf_dir as llama.cpp's convert_hf_to_gguf writes it:
+    qwen3moe (q/k as they are: NEOX RoPE) or Mixtral as arch llama (q/k rows permuted to
+    interleaved pairs), each layer's experts stacked into one (experts, rows, cols) tensor of
+    `expert_type`. Returns the stacked expert tensors as written, by GGUF name."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    c = model.config
+    qwen = model_type == "qwen3_moe"
+    arch = "qwen3moe" if qwen else "llama"
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    sd = {}  # the Hub's layout, one tensor an expert (transformers >= 5 fuses them in memory)
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        sd.update(load_file(f))
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    n_experts = c.num_experts if qwen else c.num_local_experts
+    w.add_expert_count(n_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if qwen:
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    tokens, scores, types = _gguf_vocab(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+
+    def permute(a: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf's LlamaModel.permute
+        return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    stacked = {}
+    for i in range(c.num_hidden_layers):
+        hf, b = f"model.layers.{i}.", f"blk.{i}."
+        q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
+        if not qwen:
+            q, k = permute(q, c.num_attention_heads), permute(k, c.num_key_value_heads)
+        for name, array in (("attn_norm", sd[hf + "input_layernorm.weight"]), ("attn_q", q), ("attn_k", k),
+                            ("attn_v", sd[hf + "self_attn.v_proj.weight"]), ("attn_output", sd[hf + "self_attn.o_proj.weight"]),
+                            ("ffn_norm", sd[hf + "post_attention_layernorm.weight"])):
+            w.add_tensor(f"{b}{name}.weight", array)
+        if qwen:
+            w.add_tensor(b + "attn_q_norm.weight", sd[hf + "self_attn.q_norm.weight"])
+            w.add_tensor(b + "attn_k_norm.weight", sd[hf + "self_attn.k_norm.weight"])
+        moe = hf + ("mlp." if qwen else "block_sparse_moe.")
+        w.add_tensor(b + "ffn_gate_inp.weight", sd[moe + "gate.weight"])
+        names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if qwen else {"gate": "w1", "up": "w3", "down": "w2"}
+        for ggml, theirs in names.items():
+            array = np.stack([sd[f"{moe}experts.{e}.{theirs}.weight"] for e in range(n_experts)])
+            if expert_type != gguf.GGMLQuantizationType.F32:
+                array = gguf.quants.quantize(array, expert_type)
+            stacked[f"{b}ffn_{ggml}_exps.weight"] = array
+            w.add_tensor(f"{b}ffn_{ggml}_exps.weight", array, raw_dtype=expert_type)
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stacked
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_gguf_gives_the_hugging_face_conversions_logits(tmp_path, model_type):
+    """The same model through llama.cpp's GGUF layout (experts stacked, Mixtral as arch llama
+    with permuted q/k) and through the Hugging Face reader: the same logits, bit for bit; its
+    Q8_0 experts are kept bit-exact, one matrix per expert."""
+    import gguf
+
+    from dllama_mpi.files.modelfile import ModelFile
+    from dllama_mpi.job.loading import open_job
+    from dllama_mpi.model import quant
+    from dllama_mpi.parallel.comm import Comm
+
+    model = _build(model_type, tmp_path / "hf")
+    _write_moe_gguf(model, model_type, tmp_path / "hf", tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    logits = {}
+    for name, src in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        convert(src, tmp_path / f"{name}.h5", None, "f32")
+        job = open_job(Comm(), tmp_path / f"{name}.h5", (1,), buffer_type="f32", max_seq_len=8, kv_type="f32")
+        logits[name] = np.stack([job.engine.forward(t, pos).copy() for pos, t in enumerate(PROMPT[:6])])
+    assert np.abs(logits["hf"]).max() > 0.1
+    np.testing.assert_array_equal(logits["gguf"], logits["hf"])
+
+    stacked = _write_moe_gguf(model, model_type, tmp_path / "hf", tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    convert(tmp_path / "q8.gguf", tmp_path / "q8.h5", None, None)
+    stored = ModelFile(tmp_path / "q8.h5")
+    try:
+        assert stored.spec.tensor_type("w1", 0) == "q80" and stored.spec.architecture == ARCHITECTURE.get(model_type, model_type)
+        for e in (0, stored.spec.n_experts - 1):
+            got = stored.read(f"layers/1/experts/{e}/w2")
+            assert got.dtype == quant.Q80 and np.array_equal(quant.as_bytes(got).reshape(got.shape[0], -1),
+                                                             stacked["blk.1.ffn_down_exps.weight"][e])
+    finally:
+        stored.close()
+
