@@ -513,6 +513,75 @@ def test_gguf_seed_decides_the_weights(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_moe_gguf_is_qwen3moe_and_converts_with_its_experts(tmp_path):
+    """A qwen3moe GGUF as llama.cpp's loader reads it (expert counts and width, q and k norms, an F32 router, each
+    FFN matrix of every expert as one 3-D Q4_0 tensor), converted by ours: the spec's experts read back, each
+    expert's blocks bit-exact, the router kept, and routing varied (random normal, not near-uniform, logits)."""
+    from dllama_mpi.commands.bench import SHAPES
+    from dllama_mpi.files.modelfile import ModelFile
+
+    spec = SHAPES["tiny-moe"]
+    assert lc.gguf_arch(spec) == "qwen3moe" and spec.n_experts > spec.n_experts_used > 1
+    gguf_path, h5_path = lc.prepare_models(tmp_path, "tiny-moe", seed=5)
+    reader = gguf.GGUFReader(gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    Q = gguf.GGMLQuantizationType
+    assert list(tensors) == [name for name, _, _ in lc.gguf_tensors(spec)]
+    assert len(tensors) == 3 + 12 * spec.n_layers  # 5 attention, 2 q/k norms, 2 norms, a router, 3 expert tensors
+    field = reader.get_field("general.architecture")
+    assert bytes(field.parts[field.data[0]]) == b"qwen3moe"
+    for key, value in (("expert_count", spec.n_experts), ("expert_used_count", spec.n_experts_used),
+                       ("expert_feed_forward_length", spec.hidden_dim), ("block_count", spec.n_layers)):
+        assert reader.get_field(f"qwen3moe.{key}").parts[-1][0] == value, key
+    assert reader.get_field("qwen3moe.feed_forward_length") is None
+    E, H, D = spec.n_experts, spec.hidden_dim, spec.dim
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == Q.F32
+    assert list(tensors["blk.1.ffn_gate_inp.weight"].shape) == [D, E]  # ne: row length first
+    for name, ne in (("ffn_gate_exps", [D, H, E]), ("ffn_up_exps", [D, H, E]), ("ffn_down_exps", [H, D, E])):
+        t = tensors[f"blk.2.{name}.weight"]
+        assert t.tensor_type == Q.Q4_0 and list(t.shape) == ne, name
+    assert list(tensors["blk.0.attn_q_norm.weight"].shape) == list(tensors["blk.0.attn_k_norm.weight"].shape) == [
+        spec.head_dim]
+
+    model = ModelFile(h5_path)
+    try:
+        ours = model.spec
+        assert (ours.architecture, ours.n_experts, ours.n_experts_used, ours.expert_weights_norm) == (
+            "qwen3moe", E, spec.n_experts_used, True)
+        assert (ours.hidden_dim, ours.qk_norm, ours.weight_type) == (H, True, "q40")
+        down = np.asarray(tensors["blk.2.ffn_down_exps.weight"].data)
+        assert down.shape[0] == E
+        for e in (0, E - 1):
+            assert model.read(f"layers/2/experts/{e}/w2").view(np.uint8).tobytes() == down[e].tobytes(), e
+        router = model.read("layers/1/router")
+        assert np.array_equal(router, np.asarray(tensors["blk.1.ffn_gate_inp.weight"].data))
+    finally:
+        model.close()
+    logits = router @ np.random.default_rng(0).standard_normal((D, 64)).astype(np.float32)
+    assert 0.5 < logits.std() < 2 and len(set(logits.argmax(axis=0))) > E // 2
+
+
+def test_mixtral_is_llama_with_experts_and_other_architectures_are_refused():
+    from dllama_mpi.commands.bench import SHAPES
+
+    moe = SHAPES["tiny-moe"]
+    mixtral = dataclasses.replace(moe, architecture="mixtral", qk_norm=False)
+    names = [name for name, _, _ in lc.gguf_tensors(mixtral)]
+    assert lc.gguf_arch(mixtral) == "llama" and "blk.0.ffn_up_exps.weight" in names
+    assert "blk.0.attn_q_norm.weight" not in names and "blk.0.ffn_up.weight" not in names
+    w = gguf.GGUFWriter(None, "llama")
+    lc.add_llama_metadata(w, mixtral)
+    keys = set(w.kv_data[0])
+    assert {"llama.expert_count", "llama.expert_used_count", "llama.feed_forward_length"} <= keys
+    assert "llama.expert_feed_forward_length" not in keys
+    assert lc.gguf_arch(SHAPES["tiny"]) == "llama" and "blk.0.ffn_up.weight" in [n for n, _, _ in
+                                                                                lc.gguf_tensors(SHAPES["tiny"])]
+    with pytest.raises(ValueError, match="mixtral"):
+        lc.gguf_arch(dataclasses.replace(moe, architecture="qwen3"))
+    with pytest.raises(ValueError, match="qk_norm"):
+        lc.gguf_arch(dataclasses.replace(moe, qk_norm=False))
+
+
 def test_runs_capture_stdout_and_end_whole_sessions(tmp_path):
     assert lc.run_capture(["sh", "-c", "echo out; echo err >&2"], timeout=30) == ("out\n", "err\n")
     with pytest.raises(SystemExit, match=r"(?s)err\n.*failed \(exit code 3\)"):

@@ -6,9 +6,10 @@ What it does, each step cached so that later runs only measure:
 1. builds llama.cpp's `llama-bench` once, from the llama-cpp-python sdist of a pinned version
    (its vendor/llama.cpp; `pip download`, cmake with GGML_NATIVE), into --cache-dir
    (default ~/.cache/dllama_mpi/llama.cpp/<version>/); this takes minutes;
-2. writes a GGUF of a named shape with random weights (every matrix Q4_0, norms F32,
-   architecture llama, a minimal SentencePiece vocabulary llama.cpp loads), keyed by shape
-   and seed; or, with --gguf FILE, measures that file instead;
+2. writes a GGUF of a named shape with random weights (every matrix Q4_0, norms and a mixture of
+   experts' router F32, architecture llama, qwen3moe for the qwen3-30b-a3b shapes, a minimal
+   SentencePiece vocabulary llama.cpp loads), keyed by shape and seed; or, with --gguf FILE,
+   measures that file instead;
 3. converts it with dllama-mpi-convert (the Q4_0 blocks are carried over bit-exact);
 4. waits until the machine is idle (no other process above --idle-cpu % for --idle-seconds),
    then runs both, interleaved (llama.cpp, ours for each --configs, llama.cpp, ...)
@@ -50,7 +51,9 @@ from dllama_mpi.commands.launcher import positive_int
 from dllama_mpi.model import quant
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp is built
-GGUF_MODEL_VERSION = 2  # bump when the written GGUF changes: the cache key has it (2: the Llama shapes' published contexts)
+# bump when the written GGUF changes: the cache key has it (2: the Llama shapes' published contexts; 3: mixtures of
+# experts as such, where version 2 wrote a dense llama FFN of the expert's width)
+GGUF_MODEL_VERSION = 3
 # llama.cpp attending in f32 as we do: no flash attention (its CPU kernel has f16 internals), an f32 KV cache
 LLAMA_F32_ATTENTION = ("-fa", "off", "-ctk", "f32", "-ctv", "f32")
 # the tools' --llama-attention (f32: LLAMA_F32_ATTENTION; default: llama.cpp's own, an f16 cache) -> our --kv-type
@@ -246,18 +249,38 @@ def spm_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def gguf_arch(spec) -> str:
+    """The GGUF architecture llama.cpp runs `spec` as: qwen3moe for a qwen3moe mixture of experts, else llama
+    (Mixtral is llama with an expert count); qwen3moe is the one with q and k norms."""
+    arch = "qwen3moe" if spec.moe and spec.architecture == "qwen3moe" else "llama"
+    if spec.moe and spec.architecture not in ("qwen3moe", "mixtral"):
+        raise ValueError(f"a mixture of experts of architecture {spec.architecture!r}: expected qwen3moe or mixtral")
+    if spec.qk_norm != (arch == "qwen3moe"):
+        raise ValueError(f"architecture {spec.architecture!r} with qk_norm={spec.qk_norm}: the GGUF is written as "
+                         "llama (no q and k norms) or qwen3moe (with them)")
+    return arch
+
+
 def gguf_tensors(spec) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(GGUF name, numpy shape (rows, cols) or (n,), quantized) in llama.cpp's order."""
+    """(GGUF name, numpy shape, quantized) in llama.cpp's order: a matrix (rows, cols), a mixture of experts'
+    (experts, rows, cols) tensor of every expert's matrix, a router (experts, dim) of F32 values, a norm (n,)."""
     q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    experts = (spec.n_experts,) if spec.moe else ()
+    ffn, qk_norm = "_exps" if spec.moe else "", gguf_arch(spec) == "qwen3moe"
     out = [("token_embd.weight", (spec.vocab_size, spec.dim), True)]
     for i in range(spec.n_layers):
         p = f"blk.{i}."
         out += [(p + "attn_norm.weight", (spec.dim,), False), (p + "attn_q.weight", (q_dim, spec.dim), True),
                 (p + "attn_k.weight", (kv_dim, spec.dim), True), (p + "attn_v.weight", (kv_dim, spec.dim), True),
-                (p + "attn_output.weight", (spec.dim, q_dim), True), (p + "ffn_norm.weight", (spec.dim,), False),
-                (p + "ffn_gate.weight", (spec.hidden_dim, spec.dim), True),
-                (p + "ffn_down.weight", (spec.dim, spec.hidden_dim), True),
-                (p + "ffn_up.weight", (spec.hidden_dim, spec.dim), True)]
+                (p + "attn_output.weight", (spec.dim, q_dim), True)]
+        if qk_norm:
+            out += [(p + "attn_q_norm.weight", (spec.head_dim,), False), (p + "attn_k_norm.weight", (spec.head_dim,), False)]
+        out.append((p + "ffn_norm.weight", (spec.dim,), False))
+        if spec.moe:
+            out.append((p + "ffn_gate_inp.weight", (spec.n_experts, spec.dim), False))
+        out += [(p + f"ffn_gate{ffn}.weight", (*experts, spec.hidden_dim, spec.dim), True),
+                (p + f"ffn_down{ffn}.weight", (*experts, spec.dim, spec.hidden_dim), True),
+                (p + f"ffn_up{ffn}.weight", (*experts, spec.hidden_dim, spec.dim), True)]
     out.append(("output_norm.weight", (spec.dim,), False))
     if not spec.shared_classifier:
         out.append(("output.weight", (spec.vocab_size, spec.dim), True))
@@ -265,18 +288,30 @@ def gguf_tensors(spec) -> list[tuple[str, tuple[int, ...], bool]]:
 
 
 def _random_tensor(rng, shape: tuple[int, ...], quantized: bool) -> np.ndarray:
-    """The bench's random weights (its Q40 blocks are Q4_0's): a matrix as (rows, row bytes) uint8, as GGUF stores it."""
+    """The bench's random weights (its Q40 blocks are Q4_0's; a router's normal values): a matrix as (rows, row
+    bytes) uint8, as GGUF stores it, every expert's as (experts, rows, row bytes), one expert's matrix drawn after
+    another."""
     from dllama_mpi.commands.bench import random_tensor
 
+    if quantized and len(shape) == 3:
+        return np.stack([_random_tensor(rng, shape[1:], True) for _ in range(shape[0])])
     tensor = random_tensor(rng, shape, quantized)
     return tensor.view(np.uint8).reshape(shape[0], -1) if quantized else tensor
 
 
 def add_llama_metadata(w, spec) -> None:
-    """A GGUFWriter's llama hyperparameters of `spec` and a minimal SentencePiece vocabulary."""
+    """A GGUFWriter's hyperparameters of `spec` (a writer of gguf_arch(spec)) and a minimal SentencePiece
+    vocabulary; a mixture of experts' counts, and for qwen3moe each expert's width as llama.cpp reads it
+    (expert_feed_forward_length; Mixtral's is feed_forward_length)."""
     w.add_context_length(spec.seq_len)
     w.add_embedding_length(spec.dim)
-    w.add_feed_forward_length(spec.hidden_dim)
+    if gguf_arch(spec) == "qwen3moe":
+        w.add_expert_feed_forward_length(spec.hidden_dim)
+    else:
+        w.add_feed_forward_length(spec.hidden_dim)
+    if spec.moe:
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
     w.add_block_count(spec.n_layers)
     w.add_head_count(spec.n_heads)
     w.add_head_count_kv(spec.n_kv_heads)
@@ -299,23 +334,23 @@ def add_llama_metadata(w, spec) -> None:
 
 
 def write_gguf(path: Path, spec, seed: int, name: str = "random") -> Path:
-    """A llama GGUF of `spec` with random weights: every matrix Q4_0 (token embedding and output
-    too), norms F32, a minimal SentencePiece vocabulary. Streamed tensor by tensor; written
-    under a temporary name, then renamed."""
+    """A GGUF of `spec` (architecture gguf_arch(spec)) with random weights: every matrix Q4_0 (token
+    embedding, output and each expert's too), norms and routers F32, a minimal SentencePiece
+    vocabulary. Streamed tensor by tensor; written under a temporary name, then renamed."""
     import gguf
 
     if spec.dim % Q4_0.block_values or spec.hidden_dim % Q4_0.block_values:
         raise ValueError(f"Q4_0 needs row lengths divisible by {Q4_0.block_values}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), gguf_arch(spec))
     w.add_name(name)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     add_llama_metadata(w, spec)
     layout = gguf_tensors(spec)
     for tname, shape, quantized in layout:
         if quantized:
-            byte_shape = (shape[0], quant.row_bytes(Q4_0.name, shape[1]))
+            byte_shape = (*shape[:-1], quant.row_bytes(Q4_0.name, shape[-1]))
             w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                               raw_dtype=gguf.GGMLQuantizationType.Q4_0)
         else:

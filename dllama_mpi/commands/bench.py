@@ -54,6 +54,8 @@ SHAPES = {
     "qwen3-30b-a3b": _QWEN3_30B_A3B,
     # its first 8 of 48 layers: what fits this 24 GiB machine beside llama.cpp's copy, for the benchmark
     "qwen3-30b-a3b-8l": dataclasses.replace(_QWEN3_30B_A3B, n_layers=8),
+    "tiny-moe": dataclasses.replace(_QWEN3_30B_A3B, dim=256, hidden_dim=256, n_layers=4, n_heads=8, head_dim=32,
+                                    vocab_size=1024, seq_len=1024, n_experts=8, n_experts_used=2),  # k-quant rows
 }
 BENCH_MODEL_VERSION = 2  # 2: the Llama shapes' published contexts
 SHORT_PROMPT = 8  # the prompt before a depth-0 decode measurement, and the position --rows is timed at
