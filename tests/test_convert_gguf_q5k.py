@@ -8,6 +8,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from conftest import REPO, run_mpiexec  # noqa: E402
 from test_convert_gguf import (  # noqa: E402
     Q,
     _logits,
@@ -22,15 +23,9 @@ from test_convert_gguf import (  # noqa: E402
 from dllama_mpi.model import quant  # noqa: E402
 
 
-def test_a_q5_k_m_file_keeps_q5_k_bit_exact_and_gives_the_float_references_logits(tmp_path, k_dims, capsys):  # noqa: F811
-    """As llama-quantize's Q5_K_M: Q5_K matrices, Q6_K for layer 0's wv and w2 and for the output. Q5_K
-    kept byte for byte, its values gguf-py's dequantization's bit for bit, nothing re-quantized; the
-    logits those of gguf-py's dequantization up to the f32 rounding of the products."""
-    import h5py
-
-    from dllama_mpi.files.convert import convert
-
-    rng = np.random.default_rng(23)
+def q5km_like(tmp_path, rng):
+    """A GGUF laid out as llama-quantize's Q5_K_M: Q5_K matrices, Q6_K for layer 0's wv and w2 and for the
+    output, norms F32. Returns (path, raw stored arrays, GGML types, stored)."""
     stored = stored_layout({k: (v / np.sqrt(v.shape[-1]) if v.ndim == 2 else 1 + 0.1 * v).astype(np.float32)
                             for k, v in hf_weights(rng, "llama").items()}, "llama")
     types = {n: Q.Q5_K for n, v in stored.items() if v.ndim == 2}
@@ -38,7 +33,18 @@ def test_a_q5_k_m_file_keeps_q5_k_bit_exact_and_gives_the_float_references_logit
     for name, kind in types.items():
         stored[name] = random_k_blocks(rng, *stored[name].shape, kind)  # d and dmin at bytes 0..3 as Q4_K's
     raw = write_gguf(tmp_path / "q5km.gguf", "llama", stored, types)
-    convert(tmp_path / "q5km.gguf", tmp_path / "m.h5", None, None)
+    return tmp_path / "q5km.gguf", raw, types, stored
+
+
+def test_a_q5_k_m_file_keeps_q5_k_bit_exact_and_gives_the_float_references_logits(tmp_path, k_dims, capsys):  # noqa: F811
+    """Q5_K kept byte for byte, its values gguf-py's dequantization's bit for bit, nothing re-quantized;
+    the logits those of gguf-py's dequantization up to the f32 rounding of the products."""
+    import h5py
+
+    from dllama_mpi.files.convert import convert
+
+    path, raw, types, stored = q5km_like(tmp_path, np.random.default_rng(23))
+    convert(path, tmp_path / "m.h5", None, None)
     err = capsys.readouterr().err
     assert "note: Q5_K x 13 tensor(s) -> q5k: kept bit-exact" in err, err  # 7 a layer less 2, and the embedding
     assert "note: Q6_K x 3 tensor(s) -> q6k: kept bit-exact" in err, err
@@ -59,3 +65,25 @@ def test_a_q5_k_m_file_keeps_q5_k_bit_exact_and_gives_the_float_references_logit
     error = np.abs(got - expected).max() / scale
     assert error < 1e-5, error
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.jobs
+def test_a_q5_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims):  # noqa: F811
+    """With q80 buffers (the Q5_K products on Q8K activations, layer 0's stack of q5k and q6k parts)."""
+    import sys
+
+    from dllama_mpi.files.convert import convert
+
+    path, *_ = q5km_like(tmp_path, np.random.default_rng(24))
+    convert(path, tmp_path / "m.h5", None, None)
+    dumps = []
+    for n, budgets in ((1, ["1"]), (2, ["1", "1"]), (3, ["3", "1", "2"])):
+        out = tmp_path / f"dump{n}.npz"
+        result = run_mpiexec(n, [sys.executable, str(REPO / "tests" / "engine_dump.py"), str(tmp_path / "m.h5"), str(out),
+                                 "--budgets", *budgets, "--tokens", "1", "5", "260", "77", "--steps", "8",
+                                 "--buffer", "q80"], timeout=180)
+        assert result.returncode == 0, result.stderr
+        dumps.append(np.load(out))
+    for other in dumps[1:]:
+        np.testing.assert_array_equal(other["logits"].view(np.uint32), dumps[0]["logits"].view(np.uint32))
+        assert other["greedy"].tolist() == dumps[0]["greedy"].tolist()
