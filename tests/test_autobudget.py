@@ -322,3 +322,18 @@ def test_wait_modes_block_on_own_cores_yield_when_oversubscribed_and_sleep_under
     assert wait_modes([("a", p, 2, "cgroup /ctr", 2.0) for p in range(2)]) == ["block"] * 2
     # the same cgroup path on another node is another cgroup
     assert wait_modes([("a", 1, 4, "cgroup /ctr", 1.0), ("b", 2, 4, "cgroup /ctr", 1.0)]) == ["block", "block"]
+
+
+def test_a_mixture_of_experts_token_is_timed_with_the_experts_it_uses():
+    """A token of a mixture of experts runs the FFN of each expert it uses (each expert's own
+    matrices, read from memory) and the replicated router."""
+    from dllama_mpi.job.speed import _Workload, layer_shapes
+    from dllama_mpi.parallel import threads
+
+    spec = ModelSpec(dim=256, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=512,
+                     seq_len=64, architecture="qwen3moe", n_experts=8, n_experts_used=3, expert_weights_norm=True)
+    shapes = layer_shapes(spec)
+    assert [kind for *_, kind in shapes] == ["wq", "wo"] + ["w1", "w2"] * 3
+    work = _Workload(spec, "q80", 0.5, threads.Pool(1))
+    assert work.router.rows == 8 and work.router.cols == 256  # whatever the share
+    assert [m.rows for m, _ in work.layers[0]][2:] == [64, 128] * 3  # half of each expert's 128 w1/w3 rows, 256 w2 rows

@@ -62,8 +62,9 @@ def layer_shapes(spec: ModelSpec) -> list[tuple[int, int, str, str]]:
     """(rows of the whole model, cols, input, matrix kind) of each product of a layer; the
     input names which full-width vector it reads, the kind the stored type."""
     qkv = spec.q_dim + 2 * spec.n_kv_heads * spec.head_dim
-    return [(qkv, spec.dim, "dim", "wq"), (spec.dim, spec.q_dim, "att", "wo"), (2 * spec.hidden_dim, spec.dim, "dim", "w1"),
-            (spec.dim, spec.hidden_dim, "ffn", "w2")]
+    ffn = [(2 * spec.hidden_dim, spec.dim, "dim", "w1"), (spec.dim, spec.hidden_dim, "ffn", "w2")]
+    # a mixture of experts: the FFN of each expert a token uses, each its own matrices (read from memory)
+    return [(qkv, spec.dim, "dim", "wq"), (spec.dim, spec.q_dim, "att", "wo")] + ffn * max(1, spec.n_experts_used)
 
 
 def _timed(work, seconds: float, clock) -> float:
@@ -102,6 +103,9 @@ class _Workload:
         self.copies = max(1, min(spec.n_layers, -(-STREAM_BYTES // max(layer_bytes, 1))))
         self.layers = [first] + [layer(i) for i in range(1, self.copies)]  # the first layers' types stand for all
         self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in first]
+        # a mixture of experts' router: replicated, every rank's whatever its share
+        self.router = held_matrix("f32", spec.n_experts, spec.dim) if spec.moe else None
+        self.router_logits = np.zeros((1, spec.n_experts), np.float32)
         # the full-width vectors every rank prepares per layer, whatever its share
         self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
         self.classifier = held_matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),
@@ -115,6 +119,8 @@ class _Workload:
                 x.prepare(1)
             for (m, x), out in zip(products, self.outs):
                 matmul(self.pool, self.lanes, m, x, 1, out)
+            if self.router is not None:
+                matmul(self.pool, self.lanes, self.router, self.x, 1, self.router_logits)
 
     def classify(self) -> None:
         matmul(self.pool, self.lanes, self.classifier, self.x, 1, self.logits)
@@ -159,7 +165,7 @@ def collective_seconds(comm: Comm, spec: ModelSpec, reps: int = 5) -> float:
     vectors, evenly split), the median of `reps`; 0 on one rank."""
     if comm.size == 1:
         return 0.0
-    width = max(spec.dim, spec.hidden_dim)
+    width = max(spec.dim, spec.ffn_rows_per_token)  # a mixture of experts gathers each used expert's hidden values
     buf = np.zeros(width, np.float32)
     bounds = np.linspace(0, width, comm.size + 1).astype(int)
     gather = comm.gatherer(buf, tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:])))

@@ -231,6 +231,11 @@ class Plan:
                 f"{_count(s.vocab_rows):>11} {self.weight_bytes(s.rank) / 2**20:>11.2f} "
                 f"{n_slots * self.kv_cache_bytes(s.rank, max_seq_len, kv_type) / 2**20:>{kv_width}.2f}"
             )
+        if self.spec.moe:
+            spec = self.spec
+            lines.append(f"experts: each rank holds its ffn rows (of {spec.hidden_dim}) of each of the {spec.n_experts} "
+                         f"experts' w1/w3 and its dim rows of their w2, and the {spec.n_experts} x {spec.dim} router; "
+                         f"a token uses {spec.n_experts_used} experts")
         return "\n".join(lines)
 
 
