@@ -156,7 +156,7 @@ def test_the_converter_refuses_auto_and_says_how_to_pre_split(tmp_path):
         convert(tmp_path / "none.bin", tmp_path / "out", None, "q40", budgets=["auto"])
 
 
-def test_dry_run_sizes_auto_with_equal_budgets_and_the_caps(tmp_path):
+def test_dry_run_sizes_auto_as_it_splits_ranks_of_equal_speed_within_the_caps(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dllama_mpi", "--dry-run", "--memory-budget", "auto", "2GiB", "1GiB"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

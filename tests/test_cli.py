@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_mpiexec
+from conftest import REPO, run_mpiexec
 
 PY = sys.executable
 
@@ -330,3 +330,32 @@ def test_the_prompt_time_has_three_digits_and_its_unit(seconds, shown):
     from dllama_mpi.commands.cli import speed_text
 
     assert speed_text(5, 0, seconds, 1, 0.0) == f"prompt: 5 tokens in {shown}, {5 / seconds:.1f} tokens/s; decode: 1 tokens"
+
+
+@pytest.mark.parametrize("budgets", [["3", "2", "2", "1"], ["auto", "12GiB", "6GiB", "6GiB"]])
+def test_dry_run_of_a_mixture_of_experts_still_to_convert_shows_each_rank_s_experts_and_memory(budgets):
+    """Qwen3-30B-A3B's own config.json (no weights): each rank's share of the 128 experts and
+    its memory, as the converter's defaults would make the model (q40), before anything is
+    downloaded or converted."""
+    from dllama_mpi.files.convert import source_spec
+    from dllama_mpi.parallel.plan import make_plan
+
+    config = REPO / "tests" / "data" / "qwen3-30b-a3b"
+    result = _dry_run("--model", str(config), "--memory-budget", *budgets, "--max-seq-len", "4096")
+    assert result.returncode == 0, result.stderr
+    assert "is not converted yet" in result.stderr
+    spec = source_spec(config)
+    assert (spec.architecture, spec.n_experts, spec.n_experts_used, spec.hidden_dim) == ("qwen3moe", 128, 8, 768)
+    chosen = re.search(r"budgets ([\d ]+), KV cache", result.stdout)[1].split()
+    if budgets[0] != "auto":
+        assert chosen == budgets
+    plan = make_plan(spec, [int(b) for b in chosen])
+    assert "of each of the 128 experts' w1/w3" in result.stdout and "a token uses 8 experts" in result.stdout
+    rows = _table(result.stdout)
+    for r, row in enumerate(rows[: plan.world_size]):
+        assert float(row[8]) == pytest.approx(plan.weight_bytes(r) / 2**20, abs=0.006)
+    assert sum(plan.weight_bytes(r) for r in range(plan.world_size)) > 16 * 2**30  # 30.5B weights at 4.5 bits and more
+    if budgets[0] == "auto":  # ranks of equal speed, but the 6 GiB ranks can't take a third each: rank 0 takes more
+        caps = [12, 6, 6]
+        assert all(float(row[4]) <= 1024 * cap for row, cap in zip(rows[plan.world_size :], caps, strict=True))
+        assert plan.weight_bytes(0) > max(plan.weight_bytes(1), plan.weight_bytes(2))

@@ -14,6 +14,7 @@ import re
 import resource
 import sys
 import time
+from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..model import quant
@@ -310,13 +311,28 @@ def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) 
               + " ".join(f"{1e3 * t:.1f}" for t in auto.rank_token_s) + " ms (measured: compute ms/tok above)", file=err)
 
 
+def _a_source(path: Path) -> bool:
+    """Whether --model names a model still to convert (a GGUF, a Hugging Face directory, ...),
+    not a model file or shard directory (whose own errors open_model gives)."""
+    import h5py
+
+    from ..files.modelfile import shard_files
+
+    if path.is_dir():
+        return not shard_files(path)[0]
+    return path.is_file() and not h5py.is_hdf5(path)
+
+
 def _dry_run(argv) -> int:
     """The plan, traffic and memory of a launch, from the model's attributes alone; the same
     start-up rules as a launch (launch.plan_launch, launch.check_fit)."""
+    from ..files.convert import source_spec
     from ..files.modelfile import ModelFileError, open_model
     from ..files.synthetic import SYNTHETIC_SPEC
+    from ..job.autobudget import solve
     from ..job.launch import check_fit, plan_launch
-    from ..parallel.budgets import RUNTIME_BYTES, format_bytes, rank_need
+    from ..job.speed import RankSpeed
+    from ..parallel.budgets import RUNTIME_BYTES, Budgets, format_bytes, rank_need
 
     args = _parse(None, argv)
     if int(os.environ.get("PMI_SIZE", "1")) > 1:
@@ -328,16 +344,26 @@ def _dry_run(argv) -> int:
                          "auto (auto 6GiB 2GiB); auto itself measures the ranks when the job starts")
     budgets = parse_budgets(given, len(given) - auto)
     if auto:
-        print("note: --memory-budget auto measures each rank when the job starts; sized here with equal budgets "
-              "and the caps given", file=sys.stderr)
+        print("note: --memory-budget auto measures each rank when the job starts; sized here as it splits ranks of "
+              "equal speed within the caps given", file=sys.stderr)
     if args.model is None:
         spec, shard, name = SYNTHETIC_SPEC, None, "the built-in synthetic model"
+    elif _a_source(Path(args.model)):
+        spec, shard, name = source_spec(args.model), None, str(args.model)
+        print(f"note: {name} is not converted yet: sized as dllama-mpi-convert would write it with its defaults "
+              f"(weights {spec.weights_text})", file=sys.stderr)
     else:
         model = open_model(args.model)
         spec, shard, name, model_id = model.spec, model.shard, str(args.model), model.model_id
         model.close()
     n_slots = getattr(args, "slots", 1)  # serve: the KV cache of every slot
     launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots, kv_type=args.kv_type)
+    if auto and budgets.caps:  # as the solver splits ranks of equal speed: the caps may bound a rank's share
+        equal = [RankSpeed(1.0, 0.0, ())] * len(budgets.caps)
+        ratios, _ = solve(spec, equal, list(budgets.caps), launch.max_seq_len, n_slots, launch.load_buffer,
+                          kv_type=launch.kv_type)
+        budgets = Budgets(ratios, budgets.caps)
+        launch = plan_launch(spec, shard, args.model, budgets, args.max_seq_len, n_slots, kv_type=args.kv_type)
     plan, max_seq_len = launch.plan, launch.max_seq_len
     if shard is not None:  # every rank's shard, as the launch's ranks would check theirs
         problems = []

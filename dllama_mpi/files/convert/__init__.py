@@ -145,6 +145,23 @@ def read_source(input_path: Path, tokenizer_path: str | Path | None) -> Source:
 DEFAULT_WEIGHTS = "q40"  # what a float source (HF, llama2.c) is quantized to unless --weights says otherwise
 
 
+def source_spec(input_path: str | Path):
+    """The ModelSpec `dllama-mpi-convert INPUT` would write with its defaults, read from the
+    source's metadata alone (a GGUF's header, a Hugging Face directory's config.json: its
+    weights need not be there), for sizing a launch before converting."""
+    from ...model.spec import ModelSpec
+    from . import hf
+
+    input_path = Path(input_path)
+    if input_path.is_dir() and hf.sniff(input_path) and not any(input_path.glob("*.safetensors")):
+        return ModelSpec(**hf.config_spec_fields(input_path), weight_type=DEFAULT_WEIGHTS)
+    source = read_source(input_path, None)
+    if source.native_types:
+        weights, tensor_types, _ = choose_types(source.native_types)
+        return ModelSpec(**source.spec_fields, weight_type=weights, tensor_types=tensor_types)
+    return ModelSpec(**source.spec_fields, weight_type=DEFAULT_WEIGHTS)
+
+
 def convert(input_path: str | Path, output_path: str | Path, tokenizer_path: str | Path | None,
             weights: str | None, force: bool = False, budgets: list[str] | None = None, progress: bool = False):
     """Convert one model; with `budgets` (as --memory-budget takes them: ratios or sizes),

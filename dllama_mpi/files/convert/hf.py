@@ -200,6 +200,13 @@ def _experts(config: dict, path: Path, number) -> dict:
             "expert_weights_norm": bool(config.get("norm_topk_prob", True)) if qwen else True}
 
 
+def config_spec_fields(path: Path) -> dict:
+    """The spec fields of a model directory from its config.json alone (no weights needed: a
+    dry run before downloading them); the classifier is shared where the config says so."""
+    config = read_json(path / "config.json")
+    return {**_spec_fields(config, path / "config.json"), "shared_classifier": bool(config.get("tie_word_embeddings", False))}
+
+
 def read(path: Path, tokenizer_path=None):
     from ...model.spec import ModelSpec
     from ..modelfile import tensor_layout
