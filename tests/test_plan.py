@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from fractions import Fraction
 
 import pytest
@@ -268,3 +269,20 @@ def test_tensor_types_override_the_weight_type_per_matrix_and_count_in_the_plans
                       ("w2", "must read kind=type")):
         with pytest.raises(InputError, match=says):
             dataclasses.replace(TINYLLAMA, tensor_types=bad)
+
+
+@pytest.mark.parametrize("budgets", [(1,), (1, 1), (3, 1), (1, 1, 1, 1)])
+def test_a_mixture_of_experts_is_shared_out_whole(budgets):
+    """Every expert's matrices are split among the ranks, nothing lost or held twice (splits on
+    KV-head groups here); each rank holds every replicated vector, the routers among them."""
+    from dllama_mpi.files.modelfile import tensor_layout
+
+    spec = ModelSpec(dim=256, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=512,
+                     seq_len=64, architecture="qwen3moe", qk_norm=True, n_experts=8, n_experts_used=2,
+                     expert_weights_norm=True, weight_type="q40")
+    layout = tensor_layout(spec)
+    assert sum(name.endswith("/router") for name in layout) == 2 and sum("/experts/" in name for name in layout) == 48
+    matrices = sum(info.shape[0] * spec.resident_row_bytes(info.split, info.layer) for info in layout.values() if info.matrix)
+    vectors = sum(4 * math.prod(info.shape) for info in layout.values() if not info.matrix)
+    plan = make_plan(spec, budgets)
+    assert sum(plan.weight_bytes(r) for r in range(len(budgets))) == matrices + len(budgets) * vectors
