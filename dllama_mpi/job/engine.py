@@ -138,18 +138,24 @@ class GatheredActivations(Activations):
             self.prepare(n_tok)
 
 
-def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray, row0: int = 0) -> None:
-    """out (T, own rows) = x[row0 : row0 + T] @ m.T; quantized weights take x's 8-bit form for
-    their type (WeightType.activation) when it has one, else its packed f32.
-    lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
-    t, rows = m.weight_type, slice(row0, row0 + n_tok)
+def _product(m: Matrix, x: Activations, n_tok: int, lanes) -> tuple:
+    """(the rows kernel, its weight arguments, its inputs, its scratch) of m times x[:n_tok]:
+    quantized weights take x's 8-bit form for their type (WeightType.activation) when it has
+    one, else its packed f32, and the scratch lanes."""
+    t = m.weight_type
     if not t.quantized:
-        kernel, args = resolve(t.kernels.rows_f32), (m.w, x.f32[rows])
-    elif t.activation in x.codes8:
+        return resolve(t.kernels.rows_f32), (m.w,), (x.f32[:n_tok],), ()
+    if t.activation in x.codes8:
         xq, xsum, xd = x.codes8[t.activation]
-        kernel, args = resolve(t.kernels.rows_8bit), (m.qs, m.d, xq[rows], xsum[rows], xd[rows], *lanes)
-    else:
-        kernel, args = resolve(t.kernels.rows_f32), (m.qs, m.d, x.xt[rows], *lanes)
+        return resolve(t.kernels.rows_8bit), (m.qs, m.d), (xq[:n_tok], xsum[:n_tok], xd[:n_tok]), lanes
+    return resolve(t.kernels.rows_f32), (m.qs, m.d), (x.xt[:n_tok],), lanes
+
+
+def matmul(pool: threads.Pool, lanes, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
+    """out (T, own rows) = x[:T] @ m.T (see _product).
+    lanes: the quantized products' (CHUNKS, GROUP) i32 and f32 scratch."""
+    kernel, weights, inputs, scratch = _product(m, x, n_tok, lanes)
+    args = weights + inputs + scratch
     if pool.parallel(m.rows * m.cols * n_tok):
         vector.PARALLEL[kernel](*args, out)
     else:
@@ -236,8 +242,12 @@ class Engine:
             self.chosen, self.expert_weights = np.zeros((t_max, k), np.int64), np.zeros((t_max, k), F32)
             self.pair_order, self.pair_rows = np.zeros(k * t_max, np.int64), np.zeros(k * t_max, np.int64)
             self.expert_starts, self.used_experts = np.zeros(e + 1, np.int64), np.zeros(e, np.int64)
-            self.expert_x = Activations(spec.dim, t_max, plan.activation_forms("xb", buffer_type))  # an expert's rows
-            self.expert_out = np.zeros((k * t_max, _count(me.dim_rows)), F32)  # (k T, own dim rows), in routing order
+            # each (row, choice) pair's input, hidden and output rows, in routing order
+            self.expert_x = Activations(spec.dim, k * t_max, plan.activation_forms("xb", buffer_type))  # (k T, dim)
+            self.expert_h13 = np.zeros((k * t_max, 2 * (b - a)), F32)  # (k T, own w1 rows, then own w3 rows)
+            self.expert_out = np.zeros((k * t_max, _count(me.dim_rows)), F32)  # (k T, own dim rows)
+            self.expert_lanes = tuple(np.zeros((max(e, vector.CHUNKS), GROUP), t) for t in (np.int32, F32))  # a task's
+            self.ffn._plan_for(k)  # decoding's gather, made now
         # KV cache of own KV heads, per layer: codes (n_slots, n_local_kv, max_seq, head_dim) and
         # fp16 scale bits (n_slots, n_local_kv, max_seq, scales per row) in kv_type (vector.store_kv)
         self.kv_type = kv = quant.KV_TYPES[kv_type]
@@ -250,9 +260,13 @@ class Engine:
         self.lanes = (np.zeros((vector.CHUNKS, GROUP), np.int32), np.zeros((vector.CHUNKS, GROUP), F32))
         # a stacked product of Parts: each part's output, by its row count, before it takes its columns
         stacks = [layer[k] for layer in weights.layers for k in ("wqkv", "w13") if k in layer]
-        stacks += [m for layer in weights.layers if "experts" in layer for m in layer["experts"].w13]
         self._part_out = {m.rows: np.zeros((t_max, m.rows), F32) for stack in stacks if isinstance(stack, Parts)
                           for m in stack.parts}
+        for experts in (layer["experts"] for layer in weights.layers if "experts" in layer):
+            if len(experts.w13) > 1:  # w1's and w3's types differ: each part's rows of every (row, choice) pair
+                k = spec.n_experts_used
+                self._part_out.update({m.rows // experts.n: np.zeros((k * t_max, m.rows // experts.n), F32)
+                                       for m in experts.w13})
         # logits: rank 0 gets (m, vocab) for the m rows that want them. Each rank computes its
         # vocabulary span for the m rows, contiguous (m, own); they travel rank-major.
         vocab_spans = plan.segments("vocab")
@@ -276,8 +290,23 @@ class Engine:
     def new_batch(self) -> Batch:
         return Batch(self.max_rows, self.max_logits)
 
-    def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray, row0: int = 0) -> None:
-        matmul(self.pool, self.lanes, m, x, n_tok, out, row0)
+    def matmul(self, m: Matrix, x: Activations, n_tok: int, out: np.ndarray) -> None:
+        matmul(self.pool, self.lanes, m, x, n_tok, out)
+
+    def matmul_experts(self, m: Matrix, n_experts: int, x: Activations, n_chosen: int, out: np.ndarray) -> None:
+        """Each chosen expert's product with its rows of the step: m stacks n_experts experts'
+        rows; an expert's inputs and outputs are rows [starts[e], starts[e + 1]) of x and out (the
+        routing's order). All in one parallel region where the work is enough for threads."""
+        per_expert, starts, used = m.rows // n_experts, self.expert_starts, self.used_experts[:n_chosen]
+        n_rows = int(starts[-1])
+        kernel, weights, inputs, scratch = _product(m, x, n_rows, self.expert_lanes)
+        if self.pool.parallel(per_expert * m.cols * n_rows):
+            vector.EXPERTS[kernel](used, starts, per_expert, *weights, *inputs, *scratch, out)
+            return
+        for e in used:
+            a, b, w0 = starts[e], starts[e + 1], e * per_expert
+            kernel(0, per_expert, 0, *(w[w0 : w0 + per_expert] for w in weights), *(v[a:b] for v in inputs), *scratch,
+                   out[a:b])
 
     def matmul_stacked(self, m: Matrix | Parts, x: Activations, n_tok: int, out: np.ndarray) -> None:
         """A stacked product: one, or one per part where the parts' types differ, each part's
@@ -303,22 +332,19 @@ class Engine:
         n_chosen = vector.route(self.router_logits[:n], k, spec.expert_weights_norm, self.chosen[:n],
                                 self.expert_weights[:n], self.pair_order[: k * n], self.pair_rows[: k * n],
                                 self.expert_starts, self.used_experts)
-        for i in range(n_chosen):
-            e = int(self.used_experts[i])
-            a, b = int(self.expert_starts[e]), int(self.expert_starts[e + 1])
-            if b - a == n:  # every row chose it (always, decoding one sequence): its rows are xb's
-                x = self.xb
-            else:
-                x = self.expert_x
-                x.take_rows(self.xb, self.pair_rows[a:b])
-            h13 = self.h13[: b - a]
-            self.matmul_stacked(experts.w13[e], x, b - a, h13)
-            vector.silu_mul(h13, self.ffn.local[a:b])
+        x, h13 = self.expert_x, self.expert_h13[: k * n]
+        x.take_rows(self.xb, self.pair_rows[: k * n])  # each (row, choice) pair's input row, in routing order
+        col = 0
+        for part in experts.w13:  # one part, or w1's then w3's where their types differ
+            width = part.rows // experts.n
+            out = h13 if width == h13.shape[1] else self._part_out[width][: k * n]
+            self.matmul_experts(part, experts.n, x, n_chosen, out)
+            if out is not h13:
+                h13[:, col : col + width] = out
+            col += width
+        vector.silu_mul(h13, self.ffn.local[: k * n])
         self.ffn.gather(k * n)
-        for i in range(n_chosen):
-            e = int(self.used_experts[i])
-            a, b = int(self.expert_starts[e]), int(self.expert_starts[e + 1])
-            self.matmul(experts.w2[e], self.ffn, b - a, self.expert_out[a:b], row0=a)
+        self.matmul_experts(experts.w2, experts.n, self.ffn, n_chosen, self.expert_out[: k * n])
         vector.combine_experts(self.expert_out[: k * n], self.pair_order[: k * n], self.expert_weights[:n],
                                self.dim_out.local[:n])
 

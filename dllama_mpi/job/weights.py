@@ -76,17 +76,29 @@ class Parts:
         return sum(m.nbytes for m in self.parts)
 
 
+def stacked(matrices: list[Matrix]) -> Matrix:
+    """Matrices of one type and width as one, their rows one after another."""
+    def rows(name: str):
+        return None if getattr(matrices[0], name) is None else np.concatenate([getattr(m, name) for m in matrices])
+
+    m = matrices[0]
+    return Matrix(m.type, sum(m.rows for m in matrices), m.cols, w=rows("w"), d=rows("d"), qs=rows("qs"))
+
+
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts FFN's local rows: every expert's stacked w1/w3 rows and its w2 rows
-    (the plan's ffn and dim rows of each expert, as of a dense FFN)."""
+    """A mixture-of-experts FFN's local rows (the plan's ffn and dim rows of each expert, as of
+    a dense FFN), every expert's in one matrix per product, expert after expert, so that one
+    kernel call runs all of a step's chosen experts (vector.EXPERTS): w13 holds each expert's
+    w1 rows then its w3 rows (a part per type where the two differ, as Parts), w2 its w2 rows."""
 
-    w13: tuple[Matrix | Parts, ...]  # (n_experts,)
-    w2: tuple[Matrix, ...]  # (n_experts,)
+    n: int  # experts
+    w13: tuple[Matrix, ...]  # one part, or two (w1, w3) where their types differ; each n x its rows per expert
+    w2: Matrix  # n x own dim rows
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.w13 + self.w2)
+        return sum(m.nbytes for m in self.w13) + self.w2.nbytes
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         try:
             for name, info in layout.items():
                 _put(tensors, name, model.read(name), info)
+                _experts_done(tensors, name, spec.n_experts)
         except ModelFileError as exc:
             problem = str(exc)
         if problems := [p for p in comm.allgather_obj(problem) if p]:
@@ -127,20 +140,31 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         tensors = {}
         for name, info in layout.items():
             _put(tensors, name, _scattered(comm, plan, model, name, info), info)
-    layers = tuple(_layer(tensors, f"layers/{i}/", spec.n_experts) for i in range(spec.n_layers))
+            _experts_done(tensors, name, spec.n_experts)
+    layers = tuple(_layer(tensors, f"layers/{i}/") for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
     return LocalWeights(layers, tensors["norm"], embedding, classifier)
 
 
-def _layer(tensors: dict, prefix: str, n_experts: int) -> dict:
-    """One layer's local tensors, taken out of `tensors` (an expert's under "experts/E/")."""
-    names = [n for n in tensors if n.startswith(prefix)]
-    layer = {n[len(prefix):]: tensors.pop(n) for n in names if not n.startswith(prefix + "experts/")}
-    if n_experts:
-        expert = [f"{prefix}experts/{e}/" for e in range(n_experts)]
-        layer["experts"] = Experts(tuple(tensors.pop(p + "w13") for p in expert), tuple(tensors.pop(p + "w2") for p in expert))
-    return layer
+def _layer(tensors: dict, prefix: str) -> dict:
+    """One layer's local tensors, taken out of `tensors`."""
+    return {n[len(prefix):]: tensors.pop(n) for n in [n for n in tensors if n.startswith(prefix)]}
+
+
+def _stack_experts(tensors: dict, prefix: str, n_experts: int) -> None:
+    """A layer's experts, each loaded as its own w13 and w2, become one Experts (a layer at a
+    time, so loading holds at most one layer's experts twice)."""
+    each = [(tensors.pop(f"{prefix}experts/{e}/w13"), tensors.pop(f"{prefix}experts/{e}/w2")) for e in range(n_experts)]
+    parts = [w13.parts if isinstance(w13, Parts) else (w13,) for w13, _ in each]
+    tensors[prefix + "experts"] = Experts(n_experts, tuple(stacked(list(p)) for p in zip(*parts, strict=True)),
+                                          stacked([w2 for _, w2 in each]))
+
+
+def _experts_done(tensors: dict, name: str, n_experts: int) -> None:
+    """After the last tensor of a layer's experts (tensor_layout's order), stack them."""
+    if n_experts and name.endswith(f"/experts/{n_experts - 1}/w3"):
+        _stack_experts(tensors, name.split("experts/")[0], n_experts)
 
 
 # products that read the same input, stacked into one matrix (one product, one parallel

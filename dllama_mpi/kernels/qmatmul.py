@@ -948,3 +948,63 @@ def matmul_k_f32(wq, wd, xt, lanes_i, lanes_f, out):
 PARALLEL = {q_q80_rows: matmul_q_q80, q_f32_rows: matmul_q_f32, k_f32_rows: matmul_k_f32}
 if k_q80_rows is not q_q80_rows:  # portable: the k-quants have their own; the x86 tiles take every weight kind
     PARALLEL[k_q80_rows] = matmul_k_q80
+
+
+# --- a mixture of experts' products: every chosen expert in one parallel region -----------------
+# Expert e's weights are rows [e P, (e + 1) P) of one matrix stacking every expert's rows (P per
+# expert); its tokens are rows [starts[e], starts[e + 1]) of the inputs and outputs (the routing's
+# order, vector.route). Tasks are (expert, row chunk) pairs, each with scratch lanes of its own
+# (lanes_i/f: max(experts, CHUNKS) rows); each computes its rows with the serial rows kernel, so a
+# result is the same bits as the expert's product alone.
+
+
+@njit(**_opts)
+def expert_chunks(n_used, per_expert):
+    """Row chunks per chosen expert: enough tasks for the threads when few experts are chosen."""
+    return max(1, min(per_expert, CHUNKS // n_used))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def experts_q_q80(used, starts, per_expert, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    chunks = expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        q_q80_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, wq[w0 : w0 + per_expert],
+                   wd[w0 : w0 + per_expert], xq[a:b], xsum[a:b], xd[a:b], lanes_i, lanes_f, out[a:b])
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def experts_k_q80(used, starts, per_expert, wq, wd, xq, xsum, xd, lanes_i, lanes_f, out):
+    chunks = expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        k_q80_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, wq[w0 : w0 + per_expert],
+                   wd[w0 : w0 + per_expert], xq[a:b], xsum[a:b], xd[a:b], lanes_i, lanes_f, out[a:b])
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def experts_q_f32(used, starts, per_expert, wq, wd, xt, lanes_i, lanes_f, out):
+    chunks = expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        q_f32_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, wq[w0 : w0 + per_expert],
+                   wd[w0 : w0 + per_expert], xt[a:b], lanes_i, lanes_f, out[a:b])
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def experts_k_f32(used, starts, per_expert, wq, wd, xt, lanes_i, lanes_f, out):
+    chunks = expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        k_f32_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, wq[w0 : w0 + per_expert],
+                   wd[w0 : w0 + per_expert], xt[a:b], lanes_i, lanes_f, out[a:b])
+
+
+# the experts' driver of each rows kernel
+EXPERTS = {q_q80_rows: experts_q_q80, q_f32_rows: experts_q_f32, k_f32_rows: experts_k_f32}
+if k_q80_rows is not q_q80_rows:
+    EXPERTS[k_q80_rows] = experts_k_q80

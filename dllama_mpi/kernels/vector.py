@@ -263,6 +263,28 @@ def matmul_f16(w, x, out):
 PARALLEL = {f32_rows: matmul_f32, f16_rows: matmul_f16, **qmatmul.PARALLEL}  # each rows kernel's parallel driver
 
 
+# a mixture of experts' products of float weights, as qmatmul's experts_* (see there)
+@njit(parallel=True, **_opts)
+def experts_f32(used, starts, per_expert, w, x, out):
+    chunks = qmatmul.expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        f32_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, w[w0 : w0 + per_expert], x[a:b], out[a:b])
+
+
+@njit(parallel=True, **_opts)
+def experts_f16(used, starts, per_expert, w, x, out):
+    chunks = qmatmul.expert_chunks(used.shape[0], per_expert)
+    for task in prange(used.shape[0] * chunks):
+        e, c = used[task // chunks], task % chunks
+        a, b, w0 = starts[e], starts[e + 1], e * per_expert
+        f16_rows(c * per_expert // chunks, (c + 1) * per_expert // chunks, task, w[w0 : w0 + per_expert], x[a:b], out[a:b])
+
+
+EXPERTS = {f32_rows: experts_f32, f16_rows: experts_f16, **qmatmul.EXPERTS}  # each rows kernel's experts driver
+
+
 @njit(parallel=True, fastmath=True, **_opts)
 def read_sum(buf):
     """Sum of buf (f64): the memory read-bandwidth probe of the benchmark. fastmath lets each
