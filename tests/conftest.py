@@ -65,7 +65,7 @@ def compiled_kernels() -> None:
     from dllama_mpi.kernels import vector
     from dllama_mpi.model import quant
 
-    vector.warm_up(quant.WEIGHT_TYPES)
+    vector.warm_up(quant.WEIGHT_TYPES, experts=True)
 
 
 JOB_TIERS = ("jobs", "serve", "slurm", "tools")  # pyproject.toml's markers; a test in none of them is a unit test

@@ -134,9 +134,9 @@ def choose(comm: Comm, model_path, budgets: Budgets, max_seq_len: int | None, bu
     spec = _spec_of(comm, model_path)
     max_seq_len = max_seq_len or min(spec.seq_len, DEFAULT_MAX_SEQ_LEN)
     if comm.rank == 0:  # numba compiles once, on rank 0, into its cache; the others then load it
-        vector.warm_up(spec.weight_types(), (kv_type,))
+        vector.warm_up(spec.weight_types(), (kv_type,), spec.moe)
     comm.sleeping_barrier()
-    vector.warm_up(spec.weight_types(), (kv_type,))
+    vector.warm_up(spec.weight_types(), (kv_type,), spec.moe)
     if comm.rank == 0:
         print(f"--memory-budget auto: measuring each rank's speed on this model's products ({spec.weights_text} weights, "
               f"{buffer_type} buffers) ...", file=sys.stderr, flush=True)

@@ -116,10 +116,10 @@ def open_job(comm: Comm, model_path: str | Path | None, budgets: Budgets | tuple
     # numba compiles once, on rank 0, into its cache; the other ranks then load it
     if comm.rank == 0:
         with SaidIfSlow(f"compiling kernels (once; cached in {vector.cache_dir()})"):
-            vector.warm_up(plan.spec.weight_types(), (launch.kv_type,))
+            vector.warm_up(plan.spec.weight_types(), (launch.kv_type,), plan.spec.moe)
     comm.sleeping_barrier()  # a spinning wait would take cores from the compiler
     if comm.rank != 0:
-        vector.warm_up(plan.spec.weight_types(), (launch.kv_type,))
+        vector.warm_up(plan.spec.weight_types(), (launch.kv_type,), plan.spec.moe)
     t_load = time.perf_counter()
     with SaidIfSlow(f"loading the weights ({plan.weight_bytes(0) / 2**20:.0f} MiB on rank 0)", comm.rank == 0):
         weights = load(comm, plan, model)

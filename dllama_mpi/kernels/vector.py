@@ -764,11 +764,13 @@ def cache_dir() -> str:
     return matmul_f32._cache.cache_path
 
 
-def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (quant.DEFAULT_KV_TYPE,)) -> None:
+def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (quant.DEFAULT_KV_TYPE,),
+            experts: bool = False) -> None:
     """Compile (or load from numba's cache) every kernel the engine uses: the products of the
     types the converter can make from any source always, of the others (the k-quants, kept from
     GGUF files) only among `weight_types`, the model's: most models have none, and compiling
-    them costs seconds on a cold cache; the attention of the KV cache types `kv_types`."""
+    them costs seconds on a cold cache; the attention of the KV cache types `kv_types`; with
+    `experts`, a mixture of experts' routing and its products' drivers."""
     f32 = np.float32
     x = np.linspace(-1, 1, 64).astype(f32).reshape(1, 64)
     blocks, out = np.zeros((1, 2, 34), np.uint8), np.zeros((1, 64), f32)
@@ -798,9 +800,17 @@ def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (qua
         resolve(k.row)(qs[0], wd[0], 2, out[0])
         if pack := quant.ACTIVATIONS[t.activation].pack:
             resolve(pack)(np.zeros((1, quant.ACTIVATIONS[t.activation].block_values), f32), xq, xsum, xd)
+    one = np.ones(1, np.int64)
     for serial, args in products:
         PARALLEL[serial](*args, out[:, :3])
         serial(0, 3, 0, *args, out[:, :3])
+        if experts:  # expert 0 of one, its rows 0..2, on token 0
+            EXPERTS[serial](one - 1, np.array([0, 1]), 3, *args, out[:, :3])
+    if experts:
+        logits = x[:, :4].copy()
+        chosen, weights, order = np.zeros((1, 2), np.int64), np.zeros((1, 2), f32), np.zeros(2, np.int64)
+        route(logits, 2, True, chosen, weights, order, order.copy(), np.zeros(5, np.int64), np.zeros(4, np.int64))
+        combine_experts(out[:2], order, weights, out[:1])
     rmsnorm(x, x[0], 1e-5, out)
     rmsnorm_heads(out, 32, x[0, :32], 1e-5)
     rope(out, 32, x[:, :16], x[:, :16])
