@@ -202,7 +202,7 @@ CHUNK_VALUES = 1 << 22  # values converted at a time: a big tensor never exists 
 def _to_stored(name: str, source, spec: ModelSpec, info: TensorInfo) -> np.ndarray:
     """A source tensor in its stored type, converted a block of rows at a time. `source` is an
     array, or any object with .shape, .dtype and row slicing (a lazily read tensor), holding
-    floats of the dense shape or Q40/Q80/Q4K/Q6K blocks."""
+    floats of the dense shape or blocks of a quantized type (quant.block_type)."""
     kind = stored_type(spec, info)
     block = quant.block_type(source.dtype)
     blocks = block is not None
@@ -226,7 +226,7 @@ def write_model(path: str | os.PathLike, spec: ModelSpec, tensors: Iterable[tupl
     """Write a model atomically: to a temporary beside `path` (atomic_output.Temporary), renamed
     on success, so an interrupted conversion leaves nothing at `path`.
 
-    `tensors` yields (name, array) one at a time (floats or Q40/Q80/Q4K/Q6K blocks, see
+    `tensors` yields (name, array) one at a time (floats or blocks of a quantized type, see
     _to_stored), so a converter holds about one tensor in memory. With a `plan`, `path` is a
     directory of per-rank shards, each with the rows the plan gives its rank."""
     path = Path(path)

@@ -29,8 +29,11 @@ class Matrix:
     rows: int
     cols: int
     w: np.ndarray | None = None  # f32: (rows, cols) f32; f16: (rows, cols) u16 bits
-    d: np.ndarray | None = None  # q40/q80: (rows, 16 G) u16 fp16 scales; q4k: (rows, 40 G) u8; q6k: (rows, 36 G) i8
-    qs: np.ndarray | None = None  # q40, q4k: (rows, 256 G) u8 nibbles; q80: (rows, 512 G) i8; q6k: (rows, 384 G) u8
+    # the kernels' layouts (qmatmul): d, the scales: q40/q80: (rows, 16 G) u16 fp16; q50: i16; q4k/q5k: (rows, 40 G)
+    # u8; q6k: (rows, 36 G) i8. qs, the codes: q40, q4k: (rows, 256 G) u8 nibbles; q50: (rows, 320 G) u8; q5k:
+    # (rows, 320 G) i8; q80: (rows, 512 G) i8; q6k: (rows, 384 G) u8
+    d: np.ndarray | None = None
+    qs: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:

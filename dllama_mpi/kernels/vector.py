@@ -9,7 +9,7 @@ Float operations run exactly as written (no fastmath): LLVM may not fuse, reorde
 vectorize a reduction differently in the serial kernel and in its parallel driver, which
 made results depend on the thread count.
 
-The quantized products (Q40/Q50/Q80/Q4K/Q6K weights) and their layouts are in qmatmul.py; Q80
+The quantized products (Q40/Q50/Q80/Q4K/Q5K/Q6K weights) and their layouts are in qmatmul.py; Q80
 activations travel as (T, nb, 34) u8 blocks (quant.Q80 as bytes: fp16 scale, 32 int8).
 """
 

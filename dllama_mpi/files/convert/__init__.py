@@ -28,7 +28,7 @@ class Source:
         modelfile.tensor_layout, q/k rows in the engine's interleaved RoPE layout (see
         convert.rope). An array is float values of the dense shape (f32/f16; bf16 widened
         to f32 by the reader), or quant.Q40 / Q50 / Q80 blocks of shape (rows, cols // 32) or
-        quant.Q4K / Q6K super-blocks (rows, cols // 256), which the writer keeps bit-exact
+        quant.Q4K / Q5K / Q6K super-blocks (rows, cols // 256), which the writer keeps bit-exact
         when the output type matches.
     tokenizer: anything with write_hdf5(group) (see dllama_mpi.files.tokenizer).
     files: the source files read, recorded with their sha256.
@@ -51,7 +51,7 @@ MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output"
 # What each stored type becomes when no --weights is given: the type itself where the engine
 # runs it (a record's gguf name), otherwise the nearest that loses nothing measurable. BF16
 # widens to f32 (a record's widens: f16 would clip its range); every other quantized type (Q4_1,
-# Q5_1, Q5_K, ...) is re-quantized to 8-bit blocks (REQUANTIZED): its values carry at most 6
+# Q5_1, Q3_K, ...) is re-quantized to 8-bit blocks (REQUANTIZED): its values carry at most 6
 # bits, which 8-bit blocks of 32 hold to within half a step of 1/127 of each block's largest
 # value (4-bit blocks would quantize them a second time, coarser than they are: issue 14's
 # damaged answers).

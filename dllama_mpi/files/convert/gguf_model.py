@@ -13,8 +13,8 @@ convert_hf_to_gguf.py and llama_model_rope_type):
   weights, biases and q/k norms go through rope.halves_to_interleaved.
 * llama3 RoPE scaling is not metadata: the converter bakes it into a `rope_freqs` tensor
   (head_dim/2 per-pair divisors); the parameters are recovered from it here.
-* Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K blocks are llama.cpp's block_q4_0 / block_q5_0 /
-  block_q8_0 / block_q4_K / block_q6_K = quant.Q40 / Q50 / Q80 / Q4K / Q6K, passed through
+* Q4_0 / Q5_0 / Q8_0 / Q4_K / Q5_K / Q6_K blocks are llama.cpp's block_q4_0 / block_q5_0 /
+  block_q8_0 / block_q4_K / block_q5_K / block_q6_K = quant.Q40 / Q50 / Q80 / Q4K / Q5K / Q6K, passed through
   bit-exact (quant.gguf_type); other quantized types are dequantized to f32 here. Each
   matrix's GGUF type goes to the converter (Source.native_types), which decides and says
   what it becomes (convert.choose_types).
