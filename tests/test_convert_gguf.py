@@ -563,3 +563,21 @@ def test_choose_types_keeps_what_runs_per_tensor():
     assert choose_types({**q4k, "output": "Q6_K", "layers/1/w2": "Q4_0"})[:2] == ("q4k", "output=q6k,layers/1/w2=q40")
     # Q4_0 and Q4_K in one stack: each its own
     assert choose_types({**q4k, "layers/0/wv": "Q4_0"})[:2] == ("q4k", "wv=q40")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (lambda w: (w.add_expert_count(4), w.add_expert_used_count(2), w.add_expert_shared_count(1)), "shared experts"),
+    (lambda w: (w.add_expert_count(4), w.add_expert_used_count(5)), r"expert_used_count <= llama.expert_count, found 5 of 4"),
+    (lambda w: (w.add_expert_count(4), w.add_expert_used_count(2), w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)),
+     "gating function 2"),
+])
+def test_mixtures_of_experts_it_cannot_run_are_refused_before_converting(tmp_path, extra, message):
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, "llama", stored_layout(hf_weights(np.random.default_rng(4), "llama"), "llama"), extra=extra)
+    with pytest.raises(ConvertError, match=message):
+        gguf_model.read(path, None)
+
+
+def test_an_old_mixtral_gguf_with_a_tensor_per_expert_says_to_convert_it_again():
+    with pytest.raises(ConvertError, match="convert the model again with a current llama.cpp"):
+        gguf_model._map_name("blk.0.ffn_gate.3.weight")
