@@ -101,7 +101,8 @@ def _header(path: Path) -> tuple[int, dict]:
         raise ConvertError(f"{path}: distributed-llama header lacks {missing}")
     arch = h.get("arch_type", ARCH_LLAMA)
     if arch == ARCH_QWEN3_MOE or h.get("n_experts", 0) > 0:
-        raise ConvertError(f"{path}: mixture-of-experts distributed-llama models are not supported")
+        raise ConvertError(f"{path}: mixture-of-experts distributed-llama models are not read; convert the model's "
+                           "Hugging Face checkpoint or a GGUF of it instead (qwen3_moe, qwen3moe: both supported)")
     if arch not in ARCH_NAMES:
         raise ConvertError(f"{path}: unknown distributed-llama architecture {arch:#x}")
     if h.get("hidden_act", 1) != 1:
