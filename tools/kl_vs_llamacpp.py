@@ -1,8 +1,9 @@
 """`python tools/kl_vs_llamacpp.py`: do we compute what llama.cpp computes on the same k-quant GGUF?
 
-1. writes a GGUF of a model shape (`--shape`, default `tiny`: dim 256, rows whole 256-value super-blocks) with
-   random F32 weights of standard deviation `--scale / sqrt(fan-in)` (peaked next-token distributions: with
-   llamacpp_compare's small random weights they are nearly uniform and any engine agrees);
+1. writes a GGUF of a model shape (`--shape`, default `tiny`: dim 256, rows whole 256-value super-blocks; `tiny-moe`:
+   a qwen3moe mixture of 8 experts, 2 a token, or with `--mixtral` the same experts as Mixtral, llama with experts)
+   with random F32 weights of standard deviation `--scale / sqrt(fan-in)`, a router's too (peaked next-token
+   distributions: with llamacpp_compare's small random weights they are nearly uniform and any engine agrees);
 2. llama.cpp's `llama-quantize` makes it `--type` (default Q4_K_M); `llama-perplexity --kl-divergence-base` saves
    llama.cpp's log-probabilities over `--text` in chunks of `--ctx`, attending in f32 as we do (no flash
    attention, an f32 KV cache) unless `--llama-attention default`;
@@ -13,11 +14,13 @@ It prints both engines' PPL, the KL divergence of ours from llama.cpp's distribu
 same token first. llama.cpp's binaries are tools/llamacpp_compare.py's (built on first use, minutes).
 
     python tools/kl_vs_llamacpp.py --ranks 1 2
+    python tools/kl_vs_llamacpp.py --shape tiny-moe --type Q8_0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -36,6 +39,7 @@ from llamacpp_compare import (
     add_llama_metadata,
     build_llama_bench,
     default_cache_dir,
+    gguf_arch,
     gguf_tensors,
     llama_quantize_path,
     run_capture,
@@ -48,12 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 def write_f32_gguf(path: Path, spec, scale: float, seed: int) -> None:
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), gguf_arch(spec))
     add_llama_metadata(w, spec)
     rng = np.random.default_rng(seed)
-    for name, shape, matrix in gguf_tensors(spec):
-        if matrix:
-            w.add_tensor(name, (rng.standard_normal(shape) * (scale / np.sqrt(shape[1]))).astype(np.float32))
+    for name, shape, _ in gguf_tensors(spec):
+        if len(shape) > 1:  # a matrix, every expert's matrix, a router
+            w.add_tensor(name, (rng.standard_normal(shape) * (scale / np.sqrt(shape[-1]))).astype(np.float32))
         else:
             w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
     w.write_header_to_file()
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/kl_vs_llamacpp.py", allow_abbrev=False,
                                 description="KL divergence of our engine from llama.cpp's on the same quantized GGUF.")
     p.add_argument("--shape", default="tiny", choices=sorted(shapes()), help="model shape (default: %(default)s)")
+    p.add_argument("--mixtral", action="store_true",
+                   help="write the mixture-of-experts --shape as Mixtral (GGUF architecture llama with experts, "
+                        "no q and k norms) instead of qwen3moe")
     p.add_argument("--type", default="Q4_K_M", help="llama-quantize's type (default: %(default)s)")
     p.add_argument("--pure", action="store_true", help="llama-quantize --pure: every matrix --type, no Q6_K mixture")
     p.add_argument("--scale", type=float, default=1.0,
@@ -81,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama.cpp's attention: in f32 (ours then --kv-type f32), or its defaults (flash attention "
                         "with f16 internals, an f16 KV cache; ours then its default f16 cache) (default: %(default)s)")
     args = p.parse_args(argv)
+    spec = shapes()[args.shape]
+    if args.mixtral and not spec.moe:
+        p.error(f"--mixtral: shape {args.shape} has no experts; give a mixture-of-experts shape such as tiny-moe")
+    if args.mixtral:
+        spec = dataclasses.replace(spec, architecture="mixtral", qk_norm=False)
     cache = default_cache_dir(LLAMA_CPP_PYTHON_VERSION)
     bench = build_llama_bench(cache, LLAMA_CPP_PYTHON_VERSION, jobs=2, niceness=19)
     perplexity = cache / "build" / "bin" / "llama-perplexity"
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        write_f32_gguf(t / "f32.gguf", shapes()[args.shape], args.scale, args.seed)
+        write_f32_gguf(t / "f32.gguf", spec, args.scale, args.seed)
         run_capture([str(llama_quantize_path(cache)), *(["--pure"] if args.pure else []), str(t / "f32.gguf"),
                      str(t / "q.gguf"), args.type, "2"], 3600, "kl_vs_llamacpp")
         _, err = run_capture([str(perplexity), "-m", str(t / "q.gguf"), "-f", str(args.text), "-c", str(args.ctx),
@@ -97,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                               "--kl-divergence-base", str(t / "llama.kld")], 3600, "kl_vs_llamacpp")
         final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", err)
         pure = " --pure" if args.pure else ""
-        print(f"{args.shape} {args.type}{pure} (random weights, scale {args.scale}, seed {args.seed}), text "
+        mixtral = " as Mixtral" if args.mixtral else ""
+        print(f"{args.shape}{mixtral} {args.type}{pure} (random weights, scale {args.scale}, seed {args.seed}), text "
               f"{args.text.name}, chunks of {args.ctx}; llama.cpp {bench.parent.parent.name}, attention "
               f"{args.llama_attention}: PPL = {final[1]} +/- {final[2]}")
         converted = subprocess.run([sys.executable, "-m", "dllama_mpi", "convert", str(t / "q.gguf"), str(t / "q.h5")],
