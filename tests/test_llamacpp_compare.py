@@ -621,3 +621,52 @@ def _dump(model: Path, out: Path, tokens: list[int]) -> dict:
     subprocess.run([sys.executable, str(REPO / "tests" / "engine_dump.py"), str(model), str(out), "--budgets", "1",
                     "--tokens", *map(str, tokens), "--steps", "24"], check=True, capture_output=True, timeout=120)
     return dict(np.load(out))
+
+
+def test_greedy_tool_reads_llama_cpp_session_ids(tmp_path):
+    """--gguf's llama.cpp ids: a session file's header (llama.h's magic and version 10, a count, int32 ids, then the
+    state, ignored) and the prompt length llama-completion --verbose-prompt logs; another file is refused."""
+    from greedy_vs_llamacpp import SESSION_MAGIC, prompt_count, session_tokens
+
+    path = tmp_path / "session.bin"
+    path.write_bytes(np.array([SESSION_MAGIC, 10, 3], np.uint32).tobytes() + np.array([785, 6722, 151643], np.int32).tobytes()
+                     + b"state")
+    assert session_tokens(path) == [785, 6722, 151643]
+    path.write_bytes(np.array([SESSION_MAGIC, 9, 0], np.uint32).tobytes())
+    with pytest.raises(SystemExit, match="version 9"):
+        session_tokens(path)
+    assert prompt_count("0.01.063.557 I llama_completion: number of tokens in prompt = 4\n") == 4
+    with pytest.raises(SystemExit, match="no prompt length"):
+        prompt_count("")
+
+
+def test_greedy_tool_compares_steps():
+    """compare_greedy: equal steps up to the first divergence, our margins there (top-1 over top-2, ours over
+    llama.cpp's token), and llama.cpp's early stop at an end-of-generation token, equal where ours takes one."""
+    from dllama_mpi.serving.request import TokenLogprob
+    from greedy_vs_llamacpp import compare_greedy, llama_greedy_command
+
+    def step(*top):  # (token, log-probability), most likely first
+        return TokenLogprob(top[0][0], top[0][1], top)
+
+    steps = [step((5, -0.1), (6, -2.0)), step((7, -0.5), (8, -0.55), (9, -3.0)), step((2, -0.2), (3, -4.0))]
+    same = compare_greedy([5, 7, 2], steps, (2,), 3)
+    assert (same["equal"], same["compared"], same["divergence"]) == (3, 3, None)
+    assert same["our_margins"] == pytest.approx([1.9, 0.05, 3.8])
+    split = compare_greedy([5, 8, 1], steps, (2,), 3)
+    assert split["equal"] == 1
+    assert split["divergence"]["step"] == 1 and split["divergence"]["ours"] == 7 and split["divergence"]["llama"] == 8
+    assert split["divergence"]["our_margin_over_llama"] == pytest.approx(0.05) and split["divergence"]["llama_rank_in_ours"] == 2
+    far = compare_greedy([5, 4, 1], steps, (2,), 3)["divergence"]
+    assert far["our_margin_over_llama"] is None and far["llama_rank_in_ours"] is None  # not in our top
+    ended = compare_greedy([5, 7], steps, (2,), 3)  # llama.cpp stopped at an end-of-generation token; ours took 2
+    assert (ended["equal"], ended["compared"], ended["llama_ended"], ended["divergence"]) == (3, 3, True, None)
+    ended_alone = compare_greedy([5, 7], steps, (9,), 3)
+    assert ended_alone["equal"] == 2 and ended_alone["divergence"]["llama"] is None
+
+    command = llama_greedy_command(Path("llama-completion"), Path("m.gguf"), "Hi", 32, 40, "no-fa")
+    assert command[:9] == ["llama-completion", "-m", "m.gguf", "-p", "Hi", "-n", "32", "-c", "40"]
+    assert {"--temp", "--top-k", "-no-cnv", "--no-display-prompt", "--verbose-prompt"} <= set(command)
+    assert command[-3:] == ["--verbose-prompt", "-fa", "off"]
+    assert llama_greedy_command(Path("b"), Path("m"), "Hi", 1, 2, "f32")[-6:] == ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
+    assert "-fa" not in llama_greedy_command(Path("b"), Path("m"), "Hi", 1, 2, "default")
