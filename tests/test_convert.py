@@ -73,7 +73,7 @@ def test_tools_script_and_console_command(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: f.attrs.__setitem__("format_version", 99), "format version 1 to 2, found"),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "format version 1 to 3, found"),
     (lambda f: f.__delitem__("layers/2/wk"), "tensor 'layers/2/wk' is missing"),
     (lambda f: f.attrs.__setitem__("n_heads", 5), "n_heads (5) must be a multiple of n_kv_heads"),
     (lambda f: f.attrs.__setitem__("dim", 96), "should be"),

@@ -90,7 +90,7 @@ def _damaged(tmp_path, source, damage):
     ("missing", "does not exist", 2),
     ("not-hdf5", "is not an HDF5 file", 2),
     ("truncated", "truncated", 2),
-    (lambda f: f.attrs.__setitem__("format_version", 99), "expected a dllama_mpi model file of format version 1 to 2", 2),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "expected a dllama_mpi model file of format version 1 to 3", 2),
     (lambda f: f.attrs.__setitem__("n_heads", 5), "n_heads (5) must be a multiple of n_kv_heads", 2),
     (lambda f: f.attrs.__setitem__("dim", 96), "the file is inconsistent", 2),
     ("flipped", "tensor 'layers/1/w1' can't be read", 2),
