@@ -138,3 +138,30 @@ def test_info_prints_attributes_tensors_and_plan(models):
     assert "shards" in text.splitlines()[0] and "plan_budgets" in text
     assert "weights MiB" in text and "layers/0/wq" in text and "q40" in text
     assert "source_sha256" in info(models["whole"])
+
+
+def test_a_mixture_of_experts_in_shards_gives_the_whole_file_s_logits(tmp_path):
+    """Each shard holds its rows of every expert (and every router): the same bits as the
+    unsplit file on the same split."""
+    from dllama_mpi.files.modelfile import write_model
+    from dllama_mpi.files.synthetic import synthetic_tensors
+    from dllama_mpi.files.tokenizer import Tokenizer
+
+    spec = ModelSpec(dim=128, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512,
+                     seq_len=64, architecture="qwen3moe", qk_norm=True, n_experts=6, n_experts_used=2,
+                     expert_weights_norm=True, weight_type="q40")
+    budgets = ["2", "1"]
+    plan = make_plan(spec, [2, 1])
+    whole, shards = tmp_path / "whole.h5", tmp_path / "shards"
+    for path, split in ((whole, None), (shards, plan)):
+        write_model(path, spec, synthetic_tensors(spec, 3), Tokenizer.synthetic(512), {"source": "test"}, plan=split)
+    for r in range(2):
+        with h5py.File(shards / f"shard-{r}-of-2.h5", "r") as f:
+            assert f["layers/1/experts/5/w3"].shape[0] == plan.rows("w1", r)[1] - plan.rows("w1", r)[0]
+            assert f["layers/1/experts/5/w2"].shape[0] == plan.rows("w2", r)[1] - plan.rows("w2", r)[0]
+            assert f["layers/1/router"].shape == (6, 128)
+    a, b = _dump(whole, budgets, tmp_path / "a.npz"), _dump(shards, budgets, tmp_path / "b.npz")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    a, b = np.load(tmp_path / "a.npz")["logits"], np.load(tmp_path / "b.npz")["logits"]
+    assert a.shape == (len(TOKENS), 512)
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
