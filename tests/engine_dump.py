@@ -47,7 +47,7 @@ def main() -> int:
         greedy = []
         if args.steps:
             job = open_job(comm, args.model, tuple(args.budgets), buffer_type=args.buffer,
-                           max_seq_len=len(args.tokens) + args.steps + 1)
+                           max_seq_len=len(args.tokens) + args.steps + 1, kv_type=args.kv_type)
             greedy = generate(job, list(args.tokens) if comm.rank == 0 else None, args.steps, stop_ids=())["generated"]
         if comm.rank == 0:
             np.savez(args.out, logits=logits, greedy=np.array(greedy, dtype=np.int64))
