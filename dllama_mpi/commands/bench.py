@@ -4,7 +4,8 @@
 The models have random Q40 weights (speed does not depend on values), generated once and
 cached on disk; or --model measures a given model file (or shard directory). Besides
 tokens/s it measures, in the same run, the node's memory read bandwidth, and reports the
-decode roofline fraction = tokens/s x weight bytes read per token / bandwidth. With
+decode roofline fraction = tokens/s x weight bytes read per token / bandwidth (a mixture of
+experts reads its chosen experts' share, n_experts_used of n_experts, on average). With
 --depths N ..., it also measures decode after a prompt of N tokens (N in the KV cache). With
 --rows R ..., it also times forward passes of R tokens at one position (what R sequences
 decoding together cost per step) and reports R x steps / time for each R.
@@ -250,12 +251,16 @@ def run(comm, args) -> dict | None:
                            + job.plan.kv_cache_bytes(comm.rank, engine.max_seq_len, args.kv_type)) / 2**20,
             "weight_bytes": job.weights.nbytes - (job.weights.embedding.nbytes
                                                       if not spec.shared_classifier else 0),
+            # of which a decoded token reads its experts' share in a mixture of experts (k of n, on average)
+            "unread_bytes": sum(layer["experts"].nbytes for layer in job.weights.layers if "experts" in layer)
+            * (1 - spec.n_experts_used / spec.n_experts) if spec.moe else 0,
             "threads": n_threads,
         }
         bandwidth = _read_bandwidth(comm)  # after the RSS reading: its buffer is not the model's
         rows = comm.gather_obj(mine)
         if comm.rank == 0:
-            weight_bytes = sum(m["weight_bytes"] for m in rows)  # read once per decoded token
+            weight_bytes = sum(m["weight_bytes"] for m in rows)  # what was loaded
+            read_bytes = weight_bytes - sum(m["unread_bytes"] for m in rows)  # read once per decoded token
             tps = float(np.median(decode))
             results[buffer_type] = {
                 "shape": label, "model": str(path), "world_size": comm.size, "budgets": list(budgets.ratios),
@@ -266,8 +271,8 @@ def run(comm, args) -> dict | None:
                 "prefill_to_decode_ratio": {k: v / tps for k, v in prefill.items()},
                 "time_to_first_token_s": ttft, "load_s": load_s,
                 "load_gb_s": weight_bytes / load_s / 1e9,
-                "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-                "roofline_fraction": tps * weight_bytes / (bandwidth * 1e9),
+                "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": read_bytes,
+                "roofline_fraction": tps * read_bytes / (bandwidth * 1e9),
                 "bytes_sent_per_token": [m["sent"] for m in rows],
                 "loopback_bytes_per_token": None if loopback_0 is None or loopback_1 is None
                 else (loopback_1 - loopback_0) / (args.repeat * (SHORT_PROMPT + args.decode_steps)),
