@@ -27,6 +27,9 @@ VARIANTS = {  # the architecture features, each on top of RANDOM_SPEC
     "qwen3moe": {"architecture": "qwen3moe", "qk_norm": True, "hidden_dim": 96, "n_experts": 6, "n_experts_used": 2,
                  "expert_weights_norm": True},
     "moe-unnormalised": {"architecture": "mixtral", "hidden_dim": 64, "n_experts": 4, "n_experts_used": 3},
+    # experts whose w1 and w3 differ in type: two products a layer, each over every expert
+    "moe-mixed-w13": {"architecture": "qwen3moe", "qk_norm": True, "hidden_dim": 96, "n_experts": 6, "n_experts_used": 2,
+                      "expert_weights_norm": True, "tensor_types": "w3=q80"},
 }
 
 
@@ -136,7 +139,7 @@ def test_kv_cache_is_sized_by_max_seq_len(random_models):
     assert job.engine.kv_cache_bytes == 3 * job.plan.kv_cache_bytes(0, 20, "f16") == 2 * 2 * 2 * 3 * 20 * 2 * 64  # f16
 
 
-@pytest.mark.parametrize("model", ["q40", "qwen3moe"])
+@pytest.mark.parametrize("model", ["q40", "qwen3moe", "moe-mixed-w13"])
 @pytest.mark.parametrize("buffer_type", ["f32", "q80"])
 def test_batched_prefill_equals_token_by_token(random_models, variant_models, buffer_type, model):
     """A block of tokens through forward_block gives the last token's logits bit for bit as

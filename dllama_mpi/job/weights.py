@@ -79,15 +79,6 @@ class Parts:
         return sum(m.nbytes for m in self.parts)
 
 
-def stacked(matrices: list[Matrix]) -> Matrix:
-    """Matrices of one type and width as one, their rows one after another."""
-    def rows(name: str):
-        return None if getattr(matrices[0], name) is None else np.concatenate([getattr(m, name) for m in matrices])
-
-    m = matrices[0]
-    return Matrix(m.type, sum(m.rows for m in matrices), m.cols, w=rows("w"), d=rows("d"), qs=rows("qs"))
-
-
 @dataclass(frozen=True)
 class Experts:
     """A mixture-of-experts FFN's local rows (the plan's ffn and dim rows of each expert, as of
@@ -134,7 +125,7 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         try:
             for name, info in layout.items():
                 _put(tensors, name, model.read(name), info)
-                _experts_done(tensors, name, spec.n_experts)
+                _experts_done(tensors, name, spec)
         except ModelFileError as exc:
             problem = str(exc)
         if problems := [p for p in comm.allgather_obj(problem) if p]:
@@ -143,7 +134,7 @@ def load(comm: Comm, plan: Plan, model: ModelFile | None) -> LocalWeights:
         tensors = {}
         for name, info in layout.items():
             _put(tensors, name, _scattered(comm, plan, model, name, info), info)
-            _experts_done(tensors, name, spec.n_experts)
+            _experts_done(tensors, name, spec)
     layers = tuple(_layer(tensors, f"layers/{i}/") for i in range(spec.n_layers))
     embedding = tensors["tok_embeddings"]
     classifier = embedding if spec.shared_classifier else tensors["output"]
@@ -155,19 +146,23 @@ def _layer(tensors: dict, prefix: str) -> dict:
     return {n[len(prefix):]: tensors.pop(n) for n in [n for n in tensors if n.startswith(prefix)]}
 
 
-def _stack_experts(tensors: dict, prefix: str, n_experts: int) -> None:
-    """A layer's experts, each loaded as its own w13 and w2, become one Experts (a layer at a
-    time, so loading holds at most one layer's experts twice)."""
-    each = [(tensors.pop(f"{prefix}experts/{e}/w13"), tensors.pop(f"{prefix}experts/{e}/w2")) for e in range(n_experts)]
-    parts = [w13.parts if isinstance(w13, Parts) else (w13,) for w13, _ in each]
-    tensors[prefix + "experts"] = Experts(n_experts, tuple(stacked(list(p)) for p in zip(*parts, strict=True)),
-                                          stacked([w2 for _, w2 in each]))
+def _stack_experts(tensors: dict, prefix: str, n_experts: int, cols: dict[str, int]) -> None:
+    """A layer's experts, their stored rows, become one Experts: each product's rows of every
+    expert packed at once (a layer at a time, so loading holds at most one layer's experts
+    twice). cols: the row length of w1 (w3's) and w2."""
+    rows = {kind: [tensors.pop(f"{prefix}experts/{e}/{kind}") for e in range(n_experts)] for kind in ("w1", "w2", "w3")}
+    if rows["w1"][0].dtype == rows["w3"][0].dtype:  # expert by expert: its w1 rows, then its w3 rows
+        w13 = (np.concatenate([a for pair in zip(rows["w1"], rows["w3"], strict=True) for a in pair]),)
+    else:  # a part a type: every expert's w1 rows, then every expert's w3 rows
+        w13 = (np.concatenate(rows["w1"]), np.concatenate(rows["w3"]))
+    tensors[prefix + "experts"] = Experts(n_experts, tuple(Matrix.from_stored(part, cols["w1"]) for part in w13),
+                                          Matrix.from_stored(np.concatenate(rows["w2"]), cols["w2"]))
 
 
-def _experts_done(tensors: dict, name: str, n_experts: int) -> None:
+def _experts_done(tensors: dict, name: str, spec) -> None:
     """After the last tensor of a layer's experts (tensor_layout's order), stack them."""
-    if n_experts and name.endswith(f"/experts/{n_experts - 1}/w3"):
-        _stack_experts(tensors, name.split("experts/")[0], n_experts)
+    if spec.moe and name.endswith(f"/experts/{spec.n_experts - 1}/w3"):
+        _stack_experts(tensors, name.split("experts/")[0], spec.n_experts, spec.matrix_cols())
 
 
 # products that read the same input, stacked into one matrix (one product, one parallel
@@ -181,6 +176,9 @@ def _put(tensors: dict, name: str, stored: np.ndarray, info) -> None:
     their types differ (converted once, layer by layer, so loading holds at most one layer's
     extra copies)."""
     prefix, _, short = name.rpartition("/")
+    if "/experts/" in name:  # an expert's rows wait, as stored, for the layer's other experts (_stack_experts)
+        tensors[name] = stored
+        return
     for stacked, parts in STACKED.items():
         if short in parts:
             tensors[name] = stored
