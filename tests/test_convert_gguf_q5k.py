@@ -8,10 +8,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import REPO, run_mpiexec  # noqa: E402
 from test_convert_gguf import (  # noqa: E402
     Q,
     _logits,
+    assert_same_bits_on_1_2_and_3_ranks,
     float_reference,
     hf_weights,
     k_dims,  # noqa: F401 (a fixture)
@@ -70,20 +70,5 @@ def test_a_q5_k_m_file_keeps_q5_k_bit_exact_and_gives_the_float_references_logit
 @pytest.mark.jobs
 def test_a_q5_k_m_model_gives_the_same_bits_on_1_2_and_3_ranks(tmp_path, k_dims):  # noqa: F811
     """With q80 buffers (the Q5_K products on Q8K activations, layer 0's stack of q5k and q6k parts)."""
-    import sys
-
-    from dllama_mpi.files.convert import convert
-
     path, *_ = q5km_like(tmp_path, np.random.default_rng(24))
-    convert(path, tmp_path / "m.h5", None, None)
-    dumps = []
-    for n, budgets in ((1, ["1"]), (2, ["1", "1"]), (3, ["3", "1", "2"])):
-        out = tmp_path / f"dump{n}.npz"
-        result = run_mpiexec(n, [sys.executable, str(REPO / "tests" / "engine_dump.py"), str(tmp_path / "m.h5"), str(out),
-                                 "--budgets", *budgets, "--tokens", "1", "5", "260", "77", "--steps", "8",
-                                 "--buffer", "q80"], timeout=180)
-        assert result.returncode == 0, result.stderr
-        dumps.append(np.load(out))
-    for other in dumps[1:]:
-        np.testing.assert_array_equal(other["logits"].view(np.uint32), dumps[0]["logits"].view(np.uint32))
-        assert other["greedy"].tolist() == dumps[0]["greedy"].tolist()
+    assert_same_bits_on_1_2_and_3_ranks(tmp_path, path)

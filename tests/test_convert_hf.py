@@ -118,12 +118,6 @@ def test_spec_records_the_architecture(converted):
     assert (spec.rope_scaling == "llama3") == (model_type == "llama")
 
 
-def _gguf_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"\u2581w{i}" for i in range(n - len(tokens))]
-    return tokens, [0.0] * 259 + [-float(i) for i in range(n - 259)], [2, 3, 3] + [6] * 256 + [1] * (n - 259)
-
-
 def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_type) -> dict:
     """The transformers model saved in hf_dir as llama.cpp's convert_hf_to_gguf writes it:
     qwen3moe (q/k as they are: NEOX RoPE) or Mixtral as arch llama (q/k rows permuted to
@@ -131,6 +125,8 @@ def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_typ
     `expert_type`. Returns the stacked expert tensors as written, by GGUF name."""
     import gguf
     from safetensors.numpy import load_file
+
+    from llamacpp_compare import spm_vocab
 
     c = model.config
     qwen = model_type == "qwen3_moe"
@@ -155,7 +151,7 @@ def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_typ
     w.add_expert_used_count(c.num_experts_per_tok)
     if qwen:
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    tokens, scores, types = _gguf_vocab(c.vocab_size)
+    tokens, scores, types = spm_vocab(c.vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
