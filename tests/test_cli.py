@@ -359,3 +359,11 @@ def test_dry_run_of_a_mixture_of_experts_still_to_convert_shows_each_rank_s_expe
         caps = [12, 6, 6]
         assert all(float(row[4]) <= 1024 * cap for row, cap in zip(rows[plan.world_size :], caps, strict=True))
         assert plan.weight_bytes(0) > max(plan.weight_bytes(1), plan.weight_bytes(2))
+
+
+def test_dry_run_of_a_source_it_cannot_size_says_to_convert_it_first(tmp_path):
+    source = tmp_path / "model.m"
+    source.write_bytes(b"\x00" * 256)
+    result = _dry_run("--model", str(source), "--memory-budget", "1")
+    assert result.returncode == 2, result.stderr
+    assert "convert it first (dllama-mpi-convert INPUT OUTPUT.h5)" in result.stderr and "Traceback" not in result.stderr

@@ -583,6 +583,17 @@ def test_mixtures_of_experts_it_cannot_run_are_refused_before_converting(tmp_pat
         gguf_model.read(path, None)
 
 
+def test_a_mixture_of_experts_gguf_saying_expert_weights_norm_is_read_as_llama_cpp_runs_it(tmp_path):
+    """gguf-py writes expert_weights_norm as a bool; llama.cpp's qwen3moe and llama builds
+    renormalise whatever it says, and so do we."""
+    path = tmp_path / "moe.gguf"
+    extra = lambda w: (w.add_expert_count(4), w.add_expert_used_count(2), w.add_expert_weights_norm(False))  # noqa: E731
+    write_gguf(path, "llama", stored_layout(hf_weights(np.random.default_rng(4), "llama"), "llama"), extra=extra)
+    fields = gguf_model.read(path, None).spec_fields
+    assert (fields["architecture"], fields["n_experts"], fields["n_experts_used"], fields["expert_weights_norm"]) == \
+        ("mixtral", 4, 2, True)
+
+
 def test_an_old_mixtral_gguf_with_a_tensor_per_expert_says_to_convert_it_again():
     with pytest.raises(ConvertError, match="convert the model again with a current llama.cpp"):
         gguf_model._map_name("blk.0.ffn_gate.3.weight")

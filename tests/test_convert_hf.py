@@ -226,3 +226,18 @@ def test_a_mixture_of_experts_gguf_gives_the_hugging_face_conversions_logits(tmp
     finally:
         stored.close()
 
+
+
+def test_experts_stored_fused_are_refused_saying_how_to_save_them(tmp_path):
+    """transformers >= 5 holds a layer's experts fused in memory (experts.gate_up_proj); a
+    checkpoint written from that state dict as it is can't be read expert by expert."""
+    from safetensors.torch import save_file
+
+    from dllama_mpi.files.convert import ConvertError
+
+    model = _build("qwen3_moe", tmp_path / "hf")
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ConvertError, match="stored fused .* save the model again with save_pretrained"):
+        convert(tmp_path / "hf", tmp_path / "m.h5", None, "f32")

@@ -286,3 +286,7 @@ def test_a_mixture_of_experts_is_shared_out_whole(budgets):
     vectors = sum(4 * math.prod(info.shape) for info in layout.values() if not info.matrix)
     plan = make_plan(spec, budgets)
     assert sum(plan.weight_bytes(r) for r in range(len(budgets))) == matrices + len(budgets) * vectors
+    # loading packs a layer's experts at a time: one layer's share of every expert, counted in the need
+    experts = sum(info.shape[0] * spec.resident_row_bytes(info.split, info.layer) for name, info in layout.items()
+                  if "/experts/" in name)
+    assert sum(plan.expert_layer_bytes(r) for r in range(len(budgets))) == experts // spec.n_layers

@@ -405,7 +405,8 @@ def _dry_run(argv) -> int:
           + (f" x {n_slots} slots" if n_slots > 1 else "") + f" x {kv_row} bytes (a head's row of {spec.head_dim} "
           f"values in {launch.kv_type}; --kv-type)")
     print(f"need = weights + KV + runtime {format_bytes(RUNTIME_BYTES)}"
-          + (f" + rank 0's load buffer {format_bytes(launch.load_buffer)} (the largest tensor)" if launch.load_buffer else ""))
+          + (f" + rank 0's load buffer {format_bytes(launch.load_buffer)} (the largest tensor)" if launch.load_buffer else "")
+          + (" + one layer's experts, held twice while loading packs them" if spec.moe else ""))
     # the nodes are not known here: each rank on a node of its own, of unknown memory
     check_fit(launch, budgets, [f"node of rank {r}" for r in range(plan.world_size)], [None] * plan.world_size)
     return 0

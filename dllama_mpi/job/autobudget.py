@@ -79,10 +79,11 @@ def _spec_of(comm: Comm, model_path) -> ModelSpec:
 
 
 def _max_shares(spec: ModelSpec, caps: list[int | None], max_seq_len: int, n_slots: int, kv_type: str) -> list[float]:
-    """The largest share each rank's memory allows (need grows with the share: weights and
-    KV cache; the runtime and rank 0's load buffer do not)."""
+    """The largest share each rank's memory allows (need grows with the share: weights, KV
+    cache and a mixture of experts' layer packed at load; the runtime and rank 0's load buffer
+    do not)."""
     whole = make_plan(spec, (1,))
-    per_share = whole.weight_bytes(0) + n_slots * whole.kv_cache_bytes(0, max_seq_len, kv_type)
+    per_share = whole.weight_bytes(0) + n_slots * whole.kv_cache_bytes(0, max_seq_len, kv_type) + whole.expert_layer_bytes(0)
     out = []
     for rank, cap in enumerate(caps):
         fixed = RUNTIME_BYTES + (largest_tensor_bytes(spec) if rank == 0 else 0)

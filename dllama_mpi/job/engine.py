@@ -74,7 +74,8 @@ class Activations:
 
     def take_rows(self, source: Activations, rows: np.ndarray) -> None:
         """Rows `rows` of source's values and product forms into this one's first len(rows)
-        (an expert's tokens of a step). mode="clip": the rows are valid, and "raise" buffers."""
+        (every (row, choice) pair's input row, in routing order). mode="clip": the rows are
+        valid, and "raise" buffers."""
         n = len(rows)
         np.take(source.f32, rows, axis=0, out=self.f32[:n], mode="clip")
         for form, codes in self.codes8.items():
@@ -229,7 +230,8 @@ class Engine:
         self.kv_of_head = np.array(plan.kv_head_of(comm.rank), dtype=np.int64)
         self.dim_out = GatheredActivations(comm, plan, "dim", spec.dim, t_max, buffer_type)  # wo / w2 output
         a, b = me.ffn_rows
-        self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
+        if not spec.moe:
+            self.h13 = np.zeros((t_max, 2 * (b - a)), F32)  # own w1 rows, then own w3 rows
         # a mixture of experts gathers k = n_experts_used hidden vectors a row, one per (row, choice)
         # pair, in the routing's order (vector.route): expert by expert, so each expert's pairs are
         # contiguous rows here, as its w2 product takes them
@@ -246,7 +248,8 @@ class Engine:
             self.expert_x = Activations(spec.dim, k * t_max, plan.activation_forms("xb", buffer_type))  # (k T, dim)
             self.expert_h13 = np.zeros((k * t_max, 2 * (b - a)), F32)  # (k T, own w1 rows, then own w3 rows)
             self.expert_out = np.zeros((k * t_max, _count(me.dim_rows)), F32)  # (k T, own dim rows)
-            self.expert_lanes = tuple(np.zeros((max(e, vector.CHUNKS), GROUP), t) for t in (np.int32, F32))  # a task's
+            # scratch lanes, one row per task: tasks <= max(experts chosen, CHUNKS) (qmatmul.expert_chunks)
+            self.expert_lanes = tuple(np.zeros((max(e, vector.CHUNKS), GROUP), t) for t in (np.int32, F32))
             self.ffn._plan_for(k)  # decoding's gather, made now
         # KV cache of own KV heads, per layer: codes (n_slots, n_local_kv, max_seq, head_dim) and
         # fp16 scale bits (n_slots, n_local_kv, max_seq, scales per row) in kv_type (vector.store_kv)
@@ -262,11 +265,10 @@ class Engine:
         stacks = [layer[k] for layer in weights.layers for k in ("wqkv", "w13") if k in layer]
         self._part_out = {m.rows: np.zeros((t_max, m.rows), F32) for stack in stacks if isinstance(stack, Parts)
                           for m in stack.parts}
-        for experts in (layer["experts"] for layer in weights.layers if "experts" in layer):
-            if len(experts.w13) > 1:  # w1's and w3's types differ: each part's rows of every (row, choice) pair
-                k = spec.n_experts_used
-                self._part_out.update({m.rows // experts.n: np.zeros((k * t_max, m.rows // experts.n), F32)
-                                       for m in experts.w13})
+        # experts whose w1 and w3 differ in type: each part's rows of every (row, choice) pair
+        widths = {m.rows // layer["experts"].n for layer in weights.layers if "experts" in layer
+                  and len(layer["experts"].w13) > 1 for m in layer["experts"].w13}
+        self._part_out.update({w: np.zeros((k * t_max, w), F32) for w in widths})
         # logits: rank 0 gets (m, vocab) for the m rows that want them. Each rank computes its
         # vocabulary span for the m rows, contiguous (m, own); they travel rank-major.
         vocab_spans = plan.segments("vocab")

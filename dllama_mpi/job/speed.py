@@ -104,8 +104,11 @@ class _Workload:
         self.layers = [first] + [layer(i) for i in range(1, self.copies)]  # the first layers' types stand for all
         self.outs = [np.zeros((1, m.rows), np.float32) for m, _ in first]
         # a mixture of experts' router: replicated, every rank's whatever its share
-        self.router = held_matrix("f32", spec.n_experts, spec.dim) if spec.moe else None
-        self.router_logits = np.zeros((1, spec.n_experts), np.float32)
+        if spec.moe:
+            self.router = held_matrix("f32", spec.n_experts, spec.dim)
+            self.router_logits = np.zeros((1, spec.n_experts), np.float32)
+        else:
+            self.router = None
         # the full-width vectors every rank prepares per layer, whatever its share
         self.replicated = [inputs["dim"], inputs["dim"], inputs["att"], inputs["dim"], inputs["ffn"], inputs["dim"]]
         self.classifier = held_matrix(spec.tensor_type("tok_embeddings" if spec.shared_classifier else "output"),

@@ -148,15 +148,23 @@ def _layer(tensors: dict, prefix: str) -> dict:
 
 def _stack_experts(tensors: dict, prefix: str, n_experts: int, cols: dict[str, int]) -> None:
     """A layer's experts, their stored rows, become one Experts: each product's rows of every
-    expert packed at once (a layer at a time, so loading holds at most one layer's experts
-    twice). cols: the row length of w1 (w3's) and w2."""
-    rows = {kind: [tensors.pop(f"{prefix}experts/{e}/{kind}") for e in range(n_experts)] for kind in ("w1", "w2", "w3")}
-    if rows["w1"][0].dtype == rows["w3"][0].dtype:  # expert by expert: its w1 rows, then its w3 rows
-        w13 = (np.concatenate([a for pair in zip(rows["w1"], rows["w3"], strict=True) for a in pair]),)
+    expert packed at once (a layer at a time, so loading holds one layer's experts twice at
+    most: plan.expert_layer_bytes, counted in a rank's need). cols: the row length of w1 (w3's)
+    and w2."""
+    def take(kind: str) -> list[np.ndarray]:
+        return [tensors.pop(f"{prefix}experts/{e}/{kind}") for e in range(n_experts)]
+
+    w1, w3 = take("w1"), take("w3")
+    if w1[0].dtype == w3[0].dtype:  # expert by expert: its w1 rows, then its w3 rows
+        parts = [np.concatenate([a for pair in zip(w1, w3, strict=True) for a in pair])]
     else:  # a part a type: every expert's w1 rows, then every expert's w3 rows
-        w13 = (np.concatenate(rows["w1"]), np.concatenate(rows["w3"]))
-    tensors[prefix + "experts"] = Experts(n_experts, tuple(Matrix.from_stored(part, cols["w1"]) for part in w13),
-                                          Matrix.from_stored(np.concatenate(rows["w2"]), cols["w2"]))
+        parts = [np.concatenate(w1), np.concatenate(w3)]
+    del w1, w3  # each product's rows are held twice at most: as stored, then packed
+    w13 = []
+    while parts:
+        w13.append(Matrix.from_stored(parts.pop(0), cols["w1"]))
+    w2 = np.concatenate(take("w2"))
+    tensors[prefix + "experts"] = Experts(n_experts, tuple(w13), Matrix.from_stored(w2, cols["w2"]))
 
 
 def _experts_done(tensors: dict, name: str, spec) -> None:

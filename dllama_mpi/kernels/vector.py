@@ -637,9 +637,11 @@ def silu_mul(h13, out):
 
 @njit(**_opts)
 def route(logits, n_used, normalize, chosen, weights, order, rows, starts, used):
-    """A mixture of experts' routing of T rows, as llama.cpp's: softmax over every expert's
-    router logit (f32, experts in order), the n_used largest (a tie: the lower expert first),
-    their probabilities, divided by their sum when `normalize`.
+    """A mixture of experts' routing of T rows, llama.cpp's algorithm (not its bits): softmax
+    over every expert's router logit (f32, experts in order), the n_used largest logits (a tie:
+    the lower expert first; llama.cpp ranks the probabilities, the same order but where two
+    logits round to one probability), their probabilities, divided by their sum (at least
+    llama.cpp's 2**-14) when `normalize`.
     logits (T, E) f32 -> chosen (T, k) i64, weights (T, k) f32. Then the step's (row, choice)
     pairs expert by expert, so each chosen expert's weights are read once per step: order
     (T k,) the pairs t k + j, experts ascending, rows ascending within one; rows (T k,) their

@@ -100,7 +100,8 @@ class ModelSpec:
             if not (isinstance(self.n_experts, int) and isinstance(self.n_experts_used, int)
                     and 1 <= self.n_experts_used <= self.n_experts <= MAX_SIZE):
                 problems.append(f"a mixture of experts needs 1 <= n_experts_used <= n_experts, got n_experts_used "
-                                f"{self.n_experts_used!r} of n_experts {self.n_experts!r}")
+                                f"{self.n_experts_used!r} of n_experts {self.n_experts!r} (a damaged header? convert "
+                                "the model again)")
         elif self.expert_weights_norm:
             problems.append("expert_weights_norm is set but the model has no experts (n_experts 0)")
         if self.architecture not in ARCHITECTURES:

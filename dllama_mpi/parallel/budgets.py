@@ -113,10 +113,13 @@ def format_bytes(n: float) -> str:
 def rank_need(plan: Plan, rank: int, max_seq_len: int, load_buffer: int, n_slots: int = 1, *,
               kv_type: str) -> dict[str, int]:
     """Bytes rank `rank` holds at its peak: weights, KV cache (of every slot: a server holds
-    n_slots sequences; in `kv_type`), runtime, and (rank 0 loading an unsplit file) the largest
-    tensor as read before it is scattered."""
+    n_slots sequences; in `kv_type`), runtime, (rank 0 loading an unsplit file) the largest
+    tensor as read before it is scattered, and (a mixture of experts) one layer's experts held
+    twice while loading packs them."""
     need = {"weights": plan.weight_bytes(rank), "kv": n_slots * plan.kv_cache_bytes(rank, max_seq_len, kv_type),
             "runtime": RUNTIME_BYTES}
+    if plan.spec.moe:
+        need["experts"] = plan.expert_layer_bytes(rank)
     if rank == 0 and load_buffer:
         need["load"] = load_buffer
     return need
@@ -189,7 +192,7 @@ def fit_problems(plan: Plan, budgets: Budgets, max_seq_len: int, load_buffer: in
 def _parts(need: dict[str, int], max_seq_len: int, n_slots: int, kv_type: str) -> str:
     kv = f"{n_slots} slots x {max_seq_len} tokens" if n_slots > 1 else f"{max_seq_len} tokens"
     names = {"weights": "weights", "kv": f"{kv_type} KV cache for {kv}", "runtime": "runtime",
-             "load": "load buffer"}
+             "load": "load buffer", "experts": "a layer's experts packed at load"}
     return " + ".join(f"{names[k]} {format_bytes(v)}" for k, v in need.items())
 
 

@@ -202,6 +202,16 @@ class Plan:
         tables = (vocab[1] - vocab[0]) * per_row
         return layers + spec.n_layers * vectors + tables + 4 * spec.dim
 
+    def expert_layer_bytes(self, rank: int) -> int:
+        """The largest layer's experts as `rank` holds them (0 for a dense model): loading holds
+        one layer's experts twice while it packs them (weights._stack_experts)."""
+        spec = self.spec
+        if not spec.moe:
+            return 0
+        rows = {k: self.rows(k, rank)[1] - self.rows(k, rank)[0] for k in ("w1", "w2", "w3")}
+        return max(spec.n_experts * sum(n * spec.resident_row_bytes(k, layer) for k, n in rows.items())
+                   for layer in range(spec.n_layers))
+
     def kv_cache_bytes(self, rank: int, max_seq_len: int, kv_type: str) -> int:
         """One slot's KV cache on `rank`: a key and a value row of each own KV head, at every
         layer and position, in `kv_type` (quant.KV_TYPES)."""

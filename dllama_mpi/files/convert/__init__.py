@@ -150,11 +150,15 @@ def source_spec(input_path: str | Path):
     source's metadata alone (a GGUF's header, a Hugging Face directory's config.json: its
     weights need not be there), for sizing a launch before converting."""
     from ...model.spec import ModelSpec
-    from . import hf
+    from . import gguf_model, hf
 
     input_path = Path(input_path)
-    if input_path.is_dir() and hf.sniff(input_path) and not any(input_path.glob("*.safetensors")):
+    if hf.sniff(input_path):
         return ModelSpec(**hf.config_spec_fields(input_path), weight_type=DEFAULT_WEIGHTS)
+    if not gguf_model.sniff(input_path):
+        raise ConvertError(f"{input_path} is neither a dllama_mpi model file (or shard directory) nor a source sized "
+                           "before converting (a GGUF file, a Hugging Face directory with config.json); convert it "
+                           "first (dllama-mpi-convert INPUT OUTPUT.h5), then give --dry-run the file it writes")
     source = read_source(input_path, None)
     if source.native_types:
         weights, tensor_types, _ = choose_types(source.native_types)

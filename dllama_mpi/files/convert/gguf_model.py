@@ -228,8 +228,12 @@ def _spec_fields(reader, path: Path) -> dict:
 
 def _experts(get, path: Path, arch: str, n_experts: int) -> dict:
     """A mixture of experts' spec fields, as llama.cpp runs qwen3moe and Mixtral: softmax
-    gating, the chosen experts' weights renormalised (unless the file says otherwise), no
-    shared experts."""
+    gating, the chosen experts' weights renormalised (llama.cpp's build of both passes
+    norm_w = true whatever {arch}.expert_weights_norm says, and no weight scale), no shared
+    experts."""
+    if not n_experts:
+        raise ConvertError(f"{path}: a {arch} GGUF without {arch}.expert_count metadata: the file is incomplete; "
+                           "convert the model again with a current llama.cpp")
     used = _number(get("expert_used_count", 0), "expert_used_count", int)
     if not 1 <= used <= n_experts:
         raise ConvertError(f"{path}: a mixture of experts needs 1 <= {arch}.expert_used_count <= {arch}.expert_count, "
@@ -239,8 +243,7 @@ def _experts(get, path: Path, arch: str, n_experts: int) -> dict:
     gating = _number(get("expert_gating_func", 1), "expert_gating_func", int)
     if gating != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ConvertError(f"{path}: expert gating function {gating} is not supported (only softmax, 1)")
-    norm = get("expert_weights_norm", 1)
-    return dict(n_experts=n_experts, n_experts_used=used, expert_weights_norm=bool(norm))
+    return dict(n_experts=n_experts, n_experts_used=used, expert_weights_norm=True)
 
 
 def _scalar(value, key: str) -> int:
@@ -305,7 +308,9 @@ def read(path: Path, tokenizer_path=None):
             if m and m.group(2) in _EXPERT_TENSORS:
                 prefix, kind = ours.rsplit("/", 1)
                 if t.data.shape[0] != experts:
-                    raise ConvertError(f"GGUF tensor {t.name!r} holds {t.data.shape[0]} experts, expected {experts}")
+                    raise ConvertError(f"GGUF tensor {t.name!r} holds {t.data.shape[0]} experts, but the file's "
+                                       f"expert_count metadata says {experts}: the file is inconsistent; convert the "
+                                       "model again")
                 for e in range(experts):  # one expert at a time: the writer holds one expert's rows
                     yield f"{prefix}/experts/{e}/{kind}", _convert(t, ours, arch, head_dim, t.data[e])
             else:

@@ -197,14 +197,21 @@ def _experts(config: dict, path: Path, number) -> dict:
         raise ConvertError(f"{path}: dense layers among the expert layers (mlp_only_layers, decoder_sparse_step) "
                            "are not supported")
     return {"n_experts": n_experts, "n_experts_used": number("num_experts_per_tok", int),
-            "expert_weights_norm": bool(config.get("norm_topk_prob", True)) if qwen else True}
+            # transformers' Qwen3MoeConfig default (False) where the config leaves it out; the Hub's say true
+            "expert_weights_norm": bool(config.get("norm_topk_prob", False)) if qwen else True}
 
 
 def config_spec_fields(path: Path) -> dict:
-    """The spec fields of a model directory from its config.json alone (no weights needed: a
-    dry run before downloading them); the classifier is shared where the config says so."""
+    """The spec fields of a model directory from its config.json (a dry run before the weights
+    or the tokenizer are downloaded); the classifier is shared where the config says so or,
+    where the weights' headers can be read, where they hold no lm_head."""
     config = read_json(path / "config.json")
-    return {**_spec_fields(config, path / "config.json"), "shared_classifier": bool(config.get("tie_word_embeddings", False))}
+    tied = bool(config.get("tie_word_embeddings", False))
+    try:
+        tied = tied or "lm_head.weight" not in SafetensorsFiles(path)
+    except ConvertError:  # no weights yet, or some shards still missing: the config alone
+        pass
+    return {**_spec_fields(config, path / "config.json"), "shared_classifier": tied}
 
 
 def read(path: Path, tokenizer_path=None):
@@ -254,6 +261,10 @@ def read(path: Path, tokenizer_path=None):
                 yield ours + "w3", get(hf + "mlp.up_proj.weight", ours + "w3")
                 continue
             moe = hf + ("mlp." if fields["architecture"] == "qwen3moe" else "block_sparse_moe.")
+            if f"{moe}experts.gate_up_proj" in weights:
+                raise ConvertError(f"{path}: the experts are stored fused ({moe}experts.gate_up_proj: transformers' "
+                                   "in-memory layout), not one tensor each as the Hub holds them; save the model "
+                                   "again with save_pretrained (it writes them one each) or convert a GGUF of it")
             yield ours + "router", get(moe + "gate.weight", ours + "router")
             for e in range(n_experts):
                 for kind, name in expert_names:
