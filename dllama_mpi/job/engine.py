@@ -311,16 +311,21 @@ class Engine:
                    out[a:b])
 
     def matmul_stacked(self, m: Matrix | Parts, x: Activations, n_tok: int, out: np.ndarray) -> None:
-        """A stacked product: one, or one per part where the parts' types differ, each part's
-        rows then copied to its columns of out (T, rows)."""
-        if isinstance(m, Matrix):
-            return self.matmul(m, x, n_tok, out)
+        """A stacked product: one, or one per part where the parts' types differ (out: (T, rows))."""
+        self._part_by_part(m.parts if isinstance(m, Parts) else (m,), out, lambda part, o: self.matmul(part, x, n_tok, o))
+
+    def _part_by_part(self, parts: tuple[Matrix, ...], out: np.ndarray, product, n_experts: int = 1) -> None:
+        """product(part, part's out) for each part of a stack: one of one type straight into out;
+        else one after another, each part's rows (of each expert) then copied to its columns of out."""
+        if len(parts) == 1:
+            return product(parts[0], out)
         col = 0
-        for part in m.parts:
-            part_out = self._part_out[part.rows][:n_tok]
-            self.matmul(part, x, n_tok, part_out)
-            out[:, col : col + part.rows] = part_out
-            col += part.rows
+        for part in parts:
+            width = part.rows // n_experts
+            part_out = self._part_out[width][: out.shape[0]]
+            product(part, part_out)
+            out[:, col : col + width] = part_out
+            col += width
 
     def experts_ffn(self, layer: int, experts: Experts, n: int) -> None:
         """A mixture of experts' FFN of the normed rows xb[:n] into dim_out.local[:n] (own dim
@@ -336,14 +341,8 @@ class Engine:
                                 self.expert_starts, self.used_experts)
         x, h13 = self.expert_x, self.expert_h13[: k * n]
         x.take_rows(self.xb, self.pair_rows[: k * n])  # each (row, choice) pair's input row, in routing order
-        col = 0
-        for part in experts.w13:  # one part, or w1's then w3's where their types differ
-            width = part.rows // experts.n
-            out = h13 if width == h13.shape[1] else self._part_out[width][: k * n]
-            self.matmul_experts(part, experts.n, x, n_chosen, out)
-            if out is not h13:
-                h13[:, col : col + width] = out
-            col += width
+        self._part_by_part(experts.w13, h13, lambda part, o: self.matmul_experts(part, experts.n, x, n_chosen, o),
+                           experts.n)
         vector.silu_mul(h13, self.ffn.local[: k * n])
         self.ffn.gather(k * n)
         self.matmul_experts(experts.w2, experts.n, self.ffn, n_chosen, self.expert_out[: k * n])

@@ -66,7 +66,7 @@ class Matrix:
 @dataclass(frozen=True)
 class Parts:
     """A stacked product whose parts differ in type (a Q4_K_M file's Q6_K wv beside Q4_K wq and
-    wk): each run of one type a Matrix of its own, run one after another (Engine.matmul_stacked)."""
+    wk): each run of one type a Matrix of its own, run one after another (Engine._part_by_part)."""
 
     parts: tuple[Matrix, ...]
 
