@@ -126,36 +126,19 @@ def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_typ
     import gguf
     from safetensors.numpy import load_file
 
-    from llamacpp_compare import spm_vocab
+    from dllama_mpi.files.convert.hf import config_spec_fields
+    from dllama_mpi.model.spec import ModelSpec
+    from llamacpp_compare import add_llama_metadata
 
     c = model.config
     qwen = model_type == "qwen3_moe"
     arch = "qwen3moe" if qwen else "llama"
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {}  # the Hub's layout, one tensor an expert (transformers >= 5 fuses them in memory)
     for f in sorted(hf_dir.glob("*.safetensors")):
         sd.update(load_file(f))
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    n_experts = c.num_experts if qwen else c.num_local_experts
-    w.add_expert_count(n_experts)
-    w.add_expert_used_count(c.num_experts_per_tok)
-    if qwen:
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    tokens, scores, types = spm_vocab(c.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
+    spec = ModelSpec(**config_spec_fields(hf_dir))
+    add_llama_metadata(w, spec)  # the hyperparameters as the tool writes them
 
     def permute(a: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf's LlamaModel.permute
         return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
@@ -178,7 +161,7 @@ def _write_moe_gguf(model, model_type: str, hf_dir: Path, path: Path, expert_typ
         w.add_tensor(b + "ffn_gate_inp.weight", sd[moe + "gate.weight"])
         names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if qwen else {"gate": "w1", "up": "w3", "down": "w2"}
         for ggml, theirs in names.items():
-            array = np.stack([sd[f"{moe}experts.{e}.{theirs}.weight"] for e in range(n_experts)])
+            array = np.stack([sd[f"{moe}experts.{e}.{theirs}.weight"] for e in range(spec.n_experts)])
             if expert_type != gguf.GGMLQuantizationType.F32:
                 array = gguf.quants.quantize(array, expert_type)
             stacked[f"{b}ffn_{ggml}_exps.weight"] = array
