@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..model import quant
+from ..serving.speculation import DEFAULT_DRAFT
 from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_alone, run_job
 
 
@@ -80,6 +81,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on every request (default: $DLLAMA_API_KEY; none: open)")
         p.add_argument("--model-name", help="the model's name in the API (default: the model file's name)")
+    p.add_argument("--speculate", type=non_negative_int, default=DEFAULT_DRAFT, metavar="N",
+                   help=f"speculative decoding: each step verifies up to N drafted tokens of each sequence at once (the "
+                        f"collectives of one), keeping those the model agrees with: the text is the model's own, greedy "
+                        f"or sampled (default {DEFAULT_DRAFT}; 0: off). Drafts come from the prompt and the text so far "
+                        "(n-gram lookup: where nothing matches a step has no drafts), or from --draft-model")
+    p.add_argument("--draft-model", metavar="FILE",
+                   help="a smaller model of the same vocabulary (a .h5 file) that drafts the tokens, on rank 0 alone; "
+                        "default: prompt lookup")
     if command is None:
         p.add_argument("--ignore-eos", action="store_true",
                        help="do not stop at the model's end-of-generation tokens (EOS and the like; BOS for llama2.c models)")
@@ -89,6 +98,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                             "of the job to size), the bytes per token on the wire and each rank's memory, then exit; "
                             "reads only the model's attributes")
     return p
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
+    return int(text)
 
 
 def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -132,6 +148,11 @@ def _parse(comm, argv):
         problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if getattr(args, "seed", None) is not None and args.seed < 0:
         problems.append(f"--seed must be >= 0, got {args.seed}")
+    if getattr(args, "draft_model", None) is not None and args.speculate == 0:
+        problems.append("--draft-model drafts tokens for speculation, which --speculate 0 turns off; give --speculate N "
+                        "(N > 0) or leave out --draft-model")
+    if getattr(args, "draft_model", None) is not None and not Path(args.draft_model).is_file():
+        problems.append(f"--draft-model {args.draft_model}: no such file; give a model file (.h5) made by dllama-mpi-convert")
     if args.model == "":
         problems.append("--model is empty; give a model file or a shard directory, or leave --model out")
     if getattr(args, "prompt", None) == "":
@@ -158,6 +179,7 @@ def _run(comm, argv) -> int:
     from ..parallel import threads
     from ..serving.request import Sampling
     from ..serving.scheduler import generate
+    from ..serving.speculation import logit_rows, open_draft_model
 
     t_launch = time.perf_counter()
     args = _parse(comm, argv)
@@ -199,9 +221,10 @@ def _run(comm, argv) -> int:
         return chat(comm, args, budgets, announce)
     prompt_ids = []  # rank 0: the prompt's ids, checked before anything is loaded
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                   kv_type=args.kv_type,
+                   kv_type=args.kv_type, max_logits=logit_rows(1, args.speculate),
                    check=lambda tokenizer, launch: prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or "")),
                    announce=announce)
+    draft = open_draft_model(comm, args.draft_model, job, args.speculate, args.kv_type) if args.draft_model else None
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
     comm.barrier()
     startup_s = time.perf_counter() - t_launch
@@ -220,7 +243,7 @@ def _run(comm, argv) -> int:
     with prefill:
         result = generate(job, prompt_ids if comm.rank == 0 else None, args.steps,
                           Sampling(args.temperature, args.top_p, seed), stop_ids=() if args.ignore_eos else None,
-                          on_text=on_text)
+                          on_text=on_text, max_draft=args.speculate, draft=draft)
     if comm.rank == 0:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -262,6 +285,14 @@ def speed_text(prompt_tokens: int, cached_tokens: int, prompt_s: float | None, g
     return text
 
 
+def speculation_text(tokens: int, steps: int, drafted: int, accepted: int, rounds: int) -> str:
+    """What speculation did after the first token: tokens per step, drafts kept, and the
+    collectives a token cost (every step's, its broadcast included; 0 on one rank)."""
+    rate = f"{100 * accepted / drafted:.1f}%" if drafted else "-"
+    return (f"speculation: {tokens} tokens in {steps} steps ({tokens / steps:.2f} a step), {drafted} drafted, "
+            f"{accepted} accepted ({rate}), {rounds / max(tokens, 1):.1f} collective rounds a token")
+
+
 def _three_digits(seconds: float) -> str:
     """1.58 ms, 11.0 ms, 224 ms, 2.07 s, 31.5 s: at least three significant digits, trailing zeros kept."""
     value, unit = (1e3 * seconds, "ms") if seconds < 0.9995 else (seconds, "s")
@@ -292,6 +323,9 @@ def _report(comm, job, result, n_threads, seed: int | None, startup_s, budgets) 
     err = sys.stderr
     print(f"\n{speed_text(r['n_prompt'], 0, r['prompt_s'], len(r['generated']), r['decode_s'])}; "
           f"startup {startup_s:.1f} s" + (f"; seed {seed}" if seed is not None else ""), file=err)
+    if r["steps"]:
+        print(speculation_text(len(r["generated"]) - 1, r["steps"], r["drafted"], r["accepted"], r["decode_rounds"]),
+              file=err)
     kv_head = f"kv MiB {engine.kv_type.name}"
     kv_width = max(8, len(kv_head))
     print(f"{'rank':>4} {'threads':>7} {'compute ms/tok':>14} {'collective ms/tok':>17} {'sent KiB/tok':>12} "
@@ -388,7 +422,7 @@ def _dry_run(argv) -> int:
     print(plan.table(max_seq_len, n_slots, launch.kv_type))
     by_type = {t: plan.traffic(t) for t in quant.BUFFER_TYPES}
     print(f"\nper decoded token: {by_type[quant.Q80_ACTIVATIONS.name].collectives} collectives "
-          f"(4 Allgatherv per layer, the embedding row's Bcast, the logits' Gatherv)")
+          f"(4 Allgatherv per layer, the embeddings' Allreduce, the logits' Gatherv)")
     print(f"{'rank':>4} " + " ".join(f"{'sends KiB (' + t + ')':>17}" for t in by_type)
           + f" {'weights + KV MiB':>16} {'need MiB':>9} {'cap':>8}")
     for s in plan.ranks:

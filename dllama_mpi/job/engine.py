@@ -11,7 +11,9 @@ in Engine.__init__; a step allocates nothing. Per layer (x replicated on every r
     -> Allgatherv(att) -> own wo rows -> Allgatherv(dim) -> x += ;
   x -> rmsnorm -> own w1/w3 rows (stacked) -> silu*mul -> Allgatherv(ffn) -> own w2 rows
     -> Allgatherv(dim) -> x +=
-then own classifier rows for the rows that want logits -> Gatherv(logits) to rank 0.
+then own classifier rows for the rows that want logits -> Gatherv(logits) to rank 0. Before
+the layers, each row's embedding comes from the rank holding its token's row, all rows of the
+step in one collective (Comm.combine_rows).
 In a mixture of experts the FFN half routes each row to its experts and runs own rows of each
 (experts_ffn), with the same two collectives.
 """
@@ -376,12 +378,13 @@ class Engine:
                              f"{slots.min()}..{slots.max()} does not fit (at most {self.max_rows} rows, context "
                              f"{self.max_seq_len}, {self.n_slots} slots)")
         x = self.x[:n]
+        if self.comm.size > 1:
+            x[...] = 0  # the rows of tokens other ranks hold: they OR theirs in
         for t in range(n):
             token = int(batch.tokens[t])
-            owner = int(self.vocab_owner[token])
-            if owner == self.comm.rank:
+            if self.vocab_owner[token] == self.comm.rank:
                 w.embedding.row_to(token - self.vocab_start, self.x[t])
-            self.comm.bcast(self.x[t], owner)
+        self.comm.combine_rows(x)  # every row from the rank holding its token, all rows in one collective
         cos, sin = self.cos_rows[:n], self.sin_rows[:n]
         np.take(self.cos, positions, axis=0, out=cos)
         np.take(self.sin, positions, axis=0, out=sin)

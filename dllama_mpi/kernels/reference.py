@@ -205,6 +205,23 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) ->
     return index if index < len(p) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
 
 
+def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """Twin of vector.distribution: sample's nucleus distribution at temperature > 0."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    ordered = np.sort(p)[::-1]
+    cut = ordered[min(np.searchsorted(np.cumsum(ordered), top_p), len(p) - 1)] if top_p < 1 else 0.0
+    kept = np.where(p >= cut, p, 0.0)
+    return kept / kept.sum()
+
+
+def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Twin of vector.residual, normalised: max(0, p - q) / its sum (p where that is 0)."""
+    out = np.maximum(p - q, 0.0)
+    return out / out.sum() if out.sum() > 0 else p
+
+
 class DenseModel:
     """Whole-model forward pass in numpy from stored tensors {name: array} (decoded to f32).
 

@@ -754,6 +754,78 @@ def sample(logits, temperature, top_p, coin, probs, scratch):
     return last
 
 
+@njit(**_opts)
+def distribution(logits, temperature, top_p, probs, scratch):
+    """What `sample` draws from at temperature > 0, into probs (float64, summing to 1):
+    softmax(logits / temperature) kept to the nucleus (sample's cut) and renormalised. The
+    speculative acceptance rule compares it with a draft's (sampler.Sampler.verify)."""
+    n = logits.shape[0]
+    best = 0
+    for i in range(1, n):
+        if logits[i] > logits[best]:
+            best = i
+    top = np.float64(logits[best])
+    total = 0.0
+    for i in range(n):
+        probs[i] = math.exp((np.float64(logits[i]) - top) / temperature)
+        total += probs[i]
+    for i in range(n):
+        probs[i] /= total
+    cut = 0.0
+    if top_p < 1:
+        scratch[:] = probs
+        scratch.sort()
+        cum = 0.0
+        for i in range(n - 1, -1, -1):
+            cum += scratch[i]
+            if cum >= top_p:
+                cut = scratch[i]
+                break
+    kept = 0.0
+    for i in range(n):
+        if probs[i] >= cut:
+            kept += probs[i]
+        else:
+            probs[i] = 0.0
+    for i in range(n):
+        probs[i] /= kept
+
+
+@njit(**_opts)
+def pick(probs, coin):
+    """The index where coin * sum(probs) falls in probs' running sum, in index order (as
+    `sample` picks); the last nonzero index when rounding leaves coin past the end."""
+    total = 0.0
+    for i in range(probs.shape[0]):
+        total += probs[i]
+    target = coin * total
+    cdf = 0.0
+    last = 0
+    for i in range(probs.shape[0]):
+        if probs[i] > 0:
+            cdf += probs[i]
+            last = i
+            if target < cdf:
+                return i
+    return last
+
+
+@njit(**_opts)
+def residual(p, q, out):
+    """out = max(0, p - q): where a token drafted from q and rejected is resampled from
+    (after normalising; pick does). Returns its mass; where that is 0 (p == q up to rounding),
+    out = p."""
+    mass = 0.0
+    for i in range(p.shape[0]):
+        d = p[i] - q[i]
+        out[i] = d if d > 0 else 0.0
+        mass += out[i]
+    if mass <= 0:
+        out[:] = p
+        mass = 1.0
+    return mass
+
+
 def rope_table(freqs: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin, (n_pos, head_dim // 2) f32, of angle p * freqs[i] (spec.rope_freqs()).
     Computed in float64 once, so every rank and the reference share the same table."""
@@ -827,3 +899,7 @@ def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (qua
         attention_chunk(0, 1, *att)
     silu_mul(np.concatenate((x, x), axis=1), out)
     sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))
+    probs = np.zeros(64)
+    distribution(x[0], 0.8, 0.9, probs, np.zeros(64))
+    pick(probs, 0.5)
+    residual(probs, probs[::-1].copy(), np.zeros(64))

@@ -51,6 +51,7 @@ class Comm:
         self.nonblocking_gathers = any(mode != "block" for mode in modes)
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
+        self.rounds = 0  # hot-path collectives started (a step's broadcast included): each a network round trip or more
 
     # --- hot path ---------------------------------------------------------------
     def gatherer(self, buf: np.ndarray, spans: tuple[Span, ...]) -> Gatherer:
@@ -61,14 +62,22 @@ class Comm:
         """An in-place Gatherv of every rank's buf[spans[r]] into rank 0's buf."""
         return RootGatherer(self, buf, spans)
 
-    def bcast(self, buf: np.ndarray, root: int) -> None:
+    def combine_rows(self, buf: np.ndarray) -> None:
+        """In place: every rank's `buf` (C-contiguous, 4-byte items) becomes the bitwise OR of
+        all ranks' (one Allreduce). Where each element is set by one rank and zero on the others,
+        every rank gets exactly that rank's bits, -0.0 and NaN payloads included: the rows of a
+        step's embeddings, each from the rank that holds its token, in one collective."""
         if self.size == 1:
             return
         t = time.perf_counter()
-        self._comm.Bcast(buf, root=root)
+        bits = buf.reshape(-1).view(np.uint32)
+        self.rounds += 1
+        if self.nonblocking_gathers:
+            _wait(self, self._comm.Iallreduce(MPI.IN_PLACE, bits, op=MPI.BOR))
+        else:
+            self._comm.Allreduce(MPI.IN_PLACE, bits, op=MPI.BOR)
         self.collective_s += time.perf_counter() - t
-        if self.rank == root:
-            self.bytes_sent += buf.nbytes
+        self.bytes_sent += buf.nbytes
 
     def bcast_idle(self, buf: np.ndarray, max_sleep_s: float = 0.002) -> None:
         """Rank 0's `buf` to every rank, where the other ranks may wait long (a server
@@ -78,6 +87,7 @@ class Comm:
         time it has already waited. Not counted as collective time: waiting for work is idle."""
         if self.size == 1:
             return
+        self.rounds += 1
         request = self._comm.Ibcast(buf, root=0)
         if self.rank == 0:
             request.Wait()
@@ -179,6 +189,18 @@ def _wait_sleeping(request, first_s: float, max_s: float) -> None:
         sleep_s = min(2 * sleep_s, max_s)
 
 
+def _wait(comm: Comm, request) -> None:
+    """Complete a hot-path nonblocking collective the way this rank waits (wait_modes)."""
+    if comm.wait == "sleep":
+        while not request.Test():
+            time.sleep(SLEEP_WAIT_S)
+    elif comm.wait == "yield":
+        while not request.Test():
+            os.sched_yield()
+    else:
+        request.Wait()
+
+
 def self_comm() -> Comm:
     """A one-rank Comm of this process alone (a single-process reference run inside a job)."""
     return Comm(MPI.COMM_SELF)
@@ -199,16 +221,9 @@ class Gatherer:
         if comm.size == 1:
             return
         t = time.perf_counter()
+        comm.rounds += 1
         if comm.nonblocking_gathers:
-            request = comm._comm.Iallgatherv(MPI.IN_PLACE, self._msg)
-            if comm.wait == "sleep":
-                while not request.Test():
-                    time.sleep(SLEEP_WAIT_S)
-            elif comm.wait == "yield":
-                while not request.Test():
-                    os.sched_yield()
-            else:
-                request.Wait()
+            _wait(comm, comm._comm.Iallgatherv(MPI.IN_PLACE, self._msg))
         else:
             comm._comm.Allgatherv(MPI.IN_PLACE, self._msg)
         comm.collective_s += time.perf_counter() - t
@@ -229,6 +244,7 @@ class RootGatherer:
         if comm.size == 1:
             return
         t = time.perf_counter()
+        comm.rounds += 1
         if comm.rank == 0:
             comm._comm.Gatherv(MPI.IN_PLACE, self._msg, root=0)
         else:

@@ -89,11 +89,12 @@ class Traffic:
     """Per decoded token, for a plan and buffer type (prefill sends the same per token, in
     fewer, larger messages).
 
-    collectives: 4 Allgatherv per layer (att, dim, ffn, dim), the embedding row's Bcast and
-        the logits' Gatherv (a mixture of experts gathers the hidden values of each token's
+    collectives: 4 Allgatherv per layer (att, dim, ffn, dim), the embeddings' Allreduce
+        (Comm.combine_rows) and the logits' Gatherv (a mixture of experts gathers the hidden values of each token's
         n_experts_used experts as its ffn vector: the same collectives).
     payload[r]: bytes rank r hands to those collectives: its parts of the gathered vectors,
-        its logits (ranks > 0), and on average its vocabulary share of the embedding row.
+        its logits (ranks > 0), and the embedding row (each rank hands the whole row, zero
+        where another rank holds the token).
         The engine counts the same quantity (Comm.bytes_sent).
     gathered: bytes of the Allgatherv'd vectors in full (every rank ends up with all of it).
     wire: bytes that must cross between ranks in all, whatever the algorithm: each
@@ -162,9 +163,8 @@ class Plan:
         per_layer = [sum(self.transit_bytes(v, buffer_type, r) * (spec.n_experts_used if v == "ffn" and spec.moe else 1)
                          for v in ("att", "dim", "ffn", "dim")) for r in range(n)]
         logits = [0] + [4 * _count(s.vocab_rows) for s in self.ranks[1:]]  # Gatherv to rank 0, as f32
-        embedding = 4 * spec.dim  # the token's row, broadcast by the rank holding it
-        embedding_share = [embedding * _count(s.vocab_rows) / spec.vocab_size for s in self.ranks]
-        payload = tuple(spec.n_layers * per_layer[r] + logits[r] + embedding_share[r] for r in range(n))
+        embedding = 4 * spec.dim  # the token's row, from the rank holding it, OR-combined
+        payload = tuple(spec.n_layers * per_layer[r] + logits[r] + embedding for r in range(n))
         gathered = spec.n_layers * sum(per_layer)
         return Traffic(
             collectives=0 if n == 1 else 4 * spec.n_layers + 2,

@@ -64,6 +64,9 @@ class Finished:
     first_token_s: float  # from submission to the first sampled token
     decode_s: float  # from the first sampled token to the last
     stop_token: int | None = None  # the end-of-generation token that ended it (sampled, counted, never shown)
+    drafted: int = 0  # speculation: tokens drafted for it, of which `accepted` the model kept (and gave)
+    accepted: int = 0
+    steps: int = 0  # decoding steps with speculation (0: none)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ follower takes no core. All MPI calls on rank 0 happen on the thread that calls
 KV slots: each of the engine's n_slots holds one sequence's cache and remembers the tokens
 it holds. A new request takes the idle slot sharing the longest prefix with its prompt
 (the least recently used one when none shares any) and prefills only the rest.
+
+Speculation (speculation.py): a decoding sequence's row may bring draft rows after it, each
+wanting logits; after the step Sampler.verify keeps the drafts the model agrees with, and the
+slot holds only the rows kept.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from ..job.loading import Job
 from ..job.sampler import Sampler
 from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob
+from .speculation import Drafting, DraftModel, PromptLookup, common_prefix
 from .textstream import TextStream
 
 OP_STEP, OP_STATS, OP_EXIT = 1, 2, 3
@@ -75,6 +80,8 @@ class Sequence:
     fed: int  # prompt tokens in the cache so far
     generated: list[int] = field(default_factory=list)
     t_first: float | None = None
+    drafting: Drafting | None = None  # None: no speculation
+    drafts: list[int] | None = None  # this step's drafts after its row (decoding); None: a prompt chunk or no row
 
     @property
     def prompt(self) -> list[int]:
@@ -84,10 +91,13 @@ class Sequence:
 class Scheduler:
     """Rank 0's side of serving `job`: submit() from any thread, run() on the main thread."""
 
-    def __init__(self, job: Job, metrics=None):
+    def __init__(self, job: Job, metrics=None, max_draft: int = 0, draft: DraftModel | None = None):
+        """max_draft: the most drafts a decoding sequence's row brings to a step (0: no
+        speculation); draft: the model that drafts them (None: prompt lookup)."""
         if job.comm.rank != 0:
             raise RuntimeError("the scheduler runs on rank 0; other ranks call follow()")
         self.job, self.engine, self.comm, self.metrics = job, job.engine, job.comm, metrics
+        self.max_draft, self.draft = max_draft, draft
         self.slots = [Slot(i) for i in range(self.engine.n_slots)]
         self._inbox: queue.SimpleQueue[tuple[GenRequest, float]] = queue.SimpleQueue()  # (request, submitted at)
         self._closed: str | None = None  # why no more requests are taken (shutting down)
@@ -187,7 +197,7 @@ class Scheduler:
                 return
             req, t_submit = self._waiting.popleft()
             prompt = req.prompt_ids
-            reuse = [_common_prefix(s.tokens, prompt) for s in idle]
+            reuse = [common_prefix(s.tokens, prompt) for s in idle]
             best = max(range(len(idle)), key=lambda i: (reuse[i], -idle[i].last_used))
             slot = idle[best]
             n_cached = min(reuse[best], len(prompt) - 1)  # the last prompt token is fed again: its logits are needed
@@ -198,22 +208,34 @@ class Scheduler:
             stream = TextStream(self.job.tokenizer, req.stop, prompt[-1])
             stop_ids = self.job.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
             slot.seq = Sequence(req, slot, sampler, stream, stop_ids, t_submit, n_cached, n_cached)
+            if self.max_draft:
+                if self.draft is None:
+                    slot.seq.drafting = Drafting(self.max_draft, lookup=PromptLookup(prompt))
+                else:  # the draft model's own choices: a generator of its own, from the request's seed
+                    draft_sampler = Sampler(self.job.plan.spec.vocab_size, sampling.temperature, sampling.top_p, seed + 1)
+                    slot.seq.drafting = Drafting(self.max_draft, draft_sampler=draft_sampler)
             if req.max_tokens == 0:
                 self._finish(slot.seq, "length")
 
     def _build_step(self) -> bool:
-        """Fill the batch: one row per decoding sequence, then prompt chunks in admission
-        order in the rows left. False when there is nothing to run."""
+        """Fill the batch: one row per decoding sequence, each followed by its drafts, then
+        prompt chunks in admission order in the rows left. False when there is nothing to run."""
         batch = self._batch
         batch.clear(OP_STEP)
         active = [s.seq for s in self.slots if s.seq is not None]
         decoding = [q for q in active if q.fed == len(q.prompt)]
+        prefilling = [q for q in active if q.fed < len(q.prompt)]
+        drafts = self._drafts(decoding, prefilling)
         for q in decoding:
-            batch.add(q.generated[-1], q.slot.index, len(q.slot.tokens), True)
+            position = len(q.slot.tokens)
+            batch.add(q.generated[-1], q.slot.index, position, True)
+            q.drafts = drafts[q.slot.index]
+            for i, token in enumerate(q.drafts):
+                batch.add(token, q.slot.index, position + 1 + i, True)
         room = batch.max_rows - batch.n
         if decoding:
             room = min(room, PREFILL_ROWS_WHILE_DECODING)
-        for q in sorted((q for q in active if q.fed < len(q.prompt)), key=lambda q: q.t_submit):
+        for q in sorted(prefilling, key=lambda q: q.t_submit):
             if room <= 0:
                 break
             take = min(room, len(q.prompt) - q.fed)
@@ -222,40 +244,91 @@ class Scheduler:
             room -= take
         return batch.n > 0
 
+    def _drafts(self, decoding: list[Sequence], prefilling: list[Sequence]) -> dict[int, list[int]]:
+        """Each decoding sequence's drafts for this step, by slot: as many as its Drafting
+        wants, within what it may still generate, the context, and the step's rows and logits
+        (room is left for the prompt chunks waiting)."""
+        batch, drafts = self._batch, {q.slot.index: [] for q in decoding}
+        rows = batch.max_rows - len(decoding) - (min(PREFILL_ROWS_WHILE_DECODING, batch.max_rows) if prefilling else 0)
+        logit_rows = batch.max_logits - len(decoding) - len(prefilling)
+        wants = []
+        for q in decoding:
+            if q.drafting is None:
+                continue
+            left = q.req.max_tokens - len(q.generated) if q.req.max_tokens is not None else self.engine.max_seq_len
+            k = min(q.drafting.length, left - 1, self.engine.max_seq_len - 1 - len(q.slot.tokens), rows, logit_rows)
+            if k <= 0:
+                continue
+            if q.drafting.lookup is not None:
+                drafts[q.slot.index] = q.drafting.lookup.propose(k)
+                k = len(drafts[q.slot.index])
+            else:
+                wants.append((q.slot.index, q.prompt + q.generated, k, q.drafting.draft_sampler))
+            rows, logit_rows = rows - k, logit_rows - k
+        if wants:
+            for (slot, *_), tokens in zip(wants, self.draft.propose(wants), strict=True):
+                drafts[slot] = tokens
+        return drafts
+
     def _after_step(self, logits: np.ndarray) -> None:
         batch, now = self._batch, time.perf_counter()
         owner = {}
-        for r in range(batch.n):  # rows -> their sequence, and the tokens now in each cache
+        for r in range(batch.n):  # rows -> their sequence, and the prompt tokens now in each cache
             seq = self.slots[int(batch.slots[r])].seq
-            seq.slot.tokens.append(int(batch.tokens[r]))
-            if seq.fed < len(seq.prompt):
+            if seq.drafts is None:
+                seq.slot.tokens.append(int(batch.tokens[r]))
                 seq.fed += 1
             owner[r] = seq
-        for i in range(batch.n_logits):
+        i = 0
+        while i < batch.n_logits:
             seq = owner[int(batch.logit_rows[i])]
-            self._emit_token(seq, logits[i], now)
+            if seq.drafts is None:  # the last row of a prompt: its first token
+                self._emit(seq, [seq.sampler(logits[i])], logits[i : i + 1], now)
+                i += 1
+                continue
+            drafts, k = seq.drafts, len(seq.drafts)  # logits i..i+k: the sequence's row, then its drafts'
+            seq.drafts = None
+            draft_probs = self.draft.probs[seq.slot.index, :k] if self.draft is not None else None
+            kept, token = seq.sampler.verify(logits[i : i + k + 1], drafts, draft_probs)
+            seq.slot.tokens.extend([seq.generated[-1], *drafts[:kept]])  # the rows kept: the cache holds them
+            emitted = self._emit(seq, [*drafts[:kept], token], logits[i : i + kept + 1], now)
+            if seq.drafting is not None:
+                seq.drafting.verified(k, min(kept, emitted))
+            i += k + 1
 
-    def _emit_token(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
-        token = seq.sampler(logits)
-        seq.generated.append(token)
-        if seq.t_first is None:
-            seq.t_first = now
-        logprob = _logprobs(logits, token, seq.req.logprobs) if seq.req.logprobs is not None else None
-        if token in seq.stop_ids:
-            self._finish(seq, "stop", stop_token=token)
-            return
-        seq.req.emit(Piece(token, seq.stream.feed(token), logprob))
-        if seq.stream.stopped:
-            self._finish(seq, "stop")
-        elif len(seq.generated) == seq.req.max_tokens or len(seq.slot.tokens) == self.engine.max_seq_len:
-            self._finish(seq, "length")
+    def _emit(self, seq: Sequence, tokens: list[int], logits: np.ndarray, now: float) -> int:
+        """Give the sequence's new tokens (logits[j]: what tokens[j] was chosen from) to its
+        client, one by one, until it finishes; returns how many were given. The cache holds
+        every token but the last."""
+        held = len(seq.slot.tokens) - len(tokens) + 1  # what the cache holds before each token, as without drafts
+        for j, token in enumerate(tokens):
+            seq.generated.append(token)
+            if seq.drafting is not None:
+                if seq.drafting.lookup is not None:
+                    seq.drafting.lookup.extend((token,))
+            if seq.t_first is None:
+                seq.t_first = now
+            logprob = _logprobs(logits[j], token, seq.req.logprobs) if seq.req.logprobs is not None else None
+            if token in seq.stop_ids:
+                self._finish(seq, "stop", stop_token=token)
+                return j + 1
+            seq.req.emit(Piece(token, seq.stream.feed(token), logprob))
+            if seq.stream.stopped:
+                self._finish(seq, "stop")
+                return j + 1
+            if len(seq.generated) == seq.req.max_tokens or held + j == self.engine.max_seq_len:
+                self._finish(seq, "length")
+                return j + 1
+        return len(tokens)
 
     def _finish(self, seq: Sequence, reason: str, stop_token: int | None = None) -> None:
         rest = "" if seq.stream.stopped else seq.stream.finish()
         t_end = time.perf_counter()
         t_first = seq.t_first if seq.t_first is not None else t_end
+        d = seq.drafting
         event = Finished(reason, rest, len(seq.prompt), seq.n_cached, len(seq.generated),
-                         t_first - seq.t_submit, t_end - t_first, stop_token)
+                         t_first - seq.t_submit, t_end - t_first, stop_token,
+                         *((d.drafted, d.accepted, d.steps) if d is not None else ()))
         self._release(seq)
         seq.req.emit(event)
         if self.metrics is not None:
@@ -282,14 +355,6 @@ class Scheduler:
             self.metrics.set_rank_times(times[:, 0].tolist(), times[:, 1].tolist())
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
     """log softmax of the model's logits (temperature 1), in float64: the chosen token's and
     the k most likely."""
@@ -302,25 +367,30 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
 
 
 def generate(job: Job, prompt_ids: list[int] | None, max_tokens: int, sampling: Sampling | None = None,
-             stop_ids=None, on_text=None) -> dict:
+             stop_ids=None, on_text=None, max_draft: int = 0, draft: DraftModel | None = None) -> dict:
     """Collective: one request, start to end (the CLI, the benchmark, tests). Rank 0 passes
-    the prompt (other ranks None) and gets the text as it is released through on_text.
-    Returns the generated ids (every rank) and timings."""
+    the prompt (other ranks None) and gets the text as it is released through on_text;
+    max_draft and draft as Scheduler's. Returns the generated ids (every rank), timings and
+    speculation's counts."""
     comm = job.comm
     if comm.rank != 0:
         follow(job)
         return comm.bcast_obj(None)
     events: list = []
+    rounds = [comm.rounds]  # collectives started: at the start, then at the first token
 
     def emit(event):
+        if len(rounds) == 1 and isinstance(event, (Piece, Finished)):
+            rounds.append(comm.rounds)
         if on_text is not None and isinstance(event, (Piece, Finished)):
             on_text(event.text)
         events.append(event)
 
     req = GenRequest(list(prompt_ids), max_tokens, sampling or Sampling(), stop_ids=stop_ids, emit=emit)
-    scheduler = Scheduler(job)
+    scheduler = Scheduler(job, max_draft=max_draft, draft=draft)
     scheduler.submit(req)
     scheduler.run(until=lambda: bool(events) and not isinstance(events[-1], Piece))
+    decode_rounds = comm.rounds - rounds[-1]
     scheduler.exit_followers()
     end = events[-1]
     if isinstance(end, Failed):
@@ -332,5 +402,7 @@ def generate(job: Job, prompt_ids: list[int] | None, max_tokens: int, sampling: 
         "n_prompt": end.prompt_tokens, "hit_context": end.reason == "length" and len(generated) < max_tokens,
         "prompt_s": end.first_token_s if max_tokens else None, "decode_s": end.decode_s, "n_decode": n_decode,
         "n_forward": end.prompt_tokens - end.cached_tokens + n_decode if max_tokens else 0,
+        "drafted": end.drafted, "accepted": end.accepted, "steps": end.steps,
+        "decode_rounds": decode_rounds,  # collectives after the first token (rank 0's count is every rank's)
     }
     return comm.bcast_obj(result)

@@ -1,0 +1,184 @@
+"""Speculative decoding: guess a sequence's next tokens cheaply on rank 0, verify them all in one
+step of the model, keep the longest prefix it agrees with (Sampler.verify decides).
+
+Why it pays here: a step of several rows costs the same collectives as a step of one (4 per
+layer and 3 more, whatever the rows), and on a real network a token's cost is mostly those
+rounds. A row's result never depends on the other rows of its step (engine.py), so a step that
+verifies k drafts yields 1 to k + 1 tokens, each what the model would have chosen alone.
+Rejected rows leave nothing behind: their KV entries lie past what the slot holds
+(scheduler.Slot.tokens) and are overwritten before any row attends that far.
+
+Drafts come from
+  PromptLookup: the tokens that followed the latest earlier occurrence of the sequence's last n
+    tokens (n = MAX_NGRAM down to MIN_NGRAM) in its prompt and text so far, as vLLM's n-gram
+    speculator and llama.cpp's lookup: free, and strong where text repeats (rewriting, code,
+    quoting); where nothing matches a sequence drafts nothing and its step costs what it did;
+  DraftModel: a smaller model of the same vocabulary on rank 0 alone (a one-rank Comm): its
+    steps cost the job no collective, and the other ranks sleep meanwhile.
+A sequence's draft length adapts (Drafting): it grows by 2 while every draft is kept and falls
+to one past the drafts kept when one is rejected, within --speculate N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from ..job.sampler import Sampler
+
+MIN_NGRAM, MAX_NGRAM = 2, 4  # a lone token repeats too often to predict what follows it
+DEFAULT_DRAFT = 8  # --speculate's default: the most drafts a step verifies per sequence
+
+
+def logit_rows(n_slots: int, max_draft: int) -> int:
+    """Rows of one step that may want logits: each sequence's row and its drafts'."""
+    return n_slots * (1 + max_draft)
+
+
+class PromptLookup:
+    """A sequence's tokens (prompt and generated) and, for each n-gram, where it last occurred
+    with a token after it."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens: list[int] = []
+        self._after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens) -> None:
+        for token in tokens:
+            end = len(self.tokens)  # the n-grams ending here now have a token after them
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
+                self._after[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(int(token))
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens: what followed the longest suffix of the text seen before."""
+        end = len(self.tokens)
+        for n in range(min(MAX_NGRAM, end), MIN_NGRAM - 1, -1):
+            at = self._after.get(tuple(self.tokens[end - n :]))
+            if at is not None:
+                return self.tokens[at : at + k]
+        return []
+
+
+@dataclass
+class Drafting:
+    """One sequence's speculation: its draft length now, and what it drafted and kept."""
+
+    max_draft: int
+    lookup: PromptLookup | None = None  # None: the job's draft model drafts
+    draft_sampler: Sampler | None = None  # the draft model's choices for this sequence
+    length: int = field(init=False)
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # decoding steps of the sequence (each yields one token and the drafts kept)
+
+    def __post_init__(self):
+        self.length = self.max_draft
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
+        if drafted:
+            self.length = min(self.max_draft, self.length + 2) if accepted == drafted else max(1, accepted + 1)
+
+
+class DraftModel:
+    """A smaller model with the main model's vocabulary, loaded on rank 0 alone: a slot of its KV
+    cache per slot of the main model's, holding what it last drafted from."""
+
+    def __init__(self, job, max_draft: int):
+        self.job, self.engine = job, job.engine
+        self.held: list[list[int]] = [[] for _ in range(self.engine.n_slots)]  # what each slot's cache holds
+        self._batch = self.engine.new_batch()
+        # the distribution each draft was drawn from, per slot (Sampler.verify's q)
+        self.probs = np.zeros((self.engine.n_slots, max_draft, job.plan.spec.vocab_size), np.float64)
+
+    def propose(self, wants: list[tuple[int, list[int], int, Sampler]]) -> list[list[int]]:
+        """For each (slot, context, k, sampler): k drafts continuing context, drawn by sampler
+        (its distributions in probs[slot]). Every sequence's rows share each draft step: first
+        what its slot's cache lacks of the context, then one row per draft."""
+        engine, batch, drafts = self.engine, self._batch, [[] for _ in wants]
+        pending = []  # tokens still to feed, per want
+        for slot, context, _, _ in wants:
+            held = self.held[slot]
+            keep = min(common_prefix(held, context), len(context) - 1)  # the last token is fed: its logits are needed
+            del held[keep:]
+            pending.append(context[keep:])
+        active = [i for i, want in enumerate(wants) if want[2] > 0]
+        while active:
+            batch.clear()
+            finishing = []  # wants whose last pending token is in this step: they draft from its logits
+            for i in active:
+                room = batch.max_rows - batch.n
+                if room == 0 or batch.n_logits == batch.max_logits:
+                    break
+                slot, take = wants[i][0], pending[i]
+                n = min(len(take), room)
+                start = len(self.held[slot])
+                for j in range(n):
+                    batch.add(take[j], slot, start + j, j == len(take) - 1)
+                self.held[slot].extend(take[:n])
+                pending[i] = take[n:]
+                if not pending[i]:
+                    finishing.append(i)
+            logits = engine.step(batch)
+            for row, i in enumerate(finishing):
+                slot, _, k, sampler = wants[i]
+                token = sampler.draw(logits[row], self.probs[slot, len(drafts[i])])
+                drafts[i].append(token)
+                if len(drafts[i]) < k:
+                    pending[i] = [token]
+            active = [i for i in active if len(drafts[i]) < wants[i][2]]
+        return drafts
+
+
+def open_draft_model(comm, path, main_job, max_draft: int, kv_type: str) -> DraftModel | None:
+    """Collective over the main job's ranks: rank 0 loads the draft model alone (the others
+    sleep) and checks its vocabulary against the main model's; every rank learns the outcome.
+    Returns the DraftModel on rank 0, None elsewhere."""
+    from ..job.loading import SaidIfSlow, open_job
+    from ..parallel.comm import self_comm
+
+    draft, problem = None, None
+    if comm.rank == 0:
+        try:
+            with SaidIfSlow(f"loading the draft model {path}"):
+                job = open_job(self_comm(), path, (1,), max_seq_len=main_job.engine.max_seq_len,
+                               n_slots=main_job.engine.n_slots, kv_type=kv_type)
+            problem = vocabulary_mismatch(main_job.tokenizer, job.tokenizer)
+            if problem is None:
+                draft = DraftModel(job, max_draft)
+        except UsageError as exc:
+            problem = str(exc)
+    comm.sleeping_barrier()  # the others sleep while rank 0 loads
+    problem = comm.bcast_obj(problem)
+    if problem is not None:
+        raise UsageError(f"--draft-model {path}: {problem}")
+    return draft
+
+
+def vocabulary_mismatch(main, draft) -> str | None:
+    """Why `draft`'s tokenizer cannot draft for `main`'s (None: the same vocabulary): token ids
+    must mean the same bytes in both."""
+    if main.vocab_size != draft.vocab_size:
+        return (f"its vocabulary has {draft.vocab_size} tokens, the model's {main.vocab_size}; a draft model must "
+                "share the model's vocabulary (the same family's smaller model, or the same model quantized)")
+    for token in range(main.vocab_size):
+        if main.decode(-1, token) != draft.decode(-1, token):
+            return (f"token {token} is {draft.decode(-1, token)!r} in it and {main.decode(-1, token)!r} in the model; "
+                    "a draft model must share the model's vocabulary")
+    if tuple(main.eos_ids) != tuple(draft.eos_ids) or main.bos_id != draft.bos_id:
+        return "its BOS/EOS tokens differ from the model's; a draft model must share the model's vocabulary"
+    return None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
