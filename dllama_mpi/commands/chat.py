@@ -30,6 +30,7 @@ def chat(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
     from ..serving.request import GenRequest, Sampling, check_prompt_length, check_utf8
     from ..serving.scheduler import Scheduler, follow
+    from ..serving.speculation import logit_rows, open_draft_model
 
     if comm.rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -41,13 +42,14 @@ def chat(comm, args, budgets, announce) -> int:
                              "plain text generation")
 
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                   kv_type=args.kv_type, check=check, announce=announce)
+                   kv_type=args.kv_type, max_logits=logit_rows(1, args.speculate), check=check, announce=announce)
+    draft = open_draft_model(comm, args.draft_model, job, args.speculate, args.kv_type) if args.draft_model else None
     if comm.rank != 0:
         follow(job)
         return 0
     from ..serving import templates
 
-    scheduler = Scheduler(job)
+    scheduler = Scheduler(job, max_draft=args.speculate, draft=draft)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print(HELP, file=sys.stderr)

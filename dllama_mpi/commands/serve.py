@@ -51,6 +51,7 @@ class Backend:
 def serve(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
     from ..serving.scheduler import Scheduler, follow
+    from ..serving.speculation import logit_rows, open_draft_model
 
     if comm.rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,11 +75,13 @@ def serve(comm, args, budgets, announce) -> int:
 
     # a failed launch leaves the HTTP server's daemon thread to end with the process
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
-                   kv_type=args.kv_type, n_slots=args.slots, check=listen, announce=announce)
+                   kv_type=args.kv_type, n_slots=args.slots, max_logits=logit_rows(args.slots, args.speculate),
+                   check=listen, announce=announce)
+    draft = open_draft_model(comm, args.draft_model, job, args.speculate, args.kv_type) if args.draft_model else None
     if comm.rank != 0:
         follow(job)
         return 0
-    scheduler = Scheduler(job, backend.metrics)
+    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft)
     model_id = args.model_name or job.name
     backend.attach(model_id, job, scheduler)
     print(f"serving {model_id} at http://{args.host}:{server.port}/v1 ({args.slots} slots, context "

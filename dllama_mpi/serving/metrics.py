@@ -33,6 +33,11 @@ class Metrics:
             "dllama_prompt_cached_tokens", "Prompt tokens taken from a slot's KV cache rather than computed", registry=r
         )
         self.generated_tokens = Counter("dllama_generated_tokens", "Tokens generated (cancelled requests' included)", registry=r)
+        self.drafted_tokens = Counter("dllama_draft_tokens", "Tokens drafted for speculation (finished requests')",
+                                      registry=r)
+        self.accepted_tokens = Counter("dllama_draft_accepted_tokens",
+                                       "Drafted tokens the model kept, each one a token generated (finished requests')",
+                                       registry=r)
         self.cancelled = Counter("dllama_cancelled_requests", "Requests ended by their client before they finished",
                                  registry=r)
         self.ttft = Histogram(
@@ -61,6 +66,8 @@ class Metrics:
         self.prompt_tokens.inc(ev.prompt_tokens)
         self.cached_tokens.inc(ev.cached_tokens)
         self.generated_tokens.inc(ev.completion_tokens)
+        self.drafted_tokens.inc(ev.drafted)
+        self.accepted_tokens.inc(ev.accepted)
         if ev.completion_tokens:
             self.ttft.observe(ev.first_token_s)
         if ev.completion_tokens > 1:

@@ -172,6 +172,10 @@ def _usage(fin: Finished) -> dict:
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
+        # speculation's drafts, in the fields OpenAI gives its predicted outputs: those the model kept
+        # (and are part of the completion) and those it rejected (never shown, not counted in it)
+        "completion_tokens_details": {"accepted_prediction_tokens": fin.accepted,
+                                      "rejected_prediction_tokens": fin.drafted - fin.accepted},
     }
 
 
