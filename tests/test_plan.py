@@ -173,8 +173,9 @@ def test_traffic_of_tinyllama_on_two_ranks_by_hand():
     assert q80.collectives == 4 * 22 + 2
     f32 = plan.traffic("f32")
     assert f32.gathered == 22 * (2048 + 2048 + 5632 + 2048) * 4
-    assert f32.payload[0] == pytest.approx(f32.gathered / 2 + 4 * 2048 / 2)  # half of it, half the embeddings
-    assert f32.payload[1] == pytest.approx(f32.gathered / 2 + 4 * 2048 / 2 + 4 * 16000)
+    # half of it and the whole embedding row (OR-combined: zero where the other rank holds the token)
+    assert f32.payload[0] == pytest.approx(f32.gathered / 2 + 4 * 2048)
+    assert f32.payload[1] == pytest.approx(f32.gathered / 2 + 4 * 2048 + 4 * 16000)
 
 
 def test_a_k_quant_model_takes_q8k_activations_and_keeps_what_they_read_and_the_residual_whole():
@@ -212,7 +213,7 @@ def test_wire_bytes_are_what_each_rank_lacks(case):
             assert t.wire == t.gathered == t.collectives == 0
             continue
         logits = sum(4 * (s.vocab_rows[1] - s.vocab_rows[0]) for s in plan.ranks[1:])
-        assert sum(t.payload) == pytest.approx(t.gathered + logits + 4 * spec.dim)
+        assert sum(t.payload) == pytest.approx(t.gathered + logits + n * 4 * spec.dim)
         assert t.wire == (n - 1) * (t.gathered + 4 * spec.dim) + logits
 
 
