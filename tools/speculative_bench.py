@@ -439,10 +439,14 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's commit, "+dirty" when tracked files under dllama_mpi/ differ from it (the engine measured)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "dllama_mpi"],
+                               capture_output=True, text=True, cwd=REPO).stdout.strip()
     except OSError:
         return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 # ===================================================================== main
