@@ -30,12 +30,14 @@ def chat(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
     from ..serving.request import GenRequest, Sampling, check_prompt_length, check_utf8
     from ..serving.scheduler import Scheduler, follow
-    from ..serving.speculation import logit_rows, open_draft_model
+    from ..serving.speculation import check_draft_model, logit_rows, open_draft_model
 
     if comm.rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def check(tokenizer, launch):  # rank 0, before loading
+        if args.draft_model:
+            check_draft_model(args.draft_model, tokenizer)
         if tokenizer.chat_template is None:
             raise InputError("this model has no chat template (convert it from a checkpoint that has one, e.g. a "
                              "Hugging Face instruct model or a GGUF with tokenizer.chat_template); use --prompt for "

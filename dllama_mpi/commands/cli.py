@@ -222,8 +222,7 @@ def _run(comm, argv) -> int:
     prompt_ids = []  # rank 0: the prompt's ids, checked before anything is loaded
     job = open_job(comm, args.model, budgets, max_seq_len=args.max_seq_len, buffer_type=args.buffer_float_type,
                    kv_type=args.kv_type, max_logits=logit_rows(1, args.speculate),
-                   check=lambda tokenizer, launch: prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or "")),
-                   announce=announce)
+                   check=lambda tokenizer, launch: check(tokenizer, launch, args, prompt_ids), announce=announce)
     draft = open_draft_model(comm, args.draft_model, job, args.speculate, args.kv_type) if args.draft_model else None
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
     comm.barrier()
@@ -252,6 +251,15 @@ def _run(comm, argv) -> int:
               f"({job.engine.max_seq_len} tokens); raise --max-seq-len for longer output", file=sys.stderr)
     _report(comm, job, result, n_threads, seed if args.temperature > 0 else None, startup_s, budgets)
     return 0
+
+
+def check(tokenizer, launch, args, prompt_ids: list[int]) -> None:
+    """Rank 0, before loading: the prompt's ids into prompt_ids, the draft model's vocabulary."""
+    from ..serving.speculation import check_draft_model
+
+    prompt_ids.extend(prompt_tokens(tokenizer, launch, args.prompt or ""))
+    if args.draft_model:
+        check_draft_model(args.draft_model, tokenizer)
 
 
 def prompt_tokens(tokenizer, launch, prompt: str) -> list[int]:

@@ -51,7 +51,7 @@ class Backend:
 def serve(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
     from ..serving.scheduler import Scheduler, follow
-    from ..serving.speculation import logit_rows, open_draft_model
+    from ..serving.speculation import check_draft_model, logit_rows, open_draft_model
 
     if comm.rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,6 +65,8 @@ def serve(comm, args, budgets, announce) -> int:
 
     def listen(tokenizer, launch):  # rank 0, before loading: a taken port fails the launch here
         nonlocal server
+        if args.draft_model:
+            check_draft_model(args.draft_model, tokenizer)
         server = Server(make_app(backend, api_key=args.api_key), args.host, args.port)
         try:
             server.start()

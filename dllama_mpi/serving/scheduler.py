@@ -303,9 +303,8 @@ class Scheduler:
         held = len(seq.slot.tokens) - len(tokens) + 1  # what the cache holds before each token, as without drafts
         for j, token in enumerate(tokens):
             seq.generated.append(token)
-            if seq.drafting is not None:
-                if seq.drafting.lookup is not None:
-                    seq.drafting.lookup.extend((token,))
+            if seq.drafting is not None and seq.drafting.lookup is not None:
+                seq.drafting.lookup.extend((token,))
             if seq.t_first is None:
                 seq.t_first = now
             logprob = _logprobs(logits[j], token, seq.req.logprobs) if seq.req.logprobs is not None else None

@@ -21,11 +21,12 @@ to one past the drafts kept when one is rejected, within --speculate N.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..job.sampler import Sampler
 
 MIN_NGRAM, MAX_NGRAM = 2, 4  # a lone token repeats too often to predict what follows it
@@ -136,6 +137,23 @@ class DraftModel:
         return drafts
 
 
+def check_draft_model(path, tokenizer) -> None:
+    """Rank 0, before anything is loaded: InputError unless `path` is a model file whose
+    vocabulary is `tokenizer`'s (its weights are read later, by open_draft_model)."""
+    from ..files.modelfile import open_model
+
+    try:
+        model = open_model(path)
+    except InputError as exc:
+        raise InputError(f"--draft-model {path}: {exc}") from None
+    try:
+        problem = vocabulary_mismatch(tokenizer, model.tokenizer())
+    finally:
+        model.close()
+    if problem is not None:
+        raise InputError(f"--draft-model {path}: {problem}")
+
+
 def open_draft_model(comm, path, main_job, max_draft: int, kv_type: str) -> DraftModel | None:
     """Collective over the main job's ranks: rank 0 loads the draft model alone (the others
     sleep) and checks its vocabulary against the main model's; every rank learns the outcome.
@@ -152,6 +170,10 @@ def open_draft_model(comm, path, main_job, max_draft: int, kv_type: str) -> Draf
             problem = vocabulary_mismatch(main_job.tokenizer, job.tokenizer)
             if problem is None:
                 draft = DraftModel(job, max_draft)
+                spec = job.plan.spec
+                print(f"draft model {path}: {spec.n_layers} layers, dim {spec.dim}, weights {spec.weights_text}; on "
+                      f"rank 0: {job.weights.nbytes / 2**20:.1f} MiB weights + {job.engine.kv_cache_bytes / 2**20:.1f} "
+                      f"MiB KV cache + {draft.probs.nbytes / 2**20:.1f} MiB draft distributions", file=sys.stderr)
         except UsageError as exc:
             problem = str(exc)
     comm.sleeping_barrier()  # the others sleep while rank 0 loads
