@@ -6,6 +6,7 @@ cancellation, bad requests, shutdown and rank death."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -139,12 +140,18 @@ def chat_server(llama3_chat):
     assert server.stop() == 0, "".join(server.stderr)
 
 
-def cli_text(model: Path, prompt: str, steps: int) -> str:
+def cli_text(model: Path, prompt: str, steps: int, *extra: str) -> str:
     result = run_mpiexec(1, [sys.executable, "-m", "dllama_mpi", "--model", str(model), "--prompt", prompt,
-                             "--steps", str(steps)], timeout=120)
+                             "--steps", str(steps), *extra], timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt)
     return result.stdout[len(prompt):].removesuffix("\n")
+
+
+@functools.cache
+def cli_text_without_speculation(model: Path, prompt: str, steps: int) -> str:
+    """The CLI's greedy text with `--speculate 0` (once per model, prompt and length in a test run)."""
+    return cli_text(model, prompt, steps, "--speculate", "0")
 
 
 def model_tokenizer(model: Path):
@@ -219,6 +226,69 @@ def test_concurrent_clients_each_get_their_solo_text(stories_server):
     assert together == solo
     m = stories_server.metrics()
     assert m["dllama_busy_slots"] == 0 and m["dllama_queue_length"] == 0
+
+
+# prompts that repeat themselves: prompt lookup drafts from their first step
+SPECULATION_PROMPTS = ["Once upon a time, there was a little girl named Lily. She loved to play outside. Once upon a time",
+                       "The dog ran to the park. The dog ran to the park. The dog",
+                       "Tom had a red ball. Tom had a red ball and a blue car. Tom had",
+                       'Lily said, "I want to play." Mom said, "I want to play." Lily said,']
+
+
+def draft_counts(server: Server) -> tuple[float, float]:
+    """/metrics' drafted and accepted tokens so far."""
+    m = server.metrics()
+    return m["dllama_draft_tokens_total"], m["dllama_draft_accepted_tokens_total"]
+
+
+def assert_prediction_usage(got) -> tuple[int, int]:
+    """A completion's speculation counts, (accepted, rejected): neither negative, and the drafts kept
+    are tokens of the completion after its first (which the prompt's step gives)."""
+    details = got.usage.completion_tokens_details
+    accepted, rejected = details.accepted_prediction_tokens, details.rejected_prediction_tokens
+    assert accepted >= 0 and rejected >= 0, details
+    assert accepted <= got.usage.completion_tokens - 1, (details, got.usage)
+    return accepted, rejected
+
+
+def test_speculating_server_gives_concurrent_clients_the_text_of_no_speculation(stories_server, stories):
+    """The server speculates by default (prompt lookup): concurrent greedy completions of
+    prompts that repeat are the CLI's text with `--speculate 0`; each one's usage says how many
+    drafts were kept and rejected, and /metrics' draft counters grow by their sums."""
+    expected = [cli_text_without_speculation(stories, p, 64) for p in SPECULATION_PROMPTS]
+    client = stories_server.client()
+    drafted_before, accepted_before = draft_counts(stories_server)
+    with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:  # 4 clients over 3 slots
+        got = list(pool.map(lambda p: complete(client, p, 64), SPECULATION_PROMPTS))
+    assert [g.choices[0].text for g in got] == expected
+    assert all(g.usage.completion_tokens == 64 for g in got)
+    counts = [assert_prediction_usage(g) for g in got]
+    accepted, rejected = sum(a for a, _ in counts), sum(r for _, r in counts)
+    assert accepted > 0, counts  # the text repeats: lookup drafts, and the model keeps some
+    drafted_after, accepted_after = draft_counts(stories_server)
+    assert (drafted_after - drafted_before, accepted_after - accepted_before) == (accepted + rejected, accepted)
+
+
+def test_a_server_with_a_draft_model_gives_concurrent_clients_the_text_of_no_speculation(stories):
+    """stories260K in f32 drafting for its q40 conversion, on rank 0 of a 2-rank server with 3
+    slots: concurrent greedy completions (one waits for a slot) and a streamed one are the
+    CLI's text with `--speculate 0`, and each completion kept drafts."""
+    draft = convert_stories(stories.parent, "f32")
+    expected = [cli_text_without_speculation(stories, p, 64) for p in SPECULATION_PROMPTS]
+    server = Server(2, stories, "--slots", "3", "--draft-model", str(draft))
+    try:
+        client = server.client()
+        with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
+            got = list(pool.map(lambda p: complete(client, p, 64), SPECULATION_PROMPTS))
+        assert [g.choices[0].text for g in got] == expected
+        counts = [assert_prediction_usage(g) for g in got]
+        assert all(accepted > 0 for accepted, _ in counts), counts
+        streamed, chunks = stream_text(complete(server.client(strict=False), SPECULATION_PROMPTS[1], 64, stream=True))
+        assert streamed == expected[1] and chunks[-1].choices[0].finish_reason == "length"
+        drafted, accepted = draft_counts(server)
+        assert accepted >= sum(a for a, _ in counts) > 0 and drafted >= accepted
+    finally:
+        assert server.stop() == 0, "".join(server.stderr)
 
 
 def test_a_disconnected_stream_frees_its_slot(stories_server):
