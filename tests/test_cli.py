@@ -445,9 +445,6 @@ def test_speculation_costs_fewer_collective_rounds_a_token(speculation_runs):
 
 
 @pytest.mark.jobs
-@pytest.mark.xfail(strict=True, reason="Scheduler._after_step calls Drafting.verified after _emit, whose _finish has "
-                   "already taken the counts: the last step's drafts and accepted tokens, and the step itself, are "
-                   "left out of Finished (this line, usage, /metrics); remove this mark with the fix")
 def test_speculation_line_counts_every_step_of_the_run(speculation_runs):
     """The line's counts cover the whole run, its last step included: each step gives its
     sequence's token and the drafts it kept (the run ends at --steps, never inside a step's

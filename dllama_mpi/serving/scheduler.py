@@ -283,7 +283,9 @@ class Scheduler:
         while i < batch.n_logits:
             seq = owner[int(batch.logit_rows[i])]
             if seq.drafts is None:  # the last row of a prompt: its first token
-                self._emit(seq, [seq.sampler(logits[i])], logits[i : i + 1], now)
+                _, end = self._emit(seq, [seq.sampler(logits[i])], logits[i : i + 1], now)
+                if end is not None:
+                    self._finish(seq, *end)
                 i += 1
                 continue
             drafts, k = seq.drafts, len(seq.drafts)  # logits i..i+k: the sequence's row, then its drafts'
@@ -291,15 +293,18 @@ class Scheduler:
             draft_probs = self.draft.probs[seq.slot.index, :k] if self.draft is not None else None
             kept, token = seq.sampler.verify(logits[i : i + k + 1], drafts, draft_probs)
             seq.slot.tokens.extend([seq.generated[-1], *drafts[:kept]])  # the rows kept: the cache holds them
-            emitted = self._emit(seq, [*drafts[:kept], token], logits[i : i + kept + 1], now)
+            emitted, end = self._emit(seq, [*drafts[:kept], token], logits[i : i + kept + 1], now)
             if seq.drafting is not None:
                 seq.drafting.verified(k, min(kept, emitted))
+            if end is not None:
+                self._finish(seq, *end)
             i += k + 1
 
-    def _emit(self, seq: Sequence, tokens: list[int], logits: np.ndarray, now: float) -> int:
+    def _emit(self, seq: Sequence, tokens: list[int], logits: np.ndarray, now: float) -> tuple[int, tuple | None]:
         """Give the sequence's new tokens (logits[j]: what tokens[j] was chosen from) to its
-        client, one by one, until it finishes; returns how many were given. The cache holds
-        every token but the last."""
+        client, one by one, until it is done; returns how many were given, and _finish's
+        arguments where it is done (the caller finishes it, its counts complete). The cache
+        holds every token but the last."""
         held = len(seq.slot.tokens) - len(tokens) + 1  # what the cache holds before each token, as without drafts
         for j, token in enumerate(tokens):
             seq.generated.append(token)
@@ -309,16 +314,13 @@ class Scheduler:
                 seq.t_first = now
             logprob = _logprobs(logits[j], token, seq.req.logprobs) if seq.req.logprobs is not None else None
             if token in seq.stop_ids:
-                self._finish(seq, "stop", stop_token=token)
-                return j + 1
+                return j + 1, ("stop", token)
             seq.req.emit(Piece(token, seq.stream.feed(token), logprob))
             if seq.stream.stopped:
-                self._finish(seq, "stop")
-                return j + 1
+                return j + 1, ("stop",)
             if len(seq.generated) == seq.req.max_tokens or held + j == self.engine.max_seq_len:
-                self._finish(seq, "length")
-                return j + 1
-        return len(tokens)
+                return j + 1, ("length",)
+        return len(tokens), None
 
     def _finish(self, seq: Sequence, reason: str, stop_token: int | None = None) -> None:
         rest = "" if seq.stream.stopped else seq.stream.finish()
