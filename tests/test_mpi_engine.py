@@ -174,3 +174,27 @@ def test_bytes_sent_per_token_match_the_plans_traffic(comm, shared_dir, buffer_t
             expected = traffic.payload[comm.rank]
             agree(comm, abs(comm.bytes_sent - before - expected) < 1e-6,
                   f"budgets {budgets}, token {token}: sent {comm.bytes_sent - before} bytes, the plan says {expected}")
+
+
+def test_a_greedy_step_gathers_each_row_s_first_largest_logit(comm, shared_dir):
+    """Rows whose next token is greedy send rank 0 each rank's best (value, id) instead of
+    its logits: the token is the one the sampler picks from the whole row, for every split
+    (ties: test_speculation)."""
+    from dllama_mpi.job.engine import Batch
+
+    path = on_rank_0(comm, lambda: write_random_model(shared_dir / "random-greedy.h5", RANDOM_SPEC))
+    for budgets in budgets_for(comm):
+        job = open_job(comm, path, budgets, max_seq_len=16, max_logits=4)
+        engine = job.engine
+        batch = Batch(engine.max_rows, engine.max_logits)
+        chosen = []
+        for greedy in (False, True):
+            batch.clear()
+            for pos, token in enumerate(TOKENS[:5]):
+                batch.add(token, 0, pos, pos > 0)
+            batch.greedy = greedy
+            out = engine.step(batch)
+            chosen.append(None if out is None else out.copy())
+        if comm.rank == 0:
+            logits, picks = chosen
+            assert picks.tolist() == np.argmax(logits, axis=1).tolist()

@@ -95,6 +95,22 @@ def test_distribution_and_residual_equal_their_twins_and_sample_picks_from_it(n)
         np.testing.assert_allclose(out / mass, reference.residual(probs, q), rtol=1e-12, atol=1e-15)
 
 
+def test_greedy_picks_across_vocabulary_spans_are_the_sampler_s_first_largest():
+    """Each rank's (largest, first id) of its span, then the first rank's on a tie: the id
+    `sample` picks from the whole row at temperature 0, ties to the lowest id."""
+    rng = np.random.default_rng(3)
+    rows = rng.integers(-3, 3, size=(6, 37)).astype(np.float32)  # many ties
+    rows[5] = 1.0  # all equal: id 0
+    spans = ((0, 10), (10, 11), (11, 37))
+    parts = np.zeros((len(spans), len(rows), 2), np.float32)
+    for r, (a, b) in enumerate(spans):
+        vector.row_argmax(rows[:, a:b], a, parts[r])
+    picks = np.zeros(len(rows), np.int64)
+    vector.pick_best(parts, picks)
+    expected = [vector.sample(row, 0.0, 1.0, 0.0, np.zeros(37), np.zeros(37)) for row in rows]
+    assert picks.tolist() == expected == np.argmax(rows, axis=1).tolist()
+
+
 def test_verify_at_temperature_0_keeps_the_drafts_equal_to_the_greedy_choices():
     logits = np.zeros((4, 9), np.float32)
     for row, best in enumerate((3, 5, 2, 8)):

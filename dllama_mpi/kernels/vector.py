@@ -755,6 +755,32 @@ def sample(logits, temperature, top_p, coin, probs, scratch):
 
 
 @njit(**_opts)
+def row_argmax(x, offset, out):
+    """Per row of x (m, n): out[i] = (its largest value, offset + the first index holding it),
+    as f32 (an index below 2**24 is exact): a rank's part of a greedy choice."""
+    for i in range(x.shape[0]):
+        best = 0
+        for j in range(1, x.shape[1]):
+            if x[i, j] > x[i, best]:
+                best = j
+        out[i, 0] = x[i, best]
+        out[i, 1] = offset + best
+
+
+@njit(**_opts)
+def pick_best(parts, out):
+    """out[i] = the token of the largest value among the ranks' (value, token) parts[:, i]
+    (size, m, 2), the first rank's on a tie: with the ranks' vocabulary spans in order, the
+    first largest logit's token, as `sample` picks at temperature 0."""
+    for i in range(parts.shape[1]):
+        best = 0
+        for r in range(1, parts.shape[0]):
+            if parts[r, i, 0] > parts[best, i, 0]:
+                best = r
+        out[i] = np.int64(parts[best, i, 1])
+
+
+@njit(**_opts)
 def distribution(logits, temperature, top_p, probs, scratch):
     """What `sample` draws from at temperature > 0, into probs (float64, summing to 1):
     softmax(logits / temperature) kept to the nucleus (sample's cut) and renormalised. The
@@ -899,6 +925,9 @@ def warm_up(weight_types: tuple[str, ...] = (), kv_types: tuple[str, ...] = (qua
         attention_chunk(0, 1, *att)
     silu_mul(np.concatenate((x, x), axis=1), out)
     sample(x[0], 0.8, 0.9, 0.5, np.zeros(64), np.zeros(64))
+    best = np.zeros((1, 2), f32)
+    row_argmax(x, 0, best)
+    pick_best(best.reshape(1, 1, 2), np.zeros(1, np.int64))
     probs = np.zeros(64)
     distribution(x[0], 0.8, 0.9, probs, np.zeros(64))
     pick(probs, 0.5)

@@ -242,6 +242,8 @@ class Scheduler:
             for i in range(q.fed, q.fed + take):
                 batch.add(q.prompt[i], q.slot.index, i, i == len(q.prompt) - 1)
             room -= take
+        # where every sequence's next token is the greedy choice, only that travels, not the logits
+        batch.greedy = all(q.sampler.temperature == 0 and q.req.logprobs is None for q in active)
         return batch.n > 0
 
     def _drafts(self, decoding: list[Sequence], prefilling: list[Sequence]) -> dict[int, list[int]]:
@@ -271,6 +273,7 @@ class Scheduler:
         return drafts
 
     def _after_step(self, logits: np.ndarray) -> None:
+        """logits: the step's (Engine.step), or with batch.greedy each logit row's greedy token."""
         batch, now = self._batch, time.perf_counter()
         owner = {}
         for r in range(batch.n):  # rows -> their sequence, and the prompt tokens now in each cache
@@ -283,15 +286,20 @@ class Scheduler:
         while i < batch.n_logits:
             seq = owner[int(batch.logit_rows[i])]
             if seq.drafts is None:  # the last row of a prompt: its first token
-                _, end = self._emit(seq, [seq.sampler(logits[i])], logits[i : i + 1], now)
+                token = int(logits[i]) if batch.greedy else seq.sampler(logits[i])
+                _, end = self._emit(seq, [token], logits[i : i + 1], now)
                 if end is not None:
                     self._finish(seq, *end)
                 i += 1
                 continue
             drafts, k = seq.drafts, len(seq.drafts)  # logits i..i+k: the sequence's row, then its drafts'
             seq.drafts = None
-            draft_probs = self.draft.probs[seq.slot.index, :k] if self.draft is not None else None
-            kept, token = seq.sampler.verify(logits[i : i + k + 1], drafts, draft_probs)
+            if batch.greedy:  # the drafts the greedy choices confirm, then the next choice
+                kept = common_prefix(drafts, logits[i : i + k].tolist())
+                token = int(logits[i + kept])
+            else:
+                draft_probs = self.draft.probs[seq.slot.index, :k] if self.draft is not None else None
+                kept, token = seq.sampler.verify(logits[i : i + k + 1], drafts, draft_probs)
             seq.slot.tokens.extend([seq.generated[-1], *drafts[:kept]])  # the rows kept: the cache holds them
             emitted, end = self._emit(seq, [*drafts[:kept], token], logits[i : i + kept + 1], now)
             if seq.drafting is not None:
