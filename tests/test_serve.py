@@ -269,6 +269,22 @@ def test_speculating_server_gives_concurrent_clients_the_text_of_no_speculation(
     assert (drafted_after - drafted_before, accepted_after - accepted_before) == (accepted + rejected, accepted)
 
 
+def test_a_predicted_output_is_drafted_from_and_changes_no_token(stories_server, stories):
+    """OpenAI's `prediction` (the text the answer is expected to repeat): a prompt with nothing
+    to look up gets its drafts from the prediction, kept where the model agrees; the text is
+    the CLI's with `--speculate 0` whatever the prediction says."""
+    prompt = "Lily and Ben"
+    expected = cli_text_without_speculation(stories, prompt, 48)
+    client = stories_server.client()
+    plain = complete(client, prompt, 48)
+    right = complete(client, prompt, 48, extra_body={"prediction": {"type": "content", "content": expected}})
+    wrong = complete(client, prompt, 48, extra_body={"prediction": {"type": "content", "content": [
+        {"type": "text", "text": "The cat sat on the mat. "}, {"type": "text", "text": expected[::-1]}]}})
+    assert plain.choices[0].text == right.choices[0].text == wrong.choices[0].text == expected
+    accepted = [assert_prediction_usage(g)[0] for g in (plain, right, wrong)]
+    assert accepted[1] >= 40 and accepted[1] > 4 * max(accepted[0], accepted[2]), accepted
+
+
 def test_a_server_with_a_draft_model_gives_concurrent_clients_the_text_of_no_speculation(stories):
     """stories260K in f32 drafting for its q40 conversion, on rank 0 of a 2-rank server with 3
     slots: concurrent greedy completions (one waits for a slot) and a streamed one are the

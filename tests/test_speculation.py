@@ -298,3 +298,14 @@ def test_sampled_text_keeps_the_model_s_distribution_on_stories260k(stories, mon
     monkeypatch.setattr(Sampler, "verify", lambda self, logits, drafts, probs=None: (len(drafts), self(logits[len(drafts)])))
     broken = samples(3, DraftModel(random, 3), 20_000)
     assert min(same_distribution([s[p] for s in plain], [s[p] for s in broken]) for p in (1, 2, 3)) < 1e-6
+
+
+def test_a_predicted_output_drafts_from_the_first_token_on():
+    """OpenAI's prediction is taken as if it followed the prompt: the first drafts are its
+    start (after the prompt's last tokens), and later ones follow it where the text does."""
+    lookup = PromptLookup([1, 20, 21, 22], prediction=(30, 31, 32, 33, 34))
+    assert lookup.propose(3) == [30, 31, 32]
+    lookup.extend([30, 31])
+    assert lookup.propose(2) == [32, 33]
+    lookup.extend([40, 32, 33])  # off the prediction and back onto it
+    assert lookup.propose(5) == [34]

@@ -41,7 +41,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from . import templates
-from .protocol import ApiError, ChatRequest, CompletionRequest, error, error_body, validation_error
+from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer
 
@@ -186,6 +186,13 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         except InputError as e:
             raise ApiError(400, str(e), param) from e
 
+    async def prediction_ids(body: CommonRequest) -> tuple[int, ...]:
+        """The predicted output's tokens (plain text: no BOS, special-token text kept as text)."""
+        if body.prediction is None:
+            return ()
+        ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
+        return tuple(ids[: backend.max_seq_len])  # no answer is longer
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
@@ -199,6 +206,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop=body.stops(),
             stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            prediction=await prediction_ids(body),
         )
         return await answer(request, backend, body, req, ChatShape(bool(body.logprobs)))
 
@@ -228,6 +236,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop=body.stops(),
             stop_ids=body.stop_ids(),
             logprobs=body.logprobs,
+            prediction=await prediction_ids(body),
         )
         return await answer(request, backend, body, req, TextShape(body.logprobs is not None))
 

@@ -74,6 +74,29 @@ class _StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _Prediction(BaseModel):
+    """OpenAI's predicted output: text the answer is expected to repeat much of (a file being
+    edited), which speculation drafts from."""
+
+    type: Literal["content"]
+    content: str | list[_TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: str | list[_TextPart]) -> str | list[_TextPart]:
+        for text in [content] if isinstance(content, str) else [part.text for part in content]:
+            _utf8(text)
+        return content
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class CommonRequest(BaseModel):
     """The fields both endpoints share. Unknown fields are ignored (clients send many); a field that would change the
     output but isn't implemented is refused rather than silently ignored."""
@@ -100,6 +123,7 @@ class CommonRequest(BaseModel):
     response_format: dict | None = None
     best_of: int | None = None
     ignore_eos: bool | None = False  # not OpenAI's (llama.cpp's server and vLLM take it): run on to max_tokens past EOS
+    prediction: _Prediction | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -157,11 +181,6 @@ class CommonRequest(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
 
 
 class _Message(BaseModel):

@@ -32,6 +32,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()  # stop strings: never sent, not even a prefix of one
     stop_ids: tuple[int, ...] | None = None  # end-of-generation tokens; None: the model's
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    prediction: tuple[int, ...] = ()  # tokens the answer is expected to repeat (OpenAI's prediction): lookup drafts
     emit: Callable[[object], None] | None = None  # gets Piece..., then Finished or Failed; set before submitting
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client: stop at the next step
 

@@ -210,7 +210,7 @@ class Scheduler:
             slot.seq = Sequence(req, slot, sampler, stream, stop_ids, t_submit, n_cached, n_cached)
             if self.max_draft:
                 if self.draft is None:
-                    slot.seq.drafting = Drafting(self.max_draft, lookup=PromptLookup(prompt))
+                    slot.seq.drafting = Drafting(self.max_draft, lookup=PromptLookup(prompt, req.prediction))
                 else:  # the draft model's own choices: a generator of its own, from the request's seed
                     draft_sampler = Sampler(self.job.plan.spec.vocab_size, sampling.temperature, sampling.top_p, seed + 1)
                     slot.seq.drafting = Drafting(self.max_draft, draft_sampler=draft_sampler)

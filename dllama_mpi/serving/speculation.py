@@ -40,27 +40,37 @@ def logit_rows(n_slots: int, max_draft: int) -> int:
 
 class PromptLookup:
     """A sequence's tokens (prompt and generated) and, for each n-gram, where it last occurred
-    with a token after it."""
+    with a token after it: in the sequence, or in a predicted output (OpenAI's `prediction`),
+    taken as if it followed the prompt."""
 
-    def __init__(self, tokens: list[int]):
+    def __init__(self, tokens: list[int], prediction: tuple[int, ...] = ()):
         self.tokens: list[int] = []
-        self._after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+        # n-gram -> (the token list, index of the token after the n-gram's latest occurrence in it)
+        self._after: dict[tuple[int, ...], tuple[list[int], int]] = {}
         self.extend(tokens)
+        if prediction:  # indexed after the prompt (a later occurrence wins), before anything generated
+            predicted = self.tokens[-MAX_NGRAM:] + list(prediction)
+            for end in range(1, len(predicted)):
+                self._index(predicted, end)
+
+    def _index(self, tokens: list[int], end: int) -> None:
+        """The n-grams ending at `end` have tokens[end] after them."""
+        for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
+            self._after[tuple(tokens[end - n : end])] = (tokens, end)
 
     def extend(self, tokens) -> None:
         for token in tokens:
-            end = len(self.tokens)  # the n-grams ending here now have a token after them
-            for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
-                self._after[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(int(token))
+            self._index(self.tokens, len(self.tokens) - 1)
 
     def propose(self, k: int) -> list[int]:
         """Up to k tokens: what followed the longest suffix of the text seen before."""
         end = len(self.tokens)
         for n in range(min(MAX_NGRAM, end), MIN_NGRAM - 1, -1):
-            at = self._after.get(tuple(self.tokens[end - n :]))
-            if at is not None:
-                return self.tokens[at : at + k]
+            found = self._after.get(tuple(self.tokens[end - n :]))
+            if found is not None:
+                source, at = found
+                return source[at : at + k]
         return []
 
 
