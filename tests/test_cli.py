@@ -58,6 +58,8 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
     (["--temperature", "nan"], "argument --temperature: expected a finite number such as 0.8, got 'nan'"),
     (["--top-p", "inf"], "argument --top-p: expected a finite number such as 0.8, got 'inf'"),
     (["--temperature", "warm"], "argument --temperature: expected a finite number such as 0.8, got 'warm'"),
+    (["--speculate", "33"], "--speculate must be at most 32 (a step's rows are 64), got 33"),
+    (["--speculate", "-1"], "argument --speculate: must be a whole number of at least 0, got '-1'"),
 ])
 def test_bad_options_stop_every_rank_with_one_message(args, message):
     # budgets, model files, prompts and faults: tests/test_failures.py

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..model import quant
-from ..serving.speculation import DEFAULT_DRAFT
+from ..serving.speculation import DEFAULT_DRAFT, MAX_DRAFT
 from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_alone, run_job
 
 
@@ -148,6 +148,8 @@ def _parse(comm, argv):
         problems.append(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if getattr(args, "seed", None) is not None and args.seed < 0:
         problems.append(f"--seed must be >= 0, got {args.seed}")
+    if getattr(args, "speculate", 0) > MAX_DRAFT:
+        problems.append(f"--speculate must be at most {MAX_DRAFT} (a step's rows are 64), got {args.speculate}")
     if getattr(args, "draft_model", None) is not None and args.speculate == 0:
         problems.append("--draft-model drafts tokens for speculation, which --speculate 0 turns off; give --speculate N "
                         "(N > 0) or leave out --draft-model")

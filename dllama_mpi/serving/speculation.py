@@ -31,6 +31,7 @@ from ..job.sampler import Sampler
 
 MIN_NGRAM, MAX_NGRAM = 2, 4  # a lone token repeats too often to predict what follows it
 DEFAULT_DRAFT = 8  # --speculate's default: the most drafts a step verifies per sequence
+MAX_DRAFT = 32  # --speculate's largest: half a step's rows (engine max_rows 64)
 
 
 def logit_rows(n_slots: int, max_draft: int) -> int:
