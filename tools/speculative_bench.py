@@ -5,8 +5,9 @@ The tasks (greedy, temperature 0; each stops at --steps tokens or an end-of-gene
 - code: a plain Python completion (no chat template): a class whose methods repeat each other's identifiers;
 - rewrite: chat-formatted, "Rewrite the following paragraph, fixing only the spelling: ..." (about 150 words
   with a few typos): the answer copies the prompt;
-- chat: chat-formatted, an open question;
-- stories: stories260K, "Once upon a time", 200 tokens by default.
+- chat: chat-formatted, an open question ("What is a hash table?");
+- stories: stories260K, "Once upon a time", 200 tokens by default (end-of-generation tokens ignored by both
+  engines: the model ends a story with BOS, where ours stops and llama.cpp does not).
 The chat prompts are Qwen's template rendered by hand as text and given as the prompt to both engines: ours
 parses special-token text in --prompt, and llama.cpp's llama-completion and llama-lookup tokenize -p with
 parse_special (common_tokenize(ctx, prompt, true, true) in tools/completion/completion.cpp and
@@ -125,9 +126,12 @@ TASKS = {
     "code": {"model": "qwen", "prompt": CODE_PROMPT, "steps": 128},
     "rewrite": {"model": "qwen", "prompt": qwen_chat(f"Rewrite the following paragraph, fixing only the spelling: "
                                                      f"{PARAGRAPH}"), "steps": 128},
-    "chat": {"model": "qwen", "prompt": qwen_chat("How does a hash table work, and when would you use one instead "
-                                                  "of a sorted array? Give an example in Python."), "steps": 128},
-    "stories": {"model": "stories", "prompt": "Once upon a time", "steps": 200},
+    # (asked "How does a hash table work, and when would you use one ...?", this model only rephrases the
+    # question and stops, after about 20 tokens)
+    "chat": {"model": "qwen", "prompt": qwen_chat("What is a hash table?"), "steps": 128},
+    # stories260K ends a story with BOS, where ours stops (llama2.c's convention) and llama.cpp goes on:
+    # both are told to ignore end-of-generation tokens, so that both make 200
+    "stories": {"model": "stories", "prompt": "Once upon a time", "steps": 200, "ignore_eos": True},
 }
 
 
@@ -260,23 +264,26 @@ def texts_agree(plain: str, lookup: str) -> bool:
 
 
 def ours_command(mpiexec: str, ranks: int, model: Path, prompt: str, steps: int, speculate: int | None,
-                 python: str = sys.executable) -> list[str]:
+                 python: str = sys.executable, ignore_eos: bool = False) -> list[str]:
     command = [mpiexec, "-n", str(ranks), python, "-m", "dllama_mpi", "--model", str(model), "--prompt", prompt,
                "--steps", str(steps), "--temperature", "0"]
+    command += ["--ignore-eos"] if ignore_eos else []
     return command + (["--speculate", str(speculate)] if speculate is not None else [])
 
 
 def llama_completion_command(binary: Path, gguf: Path, prompt: str, steps: int, threads: int,
-                             context: int | None) -> list[str]:
+                             context: int | None, ignore_eos: bool = False) -> list[str]:
     command = [str(binary), "-m", str(gguf), "-p", prompt, "-n", str(steps), "--temp", "0", "-t", str(threads),
                "-no-cnv", "--no-display-prompt", "--seed", "0"]
+    command += ["--ignore-eos"] if ignore_eos else []
     return command + (["-c", str(context)] if context else [])
 
 
 def llama_lookup_command(binary: Path, gguf: Path, prompt: str, steps: int, threads: int, context: int | None,
-                         draft: int | None) -> list[str]:
+                         draft: int | None, ignore_eos: bool = False) -> list[str]:
     command = [str(binary), "-m", str(gguf), "-p", prompt, "-n", str(steps - 1), "--temp", "0", "-t", str(threads),
                "--seed", "0"]
+    command += ["--ignore-eos"] if ignore_eos else []
     command += ["-c", str(context)] if context else []
     return command + (["--spec-draft-n-max", str(draft)] if draft is not None else [])
 
@@ -514,16 +521,17 @@ def main(argv=None) -> int:
         for task in args.tasks:
             spec = TASKS[task]
             model, prompt = models[spec["model"]], spec["prompt"]
-            steps = args.steps or spec["steps"]
+            steps, ignore_eos = args.steps or spec["steps"], spec.get("ignore_eos", False)
             for engine, config, settings in plan:
                 if engine == OURS:
-                    command = ours_command(mpiexec, settings["ranks"], model["h5"], prompt, steps, settings["speculate"])
+                    command = ours_command(mpiexec, settings["ranks"], model["h5"], prompt, steps, settings["speculate"],
+                                           ignore_eos=ignore_eos)
                 elif settings["kind"] == "completion":
                     command = llama_completion_command(binaries["llama-completion"], model["gguf"], prompt, steps,
-                                                       args.threads, model["context"])
+                                                       args.threads, model["context"], ignore_eos)
                 else:
                     command = llama_lookup_command(binaries["llama-lookup"], model["gguf"], prompt, steps,
-                                                   args.threads, model["context"], settings["draft"])
+                                                   args.threads, model["context"], settings["draft"], ignore_eos)
                 before = cpu_sample(me)
                 code, out, err, seconds = run(command, args.run_timeout)
                 others = busy_processes(before, cpu_sample(me), seconds, args.idle_cpu, ticks)
@@ -583,7 +591,8 @@ def main(argv=None) -> int:
              "llama_threads": args.threads, "ranks": args.ranks, "speculate": args.speculate, "repeat": args.repeat,
              "idle": idle, "disturbed_runs": disturbed, "runs": len(rows),
              "models": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in models.items()},
-             "tasks": {t: {"prompt": TASKS[t]["prompt"], "steps": args.steps or TASKS[t]["steps"]} for t in args.tasks},
+             "tasks": {t: {"prompt": TASKS[t]["prompt"], "steps": args.steps or TASKS[t]["steps"],
+                           "ignore_eos": TASKS[t].get("ignore_eos", False)} for t in args.tasks},
              "argv": sys.argv}
     print(f"CPU: {facts['cpu']} ({facts['cores']} cores); {facts['date']}; {args.repeat} interleaved round(s); "
           f"llama.cpp {args.threads} threads; ours threads per rank: the default (cores shared out)"
