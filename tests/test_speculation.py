@@ -18,9 +18,10 @@ from dllama_mpi.job.sampler import Sampler
 from dllama_mpi.kernels import reference, vector
 from dllama_mpi.model.spec import ModelSpec
 from dllama_mpi.parallel.comm import Comm
+from dllama_mpi.serving import scheduler as scheduler_module
 from dllama_mpi.serving.request import Finished, GenRequest, Piece, Sampling
 from dllama_mpi.serving.scheduler import Scheduler, generate
-from dllama_mpi.serving.speculation import DraftModel, PromptLookup, logit_rows
+from dllama_mpi.serving.speculation import Drafting, DraftModel, PromptLookup, StepCost, draft_length, logit_rows
 
 CONTEXT, SLOTS, MAX_DRAFT = 160, 3, 6
 # stories260K's vocabulary size, random weights: a draft model that is mostly wrong
@@ -156,6 +157,37 @@ def test_verify_keeps_the_model_s_distribution_and_a_broken_rule_is_caught(draft
         assert goodness_of_fit(broken, p[0]) < 1e-6
 
 
+# --- how many drafts pay ---------------------------------------------------------------
+def test_drafts_are_made_where_they_pay_for_their_rows():
+    """Expected tokens per second decide: drafts rarely kept, or rows that cost much, make
+    none; drafts usually kept make a few; free rows make as many as allowed."""
+    assert draft_length(0.25, 1.0, 0.4, 8) == 0  # (1 + 0.25) / 1.4 < 1
+    assert draft_length(0.87, 1.0, 0.4, 8) == 3
+    assert draft_length(0.87, 1.0, 0.0, 8) == 8
+    assert draft_length(0.5, 1.0, 0.25, 8) == 1  # nothing seen yet, the prior's row cost: one draft to learn from
+
+
+def test_step_cost_fits_the_time_of_a_step_by_its_rows_and_a_sequence_s_rate_forgets():
+    cost = StepCost()
+    assert cost.line() == (1.0, 0.25)
+    for _ in range(3):
+        cost.step(0, 0.040)
+    base, per_row = cost.line()
+    assert base == pytest.approx(0.040 / 1.0) and per_row == pytest.approx(0.25 * 0.040)  # one size: the prior slope
+    for _ in range(5):
+        cost.step(4, 0.080)
+        cost.step(0, 0.040)
+    assert cost.line() == pytest.approx((0.040, 0.010))
+    drafting = Drafting(8)
+    assert drafting.alpha == 0.5
+    for _ in range(20):
+        drafting.verified(4, 1)  # one kept, then a rejection
+    assert drafting.alpha < 0.55 and (drafting.drafted, drafting.accepted, drafting.steps) == (80, 20, 20)
+    for _ in range(20):
+        drafting.verified(4, 4)
+    assert drafting.alpha > 0.9
+
+
 # --- drafts from the text itself -------------------------------------------------------
 def test_prompt_lookup_drafts_what_followed_the_longest_earlier_match():
     lookup = PromptLookup([1, 5, 6, 7, 8, 2, 6, 7, 9, 3, 5, 6, 7])
@@ -193,7 +225,7 @@ def prompts(job) -> dict:
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "q40 model", "random model"])
-def test_temperature_0_text_is_the_model_s_own_with_every_drafter(stories, drafter):
+def test_temperature_0_text_is_the_model_s_own_with_every_drafter(stories, always_draft, drafter):
     """Four requests decoding together (3 slots: one waits), each ending another way: the
     same tokens, text and finish as without speculation, and drafts were made and kept."""
     job, q40, random = stories
@@ -214,7 +246,14 @@ def test_temperature_0_text_is_the_model_s_own_with_every_drafter(stories, draft
         assert accepted > 0 and spec["repeat"][2].steps < spec["repeat"][2].completion_tokens - 1
 
 
-def test_rejected_rows_leave_the_kv_cache_as_if_never_run(stories):
+@pytest.fixture
+def always_draft(monkeypatch):
+    """Every decoding row brings all the drafts it may, whatever they are worth: drafts of a
+    random model, almost all rejected, are made every step."""
+    monkeypatch.setattr(scheduler_module, "draft_length", lambda alpha, base_s, per_draft_s, k_max: k_max)
+
+
+def test_rejected_rows_leave_the_kv_cache_as_if_never_run(stories, always_draft):
     """A random draft model's rows are mostly rejected: afterwards the slot's cache holds, for
     the positions it holds, the bits of a run without drafts (a rejected row's position is
     written again by the row kept there); what lies past them is never read (poisoned with
@@ -278,7 +317,7 @@ def test_a_row_s_logits_do_not_depend_on_the_other_rows_of_its_step(stories):
     assert np.array_equal(alone[0].view(np.uint32), crowded[2].view(np.uint32))
 
 
-def test_sampled_text_keeps_the_model_s_distribution_on_stories260k(stories, monkeypatch):
+def test_sampled_text_keeps_the_model_s_distribution_on_stories260k(stories, always_draft, monkeypatch):
     """Temperature 0.8, top-p 0.9, the random model drafting (most drafts rejected, so the
     resampling carries the distribution): each of the 2nd to 4th tokens is distributed as
     without speculation (two-sample chi-square over fixed seeds). Keeping every draft, the
@@ -288,8 +327,10 @@ def test_sampled_text_keeps_the_model_s_distribution_on_stories260k(stories, mon
     n = 300
 
     def samples(max_draft, draft, first_seed):
-        return [generate(job, prompt, 4, Sampling(0.8, 0.9, seed), stop_ids=(), max_draft=max_draft,
-                         draft=draft)["generated"] for seed in range(first_seed, first_seed + n)]
+        runs = [generate(job, prompt, 4, Sampling(0.8, 0.9, seed), stop_ids=(), max_draft=max_draft, draft=draft)
+                for seed in range(first_seed, first_seed + n)]
+        assert not max_draft or all(r["drafted"] >= 2 for r in runs)  # 2 drafts at least (3 tokens left)
+        return [r["generated"] for r in runs]
 
     plain = samples(0, None, 0)
     spec = samples(3, DraftModel(random, 3), 10_000)

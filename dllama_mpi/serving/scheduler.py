@@ -32,7 +32,7 @@ import numpy as np
 from ..job.loading import Job
 from ..job.sampler import Sampler
 from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob
-from .speculation import Drafting, DraftModel, PromptLookup, common_prefix
+from .speculation import Drafting, DraftModel, PromptLookup, StepCost, common_prefix, draft_length
 from .textstream import TextStream
 
 OP_STEP, OP_STATS, OP_EXIT = 1, 2, 3
@@ -98,6 +98,7 @@ class Scheduler:
             raise RuntimeError("the scheduler runs on rank 0; other ranks call follow()")
         self.job, self.engine, self.comm, self.metrics = job, job.engine, job.comm, metrics
         self.max_draft, self.draft = max_draft, draft
+        self.cost = StepCost()  # what a decoding step and a draft cost here: how many drafts pay
         self.slots = [Slot(i) for i in range(self.engine.n_slots)]
         self._inbox: queue.SimpleQueue[tuple[GenRequest, float]] = queue.SimpleQueue()  # (request, submitted at)
         self._closed: str | None = None  # why no more requests are taken (shutting down)
@@ -136,9 +137,13 @@ class Scheduler:
             self._drop_cancelled()
             self._admit()
             if self._build_step():
+                t0 = time.perf_counter()
                 self.comm.bcast_idle(self._batch.wire)
                 logits = self.engine.step(self._batch)
+                decoding_only = all(self.slots[int(s)].seq.drafts is not None for s in self._batch.slots[: self._batch.n])
                 self._after_step(logits)
+                if decoding_only:  # a prompt's rows cost otherwise than a decoding row's drafts
+                    self.cost.step(self._batch.n - 1, time.perf_counter() - t0)
             self._report_load()
 
     def fail_all(self, message: str) -> None:
@@ -251,6 +256,9 @@ class Scheduler:
         wants, within what it may still generate, the context, and the step's rows and logits
         (room is left for the prompt chunks waiting)."""
         batch, drafts = self._batch, {q.slot.index: [] for q in decoding}
+        base, per_row = self.cost.line()
+        base += per_row * (len(decoding) - 1)  # the step's rows without this sequence's drafts
+        per_draft = per_row + self.cost.draft_s
         rows = batch.max_rows - len(decoding) - (min(PREFILL_ROWS_WHILE_DECODING, batch.max_rows) if prefilling else 0)
         logit_rows = batch.max_logits - len(decoding) - len(prefilling)
         wants = []
@@ -258,7 +266,8 @@ class Scheduler:
             if q.drafting is None:
                 continue
             left = q.req.max_tokens - len(q.generated) if q.req.max_tokens is not None else self.engine.max_seq_len
-            k = min(q.drafting.length, left - 1, self.engine.max_seq_len - 1 - len(q.slot.tokens), rows, logit_rows)
+            k = min(q.drafting.max_draft, left - 1, self.engine.max_seq_len - 1 - len(q.slot.tokens), rows, logit_rows)
+            k = draft_length(q.drafting.alpha, base, per_draft, k)
             if k <= 0:
                 continue
             if q.drafting.lookup is not None:
@@ -268,8 +277,10 @@ class Scheduler:
                 wants.append((q.slot.index, q.prompt + q.generated, k, q.drafting.draft_sampler))
             rows, logit_rows = rows - k, logit_rows - k
         if wants:
+            t0 = time.perf_counter()
             for (slot, *_), tokens in zip(wants, self.draft.propose(wants), strict=True):
                 drafts[slot] = tokens
+            self.cost.drafted(sum(want[2] for want in wants), time.perf_counter() - t0)
         return drafts
 
     def _after_step(self, logits: np.ndarray) -> None:

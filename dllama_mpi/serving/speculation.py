@@ -15,14 +15,19 @@ Drafts come from
     quoting); where nothing matches a sequence drafts nothing and its step costs what it did;
   DraftModel: a smaller model of the same vocabulary on rank 0 alone (a one-rank Comm): its
     steps cost the job no collective, and the other ranks sleep meanwhile.
-A sequence's draft length adapts (Drafting): it grows by 2 while every draft is kept and falls
-to one past the drafts kept when one is rejected, within --speculate N.
+How many drafts a sequence's row brings is decided each step by what they are worth here
+(draft_length): k drafts cost k more rows of the step (and k draft-model tokens), measured on
+this job (StepCost), and are expected to give alpha + alpha^2 + ... + alpha^k more tokens, alpha
+being the sequence's recent rate of drafts kept (Drafting.alpha); k maximises tokens per second,
+within --speculate N, and is 0 where drafting would not pay (a CPU whose extra rows cost much,
+text that does not repeat). Drafts that are rarely kept are still tried now and then: the rate
+forgets, back towards even odds.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +35,8 @@ from ..errors import InputError, UsageError
 from ..job.sampler import Sampler
 
 MIN_NGRAM, MAX_NGRAM = 2, 4  # a lone token repeats too often to predict what follows it
+ROW_COST_PRIOR = 0.25  # an extra row of a step, as a share of a one-row step, until steps of several rows are timed
+FORGET = 0.9  # per step, the weight left of what was seen before (step times, drafts kept): about the last 10 count
 DEFAULT_DRAFT = 8  # --speculate's default: the most drafts a step verifies per sequence
 MAX_DRAFT = 32  # --speculate's largest: half a step's rows (engine max_rows 64)
 
@@ -77,25 +84,74 @@ class PromptLookup:
 
 @dataclass
 class Drafting:
-    """One sequence's speculation: its draft length now, and what it drafted and kept."""
+    """One sequence's speculation: what it drafted and kept, and its recent rate of drafts kept."""
 
     max_draft: int
     lookup: PromptLookup | None = None  # None: the job's draft model drafts
     draft_sampler: Sampler | None = None  # the draft model's choices for this sequence
-    length: int = field(init=False)
     drafted: int = 0
     accepted: int = 0
     steps: int = 0  # decoding steps of the sequence (each yields one token and the drafts kept)
+    _kept: float = 0.0  # drafts kept and drafts tried (a run of kept drafts, then the first rejected), forgetting
+    _tried: float = 0.0
 
-    def __post_init__(self):
-        self.length = self.max_draft
+    @property
+    def alpha(self) -> float:
+        """The chance that the next draft is kept, given the last was (Laplace's rule: 1/2 with
+        nothing seen)."""
+        return (self._kept + 1) / (self._tried + 2)
 
     def verified(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
         self.steps += 1
-        if drafted:
-            self.length = min(self.max_draft, self.length + 2) if accepted == drafted else max(1, accepted + 1)
+        self._kept = FORGET * self._kept + accepted
+        self._tried = FORGET * self._tried + accepted + (accepted < drafted)
+
+
+class StepCost:
+    """Rank 0's running estimate of what a decoding step costs here: base + per_row x (its rows
+    - 1), a least-squares line through recent steps (each step's weight decays by FORGET), with
+    per_row = ROW_COST_PRIOR x a one-row step until steps of different sizes have been timed;
+    and the draft model's seconds per draft token."""
+
+    def __init__(self):
+        self._sums = np.zeros(5)  # weights, w x, w t, w x^2, w x t: x the rows past one, t seconds
+        self.draft_s = 0.0  # the draft model's seconds per draft token (0: none measured)
+
+    def step(self, extra_rows: int, seconds: float) -> None:
+        x = float(extra_rows)
+        self._sums *= FORGET
+        self._sums += (1.0, x, seconds, x * x, x * seconds)
+
+    def drafted(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            per_token = seconds / tokens
+            self.draft_s = per_token if self.draft_s == 0 else FORGET * self.draft_s + (1 - FORGET) * per_token
+
+    def line(self) -> tuple[float, float]:
+        """(base, per_row) seconds; (1, ROW_COST_PRIOR) before any step is timed."""
+        w, sx, st, sxx, sxt = self._sums
+        if w == 0:
+            return 1.0, ROW_COST_PRIOR
+        mx, mt = sx / w, st / w
+        var = sxx / w - mx * mx
+        per_row = max(0.0, (sxt / w - mx * mt) / var) if var > 0.25 else ROW_COST_PRIOR * mt / (1 + ROW_COST_PRIOR * mx)
+        return max(mt - per_row * mx, 1e-9), per_row
+
+
+def draft_length(alpha: float, base_s: float, per_draft_s: float, k_max: int) -> int:
+    """The drafts that maximise expected tokens per second, (1 + alpha + ... + alpha^k) /
+    (base_s + k per_draft_s), for k in 0..k_max."""
+    best_k, best = 0, 1.0 / base_s
+    tokens, p = 1.0, 1.0
+    for k in range(1, k_max + 1):
+        p *= alpha
+        tokens += p
+        rate = tokens / (base_s + k * per_draft_s)
+        if rate > best:
+            best_k, best = k, rate
+    return best_k
 
 
 class DraftModel:
