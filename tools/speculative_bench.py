@@ -74,7 +74,8 @@ WORK_DIR = Path.home() / ".cache" / "dllama_mpi" / "spec-bench"
 IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S = 20.0, 10.0, 1800.0  # as tools/llamacpp_compare.py's defaults
 OURS, LLAMA = "dllama_mpi", "llama.cpp"
 LLAMA_LOOKUP_DEFAULT_DRAFT = 3  # common_params_speculative_draft::n_max in this llama.cpp (common/common.h)
-LLAMA_CONTEXT = 4096  # llama.cpp's -c for the real model: our default KV cache length (the model's is 32768)
+LLAMA_CONTEXT = 4096  # -c and --max-seq-len for the real model: our default KV cache length (the model's is 32768)
+STORIES_CONTEXT = 512  # stories260K's seq_len
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -264,9 +265,10 @@ def texts_agree(plain: str, lookup: str) -> bool:
 
 
 def ours_command(mpiexec: str, ranks: int, model: Path, prompt: str, steps: int, speculate: int | None,
-                 python: str = sys.executable, ignore_eos: bool = False) -> list[str]:
+                 python: str = sys.executable, ignore_eos: bool = False, context: int | None = None) -> list[str]:
     command = [mpiexec, "-n", str(ranks), python, "-m", "dllama_mpi", "--model", str(model), "--prompt", prompt,
                "--steps", str(steps), "--temperature", "0"]
+    command += ["--max-seq-len", str(context)] if context else []
     command += ["--ignore-eos"] if ignore_eos else []
     return command + (["--speculate", str(speculate)] if speculate is not None else [])
 
@@ -505,7 +507,8 @@ def main(argv=None) -> int:
         gguf = stories_gguf(args.llama_build, args.work_dir, args.stories_dir)
         if gguf is None:
             sys.exit(f"speculative_bench: stories260K.bin not found in {args.stories_dir}")
-        models["stories"] = {"gguf": gguf, "context": None,
+        # llama2c-to-ggml writes a context of 128 into the GGUF (stories260K.bin says 512): both are given 512
+        models["stories"] = {"gguf": gguf, "context": STORIES_CONTEXT,
                              "h5": convert_once(gguf, args.work_dir / "stories260K-from-gguf.h5")}
     plan = [(c[0], c[1], c[2]) for c in configs(args.ranks, args.speculate, supported)
             if not (args.no_llama and c[0] == LLAMA)]
@@ -525,7 +528,7 @@ def main(argv=None) -> int:
             for engine, config, settings in plan:
                 if engine == OURS:
                     command = ours_command(mpiexec, settings["ranks"], model["h5"], prompt, steps, settings["speculate"],
-                                           ignore_eos=ignore_eos)
+                                           ignore_eos=ignore_eos, context=model["context"])
                 elif settings["kind"] == "completion":
                     command = llama_completion_command(binaries["llama-completion"], model["gguf"], prompt, steps,
                                                        args.threads, model["context"], ignore_eos)
