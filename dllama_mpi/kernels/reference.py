@@ -194,15 +194,10 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) ->
     every token whose probability reaches that of the smallest member of the top-p set."""
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    ordered = np.sort(p)[::-1]
-    cut = ordered[min(np.searchsorted(np.cumsum(ordered), top_p), len(p) - 1)] if top_p < 1 else 0.0
-    kept = np.where(p >= cut, p, 0.0)
+    kept = distribution(logits, temperature, top_p)
     cdf = np.cumsum(kept)
     index = int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
-    return index if index < len(p) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
+    return index if index < len(kept) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
 
 
 def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:

@@ -709,49 +709,20 @@ def combine_experts(y, order, weights, out):
                     out[t, c] = out[t, c] + w * y[i, c]
 
 
-@njit(cache=True, nogil=True)
+@njit(**_opts)
 def sample(logits, temperature, top_p, coin, probs, scratch):
-    """Greedy when temperature == 0. Otherwise softmax(logits / temperature) in float64;
-    the nucleus is every token whose probability reaches that of the smallest member of the
-    top-p set; the token is where coin * (nucleus mass) falls in index order."""
-    n = logits.shape[0]
-    best = 0
-    for i in range(1, n):
-        if logits[i] > logits[best]:
-            best = i
+    """Greedy when temperature == 0 (the first largest logit). Otherwise the nucleus
+    distribution (`distribution`: softmax(logits / temperature) in float64, every token whose
+    probability reaches that of the smallest member of the top-p set); the token is where
+    the coin falls in it, in index order (`pick`)."""
     if temperature == 0:
+        best = 0
+        for i in range(1, logits.shape[0]):
+            if logits[i] > logits[best]:
+                best = i
         return best
-    top = np.float64(logits[best])
-    total = 0.0
-    for i in range(n):
-        probs[i] = math.exp((np.float64(logits[i]) - top) / temperature)
-        total += probs[i]
-    for i in range(n):
-        probs[i] /= total
-    cut = 0.0
-    if top_p < 1:
-        scratch[:] = probs
-        scratch.sort()
-        cum = 0.0
-        for i in range(n - 1, -1, -1):
-            cum += scratch[i]
-            if cum >= top_p:
-                cut = scratch[i]
-                break
-    kept = 0.0
-    for i in range(n):
-        if probs[i] >= cut:
-            kept += probs[i]
-    target = coin * kept
-    cdf = 0.0
-    last = best
-    for i in range(n):
-        if probs[i] >= cut:
-            cdf += probs[i]
-            last = i
-            if target < cdf:
-                return i
-    return last
+    distribution(logits, temperature, top_p, probs, scratch)
+    return pick(probs, coin)
 
 
 @njit(**_opts)
