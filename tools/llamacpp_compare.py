@@ -600,9 +600,9 @@ def parse_ours(text: str, depths: Sequence[int] = (0,)) -> dict:
             "world_size": r.get("world_size")}
 
 
-def run_capture(command: list[str], timeout: float, tool: str = "llamacpp_compare") -> tuple[str, str]:
-    """(stdout, stderr) of `command`, run in a session of its own so that a timeout or Ctrl-C
-    ends all of it (mpiexec's ranks too); on failure, exit with its stderr, naming `tool`."""
+def run_in_session(command: list[str], timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `command`, run in a session of its own so that a timeout
+    or Ctrl-C ends all of it (mpiexec's ranks too)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -610,8 +610,14 @@ def run_capture(command: list[str], timeout: float, tool: str = "llamacpp_compar
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    if proc.returncode:
-        how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    return proc.returncode, out, err
+
+
+def run_capture(command: list[str], timeout: float, tool: str = "llamacpp_compare") -> tuple[str, str]:
+    """(stdout, stderr) of `command` (run_in_session); on failure, exit with its stderr, naming `tool`."""
+    returncode, out, err = run_in_session(command, timeout)
+    if returncode:
+        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
         sys.exit(f"{err[-6000:]}\n{tool}: failed ({how}): {' '.join(command)}")
     return out, err
 

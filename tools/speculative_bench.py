@@ -50,7 +50,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from llamacpp_compare import (
     cpu_model_name,
     cpu_sample,
     default_cache_dir,
+    run_in_session,
     wait_for_idle,
 )
 
@@ -316,15 +316,8 @@ def run(command: list[str], timeout: float) -> tuple[int, str, str, float]:
     """(exit code, stdout, stderr, seconds) of `command`, in a session of its own so that a timeout or Ctrl-C
     ends all of it (mpiexec's ranks too)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:  # the timeout, Ctrl-C
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, out, err, time.monotonic() - t0
+    returncode, out, err = run_in_session(command, timeout)
+    return returncode, out, err, time.monotonic() - t0
 
 
 def dry_run_rounds(model: Path, ranks: int, python: str = sys.executable) -> int | None:
