@@ -116,6 +116,7 @@ def test_generated_texts():
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     assert sb.ours_generated(chat + "Hello there.\n", chat) == "Hello there."
     assert sb.completion_generated("Hello there.\n\n") == "Hello there."
+    assert sb.completion_generated("Hello there. [end of text]\n\n\n") == "Hello there."
     assert sb.lookup_generated("\n\n" + chat + "Hello there.\n\n\n\n", chat) == "Hello there."
     # stories260K's vocabulary: llama-lookup echoes the BOS and the prompt's leading space
     assert sb.lookup_generated("\n\n<s> Once upon a time, there was\n\n\n\n", "Once upon a time") == ", there was"

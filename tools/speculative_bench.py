@@ -224,9 +224,14 @@ def parse_llama_lookup(stderr: str) -> dict:
             "rounds_per_token": None}
 
 
+END_OF_TEXT = " [end of text]\n"  # tools/completion/completion.cpp
+
+
 def completion_generated(stdout: str) -> str:
-    """llama-completion's generated text (--no-display-prompt): its stdout less the blank line it ends with."""
-    return stdout[:-2] if stdout.endswith("\n\n") else stdout
+    """llama-completion's generated text (--no-display-prompt): its stdout less the blank line it ends with, and
+    less the " [end of text]\\n" it prints at an end-of-generation token."""
+    text = stdout[:-2] if stdout.endswith("\n\n") else stdout
+    return text[:-len(END_OF_TEXT)] if text.endswith(END_OF_TEXT) else text
 
 
 def ours_generated(stdout: str, prompt: str) -> str:
