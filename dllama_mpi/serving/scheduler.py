@@ -136,8 +136,8 @@ class Scheduler:
             self._take_inbox(wait_s=0 if self.busy else idle_wait_s)
             self._drop_cancelled()
             self._admit()
+            t0 = time.perf_counter()  # a step's cost: drafting and verifying included
             if self._build_step():
-                t0 = time.perf_counter()
                 self.comm.bcast_idle(self._batch.wire)
                 logits = self.engine.step(self._batch)
                 decoding_only = all(self.slots[int(s)].seq.drafts is not None for s in self._batch.slots[: self._batch.n])
@@ -256,9 +256,8 @@ class Scheduler:
         wants, within what it may still generate, the context, and the step's rows and logits
         (room is left for the prompt chunks waiting)."""
         batch, drafts = self._batch, {q.slot.index: [] for q in decoding}
-        base, per_row = self.cost.line()
-        base += per_row * (len(decoding) - 1)  # the step's rows without this sequence's drafts
-        per_draft = per_row + self.cost.draft_s
+        base, per_draft = self.cost.line()  # a row's cost: its draft made, run and verified
+        base += per_draft * (len(decoding) - 1)  # the step's rows without this sequence's drafts
         rows = batch.max_rows - len(decoding) - (min(PREFILL_ROWS_WHILE_DECODING, batch.max_rows) if prefilling else 0)
         logit_rows = batch.max_logits - len(decoding) - len(prefilling)
         wants = []
@@ -277,10 +276,8 @@ class Scheduler:
                 wants.append((q.slot.index, q.prompt + q.generated, k, q.drafting.draft_sampler))
             rows, logit_rows = rows - k, logit_rows - k
         if wants:
-            t0 = time.perf_counter()
             for (slot, *_), tokens in zip(wants, self.draft.propose(wants), strict=True):
                 drafts[slot] = tokens
-            self.cost.drafted(sum(want[2] for want in wants), time.perf_counter() - t0)
         return drafts
 
     def _after_step(self, logits: np.ndarray) -> None:

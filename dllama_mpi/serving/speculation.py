@@ -16,12 +16,13 @@ Drafts come from
   DraftModel: a smaller model of the same vocabulary on rank 0 alone (a one-rank Comm): its
     steps cost the job no collective, and the other ranks sleep meanwhile.
 How many drafts a sequence's row brings is decided each step by what they are worth here
-(draft_length): k drafts cost k more rows of the step (and k draft-model tokens), measured on
-this job (StepCost), and are expected to give alpha + alpha^2 + ... + alpha^k more tokens, alpha
-being the sequence's recent rate of drafts kept (Drafting.alpha); k maximises tokens per second,
-within --speculate N, and is 0 where drafting would not pay (a CPU whose extra rows cost much,
-text that does not repeat). Drafts that are rarely kept are still tried now and then: the rate
-forgets, back towards even odds.
+(draft_length): k drafts cost k more rows of the step, each drafted (a draft model's token, or
+a lookup), run and verified, as measured on this job's own steps (StepCost); they are expected
+to give alpha + alpha^2 + ... + alpha^k more tokens, alpha being the sequence's recent rate of
+drafts kept (Drafting.alpha); k maximises tokens per second, within --speculate N, and is 0
+where drafting would not pay (a CPU whose extra rows cost much, text that does not repeat).
+Drafts that are rarely kept are still tried now and then: the rate forgets, back towards
+even odds.
 """
 
 from __future__ import annotations
@@ -110,24 +111,18 @@ class Drafting:
 
 
 class StepCost:
-    """Rank 0's running estimate of what a decoding step costs here: base + per_row x (its rows
-    - 1), a least-squares line through recent steps (each step's weight decays by FORGET), with
-    per_row = ROW_COST_PRIOR x a one-row step until steps of different sizes have been timed;
-    and the draft model's seconds per draft token."""
+    """Rank 0's running estimate of what a decoding step costs here, from its drafts made to its
+    tokens given: base + per_row x (its rows - 1), a least-squares line through recent steps
+    (each step's weight decays by FORGET), with per_row = ROW_COST_PRIOR x a one-row step until
+    steps of different sizes have been timed."""
 
     def __init__(self):
         self._sums = np.zeros(5)  # weights, w x, w t, w x^2, w x t: x the rows past one, t seconds
-        self.draft_s = 0.0  # the draft model's seconds per draft token (0: none measured)
 
     def step(self, extra_rows: int, seconds: float) -> None:
         x = float(extra_rows)
         self._sums *= FORGET
         self._sums += (1.0, x, seconds, x * x, x * seconds)
-
-    def drafted(self, tokens: int, seconds: float) -> None:
-        if tokens:
-            per_token = seconds / tokens
-            self.draft_s = per_token if self.draft_s == 0 else FORGET * self.draft_s + (1 - FORGET) * per_token
 
     def line(self) -> tuple[float, float]:
         """(base, per_row) seconds; (1, ROW_COST_PRIOR) before any step is timed."""
