@@ -260,7 +260,7 @@ def test_a_gather_waits_the_way_its_rank_was_told(monkeypatch, mode):
     request, waits = Request(), []
     monkeypatch.setattr(comm.time, "sleep", lambda s: waits.append(("sleep", s)))
     monkeypatch.setattr(comm.os, "sched_yield", lambda: waits.append(("yield",)))
-    rank = SimpleNamespace(rank=0, size=2, wait=mode, nonblocking_gathers=True, collective_s=0.0, bytes_sent=0,
+    rank = SimpleNamespace(rank=0, size=2, wait=mode, nonblocking_gathers=True, collective_s=0.0, bytes_sent=0, rounds=0,
                            _comm=SimpleNamespace(Iallgatherv=lambda *_: request))
     comm.Gatherer(rank, np.zeros(4, np.float32), ((0, 2), (2, 4)))()
     assert waits == {"block": [], "yield": [("yield",)] * 2, "sleep": [("sleep", comm.SLEEP_WAIT_S)] * 2}[mode]

@@ -60,6 +60,7 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
     (["--temperature", "warm"], "argument --temperature: expected a finite number such as 0.8, got 'warm'"),
     (["--speculate", "33"], "--speculate must be at most 32 (a step's rows are 64), got 33"),
     (["--speculate", "-1"], "argument --speculate: must be a whole number of at least 0, got '-1'"),
+    (["--speculate", "4", "--draft-min", "5"], "--draft-min 5 is more than --speculate 4, the most drafts a step verifies"),
 ])
 def test_bad_options_stop_every_rank_with_one_message(args, message):
     # budgets, model files, prompts and faults: tests/test_failures.py
@@ -396,16 +397,18 @@ def _decoded(result) -> int:
 @pytest.fixture(scope="module", params=[(1, "q40", "f32"), (2, "q40", "f32"), (3, "f32", "q40")],
                 ids=["n1-f32-drafts-for-q40", "n2-f32-drafts-for-q40", "n3-q40-drafts-for-f32"])
 def speculation_runs(request, stories_models) -> dict:
-    """One model at temperature 0 on n ranks, three ways: `--speculate 0`, the default (prompt
-    lookup) and `--draft-model` (stories260K in the other weight type drafting for it); 200
-    tokens with --ignore-eos, so that every run ends at --steps."""
+    """One model at temperature 0 on n ranks, three ways: `--speculate 0`, prompt lookup and
+    `--draft-model` (stories260K in the other weight type drafting for it), both with
+    `--draft-min` so that they draft whatever this machine's step times say (the default's
+    count of drafts depends on them); 200 tokens with --ignore-eos, so that every run ends at
+    --steps."""
     from dllama_mpi.files.modelfile import open_model
 
     n, main, draft = request.param
     args = ["--model", str(stories_models[main]), "--memory-budget", *SPECULATION_BUDGETS[n], "--prompt",
             REPEATING_PROMPT, "--steps", "200", "--temperature", "0", "--ignore-eos"]
-    runs = {"plain": _cli(n, *args, "--speculate", "0"), "lookup": _cli(n, *args),
-            "draft": _cli(n, *args, "--draft-model", str(stories_models[draft]))}
+    runs = {"plain": _cli(n, *args, "--speculate", "0"), "lookup": _cli(n, *args, "--draft-min", "3"),
+            "draft": _cli(n, *args, "--draft-model", str(stories_models[draft]), "--draft-min", "4")}
     for name, result in runs.items():
         assert result.returncode == 0, f"{name}:\n{result.stderr}"
     return {**runs, "n": n, "n_layers": open_model(stories_models[main]).spec.n_layers}

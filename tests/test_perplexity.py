@@ -347,7 +347,7 @@ def test_the_engine_returns_every_rows_logits_with_max_logits(tmp_path):
     path = write_random_model(tmp_path / "m.h5", spec)
     tokens = [1, 77, 200, 5, 260, 11, 9, 128, 1, 33, 64, 250, 17]
     default = open_job(Comm(), path, (1,), max_seq_len=32, n_slots=2)
-    assert default.engine.max_logits == 2 and default.engine.new_batch().wire.size == 3 + 3 * 32 + 2
+    assert default.engine.max_logits == 2 and default.engine.new_batch().wire.size == Batch.HEADER + 3 * 32 + 2
     one = default.engine
     expected = [one.forward(t, pos).copy() for pos, t in enumerate(tokens)]
     engine = open_job(Comm(), path, (1,), max_seq_len=32, max_logits=1000).engine

@@ -51,7 +51,7 @@ def chat(comm, args, budgets, announce) -> int:
         return 0
     from ..serving import templates
 
-    scheduler = Scheduler(job, max_draft=args.speculate, draft=draft)
+    scheduler = Scheduler(job, max_draft=args.speculate, draft=draft, min_draft=args.draft_min)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print(HELP, file=sys.stderr)

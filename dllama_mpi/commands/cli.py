@@ -86,6 +86,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         f"collectives of one), keeping those the model agrees with: the text is the model's own, greedy "
                         f"or sampled (default {DEFAULT_DRAFT}; 0: off). Drafts come from the prompt and the text so far "
                         "(n-gram lookup: where nothing matches a step has no drafts), or from --draft-model")
+    p.add_argument("--draft-min", type=non_negative_int, default=0, metavar="K",
+                   help="the fewest drafts a step verifies per sequence wherever that many can be drafted (as "
+                        "llama.cpp's --draft-min; default 0: as many as pay, from this job's own step times and the "
+                        "drafts kept so far); at most --speculate")
     p.add_argument("--draft-model", metavar="FILE",
                    help="a smaller model of the same vocabulary (a .h5 file) that drafts the tokens, on rank 0 alone; "
                         "default: prompt lookup")
@@ -150,6 +154,9 @@ def _parse(comm, argv):
         problems.append(f"--seed must be >= 0, got {args.seed}")
     if getattr(args, "speculate", 0) > MAX_DRAFT:
         problems.append(f"--speculate must be at most {MAX_DRAFT} (a step's rows are 64), got {args.speculate}")
+    if getattr(args, "draft_min", 0) > getattr(args, "speculate", 0):
+        problems.append(f"--draft-min {args.draft_min} is more than --speculate {args.speculate}, the most drafts a step "
+                        "verifies; lower --draft-min or raise --speculate")
     if getattr(args, "draft_model", None) is not None and args.speculate == 0:
         problems.append("--draft-model drafts tokens for speculation, which --speculate 0 turns off; give --speculate N "
                         "(N > 0) or leave out --draft-model")
@@ -244,7 +251,7 @@ def _run(comm, argv) -> int:
     with prefill:
         result = generate(job, prompt_ids if comm.rank == 0 else None, args.steps,
                           Sampling(args.temperature, args.top_p, seed), stop_ids=() if args.ignore_eos else None,
-                          on_text=on_text, max_draft=args.speculate, draft=draft)
+                          on_text=on_text, max_draft=args.speculate, draft=draft, min_draft=args.draft_min)
     if comm.rank == 0:
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -83,7 +83,7 @@ def serve(comm, args, budgets, announce) -> int:
     if comm.rank != 0:
         follow(job)
         return 0
-    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft)
+    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft, min_draft=args.draft_min)
     model_id = args.model_name or job.name
     backend.attach(model_id, job, scheduler)
     print(f"serving {model_id} at http://{args.host}:{server.port}/v1 ({args.slots} slots, context "

@@ -91,13 +91,15 @@ class Sequence:
 class Scheduler:
     """Rank 0's side of serving `job`: submit() from any thread, run() on the main thread."""
 
-    def __init__(self, job: Job, metrics=None, max_draft: int = 0, draft: DraftModel | None = None):
+    def __init__(self, job: Job, metrics=None, max_draft: int = 0, draft: DraftModel | None = None,
+                 min_draft: int = 0):
         """max_draft: the most drafts a decoding sequence's row brings to a step (0: no
-        speculation); draft: the model that drafts them (None: prompt lookup)."""
+        speculation); min_draft: the fewest, where that many may be drafted (0: as many as
+        pay, speculation.draft_length); draft: the model that drafts them (None: prompt lookup)."""
         if job.comm.rank != 0:
             raise RuntimeError("the scheduler runs on rank 0; other ranks call follow()")
         self.job, self.engine, self.comm, self.metrics = job, job.engine, job.comm, metrics
-        self.max_draft, self.draft = max_draft, draft
+        self.max_draft, self.min_draft, self.draft = max_draft, min_draft, draft
         self.cost = StepCost()  # what a decoding step and a draft cost here: how many drafts pay
         self.slots = [Slot(i) for i in range(self.engine.n_slots)]
         self._inbox: queue.SimpleQueue[tuple[GenRequest, float]] = queue.SimpleQueue()  # (request, submitted at)
@@ -266,7 +268,7 @@ class Scheduler:
                 continue
             left = q.req.max_tokens - len(q.generated) if q.req.max_tokens is not None else self.engine.max_seq_len
             k = min(q.drafting.max_draft, left - 1, self.engine.max_seq_len - 1 - len(q.slot.tokens), rows, logit_rows)
-            k = draft_length(q.drafting.alpha, base, per_draft, k)
+            k = max(min(self.min_draft, k), draft_length(q.drafting.alpha, base, per_draft, k))
             if k <= 0:
                 continue
             if q.drafting.lookup is not None:
@@ -384,10 +386,11 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
 
 
 def generate(job: Job, prompt_ids: list[int] | None, max_tokens: int, sampling: Sampling | None = None,
-             stop_ids=None, on_text=None, max_draft: int = 0, draft: DraftModel | None = None) -> dict:
+             stop_ids=None, on_text=None, max_draft: int = 0, draft: DraftModel | None = None,
+             min_draft: int = 0) -> dict:
     """Collective: one request, start to end (the CLI, the benchmark, tests). Rank 0 passes
     the prompt (other ranks None) and gets the text as it is released through on_text;
-    max_draft and draft as Scheduler's. Returns the generated ids (every rank), timings and
+    max_draft, min_draft and draft as Scheduler's. Returns the generated ids (every rank), timings and
     speculation's counts."""
     comm = job.comm
     if comm.rank != 0:
@@ -404,7 +407,7 @@ def generate(job: Job, prompt_ids: list[int] | None, max_tokens: int, sampling: 
         events.append(event)
 
     req = GenRequest(list(prompt_ids), max_tokens, sampling or Sampling(), stop_ids=stop_ids, emit=emit)
-    scheduler = Scheduler(job, max_draft=max_draft, draft=draft)
+    scheduler = Scheduler(job, max_draft=max_draft, draft=draft, min_draft=min_draft)
     scheduler.submit(req)
     scheduler.run(until=lambda: bool(events) and not isinstance(events[-1], Piece))
     decode_rounds = comm.rounds - rounds[-1]
