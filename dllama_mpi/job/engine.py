@@ -469,11 +469,9 @@ class Engine:
                 if r == 0:
                     vector.pick_best(self._best[: self.comm.size * m * 2].reshape(self.comm.size, m, 2), self.picks[:m])
                     result = self.picks[:m]
-                self.forward_s += time.perf_counter() - t0
-                self.collective_s += self.comm.collective_s - c0
-                return result
-            self._gather_logits[m]()
-            if self.comm.rank == 0:
+            else:
+                self._gather_logits[m]()
+            if self.comm.rank == 0 and not batch.greedy:
                 for s, e in self._vocab_spans:
                     self.logits[:m, s:e] = self._logits_transit[m * s : m * e].reshape(m, e - s)
                 result = self.logits[:m]
