@@ -4,7 +4,9 @@ our own vocabularies, to choose the one that enforces JSON-schema output token b
 Each library gets every vocabulary the same way: each token's bytes as our tokenizer decodes it after a neutral
 previous token (-1), the special tokens (those that print nothing, BOS, EOS, <unk>) flagged as such, and the EOS
 ids. Per library, vocabulary and round, in a fresh process (so that memory and one-time costs are its own):
-  setup      building the library's vocabulary object (paid once per model, at load);
+  setup      building the library's vocabulary object, then compiling and masking a first tiny grammar (what
+             a library does once, such as llguidance's index of the vocabulary on its first mask: paid once per
+             model, at load);
   compile    turning each case's schema into a matcher (paid per request; xgrammar and outlines-core precompute
              their token tables here, llguidance computes masks lazily, so its first mask costs more);
   first      the first mask, which a request pays before its first token;
@@ -30,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -98,6 +101,7 @@ EXTRACTION_SCHEMA = {
 EXTRACTION_ANSWER = ('{"title": "A day at the park", "year": 2021, "people": [{"name": "Lily", "role": "author", "age": 34}, '
                      '{"name": "Tom", "role": "editor"}], "keywords": ["park", "sun", "dog"]}')
 TOOL_PREFIX, TOOL_SUFFIX = "<tool_call>\n", "\n</tool_call>"
+WARMUP = {"type": "integer"}  # compiled and masked once in setup: what a library does on its first grammar is load work
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,16 @@ def answer_ids(tok, text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ libraries
+# JSON as models write it ('{"a": 1, "b": [2, 3]}') and nothing else, as dllama_mpi.serving.constraints asks of
+# llguidance; xgrammar is given the same; outlines-core's regexes allow one optional space at each separator
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def literal_regex(text: str) -> str:
+    """A regex matching exactly `text`, a newline spelled \\n (re.escape leaves it raw)."""
+    return "".join("\\n" if c == "\n" else re.escape(c) for c in text)
+
+
 class LLGuidance:
     """llguidance (MIT): an Earley parser over a lexer, masks computed lazily per step."""
 
@@ -217,12 +231,12 @@ class LLGuidance:
                                                 eos_token=list(vocab.eos_ids))
 
     def compile(self, case: Case):
-        body = json.dumps(case.schema)
         if case.prefix or case.suffix:
+            body = json.dumps({**case.schema, "x-guidance": JSON_STYLE})
             grammar = self._ll.LLMatcher.grammar_from_lark(
                 f"start: {json.dumps(case.prefix)} body {json.dumps(case.suffix)}\nbody: %json {body}\n")
         else:
-            grammar = self._ll.LLMatcher.grammar_from_json_schema(body)
+            grammar = self._ll.LLMatcher.grammar_from_json_schema(json.dumps(case.schema), defaults=JSON_STYLE)
         matcher = self._ll.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
@@ -249,14 +263,11 @@ class XGrammar:
 
     def compile(self, case: Case):
         xg = self._xg
-        if case.prefix or case.suffix:
-            from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat
-
-            tag = StructuralTag(format=TagFormat(begin=case.prefix, content=JSONSchemaFormat(json_schema=case.schema),
-                                                 end=case.suffix))
-            compiled = self.compiler.compile_structural_tag(tag)
-        else:
-            compiled = self.compiler.compile_json_schema(json.dumps(case.schema))
+        body = xg.Grammar.from_json_schema(json.dumps(case.schema), any_whitespace=False, separators=(", ", ": "))
+        if case.prefix or case.suffix:  # xgrammar's structural tags wrap JSON the same way, in any whitespace
+            body = xg.Grammar.concat(xg.Grammar.from_regex(literal_regex(case.prefix)), body,
+                                     xg.Grammar.from_regex(literal_regex(case.suffix)))
+        compiled = self.compiler.compile_grammar(body)
         return xg.GrammarMatcher(compiled)
 
     def fill(self, matcher, mask: np.ndarray) -> None:
@@ -282,10 +293,8 @@ class OutlinesCore:
         self.vocabulary = outlines_core.Vocabulary(self.eos, by_bytes)
 
     def compile(self, case: Case):
-        import re
-
         regex = self._oc.json_schema.build_regex_from_schema(json.dumps(case.schema))
-        regex = re.escape(case.prefix) + regex + re.escape(case.suffix)
+        regex = literal_regex(case.prefix) + regex + literal_regex(case.suffix)
         return self._oc.Guide(self._oc.Index(regex, self.vocabulary))
 
     def fill(self, guide, mask: np.ndarray) -> None:
@@ -383,6 +392,7 @@ def measure(library: str, vocab: Vocab, skip: list[str]) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     t0 = time.perf_counter()
     lib = adapter(vocab)
+    lib.fill(lib.compile(Case("warmup", WARMUP, "1")), np.zeros((1, (vocab.size + 31) // 32), dtype=np.int32))
     print(json.dumps({"setup_ms": (time.perf_counter() - t0) * 1e3}), flush=True)
     for case in CASES:
         if case.name in skip:
