@@ -91,3 +91,64 @@ def test_end_to_end_on_stories(tmp_path):
         for m in r["per_request"]:
             assert (m["completion_tokens"], m["prompt_tokens"], m["cached_tokens"]) == (8, 8, 0)
             assert m["ttft_s"] > 0 and m["tpot_s"] > 0
+
+
+def test_shapes_ask_for_completions_or_chats_with_and_without_a_format():
+    path, body = sb.Shape(16).request([5, 6, 7])
+    assert (path, body["prompt"], body["ignore_eos"], body["max_tokens"]) == ("/v1/completions", [5, 6, 7], True, 16)
+    form = {"type": "json_object"}
+    path, body = sb.Shape(16, "Say hi.", form).request([5, 6, 7])
+    assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Request 5. Say hi."}]
+    assert body["response_format"] == form and "ignore_eos" not in body
+    assert "response_format" not in sb.Shape(16, "Say hi.").request([5])[1]
+    args = sb.parse_args(["--model", "m.h5", "--response-format", '{"type": "json_object"}'])
+    assert [sb.format_name(s) for s in sb.shapes(args)] == ["text", "json_object"]
+    assert [sb.format_name(s) for s in sb.shapes(sb.parse_args(["--model", "m.h5"]))] == ["text"]
+
+
+def test_response_format_is_read_from_json_or_a_file(tmp_path):
+    form = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    (tmp_path / "f.json").write_text(json.dumps(form))
+    assert sb.response_format(f"@{tmp_path / 'f.json'}") == form
+    for bad in ('{"type": "text"}', "[1]", "{oops"):
+        with pytest.raises(Exception, match="expected"):
+            sb.response_format(bad)
+
+
+def test_format_medians_and_their_cost_per_token():
+    def row(streams, form, rnd, tpot, tok_s):
+        return {"ranks": 1, "streams": streams, "format": form, "round": rnd, "tpot_ms_p50": tpot, "output_tok_s": tok_s,
+                "per_request": [{"completion_tokens": 64}, {"completion_tokens": 32}]}
+
+    rows = [row(1, "text", r, t, 10.0) for r, t in ((1, 50.0), (2, 70.0), (3, 60.0))]
+    rows += [row(1, "json_schema", r, t, 9.0) for r, t in ((1, 65.0), (2, 61.5), (3, 90.0))]
+    medians = sb.format_rows(rows)
+    assert [(m["format"], m["rounds"], m["tpot_ms"], m["tokens_per_answer"]) for m in medians] == [
+        ("text", 3, 60.0, 48.0), ("json_schema", 3, 65.0, 48.0)]
+    assert sb.format_table(medians).splitlines()[2:] == ["| 1 | 1 | text | 60.0 | - | 10.0 | 48 |",
+                                                         "| 1 | 1 | json_schema | 65.0 | +5.0 | 9.0 | 48 |"]
+
+
+def test_end_to_end_with_a_response_format_on_stories(tmp_path):
+    need_stories()
+    model = convert_stories(tmp_path, "q40")
+    out = tmp_path / "rows.json"
+    mark = uuid.uuid4().hex
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "serve_bench.py"), "--model", str(model), "--concurrency", "1", "2",
+         "--requests", "1", "--max-tokens", "8", "--rounds", "2", "--response-format", '{"type": "json_object"}',
+         "--no-idle-wait", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "DLLAMA_TEST_MARK": mark})
+    assert_no_survivors(mark, "serve_bench")
+    assert result.returncode == 0, result.stderr
+    assert "| ranks | streams | format | ms per token per stream |" in result.stdout and "mask work" in result.stdout
+    data = json.loads(out.read_text())
+    assert [(r["round"], r["streams"], r["format"]) for r in data["rows"]] == [
+        (n, s, f) for n in (1, 2) for s in (1, 2) for f in ("text", "json_object")]
+    for r in data["rows"]:
+        for m in r["per_request"]:
+            assert 1 <= m["completion_tokens"] <= 8
+            assert m["text"].startswith("{") if r["format"] == "json_object" else m["text"] == ""
+    assert [(m["streams"], m["format"], m["rounds"]) for m in data["format_medians"]] == [
+        (1, "text", 2), (1, "json_object", 2), (2, "text", 2), (2, "json_object", 2)]
+    assert data["mask_work"]["tokens"] >= 6 * 2 and data["mask_work"]["us_p50"] > 0

@@ -44,7 +44,6 @@ import numpy as np
 from dllama_mpi.files.gguf_file import GGUFFile
 from dllama_mpi.files.tokenizer import Tokenizer, from_gguf
 from llamacpp_compare import cpu_model_name
-from serve_bench import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
@@ -445,8 +444,8 @@ def summarize(rounds: list[dict]) -> dict:
             "rounds": len(per),
             "compile_ms": med([c["compile_ms"] for c in per]),
             "first_mask_us": med([c["times_us"][0] for c in per]),
-            "per_token_median_us": med([percentile(c["times_us"][1:], 50) for c in per]),
-            "per_token_p95_us": med([percentile(c["times_us"][1:], 95) for c in per]),
+            "per_token_median_us": med([np.percentile(c["times_us"][1:], 50) for c in per]),
+            "per_token_p95_us": med([np.percentile(c["times_us"][1:], 95) for c in per]),
             "tokens": per[0]["tokens"],
             "allowed_at_start": per[0]["allowed"][0],
         }

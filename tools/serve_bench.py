@@ -20,8 +20,17 @@ tail where fewer than C streams remain counts too), and the 50th and 95th percen
 (linear interpolation between order statistics, numpy's default, as vLLM's benchmark_serving reports them).
 TTFT includes any wait for a free slot: with C above --slots, requests queue.
 
+With --response-format (an OpenAI response_format object, or @FILE holding one) each request is instead a chat
+request (one user message: --chat-prompt after a random number, so that no two share more than the chat template's
+opening), and every level runs twice in turn, without and with that response_format, --rounds times: the answer
+ends where the model (or its format) ends it, at most --max-tokens tokens (the API refuses ignore_eos with a format,
+so neither run asks for it). A table of the medians over the rounds gives each level's ms per token per stream
+with and without the format, and rank 0's mask work per token, replayed here on the formatted answers with the
+server's own code (dllama_mpi.serving.constraints over the model's vocabulary: the mask and the advance).
+
     python tools/serve_bench.py --shape tinyllama-1.1b --ranks 1 2 --concurrency 1 2 4 8 --json serve.json
     python tools/serve_bench.py --model model.h5 --memory-budget 3 1 --prompt-tokens 128 --max-tokens 32
+    python tools/serve_bench.py --model qwen.h5 --concurrency 1 8 --rounds 3 --response-format @schema.json
 
 Not run in CI (a real shape takes minutes); tests/test_serve_bench.py runs it end to end on stories260K.
 """
@@ -49,6 +58,7 @@ from pathlib import Path
 
 import httpx2
 
+from constrained_bench import without_dummy_prefix
 from dllama_mpi.commands.launcher import positive_int
 from llamacpp_compare import cpu_model_name, wait_for_idle
 
@@ -61,6 +71,8 @@ STOP_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 3600.0  # a request queued behind many long ones
 WARMUP_TOKENS = 4
 SEED = 0
+CHAT_PROMPT = ("List 40 fruits, each with its colour and a one-sentence description, as JSON: "
+               '{"fruits": [{"name": ..., "colour": ..., "description": ...}, ...]}')
 
 
 def log(message: str) -> None:
@@ -95,6 +107,7 @@ class Measured:
     completion_tokens: int
     sent: float  # perf_counter at sending
     done: float  # perf_counter at [DONE]
+    text: str = ""  # the answer (kept with --response-format: its mask work is replayed on it)
 
 
 def level_row(streams: int, measured: list[Measured]) -> dict:
@@ -229,13 +242,31 @@ class Prompts:
             return [self._rng.randrange(FIRST_TOKEN_ID, self.vocabulary) for _ in range(self.length)]
 
 
-def stream_completion(client: httpx2.Client, prompt: list[int], max_tokens: int) -> Measured:
-    """One streamed /v1/completions request, timed chunk by chunk."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+@dataclass(frozen=True)
+class Shape:
+    """What each request is: a /v1/completions request of random ids run to exactly `max_tokens` (ignore_eos), or
+    with `chat` a /v1/chat/completions request of that user message, formatted by `response_format` if given."""
+
+    max_tokens: int
+    chat: str | None = None
+    response_format: dict | None = None
+
+    def request(self, prompt: list[int]) -> tuple[str, dict]:
+        """(path, body) for one request, `prompt` its random ids (in a chat request, the first as a number)."""
+        common = {"max_tokens": self.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        if self.chat is None:
+            return "/v1/completions", {"prompt": prompt, "ignore_eos": True, **common}
+        body = {"messages": [{"role": "user", "content": f"Request {prompt[0]}. {self.chat}"}], **common}
+        return "/v1/chat/completions", body | ({"response_format": self.response_format} if self.response_format else {})
+
+
+def stream_completion(client: httpx2.Client, prompt: list[int], shape: Shape) -> Measured:
+    """One streamed request, timed chunk by chunk."""
+    path, body = shape.request(prompt)
     first = last = usage = None
+    text: list[str] = []
     sent = time.perf_counter()
-    with client.stream("POST", "/v1/completions", json=body) as response:
+    with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode(errors='replace')}")
         for line in response.iter_lines():
@@ -248,8 +279,10 @@ def stream_completion(client: httpx2.Client, prompt: list[int], max_tokens: int)
             if "error" in chunk:
                 raise RuntimeError(f"the stream ended in an error: {chunk['error']['message']}")
             choice = chunk["choices"][0] if chunk["choices"] else {}
-            if first is None and choice.get("text"):
-                first = now
+            piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+            if piece:
+                first = first or now
+                text.append(piece)
             if choice.get("finish_reason"):
                 last = now
             usage = chunk.get("usage") or usage
@@ -258,14 +291,14 @@ def stream_completion(client: httpx2.Client, prompt: list[int], max_tokens: int)
         raise RuntimeError(f"incomplete stream (text: {first is not None}, finish: {last is not None}, "
                            f"usage: {usage is not None})")
     n = usage["completion_tokens"]
-    if n != max_tokens:
-        raise RuntimeError(f"{n} completion tokens of the {max_tokens} asked (is the context too short?)")
+    if shape.chat is None and n != shape.max_tokens:
+        raise RuntimeError(f"{n} completion tokens of the {shape.max_tokens} asked (is the context too short?)")
     return Measured(ttft_s=first - sent, tpot_s=(last - first) / (n - 1) if n > 1 else None, latency_s=done - sent,
                     prompt_tokens=usage["prompt_tokens"], cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
-                    completion_tokens=n, sent=sent, done=done)
+                    completion_tokens=n, sent=sent, done=done, text="".join(text) if shape.response_format else "")
 
 
-def run_level(url: str, streams: int, per_stream: int, prompts: Prompts, max_tokens: int) -> list[Measured]:
+def run_level(url: str, streams: int, per_stream: int, prompts: Prompts, shape: Shape) -> list[Measured]:
     """`streams` threads, each sending `per_stream` requests back to back; every request's measurement."""
     measured: list[Measured] = []
     errors: list[BaseException] = []
@@ -275,7 +308,7 @@ def run_level(url: str, streams: int, per_stream: int, prompts: Prompts, max_tok
         try:
             with httpx2.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
                 for _ in range(per_stream):
-                    m = stream_completion(client, prompts.next(), max_tokens)
+                    m = stream_completion(client, prompts.next(), shape)
                     with lock:
                         measured.append(m)
         except Exception as exc:  # raised again on the main thread
@@ -300,21 +333,39 @@ def requests_per_stream(streams: int, given: int | None) -> int:
 # ===================================================================== main
 
 
+def shapes(args) -> list[Shape]:
+    """The requests each level runs in turn: one shape, or a chat without and with --response-format."""
+    if args.response_format is None:
+        return [Shape(args.max_tokens)]
+    return [Shape(args.max_tokens, args.chat_prompt), Shape(args.max_tokens, args.chat_prompt, args.response_format)]
+
+
+def format_name(shape: Shape) -> str:
+    return shape.response_format["type"] if shape.response_format else "text"
+
+
 def bench_ranks(args, mpiexec: str, model: Path, ranks: int, prompts: Prompts) -> list[dict]:
-    """One server of `ranks` ranks through every concurrency level: a row per level."""
+    """One server of `ranks` ranks through every concurrency level (each shape in turn, --rounds times): a row per
+    level, shape and round."""
     command = serve_command(mpiexec, ranks, model, args.slots, args.memory_budget)
     log(f"starting {shlex.join(command)}")
     job = ServeJob(command)
     try:
         url = job.wait_serving(START_TIMEOUT_S)
         with httpx2.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
-            stream_completion(client, prompts.next(), min(WARMUP_TOKENS, args.max_tokens))
+            for shape in shapes(args):
+                stream_completion(client, prompts.next(), Shape(min(WARMUP_TOKENS, args.max_tokens), shape.chat,
+                                                                shape.response_format))
         idle = None if args.no_idle_wait else wait_for_idle(IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S)
         levels = []
-        for streams in args.concurrency:
-            per_stream = requests_per_stream(streams, args.requests)
-            log(f"{ranks} rank(s): {streams} stream(s) x {per_stream} request(s)")
-            levels.append(level_row(streams, run_level(url, streams, per_stream, prompts, args.max_tokens)))
+        for r in range(args.rounds):
+            for streams in args.concurrency:
+                per_stream = requests_per_stream(streams, args.requests)
+                for shape in shapes(args):
+                    log(f"{ranks} rank(s), round {r + 1}: {streams} stream(s) x {per_stream} request(s), "
+                        f"{format_name(shape)}")
+                    found = run_level(url, streams, per_stream, prompts, shape)
+                    levels.append({"round": r + 1, "format": format_name(shape), **level_row(streams, found)})
     except BaseException:
         job.kill()
         raise
@@ -324,6 +375,65 @@ def bench_ranks(args, mpiexec: str, model: Path, ranks: int, prompts: Prompts) -
     facts = {"ranks": ranks, "budgets": args.memory_budget, "idle": idle, "server_command": shlex.join(command),
              "server_exit_code": code}
     return [{**facts, **level} for level in levels]
+
+
+def format_rows(rows: list[dict]) -> list[dict]:
+    """Per rank count, streams and format, the medians over the rounds: ms per token per stream (each round's TPOT
+    p50), output tok/s and tokens per answer."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["ranks"], r["streams"], r["format"]), []).append(r)
+    out = []
+    for (ranks, streams, form), found in groups.items():
+        answers = [m["completion_tokens"] for r in found for m in r["per_request"]]
+        out.append({"ranks": ranks, "streams": streams, "format": form, "rounds": len(found),
+                    "tpot_ms": percentile([r["tpot_ms_p50"] for r in found], 50),
+                    "output_tok_s": percentile([r["output_tok_s"] for r in found], 50),
+                    "tokens_per_answer": sum(answers) / len(answers)})
+    return out
+
+
+def format_table(medians: list[dict]) -> str:
+    """The medians with each formatted row's cost per token over the same level's text row."""
+    text = {(m["ranks"], m["streams"]): m["tpot_ms"] for m in medians if m["format"] == "text"}
+    lines = ["| ranks | streams | format | ms per token per stream | + ms per token | output tok/s | tokens per answer |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for m in medians:
+        base = text.get((m["ranks"], m["streams"]))
+        extra = "-" if m["format"] == "text" or base is None else f"{m['tpot_ms'] - base:+.1f}"
+        lines.append(f"| {m['ranks']} | {m['streams']} | {m['format']} | {m['tpot_ms']:.1f} | {extra} | "
+                     f"{m['output_tok_s']:.1f} | {m['tokens_per_answer']:.0f} |")
+    return "\n".join(lines)
+
+
+def mask_work(model: Path, response_format: dict, answers: list[str]) -> dict:
+    """Rank 0's work per token for `response_format` (the mask over the logits and the advance), replayed on
+    `answers` with the server's own classes over the model's vocabulary: the 50th and 95th percentiles in µs."""
+    import numpy as np
+
+    from dllama_mpi.files.modelfile import open_model
+    from dllama_mpi.serving.constraints import Grammar, Grammars
+
+    model_file = open_model(model)
+    try:
+        tokenizer, vocab_size = model_file.tokenizer(), model_file.spec.vocab_size
+    finally:
+        model_file.close()
+    grammars = Grammars(tokenizer, vocab_size, tuple(sorted(set(tokenizer.eos_ids))))
+    tokenizer = without_dummy_prefix(tokenizer)  # an answer's text, as generated: no SentencePiece space before it
+    grammar = (Grammar.json_schema(response_format["json_schema"]["schema"]) if response_format["type"] == "json_schema"
+               else Grammar.json_object())
+    logits = np.zeros(vocab_size, np.float32)
+    times = []
+    for answer in answers:
+        constraint = grammars.compile(grammar)
+        for token in tokenizer.encode(answer, bos=False, special=False):
+            t0 = time.perf_counter()
+            constraint.mask(logits)
+            constraint.advance(token)
+            times.append((time.perf_counter() - t0) * 1e6)
+    return {"tokens": len(times), "us_p50": percentile(times, 50), "us_p95": percentile(times, 95),
+            "setup_s": grammars.setup_s}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -347,9 +457,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=64,
                    help="tokens generated per request, exactly (ignore_eos) (default: %(default)s)")
     p.add_argument("--slots", type=positive_int, default=8, help="the server's --slots (default: %(default)s)")
+    p.add_argument("--response-format", type=response_format, metavar="JSON",
+                   help="an OpenAI response_format object (or @FILE holding one): chat requests, each level without and "
+                        "with it in turn")
+    p.add_argument("--chat-prompt", default=CHAT_PROMPT, help="the user message of --response-format's chat requests "
+                                                             "(default: a list of 40 fruits as JSON)")
+    p.add_argument("--rounds", type=positive_int, default=1, help="times through every level (default: %(default)s)")
     p.add_argument("--no-idle-wait", action="store_true", help="measure without waiting for an idle machine")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every row, per-request times and the facts to FILE")
     return p
+
+
+def response_format(value: str) -> dict:
+    """--response-format's JSON text, or @FILE's."""
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a response_format object as JSON, found {text[:80]!r} ({e})") from None
+    if not isinstance(found, dict) or found.get("type") not in ("json_object", "json_schema"):
+        raise argparse.ArgumentTypeError(f'expected {{"type": "json_object"}} or {{"type": "json_schema", "json_schema": '
+                                         f'{{"name": ..., "schema": {{...}}}}}}, found {text[:80]!r}')
+    return found
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -384,13 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ranks in args.ranks:
         rows += (found := bench_ranks(args, mpiexec, model, ranks, prompts))
-        print(report(ranks, args.memory_budget, args.slots, found) + "\n", flush=True)
+        plain = [r for r in found if r["format"] == "text" and r["round"] == 1]
+        print(report(ranks, args.memory_budget, args.slots, plain) + "\n", flush=True)
+    medians, work = None, None
+    if args.response_format is not None:
+        medians = format_rows(rows)
+        answers = [m["text"] for r in rows if r["format"] != "text" for m in r["per_request"]]
+        work = mask_work(model, args.response_format, answers)
+        print(format_table(medians) + f"\n\nrank 0's mask work (replayed on the {len(answers)} formatted answers, "
+              f"{work['tokens']} tokens): {work['us_p50']:.0f} µs per token per stream (p95 {work['us_p95']:.0f} µs)",
+              flush=True)
     if args.json:
         facts = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model_name(),
                  "cores": len(os.sched_getaffinity(0)), "command": shlex.join([sys.executable, *sys.argv]),
                  "model": str(model), "slots": args.slots, "prompt_tokens": args.prompt_tokens,
-                 "max_tokens": args.max_tokens}
-        args.json.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1) + "\n")
+                 "max_tokens": args.max_tokens, "rounds": args.rounds, "response_format": args.response_format,
+                 "chat_prompt": args.chat_prompt if args.response_format else None}
+        args.json.write_text(json.dumps({"facts": facts, "rows": rows, "format_medians": medians, "mask_work": work},
+                                        indent=1) + "\n")
     return 0
 
 
