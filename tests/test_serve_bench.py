@@ -97,13 +97,15 @@ def test_shapes_ask_for_completions_or_chats_with_and_without_a_format():
     path, body = sb.Shape(16).request([5, 6, 7])
     assert (path, body["prompt"], body["ignore_eos"], body["max_tokens"]) == ("/v1/completions", [5, 6, 7], True, 16)
     form = {"type": "json_object"}
-    path, body = sb.Shape(16, "Say hi.", form).request([5, 6, 7])
+    path, body = sb.Shape(16, "Say hi.", form, ignore_eos=False).request([5, 6, 7])
     assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Request 5. Say hi."}]
     assert body["response_format"] == form and "ignore_eos" not in body
     assert "response_format" not in sb.Shape(16, "Say hi.").request([5])[1]
-    args = sb.parse_args(["--model", "m.h5", "--response-format", '{"type": "json_object"}'])
-    assert [sb.format_name(s) for s in sb.shapes(args)] == ["text", "json_object"]
-    assert [sb.format_name(s) for s in sb.shapes(sb.parse_args(["--model", "m.h5"]))] == ["text"]
+    args = sb.parse_args(["--model", "m.h5", "--response-format", '{"type": "json_object"}', "--chat-prompt"])
+    assert [(sb.format_name(s), s.ignore_eos, s.chat) for s in sb.shapes(args)] == [
+        ("text", False, sb.CHAT_PROMPT), ("json_object", False, sb.CHAT_PROMPT)]
+    assert [(sb.format_name(s), s.ignore_eos, s.chat) for s in sb.shapes(sb.parse_args(["--model", "m.h5"]))] == [
+        ("text", True, None)]
 
 
 def test_response_format_is_read_from_json_or_a_file(tmp_path):

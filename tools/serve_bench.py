@@ -20,13 +20,14 @@ tail where fewer than C streams remain counts too), and the 50th and 95th percen
 (linear interpolation between order statistics, numpy's default, as vLLM's benchmark_serving reports them).
 TTFT includes any wait for a free slot: with C above --slots, requests queue.
 
-With --response-format (an OpenAI response_format object, or @FILE holding one) each request is instead a chat
-request (one user message: --chat-prompt after a random number, so that no two share more than the chat template's
-opening), and every level runs twice in turn, without and with that response_format, --rounds times: the answer
-ends where the model (or its format) ends it, at most --max-tokens tokens (the API refuses ignore_eos with a format,
-so neither run asks for it). A table of the medians over the rounds gives each level's ms per token per stream
-with and without the format, and rank 0's mask work per token, replayed here on the formatted answers with the
-server's own code (dllama_mpi.serving.constraints over the model's vocabulary: the mask and the advance).
+With --response-format (an OpenAI response_format object, or @FILE holding one) every level runs twice in turn,
+without and with that response_format, --rounds times, and the answer ends where the model (or its format) ends it,
+at most --max-tokens tokens (the API refuses ignore_eos with a format, so neither run asks for it); with
+--chat-prompt each request is a chat request instead (one user message: the prompt after a random number, so that
+no two share more than the chat template's opening). A table of the medians over the rounds gives each level's ms
+per token per stream with and without the format, and rank 0's mask work per token, replayed here on the formatted
+answers with the server's own code (dllama_mpi.serving.constraints over the model's vocabulary: the mask and the
+advance).
 
     python tools/serve_bench.py --shape tinyllama-1.1b --ranks 1 2 --concurrency 1 2 4 8 --json serve.json
     python tools/serve_bench.py --model model.h5 --memory-budget 3 1 --prompt-tokens 128 --max-tokens 32
@@ -244,20 +245,23 @@ class Prompts:
 
 @dataclass(frozen=True)
 class Shape:
-    """What each request is: a /v1/completions request of random ids run to exactly `max_tokens` (ignore_eos), or
-    with `chat` a /v1/chat/completions request of that user message, formatted by `response_format` if given."""
+    """What each request is: a /v1/completions request of random ids, or with `chat` a /v1/chat/completions
+    request of that user message; formatted by `response_format` if given; run to exactly `max_tokens` with
+    `ignore_eos`."""
 
     max_tokens: int
     chat: str | None = None
     response_format: dict | None = None
+    ignore_eos: bool = True
 
     def request(self, prompt: list[int]) -> tuple[str, dict]:
         """(path, body) for one request, `prompt` its random ids (in a chat request, the first as a number)."""
-        common = {"max_tokens": self.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        body = {"max_tokens": self.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        body |= {"ignore_eos": True} if self.ignore_eos else {}
+        body |= {"response_format": self.response_format} if self.response_format else {}
         if self.chat is None:
-            return "/v1/completions", {"prompt": prompt, "ignore_eos": True, **common}
-        body = {"messages": [{"role": "user", "content": f"Request {prompt[0]}. {self.chat}"}], **common}
-        return "/v1/chat/completions", body | ({"response_format": self.response_format} if self.response_format else {})
+            return "/v1/completions", {"prompt": prompt, **body}
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Request {prompt[0]}. {self.chat}"}], **body}
 
 
 def stream_completion(client: httpx2.Client, prompt: list[int], shape: Shape) -> Measured:
@@ -291,7 +295,7 @@ def stream_completion(client: httpx2.Client, prompt: list[int], shape: Shape) ->
         raise RuntimeError(f"incomplete stream (text: {first is not None}, finish: {last is not None}, "
                            f"usage: {usage is not None})")
     n = usage["completion_tokens"]
-    if shape.chat is None and n != shape.max_tokens:
+    if shape.ignore_eos and n != shape.max_tokens:
         raise RuntimeError(f"{n} completion tokens of the {shape.max_tokens} asked (is the context too short?)")
     return Measured(ttft_s=first - sent, tpot_s=(last - first) / (n - 1) if n > 1 else None, latency_s=done - sent,
                     prompt_tokens=usage["prompt_tokens"], cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
@@ -334,10 +338,11 @@ def requests_per_stream(streams: int, given: int | None) -> int:
 
 
 def shapes(args) -> list[Shape]:
-    """The requests each level runs in turn: one shape, or a chat without and with --response-format."""
+    """The requests each level runs in turn: one shape, or two without and with --response-format."""
     if args.response_format is None:
-        return [Shape(args.max_tokens)]
-    return [Shape(args.max_tokens, args.chat_prompt), Shape(args.max_tokens, args.chat_prompt, args.response_format)]
+        return [Shape(args.max_tokens, args.chat_prompt)]
+    return [Shape(args.max_tokens, args.chat_prompt, None, False),
+            Shape(args.max_tokens, args.chat_prompt, args.response_format, False)]
 
 
 def format_name(shape: Shape) -> str:
@@ -355,7 +360,7 @@ def bench_ranks(args, mpiexec: str, model: Path, ranks: int, prompts: Prompts) -
         with httpx2.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
             for shape in shapes(args):
                 stream_completion(client, prompts.next(), Shape(min(WARMUP_TOKENS, args.max_tokens), shape.chat,
-                                                                shape.response_format))
+                                                                shape.response_format, shape.ignore_eos))
         idle = None if args.no_idle_wait else wait_for_idle(IDLE_SECONDS, IDLE_CPU_PCT, IDLE_TIMEOUT_S)
         levels = []
         for r in range(args.rounds):
@@ -387,7 +392,7 @@ def format_rows(rows: list[dict]) -> list[dict]:
     for (ranks, streams, form), found in groups.items():
         answers = [m["completion_tokens"] for r in found for m in r["per_request"]]
         out.append({"ranks": ranks, "streams": streams, "format": form, "rounds": len(found),
-                    "tpot_ms": percentile([r["tpot_ms_p50"] for r in found], 50),
+                    "tpot_ms": percentile([r["tpot_ms_p50"] for r in found if r["tpot_ms_p50"] is not None], 50),
                     "output_tok_s": percentile([r["output_tok_s"] for r in found], 50),
                     "tokens_per_answer": sum(answers) / len(answers)})
     return out
@@ -460,8 +465,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--response-format", type=response_format, metavar="JSON",
                    help="an OpenAI response_format object (or @FILE holding one): chat requests, each level without and "
                         "with it in turn")
-    p.add_argument("--chat-prompt", default=CHAT_PROMPT, help="the user message of --response-format's chat requests "
-                                                             "(default: a list of 40 fruits as JSON)")
+    p.add_argument("--chat-prompt", nargs="?", const=CHAT_PROMPT, metavar="TEXT",
+                   help="chat requests of this user message (alone: a list of 40 fruits as JSON) instead of completions "
+                        "of random ids")
     p.add_argument("--rounds", type=positive_int, default=1, help="times through every level (default: %(default)s)")
     p.add_argument("--no-idle-wait", action="store_true", help="measure without waiting for an idle machine")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every row, per-request times and the facts to FILE")
@@ -528,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cores": len(os.sched_getaffinity(0)), "command": shlex.join([sys.executable, *sys.argv]),
                  "model": str(model), "slots": args.slots, "prompt_tokens": args.prompt_tokens,
                  "max_tokens": args.max_tokens, "rounds": args.rounds, "response_format": args.response_format,
-                 "chat_prompt": args.chat_prompt if args.response_format else None}
+                 "chat_prompt": args.chat_prompt}
         args.json.write_text(json.dumps({"facts": facts, "rows": rows, "format_medians": medians, "mask_work": work},
                                         indent=1) + "\n")
     return 0
