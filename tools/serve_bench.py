@@ -21,13 +21,13 @@ tail where fewer than C streams remain counts too), and the 50th and 95th percen
 TTFT includes any wait for a free slot: with C above --slots, requests queue.
 
 With --response-format (an OpenAI response_format object, or @FILE holding one) every level runs twice in turn,
-without and with that response_format, --rounds times, and the answer ends where the model (or its format) ends it,
-at most --max-tokens tokens (the API refuses ignore_eos with a format, so neither run asks for it); with
---chat-prompt each request is a chat request instead (one user message: the prompt after a random number, so that
-no two share more than the chat template's opening). A table of the medians over the rounds gives each level's ms
-per token per stream with and without the format, and rank 0's mask work per token, replayed here on the formatted
-answers with the server's own code (dllama_mpi.serving.constraints over the model's vocabulary: the mask and the
-advance).
+without and with that response_format (with it first in every other round), --rounds times, and the answer ends
+where the model (or its format) ends it, at most --max-tokens tokens (the API refuses ignore_eos with a format, so
+neither run asks for it); with --chat-prompt each request is a chat request instead (one user message: the prompt
+after a random number, so that no two share more than the chat template's opening). A table of the medians over
+the rounds gives each level's ms per token per stream with and without the format, and rank 0's mask work per
+token, replayed here on the formatted answers with the server's own code (dllama_mpi.serving.constraints over the
+model's vocabulary: the mask and the advance).
 
     python tools/serve_bench.py --shape tinyllama-1.1b --ranks 1 2 --concurrency 1 2 4 8 --json serve.json
     python tools/serve_bench.py --model model.h5 --memory-budget 3 1 --prompt-tokens 128 --max-tokens 32
@@ -366,7 +366,7 @@ def bench_ranks(args, mpiexec: str, model: Path, ranks: int, prompts: Prompts) -
         for r in range(args.rounds):
             for streams in args.concurrency:
                 per_stream = requests_per_stream(streams, args.requests)
-                for shape in shapes(args):
+                for shape in shapes(args)[:: 1 if r % 2 == 0 else -1]:  # ABBA: neither goes first every time
                     log(f"{ranks} rank(s), round {r + 1}: {streams} stream(s) x {per_stream} request(s), "
                         f"{format_name(shape)}")
                     found = run_level(url, streams, per_stream, prompts, shape)
