@@ -39,7 +39,7 @@ class FakeTokenizer:
 
 
 def fake_prompt_ids(tokenizer: FakeTokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                    max_seq_len: int | None = None) -> list[int]:
+                    max_seq_len: int | None = None, tools: list[dict] | None = None) -> list[int]:
     """chat.prompt_ids' stand-in: a template error for the content "raise", else the messages as `role: text` lines."""
     lines = []
     for m in messages:
@@ -244,8 +244,12 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
         "presence_penalty",
         "presence_penalty is not supported",
     ),
-    "tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-              "tools is not supported"),
+    "functions": ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "functions",
+                  "functions (OpenAI's deprecated function calling) is not supported: send tools instead"),
+    "tools on completions": ("/v1/completions", {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]},
+                             400, "tools", "tools is taken by /v1/chat/completions only"),
+    "tools without support": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+                              400, "tools", "the model's chat template does not support tools"),
     "json mode": ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
                   "'json_object' is not supported"),
     "best_of": ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "best_of > 1 is not supported"),

@@ -40,10 +40,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
-from . import templates
+from . import templates, tool_calls
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer
+from .tool_calls import CallReader
 
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
@@ -193,12 +194,24 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
         return tuple(ids[: backend.max_seq_len])  # no answer is longer
 
+    def call_reader(body: ChatRequest) -> CallReader | None:
+        """What reads the answer's tool calls in the template's format; None when it may make none."""
+        if body.tool_mode() == "none":
+            return None
+        try:
+            fmt = tool_calls.format_of(backend.tokenizer.chat_template)
+        except InputError as e:
+            raise ApiError(400, str(e), "tools") from e
+        return CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
+        tools = body.tool_dicts() if body.tool_mode() != "none" else None  # "none": the template shows none
         ids = await tokenized("messages", templates.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len,
-                              remedy="shorten the conversation")
+                              tools, remedy="shorten the conversation")
+        calls = call_reader(body)
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -208,7 +221,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prediction=await prediction_ids(body),
         )
-        return await answer(request, backend, body, req, ChatShape(bool(body.logprobs)))
+        return await answer(request, backend, body, req, ChatShape(bool(body.logprobs), calls))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from .protocol import ApiError, CommonRequest, error_body
 from .request import Failed, Finished, GenRequest, Piece, TokenLogprob
+from .tool_calls import CallReader, ToolCall
 
 _POLL_S = 0.1  # how often a handler checks whether its client has left, while tokens come and while they don't
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity: a token the sampler excluded shows this (as vLLM does)
@@ -98,12 +99,16 @@ class _TokenTexts:
 
 
 class ChatShape:
-    """chat.completion objects: a message, or deltas in chunks; logprobs as {"content": [...]}."""
+    """chat.completion objects: a message, or deltas in chunks; logprobs as {"content": [...]}. With a CallReader, an
+    answer that is tool calls becomes the message's tool_calls (content: the text before them, or null) and finishes
+    with "tool_calls"; streamed, text that may begin a call is held back, and each call comes whole in a delta of its
+    own once the answer has ended."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, logprobs: bool) -> None:
+    def __init__(self, logprobs: bool, calls: CallReader | None = None) -> None:
         self.wants_logprobs = logprobs
+        self.calls = calls
 
     @staticmethod
     def entry(rows: list[tuple[str, float, bytes]]) -> dict:
@@ -120,14 +125,38 @@ class ChatShape:
 
     def choice(self, text: str, entries: list[dict], reason: str) -> dict:
         message = {"role": "assistant", "content": text}
+        if self.calls is not None and (calls := self.calls.finish(text)[1]):
+            content = self.calls.shown
+            message = {"role": "assistant", "content": content if content.strip() else None,
+                       "tool_calls": [_call_dict(call) for call in calls]}
+            reason = "tool_calls"
         return {"index": 0, "message": message, "logprobs": self.logprobs(entries), "finish_reason": reason}
 
     def opening(self) -> list[dict]:
         return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
+    def shown(self, text: str) -> str:
+        """Of a piece's text, what a chunk may show now."""
+        return text if self.calls is None else self.calls.feed(text)
+
     def chunk(self, text: str, entries: list[dict], reason: str | None) -> dict:
         delta = {"content": text} if text else {}
         return {"index": 0, "delta": delta, "logprobs": self.logprobs(entries) if entries else None, "finish_reason": reason}
+
+    def closing(self, text: str, reason: str) -> list[dict]:
+        """The last chunks' choices, after the held-back `text`: its content, any calls, the finish reason."""
+        if self.calls is None:
+            return [self.chunk(text, [], None)] * bool(text) + [self.chunk("", [], reason)]
+        rest, calls = self.calls.finish(text)
+        deltas = [{"tool_calls": [{"index": i, **_call_dict(call)}]} for i, call in enumerate(calls)]
+        return ([self.chunk(rest, [], None)] * bool(rest)
+                + [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+                + [self.chunk("", [], "tool_calls" if calls else reason)])
+
+
+def _call_dict(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 class TextShape:
@@ -162,8 +191,15 @@ class TextShape:
     def opening(self) -> list[dict]:
         return []
 
+    @staticmethod
+    def shown(text: str) -> str:
+        return text
+
     def chunk(self, text: str, entries: list[dict], reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": self.logprobs(entries) if entries else None, "finish_reason": reason}
+
+    def closing(self, text: str, reason: str) -> list[dict]:
+        return [self.chunk(text, [], None)] * bool(text) + [self.chunk("", [], reason)]
 
 
 def _usage(fin: Finished) -> dict:
@@ -222,8 +258,8 @@ async def answer(request: Request, backend: Any, body: CommonRequest, req: GenRe
 async def _chunks(
     request: Request, channel: _EventChannel, texts: _TokenTexts, shape: ChatShape | TextShape, head: dict, include_usage: bool
 ) -> AsyncIterator[str]:
-    """The stream: an opening chunk (chat), a chunk per token with text or logprobs, any held-back text, a last chunk with
-    the finish reason, the usage chunk when asked, [DONE]. A failure ends it with an error event instead."""
+    """The stream: an opening chunk (chat), a chunk per token with text or logprobs, any held-back text (and tool calls),
+    a last chunk with the finish reason, the usage chunk when asked, [DONE]. A failure ends it with an error event instead."""
     head = {**head, "object": shape.chunk_object}
     extra = {"usage": None} if include_usage else {}
     if opening := shape.opening():
@@ -231,13 +267,13 @@ async def _chunks(
     async for event in channel.events(request):
         if isinstance(event, Piece):
             rows = texts.step(event)
-            if event.text or rows is not None:
+            text = shape.shown(event.text)
+            if text or rows is not None:
                 entries = [shape.entry(rows)] if rows is not None else []
-                yield _sse({**head, "choices": [shape.chunk(event.text, entries, None)], **extra})
+                yield _sse({**head, "choices": [shape.chunk(text, entries, None)], **extra})
         elif isinstance(event, Finished):
-            if event.text:
-                yield _sse({**head, "choices": [shape.chunk(event.text, [], None)], **extra})
-            yield _sse({**head, "choices": [shape.chunk("", [], event.reason)], **extra})
+            for choice in shape.closing(event.text, event.reason):
+                yield _sse({**head, "choices": [choice], **extra})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield _sse("[DONE]")
