@@ -150,6 +150,8 @@ ANSWERS = [
     (HERMES, f"Let me look.\n{HERMES_CALL}\n", "Let me look.\n", [PARIS]),
     (HERMES, f'{HERMES_CALL}\n<tool_call>\n{{"name": "now", "arguments": {{}}}}\n</tool_call>', "", [PARIS, NOW]),
     (HERMES, '<tool_call>\n{"name": "now", "arguments": {}}', "", [NOW]),  # ended before its close: still a call
+    (HERMES, ' {"name": "get_weather", "arguments": {"city": "Paris"}}', "", [PARIS]),  # untagged, as Qwen2.5-0.5B writes
+    (HERMES, '{"answer": 4}', '{"answer": 4}', []),
     (HERMES, "No tools needed: 4.", "No tools needed: 4.", []),
     (HERMES, "a <tool_c b", "a <tool_c b", []),
     (HERMES, HERMES_CALL.replace("get_weather", "delete_all"), HERMES_CALL.replace("get_weather", "delete_all"), []),

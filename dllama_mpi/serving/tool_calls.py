@@ -92,35 +92,9 @@ class ToolFormat(ABC):
         """Lark (llguidance's) for an answer that is calls to `tools` only: one, or with `parallel` one or more."""
 
 
-class _Hermes(ToolFormat):
-    name = "hermes"
-    START, END = "<tool_call>", "</tool_call>"
-    _BLOCK = re.compile(r"\s*<tool_call>(.*?)(?:</tool_call>|\Z)\s*", re.S)  # the last call may end at the answer's end
-
-    def watch(self, text: str, shown: bool) -> tuple[int, bool]:
-        if (start := text.find(self.START)) >= 0:
-            return start, True
-        # hold a tail that may be the start marker's beginning
-        keep = next((k for k in range(min(len(self.START) - 1, len(text)), 0, -1) if text.endswith(self.START[:k])), 0)
-        return len(text) - keep, False
-
-    def parse(self, text: str, names: frozenset[str]) -> list[ToolCall] | None:
-        calls, pos = [], 0
-        while pos < len(text):
-            block = self._BLOCK.match(text, pos)
-            if block is None or (call := _call(block.group(1), names)) is None:
-                return None
-            calls.append(call)
-            pos = block.end()
-        return calls
-
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
-        start, end, between = (_lark_string(text) for text in (self.START + "\n", "\n" + self.END, "\n"))
-        return "\n".join([f"start: block ({between} block)*" if parallel else "start: block",
-                          f"block: {start} call {end}", *_call_rules(tools, "arguments")])
-
-
 class _LlamaJson(ToolFormat):
+    """The whole answer is one call's JSON."""
+
     name = "llama3-json"
 
     def watch(self, text: str, shown: bool) -> tuple[int, bool]:
@@ -138,6 +112,41 @@ class _LlamaJson(ToolFormat):
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         """One call whatever `parallel` says: the template takes one call per message."""
         return "\n".join(["start: call", *_call_rules(tools, "parameters")])
+
+
+class _Hermes(_LlamaJson):
+    """<tool_call> blocks after any text; or, as small Qwen2.5 models also answer (Qwen2.5-Coder-0.5B does), the
+    bare call as the whole answer, read as Llama's is."""
+
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    _BLOCK = re.compile(r"\s*<tool_call>(.*?)(?:</tool_call>|\Z)\s*", re.S)  # the last call may end at the answer's end
+
+    def watch(self, text: str, shown: bool) -> tuple[int, bool]:
+        if not shown and text.lstrip()[:1] in ("", "{"):
+            return super().watch(text, shown)
+        if (start := text.find(self.START)) >= 0:
+            return start, True
+        # hold a tail that may be the start marker's beginning
+        keep = next((k for k in range(min(len(self.START) - 1, len(text)), 0, -1) if text.endswith(self.START[:k])), 0)
+        return len(text) - keep, False
+
+    def parse(self, text: str, names: frozenset[str]) -> list[ToolCall] | None:
+        if text.lstrip().startswith("{"):
+            return super().parse(text, names)
+        calls, pos = [], 0
+        while pos < len(text):
+            block = self._BLOCK.match(text, pos)
+            if block is None or (call := _call(block.group(1), names)) is None:
+                return None
+            calls.append(call)
+            pos = block.end()
+        return calls
+
+    def grammar(self, tools: list[dict], parallel: bool) -> str:
+        start, end, between = (_lark_string(text) for text in (self.START + "\n", "\n" + self.END, "\n"))
+        return "\n".join([f"start: block ({between} block)*" if parallel else "start: block",
+                          f"block: {start} call {end}", *_call_rules(tools, "arguments")])
 
 
 HERMES, LLAMA_JSON = _Hermes(), _LlamaJson()
