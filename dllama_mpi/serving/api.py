@@ -10,7 +10,8 @@ A handler tokenizes the prompt (in a worker thread: a long prompt must not stall
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
 backend, the scheduler on rank 0's main thread.
 
-The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` (None until loaded),
+The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
+until loaded),
 `ready` (a threading.Event), `metrics` (dllama_mpi.serving.metrics.Metrics), `submit(req)`
 (thread-safe) and optionally `slot_count()` for /health.
 
@@ -41,6 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from . import templates, tool_calls
+from .constraints import Constraint
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer
@@ -194,15 +196,30 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
         return tuple(ids[: backend.max_seq_len])  # no answer is longer
 
-    def call_reader(body: ChatRequest) -> CallReader | None:
-        """What reads the answer's tool calls in the template's format; None when it may make none."""
-        if body.tool_mode() == "none":
-            return None
+    async def constraint(body: CommonRequest) -> Constraint | None:
+        """The request's response_format compiled for its answer (in a worker thread: a big schema
+        takes a while); None for plain text."""
+        try:
+            grammar = body.response_format.grammar() if body.response_format is not None else None
+            return None if grammar is None else await run_in_threadpool(backend.grammars.compile, grammar)
+        except InputError as e:
+            raise ApiError(400, str(e), "response_format") from e
+
+    async def tool_use(body: ChatRequest) -> tuple[CallReader | None, Constraint | None]:
+        """What reads the answer's tool calls in the template's format (None: it may make none), and for tool_choice
+        "required" or a named tool the grammar that makes the answer calls, compiled (in a worker thread)."""
+        mode = body.tool_mode()
+        if mode == "none":
+            return None, None
         try:
             fmt = tool_calls.format_of(backend.tokenizer.chat_template)
+            reader = CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
+            if mode == "auto":
+                return reader, None
+            grammar = fmt.grammar(body.forced_tools(), bool(body.parallel_tool_calls))
+            return reader, await run_in_threadpool(backend.grammars.compile, grammar)
         except InputError as e:
             raise ApiError(400, str(e), "tools") from e
-        return CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -211,7 +228,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         tools = body.tool_dicts() if body.tool_mode() != "none" else None  # "none": the template shows none
         ids = await tokenized("messages", templates.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len,
                               tools, remedy="shorten the conversation")
-        calls = call_reader(body)
+        calls, forced = await tool_use(body)
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -220,6 +237,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prediction=await prediction_ids(body),
+            constraint=forced if forced is not None else await constraint(body),  # protocol.py allows only one
         )
         return await answer(request, backend, body, req, ChatShape(bool(body.logprobs), calls))
 
@@ -250,6 +268,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=body.logprobs,
             prediction=await prediction_ids(body),
+            constraint=await constraint(body),
         )
         return await answer(request, backend, body, req, TextShape(body.logprobs is not None))
 
