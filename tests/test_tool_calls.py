@@ -12,6 +12,7 @@ import json
 import random
 
 import llguidance
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from test_chat import LLAMA31, LLAMA32, MISTRAL, hf_tokenizer, template
@@ -21,6 +22,7 @@ from tokenizers import models
 
 from dllama_mpi.errors import InputError
 from dllama_mpi.serving import templates
+from dllama_mpi.serving.constraints import Grammar, Grammars
 from dllama_mpi.serving.protocol import ChatRequest
 from dllama_mpi.serving.templates import ChatTemplateError
 from dllama_mpi.serving.tool_calls import HERMES, LLAMA_JSON, CallReader, ToolCall, format_of
@@ -213,8 +215,8 @@ class _ByteTokenizer:
 BYTES = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
 
 
-def accepted(grammar: str, text: str) -> bool:
-    matcher = llguidance.LLMatcher(BYTES, llguidance.LLMatcher.grammar_from_lark(grammar))
+def accepted(grammar: Grammar, text: str) -> bool:
+    matcher = llguidance.LLMatcher(BYTES, grammar.text)
     assert not matcher.is_error(), matcher.get_error()
     return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
 
@@ -232,6 +234,26 @@ def test_grammars_force_calls_to_the_allowed_tools_only() -> None:
     assert not accepted(llama, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "K"}}')
     assert not accepted(llama, '{"name": "now", "parameters": {"x": 1}}')  # no parameters: an empty object
     assert not accepted(llama, '{"name": "now", "parameters": {}}\n{"name": "now", "parameters": {}}')
+
+
+def test_a_forced_call_in_llama_3_tokens_then_only_the_end() -> None:
+    """The project's constraint over the real Llama 3 vocabulary: the template's own call, token by token, then only
+    the end-of-generation tokens; a schema llguidance refuses is an InputError (a 400)."""
+    tokenizer = load("llama-bpe")
+    grammars = Grammars(tokenizer, tokenizer.vocab_size, tokenizer.eos_ids)
+    constraint = grammars.compile(LLAMA_JSON.grammar([WEATHER], parallel=False))
+    logits = np.zeros(tokenizer.vocab_size, np.float32)
+    for token in tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "F"}}', bos=False):
+        logits[:] = 0
+        constraint.mask(logits)
+        assert logits[token] == 0 and np.isneginf(logits).sum() > 0
+        constraint.advance(token)
+    logits[:] = 0
+    constraint.mask(logits)
+    assert set(np.flatnonzero(logits == 0)) <= set(tokenizer.eos_ids)
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"$ref": "#/nope"}}}}}
+    with pytest.raises(InputError, match="the tools' parameters can't be enforced"):
+        grammars.compile(HERMES.grammar([bad], parallel=True))
 
 
 def test_a_schema_with_refs_keeps_them_resolvable() -> None:
@@ -254,6 +276,8 @@ def test_tool_choice_modes() -> None:
     assert chat(tools=TOOLS, tool_choice="required").tool_mode() == "required"
     assert chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "now"}}).tool_mode() == "named"
     assert chat(tools=TOOLS).tool_dicts() == TOOLS  # as sent: no fields added
+    assert chat(tools=TOOLS, tool_choice="required").forced_tools() == TOOLS
+    assert chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "now"}}).forced_tools() == [CLOCK]
 
 
 BAD = [
@@ -267,6 +291,8 @@ BAD = [
     ({"tool_choice": "required"}, "tool_choice", '"required" needs tools'),
     ({"functions": [{"name": "f"}]}, "functions", "send tools instead"),
     ({"function_call": "auto"}, "function_call", "send tool_choice instead"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "a call is forced, so the answer's format is the call's"),
     ({"messages": [{"role": "assistant", "content": None}]}, "messages.0", "content is missing"),
     ({"messages": [{"role": "tool", "content": "21"}]}, "messages.0", "a tool's message needs tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [call("now", {})]}]}, "messages.0",

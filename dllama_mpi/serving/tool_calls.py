@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ..errors import InputError
+from .constraints import Grammar
 from .templates import reads_tools
 
 
@@ -50,24 +51,19 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a Lark string literal: JSON's escapes are Lark's
 
 
-def _arguments_schema(parameters: dict | None) -> dict:
-    """The tool's parameters schema, its JSON written as templates write it (``tojson``: ", " and ": ", no other
-    whitespace), which also keeps a model from padding it without end. No parameters: an empty object (OpenAI's
-    meaning)."""
-    schema = {"type": "object", "properties": {}, "additionalProperties": False} if parameters is None else dict(parameters)
-    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    return schema
+_WHAT = "the tools' parameters"  # what a grammar that can't be enforced came from, for its message
 
 
 def _call_rules(tools: list[dict], key: str) -> list[str]:
     """Lark rules `call: call_0 | call_1 ...`, each a call to one tool as its template writes it: the name a constant,
-    the arguments under `key` the tool's parameters schema."""
+    the arguments under `key` JSON valid against the tool's parameters schema (none: an empty object, OpenAI's
+    meaning), written as templates write it (constraints.JSON_STYLE)."""
     rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}"]
     for i, tool in enumerate(tools):
         function = tool["function"]
         head = _lark_string(f'{{"name": "{function["name"]}", "{key}": ')
-        schema = json.dumps(_arguments_schema(function.get("parameters")), ensure_ascii=False)
-        rules += [f'call_{i}: {head} args_{i} "}}"', f"args_{i}: %json {schema}"]
+        parameters = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+        rules += [f'call_{i}: {head} args_{i} "}}"', f"args_{i}: {Grammar.lark_json(parameters)}"]
     return rules
 
 
@@ -88,8 +84,8 @@ class ToolFormat(ABC):
         """The calls `text` (held from where a call began to the end) makes, or None when it is not calls."""
 
     @abstractmethod
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
-        """Lark (llguidance's) for an answer that is calls to `tools` only: one, or with `parallel` one or more."""
+    def grammar(self, tools: list[dict], parallel: bool) -> Grammar:
+        """An answer that is calls to `tools` only: one, or with `parallel` one or more."""
 
 
 class _LlamaJson(ToolFormat):
@@ -109,9 +105,9 @@ class _LlamaJson(ToolFormat):
         call = _call(text, names)
         return None if call is None else [call]
 
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
+    def grammar(self, tools: list[dict], parallel: bool) -> Grammar:
         """One call whatever `parallel` says: the template takes one call per message."""
-        return "\n".join(["start: call", *_call_rules(tools, "parameters")])
+        return Grammar.lark("\n".join(["start: call", *_call_rules(tools, "parameters")]), _WHAT)
 
 
 class _Hermes(_LlamaJson):
@@ -143,10 +139,10 @@ class _Hermes(_LlamaJson):
             pos = block.end()
         return calls
 
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
+    def grammar(self, tools: list[dict], parallel: bool) -> Grammar:
         start, end, between = (_lark_string(text) for text in (self.START + "\n", "\n" + self.END, "\n"))
-        return "\n".join([f"start: block ({between} block)*" if parallel else "start: block",
-                          f"block: {start} call {end}", *_call_rules(tools, "arguments")])
+        return Grammar.lark("\n".join([f"start: block ({between} block)*" if parallel else "start: block",
+                                       f"block: {start} call {end}", *_call_rules(tools, "arguments")]), _WHAT)
 
 
 HERMES, LLAMA_JSON = _Hermes(), _LlamaJson()
