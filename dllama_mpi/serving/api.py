@@ -11,7 +11,8 @@ A handler tokenizes the prompt (in a worker thread: a long prompt must not stall
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
 backend, the scheduler on rank 0's main thread.
 
-The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` (None until loaded),
+The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
+until loaded),
 `ready` (a threading.Event), `metrics` (dllama_mpi.serving.metrics.Metrics), `submit(req)`
 (thread-safe), `refusal()` (a request.Refused when the queue is full, else None), `slots_state()`
 for /slots (thread-safe, the scheduler's snapshot) and optionally `slot_count()` for /health.
@@ -43,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from . import templates
+from .constraints import Constraint
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer, refused
@@ -198,6 +200,15 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
         return tuple(ids[: backend.max_seq_len])  # no answer is longer
 
+    async def constraint(body: CommonRequest) -> Constraint | None:
+        """The request's response_format compiled for its answer (in a worker thread: a big schema
+        takes a while); None for plain text."""
+        try:
+            grammar = body.response_format.grammar() if body.response_format is not None else None
+            return None if grammar is None else await run_in_threadpool(backend.grammars.compile, grammar)
+        except InputError as e:
+            raise ApiError(400, str(e), "response_format") from e
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
@@ -212,6 +223,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prediction=await prediction_ids(body),
+            constraint=await constraint(body),
         )
         return await answer(request, backend, body, req, ChatShape(bool(body.logprobs)))
 
@@ -242,6 +254,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=body.logprobs,
             prediction=await prediction_ids(body),
+            constraint=await constraint(body),
         )
         return await answer(request, backend, body, req, TextShape(body.logprobs is not None))
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class GenRequest:
     stop_ids: tuple[int, ...] | None = None  # end-of-generation tokens; None: the model's
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
     prediction: tuple[int, ...] = ()  # tokens the answer is expected to repeat (OpenAI's prediction): lookup drafts
+    constraint: Constraint | None = None  # the grammar the answer must follow (constraints.py), token by token
     emit: Callable[[object], None] | None = None  # gets Piece..., then Finished or Failed; set before submitting
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client: stop at the next step
     request_id: str = ""  # the client's name for it (the API's response id), shown by GET /slots

@@ -284,7 +284,7 @@ class Scheduler:
             stream = TextStream(self.job.tokenizer, req.stop, prompt[-1])
             stop_ids = self.job.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
             slot.seq = Sequence(req, slot, sampler, stream, stop_ids, t_submit, n_cached, n_cached)
-            if self.max_draft:
+            if self.max_draft and req.constraint is None:  # a grammar's mask is per token: no drafts to verify against
                 if self.draft is None:
                     slot.seq.drafting = Drafting(self.max_draft, lookup=PromptLookup(prompt, req.prediction))
                 else:  # the draft model's own choices: a generator of its own, from the request's seed
@@ -334,7 +334,7 @@ class Scheduler:
                 batch.add(q.prompt[i], q.slot.index, i, i == len(q.prompt) - 1)
             room -= take
         # where every sequence's next token is the greedy choice, only that travels, not the logits
-        batch.greedy = all(q.sampler.temperature == 0 and q.req.logprobs is None for q in active)
+        batch.greedy = all(q.sampler.temperature == 0 and q.req.logprobs is None and q.req.constraint is None for q in active)
         return batch.n > 0
 
     def _drafts(self, decoding: list[Sequence], prefilling: list[Sequence]) -> dict[int, list[int]]:
@@ -379,6 +379,8 @@ class Scheduler:
         i = 0
         while i < batch.n_logits:
             seq = owner[int(batch.logit_rows[i])]
+            if seq.req.constraint is not None:  # (never drafts) what its grammar allows next
+                seq.req.constraint.mask(logits[i])
             if seq.drafts is None:  # the last row of a prompt: its first token
                 token = int(logits[i]) if batch.greedy else seq.sampler(logits[i])
                 _, end = self._emit(seq, [token], logits[i : i + 1], now)
@@ -417,6 +419,8 @@ class Scheduler:
             logprob = _logprobs(logits[j], token, seq.req.logprobs) if seq.req.logprobs is not None else None
             if token in seq.stop_ids:
                 return j + 1, ("stop", token)
+            if seq.req.constraint is not None:
+                seq.req.constraint.advance(token)
             seq.req.emit(Piece(token, seq.stream.feed(token), logprob))
             if seq.stream.stopped:
                 return j + 1, ("stop",)
