@@ -46,7 +46,7 @@ from .textstream import TextStream
 OP_STEP, OP_STATS, OP_EXIT = 1, 2, 3
 PREFILL_ROWS_WHILE_DECODING = 16  # a long prompt is fed in chunks this size while others decode: their streams keep going
 STATS_EVERY_S = 2.0  # how often the followers' compute and collective times are gathered while busy
-RETRY_AFTER_S = 1  # a refused client's wait before trying again: slots free as answers end, seconds apart at most
+RETRY_AFTER_S = 1  # Retry-After of a refusal: short, since a slot frees whenever any answer ends; clients back off further
 
 
 def follow(job: Job) -> None:
