@@ -2,9 +2,10 @@
 
 `make_app(backend)` builds the FastAPI app: POST /v1/chat/completions and /v1/completions
 (protocol.py: the requests and the error shape; responses.py: the answers, plain JSON or
-server-sent events), GET /v1/models, /health and /metrics. Before routing, every request passes
-the gate: the API key, shutdown and loading refusals, the body's size and time limits. Server
-runs it on uvicorn with limits on slow and many connections.
+server-sent events), GET /v1/models, /slots, /health and /metrics. Before routing, every request
+passes the gate: the API key, shutdown and loading refusals, the queue's limit (429 before the
+body is read), the body's size and time limits. Server runs it on uvicorn with limits on slow
+and many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
@@ -13,7 +14,8 @@ backend, the scheduler on rank 0's main thread.
 The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
 until loaded),
 `ready` (a threading.Event), `metrics` (dllama_mpi.serving.metrics.Metrics), `submit(req)`
-(thread-safe) and optionally `slot_count()` for /health.
+(thread-safe), `refusal()` (a request.Refused when the queue is full, else None), `slots_state()`
+for /slots (thread-safe, the scheduler's snapshot) and optionally `slot_count()` for /health.
 
 Setting `app.state.shutting_down = True` (Server.refuse_new does) makes the /v1 endpoints
 refuse new requests (503) and /health answer 503, while requests already submitted run on.
@@ -45,10 +47,11 @@ from . import templates, tool_calls
 from .constraints import Constraint
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
-from .responses import ChatShape, TextShape, answer
+from .responses import ChatShape, TextShape, answer, refused
 from .tool_calls import CallReader
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/slots", "/health", "/metrics"}
+_GENERATING = {"/v1/chat/completions", "/v1/completions"}  # the endpoints whose requests wait for a slot
 HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
 BODY_TIMEOUT_S = 30.0  # and its body within this once the headers are in (else 408)
 MAX_CONNECTIONS = 256  # open connections at most; one more is answered 503 and closed
@@ -116,6 +119,8 @@ class _Gate:
                 return error(503, "the server is shutting down")
             if not self.backend.ready.is_set():
                 return error(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+            if path in _GENERATING and (full := self.backend.refusal()) is not None:
+                return refused(full)
         return None
 
     async def _body(self, scope: Scope, receive: Receive, received: list[int]) -> bytes | None:
@@ -291,6 +296,12 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             return JSONResponse({"status": "loading"}, status_code=503)
         slots = getattr(backend, "slot_count", None)
         return JSONResponse({"status": "ok", **({"slots": slots()} if slots else {})})
+
+    @app.get("/slots")
+    async def slots() -> dict:
+        if not backend.ready.is_set():
+            raise ApiError(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+        return backend.slots_state()
 
     @app.get("/metrics")
     async def metrics() -> Response:

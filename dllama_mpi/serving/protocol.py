@@ -34,7 +34,9 @@ _UNSUPPORTED_ABOVE_ONE = {"n": "send one request per choice", "best_of": "leave 
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    # 429: the type OpenAI gives a limit on requests (its limit on tokens is "tokens")
+    kinds = {401: "authentication_error", 429: "requests"}
+    kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
