@@ -9,7 +9,8 @@ and many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
-backend, the scheduler on rank 0's main thread.
+backend, the scheduler on rank 0's main thread. A chat with tools also gets the reader of the
+template's tool-call format, and a forced call its grammar (tool_calls.py).
 
 The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
 until loaded),
