@@ -3,7 +3,8 @@ is read back into OpenAI's tool calls, and the grammar that forces a call.
 
 Two formats, told apart by the template's text (as vLLM's parsers read them):
 
-- Hermes, Qwen2.5's: any text, then one or more ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``;
+- Hermes, Qwen2.5's: any text, then one or more ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
+  (or the bare call as the whole answer, as small Qwen2.5 models write it);
 - Llama 3.1/3.2's JSON: the whole answer is ``{"name": ..., "parameters": {...}}`` (possibly after
   ``<|python_tag|>``, a special token that decodes to no text).
 
@@ -71,8 +72,6 @@ class ToolFormat(ABC):
     """How one family of templates writes calls: `watch` says how much of an answer's text so far may be shown,
     `parse` reads the held rest, `grammar` forces calls."""
 
-    name: str
-
     @abstractmethod
     def watch(self, text: str, shown: bool) -> tuple[int, bool]:
         """(how many characters of `text`, the unshown text so far, may be shown now; whether a call has begun at
@@ -90,8 +89,6 @@ class ToolFormat(ABC):
 
 class _LlamaJson(ToolFormat):
     """The whole answer is one call's JSON."""
-
-    name = "llama3-json"
 
     def watch(self, text: str, shown: bool) -> tuple[int, bool]:
         if shown:
@@ -114,7 +111,6 @@ class _Hermes(_LlamaJson):
     """<tool_call> blocks after any text; or, as small Qwen2.5 models also answer (Qwen2.5-Coder-0.5B does), the
     bare call as the whole answer, read as Llama's is."""
 
-    name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"\s*<tool_call>(.*?)(?:</tool_call>|\Z)\s*", re.S)  # the last call may end at the answer's end
 
