@@ -147,9 +147,7 @@ class ChatShape:
 
     def closing(self, text: str, reason: str) -> list[dict]:
         """The last chunks' choices, after the held-back `text`: its content, any calls, the finish reason."""
-        if self.calls is None:
-            return [self.chunk(text, [], None)] * bool(text) + [self.chunk("", [], reason)]
-        rest, calls = self.calls.finish(text)
+        rest, calls = (text, []) if self.calls is None else self.calls.finish(text)
         deltas = [{"tool_calls": [{"index": i, **_call_dict(call)}]} for i, call in enumerate(calls)]
         return ([self.chunk(rest, [], None)] * bool(rest)
                 + [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
