@@ -3,9 +3,9 @@
 `make_app(backend)` builds the FastAPI app: POST /v1/chat/completions and /v1/completions
 (protocol.py: the requests and the error shape; responses.py: the answers, plain JSON or
 server-sent events), GET /v1/models, /health and /metrics, and the chat page at / (its files
-in static/). Before routing, every request passes
-the gate: the API key, shutdown and loading refusals, the body's size and time limits. Server
-runs it on uvicorn with limits on slow and many connections.
+in static/). Before routing, every request passes the gate: the API key, shutdown and loading
+refusals, the body's size and time limits. Server runs it on uvicorn with limits on slow and
+many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the

@@ -9,6 +9,8 @@ const SETTINGS = ["system", "temperature", "max-tokens", "api-key"];  // the fie
 
 let messages = [];  // [{role, content, meta}], the conversation sent each turn (meta: what the page shows under it)
 let controller = null;  // the AbortController of the answer being streamed
+let connected = false;  // the model's name came: the server is ready and takes the key
+let retry = null;  // the timer of the next connect() while the server is not ready
 
 function load() {
   let saved = {};
@@ -19,6 +21,8 @@ function load() {
   }
   messages = Array.isArray(saved.messages) ? saved.messages : [];
   for (const id of SETTINGS) $(id).value = saved.settings?.[id] ?? "";
+  // a reload while a question was waiting for its answer: the question goes back to the input box
+  if (messages.at(-1)?.role === "user") $("message").value = messages.pop().content;
 }
 
 function save() {
@@ -80,20 +84,22 @@ function render() {
 }
 
 function setBusy(busy) {
-  $("send").disabled = busy;
+  $("send").disabled = busy || !connected;
   $("stop").disabled = !busy;
   $("log").setAttribute("aria-busy", String(busy));
 }
 
 /** Waits for the model (GET /health answers 503 while it loads), then shows its name from GET /v1/models. */
 async function connect() {
-  $("send").disabled = true;
+  clearTimeout(retry);
+  connected = false;
+  setBusy(controller !== null);
   try {
     const health = await fetch("health");
     if (!health.ok) {
       const status = (await health.json().catch(() => ({}))).status;
       $("model").textContent = status === "loading" ? "the model is loading…" : `the server is not ready (${status || health.status})`;
-      setTimeout(connect, 1000);
+      retry = setTimeout(connect, 1000);
       return;
     }
     const models = await fetch("v1/models", { headers: headers() });
@@ -104,10 +110,11 @@ async function connect() {
     }
     $("model").textContent = `model: ${(await models.json()).data[0].id}`;
     showError("");
-    setBusy(false);
+    connected = true;
+    setBusy(controller !== null);
   } catch (e) {
     $("model").textContent = `the server does not answer (${e.message}); retrying…`;
-    setTimeout(connect, 2000);
+    retry = setTimeout(connect, 2000);
   }
 }
 
@@ -145,13 +152,14 @@ function requestBody() {
   return body;
 }
 
-/** What is shown under an answer: its tokens, their speed after the first, and the time to the first. */
-function stats(usage, started, first, end, finish) {
+/** What is shown under an answer: its tokens, the speed of those after the first (from the first text's arrival to the
+ * last's), and the time to the first. */
+function stats(usage, started, first, last, finish) {
   const parts = [];
   if (usage) {
     const n = usage.completion_tokens;
     parts.push(`${n} tokens`);
-    if (n > 1 && end > first) parts.push(`${((n - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s`);
+    if (n > 1 && last > first) parts.push(`${((n - 1) / ((last - first) / 1000)).toFixed(1)} tokens/s`);
   }
   if (first !== null) parts.push(`first token ${((first - started) / 1000).toFixed(2)} s`);
   if (finish === "length") parts.push("cut at max tokens or the end of the context");
@@ -169,6 +177,7 @@ async function answer(question, asked) {
   const started = performance.now();
   let text = "";
   let first = null;
+  let last = null;
   let usage = null;
   let finish = null;
   let meta = "";
@@ -193,7 +202,8 @@ async function answer(question, asked) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       if (choice?.delta?.content) {
-        first ??= performance.now();
+        last = performance.now();
+        first ??= last;
         text += choice.delta.content;
         view.text.textContent = text;
         view.div.scrollIntoView({ block: "end" });
@@ -202,7 +212,7 @@ async function answer(question, asked) {
       usage = chunk.usage ?? usage;
     }
     if (!ended) throw new Error("the connection closed before the answer ended");
-    meta = stats(usage, started, first, performance.now(), finish);
+    meta = stats(usage, started, first, last, finish);
   } catch (e) {
     meta = e.name === "AbortError" ? "stopped" : `error: ${e.message}`;
     if (e.name !== "AbortError") showError(e.message);
