@@ -21,7 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
-from test_api import FakeBackend
+from test_api import FakeBackend, fake_prompt_ids
 from test_serve import Server, llama3_chat  # noqa: F401 (llama3_chat: the fixture, used by name)
 
 from dllama_mpi.serving import api
@@ -114,6 +114,33 @@ def set_field(driver, field: str, value: str) -> None:
     element = driver.find_element(By.ID, field)
     element.clear()
     element.send_keys(value)
+
+
+@pytest.mark.serve
+def test_the_page_waits_for_the_model_and_shows_errors_readably(browser, monkeypatch):
+    """Against the fake backend (no MPI): "loading" until the model is ready, then an error answer's message, with the
+    question given back to the input box."""
+    monkeypatch.setattr("dllama_mpi.serving.templates.prompt_ids", fake_prompt_ids)
+    backend = FakeBackend()
+    backend.ready.clear()
+    server = api.Server(api.make_app(backend), "127.0.0.1", 0)
+    server.start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        model = browser.find_element(By.ID, "model")
+        wait(browser, lambda d: model.text == "the model is loading…", "the page does not say the model is loading", 10)
+        assert not browser.find_element(By.ID, "send").is_enabled()
+        backend.ready.set()
+        wait(browser, lambda d: model.text == "model: fake-model" and ready(d), "the page did not connect once loaded", 10)
+        question = "x" * backend.max_seq_len  # longer than the fake's context
+        browser.find_element(By.ID, "message").send_keys(question, Keys.ENTER)
+        error = browser.find_element(By.ID, "error")
+        wait(browser, lambda d: error.is_displayed() and ready(d), "no error was shown", 10)
+        assert re.fullmatch(r"the prompt is at least \d+ tokens \(\d+ bytes\) but the context holds 64; shorten the "
+                            r"conversation", error.text), error.text
+        assert bubbles(browser) == [] and browser.find_element(By.ID, "message").get_attribute("value") == question
+    finally:
+        server.stop()
 
 
 @pytest.mark.serve
