@@ -33,16 +33,23 @@ class Backend:
         self.model_id = ""
         self.max_seq_len = 0
         self.tokenizer = None
+        self.grammars = None
         self._n_slots = 0
         self._scheduler = None
 
-    def attach(self, model_id: str, job, scheduler) -> None:
-        self.model_id, self.tokenizer, self._scheduler = model_id, job.tokenizer, scheduler
+    def attach(self, model_id: str, job, scheduler, grammars) -> None:
+        self.model_id, self.tokenizer, self.grammars, self._scheduler = model_id, job.tokenizer, grammars, scheduler
         self.max_seq_len, self._n_slots = job.engine.max_seq_len, job.engine.n_slots
         self.ready.set()
 
     def submit(self, req) -> None:
         self._scheduler.submit(req)
+
+    def refusal(self):
+        return self._scheduler.refusal()
+
+    def slots_state(self) -> dict:
+        return self._scheduler.slots_state()
 
     def slot_count(self) -> int:
         return self._n_slots
@@ -50,6 +57,7 @@ class Backend:
 
 def serve(comm, args, budgets, announce) -> int:
     from ..job.loading import open_job
+    from ..serving.constraints import Grammars
     from ..serving.scheduler import Scheduler, follow
     from ..serving.speculation import check_draft_model, logit_rows, open_draft_model
 
@@ -83,9 +91,12 @@ def serve(comm, args, budgets, announce) -> int:
     if comm.rank != 0:
         follow(job)
         return 0
-    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft, min_draft=args.draft_min)
+    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft, min_draft=args.draft_min,
+                          max_queue=args.max_queue, queue_timeout_s=args.queue_timeout)
     model_id = args.model_name or job.name
-    backend.attach(model_id, job, scheduler)
+    print("indexing the vocabulary for constrained output (response_format, tool calls)", file=sys.stderr, flush=True)
+    grammars = Grammars(job.tokenizer, job.plan.spec.vocab_size, job.stop_ids)
+    backend.attach(model_id, job, scheduler, grammars)
     print(f"serving {model_id} at http://{args.host}:{server.port}/v1 ({args.slots} slots, context "
           f"{job.engine.max_seq_len} tokens)", file=sys.stderr, flush=True)
     stopping = threading.Event()

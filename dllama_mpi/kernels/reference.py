@@ -200,6 +200,12 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, coin: float) ->
     return index if index < len(kept) else int(np.flatnonzero(kept)[-1])  # rounding at coin ~ 1
 
 
+def mask_logits(logits: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Twin of vector.mask_logits, as a new array: -inf where the token's bit is clear."""
+    bits = np.unpackbits(words.astype("<i4").view(np.uint8), bitorder="little")[: len(logits)]
+    return np.where(bits == 1, logits, np.float32(-np.inf)).astype(logits.dtype)
+
+
 def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
     """Twin of vector.distribution: sample's nucleus distribution at temperature > 0."""
     z = logits.astype(np.float64) / temperature

@@ -726,6 +726,15 @@ def sample(logits, temperature, top_p, coin, probs, scratch):
 
 
 @njit(**_opts)
+def mask_logits(logits, words):
+    """logits[i] = -inf wherever bit i of the bitmask `words` (int32, little-endian bits, 32 a
+    word) is clear: the tokens a grammar forbids (serving.constraints)."""
+    for i in range(logits.shape[0]):
+        if ((words[i >> 5] >> (i & 31)) & 1) == 0:
+            logits[i] = -np.inf
+
+
+@njit(**_opts)
 def row_argmax(x, offset, out):
     """Per row of x (m, n): out[i] = (its largest value, offset + the first index holding it),
     as f32 (an index below 2**24 is exact): a rank's part of a greedy choice."""

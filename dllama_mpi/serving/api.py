@@ -2,18 +2,20 @@
 
 `make_app(backend)` builds the FastAPI app: POST /v1/chat/completions and /v1/completions
 (protocol.py: the requests and the error shape; responses.py: the answers, plain JSON or
-server-sent events), GET /v1/models, /health and /metrics, and the chat page at / (its files
-in static/). Before routing, every request passes the gate: the API key, shutdown and loading
-refusals, the body's size and time limits. Server runs it on uvicorn with limits on slow and
-many connections.
+server-sent events), GET /v1/models, /slots, /health and /metrics, and the chat page at / (its
+files in static/). Before routing, every request passes the gate: the API key, shutdown and
+loading refusals, the queue's limit (429 before the body is read), the body's size and time
+limits. Server runs it on uvicorn with limits on slow and many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
 backend, the scheduler on rank 0's main thread.
 
-The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` (None until loaded),
+The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
+until loaded),
 `ready` (a threading.Event), `metrics` (dllama_mpi.serving.metrics.Metrics), `submit(req)`
-(thread-safe) and optionally `slot_count()` for /health.
+(thread-safe), `refusal()` (a request.Refused when the queue is full, else None), `slots_state()`
+for /slots (thread-safe, the scheduler's snapshot) and optionally `slot_count()` for /health.
 
 Setting `app.state.shutting_down = True` (Server.refuse_new does) makes the /v1 endpoints
 refuse new requests (503) and /health answer 503, while requests already submitted run on.
@@ -44,11 +46,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from . import templates
+from .constraints import Constraint
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
-from .responses import ChatShape, TextShape, answer
+from .responses import ChatShape, TextShape, answer, refused
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/", "/static"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/slots", "/health", "/metrics", "/", "/static"}
+_GENERATING = {"/v1/chat/completions", "/v1/completions"}  # the endpoints whose requests wait for a slot
 _OPEN = {"/health", "/", "/static"}  # what needs no API key: the probe, and the chat page, which asks for the key
 STATIC = Path(__file__).with_name("static")  # the chat page's files, served under /static
 HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
@@ -117,6 +121,8 @@ class _Gate:
                 return error(503, "the server is shutting down")
             if not self.backend.ready.is_set():
                 return error(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+            if path in _GENERATING and (full := self.backend.refusal()) is not None:
+                return refused(full)
         return None
 
     async def _body(self, scope: Scope, receive: Receive, received: list[int]) -> bytes | None:
@@ -204,6 +210,15 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
         return tuple(ids[: backend.max_seq_len])  # no answer is longer
 
+    async def constraint(body: CommonRequest) -> Constraint | None:
+        """The request's response_format compiled for its answer (in a worker thread: a big schema
+        takes a while); None for plain text."""
+        try:
+            grammar = body.response_format.grammar() if body.response_format is not None else None
+            return None if grammar is None else await run_in_threadpool(backend.grammars.compile, grammar)
+        except InputError as e:
+            raise ApiError(400, str(e), "response_format") from e
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
@@ -218,6 +233,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prediction=await prediction_ids(body),
+            constraint=await constraint(body),
         )
         return await answer(request, backend, body, req, ChatShape(bool(body.logprobs)))
 
@@ -248,6 +264,7 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=body.logprobs,
             prediction=await prediction_ids(body),
+            constraint=await constraint(body),
         )
         return await answer(request, backend, body, req, TextShape(body.logprobs is not None))
 
@@ -270,6 +287,12 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             return JSONResponse({"status": "loading"}, status_code=503)
         slots = getattr(backend, "slot_count", None)
         return JSONResponse({"status": "ok", **({"slots": slots()} if slots else {})})
+
+    @app.get("/slots")
+    async def slots() -> dict:
+        if not backend.ready.is_set():
+            raise ApiError(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+        return backend.slots_state()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -9,9 +9,19 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import InputError
+from .constraints import Grammar
 from .request import Sampling, check_utf8
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000  # OpenAI's count; a length that bounds a request's stop-matching work
@@ -22,7 +32,9 @@ _UNSUPPORTED_ABOVE_ONE = {"n": "send one request per choice", "best_of": "leave 
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    # 429: the type OpenAI gives a limit on requests (its limit on tokens is "tokens")
+    kinds = {401: "authentication_error", 429: "requests"}
+    kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -97,6 +109,36 @@ class _Prediction(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class _JsonSchema(BaseModel):
+    """OpenAI's response_format.json_schema: the schema the answer must be valid against."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} (no schema given): any JSON value
+    strict: bool | None = None  # enforced whatever it says: the mask admits nothing else
+
+
+class _ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> _ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("type 'json_schema' goes with json_schema: {\"name\": ..., \"schema\": {...}}, and only "
+                             f"it (type is {self.type!r}, json_schema is {'given' if self.json_schema else 'missing'})")
+        return self
+
+    def grammar(self) -> Grammar | None:
+        """What the answer must follow (None: anything). A schema llguidance can't compile is
+        refused when it is compiled (constraints.GrammarError, a 400)."""
+        if self.type == "json_object":
+            return Grammar.json_object()
+        if self.type == "json_schema":
+            return Grammar.json_schema(self.json_schema.schema_)
+        return None
+
+
 class CommonRequest(BaseModel):
     """The fields both endpoints share. Unknown fields are ignored (clients send many); a field that would change the
     output but isn't implemented is refused rather than silently ignored."""
@@ -114,13 +156,12 @@ class CommonRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    # refused when given (tools and structured output are not implemented): answering without
-    # them would look like success
+    response_format: _ResponseFormat | None = None
+    # refused when given (tools are not implemented): answering without them would look like success
     tools: list | None = None
     tool_choice: Any = None
     functions: list | None = None
     function_call: Any = None
-    response_format: dict | None = None
     best_of: int | None = None
     ignore_eos: bool | None = False  # not OpenAI's (llama.cpp's server and vLLM take it): run on to max_tokens past EOS
     prediction: _Prediction | None = None
@@ -158,12 +199,14 @@ class CommonRequest(BaseModel):
             raise ValueError(f"{info.field_name} is not supported (leave it out)")
         return value
 
-    @field_validator("response_format")
+    @field_validator("ignore_eos")
     @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value and value.get("type", "text") != "text":
-            raise ValueError(f"response_format {value.get('type')!r} is not supported; only text")
-        return value
+    def _ends_with_its_format(cls, ignore_eos: bool | None, info: ValidationInfo) -> bool | None:
+        form = info.data.get("response_format")
+        if ignore_eos and form is not None and form.type != "text":
+            raise ValueError("ignore_eos can't go with a response_format: a formatted answer ends where its format does; "
+                             "leave one out")
+        return ignore_eos
 
     def sampling(self) -> Sampling:
         return Sampling(
