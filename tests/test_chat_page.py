@@ -184,6 +184,7 @@ def test_a_conversation_in_the_browser_streams_stops_and_goes_on(browser, llama3
         assert bubbles(browser) == stopped, "the answer grew after Stop"
 
         set_field(browser, "max-tokens", "8")
+        set_field(browser, "system", "Be brief.")
         set_field(browser, "message", "And then?")
         browser.find_element(By.ID, "send").click()
         wait(browser, lambda d: len(bubbles(d)) == 4 and ready(d), "the second answer did not end")
@@ -195,7 +196,8 @@ def test_a_conversation_in_the_browser_streams_stops_and_goes_on(browser, llama3
         first, second = browser.execute_script("return window.sent")
         assert first == {"messages": [{"role": "user", "content": "Hello there!"}], "stream": True,
                          "stream_options": {"include_usage": True}, "temperature": 0, "max_tokens": 400}
-        assert second["messages"] == [{"role": "user", "content": "Hello there!"},
+        assert second["messages"] == [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Hello there!"},
                                       {"role": "assistant", "content": stopped[1][1]},
                                       {"role": "user", "content": "And then?"}] and second["max_tokens"] == 8
 
