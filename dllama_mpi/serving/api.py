@@ -2,10 +2,10 @@
 
 `make_app(backend)` builds the FastAPI app: POST /v1/chat/completions and /v1/completions
 (protocol.py: the requests and the error shape; responses.py: the answers, plain JSON or
-server-sent events), GET /v1/models, /slots, /health and /metrics. Before routing, every request
-passes the gate: the API key, shutdown and loading refusals, the queue's limit (429 before the
-body is read), the body's size and time limits. Server runs it on uvicorn with limits on slow
-and many connections.
+server-sent events), GET /v1/models, /slots, /health and /metrics, and the chat page at / (its
+files in static/). Before routing, every request passes the gate: the API key, shutdown and
+loading refusals, the queue's limit (429 before the body is read), the body's size and time
+limits. Server runs it on uvicorn with limits on slow and many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
@@ -31,12 +31,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -51,8 +53,10 @@ from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer, refused
 from .tool_calls import CallReader
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/slots", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/slots", "/health", "/metrics", "/", "/static"}
 _GENERATING = {"/v1/chat/completions", "/v1/completions"}  # the endpoints whose requests wait for a slot
+_OPEN = {"/health", "/", "/static"}  # what needs no API key: the probe, and the chat page, which asks for the key
+STATIC = Path(__file__).with_name("static")  # the chat page's files, served under /static
 HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
 BODY_TIMEOUT_S = 30.0  # and its body within this once the headers are in (else 408)
 MAX_CONNECTIONS = 256  # open connections at most; one more is answered 503 and closed
@@ -104,12 +108,11 @@ class _Gate:
                 refusal = refusal or error(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
             await refusal(scope, receive, counted)
         finally:
-            path = scope["path"]
-            self.backend.metrics.request(path if path in _ENDPOINTS else "other", status)
+            self.backend.metrics.request(_endpoint(scope["path"]), status)
 
     def _refusal(self, scope: Scope) -> Response | None:
         path = scope["path"]
-        if self.api_key is not None and path != "/health":
+        if self.api_key is not None and _endpoint(path) not in _OPEN:
             given = Headers(scope=scope).get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return error(
@@ -144,6 +147,13 @@ class _Gate:
                 return b"".join(chunks)
 
 
+def _endpoint(path: str) -> str:
+    """A request's endpoint as /metrics counts it: the page's files as one, a path served by none as "other"."""
+    if path.startswith("/static/"):
+        path = "/static"
+    return path if path in _ENDPOINTS else "other"
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive that hands over the body already read, then the client's later messages (its disconnect)."""
     sent = False
@@ -163,8 +173,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 2**20,
              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The API over `backend` (see the module's docstring). With `api_key`, every endpoint but /health wants
-    `Authorization: Bearer <api_key>`."""
+    """The API over `backend` (see the module's docstring). With `api_key`, every endpoint but /health and the chat
+    page's files wants `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="dllama_mpi", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.shutting_down = False
     created = int(time.time())
@@ -308,6 +318,13 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
     async def metrics() -> Response:
         content, content_type = backend.metrics.render()
         return Response(content, media_type=content_type)
+
+    # the chat page: it talks to /v1/chat/completions as any client does, and loads nothing from elsewhere
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": "default-src 'self'"})
 
     return app
 
