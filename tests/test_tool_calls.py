@@ -27,7 +27,7 @@ from dllama_mpi.serving.protocol import ChatRequest
 from dllama_mpi.serving.templates import ChatTemplateError
 from dllama_mpi.serving.tool_calls import HERMES, LLAMA_JSON, CallReader, ToolCall, format_of
 
-QWEN_CODER = "Qwen-Qwen2.5-Coder-0.5B-Instruct"
+QWEN_CODER = "Qwen-Qwen2.5-7B-Instruct"  # Qwen2.5-Coder-0.5B-Instruct's GGUF carries the same bytes
 SPECIALS = {LLAMA31: ("<|begin_of_text|>", "<|eot_id|>"), QWEN_CODER: (None, "<|im_end|>")}
 # where each template writes an assistant's message (the call), and what ends it
 ASSISTANT = {LLAMA31: ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
