@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dllama_mpi.errors import InputError
 from dllama_mpi.serving.api import Server, make_app
 from dllama_mpi.serving.metrics import Metrics
-from dllama_mpi.serving.request import Failed, Finished, GenRequest, Piece, TokenLogprob, check_prompt_text
+from dllama_mpi.serving.request import Failed, Finished, GenRequest, Piece, Refused, TokenLogprob, check_prompt_text
 
 KEY = "sk-test"
 MODEL = "fake-model"
@@ -39,7 +39,7 @@ class FakeTokenizer:
 
 
 def fake_prompt_ids(tokenizer: FakeTokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                    max_seq_len: int | None = None) -> list[int]:
+                    max_seq_len: int | None = None, tools: list[dict] | None = None) -> list[int]:
     """chat.prompt_ids' stand-in: a template error for the content "raise", else the messages as `role: text` lines."""
     lines = []
     for m in messages:
@@ -67,12 +67,23 @@ class FakeBackend:
         self.delay = 0.0  # seconds per token
         self.repeat = 1  # times REPLY is generated over (a long answer)
         self.failing = False  # fail after the first token, as at a shutdown
+        self.full: Refused | None = None  # refusal()'s answer: the queue is full
+        self.expiring: Refused | None = None  # every request ends with this before a token, as at a queue timeout
 
     def slot_count(self) -> int:
         return 2
 
+    def refusal(self) -> Refused | None:
+        return self.full
+
+    def slots_state(self) -> dict:
+        return {"slots": [{"id": 0, "state": "idle"}], "queue": {"length": 0, "limit": 4}}
+
     def submit(self, req: GenRequest) -> None:
         self.requests.append(req)
+        if self.expiring is not None:
+            threading.Timer(0.2, req.emit, (self.expiring,)).start()
+            return
         threading.Thread(target=self._generate, args=(req,), daemon=True).start()
 
     def _generate(self, req: GenRequest) -> None:
@@ -244,8 +255,12 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
         "presence_penalty",
         "presence_penalty is not supported",
     ),
-    "tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-              "tools is not supported"),
+    "functions": ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "functions",
+                  "functions (OpenAI's deprecated function calling) is not supported: send tools instead"),
+    "tools on completions": ("/v1/completions", {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]},
+                             400, "tools", "tools is taken by /v1/chat/completions only"),
+    "tools without support": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+                              400, "tools", "the model's chat template does not support tools"),
     "schema missing": ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format",
                        "response_format: type 'json_schema' goes with json_schema"),
     "format ignoring eos": ("/v1/completions", {"prompt": "a", "response_format": {"type": "json_object"}, "ignore_eos": True},
@@ -377,6 +392,42 @@ def test_a_failure_is_an_error_answer_or_a_last_error_event(client, backend):
             list(stream)
     finally:
         backend.failing = False
+
+
+def test_a_full_queue_is_a_429_before_the_body_is_read_and_a_queue_timeout_one_before_any_chunk(url, http, client,
+                                                                                                 backend):
+    """A full queue (the backend's refusal()): 429 in OpenAI's rate-limit shape with Retry-After, on both generating
+    endpoints, the body not even read (an invalid one gets it too); the openai client raises RateLimitError. A request
+    refused once submitted (a queue timeout) gets the same 429 streamed or not: a stream's headers wait for its first
+    event. Other endpoints answer meanwhile."""
+    backend.full = Refused("the queue is full: try later", 3)
+    try:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = http.post(path, content=b"{not json")
+            assert r.status_code == 429 and r.headers["retry-after"] == "3"
+            assert r.json() == {"error": {"message": "the queue is full: try later", "type": "requests", "param": None,
+                                          "code": "rate_limit_exceeded"}}
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            client.chat.completions.create(model=MODEL, messages=HI)
+        assert http.get("/v1/models").status_code == 200 and http.get("/slots").status_code == 200
+    finally:
+        backend.full = None
+    backend.expiring = Refused("no slot within 0.1 s", 1)
+    try:
+        for stream in (False, True):
+            r = http.post("/v1/completions", json={"prompt": "a", "stream": stream})
+            assert (r.status_code, r.headers["retry-after"], r.json()["error"]["message"]) == (429, "1", "no slot within 0.1 s")
+    finally:
+        backend.expiring = None
+    assert client.chat.completions.create(model=MODEL, messages=HI).choices[0].message.content == REPLY
+
+
+def test_slots_wants_the_key_and_gives_the_backends_state(url, http, client, backend):
+    """/slots behind the key; each submitted request carries its response's id, which /slots shows."""
+    assert httpx2.get(f"{url}/slots").status_code == 401
+    assert http.get("/slots").json() == {"slots": [{"id": 0, "state": "idle"}], "queue": {"length": 0, "limit": 4}}
+    reply = client.completions.create(model=MODEL, prompt="a", max_tokens=2)
+    assert reply.id.startswith("cmpl-") and backend.requests[-1].request_id == reply.id
 
 
 def test_server_start_fails_on_a_taken_port(served):

@@ -61,6 +61,8 @@ def test_sampling_is_reproducible_with_a_seed(stories_models):
     (["--speculate", "33"], "--speculate must be at most 32 (a step's rows are 64), got 33"),
     (["--speculate", "-1"], "argument --speculate: must be a whole number of at least 0, got '-1'"),
     (["--speculate", "4", "--draft-min", "5"], "--draft-min 5 is more than --speculate 4, the most drafts a step verifies"),
+    (["serve", "--queue-timeout", "0"], "--queue-timeout must be positive seconds, got 0; leave it out"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: must be a whole number of at least 0, got '-1'"),
 ])
 def test_bad_options_stop_every_rank_with_one_message(args, message):
     # budgets, model files, prompts and faults: tests/test_failures.py

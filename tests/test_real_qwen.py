@@ -50,3 +50,29 @@ def test_greedy_tokens_equal_llama_cpp(qwen_h5, setting):
         assert r["our_ids"] == case["llama_ids"][setting], (
             f"{case['prompt']!r}, llama.cpp {setting}: {r['equal']} of {TOKENS} greedy tokens equal; at the divergence "
             f"{r['divergence']}; our top-1 over top-2 margins {[round(m, 4) for m in r['our_margins']]}")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a given city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city, e.g. London"}},
+                   "required": ["city"]}}}
+
+
+@pytest.mark.serve
+def test_serve_answers_a_weather_question_with_a_call(qwen_h5):
+    """tool_choice "auto": nothing forces the call; the model writes it in its template's format and the server reads
+    it back."""
+    from test_serve import Server
+
+    server = Server(2, qwen_h5, "--slots", "1")
+    try:
+        client = server.client()
+        got = client.chat.completions.create(model=client.models.list().data[0].id, tools=[WEATHER], tool_choice="auto",
+                                             messages=[{"role": "user", "content": "What's the weather like in Paris?"}],
+                                             temperature=0, max_tokens=64)
+    finally:
+        assert server.stop() == 0, "".join(server.stderr)
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"], call

@@ -33,6 +33,8 @@ def finite_float(text: str) -> float:
     return value
 
 
+DEFAULT_MAX_QUEUE = 64  # serve: requests waiting for a slot at most (the reasons are in --max-queue's help)
+
 COMMANDS = {
     "serve": "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)",
     "chat": "an interactive chat on rank 0's terminal, with the model's chat template",
@@ -78,6 +80,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--slots", type=int, default=4,
                        help="sequences decoded together, each with its own KV cache of --max-seq-len tokens (default 4); "
                             "more requests wait in a queue")
+        p.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                       help=f"requests waiting for a slot at most; one more is answered 429 with Retry-After at once "
+                            f"(default {DEFAULT_MAX_QUEUE}: a client's batch of concurrent requests fits, and a flood "
+                            "meets this 429, which says what to do, well before the limit on open connections, whose next "
+                            "is refused with 503; 0: none wait)")
+        p.add_argument("--queue-timeout", type=finite_float, metavar="S",
+                       help="a request given no slot within S seconds of arriving is answered 429 (default: it waits: "
+                            "--max-queue bounds the wait already, and a client that stops waiting cancels its request)")
         p.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on every request (default: $DLLAMA_API_KEY; none: open)")
         p.add_argument("--model-name", help="the model's name in the API (default: the model file's name)")
@@ -140,6 +150,9 @@ def _parse(comm, argv):
             problems.append(f"--port must be in 0..65535, got {args.port}")
         if args.slots <= 0:
             problems.append(f"--slots must be positive, got {args.slots}")
+        if args.queue_timeout is not None and args.queue_timeout <= 0:
+            problems.append(f"--queue-timeout must be positive seconds, got {args.queue_timeout:g}; leave it out to wait "
+                            "without a limit")
         if args.api_key == "":
             problems.append("--api-key is empty; give a key, or leave it out for an open server")
         elif args.api_key is not None and not re.fullmatch(r"[!-~]+", args.api_key):  # the key itself is not shown: a secret

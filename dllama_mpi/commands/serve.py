@@ -45,6 +45,12 @@ class Backend:
     def submit(self, req) -> None:
         self._scheduler.submit(req)
 
+    def refusal(self):
+        return self._scheduler.refusal()
+
+    def slots_state(self) -> dict:
+        return self._scheduler.slots_state()
+
     def slot_count(self) -> int:
         return self._n_slots
 
@@ -85,7 +91,8 @@ def serve(comm, args, budgets, announce) -> int:
     if comm.rank != 0:
         follow(job)
         return 0
-    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft, min_draft=args.draft_min)
+    scheduler = Scheduler(job, backend.metrics, max_draft=args.speculate, draft=draft, min_draft=args.draft_min,
+                          max_queue=args.max_queue, queue_timeout_s=args.queue_timeout)
     model_id = args.model_name or job.name
     print("indexing the vocabulary for constrained output (response_format, tool calls)", file=sys.stderr, flush=True)
     grammars = Grammars(job.tokenizer, job.plan.spec.vocab_size, job.stop_ids)

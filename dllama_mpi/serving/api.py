@@ -2,18 +2,21 @@
 
 `make_app(backend)` builds the FastAPI app: POST /v1/chat/completions and /v1/completions
 (protocol.py: the requests and the error shape; responses.py: the answers, plain JSON or
-server-sent events), GET /v1/models, /health and /metrics. Before routing, every request passes
-the gate: the API key, shutdown and loading refusals, the body's size and time limits. Server
-runs it on uvicorn with limits on slow and many connections.
+server-sent events), GET /v1/models, /slots, /health and /metrics, and the chat page at / (its
+files in static/). Before routing, every request passes the gate: the API key, shutdown and
+loading refusals, the queue's limit (429 before the body is read), the body's size and time
+limits. Server runs it on uvicorn with limits on slow and many connections.
 
 A handler tokenizes the prompt (in a worker thread: a long prompt must not stall /health),
 checks its fit in the context and submits a GenRequest (dllama_mpi.serving.request) to the
-backend, the scheduler on rank 0's main thread.
+backend, the scheduler on rank 0's main thread. A chat with tools also gets the reader of the
+template's tool-call format, and a forced call its grammar (tool_calls.py).
 
 The backend is duck-typed: `model_id`, `max_seq_len`, `tokenizer` and `grammars` (constraints.Grammars; both None
 until loaded),
 `ready` (a threading.Event), `metrics` (dllama_mpi.serving.metrics.Metrics), `submit(req)`
-(thread-safe) and optionally `slot_count()` for /health.
+(thread-safe), `refusal()` (a request.Refused when the queue is full, else None), `slots_state()`
+for /slots (thread-safe, the scheduler's snapshot) and optionally `slot_count()` for /health.
 
 Setting `app.state.shutting_down = True` (Server.refuse_new does) makes the /v1 endpoints
 refuse new requests (503) and /health answer 503, while requests already submitted run on.
@@ -28,12 +31,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -41,13 +46,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
-from . import templates
+from . import templates, tool_calls
 from .constraints import Constraint
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
-from .responses import ChatShape, TextShape, answer
+from .responses import ChatShape, TextShape, answer, refused
+from .tool_calls import CallReader
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/slots", "/health", "/metrics", "/", "/static"}
+_GENERATING = {"/v1/chat/completions", "/v1/completions"}  # the endpoints whose requests wait for a slot
+_OPEN = {"/health", "/", "/static"}  # what needs no API key: the probe, and the chat page, which asks for the key
+STATIC = Path(__file__).with_name("static")  # the chat page's files, served under /static
 HEADER_TIMEOUT_S = 10.0  # a connection's request line and headers must arrive within this (then it is closed)
 BODY_TIMEOUT_S = 30.0  # and its body within this once the headers are in (else 408)
 MAX_CONNECTIONS = 256  # open connections at most; one more is answered 503 and closed
@@ -99,12 +108,11 @@ class _Gate:
                 refusal = refusal or error(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
             await refusal(scope, receive, counted)
         finally:
-            path = scope["path"]
-            self.backend.metrics.request(path if path in _ENDPOINTS else "other", status)
+            self.backend.metrics.request(_endpoint(scope["path"]), status)
 
     def _refusal(self, scope: Scope) -> Response | None:
         path = scope["path"]
-        if self.api_key is not None and path != "/health":
+        if self.api_key is not None and _endpoint(path) not in _OPEN:
             given = Headers(scope=scope).get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return error(
@@ -115,6 +123,8 @@ class _Gate:
                 return error(503, "the server is shutting down")
             if not self.backend.ready.is_set():
                 return error(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+            if path in _GENERATING and (full := self.backend.refusal()) is not None:
+                return refused(full)
         return None
 
     async def _body(self, scope: Scope, receive: Receive, received: list[int]) -> bytes | None:
@@ -137,6 +147,13 @@ class _Gate:
                 return b"".join(chunks)
 
 
+def _endpoint(path: str) -> str:
+    """A request's endpoint as /metrics counts it: the page's files as one, a path served by none as "other"."""
+    if path.startswith("/static/"):
+        path = "/static"
+    return path if path in _ENDPOINTS else "other"
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive that hands over the body already read, then the client's later messages (its disconnect)."""
     sent = False
@@ -156,8 +173,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 2**20,
              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The API over `backend` (see the module's docstring). With `api_key`, every endpoint but /health wants
-    `Authorization: Bearer <api_key>`."""
+    """The API over `backend` (see the module's docstring). With `api_key`, every endpoint but /health and the chat
+    page's files wants `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="dllama_mpi", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.shutting_down = False
     created = int(time.time())
@@ -204,12 +221,30 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         except InputError as e:
             raise ApiError(400, str(e), "response_format") from e
 
+    async def tool_use(body: ChatRequest) -> tuple[CallReader | None, Constraint | None]:
+        """What reads the answer's tool calls in the template's format (None: it may make none), and for tool_choice
+        "required" or a named tool the grammar that makes the answer calls, compiled (in a worker thread)."""
+        mode = body.tool_mode()
+        if mode == "none":
+            return None, None
+        try:
+            fmt = tool_calls.format_of(backend.tokenizer.chat_template)
+            reader = CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
+            if mode == "auto":
+                return reader, None
+            grammar = fmt.grammar(body.forced_tools(), bool(body.parallel_tool_calls))
+            return reader, await run_in_threadpool(backend.grammars.compile, grammar)
+        except InputError as e:
+            raise ApiError(400, str(e), "tools") from e
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
+        tools = body.tool_dicts() if body.tool_mode() != "none" else None  # "none": the template shows none
         ids = await tokenized("messages", templates.prompt_ids, backend.tokenizer, messages, True, backend.max_seq_len,
-                              remedy="shorten the conversation")
+                              tools, remedy="shorten the conversation")
+        calls, forced = await tool_use(body)
         req = GenRequest(
             prompt_ids=ids,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -218,9 +253,9 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             stop_ids=body.stop_ids(),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prediction=await prediction_ids(body),
-            constraint=await constraint(body),
+            constraint=forced if forced is not None else await constraint(body),  # protocol.py allows only one
         )
-        return await answer(request, backend, body, req, ChatShape(bool(body.logprobs)))
+        return await answer(request, backend, body, req, ChatShape(bool(body.logprobs), calls))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -273,10 +308,23 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         slots = getattr(backend, "slot_count", None)
         return JSONResponse({"status": "ok", **({"slots": slots()} if slots else {})})
 
+    @app.get("/slots")
+    async def slots() -> dict:
+        if not backend.ready.is_set():
+            raise ApiError(503, "the model is still loading: try again once GET /health answers 200", code="model_loading")
+        return backend.slots_state()
+
     @app.get("/metrics")
     async def metrics() -> Response:
         content, content_type = backend.metrics.render()
         return Response(content, media_type=content_type)
+
+    # the chat page: it talks to /v1/chat/completions as any client does, and loads nothing from elsewhere
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": "default-src 'self'"})
 
     return app
 

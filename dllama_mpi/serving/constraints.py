@@ -17,6 +17,7 @@ only the end-of-generation tokens are allowed, so a constrained answer ends with
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -127,14 +128,18 @@ class _Vocabulary(llguidance.TokenizerWrapper):
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = bos
         self.is_tokenizer_wrapper = True
-        self._tokenizer = tokenizer
+        # tokenizing forced text mid-answer: no SentencePiece space before it (llama2c's and GGUF's flags)
+        self._tokenizer = copy.copy(tokenizer)
+        for flag in ("add_dummy_prefix", "add_space_prefix"):
+            if getattr(tokenizer, flag, False):
+                setattr(self._tokenizer, flag, False)
         self._by_bytes: dict[bytes, int] | None = None  # built when first needed
         self._longest = 0
 
     def __call__(self, text: str | bytes) -> list[int]:
-        """Tokens whose bytes are exactly `text`'s: the tokenizer's own when they are, else the
-        vocabulary's longest matches (SentencePiece tokenizers put a space before a text, which
-        llguidance would take for part of what it forces)."""
+        """Tokens whose bytes are exactly `text`'s (llguidance forces these where the grammar
+        leaves one way on): the tokenizer's own, else (a tokenizer that still adds something) the
+        vocabulary's longest matches, a piece rather than a byte token where both spell the same."""
         raw = text if isinstance(text, bytes) else text.encode("utf-8")
         ids = self._tokenizer.encode(raw.decode("utf-8", errors="replace"), bos=False, special=False)
         if b"".join(self.tokens[i] for i in ids) == raw:
@@ -142,9 +147,9 @@ class _Vocabulary(llguidance.TokenizerWrapper):
         if self._by_bytes is None:
             special = set(self.special_token_ids)  # a special token's name is not its text
             self._by_bytes = {}
-            for i, token in enumerate(self.tokens):
+            for i, token in enumerate(self.tokens):  # the last of equals: SentencePiece's byte tokens come first
                 if i not in special:
-                    self._by_bytes.setdefault(token, i)
+                    self._by_bytes[token] = i
             self._longest = max(map(len, self._by_bytes))
         greedy, at = [], 0
         while at < len(raw):

@@ -40,6 +40,12 @@ class Metrics:
                                        registry=r)
         self.cancelled = Counter("dllama_cancelled_requests", "Requests ended by their client before they finished",
                                  registry=r)
+        self.refusals = Counter(
+            "dllama_refused_requests", "Requests refused at capacity (429), by reason: queue_full (--max-queue waiting "
+            "already) or queue_timeout (no slot within --queue-timeout)", ["reason"], registry=r
+        )
+        for reason in ("queue_full", "queue_timeout"):  # both shown from the start, at 0
+            self.refusals.labels(reason=reason)
         self.ttft = Histogram(
             "dllama_time_to_first_token_seconds", "From submission to the first sampled token", buckets=_TTFT_BUCKETS, registry=r
         )
@@ -78,6 +84,10 @@ class Metrics:
         """A request whose client left (or that shutdown ended) after `generated` tokens."""
         self.cancelled.inc()
         self.generated_tokens.inc(generated)
+
+    def refused(self, reason: str) -> None:
+        """A request refused at capacity: "queue_full" or "queue_timeout"."""
+        self.refusals.labels(reason=reason).inc()
 
     def set_load(self, queue_length: int, busy_slots: int, slots: int) -> None:
         self.queue_length.set(queue_length)

@@ -5,6 +5,7 @@ models (as in vLLM and llama-cpp-python) with their limits, and OpenAI's error s
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,7 @@ from .constraints import Grammar
 from .request import Sampling, check_utf8
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000  # OpenAI's count; a length that bounds a request's stop-matching work
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _UNSUPPORTED_ABOVE_ONE = {"n": "send one request per choice", "best_of": "leave it out"}  # field: what to do instead
 
 
@@ -32,7 +34,9 @@ _UNSUPPORTED_ABOVE_ONE = {"n": "send one request per choice", "best_of": "leave 
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    # 429: the type OpenAI gives a limit on requests (its limit on tokens is "tokens")
+    kinds = {401: "authentication_error", 429: "requests"}
+    kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -155,9 +159,7 @@ class CommonRequest(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: _ResponseFormat | None = None
-    # refused when given (tools are not implemented): answering without them would look like success
-    tools: list | None = None
-    tool_choice: Any = None
+    # refused when given (functions are tools' deprecated form): answering without them would look like success
     functions: list | None = None
     function_call: Any = None
     best_of: int | None = None
@@ -189,12 +191,19 @@ class CommonRequest(BaseModel):
             raise ValueError(f"{info.field_name} > 1 is not supported: {_UNSUPPORTED_ABOVE_ONE[info.field_name]}")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice", "functions",
-                     "function_call")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        if value and value != "none":
+        if value:
             raise ValueError(f"{info.field_name} is not supported (leave it out)")
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and value != "none":
+            raise ValueError(f"{info.field_name} (OpenAI's deprecated function calling) is not supported: send "
+                             f"{'tools' if info.field_name == 'functions' else 'tool_choice'} instead")
         return value
 
     @field_validator("ignore_eos")
@@ -224,21 +233,75 @@ class CommonRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class _FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text (templates.py reads it)
+
+
+class _ToolCall(BaseModel):
+    """A call an earlier answer made, sent back in the assistant's message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: _FunctionCall
+
+
 class _Message(BaseModel):
     role: str
-    content: str | list[_TextPart]
+    content: str | list[_TextPart] | None = None  # None (or absent) only in an assistant's message that makes calls
+    tool_calls: list[_ToolCall] | None = Field(None, min_length=1)
+    tool_call_id: str | None = None  # a tool's message: the call it answers
 
     @field_validator("content", mode="wrap")
     @classmethod
-    def _text(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> str | list[_TextPart]:
+    def _text(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> str | list[_TextPart] | None:
         """One message for what pydantic reports per member of the union."""
         try:
             content = handler(content)
         except ValidationError:
             raise ValueError('must be a string or a list of text parts {"type": "text", "text": "..."}') from None
-        for text in [content] if isinstance(content, str) else [part.text for part in content]:
+        for text in [] if content is None else [content] if isinstance(content, str) else [part.text for part in content]:
             _utf8(text)
         return content
+
+    @model_validator(mode="after")
+    def _roles_fields(self) -> _Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls are made by the assistant; this message's role is {self.role!r}")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is missing: every message needs one but an assistant's that has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool's message needs tool_call_id, the id of the call it answers")
+        return self
+
+
+class _FunctionDefinition(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        """OpenAI's rule; it also lets a name stand in a grammar's literal and a template's quotes unescaped."""
+        if not _TOOL_NAME.fullmatch(name):
+            raise ValueError(f"a tool's name is 1 to 64 letters, digits, '_' or '-'; found {name[:80]!r}: rename it")
+        return name
+
+
+class _Tool(BaseModel):
+    type: Literal["function"]
+    function: _FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    name: str
+
+
+class _NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: _FunctionName
 
 
 class ChatRequest(CommonRequest):
@@ -247,6 +310,9 @@ class ChatRequest(CommonRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[_Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None  # None: "auto" with tools
+    parallel_tool_calls: bool | None = True
 
     @field_validator("top_logprobs")
     @classmethod
@@ -255,12 +321,66 @@ class ChatRequest(CommonRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         return top
 
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[_Tool] | None) -> list[_Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if dupes := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"tool names must be unique; {', '.join(map(repr, dupes))} is given more than once")
+        return tools
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _given_tool(cls, choice: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        try:
+            choice = handler(choice)
+        except ValidationError:
+            raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": NAME}}') from None
+        if "tools" not in info.data:  # tools were refused: that is the error to report
+            return choice
+        names = [tool.function.name for tool in info.data["tools"] or ()]
+        if choice in ("auto", "required") and not names:
+            raise ValueError(f'"{choice}" needs tools: give them, or leave tool_choice out')
+        if isinstance(choice, _NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names {choice.function.name!r}, which is not among the tools given "
+                             f"({', '.join(map(repr, names)) or 'none'})")
+        form = info.data.get("response_format")
+        if names and choice not in (None, "none", "auto") and form is not None and form.type != "text":
+            raise ValueError("a call is forced, so the answer's format is the call's: leave response_format out, or "
+                             'make tool_choice "auto"')
+        return choice
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required", or "named" (tool_choice names a tool): what the answer may or must be."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        return "named" if isinstance(self.tool_choice, _NamedToolChoice) else self.tool_choice or "auto"
+
+    def tool_dicts(self) -> list[dict]:
+        """The tools as the client sent them (fields it left out stay out), as templates take them."""
+        return [tool.model_dump(exclude_unset=True) for tool in self.tools or ()]
+
+    def forced_tools(self) -> list[dict]:
+        """Those of tool_dicts() a forced answer may call: the one tool_choice names, or all."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, _NamedToolChoice) else None
+        return [tool for tool in self.tool_dicts() if named in (None, tool["function"]["name"])]
+
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[int] | list[str]  # a list of token ids is taken as it is (no BOS added)
     max_tokens: int | None = Field(16, ge=1)  # 16 as OpenAI; null: up to the end of the context
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
+    tools: Any = None
+    tool_choice: Any = None
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _chat_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and value != "none":
+            raise ValueError(f"{info.field_name} is taken by /v1/chat/completions only (a plain prompt has no template to "
+                             "show tools): use that endpoint, or leave it out")
+        return value
 
     @field_validator("prompt", mode="wrap")
     @classmethod

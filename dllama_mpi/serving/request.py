@@ -4,7 +4,8 @@ on rank 0's main thread and alone drives the engine.
 
 A client builds a GenRequest from token ids (tokenizing and templating are the client's
 work), submits it, and receives events through `emit`, called on the scheduler's thread:
-zero or more Piece, then exactly one Finished or Failed. `emit` must be quick and must not
+zero or more Piece, then exactly one Finished or Failed (Refused, a Failed, when the request
+never got a slot: the queue was full or its wait too long). `emit` must be quick and must not
 raise (the HTTP side hands events to its event loop with call_soon_threadsafe).
 """
 
@@ -40,6 +41,7 @@ class GenRequest:
     constraint: Constraint | None = None  # the grammar the answer must follow (constraints.py), token by token
     emit: Callable[[object], None] | None = None  # gets Piece..., then Finished or Failed; set before submitting
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the client: stop at the next step
+    request_id: str = ""  # the client's name for it (the API's response id), shown by GET /slots
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,14 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str  # the server is shutting down, or the request was cancelled
+
+
+@dataclass(frozen=True)
+class Refused(Failed):
+    """Not run, no token generated: the server is at capacity (its queue was full when the request
+    came, or no slot freed within the queue timeout); the same request may succeed later."""
+
+    retry_after_s: int = 1  # when trying again is worth it (HTTP's Retry-After)
 
 
 def check_utf8(text: str, what: str, remedy: str) -> None:

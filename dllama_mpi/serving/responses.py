@@ -1,7 +1,9 @@
 """The answers of the OpenAI-compatible API: a submitted request's events, emitted on the
 scheduler's thread, brought onto the event loop and shaped into one chat.completion or
 text_completion object, or into server-sent chunks; logprobs in each endpoint's shape. A client
-that leaves before the end has its request cancelled, which frees its slot."""
+that leaves before the end has its request cancelled, which frees its slot. A stream starts with
+the request's first event, so that a request that never ran (Refused: 429, or Failed: 503) gets
+that status, as a non-streamed one does."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .protocol import ApiError, CommonRequest, error_body
-from .request import Failed, Finished, GenRequest, Piece, TokenLogprob
+from .protocol import CommonRequest, error, error_body
+from .request import Failed, Finished, GenRequest, Piece, Refused, TokenLogprob
+from .tool_calls import CallReader, ToolCall
 
 _POLL_S = 0.1  # how often a handler checks whether its client has left, while tokens come and while they don't
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity: a token the sampler excluded shows this (as vLLM does)
@@ -98,12 +101,16 @@ class _TokenTexts:
 
 
 class ChatShape:
-    """chat.completion objects: a message, or deltas in chunks; logprobs as {"content": [...]}."""
+    """chat.completion objects: a message, or deltas in chunks; logprobs as {"content": [...]}. With a CallReader, an
+    answer that is tool calls becomes the message's tool_calls (content: the text before them, or null) and finishes
+    with "tool_calls"; streamed, text that may begin a call is held back, and each call comes whole in a delta of its
+    own once the answer has ended."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, logprobs: bool) -> None:
+    def __init__(self, logprobs: bool, calls: CallReader | None = None) -> None:
         self.wants_logprobs = logprobs
+        self.calls = calls
 
     @staticmethod
     def entry(rows: list[tuple[str, float, bytes]]) -> dict:
@@ -120,14 +127,36 @@ class ChatShape:
 
     def choice(self, text: str, entries: list[dict], reason: str) -> dict:
         message = {"role": "assistant", "content": text}
+        if self.calls is not None and (calls := self.calls.finish(text)[1]):
+            content = self.calls.shown
+            message = {"role": "assistant", "content": content if content.strip() else None,
+                       "tool_calls": [_call_dict(call) for call in calls]}
+            reason = "tool_calls"
         return {"index": 0, "message": message, "logprobs": self.logprobs(entries), "finish_reason": reason}
 
     def opening(self) -> list[dict]:
         return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
+    def shown(self, text: str) -> str:
+        """Of a piece's text, what a chunk may show now."""
+        return text if self.calls is None else self.calls.feed(text)
+
     def chunk(self, text: str, entries: list[dict], reason: str | None) -> dict:
         delta = {"content": text} if text else {}
         return {"index": 0, "delta": delta, "logprobs": self.logprobs(entries) if entries else None, "finish_reason": reason}
+
+    def closing(self, text: str, reason: str) -> list[dict]:
+        """The last chunks' choices, after the held-back `text`: its content, any calls, the finish reason."""
+        rest, calls = (text, []) if self.calls is None else self.calls.finish(text)
+        deltas = [{"tool_calls": [{"index": i, **_call_dict(call)}]} for i, call in enumerate(calls)]
+        return ([self.chunk(rest, [], None)] * bool(rest)
+                + [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+                + [self.chunk("", [], "tool_calls" if calls else reason)])
+
+
+def _call_dict(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 class TextShape:
@@ -162,8 +191,15 @@ class TextShape:
     def opening(self) -> list[dict]:
         return []
 
+    @staticmethod
+    def shown(text: str) -> str:
+        return text
+
     def chunk(self, text: str, entries: list[dict], reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": self.logprobs(entries) if entries else None, "finish_reason": reason}
+
+    def closing(self, text: str, reason: str) -> list[dict]:
+        return [self.chunk(text, [], None)] * bool(text) + [self.chunk("", [], reason)]
 
 
 def _usage(fin: Finished) -> dict:
@@ -198,15 +234,29 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def refused(event: Refused) -> JSONResponse:
+    """429 in OpenAI's shape for a rate limit, with Retry-After."""
+    response = error(429, event.message, code="rate_limit_exceeded")
+    response.headers["Retry-After"] = str(event.retry_after_s)
+    return response
+
+
 async def answer(request: Request, backend: Any, body: CommonRequest, req: GenRequest, shape: ChatShape | TextShape) -> Response:
     """Submit `req`; answer with one object, or with server-sent chunks when the client asked for a stream."""
     texts = _TokenTexts(backend.tokenizer, req.prompt_ids)
-    channel = _EventChannel(backend, req)
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.model_id}
+    req.request_id = head["id"]
+    channel = _EventChannel(backend, req)
+    events = channel.events(request)
     if body.stream:
-        return _EventStream(channel, _chunks(request, channel, texts, shape, head, body.include_usage()))
+        first = await anext(events, None)
+        if first is None:
+            return Response(status_code=499)
+        if isinstance(first, Failed):
+            return _failed(first)
+        return _EventStream(channel, _chunks(_prepend(first, events), texts, shape, head, body.include_usage()))
     pieces, entries = [], []
-    async for event in channel.events(request):
+    async for event in events:
         if isinstance(event, Piece):
             pieces.append(event.text)
             if (rows := texts.step(event)) is not None:
@@ -215,29 +265,40 @@ async def answer(request: Request, backend: Any, body: CommonRequest, req: GenRe
             choice = shape.choice("".join(pieces) + event.text, entries, event.reason)
             return JSONResponse({**head, "object": shape.object, "choices": [choice], "usage": _usage(event)})
         else:
-            raise ApiError(503, event.message)
+            return _failed(event)
     return Response(status_code=499)  # the client left: nobody reads this ("client closed request", as nginx logs it)
 
 
+def _failed(event: Failed) -> JSONResponse:
+    return refused(event) if isinstance(event, Refused) else error(503, event.message)
+
+
+async def _prepend(first: object, rest: AsyncIterator[object]) -> AsyncIterator[object]:
+    yield first
+    async for event in rest:
+        yield event
+
+
 async def _chunks(
-    request: Request, channel: _EventChannel, texts: _TokenTexts, shape: ChatShape | TextShape, head: dict, include_usage: bool
+    events: AsyncIterator[object], texts: _TokenTexts, shape: ChatShape | TextShape, head: dict, include_usage: bool
 ) -> AsyncIterator[str]:
-    """The stream: an opening chunk (chat), a chunk per token with text or logprobs, any held-back text, a last chunk with
-    the finish reason, the usage chunk when asked, [DONE]. A failure ends it with an error event instead."""
+    """The stream of `events` (the first already came): an opening chunk (chat), a chunk per token with text or
+    logprobs, any held-back text (and tool calls), a last chunk with the finish reason, the usage chunk when asked,
+    [DONE]. A failure ends it with an error event instead."""
     head = {**head, "object": shape.chunk_object}
     extra = {"usage": None} if include_usage else {}
     if opening := shape.opening():
         yield _sse({**head, "choices": opening, **extra})
-    async for event in channel.events(request):
+    async for event in events:
         if isinstance(event, Piece):
             rows = texts.step(event)
-            if event.text or rows is not None:
+            text = shape.shown(event.text)
+            if text or rows is not None:
                 entries = [shape.entry(rows)] if rows is not None else []
-                yield _sse({**head, "choices": [shape.chunk(event.text, entries, None)], **extra})
+                yield _sse({**head, "choices": [shape.chunk(text, entries, None)], **extra})
         elif isinstance(event, Finished):
-            if event.text:
-                yield _sse({**head, "choices": [shape.chunk(event.text, [], None)], **extra})
-            yield _sse({**head, "choices": [shape.chunk("", [], event.reason)], **extra})
+            for choice in shape.closing(event.text, event.reason):
+                yield _sse({**head, "choices": [choice], **extra})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield _sse("[DONE]")

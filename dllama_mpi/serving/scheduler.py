@@ -12,6 +12,14 @@ KV slots: each of the engine's n_slots holds one sequence's cache and remembers 
 it holds. A new request takes the idle slot sharing the longest prefix with its prompt
 (the least recently used one when none shares any) and prefills only the rest.
 
+Admission: with max_queue, a request that would make more than max_queue wait for a slot is
+refused (request.Refused) as soon as it is submitted, on the submitting thread: the count of
+requests submitted and not yet in a slot, and of idle slots, is kept under one lock by both
+threads, so it is exact without waiting for a step to end. With queue_timeout_s, one still
+waiting that long after its submission is refused between steps (never once in a slot, so never
+after a token). GET /slots reads the slots as the scheduler last published them (slot_views),
+an immutable snapshot replaced after admissions and after each step.
+
 Speculation (speculation.py): a decoding sequence's row may bring draft rows after it, each
 wanting logits; after the step Sampler.verify keeps the drafts the model agrees with, and the
 slot holds only the rows kept.
@@ -25,19 +33,20 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..job.loading import Job
 from ..job.sampler import Sampler
-from .request import Failed, Finished, GenRequest, Piece, Sampling, TokenLogprob
+from .request import Failed, Finished, GenRequest, Piece, Refused, Sampling, TokenLogprob
 from .speculation import Drafting, DraftModel, PromptLookup, StepCost, common_prefix, draft_length
 from .textstream import TextStream
 
 OP_STEP, OP_STATS, OP_EXIT = 1, 2, 3
 PREFILL_ROWS_WHILE_DECODING = 16  # a long prompt is fed in chunks this size while others decode: their streams keep going
 STATS_EVERY_S = 2.0  # how often the followers' compute and collective times are gathered while busy
+RETRY_AFTER_S = 1  # Retry-After of a refusal: short, since a slot frees whenever any answer ends; clients back off further
 
 
 def follow(job: Job) -> None:
@@ -68,6 +77,18 @@ class Slot:
     last_used: float = 0.0
 
 
+@dataclass(frozen=True)
+class SlotView:
+    """One slot as GET /slots shows it."""
+
+    id: int
+    state: str  # "idle", "prefilling" (its prompt is being fed) or "decoding"
+    n_cached: int  # tokens its KV cache holds
+    request_id: str | None  # the request generating there (GenRequest.request_id); None when idle
+    prompt_tokens: int
+    generated_tokens: int  # so far
+
+
 @dataclass
 class Sequence:
     req: GenRequest
@@ -92,19 +113,25 @@ class Scheduler:
     """Rank 0's side of serving `job`: submit() from any thread, run() on the main thread."""
 
     def __init__(self, job: Job, metrics=None, max_draft: int = 0, draft: DraftModel | None = None,
-                 min_draft: int = 0):
+                 min_draft: int = 0, max_queue: int | None = None, queue_timeout_s: float | None = None):
         """max_draft: the most drafts a decoding sequence's row brings to a step (0: no
         speculation); min_draft: the fewest, where that many may be drafted (0: as many as
-        pay, speculation.draft_length); draft: the model that drafts them (None: prompt lookup)."""
+        pay, speculation.draft_length); draft: the model that drafts them (None: prompt lookup).
+        max_queue: the most requests waiting for a slot (None: no limit); queue_timeout_s: the
+        longest a request waits for one (None: no limit); beyond either it is Refused."""
         if job.comm.rank != 0:
             raise RuntimeError("the scheduler runs on rank 0; other ranks call follow()")
         self.job, self.engine, self.comm, self.metrics = job, job.engine, job.comm, metrics
         self.max_draft, self.min_draft, self.draft = max_draft, min_draft, draft
+        self.max_queue, self.queue_timeout_s = max_queue, queue_timeout_s
         self.cost = StepCost()  # what a decoding step and a draft cost here: how many drafts pay
         self.slots = [Slot(i) for i in range(self.engine.n_slots)]
         self._inbox: queue.SimpleQueue[tuple[GenRequest, float]] = queue.SimpleQueue()  # (request, submitted at)
         self._closed: str | None = None  # why no more requests are taken (shutting down)
-        self._closing = threading.Lock()  # orders submit() against close()
+        self._admission = threading.Lock()  # orders submit() against close(), and guards the two counts below
+        self._queued = 0  # requests submitted, not yet in a slot nor ended: in the inbox or waiting
+        self._idle = len(self.slots)  # slots without a sequence
+        self.slot_views = self._views()  # the slots as last published (read by any thread)
         self._waiting: deque[tuple[GenRequest, float]] = deque()
         self._batch = self.engine.new_batch()
         self._rank_times = np.zeros((self.comm.size, 2), np.float64)
@@ -113,18 +140,52 @@ class Scheduler:
 
     # --- any thread -------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
+        """Queue `req`, or end it at once (on this thread): Failed when closed, Refused when
+        the queue is full."""
         if req.emit is None:
             raise ValueError("GenRequest.emit must be set before submitting")
-        with self._closing:
-            if self._closed is None:
+        with self._admission:
+            refusal = Failed(self._closed) if self._closed is not None else self._full()
+            if refusal is None:
+                self._queued += 1
                 self._inbox.put((req, time.perf_counter()))
                 return
-        req.emit(Failed(self._closed))
+        req.emit(refusal)
+
+    def refusal(self) -> Refused | None:
+        """What submit() would answer a request now if the queue is full (counted as refused),
+        else None: the HTTP side asks before reading and tokenizing a request."""
+        with self._admission:
+            return self._full()
+
+    def queue_length(self) -> int:
+        """Requests waiting for a slot now (those submitted beyond the idle slots)."""
+        with self._admission:
+            return max(0, self._queued - self._idle)
+
+    def slots_state(self) -> dict:
+        """GET /slots's answer (any thread): each slot as last published, and the queue now."""
+        return {"slots": [asdict(v) for v in self.slot_views], "queue": {"length": self.queue_length(), "limit": self.max_queue}}
 
     def close(self, message: str) -> None:
         """Take no more requests: from now on submit() fails them at once with `message`."""
-        with self._closing:
+        with self._admission:
             self._closed = message
+
+    def _full(self) -> Refused | None:
+        """Under the lock: Refused when one more request would wait beyond max_queue."""
+        if self.max_queue is None or self._queued < self.max_queue + self._idle:
+            return None
+        if self.metrics is not None:
+            self.metrics.refused("queue_full")
+        return Refused(f"the server is at capacity: {self.max_queue} requests are waiting for a slot, the most its "
+                       f"queue holds (all {len(self.slots)} slots are generating); try again in a few seconds, "
+                       "or send fewer requests at once", RETRY_AFTER_S)
+
+    def _count(self, queued: int = 0, idle: int = 0) -> None:
+        with self._admission:
+            self._queued += queued
+            self._idle += idle
 
     # --- rank 0's main thread ---------------------------------------------------
     @property
@@ -138,6 +199,8 @@ class Scheduler:
             self._take_inbox(wait_s=0 if self.busy else idle_wait_s)
             self._drop_cancelled()
             self._admit()
+            self._drop_expired()
+            self._publish()
             t0 = time.perf_counter()  # a step's cost: drafting and verifying included
             if self._build_step():
                 self.comm.bcast_idle(self._batch.wire)
@@ -146,6 +209,7 @@ class Scheduler:
                 self._after_step(logits)
                 if decoding_only:  # a prompt's rows cost otherwise than a decoding row's drafts
                     self.cost.step(self._batch.n - 1, time.perf_counter() - t0)
+            self._publish()
             self._report_load()
 
     def fail_all(self, message: str) -> None:
@@ -154,10 +218,12 @@ class Scheduler:
         self._take_inbox(0)
         for req, _ in self._waiting:
             req.emit(Failed(message))
+        self._count(queued=-len(self._waiting))
         self._waiting.clear()
         for slot in self.slots:
             if slot.seq is not None:
                 self._cancel(slot.seq, message)
+        self._publish()
         self._report_load()
 
     def exit_followers(self) -> None:
@@ -192,7 +258,9 @@ class Scheduler:
                     req.emit(Failed("cancelled"))
                     if self.metrics is not None:
                         self.metrics.cancelled_after(0)
-            self._waiting = deque(w for w in self._waiting if not w[0].cancelled.is_set())
+            kept = deque(w for w in self._waiting if not w[0].cancelled.is_set())
+            self._count(queued=len(kept) - len(self._waiting))
+            self._waiting = kept
         for slot in self.slots:
             if slot.seq is not None and slot.seq.req.cancelled.is_set():
                 self._cancel(slot.seq, "cancelled")
@@ -203,6 +271,7 @@ class Scheduler:
             if not idle:
                 return
             req, t_submit = self._waiting.popleft()
+            self._count(queued=-1, idle=-1)
             prompt = req.prompt_ids
             reuse = [common_prefix(s.tokens, prompt) for s in idle]
             best = max(range(len(idle)), key=lambda i: (reuse[i], -idle[i].last_used))
@@ -223,6 +292,21 @@ class Scheduler:
                     slot.seq.drafting = Drafting(self.max_draft, draft_sampler=draft_sampler)
             if req.max_tokens == 0:
                 self._finish(slot.seq, "length")
+
+    def _drop_expired(self) -> None:
+        """Refuse the requests still waiting queue_timeout_s after their submission (after
+        admission: none of them could have a slot now)."""
+        if self.queue_timeout_s is None:
+            return
+        due = time.perf_counter() - self.queue_timeout_s
+        while self._waiting and self._waiting[0][1] <= due:  # waiting in submission order
+            req, _ = self._waiting.popleft()
+            self._count(queued=-1)
+            req.emit(Refused(f"no slot became free within the queue timeout of {self.queue_timeout_s:g} s (--queue-timeout; "
+                             f"all {len(self.slots)} slots are generating); try again in a few seconds, or send fewer "
+                             "requests at once", RETRY_AFTER_S))
+            if self.metrics is not None:
+                self.metrics.refused("queue_timeout")
 
     def _build_step(self) -> bool:
         """Fill the batch: one row per decoding sequence, each followed by its drafts, then
@@ -365,6 +449,22 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         seq.slot.seq, seq.slot.last_used = None, time.perf_counter()
+        self._count(idle=1)
+
+    def _views(self) -> tuple[SlotView, ...]:
+        views = []
+        for slot in self.slots:
+            q = slot.seq
+            if q is None:
+                views.append(SlotView(slot.index, "idle", len(slot.tokens), None, 0, 0))
+            else:
+                state = "prefilling" if q.fed < len(q.prompt) else "decoding"
+                views.append(SlotView(slot.index, state, len(slot.tokens), q.req.request_id or None, len(q.prompt),
+                                      len(q.generated)))
+        return tuple(views)
+
+    def _publish(self) -> None:
+        self.slot_views = self._views()  # one assignment: a reader sees the old snapshot or the new, whole
 
     def _report_load(self) -> None:
         if self.metrics is None:

@@ -4,10 +4,13 @@ The template (a Jinja string stored with the tokenizer at conversion) is run the
 transformers' ``apply_chat_template`` runs it (``transformers/utils/chat_template_utils.py``):
 a sandboxed environment with ``trim_blocks``/``lstrip_blocks``, loop controls, a ``tojson`` that
 does not escape HTML, ``raise_exception`` and ``strftime_now``; the variables ``messages``,
-``bos_token``, ``eos_token`` (absent when the model has none), ``add_generation_prompt``, and
-``tools``/``documents`` set to None. Messages are normalized as transformers does: keys whose
-value is None are dropped and a reasoning field is also passed under the other names templates
-read. On top of that, OpenAI's list-of-parts content is joined into one string.
+``bos_token``, ``eos_token`` (absent when the model has none), ``add_generation_prompt``,
+``tools`` (OpenAI's tool dicts, or None) and ``documents`` (None). Messages are normalized as
+transformers does: keys whose value is None are dropped and a reasoning field is also passed
+under the other names templates read. On top of that, OpenAI's list-of-parts content is joined
+into one string, and an assistant message's ``tool_calls`` carry their ``function.arguments`` as
+the object that OpenAI's JSON text holds (templates write it with ``tojson`` or iterate it, as
+vLLM hands it to them). ``reads_tools`` tells whether a template shows tools to its model at all.
 
 Tokenizing differs from transformers in one way, on purpose: special-token text that a user
 types inside a message (``<|eot_id|>``, ``<|im_start|>``) stays plain text. Only the special
@@ -24,6 +27,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -65,15 +69,16 @@ def prompt_text(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 
 
 def prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-               max_seq_len: int | None = None) -> list[int]:
+               max_seq_len: int | None = None, tools: list[dict] | None = None) -> list[int]:
     """Token ids of the rendered chat: the template's special tokens as their ids, everything else,
-    special-token text typed in a message included, as plain text; one BOS first when the
-    tokenizer adds BOS (whether or not the template wrote it). With `max_seq_len`, a rendered
-    chat that surely can't fit it is refused before the encoding work (InputError)."""
+    special-token text typed in a message or a tool's definition included, as plain text; one BOS
+    first when the tokenizer adds BOS (whether or not the template wrote it). With `max_seq_len`, a
+    rendered chat that surely can't fit it is refused before the encoding work (InputError)."""
     template = _template(tokenizer)
     table: list[str] = []
     marked = _mark(_plain_messages(messages), tokenizer, table)
-    text = _render(template, marked, *_bos_eos(tokenizer), add_generation_prompt, {})
+    extra = {"tools": _mark(tools, tokenizer, table)} if tools else {}
+    text = _render(template, marked, *_bos_eos(tokenizer), add_generation_prompt, extra)
     if max_seq_len is not None:
         plain = _MARKER.sub(lambda m: table[int(m.group(1))], text)
         check_prompt_text(tokenizer, plain, max_seq_len, "shorten the conversation")
@@ -113,11 +118,26 @@ def _plain_messages(messages) -> list[dict]:
         message = {key: value for key, value in message.items() if value is not None}
         if isinstance(message.get("content"), list):
             message["content"] = _joined_text(message["content"], n)
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_parsed_arguments(call, n, k) for k, call in enumerate(message["tool_calls"])]
         reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
     return out
+
+
+def _parsed_arguments(call, n: int, k: int):
+    """A tool call whose ``function.arguments``, OpenAI's JSON text, is the value it holds."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(function, dict) and isinstance(function.get("arguments"), str)):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError as exc:
+        raise ChatTemplateError(f"message {n}: tool call {k}'s function.arguments is not valid JSON ({exc}); send "
+                                "the arguments as the JSON text of an object, as the answer that made the call gave them") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _joined_text(parts: list, n: int) -> str:
@@ -176,16 +196,34 @@ def _render(template: str, messages: list[dict], bos_token: str | None, eos_toke
 
 
 @functools.lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
+def reads_tools(template: str) -> bool:
+    """Whether `template` reads the ``tools`` variable, i.e. can show tools to its model."""
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(template))
+    except jinja2.TemplateSyntaxError as exc:
+        raise _syntax_error(exc) from None
+
+
+@functools.cache
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"the model's chat template does not compile: {exc.message} (line {exc.lineno})") from None
+        raise _syntax_error(exc) from None
+
+
+def _syntax_error(exc: jinja2.TemplateSyntaxError) -> ChatTemplateError:
+    return ChatTemplateError(f"the model's chat template does not compile: {exc.message} (line {exc.lineno})")
 
 
 def _raise_exception(message) -> None:
