@@ -729,9 +729,18 @@ def sample(logits, temperature, top_p, coin, probs, scratch):
 def mask_logits(logits, words):
     """logits[i] = -inf wherever bit i of the bitmask `words` (int32, little-endian bits, 32 a
     word) is clear: the tokens a grammar forbids (serving.constraints)."""
-    for i in range(logits.shape[0]):
-        if ((words[i >> 5] >> (i & 31)) & 1) == 0:
-            logits[i] = -np.inf
+    n = logits.shape[0]
+    for w in range(words.shape[0]):
+        word = words[w]
+        end = min(w * 32 + 32, n)
+        if word == -1:  # all 32 allowed
+            continue
+        if word == 0:  # none: most words of a grammar's mask
+            logits[w * 32 : end] = -np.inf
+            continue
+        for i in range(w * 32, end):
+            if ((word >> (i & 31)) & 1) == 0:
+                logits[i] = -np.inf
 
 
 @njit(**_opts)
