@@ -1,12 +1,13 @@
 """Constrained output: a grammar (a JSON schema, any JSON object, or a Lark grammar such as a
 tool call's text) enforced token by token on rank 0, with llguidance.
 
-Why llguidance (docs/performance.md, "Constrained output", has the measurement): it computes a
-token mask from the grammar's state on demand, so a new schema costs little to compile (no
-per-vocabulary index built per request, as outlines-core does) and a mask costs tens of
-microseconds even over a 152k-token vocabulary; its Lark grammars embed JSON schemas (`%json`),
-which a tool call's text format (a tag, JSON, a tag) needs; and it bounds the work a hostile
-schema can cause (its parser limits). It is MIT-licensed, and llama.cpp and vLLM use it.
+Why llguidance (docs/performance.md, "Constrained output", has the measurement against xgrammar
+and outlines-core): it computes a token mask from the grammar's state on demand, so a request's
+schema compiles in 1-3 ms (xgrammar 32-68 ms, outlines-core 1-43 s over a 128-152k vocabulary),
+and a mask costs 42-80 us (median) over such a vocabulary, under 1% of a decode step; its Lark
+grammars embed JSON schemas (`%json`), which a tool call's text format (a tag, JSON, a tag)
+needs; its wheel has no Python dependencies (xgrammar's brings torch); and it bounds the work a
+hostile schema can cause (its parser limits). It is MIT-licensed.
 
 `Grammar` says what to enforce (built by the API from a request). `Grammars` is built once per
 loaded job from its tokenizer (the vocabulary's bytes, indexed by llguidance: part of loading)
