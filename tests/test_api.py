@@ -192,6 +192,13 @@ def test_completions_stream_and_whole_agree(client):
     assert client.completions.create(model=MODEL, prompt=["Once"], max_tokens=2).choices[0].text == "He"
 
 
+def test_tools_declined_are_answered_by_a_template_without_them(client):
+    """The fake's template shows no tools: offered, they are a 400 (the table above); declined, the chat is answered."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    reply = client.chat.completions.create(model=MODEL, messages=HI, tools=tools, tool_choice="none")
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (REPLY, "stop")
+
+
 def test_chat_logprobs(client, backend):
     whole = client.chat.completions.create(model=MODEL, messages=HI, logprobs=True, top_logprobs=2)
     content = whole.choices[0].logprobs.content
@@ -259,6 +266,9 @@ BAD_REQUESTS = {  # name: (path, body, status, param, words the message must hol
                   "functions (OpenAI's deprecated function calling) is not supported: send tools instead"),
     "tools on completions": ("/v1/completions", {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]},
                              400, "tools", "tools is taken by /v1/chat/completions only"),
+    "forced call ignoring eos": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                                          "tool_choice": "required", "ignore_eos": True},
+                                 400, "tool_choice", "ignore_eos can't go with a forced call"),
     "tools without support": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
                               400, "tools", "the model's chat template does not support tools"),
     "schema missing": ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format",

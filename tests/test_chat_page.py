@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import time
 
 import httpx2
@@ -41,11 +42,13 @@ def test_the_page_and_its_files_are_served_with_their_types_without_the_key_whil
         with httpx2.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http:
             page = http.get("/")
             assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
-            assert page.headers["content-security-policy"] == "default-src 'self'"
+            assert page.headers["content-security-policy"] == api._PAGE_HEADERS["Content-Security-Policy"]
+            assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
             assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
             assert sorted(assets) == ["static/chat.css", "static/chat.js"]
             types = {a: http.get("/" + a).headers["content-type"].split(";")[0] for a in assets}
             assert types["static/chat.css"] == "text/css" and types["static/chat.js"] in JS_TYPES, types
+            assert http.get("/static/chat.js").headers["x-content-type-options"] == "nosniff"
             assert http.get("/static/chat.js").text == (api.STATIC / "chat.js").read_text()
             missing = http.get("/static/nothing.js")
             assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
@@ -57,7 +60,7 @@ def test_the_page_and_its_files_are_served_with_their_types_without_the_key_whil
     text = backend.metrics.render()[0].decode()
     counted = {(s.labels["endpoint"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
                for s in f.samples if s.name == "dllama_requests_total"}
-    assert counted[("/", "200")] == 1 and counted[("/static", "200")] == 3 and counted[("/static", "404")] == 2
+    assert counted[("/", "200")] == 1 and counted[("/static", "200")] == 4 and counted[("/static", "404")] == 2
 
 
 # ---------------------------------------------------------------- in Chromium
@@ -139,6 +142,13 @@ def test_the_page_waits_for_the_model_and_shows_errors_readably(browser, monkeyp
         assert re.fullmatch(r"the prompt is at least \d+ tokens \(\d+ bytes\) but the context holds 64; shorten the "
                             r"conversation", error.text), error.text
         assert bubbles(browser) == [] and browser.find_element(By.ID, "message").get_attribute("value") == question
+        # markup in a message is text: shown as typed, never run
+        html = "<img src=x onerror=window.ran=1><b>bold</b>"
+        set_field(browser, "message", html)
+        browser.find_element(By.ID, "send").click()
+        wait(browser, lambda d: len(bubbles(d)) == 2 and ready(d), "the fake answer did not end", 10)
+        assert bubbles(browser)[0][:2] == ("user", html)
+        assert browser.execute_script("return [document.querySelectorAll('#log img, #log b').length, window.ran]") == [0, None]
     finally:
         server.stop()
 
@@ -164,13 +174,22 @@ def test_a_conversation_in_the_browser_streams_stops_and_goes_on(browser, llama3
                                "window.fetch = (url, o) => { if (o?.body) sent.push(JSON.parse(o.body)); return f(url, o); }")
         before = metrics(server)
 
+        # the job runs only while the test lets its follower rank run (SIGSTOP holds rank 0 inside a step), so the
+        # answer is still going when Stop is pressed, however fast the machine
+        follower = int(server.pids()["1"])
         browser.find_element(By.ID, "message").send_keys("Hello there!", Keys.ENTER)
-        seen = [wait(browser, answer_text, "no answer text arrived")]
-        while len(seen) < 3:  # the bubble grows as tokens arrive: each observation extends the one before
-            seen.append(wait(browser, lambda d: (t := answer_text(d)) != seen[-1] and t, "the answer stopped growing"))
-            assert seen[-1].startswith(seen[-2])
-        browser.find_element(By.ID, "stop").click()
-        wait(browser, ready, "the page is not ready again after Stop", timeout=10)
+        try:
+            seen = [wait(browser, answer_text, "no answer text arrived")]
+            os.kill(follower, signal.SIGSTOP)
+            while len(seen) < 3:  # the bubble grows as tokens arrive: each observation extends the one before
+                os.kill(follower, signal.SIGCONT)
+                seen.append(wait(browser, lambda d: (t := answer_text(d)) != seen[-1] and t, "the answer stopped growing"))
+                os.kill(follower, signal.SIGSTOP)
+                assert seen[-1].startswith(seen[-2])
+            browser.find_element(By.ID, "stop").click()
+            wait(browser, ready, "the page is not ready again after Stop", timeout=10)
+        finally:
+            os.kill(follower, signal.SIGCONT)
         stopped = bubbles(browser)
         assert stopped[0] == ("user", "Hello there!", "") and stopped[1][0] == "assistant" and len(stopped) == 2
         assert stopped[1][2] == "stopped" and stopped[1][1].startswith(seen[-1])

@@ -37,6 +37,8 @@ ANSWER = '{"name": "Lily", "age": 7, "mood": "happy", "friends": ["Tom"]}'
 def test_mask_kernel_equals_its_twin(n):
     rng = np.random.default_rng(n)
     words = rng.integers(-(2**31), 2**31, size=(n + 31) // 32, dtype=np.int64).astype(np.int32)
+    words[::3], words[1::3] = 0, -1  # whole words forbidden and allowed (the kernel's fast paths), the last one too
+    words[-1] = [0, -1, words[-1]][n % 3]
     logits = rng.standard_normal(n).astype(np.float32)
     expected = reference.mask_logits(logits, words)
     mask_logits(logits, words)

@@ -81,6 +81,35 @@ def test_a_request_at_the_limits_does_not_hold_back_a_short_one(job):
     assert (long_end.reason, long_end.completion_tokens) == ("length", 19)
 
 
+class FailingGrammar:
+    """A constraint whose grammar gives out at its third token, as llguidance does when an answer hits one of its limits."""
+
+    def __init__(self) -> None:
+        self.masks = 0
+
+    def mask(self, logits) -> str | None:
+        self.masks += 1
+        return "the answer's grammar failed: too complex" if self.masks == 3 else None
+
+    def advance(self, token: int) -> None:
+        pass
+
+
+def test_a_grammar_that_fails_ends_its_request_not_the_server(job):
+    """The failure reaches its client as Failed after the tokens given so far; a request in the same steps goes on."""
+    rec = Recorder()
+    scheduler = Scheduler(job)
+    scheduler.submit(rec.request("constrained", [1, 5, 9], 20, constraint=FailingGrammar()))
+    scheduler.submit(rec.request("plain", [1, 6, 9], 20))
+    scheduler.run(until=lambda: rec.ended("constrained") and rec.ended("plain"))
+    kinds = [type(e).__name__ for n, e in rec.events if n == "constrained"]
+    assert kinds == ["Piece", "Piece", "Failed"]
+    failed = next(e for n, e in rec.events if n == "constrained" and isinstance(e, Failed))
+    assert failed.message == "the answer's grammar failed: too complex"
+    plain_end = next(e for n, e in rec.events if n == "plain" and isinstance(e, Finished))
+    assert plain_end.completion_tokens == 20 and all(slot.seq is None for slot in scheduler.slots)
+
+
 # --------------------------------------------------------------------- the queue's limits and the published slots
 
 

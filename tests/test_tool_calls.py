@@ -149,7 +149,8 @@ NOW = ToolCall("now", "{}")
 # (format, answer, content, calls): content is all the text shown, calls [] when the answer is not calls
 ANSWERS = [
     (HERMES, HERMES_CALL, "", [PARIS]),
-    (HERMES, f"Let me look.\n{HERMES_CALL}\n", "Let me look.\n", [PARIS]),
+    (HERMES, f"Let me look.\n{HERMES_CALL}\n", "Let me look.", [PARIS]),  # the whitespace before a call goes with it
+    (HERMES, f"\n{HERMES_CALL}", "", [PARIS]),
     (HERMES, f'{HERMES_CALL}\n<tool_call>\n{{"name": "now", "arguments": {{}}}}\n</tool_call>', "", [PARIS, NOW]),
     (HERMES, '<tool_call>\n{"name": "now", "arguments": {}}', "", [NOW]),  # ended before its close: still a call
     (HERMES, ' {"name": "get_weather", "arguments": {"city": "Paris"}}', "", [PARIS]),  # untagged, as Qwen2.5-0.5B writes
@@ -190,9 +191,9 @@ def test_answers_read_whole_and_streamed_in_any_pieces(fmt, text, content, calls
 
 def test_text_before_a_call_streams_and_a_possible_marker_is_held() -> None:
     reader = CallReader(HERMES, NAMES)
-    assert reader.feed("Let me look. <tool") == "Let me look. "
-    assert reader.feed("box>") == "<toolbox>"
-    assert reader.feed(" <tool_call>\n{") == " "
+    assert reader.feed("Let me look. <tool") == "Let me look."
+    assert reader.feed("box>") == " <toolbox>"
+    assert reader.feed(" <tool_call>\n{") == ""
     assert reader.feed('"name": "now", "arguments": {}}') == ""
     assert reader.finish("\n</tool_call>") == ("", [NOW])
     llama = CallReader(LLAMA_JSON, NAMES)

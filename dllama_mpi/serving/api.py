@@ -170,6 +170,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 # ---------------------------------------------------------------- the app
 
+# the chat page and its files: nothing from elsewhere, not framed by another site (clickjacking), types as sent
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                 "X-Content-Type-Options": "nosniff"}
+
+
+class _PageFiles(StaticFiles):
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(_PAGE_HEADERS)
+        return response
+
+
 
 def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 2**20,
              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
@@ -320,11 +332,11 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         return Response(content, media_type=content_type)
 
     # the chat page: it talks to /v1/chat/completions as any client does, and loads nothing from elsewhere
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", _PageFiles(directory=STATIC), name="static")
 
     @app.get("/")
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": "default-src 'self'"})
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
     return app
 

@@ -101,10 +101,14 @@ class Constraint:
         self._matcher = matcher
         self._bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)  # (1, ceil(vocab / 32)) int32
 
-    def mask(self, logits: np.ndarray) -> None:
-        """logits (vocab,) f32: every token the grammar forbids next set to -inf, in place."""
+    def mask(self, logits: np.ndarray) -> str | None:
+        """logits (vocab,) f32: every token the grammar forbids next set to -inf, in place. Returns
+        why the grammar can't go on (llguidance hit one of its limits on this answer), else None."""
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
+        if self._matcher.is_error():
+            return f"the answer's grammar failed: {self._matcher.get_error().splitlines()[0]}"
         mask_logits(logits, self._bitmask[0])
+        return None
 
     def advance(self, token: int) -> None:
         """`token` was chosen (from masked logits, so the grammar allows it)."""
@@ -134,8 +138,12 @@ class _Vocabulary(llguidance.TokenizerWrapper):
         for flag in ("add_dummy_prefix", "add_space_prefix"):
             if getattr(tokenizer, flag, False):
                 setattr(self._tokenizer, flag, False)
-        self._by_bytes: dict[bytes, int] | None = None  # built when first needed
-        self._longest = 0
+        special = set(self.special_token_ids)  # a special token's name is not its text
+        self._by_bytes: dict[bytes, int] = {}  # the vocabulary's tokens by their bytes, for longest matches
+        for i, token in enumerate(self.tokens):  # the last of equals: SentencePiece's byte tokens come first
+            if i not in special:
+                self._by_bytes[token] = i
+        self._longest = max(map(len, self._by_bytes))
 
     def __call__(self, text: str | bytes) -> list[int]:
         """Tokens whose bytes are exactly `text`'s (llguidance forces these where the grammar
@@ -145,13 +153,6 @@ class _Vocabulary(llguidance.TokenizerWrapper):
         ids = self._tokenizer.encode(raw.decode("utf-8", errors="replace"), bos=False, special=False)
         if b"".join(self.tokens[i] for i in ids) == raw:
             return ids
-        if self._by_bytes is None:
-            special = set(self.special_token_ids)  # a special token's name is not its text
-            self._by_bytes = {}
-            for i, token in enumerate(self.tokens):  # the last of equals: SentencePiece's byte tokens come first
-                if i not in special:
-                    self._by_bytes[token] = i
-            self._longest = max(map(len, self._by_bytes))
         greedy, at = [], 0
         while at < len(raw):
             end = next((e for e in range(min(len(raw), at + self._longest), at, -1) if raw[at:e] in self._by_bytes), None)

@@ -348,6 +348,8 @@ class ChatRequest(CommonRequest):
         if names and choice not in (None, "none", "auto") and form is not None and form.type != "text":
             raise ValueError("a call is forced, so the answer's format is the call's: leave response_format out, or "
                              'make tool_choice "auto"')
+        if names and choice not in (None, "none", "auto") and info.data.get("ignore_eos"):
+            raise ValueError("ignore_eos can't go with a forced call: the answer ends where the call does; leave one out")
         return choice
 
     def tool_mode(self) -> str:

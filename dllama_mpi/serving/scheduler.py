@@ -379,8 +379,11 @@ class Scheduler:
         i = 0
         while i < batch.n_logits:
             seq = owner[int(batch.logit_rows[i])]
-            if seq.req.constraint is not None:  # (never drafts) what its grammar allows next
-                seq.req.constraint.mask(logits[i])
+            if seq.req.constraint is not None and (failure := seq.req.constraint.mask(logits[i])) is not None:
+                seq.drafts = None  # (a constrained sequence never drafts: one logit row)
+                self._cancel(seq, failure)  # the request fails, not the server
+                i += 1
+                continue
             if seq.drafts is None:  # the last row of a prompt: its first token
                 token = int(logits[i]) if batch.greedy else seq.sampler(logits[i])
                 _, end = self._emit(seq, [token], logits[i : i + 1], now)
@@ -470,7 +473,7 @@ class Scheduler:
         if self.metrics is None:
             return
         busy = sum(s.seq is not None for s in self.slots)
-        self.metrics.set_load(len(self._waiting), busy, len(self.slots))
+        self.metrics.set_load(self.queue_length(), busy, len(self.slots))  # what /slots and the 429 count
         now = time.perf_counter()
         if now >= self._stats_due and self.engine.forward_s != self._stats_at:  # only after new steps
             self._stats_due, self._stats_at = now + STATS_EVERY_S, self.engine.forward_s

@@ -117,11 +117,12 @@ class _Hermes(_LlamaJson):
     def watch(self, text: str, shown: bool) -> tuple[int, bool]:
         if not shown and text.lstrip()[:1] in ("", "{"):
             return super().watch(text, shown)
+        # the whitespace before a call goes with it (a block's leading \s*), so it is never shown ahead of it
         if (start := text.find(self.START)) >= 0:
-            return start, True
-        # hold a tail that may be the start marker's beginning
+            return len(text[:start].rstrip()), True
+        # hold a tail that may be the start marker's beginning, and the whitespace before it
         keep = next((k for k in range(min(len(self.START) - 1, len(text)), 0, -1) if text.endswith(self.START[:k])), 0)
-        return len(text) - keep, False
+        return len(text[: len(text) - keep].rstrip()), False
 
     def parse(self, text: str, names: frozenset[str]) -> list[ToolCall] | None:
         if text.lstrip().startswith("{"):
