@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 NUMBA_CACHE = os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp"))
                                                           / f"dllama-numba-tests-{os.getuid()}"))
 SHARED_MODELS = REPO.parent / "shared" / "models"
+LLAMA3_TEMPLATE = REPO / "tests" / "data" / "chat_templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+BPE_VOCAB = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-bpe.gguf"
 STORIES = SHARED_MODELS / "stories260K"
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
@@ -198,3 +200,26 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name == "test_mpi_engine.py":
         return not (config.getoption("--with-mpi") or config.getoption("--only-mpi"))
     return None
+
+
+@pytest.fixture(scope="session")
+def llama3_chat(tmp_path_factory) -> Path:
+    """A tiny random model with the real Llama 3 vocabulary and Llama 3.1's chat template (one file for the session:
+    the serve tests' chat, tools, constrained output and the chat page)."""
+    if not BPE_VOCAB.exists():
+        pytest.skip(f"{BPE_VOCAB} not found")
+    import copy
+
+    from test_llamacpp_vocab import load  # the vocabulary read once per test process (it takes seconds)
+
+    from dllama_mpi.files.modelfile import write_model
+    from dllama_mpi.files.synthetic import synthetic_tensors
+    from dllama_mpi.model.spec import ModelSpec
+
+    tokenizer = copy.copy(load("llama-bpe"))  # the shared one stays template-less
+    tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
+    spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
+    path = tmp_path_factory.mktemp("serve") / "tiny-llama3-chat.h5"
+    write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
+    return path

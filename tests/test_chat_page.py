@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_api import FakeBackend, fake_prompt_ids
-from test_serve import Server, llama3_chat  # noqa: F401 (llama3_chat: the fixture, used by name)
+from test_serve import Server
 
 from dllama_mpi.serving import api
 
@@ -154,7 +154,7 @@ def test_the_page_waits_for_the_model_and_shows_errors_readably(browser, monkeyp
 
 
 @pytest.mark.serve
-def test_a_conversation_in_the_browser_streams_stops_and_goes_on(browser, llama3_chat):  # noqa: F811
+def test_a_conversation_in_the_browser_streams_stops_and_goes_on(browser, llama3_chat):
     server = Server(2, llama3_chat, "--slots", "1", "--api-key", KEY)
     try:
         browser.get(server.url + "/")

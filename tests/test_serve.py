@@ -22,8 +22,6 @@ import httpx2 as httpx
 import openai
 import pytest
 from conftest import (
-    REPO,
-    SHARED_MODELS,
     assert_no_survivors,
     assert_refused,
     convert_stories,
@@ -35,8 +33,6 @@ from conftest import (
 
 pytestmark = pytest.mark.serve  # every test here talks to a server job
 
-LLAMA3_TEMPLATE = REPO / "tests" / "data" / "chat_templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
-BPE_VOCAB = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-bpe.gguf"
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went", "One day, a bird", "The sun was",
            "Tim had a red ball", "Mom said", "There was a big tree"]
 
@@ -102,28 +98,6 @@ class Server:
 def stories(tmp_path_factory) -> Path:
     need_stories()
     return convert_stories(tmp_path_factory.mktemp("serve"), "q40")
-
-
-@pytest.fixture(scope="module")
-def llama3_chat(tmp_path_factory) -> Path:
-    """A tiny random model with the real Llama 3 vocabulary and Llama 3.1's chat template."""
-    if not BPE_VOCAB.exists():
-        pytest.skip(f"{BPE_VOCAB} not found")
-    import copy
-
-    from test_llamacpp_vocab import load  # the vocabulary read once per test process (it takes seconds)
-
-    from dllama_mpi.files.modelfile import write_model
-    from dllama_mpi.files.synthetic import synthetic_tensors
-    from dllama_mpi.model.spec import ModelSpec
-
-    tokenizer = copy.copy(load("llama-bpe"))  # the shared one stays template-less
-    tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
-    spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                     vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
-    path = tmp_path_factory.mktemp("serve") / "tiny-llama3-chat.h5"
-    write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
-    return path
 
 
 @pytest.fixture(scope="module", params=[2, 3])

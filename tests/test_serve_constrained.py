@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-from test_serve import Server, llama3_chat  # noqa: F401  (a fixture)
+from test_serve import Server
 
 pytestmark = pytest.mark.serve
 
@@ -36,7 +36,7 @@ PLAIN = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "conten
 
 
 @pytest.fixture(scope="module")
-def server(llama3_chat):  # noqa: F811
+def server(llama3_chat):
     server = Server(2, llama3_chat, "--slots", "4", "--memory-budget", "2", "1")
     yield server
     assert server.stop() == 0, "".join(server.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_serve import BPE_VOCAB, LLAMA3_TEMPLATE, Server
+from test_serve import Server
 
 pytestmark = pytest.mark.serve
 
@@ -22,30 +22,9 @@ CLOCK = {"type": "function", "function": {"name": "now", "description": "The tim
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def tiny_chat_model(directory: Path, template: str) -> Path:
-    """A tiny random model with the real Llama 3 vocabulary and the given chat template."""
-    if not BPE_VOCAB.exists():
-        pytest.skip(f"{BPE_VOCAB} not found")
-    import copy
-
-    from test_llamacpp_vocab import load
-
-    from dllama_mpi.files.modelfile import write_model
-    from dllama_mpi.files.synthetic import synthetic_tensors
-    from dllama_mpi.model.spec import ModelSpec
-
-    tokenizer = copy.copy(load("llama-bpe"))
-    tokenizer.chat_template = template
-    spec = ModelSpec(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                     vocab_size=tokenizer.vocab_size, seq_len=512, rope_theta=500000.0, weight_type="q40")
-    path = directory / f"{MODEL}.h5"
-    write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
-    return path
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_chat_model(tmp_path_factory.mktemp("tools"), LLAMA3_TEMPLATE.read_text())
+def model(llama3_chat) -> Path:
+    return llama3_chat
 
 
 @pytest.fixture(scope="module")
