@@ -47,7 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from . import templates, tool_calls
-from .constraints import Constraint
+from .constraints import Constraint, Grammar
 from .protocol import ApiError, ChatRequest, CommonRequest, CompletionRequest, error, error_body, validation_error
 from .request import GenRequest, check_prompt_length, check_prompt_text
 from .responses import ChatShape, TextShape, answer, refused
@@ -224,14 +224,18 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
         ids = await run_in_threadpool(backend.tokenizer.encode, body.prediction.text(), bos=False, special=False)
         return tuple(ids[: backend.max_seq_len])  # no answer is longer
 
-    async def constraint(body: CommonRequest) -> Constraint | None:
-        """The request's response_format compiled for its answer (in a worker thread: a big schema
-        takes a while); None for plain text."""
+    async def compiled(param: str, grammar: Callable[[], Grammar]) -> Constraint:
+        """grammar() compiled for one answer (in a worker thread: a big schema takes a while); what
+        llguidance or the request's shape refuses is a 400 naming `param`."""
         try:
-            grammar = body.response_format.grammar() if body.response_format is not None else None
-            return None if grammar is None else await run_in_threadpool(backend.grammars.compile, grammar)
+            return await run_in_threadpool(lambda: backend.grammars.compile(grammar()))
         except InputError as e:
-            raise ApiError(400, str(e), "response_format") from e
+            raise ApiError(400, str(e), param) from e
+
+    async def constraint(body: CommonRequest) -> Constraint | None:
+        """The request's response_format, compiled; None for plain text."""
+        form = body.response_format
+        return None if form is None or form.type == "text" else await compiled("response_format", form.grammar)
 
     async def tool_use(body: ChatRequest) -> tuple[CallReader | None, Constraint | None]:
         """What reads the answer's tool calls in the template's format (None: it may make none), and for tool_choice
@@ -241,13 +245,12 @@ def make_app(backend: Any, *, api_key: str | None = None, max_body_bytes: int = 
             return None, None
         try:
             fmt = tool_calls.format_of(backend.tokenizer.chat_template)
-            reader = CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
-            if mode == "auto":
-                return reader, None
-            grammar = fmt.grammar(body.forced_tools(), bool(body.parallel_tool_calls))
-            return reader, await run_in_threadpool(backend.grammars.compile, grammar)
         except InputError as e:
             raise ApiError(400, str(e), "tools") from e
+        reader = CallReader(fmt, frozenset(tool.function.name for tool in body.tools))
+        if mode == "auto":
+            return reader, None
+        return reader, await compiled("tools", lambda: fmt.grammar(body.forced_tools(), bool(body.parallel_tool_calls)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
