@@ -73,11 +73,30 @@ def test_bad_options_stop_every_rank_with_one_message(args, message):
     assert "Traceback" not in result.stderr
 
 
-def _dry_run(*args):
+def _dry_run(*args, process=False):
+    """The dry run's exit code, stdout and stderr. It runs as one process without MPI, so it runs
+    here, in this one, through the same main() as `python -m dllama_mpi` (a fresh interpreter
+    costs about a second of imports per run); `process=True` runs that command itself."""
+    import contextlib
+    import io
+    import logging
     import subprocess
 
-    # --dry-run last: a command (serve) must come first
-    return subprocess.run([PY, "-m", "dllama_mpi", *args, "--dry-run"], capture_output=True, text=True, timeout=120)
+    from dllama_mpi.commands.cli import main
+
+    argv = [*args, "--dry-run"]  # --dry-run last: a command (serve) must come first
+    if process:
+        return subprocess.run([PY, "-m", "dllama_mpi", *argv], capture_output=True, text=True, timeout=120)
+    log = logging.getLogger("dllama_mpi")
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate  # main() sets up the log: undone after
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        log.handlers[:], log.propagate = handlers, propagate
+        log.setLevel(level)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def _table(stdout):
@@ -165,7 +184,7 @@ def test_dry_run_counts_and_names_the_kv_type_and_refuses_an_unknown_one():
 
 
 def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):
-    result = _dry_run("--memory-budget", "3", "2", "2", "1")  # the built-in model, never written
+    result = _dry_run("--memory-budget", "3", "2", "2", "1", process=True)  # the built-in model, never written
     assert result.returncode == 0 and "4 rank(s)" in result.stdout, result.stderr
     bad = _dry_run("--memory-budget", "3", "x")
     assert bad.returncode == 2 and bad.stderr.startswith("error: the budget for rank 1 is 'x'")
