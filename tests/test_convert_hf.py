@@ -76,19 +76,27 @@ def _reference(model):
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def converted(request, tmp_path_factory):
+    """(model type, converted file, transformers' model)."""
     d = tmp_path_factory.mktemp(request.param)
     hf_dir = d / "hf"
     model = _build(request.param, hf_dir)
-    logits, greedy = _reference(model)
     out = d / "model.h5"
     convert(hf_dir, out, None, "f32")
-    return request.param, out, logits, greedy
+    return request.param, out, model
+
+
+@pytest.fixture(scope="module")
+def reference(converted):
+    """transformers' logits and greedy tokens, computed only where a test compares with them (the
+    unit tier's checks of the converted file don't: 33 forward passes, a second a model)."""
+    return _reference(converted[2])
 
 
 @pytest.mark.jobs
 @pytest.mark.parametrize("n, budgets", [(1, ["1"]), (3, ["3", "1", "2"])])
-def test_engine_matches_transformers(converted, n, budgets, tmp_path):
-    model_type, path, expected, expected_greedy = converted
+def test_engine_matches_transformers(converted, reference, n, budgets, tmp_path):
+    model_type, path, _ = converted
+    expected, expected_greedy = reference
     out = tmp_path / "dump.npz"
     result = run_mpiexec(n, [sys.executable, str(REPO / "tests" / "engine_dump.py"), str(path), str(out),
                              "--budgets", *budgets, "--tokens", *map(str, PROMPT), "--steps", str(STEPS), "--kv-type", "f32"],
@@ -102,7 +110,7 @@ def test_engine_matches_transformers(converted, n, budgets, tmp_path):
 
 @pytest.mark.parametrize("converted", ["llama"], indirect=True)  # the model saved in several files (see _build)
 def test_sharded_checkpoint_was_exercised(converted):
-    _, path, _, _ = converted
+    _, path, _ = converted
     hf_dir = path.parent / "hf"
     assert (hf_dir / "model.safetensors.index.json").exists() and len(list(hf_dir.glob("*.safetensors"))) > 1
 
@@ -110,7 +118,7 @@ def test_sharded_checkpoint_was_exercised(converted):
 def test_spec_records_the_architecture(converted):
     from dllama_mpi.files.modelfile import ModelFile
 
-    model_type, path, _, _ = converted
+    model_type, path, _ = converted
     spec = ModelFile(path).spec
     assert spec.architecture == ARCHITECTURE.get(model_type, model_type) and spec.rope_style == "interleaved"
     assert spec.qkv_bias == (model_type == "qwen2") and spec.qk_norm == (model_type in ("qwen3", "qwen3_moe"))
