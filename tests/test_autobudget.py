@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -157,8 +156,9 @@ def test_the_converter_refuses_auto_and_says_how_to_pre_split(tmp_path):
 
 
 def test_dry_run_sizes_auto_as_it_splits_ranks_of_equal_speed_within_the_caps(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dllama_mpi", "--dry-run", "--memory-budget", "auto", "2GiB", "1GiB"],
-                            capture_output=True, text=True, timeout=60)
+    from test_cli import dry_run
+
+    result = dry_run("--memory-budget", "auto", "2GiB", "1GiB")
     assert result.returncode == 0, result.stderr
     assert "note: --memory-budget auto measures each rank when the job starts" in result.stderr
     assert "2 rank(s)" in result.stdout

@@ -73,7 +73,7 @@ def test_bad_options_stop_every_rank_with_one_message(args, message):
     assert "Traceback" not in result.stderr
 
 
-def _dry_run(*args, process=False):
+def dry_run(*args, process=False):
     """The dry run's exit code, stdout and stderr. It runs as one process without MPI, so it runs
     here, in this one, through the same main() as `python -m dllama_mpi` (a fresh interpreter
     costs about a second of imports per run); `process=True` runs that command itself."""
@@ -108,7 +108,7 @@ def test_dry_run_prints_the_plan_traffic_and_memory_without_mpirun(stories_model
     from dllama_mpi.files.modelfile import open_model
     from dllama_mpi.parallel.plan import make_plan
 
-    result = _dry_run("--model", str(stories_models["q40"]), "--memory-budget", *budgets, "--max-seq-len", "200")
+    result = dry_run("--model", str(stories_models["q40"]), "--memory-budget", *budgets, "--max-seq-len", "200")
     assert result.returncode == 0, result.stderr
     plan = make_plan(open_model(stories_models["q40"]).spec, [int(b) for b in budgets])
     rows = _table(result.stdout)
@@ -129,7 +129,7 @@ def test_serve_dry_run_counts_every_slot_s_kv_cache_and_says_so(stories_models):
     from dllama_mpi.files.modelfile import open_model
     from dllama_mpi.parallel.plan import make_plan
 
-    result = _dry_run("serve", "--model", str(stories_models["q40"]), "--memory-budget", "3", "1",
+    result = dry_run("serve", "--model", str(stories_models["q40"]), "--memory-budget", "3", "1",
                       "--max-seq-len", "200", "--slots", "4")
     assert result.returncode == 0, result.stderr
     plan = make_plan(open_model(stories_models["q40"]).spec, [3, 1])
@@ -154,7 +154,7 @@ def test_dry_run_counts_and_names_the_kv_type_and_refuses_an_unknown_one():
     from dllama_mpi.parallel.plan import make_plan
 
     plan = make_plan(SYNTHETIC_SPEC, [3, 1])
-    runs = {t: _dry_run("--memory-budget", "3", "1", "--max-seq-len", "4096", *(["--kv-type", t] if t else []))
+    runs = {t: dry_run("--memory-budget", "3", "1", "--max-seq-len", "4096", *(["--kv-type", t] if t else []))
             for t in ("f32", "q8_0", None)}
     for kv_type, result in runs.items():
         assert result.returncode == 0, result.stderr
@@ -175,20 +175,20 @@ def test_dry_run_counts_and_names_the_kv_type_and_refuses_an_unknown_one():
     one = make_plan(SYNTHETIC_SPEC, [1])
     need = [sum(rank_need(one, 0, 4096, largest_tensor_bytes(SYNTHETIC_SPEC), kv_type=t).values()) for t in ("f16", "f32")]
     cap = f"{(need[0] + need[1]) / 2 / 2**20:.0f}MiB"
-    assert _dry_run("--memory-budget", cap, "--max-seq-len", "4096").returncode == 0
-    refused = _dry_run("--memory-budget", cap, "--max-seq-len", "4096", "--kv-type", "f32")
+    assert dry_run("--memory-budget", cap, "--max-seq-len", "4096").returncode == 0
+    refused = dry_run("--memory-budget", cap, "--max-seq-len", "4096", "--kv-type", "f32")
     assert refused.returncode == 2 and "f32 KV cache for 4096 tokens" in refused.stderr, refused.stderr
-    bad = _dry_run("--kv-type", "q4")
+    bad = dry_run("--kv-type", "q4")
     assert bad.returncode == 2 and bad.stderr.startswith(
         "error: argument --kv-type: invalid choice: 'q4' (choose from 'f32', 'f16', 'q8_0')"), bad.stderr
 
 
 def test_dry_run_reads_no_weights_and_refuses_bad_budgets(tmp_path):
-    result = _dry_run("--memory-budget", "3", "2", "2", "1", process=True)  # the built-in model, never written
+    result = dry_run("--memory-budget", "3", "2", "2", "1", process=True)  # the built-in model, never written
     assert result.returncode == 0 and "4 rank(s)" in result.stdout, result.stderr
-    bad = _dry_run("--memory-budget", "3", "x")
+    bad = dry_run("--memory-budget", "3", "x")
     assert bad.returncode == 2 and bad.stderr.startswith("error: the budget for rank 1 is 'x'")
-    missing = _dry_run("--model", str(tmp_path / "nothing.h5"), "--memory-budget", "1", "1")
+    missing = dry_run("--model", str(tmp_path / "nothing.h5"), "--memory-budget", "1", "1")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
@@ -200,8 +200,8 @@ def test_dry_run_checks_shards_against_the_budgets(tmp_path):
     need_stories()
     shards = tmp_path / "shards"
     convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["3", "1"])
-    assert _dry_run("--model", str(shards), "--memory-budget", "3", "1").returncode == 0
-    wrong = _dry_run("--model", str(shards), "--memory-budget", "1", "1")
+    assert dry_run("--model", str(shards), "--memory-budget", "3", "1").returncode == 0
+    wrong = dry_run("--model", str(shards), "--memory-budget", "1", "1")
     assert wrong.returncode == 2 and "split for 2 rank(s) with budgets 3 1" in wrong.stderr
 
 
@@ -344,7 +344,7 @@ def test_dry_run_checks_every_shard_not_only_shard_0(tmp_path):
     convert(STORIES / "stories260K.bin", shards, STORIES / "tok512.bin", "q40", budgets=["2", "1"])
     convert(STORIES / "stories260K.bin", tmp_path / "other", STORIES / "tok512.bin", "q40", budgets=["1", "1"])
     (tmp_path / "other" / "shard-1-of-2.h5").replace(shards / "shard-1-of-2.h5")
-    result = _dry_run("--model", str(shards), "--memory-budget", "2", "1")
+    result = dry_run("--model", str(shards), "--memory-budget", "2", "1")
     assert result.returncode == 2 and "shard-1-of-2.h5 is a shard of another split (budgets 1 1" in result.stderr
 
 
@@ -365,7 +365,7 @@ def test_dry_run_of_a_mixture_of_experts_still_to_convert_shows_each_rank_s_expe
     from dllama_mpi.parallel.plan import make_plan
 
     config = REPO / "tests" / "data" / "qwen3-30b-a3b"
-    result = _dry_run("--model", str(config), "--memory-budget", *budgets, "--max-seq-len", "4096")
+    result = dry_run("--model", str(config), "--memory-budget", *budgets, "--max-seq-len", "4096")
     assert result.returncode == 0, result.stderr
     assert "is not converted yet" in result.stderr
     spec = source_spec(config)
@@ -388,7 +388,7 @@ def test_dry_run_of_a_mixture_of_experts_still_to_convert_shows_each_rank_s_expe
 def test_dry_run_of_a_source_it_cannot_size_says_to_convert_it_first(tmp_path):
     source = tmp_path / "model.m"
     source.write_bytes(b"\x00" * 256)
-    result = _dry_run("--model", str(source), "--memory-budget", "1")
+    result = dry_run("--model", str(source), "--memory-budget", "1")
     assert result.returncode == 2, result.stderr
     assert "convert it first (dllama-mpi-convert INPUT OUTPUT.h5)" in result.stderr and "Traceback" not in result.stderr
 
