@@ -223,3 +223,15 @@ def llama3_chat(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "tiny-llama3-chat.h5"
     write_model(path, spec, synthetic_tensors(spec, 3), tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def llama3_grammars():
+    """Grammars over the real Llama 3 vocabulary, built once (its token table takes seconds):
+    test_constraints' and test_tool_calls' constraints in Llama 3 tokens."""
+    from test_llamacpp_vocab import load
+
+    from dllama_mpi.serving.constraints import Grammars
+
+    tokenizer = load("llama-bpe")
+    return Grammars(tokenizer, tokenizer.vocab_size, tokenizer.eos_ids)

@@ -117,13 +117,12 @@ def test_bad_schemas_are_refused_with_the_reason(stories_grammars):
         stories_grammars.compile(Grammar.lark("start: nothing_defined"))
 
 
-def test_llama3_vocabulary_forces_json_in_its_byte_level_tokens():
+def test_llama3_vocabulary_forces_json_in_its_byte_level_tokens(llama3_grammars):
     from test_llamacpp_vocab import load
 
     tok = load("llama-bpe")
-    grammars = Grammars(tok, tok.vocab_size, tok.eos_ids)
     ids = tok.encode(ANSWER, bos=False)
-    assert set(walk(grammars, Grammar.json_schema(PERSON), ids)) <= set(tok.eos_ids)
+    assert set(walk(llama3_grammars, Grammar.json_schema(PERSON), ids)) <= set(tok.eos_ids)
 
 
 # ------------------------------------------------------------------ the scheduler

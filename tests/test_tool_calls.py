@@ -22,7 +22,7 @@ from tokenizers import models
 
 from dllama_mpi.errors import InputError
 from dllama_mpi.serving import templates
-from dllama_mpi.serving.constraints import Grammar, Grammars
+from dllama_mpi.serving.constraints import Grammar
 from dllama_mpi.serving.protocol import ChatRequest
 from dllama_mpi.serving.templates import ChatTemplateError
 from dllama_mpi.serving.tool_calls import HERMES, LLAMA_JSON, CallReader, ToolCall, format_of
@@ -237,11 +237,10 @@ def test_grammars_force_calls_to_the_allowed_tools_only() -> None:
     assert not accepted(llama, '{"name": "now", "parameters": {}}\n{"name": "now", "parameters": {}}')
 
 
-def test_a_forced_call_in_llama_3_tokens_then_only_the_end() -> None:
+def test_a_forced_call_in_llama_3_tokens_then_only_the_end(llama3_grammars) -> None:
     """The project's constraint over the real Llama 3 vocabulary: the template's own call, token by token, then only
     the end-of-generation tokens; a schema llguidance refuses is an InputError (a 400)."""
-    tokenizer = load("llama-bpe")
-    grammars = Grammars(tokenizer, tokenizer.vocab_size, tokenizer.eos_ids)
+    tokenizer, grammars = load("llama-bpe"), llama3_grammars
     constraint = grammars.compile(LLAMA_JSON.grammar([WEATHER], parallel=False))
     logits = np.zeros(tokenizer.vocab_size, np.float32)
     for token in tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "F"}}', bos=False):
