@@ -224,13 +224,21 @@ def prompts(job) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def plain_runs(stories) -> dict:
+    """prompts()' requests without speculation (no drafting: draft_length is never asked), run
+    once for every drafter's test to equal."""
+    job = stories[0]
+    return run_requests(job, 0, None, prompts(job))
+
+
 @pytest.mark.parametrize("drafter", ["lookup", "q40 model", "random model"])
-def test_temperature_0_text_is_the_model_s_own_with_every_drafter(stories, always_draft, drafter):
+def test_temperature_0_text_is_the_model_s_own_with_every_drafter(stories, plain_runs, always_draft, drafter):
     """Four requests decoding together (3 slots: one waits), each ending another way: the
     same tokens, text and finish as without speculation, and drafts were made and kept."""
     job, q40, random = stories
     draft = {"lookup": None, "q40 model": DraftModel(q40, MAX_DRAFT), "random model": DraftModel(random, MAX_DRAFT)}[drafter]
-    plain = run_requests(job, 0, None, prompts(job))
+    plain = plain_runs
     spec = run_requests(job, MAX_DRAFT, draft, prompts(job))
     for name in plain:
         tokens, text, end = spec[name]
