@@ -88,7 +88,7 @@ fi
 # Hydra mpirun); Open MPI 5 speaks only PMIx (srun --mpi=pmix, its own mpirun), and under
 # srun --mpi=pmi2 or none each of its ranks starts as a job of one.
 DLLAMA_MPI_FAMILY=$(python -m dllama_mpi which-mpi --family) || die "can't tell which MPI library mpi4py loads in $DLLAMA_VENV"
-declare -A MPI_NAMES=([mpich]=MPICH [openmpi]="Open MPI" [impi]="Intel MPI" [other]="an MPI of unknown family")
+declare -A MPI_NAMES=([mpich]=MPICH [openmpi]="Open MPI" [impi]="Intel MPI" [other]="of an unknown family")
 
 # srun's first error line when this Slurm can't start a step with --mpi=pmix; nothing when it
 # can. Listing pmix (srun --mpi=list) is not enough: Debian's slurm-wlm lists its pmix_v4
