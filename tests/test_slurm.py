@@ -80,6 +80,10 @@ def test_generate_job_gives_the_same_text_as_plain_mpirun(slurm, stories_models,
     assert rc == 0, err
     assert out == mpirun_text
     assert "4 rank(s)" in err and "Traceback" not in err
+    header = next(line for line in err.splitlines() if line.startswith("job "))
+    mpirun = shutil.which("mpirun", path=f"{sys.prefix}/bin:{os.environ['PATH']}")  # the venv's bin/ first, as in the job
+    assert header.split("; ")[-1] == "MPI MPICH, launcher " + (
+        "srun --mpi=pmi2 --kill-on-bad-exit=1" if launcher == "srun" else str(mpirun)), header
     if budgets == "memory":  # one node: four equal shares of its available memory, as sizes (caps)
         shares = err.split("--memory-budget ", 1)[1].split(";")[0].split()
         assert len(shares) == 4 and len(set(shares)) == 1 and shares[0].endswith("MiB") and int(shares[0][:-3]) > 100
