@@ -171,13 +171,12 @@ class Runtime:
     hashes: dict[str, str]  # mpiexec/mpirun -> the sha256 its RECORD gives (urlsafe base64)
 
 
-def installed_runtimes() -> list[Runtime]:
-    """The runtime wheels (RUNTIME_WHEELS) installed where this Python looks."""
+def installed_runtimes(path: list[str] | None = None) -> list[Runtime]:
+    """The runtime wheels (RUNTIME_WHEELS) installed where this Python looks (or on `path`)."""
     found = []
     for extra, (name, _) in RUNTIME_WHEELS.items():
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
+        dist = next(iter(metadata.Distribution.discover(name=name, **({} if path is None else {"path": path}))), None)
+        if dist is None:
             continue
         launchers, hashes = {}, {}
         for file in dist.files or ():
@@ -213,9 +212,12 @@ def shadowing(runtimes: list[Runtime], library: Library | None) -> str | None:
     replaced the other's. Says which launcher is there now and which library mpi4py loads."""
     if len(runtimes) < 2:
         return None
+    shared = [path for path in runtimes[0].launchers.values() if all(path in r.launchers.values() for r in runtimes[1:])]
+    if not shared:  # installed under different prefixes: nothing was replaced
+        return None
     names = " and ".join(f"{r.distribution} {r.version}" for r in runtimes)
-    where = next(iter(runtimes[0].launchers.values()), None)
-    owner = launcher_owner(where, runtimes) if where is not None else None
+    where = shared[0]
+    owner = launcher_owner(where, runtimes)
     launcher = (f"`mpiexec` there ({where}) is {owner.distribution}'s (installed last, it replaced the other's)" if owner
                 else f"`mpiexec` there ({where}) is none of theirs as installed")
     loaded = f"mpi4py loads {library.describe()}" if library else "mpi4py's library is not loaded"
