@@ -17,12 +17,10 @@ from .launcher import Parser, run_alone
 
 def report() -> list[str]:
     """The lines `which-mpi` prints; a line starting with `note:` is something to fix."""
-    import mpi4py
-
-    from ..parallel.comm import library
+    from ..parallel.comm import MPI4PY_VERSION, library
 
     lib = library()
-    lines = [f"MPI library: {lib.describe()}, loaded by mpi4py {mpi4py.__version__}"
+    lines = [f"MPI library: {lib.describe()}, loaded by mpi4py {MPI4PY_VERSION}"
              + (f" (MPI4PY_LIBMPI={os.environ['MPI4PY_LIBMPI']})" if "MPI4PY_LIBMPI" in os.environ else "")]
     runtimes = mpi_runtime.installed_runtimes()
     lines.append("runtime wheels in this environment: " + (", ".join(f"{r.distribution} {r.version}" for r in runtimes)

@@ -40,6 +40,9 @@ ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths 
 SLEEP_WAIT_S = 2e-5  # a throttled rank's sleep between tests of a gather (the kernel adds its timer slack)
 
 
+MPI4PY_VERSION = mpi4py.__version__
+
+
 def library() -> mpi_runtime.Library:
     """The MPI library mpi4py loaded (MPI need not have started)."""
     return mpi_runtime.library_from_version(MPI.Get_library_version(), mpi_runtime.mapped_library())
