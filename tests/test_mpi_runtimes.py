@@ -225,3 +225,52 @@ def test_open_mpi_passes_the_mpi_tiers_core():
     print(done.stdout[-3000:])
     assert done.returncode == 0, f"{summary}\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
     assert f"{len(OPEN_MPI_SUBSET) + 1} passed" in done.stdout, summary  # the launcher test has two cases
+
+
+def _command(*args: str, **env: str | None) -> subprocess.CompletedProcess:
+    """`python -m dllama_mpi ARGS` as one process (which-mpi and --dry-run start no MPI)."""
+    return subprocess.run([sys.executable, "-m", "dllama_mpi", *args], capture_output=True, text=True, timeout=120,
+                          env=_env(**env), cwd=REPO)
+
+
+@pytest.mark.jobs
+def test_which_mpi_names_the_library_the_wheel_and_the_launcher():
+    result = _command("which-mpi", MPI4PY_LIBMPI=None)
+    assert result.returncode == 0, result.stderr
+    venv_bin = Path(sys.executable).parent
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("MPI library: MPICH ") and "loaded by mpi4py 4." in lines[0], lines
+    assert lines[1].startswith("runtime wheels in this environment: mpich "), lines
+    assert lines[2].startswith(f"mpiexec on PATH: {venv_bin / 'mpiexec'} (mpich ") and "MPICH's launcher" in lines[2], lines
+    assert lines[3] == "launch with: MPICH's mpiexec, or srun --mpi=pmi2" and not any(x.startswith("note:") for x in lines)
+    assert _command("which-mpi", "--family", MPI4PY_LIBMPI=None).stdout == "mpich\n"
+
+
+@pytest.mark.jobs
+def test_which_mpi_says_when_the_mpiexec_on_path_is_not_the_librarys():
+    prefix = mpi_runtime_prefix("openmpi")
+    result = _command("which-mpi", MPI4PY_LIBMPI=str(prefix / "lib" / "libmpi.so.40"))  # the venv's mpiexec stays first
+    assert result.returncode == 0, result.stderr
+    assert "MPI library: Open MPI 5.0.11" in result.stdout and "(MPI4PY_LIBMPI=" in result.stdout, result.stdout
+    assert ("note: this mpiexec is MPICH's but mpi4py loads Open MPI 5.0.11: a job it starts is refused before loading; "
+            "use Open MPI's mpirun") in result.stdout, result.stdout
+    assert _command("which-mpi", "--family", MPI4PY_LIBMPI=str(prefix / "lib" / "libmpi.so.40")).stdout == "openmpi\n"
+
+
+@pytest.mark.jobs
+def test_a_dry_run_names_the_mpi_and_sizes_a_job_without_one(tmp_path):
+    named = _command("--dry-run", "--memory-budget", "2", "1", MPI4PY_LIBMPI=None)
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.splitlines()[0].startswith("MPI: MPICH ") and "launch with MPICH's mpiexec" in named.stdout
+    missing = _command("--dry-run", "--memory-budget", "2", "1", MPI4PY_LIBMPI=str(tmp_path / "libmpi.so"))
+    assert missing.returncode == 0, missing.stderr  # sizing a job needs no MPI (a login node)
+    assert missing.stdout.startswith("MPI: none loadable here: no MPI library found (") and "plan " in missing.stdout
+
+
+@pytest.mark.jobs
+def test_a_job_without_an_mpi_library_is_refused_once(tmp_path):
+    result = _job(2, [sys.executable, "-m", "dllama_mpi", "--steps", "2"], _env(MPI4PY_LIBMPI=str(tmp_path / "libmpi.so"),
+                                                                                  DLLAMA_TEST_MPIEXEC=None), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.count("error: no MPI library found") == 1, result.stderr
+    assert "pip install -e '.[mpich]'" in result.stderr and "module load openmpi" in result.stderr

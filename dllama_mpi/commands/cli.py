@@ -398,12 +398,12 @@ def _a_source(path: Path) -> bool:
 def _mpi_here() -> str:
     """A dry run's words for the MPI a launch from here would use (it starts no MPI itself)."""
     from ..parallel import mpi_runtime
+    from ..parallel.comm import library
 
     try:
-        from ..parallel.comm import library
+        lib = library()
     except UsageError as exc:  # no MPI library here (a login node): sizing needs none
         return f"none loadable here: {exc}"
-    lib = library()
     return f"{lib.describe()}; launch with {mpi_runtime.launcher_for(lib)}"
 
 

