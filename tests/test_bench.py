@@ -35,7 +35,7 @@ def test_bench_json_under_mpiexec(tmp_path):
         assert [x["rows"] for x in r["rows_per_step"]] == [1, 3] and all(x["tok_s"] > 0 for x in r["rows_per_step"])
         assert r["kernel_isa"] in ("avx512vnni", "avx2", "portable") and r["kv_type"] == "f16"
         mpi = r["mpi"]  # which MPI measured it: the library the tests' launcher runs
-        assert mpi["family"] == launcher_family() and mpi["version"] and mpi["path"].endswith((".so.12", ".so.40"))
+        assert mpi["family"] == launcher_family() and mpi["version"] and "libmpi" in mpi["path"]
         assert mpi["text"].startswith(f"{mpi['library']} {mpi['version']} (") and "3 rank(s) started by" in mpi["text"]
         assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"16", "40"}
         assert 0 < r["roofline_fraction"] < 1 and r["bandwidth_gb_s"] > 0
