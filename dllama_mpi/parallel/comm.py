@@ -39,9 +39,7 @@ with warnings.catch_warnings():
 
 ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths alone pay it
 SLEEP_WAIT_S = 2e-5  # a throttled rank's sleep between tests of a gather (the kernel adds its timer slack)
-
-
-MPI4PY_VERSION = mpi4py.__version__
+MPI4PY_VERSION = mpi4py.__version__  # which-mpi says it
 
 
 def library() -> mpi_runtime.Library:
