@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,12 +223,15 @@ def test_open_mpi_passes_the_mpi_tiers_core():
     if not (STORIES / "stories260K.bin").exists():
         pytest.skip(f"stories260K not found at {STORIES}")
     env = {**os.environ, **mpi_runtime_env("openmpi")}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--durations=0",
                            *OPEN_MPI_SUBSET], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     summary = done.stdout.strip().splitlines()[-1:] or ["(no output)"]
     print(done.stdout[-3000:])
     assert done.returncode == 0, f"{summary}\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
-    assert f"{len(OPEN_MPI_SUBSET) + 1} passed" in done.stdout, summary  # the launcher test has two cases
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped)", summary[0])}
+    # every test ran (the launcher test has two cases); a skip is one this machine can't run
+    # (no CPU quota to set: CI's DLLAMA_REQUIRE_PINNING=1 makes that a failure), said by -rs
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == len(OPEN_MPI_SUBSET) + 1, summary
 
 
 def _command(*args: str, **env: str | None) -> subprocess.CompletedProcess:
