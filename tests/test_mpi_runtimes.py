@@ -74,13 +74,15 @@ SRUN = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}
     (HYDRA, "MPICH's mpiexec (Hydra)", "pmi", 2, 4),
     ({**HYDRA, "I_MPI_HYDRA_UUID": "x"}, "Intel MPI's mpiexec (Hydra)", "pmi", 2, 4),
     (OPEN_MPI, "Open MPI's mpirun", "pmix", 1, 4),
-    ({**SRUN, "PMI_RANK": "3", "PMI_SIZE": "4", "PMI_FD": "7"}, "srun --mpi=pmi2", "pmi", 3, 4),
+    ({**SRUN, "PMI_RANK": "3", "PMI_SIZE": "4"}, "srun --mpi=pmi2", "pmi", 3, 4),
+    ({**HYDRA, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}, "MPICH's mpiexec (Hydra)", "pmi", 2, 4),  # in an allocation
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "3"}, None, None, None, None),  # a batch script's own process: no launcher
     ({**SRUN, "PMIX_RANK": "3"}, "srun --mpi=pmix", "pmix", 3, 4),
     (SRUN, "srun without an MPI plugin (--mpi=none)", "srun", 3, 4),
-], ids=["hydra", "intel-hydra", "open-mpi", "srun-pmi2", "srun-pmix", "srun-none"])
+], ids=["hydra", "intel-hydra", "open-mpi", "srun-pmi2", "hydra-under-slurm", "batch-script", "srun-pmix", "srun-none"])
 def test_the_launcher_is_read_from_the_environment(env, by, interface, rank, size):
-    assert mr.launch_from_env(env) == mr.Launch(by, interface, rank, size)
-    assert mr.launcher_rank(env) == rank
+    assert mr.launch_from_env(env) == (mr.Launch(by, interface, rank, size) if by else None)
+    assert mr.launcher_rank(env) == (rank or 0)
 
 
 def test_a_process_started_alone_has_no_launcher():

@@ -95,12 +95,13 @@ def launch_from_env(environ=None) -> Launch | None:
         by = "srun --mpi=pmix" if in_srun else "a PMIx launcher"
         return Launch(by, "pmix", number("PMIX_RANK") or 0, number("SLURM_STEP_NUM_TASKS") if in_srun else None)
     if "PMI_RANK" in env or "PMI_SIZE" in env:
-        if in_srun:
-            by = "srun --mpi=pmi2"
-        elif "I_MPI_HYDRA_UUID" in env:
+        # Hydra first: inside an allocation its proxies are srun's tasks, and the ranks inherit that
+        if "I_MPI_HYDRA_UUID" in env:
             by = "Intel MPI's mpiexec (Hydra)"
+        elif "MPI_LOCALRANKID" in env:
+            by = "MPICH's mpiexec (Hydra)"
         else:
-            by = "MPICH's mpiexec (Hydra)" if "PMI_FD" in env or "MPI_LOCALRANKID" in env else "a PMI launcher"
+            by = "srun --mpi=pmi2" if in_srun else "a PMI launcher"
         return Launch(by, "pmi", number("PMI_RANK") or 0, number("PMI_SIZE"))
     if in_srun:
         return Launch("srun without an MPI plugin (--mpi=none)", "srun", number("SLURM_PROCID") or 0,
