@@ -84,21 +84,23 @@ elif [[ -n ${DLLAMA_BUDGETS_FILE:-} ]]; then
 fi
 
 # The launcher. One mpi4py runs on MPICH, Open MPI and Intel MPI, and each joins a job only
-# through the plumbing it speaks: MPICH and Intel MPI speak PMI-2 (srun --mpi=pmi2, their
-# Hydra mpirun); Open MPI 5 speaks only PMIx (srun --mpi=pmix, its own mpirun), and under
-# srun --mpi=pmi2 or none each of its ranks starts as a job of one.
-DLLAMA_MPI_FAMILY=$(python -m dllama_mpi which-mpi --family) || die "can't tell which MPI library mpi4py loads in $DLLAMA_VENV"
+# through the plumbing it speaks: the MPICH and Intel MPI wheels speak PMI-2 (srun --mpi=pmi2,
+# their Hydra mpirun); Open MPI 5 speaks only PMIx (srun --mpi=pmix, its own mpirun); a site's
+# MPICH or Intel MPI speaks what the site built it for, which its MpiDefault knows.
+# which-mpi says both, for the library mpi4py loads (dllama_mpi/parallel/mpi_runtime.py decides)
+mapfile -t which < <(python -m dllama_mpi which-mpi --family --srun-mpi) && ((${#which[@]} == 2)) ||
+  die "can't tell which MPI library mpi4py loads in $DLLAMA_VENV (python -m dllama_mpi which-mpi says why)"
+DLLAMA_MPI_FAMILY=${which[0]}
+srun_mpi=${which[1]}  # empty: the site's MpiDefault
 declare -A MPI_NAMES=([mpich]=MPICH [openmpi]="Open MPI" [impi]="Intel MPI" [other]="of an unknown family")
 
 # srun's first error line when this Slurm can't start a step with --mpi=pmix; nothing when it
-# can. Listing pmix (srun --mpi=list) is not enough: Debian's slurm-wlm lists its pmix_v4
-# plugin even without the PMIx library it loads (the libpmix2 package), and srun then stops
-# with "mpi/pmix_v4: init: ... can not load PMIx library"; a one-task step tells for sure.
+# can. A one-task step tells for sure: Debian's slurm-wlm lists its pmix_v4 plugin (srun
+# --mpi=list) even without the PMIx library it loads (the libpmix2 package), and srun then
+# stops with "mpi/pmix_v4: init: ... can not load PMIx library".
 pmix_problem() {
   local out
-  if ! srun --mpi=list 2>/dev/null | grep -qx '[[:space:]]*pmix'; then
-    echo "this Slurm has no pmix plugin (srun --mpi=list)"
-  elif ! out=$(srun --mpi=pmix --ntasks=1 true 2>&1); then
+  if ! out=$(timeout 60 srun --mpi=pmix --ntasks=1 true 2>&1); then
     echo "srun --mpi=pmix fails here: ${out%%$'\n'*}"
   fi
 }
@@ -125,12 +127,7 @@ if [[ -z $dllama_launcher ]]; then
 fi
 case $dllama_launcher in
   srun)
-    case $DLLAMA_MPI_FAMILY in
-      mpich | impi) DLLAMA_LAUNCH_CMD=(srun --mpi=pmi2) ;;
-      openmpi) DLLAMA_LAUNCH_CMD=(srun --mpi=pmix) ;;
-      *) DLLAMA_LAUNCH_CMD=(srun) ;;  # this Slurm's MpiDefault: the site knows its own MPI
-    esac
-    DLLAMA_LAUNCH_CMD+=(--kill-on-bad-exit=1) ;;
+    DLLAMA_LAUNCH_CMD=(srun ${srun_mpi:+--mpi=$srun_mpi} --kill-on-bad-exit=1) ;;
   mpirun)
     mpirun=$(own_mpirun)
     DLLAMA_LAUNCH_CMD=("$mpirun")

@@ -54,7 +54,7 @@ def mpi_runtime_prefix(extra: str) -> Path:
     if not done.exists():
         shutil.rmtree(prefix, ignore_errors=True)
         fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-warn-script-location",
-                                  "--prefix", str(prefix), f"{dist}=={version}"], capture_output=True, text=True, timeout=900)
+                                  "--prefix", str(prefix), f"{dist}=={version}"], capture_output=True, text=True, timeout=500)
         if fetched.returncode != 0 or not (prefix / "lib" / lib).exists():
             problem = f"can't fetch {dist}=={version} from PyPI: {fetched.stderr.strip()[-500:]}"
             if os.environ.get("DLLAMA_REQUIRE_MPI_RUNTIMES") == "1":

@@ -63,10 +63,18 @@ def start_mpi() -> None:
         raise UsageError(problem)
     with warnings.catch_warnings():  # as at the import: the check below says it in full
         warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
-        MPI.Init_thread(MPI.THREAD_MULTIPLE)  # mpi4py's own default
+        MPI.Init_thread(_thread_level())
     problem = mpi_runtime.mismatch_after_start(lib, launch, MPI.COMM_WORLD.Get_size())
     if problem:
         raise UsageError(problem)
+
+
+def _thread_level() -> int:
+    """The thread level mpi4py would ask for (its rc, or MPI4PY_RC_THREAD_LEVEL; default multiple)."""
+    name = os.environ.get("MPI4PY_RC_THREAD_LEVEL") or str(mpi4py.rc.thread_level)
+    levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED, "serialized": MPI.THREAD_SERIALIZED,
+              "multiple": MPI.THREAD_MULTIPLE}
+    return levels.get(name.lower(), MPI.THREAD_MULTIPLE)
 
 
 class Comm:

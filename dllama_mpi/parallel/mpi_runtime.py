@@ -45,9 +45,9 @@ def library_from_version(text: str, path: str | None = None) -> Library:
     patterns = (  # (family, name, pattern whose group 1 is the version), most specific first
         ("impi", "Intel MPI", r"Intel\(R\) MPI Library\s+(?:for \S+ OS, Version\s+)?([\d.]+)"),
         ("mpich", "Cray MPICH", r"CRAY MPICH version\s+([\d.]+)"),
-        ("mpich", "MVAPICH", r"MVAPICH2? Version:\s*([\w.]+)"),
+        ("mpich", "MVAPICH", r"MVAPICH2?\s+Version\s*:\s*([\w.]+)"),
         ("openmpi", "Open MPI", r"Open MPI v([\w.]+)"),
-        ("mpich", "MPICH", r"MPICH Version:\s*([\w.]+)"),
+        ("mpich", "MPICH", r"MPICH Version\s*:\s*([\w.]+)"),
     )
     for family, name, pattern in patterns:
         found = re.search(pattern, text, re.IGNORECASE)
@@ -64,7 +64,7 @@ def mapped_library() -> str | None:
         return None
     for line in maps.splitlines():
         path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if re.search(r"/lib(mpi|impi)(_abi)?\.so", path):
+        if re.search(r"/lib(mpi|impi)(_\w+)?\.so", path):  # libmpi.so.12, libmpi_abi.so, Cray's libmpi_gnu_123.so
             return path
     return None
 
@@ -72,40 +72,44 @@ def mapped_library() -> str | None:
 @dataclass(frozen=True)
 class Launch:
     """How this process was started, as its environment tells: by whom, its rank and the job's size."""
+    launcher: str  # openmpi (Open MPI's mpirun), hydra (MPICH's or Intel MPI's mpiexec), srun, pmix, pmi (others)
     by: str  # words for the user
-    # pmix (Open MPI 5's mpirun, srun --mpi=pmix), pmi (Hydra: MPICH's and Intel MPI's mpiexec;
-    # srun --mpi=pmi2), srun (srun without MPI plumbing)
+    # pmix (Open MPI 5's mpirun, srun --mpi=pmix), pmi (Hydra; srun --mpi=pmi2 and its kin),
+    # none (srun without an MPI plugin: Slurm's PMI-1 library or nothing)
     interface: str
     rank: int
     size: int | None  # None where the environment doesn't say
 
 
 def launch_from_env(environ=None) -> Launch | None:
-    """The launcher's view of this process (None: started alone, no launcher)."""
+    """The launcher's view of this process (None: started alone, no launcher). Launchers nest
+    (Hydra inside a Slurm step; a shell that is an srun task starting mpirun), and a process
+    inherits the outer one's variables: the innermost launcher is read first."""
     env = os.environ if environ is None else environ
 
     def number(name):
         value = env.get(name, "")
         return int(value) if value.isdigit() else None
 
-    if "OMPI_COMM_WORLD_SIZE" in env:
-        return Launch("Open MPI's mpirun", "pmix", number("OMPI_COMM_WORLD_RANK") or 0, number("OMPI_COMM_WORLD_SIZE"))
     in_srun = "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env
+    srun = f"srun --mpi={env.get('SLURM_MPI_TYPE') or 'pmi2'}"  # Slurm names its plugin (cray_shasta, pmi2, ...)
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return Launch("openmpi", "Open MPI's mpirun", "pmix", number("OMPI_COMM_WORLD_RANK") or 0,
+                      number("OMPI_COMM_WORLD_SIZE"))
+    if "PMI_RANK" in env and ("I_MPI_HYDRA_UUID" in env or "MPI_LOCALRANKID" in env):
+        by = "Intel MPI's mpiexec (Hydra)" if "I_MPI_HYDRA_UUID" in env else "MPICH's mpiexec (Hydra)"
+        return Launch("hydra", by, "pmi", number("PMI_RANK") or 0, number("PMI_SIZE"))
     if "PMIX_RANK" in env:
-        by = "srun --mpi=pmix" if in_srun else "a PMIx launcher"
-        return Launch(by, "pmix", number("PMIX_RANK") or 0, number("SLURM_STEP_NUM_TASKS") if in_srun else None)
+        if in_srun:
+            return Launch("srun", "srun --mpi=pmix", "pmix", number("PMIX_RANK") or 0, number("SLURM_STEP_NUM_TASKS"))
+        return Launch("pmix", "a PMIx launcher", "pmix", number("PMIX_RANK") or 0, None)
     if "PMI_RANK" in env or "PMI_SIZE" in env:
-        # Hydra first: inside an allocation its proxies are srun's tasks, and the ranks inherit that
-        if "I_MPI_HYDRA_UUID" in env:
-            by = "Intel MPI's mpiexec (Hydra)"
-        elif "MPI_LOCALRANKID" in env:
-            by = "MPICH's mpiexec (Hydra)"
-        else:
-            by = "srun --mpi=pmi2" if in_srun else "a PMI launcher"
-        return Launch(by, "pmi", number("PMI_RANK") or 0, number("PMI_SIZE"))
+        if in_srun:
+            return Launch("srun", srun, "pmi", number("PMI_RANK") or 0, number("PMI_SIZE"))
+        return Launch("pmi", "a PMI launcher", "pmi", number("PMI_RANK") or 0, number("PMI_SIZE"))
     if in_srun:
-        return Launch("srun without an MPI plugin (--mpi=none)", "srun", number("SLURM_PROCID") or 0,
-                      number("SLURM_STEP_NUM_TASKS"))
+        return Launch("srun", f"srun (--mpi={env.get('SLURM_MPI_TYPE') or 'none'})", "none",
+                      number("SLURM_PROCID") or 0, number("SLURM_STEP_NUM_TASKS"))
     return None
 
 
@@ -132,29 +136,28 @@ def _remedy(library: Library) -> str:
 
 
 def mismatch_before_start(library: Library, launch: Launch | None) -> str | None:
-    """A launcher this library can't join, known before MPI starts (MPI's own start-up would
-    abort with a PMI error, or start a job of one): Open MPI's mpirun speaks only PMIx, which
-    the MPICH-family wheels don't; Open MPI 5 speaks nothing else (no PMI-1/2: Hydra, srun
-    --mpi=pmi2); srun without an MPI plugin gives no library anything to join."""
+    """A launcher this library surely can't join, known before MPI starts (MPI's own start-up
+    would abort with a PMI error, or start a job of one): Open MPI's mpirun speaks only PMIx,
+    which the MPICH-family wheels don't; Open MPI 5 speaks nothing but PMIx (no PMI-1/2: Hydra,
+    srun --mpi=pmi2, Slurm's libpmi). Anything less sure is left to mismatch_after_start: a
+    site's MPICH may speak what its Slurm gives it."""
     if launch is None:
         return None
-    if launch.interface == "srun" and (launch.size or 1) > 1:
-        return (f"{launch.by} started {launch.size} tasks, which would each run alone: give srun the plugin for "
-                f"{library} (srun --mpi={'pmix' if library.family == 'openmpi' else 'pmi2'}; srun --mpi=list shows "
-                "what this Slurm has), or start the job with the runtime's own mpirun inside the allocation")
-    open_mpi_5 = library.family == "openmpi" and library.version.split(".")[0].isdigit() and int(library.version.split(".")[0]) >= 5
-    if (launch.by == "Open MPI's mpirun" and library.family != "openmpi") or (launch.interface == "pmi" and open_mpi_5):
+    major = library.version.split(".")[0]
+    open_mpi_5 = library.family == "openmpi" and major.isdigit() and int(major) >= 5
+    if (launch.launcher == "openmpi" and library.family != "openmpi") or (launch.interface != "pmix" and open_mpi_5):
         return (f"this process was started by {launch.by}, as {_one_of(launch)}, but mpi4py loaded "
                 f"{library.describe()}, which can't join its job; {_remedy(library)}")
     return None
 
 
 def mismatch_after_start(library: Library, launch: Launch | None, world_size: int) -> str | None:
-    """Processes that started as jobs of their own: the launcher started `launch.size`, MPI
-    sees `world_size` (a launcher whose plumbing this library doesn't speak gives singletons)."""
-    if launch is None or launch.size is None or launch.size == world_size:
+    """Processes that each started as a job of one, where the launcher started several (a
+    launcher whose plumbing this library doesn't speak). A job MPI formed of more than one is
+    trusted: launchers' variables leak into nested launches."""
+    if launch is None or launch.size is None or launch.size <= 1 or world_size != 1:
         return None
-    return (f"{launch.by} started {launch.size} processes, but {library} sees a job of {world_size}: the launcher and "
+    return (f"{launch.by} started {launch.size} processes, but {library} sees a job of 1 in each: the launcher and "
             f"the MPI library don't match, so each process runs alone; {_remedy(library)}")
 
 
@@ -223,13 +226,38 @@ def shadowing(runtimes: list[Runtime], library: Library | None) -> str | None:
                 else f"`mpiexec` there ({where}) is none of theirs as installed")
     loaded = f"mpi4py loads {library.describe()}" if library else "mpi4py's library is not loaded"
     return (f"{len(runtimes)} MPI runtimes are installed in this environment ({names}): {launcher}, and {loaded}. "
-            "Keep one (pip uninstall the others), or point MPI4PY_LIBMPI at the library of the launcher you run")
+            "Keep one: they overwrote each other's files, so pip uninstall all of them, then pip install --force-reinstall "
+            "the one you keep; or point MPI4PY_LIBMPI at the library of the launcher you run")
 
 
 def describe_run(library: Library, launch: Launch | None, world_size: int) -> str:
     """The start-up line's words for which MPI runs and who started it."""
     by = launch.by if launch is not None else "no launcher (one process)"
     return f"{library.describe()}; {world_size} rank(s) started by {by}"
+
+
+def srun_plugin(library: Library, from_wheel: bool) -> str | None:
+    """srun's --mpi for this library (None: the site's MpiDefault). The runtime wheels speak
+    PMI-2 (MPICH, Intel MPI) or PMIx (Open MPI); a site's MPICH or Intel MPI may be built for
+    its Slurm's PMIx, cray_shasta or libpmi, which the site's default knows; Open MPI 5 speaks
+    PMIx alone."""
+    if library.family == "openmpi":
+        return "pmix"
+    return "pmi2" if from_wheel and library.family in ("mpich", "impi") else None
+
+
+def hidden_site_library(library: Library, prefix: str, ld_library_path: str) -> str | None:
+    """A site MPI on LD_LIBRARY_PATH (module load) that mpi4py passes over: it looks in the
+    environment's own lib/ first, where a runtime wheel put its libmpi."""
+    if not library.path or not Path(library.path).resolve().is_relative_to(Path(prefix).resolve()):
+        return None
+    for folder in filter(None, ld_library_path.split(os.pathsep)):
+        found = sorted(Path(folder).glob("libmpi.so*")) if Path(folder).is_dir() else []
+        if found and not Path(folder).resolve().is_relative_to(Path(prefix).resolve()):
+            return (f"LD_LIBRARY_PATH holds {found[0]} (a site MPI?), but mpi4py loads {library.describe()} from this "
+                    "environment's runtime wheel, which it finds first; to use the site's, pip uninstall the wheel "
+                    "(or use an environment without one), or set MPI4PY_LIBMPI to its library")
+    return None
 
 
 def launcher_from_version(text: str) -> str | None:
