@@ -16,10 +16,14 @@
 #                        its speed at the start and the job splits by it, within memory
 #   DLLAMA_BUDGETS_FILE  a file of budgets, one per task (whitespace or lines; '#' comments);
 #                        used when DLLAMA_BUDGETS is unset. Neither: equal shares.
-#   DLLAMA_LAUNCHER      srun (default: srun --mpi=pmi2) or mpirun (MPICH's mpirun inside the
-#                        allocation; it starts its proxies through Slurm)
+#   DLLAMA_LAUNCHER      srun or mpirun; unset: chosen for the MPI library mpi4py loads (see
+#                        "The launcher" below). srun: Slurm starts the ranks, with the plugin the
+#                        library speaks (--mpi=pmi2 for MPICH and Intel MPI, --mpi=pmix for Open
+#                        MPI). mpirun: the runtime's own mpirun inside the allocation (it takes
+#                        hosts and slots from Slurm and starts its daemons or proxies through it)
 # Sets: DLLAMA_BUDGET_ARGS (an array: --memory-budget ... or nothing), DLLAMA_THREAD_ARGS
-# (--nthreads $SLURM_CPUS_PER_TASK when Slurm gives one), and the function `dllama_launch`.
+# (--nthreads $SLURM_CPUS_PER_TASK when Slurm gives one), DLLAMA_MPI_FAMILY (mpich, openmpi,
+# impi or other), and the function `dllama_launch`.
 
 set -euo pipefail
 
@@ -79,16 +83,71 @@ elif [[ -n ${DLLAMA_BUDGETS_FILE:-} ]]; then
   read -ra DLLAMA_BUDGET_ARGS <<<"--memory-budget $(sed 's/#.*//' "$DLLAMA_BUDGETS_FILE" | xargs)"
 fi
 
+# The launcher. One mpi4py runs on MPICH, Open MPI and Intel MPI, and each joins a job only
+# through the plumbing it speaks: the MPICH and Intel MPI wheels speak PMI-2 (srun --mpi=pmi2,
+# their Hydra mpirun); Open MPI 5 speaks only PMIx (srun --mpi=pmix, its own mpirun); a site's
+# MPICH or Intel MPI speaks what the site built it for, which its MpiDefault knows.
+# which-mpi says both, for the library mpi4py loads (dllama_mpi/parallel/mpi_runtime.py decides)
+mapfile -t which < <(python -m dllama_mpi which-mpi --family --srun-mpi) && ((${#which[@]} == 2)) ||
+  die "can't tell which MPI library mpi4py loads in $DLLAMA_VENV (python -m dllama_mpi which-mpi says why)"
+DLLAMA_MPI_FAMILY=${which[0]}
+srun_mpi=${which[1]}  # empty: the site's MpiDefault
+declare -A MPI_NAMES=([mpich]=MPICH [openmpi]="Open MPI" [impi]="Intel MPI" [other]="of an unknown family")
+
+# srun's first error line when this Slurm can't start a step with --mpi=pmix; nothing when it
+# can. A one-task step tells for sure: Debian's slurm-wlm lists its pmix_v4 plugin (srun
+# --mpi=list) even without the PMIx library it loads (the libpmix2 package), and srun then
+# stops with "mpi/pmix_v4: init: ... can not load PMIx library".
+pmix_problem() {
+  local out
+  if ! out=$(timeout 60 srun --mpi=pmix --ntasks=1 true 2>&1); then
+    echo "srun --mpi=pmix fails here: ${out%%$'\n'*}"
+  fi
+}
+
+# the runtime's own mpirun: beside the library when MPI4PY_LIBMPI forces one (a runtime wheel
+# in the venv would otherwise come first on PATH with its own mpirun), else the first on PATH
+own_mpirun() {
+  local prefix
+  if [[ ${MPI4PY_LIBMPI:-} == /* ]]; then
+    prefix=$(dirname "$(dirname "$MPI4PY_LIBMPI")")
+    [[ -x $prefix/bin/mpirun ]] && { echo "$prefix/bin/mpirun"; return; }
+  fi
+  command -v mpirun || die "DLLAMA_LAUNCHER=mpirun but no mpirun is on PATH (nor beside MPI4PY_LIBMPI)"
+}
+
+dllama_launcher=${DLLAMA_LAUNCHER:-}
+launcher_why=""
+if [[ -z $dllama_launcher ]]; then
+  dllama_launcher=srun
+  if [[ $DLLAMA_MPI_FAMILY == openmpi ]]; then
+    launcher_why=$(pmix_problem)
+    [[ -z $launcher_why ]] || dllama_launcher=mpirun
+  fi
+fi
+case $dllama_launcher in
+  srun)
+    DLLAMA_LAUNCH_CMD=(srun ${srun_mpi:+--mpi=$srun_mpi} --kill-on-bad-exit=1) ;;
+  mpirun)
+    mpirun=$(own_mpirun)
+    DLLAMA_LAUNCH_CMD=("$mpirun")
+    # Open MPI's mpirun binds each rank to one core by default, even with --cpus-per-task > 1,
+    # which would pile a rank's threads onto that core; srun and Hydra leave placement to the OS
+    [[ $DLLAMA_MPI_FAMILY != openmpi ]] || DLLAMA_LAUNCH_CMD+=(--bind-to none) ;;
+  *) die "DLLAMA_LAUNCHER is '$dllama_launcher'; use srun or mpirun, or leave it unset for the MPI library's own choice" ;;
+esac
+
 # dllama_launch [-n N] CMD...: CMD on N tasks of the allocation (default: all of them)
 dllama_launch() {
   local n=${SLURM_NTASKS:?not inside a Slurm allocation}
   if [[ ${1:-} == -n ]]; then n=$2; shift 2; fi
-  case ${DLLAMA_LAUNCHER:-srun} in
-    srun) srun --mpi=pmi2 --ntasks="$n" --kill-on-bad-exit=1 "$@" ;;
-    mpirun) mpirun -n "$n" "$@" ;;
-    *) die "DLLAMA_LAUNCHER is '$DLLAMA_LAUNCHER'; use srun or mpirun" ;;
-  esac
+  if [[ $dllama_launcher == srun ]]; then
+    "${DLLAMA_LAUNCH_CMD[@]}" --ntasks="$n" "$@"
+  else
+    "${DLLAMA_LAUNCH_CMD[@]}" -n "$n" "$@"
+  fi
 }
 
 echo "job ${SLURM_JOB_ID:-?}: ${SLURM_NTASKS:-?} task(s) on ${SLURM_JOB_NODELIST:-?}; venv $DLLAMA_VENV;" \
-  "budgets ${DLLAMA_BUDGET_ARGS[*]:-equal}; numba cache $NUMBA_CACHE_DIR" >&2
+  "budgets ${DLLAMA_BUDGET_ARGS[*]:-equal}; numba cache $NUMBA_CACHE_DIR;" \
+  "MPI ${MPI_NAMES[$DLLAMA_MPI_FAMILY]:-$DLLAMA_MPI_FAMILY}, launcher ${DLLAMA_LAUNCH_CMD[*]}${launcher_why:+ ($launcher_why)}" >&2

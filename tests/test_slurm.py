@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import time
 import uuid
 
 import pytest
-from conftest import NUMBA_CACHE, REPO, STORIES, need_stories, run_mpiexec
+from conftest import NUMBA_CACHE, REPO, STORIES, launcher_env, mpi_runtime_env, need_stories, run_mpiexec
 
 pytestmark = pytest.mark.slurm  # every test here submits to Slurm
 
@@ -79,10 +80,34 @@ def test_generate_job_gives_the_same_text_as_plain_mpirun(slurm, stories_models,
     assert rc == 0, err
     assert out == mpirun_text
     assert "4 rank(s)" in err and "Traceback" not in err
+    header = next(line for line in err.splitlines() if line.startswith("job "))
+    mpirun = shutil.which("mpirun", path=f"{sys.prefix}/bin:{os.environ['PATH']}")  # the venv's bin/ first, as in the job
+    assert header.split("; ")[-1] == "MPI MPICH, launcher " + (
+        "srun --mpi=pmi2 --kill-on-bad-exit=1" if launcher == "srun" else str(mpirun)), header
     if budgets == "memory":  # one node: four equal shares of its available memory, as sizes (caps)
         shares = err.split("--memory-budget ", 1)[1].split(";")[0].split()
         assert len(shares) == 4 and len(set(shares)) == 1 and shares[0].endswith("MiB") and int(shares[0][:-3]) > 100
         assert all(row.split()[-1] == shares[0][:-3] for row in err.splitlines()[-4:])  # peak RSS next to the cap
+
+
+def test_generate_job_on_open_mpi_says_its_launcher_and_gives_the_same_text(slurm, stories_models, mpirun_text, tmp_path):
+    """The venv's mpi4py pointed at Open MPI (MPI4PY_LIBMPI, PATH): the job starts it with srun --mpi=pmix where this
+    Slurm can, else with Open MPI's own mpirun, and says which in its header line."""
+    env = {**mpi_runtime_env("openmpi"), **launcher_env(), "DLLAMA_MODEL": str(stories_models["q40"]), "DLLAMA_PROMPT": PROMPT,
+           "DLLAMA_STEPS": "60", "DLLAMA_ARGS": "--temperature 0"}
+    openmpi_prefix = pathlib.Path(env["MPI4PY_LIBMPI"]).parents[1]
+    rc, out, err = sbatch("generate.sbatch", tmp_path, env, "--ntasks=3")
+    assert rc == 0, err
+    assert out == mpirun_text  # stories260K's text is the same for every split (docs/architecture.md, Numerics)
+    assert "3 rank(s)" in err and "Traceback" not in err
+    header = next(line for line in err.splitlines() if line.startswith("job "))
+    pmix = subprocess.run(["srun", "--mpi=pmix", "--ntasks=1", "true"], capture_output=True, text=True, timeout=60)
+    if pmix.returncode == 0:
+        assert header.endswith("MPI Open MPI, launcher srun --mpi=pmix --kill-on-bad-exit=1"), header
+    else:  # this Slurm lists pmix but can't start it (or lacks it): Open MPI's own mpirun, and why
+        assert f"MPI Open MPI, launcher {openmpi_prefix / 'bin' / 'mpirun'} --bind-to none (" in header, header
+        first = (pmix.stderr.splitlines() or [""])[0]
+        assert f"(srun --mpi=pmix fails here: {first}" in header, (header, pmix.stderr)
 
 
 def test_convert_job_writes_shards_the_generate_job_reads(slurm, mpirun_text, tmp_path):

@@ -205,6 +205,7 @@ def run(comm, args) -> dict | None:
     row_counts = args.rows or []
     depths = sorted(set(args.depths) - {0})  # depth 0 is the decode measurement every run makes
     isa = kernel_isa()
+    mpi = comm.mpi_run()  # which MPI measured this: its library and version, and who started the ranks
     results = {}
     for buffer_type in args.buffer_float_type:
         longest = max(args.prompt_lengths + [SHORT_PROMPT + max(row_counts, default=0)] + depths)
@@ -281,7 +282,7 @@ def run(comm, args) -> dict | None:
                 "wait_s_per_token": [m["collective"] - min(r["collective"] for r in rows) for m in rows],
                 "peak_rss_mb": [m["rss_mb"] for m in rows], "planned_mb": [m["planned_mb"] for m in rows],
                 "repeats": args.repeat, "decode_steps": args.decode_steps,
-                "rows_per_step": rows_per_step, "kernel_isa": isa,
+                "rows_per_step": rows_per_step, "kernel_isa": isa, "mpi": mpi,
                 "budgets_chosen": list(job.plan.budgets),
                 "auto_predicted_ms_per_token": 1e3 * job.auto.token_s if job.auto is not None else None,
                 "auto_equal_predicted_ms_per_token": 1e3 * job.auto.equal_token_s if job.auto is not None else None,
@@ -314,6 +315,7 @@ def table(result: dict) -> str:
            else " ".join(map(str, r["budgets"]))) + ", "
         f"buffers {r['buffer_float_type']}, KV cache {r['kv_type']}, threads {r['threads_per_rank']}, "
         f"kernels {r['kernel_isa']}",
+        f"  MPI: {r['mpi']['text']}",
         f"  decode {r['decode_tokens_per_s']:.2f} tokens/s; roofline fraction {r['roofline_fraction']:.2f} "
         f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token over {r['bandwidth_gb_s']:.1f} GB/s measured)",
         "  prefill " + ", ".join(f"{k} tokens: {v:.2f} tokens/s ({r['prefill_to_decode_ratio'][k]:.2f}x decode)"

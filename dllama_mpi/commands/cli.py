@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..model import quant
+from ..parallel.mpi_runtime import launch_from_env
 from ..serving.speculation import DEFAULT_DRAFT, MAX_DRAFT
 from .launcher import Parser, add_job_options, parse_args, parse_budgets, run_alone, run_job
 
@@ -42,6 +43,8 @@ COMMANDS = {
 PROGRAMS = {  # commands with options of their own: name -> (module with main(argv), what it does)
     "bench": ("dllama_mpi.commands.bench", "decode and prefill speed on random weights of real shapes, or of --model"),
     "perplexity": ("dllama_mpi.commands.perplexity", "perplexity of a text, and KL divergence against saved logits"),
+    "which-mpi": ("dllama_mpi.commands.which_mpi", "which MPI a job started here would use (library, launcher, "
+                                                   "runtime wheels), without starting MPI"),
     "convert": ("dllama_mpi.files.convert", "convert an HF, GGUF, distributed-llama or llama2.c model to HDF5 "
                                             "(also installed as dllama-mpi-convert)"),
 }
@@ -198,7 +201,8 @@ def _check_utf8(text: str, what: str, problems: list[str]) -> None:
 def _run(comm, argv) -> int:
     from ..job.loading import SaidIfSlow, open_job
     from ..kernels import qmatmul
-    from ..parallel import threads
+    from ..parallel import mpi_runtime, threads
+    from ..parallel.comm import library
     from ..serving.request import Sampling
     from ..serving.scheduler import generate
     from ..serving.speculation import logit_rows, open_draft_model
@@ -232,6 +236,10 @@ def _run(comm, argv) -> int:
         print(plan.table(launch.max_seq_len, launch.n_slots, launch.kv_type), file=sys.stderr)
         print("processes: " + ", ".join(f"rank {r} = {host}:{pid}" for r, (host, pid) in enumerate(zip(comm.hosts, comm.pids))),
               file=sys.stderr)
+        print(f"MPI: {comm.mpi_run()['text']}", file=sys.stderr)
+        shadowed = mpi_runtime.shadowing(mpi_runtime.installed_runtimes(), library())
+        if shadowed:
+            print(f"note: {shadowed}", file=sys.stderr)
 
     if args.command == "serve":
         from .serve import serve
@@ -387,6 +395,18 @@ def _a_source(path: Path) -> bool:
     return path.is_file() and not h5py.is_hdf5(path)
 
 
+def _mpi_here() -> str:
+    """A dry run's words for the MPI a launch from here would use (it starts no MPI itself)."""
+    from ..parallel import mpi_runtime
+    from ..parallel.comm import library
+
+    try:
+        lib = library()
+    except UsageError as exc:  # no MPI library here (a login node): sizing needs none
+        return f"none loadable here: {exc}"
+    return f"{lib.describe()}; launch with {mpi_runtime.launcher_for(lib)}"
+
+
 def _dry_run(argv) -> int:
     """The plan, traffic and memory of a launch, from the model's attributes alone; the same
     start-up rules as a launch (launch.plan_launch, launch.check_fit)."""
@@ -399,7 +419,8 @@ def _dry_run(argv) -> int:
     from ..parallel.budgets import RUNTIME_BYTES, Budgets, format_bytes, rank_need
 
     args = _parse(None, argv)
-    if int(os.environ.get("PMI_SIZE", "1")) > 1:
+    launch = launch_from_env()
+    if launch is not None and (launch.size or 1) > 1:
         raise UsageError("--dry-run runs as one process: start it without mpirun (the budgets give the world size)")
     given = args.memory_budget or ["1"]
     auto = given[0].lower() == "auto"
@@ -444,6 +465,7 @@ def _dry_run(argv) -> int:
             raise UsageError("; ".join(problems))
     for note in launch.notes:
         print(f"note: {note}", file=sys.stderr)
+    print(f"MPI: {_mpi_here()}")
     print(f"model: {name}: {spec.architecture}, dim {spec.dim}, hidden {spec.hidden_dim}, {spec.n_layers} layers, "
           f"{spec.n_heads} heads ({spec.n_kv_heads} KV, head_dim {spec.head_dim}), vocab {spec.vocab_size}, "
           f"weights {spec.weights_text}")

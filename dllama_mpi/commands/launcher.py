@@ -12,6 +12,7 @@ import traceback
 
 from ..errors import InputError, UsageError
 from ..model import quant
+from ..parallel.mpi_runtime import launcher_rank
 
 log = logging.getLogger("dllama_mpi")
 
@@ -81,10 +82,18 @@ def parse_budgets(given, world_size: int):
 
 
 def run_job(job) -> int:
-    """job(comm) on every rank of the MPI job, under run_guarded."""
-    from ..parallel.comm import Comm
+    """job(comm) on every rank of the MPI job, under run_guarded. A job MPI can't start (no
+    library, a launcher it can't join) is refused by every process alone: the launcher's rank 0
+    says so, once."""
+    try:
+        from ..parallel.comm import Comm
 
-    comm = Comm()
+        comm = Comm()
+    except UsageError as exc:
+        setup_logging(0)
+        if launcher_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     return run_guarded(comm, lambda: job(comm))
 
 
@@ -99,7 +108,7 @@ def run_alone(job) -> int:
         silence_stdout()
         return 141
     except InputError as exc:
-        if int(os.environ.get("PMI_RANK", "0")) == 0:
+        if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
 

