@@ -92,6 +92,7 @@ def test_bench_table_shows_decode_at_each_depth():
 
     r = {"shape": "tiny", "world_size": 1, "budgets": [1], "budgets_chosen": [1], "auto_predicted_ms_per_token": None,
          "buffer_float_type": "q80", "kv_type": "q8_0", "threads_per_rank": [2], "kernel_isa": "avx2", "decode_tokens_per_s": 50.0,
+         "mpi": {"text": "MPICH 5.0.2 (/v/lib/libmpi.so.12); 1 rank(s) started by no launcher (one process)"},
          "roofline_fraction": 0.5, "weight_bytes_per_token": 1e6, "bandwidth_gb_s": 10.0,
          "prefill_tokens_per_s": {"8": 100.0}, "prefill_to_decode_ratio": {"8": 2.0}, "time_to_first_token_s": 1.0,
          "load_s": 0.1, "load_gb_s": 1.0, "rows_per_step": [], "compute_s_per_token": [0.01],
@@ -99,6 +100,7 @@ def test_bench_table_shows_decode_at_each_depth():
          "peak_rss_mb": [100.0], "planned_mb": [50.0], "decode_tokens_per_s_at_depth": {"0": 50.0}}
     assert table(r).startswith("tiny: 1 rank(s), budgets 1, buffers q80, KV cache q8_0, threads [2], kernels avx2\n")
     assert "decode at depth" not in table(r)  # depth 0 alone: the decode line says it
+    assert table(r).splitlines()[1] == "  MPI: MPICH 5.0.2 (/v/lib/libmpi.so.12); 1 rank(s) started by no launcher (one process)"
     deep = table({**r, "decode_tokens_per_s_at_depth": {"0": 50.0, "2048": 40.125}}).splitlines()
     assert "  decode at depth 0: 50.00, 2048: 40.12 tokens/s (tokens in the KV cache; 0: after the 8-token prompt)" in deep
 

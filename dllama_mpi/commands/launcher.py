@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 
 from ..errors import InputError, UsageError
@@ -15,6 +16,7 @@ from ..model import quant
 from ..parallel.mpi_runtime import launcher_rank
 
 log = logging.getLogger("dllama_mpi")
+REFUSAL_GRACE_S = 0.5  # the other processes' pause when MPI can't start, as comm.ABORT_GRACE_S before an abort
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,6 +95,8 @@ def run_job(job) -> int:
         setup_logging(0)
         if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
+        else:  # the first process to end makes the launcher end the rest: rank 0's line goes out first
+            time.sleep(REFUSAL_GRACE_S)
         return 2
     return run_guarded(comm, lambda: job(comm))
 
