@@ -128,7 +128,10 @@ def run_guarded(comm, job) -> int:
         return job()
     except UsageError as exc:
         if comm.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        # every rank raised it: none leaves before rank 0's line is out (Open MPI's mpirun ends
+        # the whole job when the first process exits with an error, its output maybe unsent)
+        comm.sleeping_barrier()
         return 2
     except SystemExit:
         raise
